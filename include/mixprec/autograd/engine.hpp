@@ -1,0 +1,186 @@
+#pragma once
+// Reverse-mode engine: counts dependencies from the roots, then runs nodes when all their
+// gradients have arrived, newest first. Backward runs with grad mode off and autocast
+// suppressed, so each backward op runs in the dtypes its forward produced.
+#include <queue>
+#include <unordered_map>
+
+#include "mixprec/ops/reduce.hpp"
+
+namespace mixprec {
+namespace autograd {
+
+inline std::vector<Tensor> AccumulateGrad::apply(std::vector<Tensor>&& grads) {
+  Tensor g = std::move(grads[0]);
+  if (!g.defined()) return {};
+  AutogradMeta& m = meta(leaf_);
+  if (g.dtype() != leaf_.dtype()) g = detail::as_dtype_raw(g, leaf_.dtype());
+  if (g.sizes() != leaf_.sizes()) g = sum_to(g, leaf_.sizes());
+  if (!m.grad.defined()) {
+    // Own the buffer unless nobody else can see it: an incoming gradient may alias another
+    // tensor (add passes its gradient through), and grad is accumulated into later.
+    const bool sole = g.impl_ptr().use_count() == 1 && g.storage().use_count() == 1 && g.is_contiguous();
+    if (sole) {
+      m.grad = std::move(g);
+    } else {
+      m.grad = empty(g.sizes(), g.dtype(), g.device());
+      detail::copy_kernel(m.grad, g);
+    }
+  } else {
+    m.grad = add(m.grad, g);
+  }
+  return {};
+}
+
+inline void run_backward(const std::vector<Tensor>& roots, const std::vector<Tensor>& grads, bool retain_graph) {
+  no_grad ng;
+  amp::detail::Suppress no_autocast;
+
+  struct Cmp {
+    bool operator()(const Node* a, const Node* b) const { return a->sequence_nr < b->sequence_nr; }
+  };
+  std::unordered_map<Node*, int> deps;
+  std::unordered_map<Node*, std::vector<Tensor>> buffers;
+  std::vector<std::shared_ptr<Node>> keep_alive;
+
+  // Dependency count: how many edges point at each node from the reachable graph.
+  std::vector<Node*> stack;
+  std::unordered_map<Node*, bool> seen;
+  auto visit_root = [&](const Edge& e) {
+    if (e.valid() && !seen[e.fn.get()]) {
+      seen[e.fn.get()] = true;
+      stack.push_back(e.fn.get());
+      keep_alive.push_back(e.fn);
+    }
+  };
+  std::vector<Edge> root_edges;
+  for (std::size_t i = 0; i < roots.size(); ++i) {
+    Edge e = gradient_edge(roots[i]);
+    MIXPREC_CHECK(e.valid(), "backward: tensor ", i, " of shape ", roots[i].sizes(),
+                  " does not require grad and has no grad_fn (did you call it under no_grad, or forget requires_grad_?)");
+    root_edges.push_back(e);
+    visit_root(e);
+  }
+  while (!stack.empty()) {
+    Node* n = stack.back();
+    stack.pop_back();
+    for (const Edge& e : n->next_edges) {
+      if (!e.valid()) continue;
+      ++deps[e.fn.get()];
+      if (!seen[e.fn.get()]) {
+        seen[e.fn.get()] = true;
+        stack.push_back(e.fn.get());
+      }
+    }
+  }
+
+  std::priority_queue<Node*, std::vector<Node*>, Cmp> ready;
+  auto deliver = [&](const Edge& e, Tensor g) {
+    auto& buf = buffers[e.fn.get()];
+    if (buf.empty()) buf.resize(std::max<std::size_t>(e.fn->outputs.size(), 1));
+    Tensor& slot = buf[e.input_nr];
+    slot = slot.defined() ? add(slot, g) : std::move(g);
+  };
+  for (std::size_t i = 0; i < roots.size(); ++i) {
+    deliver(root_edges[i], grads[i]);
+  }
+  for (const Edge& e : root_edges)
+    if (deps[e.fn.get()] == 0) {
+      deps[e.fn.get()] = -1;  // queued
+      ready.push(e.fn.get());
+    }
+
+  while (!ready.empty()) {
+    Node* n = ready.top();
+    ready.pop();
+    std::vector<Tensor> in = std::move(buffers[n]);
+    buffers.erase(n);
+    in.resize(std::max<std::size_t>(n->outputs.size(), 1));
+    for (std::size_t i = 0; i < n->outputs.size(); ++i) {
+      if (!in[i].defined()) in[i] = zeros(n->outputs[i].sizes, n->outputs[i].dtype, n->outputs[i].device);
+      if (i < n->retained.size())
+        if (auto t = n->retained[i].lock()) {
+          AutogradMeta& m = *t->autograd;
+          m.grad = m.grad.defined() ? add(m.grad, in[i]) : in[i].clone();
+        }
+    }
+    std::vector<Tensor> out = n->apply(std::move(in));
+    if (!retain_graph) n->release();
+    for (std::size_t i = 0; i < n->next_edges.size() && i < out.size(); ++i) {
+      const Edge& e = n->next_edges[i];
+      if (!e.valid() || !out[i].defined()) {
+        if (e.valid() && --deps[e.fn.get()] == 0) ready.push(e.fn.get());
+        continue;
+      }
+      deliver(e, std::move(out[i]));
+      if (--deps[e.fn.get()] == 0) ready.push(e.fn.get());
+    }
+    for (std::size_t i = out.size(); i < n->next_edges.size(); ++i) {
+      const Edge& e = n->next_edges[i];
+      if (e.valid() && --deps[e.fn.get()] == 0) ready.push(e.fn.get());
+    }
+  }
+}
+
+}  // namespace autograd
+
+// torch.autograd.backward for several roots at once.
+inline void backward(const std::vector<Tensor>& tensors, const std::vector<Tensor>& grads = {}, bool retain_graph = false) {
+  std::vector<Tensor> gs;
+  for (std::size_t i = 0; i < tensors.size(); ++i) {
+    const Tensor& t = tensors[i];
+    if (i < grads.size() && grads[i].defined()) {
+      MIXPREC_CHECK(grads[i].sizes() == t.sizes(), "backward: gradient of shape ", grads[i].sizes(),
+                    " does not match the tensor's shape ", t.sizes());
+      gs.push_back(grads[i]);
+    } else {
+      MIXPREC_CHECK(t.numel() == 1, "backward: grad can be implicitly created only for scalar outputs; got shape ", t.sizes(),
+                    " (pass an explicit gradient)");
+      gs.push_back(ones(t.sizes(), t.dtype()));
+    }
+  }
+  autograd::run_backward(tensors, gs, retain_graph);
+}
+
+inline void Tensor::backward(const Tensor& gradient, bool retain_graph) const {
+  mixprec::backward({*this}, {gradient}, retain_graph);
+}
+
+inline bool Tensor::requires_grad() const { return autograd::tensor_requires_grad(*this); }
+
+inline Tensor& Tensor::requires_grad_(bool on) {
+  auto* m = autograd::meta_or_null(*this);
+  MIXPREC_CHECK(!(m && m->grad_fn) || on, "requires_grad_: can only change requires_grad of leaf tensors; use detach()");
+  MIXPREC_CHECK(!on || is_floating_point(), "requires_grad_: only floating-point tensors can require gradients, got ", dtype());
+  autograd::meta(*this).requires_grad = on;
+  return *this;
+}
+
+inline Tensor Tensor::grad() const {
+  auto* m = autograd::meta_or_null(*this);
+  return m ? m->grad : Tensor();
+}
+inline void Tensor::set_grad(const Tensor& g) const {
+  MIXPREC_CHECK(!g.defined() || g.sizes() == sizes(), "set_grad: gradient of shape ", g.sizes(), " for a tensor of shape ", sizes());
+  autograd::meta(*this).grad = g;
+}
+inline bool Tensor::is_leaf() const {
+  auto* m = autograd::meta_or_null(*this);
+  return !m || !m->grad_fn;
+}
+inline std::shared_ptr<autograd::Node> Tensor::grad_fn() const {
+  auto* m = autograd::meta_or_null(*this);
+  return m ? m->grad_fn : nullptr;
+}
+inline Tensor Tensor::detach() const { return autograd::detach_raw(*this); }
+inline void Tensor::retain_grad() const {
+  auto* m = autograd::meta_or_null(*this);
+  MIXPREC_CHECK(m && m->requires_grad, "retain_grad: tensor of shape ", sizes(), " does not require grad");
+  if (!m->grad_fn) return;  // leaves keep their grad anyway
+  m->retains_grad = true;
+  auto& r = m->grad_fn->retained;
+  if (r.size() <= m->output_nr) r.resize(m->output_nr + 1);
+  r[m->output_nr] = impl_ptr();
+}
+
+}  // namespace mixprec

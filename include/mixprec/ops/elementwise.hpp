@@ -1,0 +1,414 @@
+#pragma once
+// Element-wise ops with broadcasting. Mixed dtypes promote (promote_types); 16-bit values are
+// computed in float and rounded once on store. Backward formulas reuse these same ops.
+#include <cmath>
+#include <numbers>
+
+#include "mixprec/ops/tensor_ops.hpp"
+
+namespace mixprec {
+
+Tensor mul(const Tensor& a, const Tensor& b);
+Tensor mul(const Tensor& a, double s);
+Tensor div(const Tensor& a, const Tensor& b);
+Tensor neg(const Tensor& x);
+Tensor where(const Tensor& cond, const Tensor& a, const Tensor& b);
+Tensor masked_fill(const Tensor& x, const Tensor& mask, double value);
+
+namespace detail {
+// A broadcast view of t with `shape` (stride 0 on broadcast dims), no autograd.
+inline Tensor expand_raw(const Tensor& t, const Shape& shape) {
+  if (t.sizes() == shape) return t;
+  const int64_t off = static_cast<int64_t>(shape.size()) - t.dim();
+  Shape st(shape.size(), 0);
+  for (int64_t i = 0; i < t.dim(); ++i) st[off + i] = t.size(i) == 1 && shape[off + i] != 1 ? 0 : t.stride(i);
+  return make_view(t, shape, st, t.storage_offset());
+}
+// Same-dtype values without a graph edge (kernels work on raw data).
+inline Tensor as_dtype_raw(const Tensor& t, DType d) {
+  if (t.dtype() == d) return t;
+  Tensor out = empty(t.sizes(), d, t.device());
+  copy_kernel(out, t);
+  return out;
+}
+
+// out = f(a, b) over the broadcast shape, computed in the promoted dtype; `out_dtype` may be
+// bool for comparisons. F receives acc_t values.
+template <class F>
+Tensor binary_kernel(const char* op, const Tensor& a, const Tensor& b, F f, std::optional<DType> out_dtype = {}) {
+  require_cpu(op, a);
+  require_cpu(op, b);
+  const Shape shape = broadcast_shapes(a.sizes(), b.sizes(), op);
+  const DType ct = promote_types(a.dtype(), b.dtype());
+  const Tensor ac = expand_raw(as_dtype_raw(a, ct), shape);
+  const Tensor bc = expand_raw(as_dtype_raw(b, ct), shape);
+  const DType od = out_dtype.value_or(ct);
+  Tensor out = empty(shape, od);
+  dispatch_all(ct, op, [&]<class T>() {
+    if (od == DType::Bool) cpu::map<bool, T, T>(out, f, ac, bc);
+    else cpu::map<T, T, T>(out, f, ac, bc);
+  });
+  return out;
+}
+
+template <class F>
+Tensor unary_kernel(const char* op, const Tensor& x, F f, std::optional<DType> out_dtype = {}) {
+  require_cpu(op, x);
+  const DType od = out_dtype.value_or(x.dtype());
+  Tensor out = empty(x.sizes(), od);
+  dispatch_all(x.dtype(), op, [&]<class T>() {
+    if (od == DType::Bool) cpu::map<bool, T>(out, f, x);
+    else cpu::map<T, T>(out, f, x);
+  });
+  return out;
+}
+
+template <class F>
+Tensor unary_floating_kernel(const char* op, const Tensor& x, F f) {
+  MIXPREC_CHECK(x.is_floating_point(), op, ": expected a floating-point tensor, got ", x.dtype(), " of shape ", x.sizes());
+  return unary_kernel(op, x, f);
+}
+
+// Gradient for an input of a broadcasting op: reduce to its shape, return in its dtype.
+inline Tensor grad_for(const Tensor& g, const Shape& sizes, DType dtype) {
+  Tensor r = sum_to(g, sizes);
+  return r.dtype() == dtype ? r : as_dtype_raw(r, dtype);
+}
+
+inline bool needs_input_grad(const autograd::Edge& e) { return e.valid(); }
+}  // namespace detail
+
+// ---------- binary arithmetic ----------
+inline Tensor add(const Tensor& a, const Tensor& b, double alpha = 1.0) {
+  return dispatch(OpId::add, [alpha](const Tensor& a, const Tensor& b) {
+    Tensor out = alpha == 1.0 ? detail::binary_kernel("add", a, b, [](auto x, auto y) { return x + y; })
+                              : detail::binary_kernel("add", a, b, [alpha](auto x, auto y) {
+                                  return x + static_cast<decltype(x)>(alpha) * y;
+                                });
+    if (autograd::should_record({a, b})) {
+      autograd::record("add", {a, b}, {out},
+                       [sa = a.sizes(), sb = b.sizes(), da = a.dtype(), db = b.dtype(), alpha](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+                         return {detail::grad_for(g[0], sa, da), detail::grad_for(alpha == 1.0 ? g[0] : mul(g[0], alpha), sb, db)};
+                       });
+    }
+    return out;
+  }, a, b);
+}
+inline Tensor sub(const Tensor& a, const Tensor& b, double alpha = 1.0) { return add(a, b, -alpha); }
+
+inline Tensor mul(const Tensor& a, const Tensor& b) {
+  return dispatch(OpId::mul, [](const Tensor& a, const Tensor& b) {
+    Tensor out = detail::binary_kernel("mul", a, b, [](auto x, auto y) { return x * y; });
+    if (autograd::should_record({a, b})) {
+      autograd::record("mul", {a, b}, {out},
+                       [sa = autograd::SavedTensor(a), sb = autograd::SavedTensor(b)](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+                         const Tensor& a = sa.get("mul");
+                         const Tensor& b = sb.get("mul");
+                         return {detail::grad_for(mul(g[0], b), a.sizes(), a.dtype()),
+                                 detail::grad_for(mul(g[0], a), b.sizes(), b.dtype())};
+                       });
+    }
+    return out;
+  }, a, b);
+}
+
+inline Tensor div(const Tensor& a, const Tensor& b) {
+  return dispatch(OpId::div, [](const Tensor& a, const Tensor& b) {
+    const bool integral = !is_floating_point(promote_types(a.dtype(), b.dtype()));
+    // True division, as Python's `/`: integers divide in float32.
+    const Tensor af = integral ? detail::as_dtype_raw(a, DType::Float32) : a;
+    const Tensor bf = integral ? detail::as_dtype_raw(b, DType::Float32) : b;
+    Tensor out = detail::binary_kernel("div", af, bf, [](auto x, auto y) { return x / y; });
+    if (autograd::should_record({a, b})) {
+      autograd::record("div", {a, b}, {out},
+                       [sa = autograd::SavedTensor(a), sb = autograd::SavedTensor(b)](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+                         const Tensor& a = sa.get("div");
+                         const Tensor& b = sb.get("div");
+                         Tensor ga = detail::grad_for(div(g[0], b), a.sizes(), a.dtype());
+                         Tensor gb = detail::grad_for(
+                             detail::binary_kernel("div_backward", mul(g[0], a), mul(b, b), [](auto x, auto y) { return -x / y; }),
+                             b.sizes(), b.dtype());
+                         return {ga, gb};
+                       });
+    }
+    return out;
+  }, a, b);
+}
+
+// Scalar operands keep the tensor's dtype (a floating tensor stays 16-bit); an integer tensor
+// with a non-integral scalar becomes float32, as in PyTorch.
+namespace detail {
+inline DType scalar_result_dtype(const Tensor& t, double s) {
+  if (t.is_floating_point() || std::nearbyint(s) == s) return t.dtype();
+  return DType::Float32;
+}
+}  // namespace detail
+inline Tensor add(const Tensor& a, double s) { return add(a, scalar_tensor(s, detail::scalar_result_dtype(a, s))); }
+inline Tensor sub(const Tensor& a, double s) { return add(a, -s); }
+inline Tensor mul(const Tensor& a, double s) { return mul(a, scalar_tensor(s, detail::scalar_result_dtype(a, s))); }
+inline Tensor div(const Tensor& a, double s) { return div(a, scalar_tensor(s, detail::scalar_result_dtype(a, s))); }
+
+inline Tensor operator+(const Tensor& a, const Tensor& b) { return add(a, b); }
+inline Tensor operator-(const Tensor& a, const Tensor& b) { return sub(a, b); }
+inline Tensor operator*(const Tensor& a, const Tensor& b) { return mul(a, b); }
+inline Tensor operator/(const Tensor& a, const Tensor& b) { return div(a, b); }
+inline Tensor operator+(const Tensor& a, double s) { return add(a, s); }
+inline Tensor operator-(const Tensor& a, double s) { return sub(a, s); }
+inline Tensor operator*(const Tensor& a, double s) { return mul(a, s); }
+inline Tensor operator/(const Tensor& a, double s) { return div(a, s); }
+inline Tensor operator+(double s, const Tensor& a) { return add(a, s); }
+inline Tensor operator*(double s, const Tensor& a) { return mul(a, s); }
+
+// ---------- unary ----------
+namespace detail {
+// A unary op whose backward is grad * dfdx(x, y) computed element-wise from the saved input x and
+// output y in one fused pass.
+template <class Fwd, class Dfdx>
+Tensor unary_op(OpId id, const char* name, const Tensor& x, Fwd fwd, Dfdx dfdx) {
+  return dispatch(id, [=](const Tensor& x) {
+    Tensor y = unary_floating_kernel(name, x, fwd);
+    if (autograd::should_record({x})) {
+      autograd::record(name, {x}, {y},
+                       [sx = autograd::SavedTensor(x), sy = autograd::SavedTensor(y), name, dfdx](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+                         const Tensor& x = sx.get(name);
+                         const Tensor& y = sy.get(name);
+                         // grad * f'(x, y): x and y share a dtype; grad may differ (promote).
+                         Tensor xy = as_dtype_raw(g[0], x.dtype());
+                         Tensor out = empty(x.sizes(), x.dtype());
+                         dispatch_floating(x.dtype(), name, [&]<class T>() {
+                           cpu::map<T, T, T, T>(out, [&](auto gg, auto xx, auto yy) { return gg * dfdx(xx, yy); },
+                                                 expand_raw(xy, x.sizes()), x, y);
+                         });
+                         return {out};
+                       });
+    }
+    return y;
+  }, x);
+}
+template <class T> constexpr T kSqrt1_2 = T(0.70710678118654752440);
+template <class T> constexpr T kInvSqrt2Pi = T(0.39894228040143267794);
+}  // namespace detail
+
+inline Tensor neg(const Tensor& x) {
+  return dispatch(OpId::neg, [](const Tensor& x) {
+    Tensor y = detail::unary_kernel("neg", x, [](auto v) { return -v; });
+    if (autograd::should_record({x}))
+      autograd::record("neg", {x}, {y}, [](const std::vector<Tensor>& g) -> std::vector<Tensor> { return {neg(g[0])}; });
+    return y;
+  }, x);
+}
+inline Tensor operator-(const Tensor& x) { return neg(x); }
+inline Tensor operator-(double s, const Tensor& a) { return add(neg(a), s); }
+
+inline Tensor exp(const Tensor& x) {
+  return detail::unary_op(OpId::exp, "exp", x, [](auto v) { return std::exp(v); }, [](auto, auto y) { return y; });
+}
+inline Tensor log(const Tensor& x) {
+  return detail::unary_op(OpId::log, "log", x, [](auto v) { return std::log(v); }, [](auto v, auto) { return 1 / v; });
+}
+inline Tensor sqrt(const Tensor& x) {
+  return detail::unary_op(OpId::sqrt, "sqrt", x, [](auto v) { return std::sqrt(v); }, [](auto, auto y) { return 1 / (2 * y); });
+}
+inline Tensor rsqrt(const Tensor& x) {
+  return detail::unary_op(OpId::rsqrt, "rsqrt", x, [](auto v) { return 1 / std::sqrt(v); },
+                          [](auto, auto y) { return decltype(y)(-0.5) * y * y * y; });
+}
+inline Tensor abs(const Tensor& x) {
+  return detail::unary_op(OpId::abs, "abs", x, [](auto v) { return std::abs(v); },
+                          [](auto v, auto) { return static_cast<decltype(v)>((v > 0) - (v < 0)); });
+}
+inline Tensor relu(const Tensor& x) {
+  return detail::unary_op(OpId::relu, "relu", x, [](auto v) { return v > 0 ? v : decltype(v)(0); },
+                          [](auto v, auto) { return static_cast<decltype(v)>(v > 0); });
+}
+inline Tensor sigmoid(const Tensor& x) {
+  return detail::unary_op(OpId::sigmoid, "sigmoid", x, [](auto v) { return 1 / (1 + std::exp(-v)); },
+                          [](auto, auto y) { return y * (1 - y); });
+}
+inline Tensor tanh(const Tensor& x) {
+  return detail::unary_op(OpId::tanh, "tanh", x, [](auto v) { return std::tanh(v); }, [](auto, auto y) { return 1 - y * y; });
+}
+inline Tensor silu(const Tensor& x) {
+  return detail::unary_op(OpId::silu, "silu", x, [](auto v) { return v / (1 + std::exp(-v)); },
+                          [](auto v, auto) {
+                            const auto s = 1 / (1 + std::exp(-v));
+                            return s * (1 + v * (1 - s));
+                          });
+}
+// approximate: "none" (exact, erf) or "tanh", as torch.nn.functional.gelu.
+inline Tensor gelu(const Tensor& x, std::string_view approximate = "none") {
+  if (approximate == "tanh") {
+    return detail::unary_op(OpId::gelu, "gelu", x,
+                            [](auto v) {
+                              using T = decltype(v);
+                              const T k = T(0.7978845608028654), c = T(0.044715);
+                              return T(0.5) * v * (1 + std::tanh(k * (v + c * v * v * v)));
+                            },
+                            [](auto v, auto) {
+                              using T = decltype(v);
+                              const T k = T(0.7978845608028654), c = T(0.044715);
+                              const T inner = k * (v + c * v * v * v);
+                              const T t = std::tanh(inner);
+                              return T(0.5) * (1 + t) + T(0.5) * v * (1 - t * t) * k * (1 + 3 * c * v * v);
+                            });
+  }
+  MIXPREC_CHECK(approximate == "none", "gelu: approximate must be \"none\" or \"tanh\", got \"", approximate, "\"");
+  return detail::unary_op(OpId::gelu, "gelu", x,
+                          [](auto v) {
+                            using T = decltype(v);
+                            return T(0.5) * v * (1 + std::erf(v * detail::kSqrt1_2<T>));
+                          },
+                          [](auto v, auto) {
+                            using T = decltype(v);
+                            return T(0.5) * (1 + std::erf(v * detail::kSqrt1_2<T>)) + v * detail::kInvSqrt2Pi<T> * std::exp(T(-0.5) * v * v);
+                          });
+}
+
+inline Tensor pow(const Tensor& x, double e) {
+  return dispatch(OpId::pow, [e](const Tensor& x) {
+    Tensor y = detail::unary_floating_kernel("pow", x, [e](auto v) { return std::pow(v, static_cast<decltype(v)>(e)); });
+    if (autograd::should_record({x}))
+      autograd::record("pow", {x}, {y}, [sx = autograd::SavedTensor(x), e](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+        const Tensor& x = sx.get("pow");
+        const Tensor d = detail::unary_kernel("pow_backward", x, [e](auto v) { return static_cast<decltype(v)>(e) * std::pow(v, static_cast<decltype(v)>(e - 1)); });
+        return {mul(g[0], d)};
+      });
+    return y;
+  }, x);
+}
+inline Tensor pow(const Tensor& x, const Tensor& e) {
+  return dispatch(OpId::pow, [](const Tensor& x, const Tensor& e) {
+    Tensor y = detail::binary_kernel("pow", x, e, [](auto a, auto b) { return std::pow(a, b); });
+    MIXPREC_CHECK(y.is_floating_point(), "pow: expected floating-point tensors, got ", x.dtype(), " and ", e.dtype());
+    if (autograd::should_record({x, e}))
+      autograd::record("pow", {x, e}, {y},
+                       [sx = autograd::SavedTensor(x), se = autograd::SavedTensor(e), sy = autograd::SavedTensor(y)](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+                         const Tensor& x = sx.get("pow");
+                         const Tensor& e = se.get("pow");
+                         const Tensor& y = sy.get("pow");
+                         Tensor dx = detail::binary_kernel("pow_backward", x, e, [](auto a, auto b) { return b * std::pow(a, b - 1); });
+                         // d/de x^e = x^e log x; define it as 0 where x == 0 (the limit from x>0 of x^e log x for e>0).
+                         Tensor de = detail::binary_kernel("pow_backward", y, x, [](auto p, auto a) { return a == 0 ? decltype(a)(0) : p * std::log(a); });
+                         return {detail::grad_for(mul(g[0], dx), x.sizes(), x.dtype()), detail::grad_for(mul(g[0], de), e.sizes(), e.dtype())};
+                       });
+    return y;
+  }, x, e);
+}
+
+// ---------- comparisons (no gradient) ----------
+#define MIXPREC_COMPARE(fn, expr)                                                                            \
+  inline Tensor fn(const Tensor& a, const Tensor& b) {                                                        \
+    return dispatch(OpId::compare, [](const Tensor& a, const Tensor& b) {                                     \
+      return detail::binary_kernel(#fn, a, b, [](auto x, auto y) { return expr; }, DType::Bool);              \
+    }, a, b);                                                                                                 \
+  }                                                                                                           \
+  inline Tensor fn(const Tensor& a, double s) { return fn(a, scalar_tensor(s, detail::scalar_result_dtype(a, s))); }
+MIXPREC_COMPARE(eq, x == y)
+MIXPREC_COMPARE(ne, x != y)
+MIXPREC_COMPARE(lt, x < y)
+MIXPREC_COMPARE(le, x <= y)
+MIXPREC_COMPARE(gt, x > y)
+MIXPREC_COMPARE(ge, x >= y)
+#undef MIXPREC_COMPARE
+inline Tensor operator<(const Tensor& a, const Tensor& b) { return lt(a, b); }
+inline Tensor operator>(const Tensor& a, const Tensor& b) { return gt(a, b); }
+inline Tensor operator<=(const Tensor& a, const Tensor& b) { return le(a, b); }
+inline Tensor operator>=(const Tensor& a, const Tensor& b) { return ge(a, b); }
+
+// ---------- selection ----------
+// where(cond, a, b): a where cond is true, else b; all three broadcast.
+inline Tensor where(const Tensor& cond, const Tensor& a, const Tensor& b) {
+  return dispatch(OpId::where, [](const Tensor& cond, const Tensor& a, const Tensor& b) {
+    MIXPREC_CHECK(cond.dtype() == DType::Bool, "where: condition must be bool, got ", cond.dtype(), " of shape ", cond.sizes());
+    detail::require_cpu("where", a);
+    const Shape shape = broadcast_shapes(cond.sizes(), broadcast_shapes(a.sizes(), b.sizes(), "where"), "where");
+    const DType ct = promote_types(a.dtype(), b.dtype());
+    Tensor out = empty(shape, ct);
+    dispatch_all(ct, "where", [&]<class T>() {
+      cpu::map<T, bool, T, T>(out, [](auto c, auto x, auto y) { return c ? x : y; }, detail::expand_raw(cond, shape),
+                              detail::expand_raw(detail::as_dtype_raw(a, ct), shape), detail::expand_raw(detail::as_dtype_raw(b, ct), shape));
+    });
+    if (autograd::should_record({a, b}))
+      autograd::record("where", {a, b}, {out},
+                       [sc = autograd::SavedTensor(cond), sa = a.sizes(), sb = b.sizes(), da = a.dtype(), db = b.dtype()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+                         const Tensor& c = sc.get("where");
+                         const Tensor z = zeros({}, g[0].dtype());
+                         return {detail::grad_for(where(c, g[0], z), sa, da), detail::grad_for(where(c, z, g[0]), sb, db)};
+                       });
+    return out;
+  }, cond, a, b);
+}
+
+inline Tensor masked_fill(const Tensor& x, const Tensor& mask, double value) {
+  return dispatch(OpId::masked_fill, [value](const Tensor& x, const Tensor& mask) {
+    MIXPREC_CHECK(mask.dtype() == DType::Bool, "masked_fill: mask must be bool, got ", mask.dtype());
+    const Shape shape = broadcast_shapes(x.sizes(), mask.sizes(), "masked_fill");
+    MIXPREC_CHECK(shape == x.sizes(), "masked_fill: mask of shape ", mask.sizes(), " does not broadcast to input shape ", x.sizes());
+    detail::require_cpu("masked_fill", x);
+    Tensor out = empty(x.sizes(), x.dtype());
+    dispatch_all(x.dtype(), "masked_fill", [&]<class T>() {
+      const auto v = static_cast<acc_t<T>>(static_cast<T>(value));
+      cpu::map<T, T, bool>(out, [v](auto a, auto m) { return m ? v : a; }, x, detail::expand_raw(mask, shape));
+    });
+    if (autograd::should_record({x}))
+      autograd::record("masked_fill", {x}, {out}, [sm = autograd::SavedTensor(mask)](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+        return {masked_fill(g[0], sm.get("masked_fill"), 0.0)};
+      });
+    return out;
+  }, x, mask);
+}
+
+inline Tensor clamp(const Tensor& x, std::optional<double> lo, std::optional<double> hi = std::nullopt) {
+  MIXPREC_CHECK(lo || hi, "clamp: at least one of min and max must be given");
+  return dispatch(OpId::clamp, [lo, hi](const Tensor& x) {
+    const double l = lo.value_or(-std::numeric_limits<double>::infinity());
+    const double h = hi.value_or(std::numeric_limits<double>::infinity());
+    Tensor y = detail::unary_kernel("clamp", x, [l, h](auto v) {
+      using T = decltype(v);
+      if (v != v) return v;  // NaN stays NaN
+      return static_cast<T>(std::min<double>(std::max<double>(static_cast<double>(v), l), h));
+    });
+    if (autograd::should_record({x}))
+      autograd::record("clamp", {x}, {y}, [sx = autograd::SavedTensor(x), l, h](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+        const Tensor& x = sx.get("clamp");
+        return {mul(g[0], detail::unary_kernel("clamp_backward", x, [l, h](auto v) {
+                      return static_cast<decltype(v)>(static_cast<double>(v) >= l && static_cast<double>(v) <= h);
+                    }))};
+      });
+    return y;
+  }, x);
+}
+
+namespace detail {
+template <bool IsMax>
+Tensor extremum(OpId id, const char* name, const Tensor& a, const Tensor& b) {
+  return dispatch(id, [name](const Tensor& a, const Tensor& b) {
+    // NaN propagates, as torch.maximum.
+    Tensor out = binary_kernel(name, a, b, [](auto x, auto y) {
+      if (x != x || y != y) return x != x ? x : y;
+      return IsMax ? (x > y ? x : y) : (x < y ? x : y);
+    });
+    if (autograd::should_record({a, b}))
+      autograd::record(name, {a, b}, {out},
+                       [sa = autograd::SavedTensor(a), sb = autograd::SavedTensor(b), name](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+                         const Tensor& a = sa.get(name);
+                         const Tensor& b = sb.get(name);
+                         // Ties split the gradient evenly, as PyTorch does.
+                         auto wa = binary_kernel(name, a, b, [](auto x, auto y) {
+                           using T = decltype(x);
+                           return x == y ? T(0.5) : T(IsMax ? (x > y) : (x < y));
+                         });
+                         auto wb = binary_kernel(name, b, a, [](auto x, auto y) {
+                           using T = decltype(x);
+                           return x == y ? T(0.5) : T(IsMax ? (x > y) : (x < y));
+                         });
+                         return {grad_for(mul(g[0], wa), a.sizes(), a.dtype()), grad_for(mul(g[0], wb), b.sizes(), b.dtype())};
+                       });
+    return out;
+  }, a, b);
+}
+}  // namespace detail
+inline Tensor maximum(const Tensor& a, const Tensor& b) { return detail::extremum<true>(OpId::maximum, "maximum", a, b); }
+inline Tensor minimum(const Tensor& a, const Tensor& b) { return detail::extremum<false>(OpId::minimum, "minimum", a, b); }
+
+}  // namespace mixprec

@@ -1,0 +1,174 @@
+#pragma once
+// matmul and friends. One batched kernel (matmul_kernel) serves every entry point and every
+// backward; 16-bit inputs accumulate in float32 and round once on store.
+#include "mixprec/backends/cpu/gemm.hpp"
+#include "mixprec/ops/reduce.hpp"
+
+namespace mixprec {
+
+namespace detail {
+// a[..., M, K] @ b[..., K, N] with broadcast batch dims; no autograd. If `bias` is given it is
+// broadcast into the output first and the product accumulated onto it (linear's fused bias).
+inline Tensor matmul_kernel(const char* op, Tensor a, Tensor b, const Tensor& bias = Tensor()) {
+  require_cpu(op, a);
+  require_cpu(op, b);
+  MIXPREC_CHECK(a.dim() >= 2 && b.dim() >= 2, op, ": expected tensors with >= 2 dimensions, got ", a.sizes(), " and ", b.sizes());
+  MIXPREC_CHECK(a.size(-1) == b.size(-2), op, ": shapes ", a.sizes(), " and ", b.sizes(), " cannot be multiplied (",
+                a.size(-1), " != ", b.size(-2), ")");
+  MIXPREC_CHECK(a.dtype() == b.dtype(), op, ": expected both operands to have the same dtype, got ", a.dtype(), " and ",
+                b.dtype(), " (cast one, or use autocast)");
+  MIXPREC_CHECK(a.is_floating_point(), op, ": expected floating-point operands, got ", a.dtype());
+  const DType out_dtype = a.dtype();
+  const bool low = is_low_precision(out_dtype);
+  if (low) {
+    a = as_dtype_raw(a, DType::Float32);
+    b = as_dtype_raw(b, DType::Float32);
+  }
+  const int64_t M = a.size(-2), K = a.size(-1), N = b.size(-1);
+  const Shape ba(a.sizes().begin(), a.sizes().end() - 2), bb(b.sizes().begin(), b.sizes().end() - 2);
+  const Shape batch = broadcast_shapes(ba, bb, op);
+  Shape out_shape = batch;
+  out_shape.push_back(M);
+  out_shape.push_back(N);
+  Tensor out = empty(out_shape, a.dtype());
+  if (bias.defined()) copy_kernel(out, as_dtype_raw(bias, a.dtype()));
+  const bool acc = bias.defined();
+  if (out.numel() == 0) return low ? as_dtype_raw(out, out_dtype) : out;
+
+  auto prep = [&](Tensor t, int64_t r, int64_t c) {
+    if (!cpu::gemm_compatible(t.stride(-2), t.stride(-1), r, c)) t = t.contiguous();
+    Shape s = batch;
+    s.push_back(r);
+    s.push_back(c);
+    return expand_raw(t, s);
+  };
+  const Tensor A = prep(a, M, K), B = prep(b, K, N);
+  const int64_t nb = numel_of(batch);
+  dispatch_floating(a.dtype(), op, [&]<class T>() {
+    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+      const T* pa = A.data<T>();
+      const T* pb = B.data<T>();
+      T* pc = out.data<T>();
+      const int64_t nd = static_cast<int64_t>(batch.size());
+      auto batch_offsets = [&](int64_t i, int64_t& oa, int64_t& ob) {
+        oa = ob = 0;
+        for (int64_t d = nd - 1; d >= 0; --d) {
+          const int64_t ix = i % batch[d];
+          i /= batch[d];
+          oa += ix * A.stride(d);
+          ob += ix * B.stride(d);
+        }
+      };
+      auto one = [&](int64_t i) {
+        int64_t oa, ob;
+        batch_offsets(i, oa, ob);
+        cpu::gemm<T>(pa + oa, A.stride(-2), A.stride(-1), pb + ob, B.stride(-2), B.stride(-1), pc + i * M * N, M, N, K, acc);
+      };
+      // Small matrices (attention heads): one matrix per thread. Large: Eigen threads inside.
+      if (nb > 1 && M * N * K < (int64_t{1} << 21)) {
+        cpu::parallel_for(0, nb, 1, [&](int64_t b0, int64_t e0) {
+          for (int64_t i = b0; i < e0; ++i) one(i);
+        });
+      } else {
+        for (int64_t i = 0; i < nb; ++i) one(i);
+      }
+    }
+  });
+  return low ? as_dtype_raw(out, out_dtype) : out;
+}
+
+inline Tensor mT(const Tensor& t) { return t.transpose(-2, -1); }
+
+// The autograd-aware batched product every public entry uses.
+inline Tensor matmul_nd(const char* op, const Tensor& a, const Tensor& b) {
+  Tensor out = matmul_kernel(op, a, b);
+  if (autograd::should_record({a, b}))
+    autograd::record(op, {a, b}, {out}, [sa = autograd::SavedTensor(a), sb = autograd::SavedTensor(b), op](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+      const Tensor& a = sa.get(op);
+      const Tensor& b = sb.get(op);
+      const Tensor gg = as_dtype_raw(g[0], a.dtype());
+      Tensor ga, gb;
+      ga = sum_to(matmul_kernel(op, gg, mT(b)), a.sizes());
+      gb = sum_to(matmul_kernel(op, mT(a), gg), b.sizes());
+      return {ga, gb};
+    });
+  return out;
+}
+}  // namespace detail
+
+// numpy/torch matmul semantics: 1-D operands are promoted to matrices and the added dim removed.
+inline Tensor matmul(const Tensor& a, const Tensor& b) {
+  return dispatch(OpId::matmul, [](const Tensor& a, const Tensor& b) {
+    MIXPREC_CHECK(a.dim() >= 1 && b.dim() >= 1, "matmul: both arguments need at least 1 dimension, got ", a.sizes(), " and ", b.sizes());
+    const Tensor a2 = a.dim() == 1 ? a.unsqueeze(0) : a;
+    const Tensor b2 = b.dim() == 1 ? b.unsqueeze(1) : b;
+    Tensor out = detail::matmul_nd("matmul", a2, b2);
+    if (a.dim() == 1) out = out.squeeze(-2);
+    if (b.dim() == 1) out = out.squeeze(-1);
+    return out;
+  }, a, b);
+}
+
+inline Tensor mm(const Tensor& a, const Tensor& b) {
+  return dispatch(OpId::mm, [](const Tensor& a, const Tensor& b) {
+    MIXPREC_CHECK(a.dim() == 2 && b.dim() == 2, "mm: expected 2-D tensors, got ", a.sizes(), " and ", b.sizes());
+    return detail::matmul_nd("mm", a, b);
+  }, a, b);
+}
+
+inline Tensor bmm(const Tensor& a, const Tensor& b) {
+  return dispatch(OpId::bmm, [](const Tensor& a, const Tensor& b) {
+    MIXPREC_CHECK(a.dim() == 3 && b.dim() == 3 && a.size(0) == b.size(0), "bmm: expected 3-D tensors with equal batch, got ",
+                  a.sizes(), " and ", b.sizes());
+    return detail::matmul_nd("bmm", a, b);
+  }, a, b);
+}
+
+// beta * input + alpha * (a @ b)
+inline Tensor addmm(const Tensor& input, const Tensor& a, const Tensor& b, double beta = 1.0, double alpha = 1.0) {
+  return dispatch(OpId::addmm, [beta, alpha](const Tensor& input, const Tensor& a, const Tensor& b) {
+    MIXPREC_CHECK(a.dim() == 2 && b.dim() == 2, "addmm: expected 2-D matrices, got ", a.sizes(), " and ", b.sizes());
+    const Tensor p = detail::matmul_nd("addmm", a, b);
+    return add(beta == 1.0 ? input : mul(input, beta), alpha == 1.0 ? p : mul(p, alpha));
+  }, input, a, b);
+}
+
+inline Tensor baddbmm(const Tensor& input, const Tensor& a, const Tensor& b, double beta = 1.0, double alpha = 1.0) {
+  return dispatch(OpId::baddbmm, [beta, alpha](const Tensor& input, const Tensor& a, const Tensor& b) {
+    MIXPREC_CHECK(a.dim() == 3 && b.dim() == 3, "baddbmm: expected 3-D tensors, got ", a.sizes(), " and ", b.sizes());
+    const Tensor p = detail::matmul_nd("baddbmm", a, b);
+    return add(beta == 1.0 ? input : mul(input, beta), alpha == 1.0 ? p : mul(p, alpha));
+  }, input, a, b);
+}
+
+// y = x W^T + b, x [..., in], W [out, in], b [out] (optional): the bias is fused into the GEMM.
+inline Tensor linear(const Tensor& x, const Tensor& w, const Tensor& b = Tensor()) {
+  return dispatch(OpId::linear, [](const Tensor& x, const Tensor& w, const Tensor& b) {
+    MIXPREC_CHECK(w.dim() == 2 && x.dim() >= 1 && x.size(-1) == w.size(1), "linear: input of shape ", x.sizes(),
+                  " does not match weight of shape ", w.sizes(), " (expected input [..., ", w.dim() == 2 ? w.size(1) : -1, "])");
+    MIXPREC_CHECK(!b.defined() || (b.dim() == 1 && b.size(0) == w.size(0)), "linear: bias of shape ", b.sizes(),
+                  " does not match weight of shape ", w.sizes());
+    MIXPREC_CHECK(x.dtype() == w.dtype() && (!b.defined() || b.dtype() == w.dtype()), "linear: dtypes differ: input ", x.dtype(),
+                  ", weight ", w.dtype(), b.defined() ? ", bias " : "", b.defined() ? name(b.dtype()) : "");
+    const Tensor x2 = x.dim() == 2 ? x : x.reshape({-1, x.size(-1)});
+    Tensor out = detail::matmul_kernel("linear", x2, detail::mT(w), b);
+    Shape os(x.sizes().begin(), x.sizes().end() - 1);
+    os.push_back(w.size(0));
+    out = detail::make_view(out, os, contiguous_strides(os), 0);
+    if (autograd::should_record({x, w, b}))
+      autograd::record("linear", {x, w, b}, {out},
+                       [sx = autograd::SavedTensor(x), sw = autograd::SavedTensor(w), has_b = b.defined()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+                         const Tensor& x = sx.get("linear");
+                         const Tensor& w = sw.get("linear");
+                         const Tensor g2 = detail::as_dtype_raw(g[0], w.dtype()).reshape({-1, w.size(0)});
+                         const Tensor x2 = x.reshape({-1, x.size(-1)});
+                         Tensor gx = detail::matmul_kernel("linear", g2, w).reshape(x.sizes());
+                         Tensor gw = detail::matmul_kernel("linear", detail::mT(g2), x2);
+                         Tensor gb = has_b ? sum(g2, {0}) : Tensor();
+                         return {gx, gw, gb};
+                       });
+    return out;
+  }, x, w, b);
+}
+
+}  // namespace mixprec

@@ -1,0 +1,102 @@
+#pragma once
+// One allocator interface per device. Every tensor byte goes through it, so the memory
+// statistics (the counterpart of torch.cuda.max_memory_allocated) are exact, not sampled.
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <new>
+
+#include "mixprec/core/error.hpp"
+#include "mixprec/tensor/device.hpp"
+
+namespace mixprec {
+
+struct MemoryStats {
+  int64_t allocated_bytes = 0;       // live tensor bytes now
+  int64_t peak_allocated_bytes = 0;  // max of the above since the last reset
+  int64_t reserved_bytes = 0;        // bytes held from the system (>= allocated with a caching allocator)
+  int64_t num_allocs = 0;
+  int64_t num_frees = 0;
+};
+
+class Allocator {
+ public:
+  virtual ~Allocator() = default;
+  virtual void* allocate(int64_t nbytes) = 0;
+  virtual void deallocate(void* p, int64_t nbytes) noexcept = 0;
+  virtual Device device() const = 0;
+  virtual MemoryStats stats() const = 0;
+  virtual void reset_peak() = 0;
+};
+
+namespace detail {
+// Lock-free counters shared by the device allocators.
+struct StatCounters {
+  std::atomic<int64_t> allocated{0}, peak{0}, reserved{0}, allocs{0}, frees{0};
+  void on_alloc(int64_t n, int64_t reserved_delta) {
+    const int64_t now = allocated.fetch_add(n, std::memory_order_relaxed) + n;
+    int64_t p = peak.load(std::memory_order_relaxed);
+    while (now > p && !peak.compare_exchange_weak(p, now, std::memory_order_relaxed)) {}
+    reserved.fetch_add(reserved_delta, std::memory_order_relaxed);
+    allocs.fetch_add(1, std::memory_order_relaxed);
+  }
+  void on_free(int64_t n, int64_t reserved_delta) {
+    allocated.fetch_sub(n, std::memory_order_relaxed);
+    reserved.fetch_sub(reserved_delta, std::memory_order_relaxed);
+    frees.fetch_add(1, std::memory_order_relaxed);
+  }
+  MemoryStats snapshot() const {
+    return {allocated.load(), peak.load(), reserved.load(), allocs.load(), frees.load()};
+  }
+  void reset_peak() { peak.store(allocated.load()); }
+};
+}  // namespace detail
+
+// 64-byte aligned so AVX-512 loads of a whole tensor never split a cache line at the start.
+class CpuAllocator final : public Allocator {
+ public:
+  static constexpr std::size_t kAlignment = 64;
+  void* allocate(int64_t nbytes) override {
+    MIXPREC_CHECK(nbytes >= 0, "CpuAllocator: negative size ", nbytes);
+    const std::size_t rounded = (static_cast<std::size_t>(nbytes) + kAlignment - 1) / kAlignment * kAlignment;
+    void* p = std::aligned_alloc(kAlignment, std::max<std::size_t>(rounded, kAlignment));
+    if (!p) fail("CpuAllocator: out of memory allocating ", nbytes, " bytes");
+    counters_.on_alloc(nbytes, nbytes);
+    return p;
+  }
+  void deallocate(void* p, int64_t nbytes) noexcept override {
+    std::free(p);
+    counters_.on_free(nbytes, nbytes);
+  }
+  Device device() const override { return Device::CPU; }
+  MemoryStats stats() const override { return counters_.snapshot(); }
+  void reset_peak() override { counters_.reset_peak(); }
+
+ private:
+  detail::StatCounters counters_;
+};
+
+namespace detail {
+inline std::array<Allocator*, kNumDevices>& allocator_registry() {
+  static CpuAllocator cpu;
+  static std::array<Allocator*, kNumDevices> reg{&cpu, nullptr};
+  return reg;
+}
+}  // namespace detail
+
+// The CUDA backend registers its caching allocator here when it is compiled in and a device exists.
+inline void set_allocator(Device d, Allocator* a) { detail::allocator_registry()[static_cast<int>(d)] = a; }
+
+inline Allocator& allocator(Device d) {
+  Allocator* a = detail::allocator_registry()[static_cast<int>(d)];
+  MIXPREC_CHECK(a != nullptr, "allocator: no allocator for device ", d,
+                d == Device::CUDA ? " (mixprec was built without CUDA, or no CUDA device is available)" : "");
+  return *a;
+}
+
+inline MemoryStats memory_stats(Device d = Device::CPU) { return allocator(d).stats(); }
+inline void reset_peak_memory_stats(Device d = Device::CPU) { allocator(d).reset_peak(); }
+
+}  // namespace mixprec
