@@ -1,0 +1,33 @@
+#pragma once
+// Shared helpers for op tests: relative norm error against a reference (NaN never passes).
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include <mixprec/mixprec.hpp>
+
+namespace mixprec::testing {
+
+inline std::vector<double> to_doubles(const Tensor& t) {
+  const Tensor c = t.detach().to(DType::Float64).contiguous();
+  return std::vector<double>(c.data<double>(), c.data<double>() + c.numel());
+}
+
+// ||a - ref|| / ||ref||; infinity if any value is NaN or the sizes differ.
+inline double rel_error(const Tensor& a, const std::vector<double>& ref) {
+  const std::vector<double> v = to_doubles(a);
+  if (v.size() != ref.size()) return std::numeric_limits<double>::infinity();
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < v.size(); ++i) {
+    if (std::isnan(v[i]) || std::isnan(ref[i])) return std::numeric_limits<double>::infinity();
+    num += (v[i] - ref[i]) * (v[i] - ref[i]);
+    den += ref[i] * ref[i];
+  }
+  return den == 0 ? std::sqrt(num) : std::sqrt(num / den);
+}
+inline double rel_error(const Tensor& a, const Tensor& ref) { return rel_error(a, to_doubles(ref)); }
+
+// Tolerances for 16-bit inputs against a float32 result (relative norm error).
+inline double low_tolerance(DType d) { return d == DType::BFloat16 ? 1e-2 : 2e-3; }
+
+}  // namespace mixprec::testing
