@@ -51,10 +51,12 @@ float from_fbits(uint32_t u) { return std::bit_cast<float>(u); }
 uint32_t round_half_even(double q) {
   const double fl = std::floor(q);
   const double diff = q - fl;
-  double r = fl;
-  if (diff > 0.5 || (diff == 0.5 && std::fmod(fl, 2.0) != 0.0)) r += 1.0;
-  return static_cast<uint32_t>(r);
+  auto r = static_cast<uint32_t>(fl);
+  if (diff > 0.5 || (diff == 0.5 && (r & 1u))) ++r;
+  return r;
 }
+
+double pow2(int k) { return std::bit_cast<double>(static_cast<uint64_t>(1023 + k) << 52); }  // exact, |k| < 1023
 
 // Value-based: scale into the 11-bit significand grid in double and round there.
 uint16_t ref_float_to_half_sw(uint32_t x) {
@@ -63,11 +65,9 @@ uint16_t ref_float_to_half_sw(uint32_t x) {
   if (std::isnan(f)) return static_cast<uint16_t>(sign | 0x7e00u | ((x >> 13) & 0x3ffu));  // documented rule
   const double d = std::fabs(static_cast<double>(f));
   if (std::isinf(d) || d >= 65520.0) return static_cast<uint16_t>(sign | 0x7c00u);
-  if (d < 0x1p-14) return static_cast<uint16_t>(sign | round_half_even(d * 0x1p24));  // may give 0x400: fine
-  int e2 = 0;
-  std::frexp(d, &e2);
-  int k = e2 - 1;  // d in [2^k, 2^(k+1))
-  uint32_t r = round_half_even(std::ldexp(d, 10 - k));
+  if (d < 0x1p-14) return static_cast<uint16_t>(sign | round_half_even(d * pow2(24)));  // may give 0x400: fine
+  int k = static_cast<int>((x >> 23) & 0xffu) - 127;  // d is a normal float in [2^k, 2^(k+1))
+  uint32_t r = round_half_even(d * pow2(10 - k));
   if (r == 2048) {
     r = 1024;
     ++k;

@@ -123,47 +123,57 @@ MIXPREC_TARGET_AVX2 inline void convert_bf16_to_f32_avx2(const bfloat16* src, fl
 
 // ---- AVX-512, 16 lanes, masked tail ----
 // Zero-masked forms throughout: GCC 12's unmasked ones warn -Wmaybe-uninitialized (PR105593).
+// Full vectors use plain loads/stores (mask 0xffff); only the tail pays for a computed mask.
 
 MIXPREC_TARGET_AVX512 inline __mmask16 tail_mask16(int64_t left) {
-  return static_cast<__mmask16>(left >= 16 ? 0xffffu : ((1u << left) - 1u));
+  return static_cast<__mmask16>((1u << left) - 1u);  // left in 1..15
 }
 
+MIXPREC_TARGET_AVX512 inline void f32_to_f16_block_avx512(const float* src, half* dst, __mmask16 m) {
+  const __m256i h =
+      _mm512_maskz_cvtps_ph(m, _mm512_maskz_loadu_ps(m, src), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  _mm256_mask_storeu_epi16(dst, m, h);
+}
 MIXPREC_TARGET_AVX512 inline void convert_f32_to_f16_avx512(const float* src, half* dst, int64_t n) {
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = tail_mask16(n - i);
-    const __m256i h =
-        _mm512_maskz_cvtps_ph(m, _mm512_maskz_loadu_ps(m, src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    _mm256_mask_storeu_epi16(dst + i, m, h);
-  }
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) f32_to_f16_block_avx512(src + i, dst + i, 0xffff);
+  if (i < n) f32_to_f16_block_avx512(src + i, dst + i, tail_mask16(n - i));
 }
 
+MIXPREC_TARGET_AVX512 inline void f16_to_f32_block_avx512(const half* src, float* dst, __mmask16 m) {
+  _mm512_mask_storeu_ps(dst, m, _mm512_maskz_cvtph_ps(m, _mm256_maskz_loadu_epi16(m, src)));
+}
 MIXPREC_TARGET_AVX512 inline void convert_f16_to_f32_avx512(const half* src, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = tail_mask16(n - i);
-    _mm512_mask_storeu_ps(dst + i, m, _mm512_maskz_cvtph_ps(m, _mm256_maskz_loadu_epi16(m, src + i)));
-  }
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) f16_to_f32_block_avx512(src + i, dst + i, 0xffff);
+  if (i < n) f16_to_f32_block_avx512(src + i, dst + i, tail_mask16(n - i));
 }
 
+// Same integer RNE as float_to_bfloat16_bits (see the AVX2 version for why not vcvtneps2bf16).
+MIXPREC_TARGET_AVX512 inline void f32_to_bf16_block_avx512(const float* src, bfloat16* dst, __mmask16 m) {
+  const __m512i x = _mm512_maskz_loadu_epi32(m, src);
+  const __m512i abs = _mm512_and_si512(x, _mm512_set1_epi32(0x7fffffff));
+  const __mmask16 is_nan = _mm512_cmpgt_epu32_mask(abs, _mm512_set1_epi32(0x7f800000));
+  const __m512i hi = _mm512_maskz_srli_epi32(m, x, 16);
+  const __m512i bias = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(hi, _mm512_set1_epi32(1)));
+  __m512i r = _mm512_maskz_srli_epi32(m, _mm512_add_epi32(x, bias), 16);
+  r = _mm512_mask_or_epi32(r, is_nan, hi, _mm512_set1_epi32(0x40));
+  _mm512_mask_cvtepi32_storeu_epi16(dst, m, r);  // vpmovdw truncates; lanes are < 2^16
+}
 MIXPREC_TARGET_AVX512 inline void convert_f32_to_bf16_avx512(const float* src, bfloat16* dst, int64_t n) {
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = tail_mask16(n - i);
-    const __m512i x = _mm512_maskz_loadu_epi32(m, src + i);
-    const __m512i abs = _mm512_and_si512(x, _mm512_set1_epi32(0x7fffffff));
-    const __mmask16 is_nan = _mm512_cmpgt_epu32_mask(abs, _mm512_set1_epi32(0x7f800000));
-    const __m512i hi = _mm512_maskz_srli_epi32(m, x, 16);
-    const __m512i bias = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(hi, _mm512_set1_epi32(1)));
-    __m512i r = _mm512_maskz_srli_epi32(m, _mm512_add_epi32(x, bias), 16);
-    r = _mm512_mask_or_epi32(r, is_nan, hi, _mm512_set1_epi32(0x40));
-    _mm512_mask_cvtepi32_storeu_epi16(dst + i, m, r);  // vpmovdw truncates; lanes are < 2^16
-  }
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) f32_to_bf16_block_avx512(src + i, dst + i, 0xffff);
+  if (i < n) f32_to_bf16_block_avx512(src + i, dst + i, tail_mask16(n - i));
 }
 
+MIXPREC_TARGET_AVX512 inline void bf16_to_f32_block_avx512(const bfloat16* src, float* dst, __mmask16 m) {
+  const __m512i w = _mm512_maskz_cvtepu16_epi32(m, _mm256_maskz_loadu_epi16(m, src));
+  _mm512_mask_storeu_epi32(dst, m, _mm512_maskz_slli_epi32(m, w, 16));
+}
 MIXPREC_TARGET_AVX512 inline void convert_bf16_to_f32_avx512(const bfloat16* src, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = tail_mask16(n - i);
-    const __m512i w = _mm512_maskz_cvtepu16_epi32(m, _mm256_maskz_loadu_epi16(m, src + i));
-    _mm512_mask_storeu_epi32(dst + i, m, _mm512_maskz_slli_epi32(m, w, 16));
-  }
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) bf16_to_f32_block_avx512(src + i, dst + i, 0xffff);
+  if (i < n) bf16_to_f32_block_avx512(src + i, dst + i, tail_mask16(n - i));
 }
 
 #else  // no x86 SIMD: same names so callers and tests compile everywhere; never selected

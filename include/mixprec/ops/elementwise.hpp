@@ -218,7 +218,7 @@ inline Tensor abs(const Tensor& x) {
                           [](auto v, auto) { return static_cast<decltype(v)>((v > 0) - (v < 0)); });
 }
 inline Tensor relu(const Tensor& x) {
-  return detail::unary_op(OpId::relu, "relu", x, [](auto v) { return v > 0 ? v : decltype(v)(0); },
+  return detail::unary_op(OpId::relu, "relu", x, [](auto v) { return v > 0 || v != v ? v : decltype(v)(0); },
                           [](auto v, auto) { return static_cast<decltype(v)>(v > 0); });
 }
 inline Tensor sigmoid(const Tensor& x) {

@@ -6,6 +6,7 @@
 
 #include "mixprec/amp/autocast.hpp"
 #include "mixprec/autograd/function.hpp"
+#include "mixprec/core/capabilities.hpp"
 #include "mixprec/backends/cpu/loops.hpp"
 #include "mixprec/dtype/convert.hpp"
 #include "mixprec/tensor/generator.hpp"
@@ -199,8 +200,8 @@ inline Tensor Tensor::to(DType d) const { return cast(*this, d); }
 
 inline Tensor Tensor::to(Device d) const {
   if (device() == d) return *this;
-  fail("to(", d, "): cannot move a tensor of shape ", sizes(), " from ", device(), " to ", d,
-       ": CUDA is not available (mixprec built without CUDA, or no device/driver)");
+  fail("to(", d, "): cannot move a tensor of shape ", sizes(), " from ", device(), " to ", d, ": ",
+       d == Device::CUDA && !cuda_is_available() ? cuda_unavailable_reason() : "no copy kernel for this pair of devices");
 }
 
 inline Tensor Tensor::clone() const {

@@ -92,7 +92,7 @@ inline void set_allocator(Device d, Allocator* a) { detail::allocator_registry()
 inline Allocator& allocator(Device d) {
   Allocator* a = detail::allocator_registry()[static_cast<int>(d)];
   MIXPREC_CHECK(a != nullptr, "allocator: no allocator for device ", d,
-                d == Device::CUDA ? " (mixprec was built without CUDA, or no CUDA device is available)" : "");
+                d == Device::CUDA ? " (CUDA is not available: mixprec was built without CUDA, or no device/driver is present)" : "");
   return *a;
 }
 
