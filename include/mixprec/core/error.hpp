@@ -2,6 +2,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace mixprec {
@@ -16,7 +17,7 @@ namespace detail {
 inline void stream_all(std::ostringstream&) {}
 template <class T, class... Rest>
 void stream_all(std::ostringstream& os, const T& v, const Rest&... rest) {
-  if constexpr (requires { v.begin(); v.end(); } && !std::is_convertible_v<T, std::string>) {
+  if constexpr (requires { v.begin(); v.end(); } && !std::is_convertible_v<const T&, std::string_view>) {
     os << '[';
     bool first = true;
     for (const auto& e : v) {

@@ -1,2 +1,479 @@
 #pragma once
+// Joining, splitting and indexing: cat, stack, split, chunk, index_select, gather, embedding,
+// cumsum, tril/triu. Index backward passes (index_add, scatter_add, embedding) accumulate in
+// acc_t (float for 16-bit) so repeated indices round once, and are parallelised only over
+// slices that no two threads can both write.
 #include "mixprec/ops/linalg.hpp"
+
+namespace mixprec {
+
+namespace detail {
+// The tensor with dtype `d` and contiguous layout, copying only if needed; no graph edge.
+inline Tensor contiguous_raw(const Tensor& t, DType d) {
+  if (t.dtype() == d && t.is_contiguous()) return t;
+  Tensor out = empty(t.sizes(), d, t.device());
+  copy_kernel(out, t);
+  return out;
+}
+
+// (outer, n, inner) of `sizes` around dimension `dim`.
+struct DimSplit {
+  int64_t outer = 1, n = 1, inner = 1;
+};
+inline DimSplit split_at(const Shape& sizes, int64_t dim) {
+  DimSplit s;
+  for (int64_t i = 0; i < static_cast<int64_t>(sizes.size()); ++i) {
+    if (i < dim) s.outer *= sizes[i];
+    else if (i == dim) s.n = sizes[i];
+    else s.inner *= sizes[i];
+  }
+  return s;
+}
+
+// Indices as int64, checked against [0, bound) before any kernel runs (kernels run inside
+// parallel regions, where an exception cannot propagate).
+inline std::vector<int64_t> read_indices(const char* op, const Tensor& index, int64_t bound, const char* what) {
+  MIXPREC_CHECK(index.dtype() == DType::Int64 || index.dtype() == DType::Int32, op, ": ", what,
+                " must be int64 or int32, got ", index.dtype(), " of shape ", index.sizes());
+  require_cpu(op, index);
+  const Tensor c = contiguous_raw(index, DType::Int64);
+  const int64_t* p = c.data<int64_t>();
+  std::vector<int64_t> out(p, p + c.numel());
+  for (std::size_t i = 0; i < out.size(); ++i)
+    MIXPREC_CHECK(out[i] >= 0 && out[i] < bound, op, ": ", what, " ", out[i], " (at position ", i,
+                  ") is out of range for a dimension of size ", bound);
+  return out;
+}
+
+// dst[o, idx[k], :] += src[o, k, :] for k < K, skipping idx == skip. Threads split over `outer`
+// or over columns, so no element is written by two threads.
+template <class A>
+void index_add_rows(A* dst, const A* src, const std::vector<int64_t>& idx, int64_t outer, int64_t n, int64_t inner,
+                    int64_t skip = -1) {
+  const int64_t K = static_cast<int64_t>(idx.size());
+  auto rows = [&](int64_t o, int64_t c0, int64_t c1) {
+    for (int64_t k = 0; k < K; ++k) {
+      if (idx[k] == skip) continue;
+      A* d = dst + (o * n + idx[k]) * inner;
+      const A* s = src + (o * K + k) * inner;
+      for (int64_t c = c0; c < c1; ++c) d[c] += s[c];
+    }
+  };
+  if (outer * K * inner < kParallelGrain) {
+    for (int64_t o = 0; o < outer; ++o) rows(o, 0, inner);
+  } else if (outer >= cpu::num_threads()) {
+    cpu::parallel_for(0, outer, 1, [&](int64_t b, int64_t e) {
+      for (int64_t o = b; o < e; ++o) rows(o, 0, inner);
+    });
+  } else {
+    cpu::parallel_for(0, inner, 16, [&](int64_t b, int64_t e) {
+      for (int64_t o = 0; o < outer; ++o) rows(o, b, e);
+    });
+  }
+}
+
+// out = concatenation of `ts` (already validated, `skip[i]` marks legacy empty 1-D inputs)
+// along `dim`, in dtype `dt`.
+inline Tensor cat_raw(const std::vector<Tensor>& ts, const std::vector<bool>& skip, int64_t dim, DType dt,
+                      const Shape& out_shape) {
+  Tensor out = empty(out_shape, dt);
+  if (out.numel() == 0) return out;
+  const DimSplit os = split_at(out_shape, dim);
+  const auto item = static_cast<int64_t>(itemsize(dt));
+  char* dst = static_cast<char*>(out.data_ptr());
+  int64_t off = 0;
+  for (std::size_t i = 0; i < ts.size(); ++i) {
+    if (skip[i]) continue;
+    const int64_t len = ts[i].size(dim);
+    if (len == 0) continue;
+    const Tensor c = contiguous_raw(ts[i], dt);
+    const char* src = static_cast<const char*>(c.data_ptr());
+    const int64_t chunk = len * os.inner * item, row = os.n * os.inner * item, at = off * os.inner * item;
+    cpu::parallel_for(0, os.outer, std::max<int64_t>(1, kParallelGrain * 4 / std::max<int64_t>(chunk, 1)), [&](int64_t b, int64_t e) {
+      for (int64_t o = b; o < e; ++o) std::memcpy(dst + o * row + at, src + o * chunk, static_cast<std::size_t>(chunk));
+    });
+    off += len;
+  }
+  return out;
+}
+}  // namespace detail
+
+// torch.cat. Mixed dtypes promote; 1-D empty tensors are skipped, as in PyTorch.
+inline Tensor cat(const std::vector<Tensor>& tensors, int64_t dim = 0) {
+  return dispatch(OpId::cat, [dim](const std::vector<Tensor>& ts) {
+    MIXPREC_CHECK(!ts.empty(), "cat: expected a non-empty list of tensors");
+    for (std::size_t i = 0; i < ts.size(); ++i) {
+      MIXPREC_CHECK(ts[i].defined(), "cat: tensor ", i, " is undefined");
+      detail::require_cpu("cat", ts[i]);
+    }
+    std::vector<bool> skip(ts.size());
+    std::optional<std::size_t> ref;
+    for (std::size_t i = 0; i < ts.size(); ++i) {
+      skip[i] = ts[i].dim() == 1 && ts[i].size(0) == 0;
+      if (!skip[i] && !ref) ref = i;
+    }
+    const Tensor& r = ts[ref.value_or(0)];
+    if (!ref) std::fill(skip.begin(), skip.end(), false);
+    MIXPREC_CHECK(r.dim() > 0, "cat: zero-dimensional tensor (at position ", ref.value_or(0), ") cannot be concatenated");
+    const int64_t d = r.wrap_dim(dim, "cat");
+    DType dt = ts[0].dtype();
+    Shape shape = r.sizes();
+    shape[d] = 0;
+    for (std::size_t i = 0; i < ts.size(); ++i) {
+      dt = promote_types(dt, ts[i].dtype());
+      if (skip[i]) continue;
+      const Tensor& t = ts[i];
+      MIXPREC_CHECK(t.dim() == r.dim(), "cat: tensors must have the same number of dimensions: tensor ", *ref, " has shape ",
+                    r.sizes(), " but tensor ", i, " has shape ", t.sizes());
+      for (int64_t k = 0; k < r.dim(); ++k)
+        MIXPREC_CHECK(k == d || t.size(k) == r.size(k), "cat: sizes must match except in dimension ", d, ": tensor ", *ref,
+                      " has shape ", r.sizes(), " but tensor ", i, " has shape ", t.sizes());
+      shape[d] += t.size(d);
+    }
+    Tensor out = detail::cat_raw(ts, skip, d, dt, shape);
+    if (autograd::should_record(ts)) {
+      std::vector<std::pair<Shape, DType>> meta;
+      for (const Tensor& t : ts) meta.emplace_back(t.sizes(), t.dtype());
+      autograd::record("cat", ts, {out}, [meta, skip, d](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+        std::vector<Tensor> grads;
+        int64_t off = 0;
+        for (std::size_t i = 0; i < meta.size(); ++i) {
+          const auto& [sizes, dtype] = meta[i];
+          if (!is_floating_point(dtype)) {
+            grads.emplace_back();
+          } else if (skip[i]) {
+            grads.push_back(zeros(sizes, dtype));
+          } else {
+            grads.push_back(detail::as_dtype_raw(g[0].narrow(d, off, sizes[d]), dtype));
+            off += sizes[d];
+          }
+        }
+        return grads;
+      });
+    }
+    return out;
+  }, tensors);
+}
+
+// torch.stack: all tensors have one shape; the new dimension is inserted at `dim`.
+inline Tensor stack(const std::vector<Tensor>& tensors, int64_t dim = 0) {
+  return dispatch(OpId::stack, [dim](const std::vector<Tensor>& ts) {
+    MIXPREC_CHECK(!ts.empty(), "stack: expected a non-empty list of tensors");
+    for (std::size_t i = 0; i < ts.size(); ++i) {
+      MIXPREC_CHECK(ts[i].defined(), "stack: tensor ", i, " is undefined");
+      detail::require_cpu("stack", ts[i]);
+      MIXPREC_CHECK(ts[i].sizes() == ts[0].sizes(), "stack: expects each tensor to be equal size, but got ", ts[0].sizes(),
+                    " at entry 0 and ", ts[i].sizes(), " at entry ", i);
+    }
+    const int64_t nd = ts[0].dim();
+    MIXPREC_CHECK(dim >= -nd - 1 && dim <= nd, "stack: dimension ", dim, " out of range for tensors of shape ", ts[0].sizes());
+    const int64_t d = dim < 0 ? dim + nd + 1 : dim;
+    Shape one = ts[0].sizes();
+    one.insert(one.begin() + d, 1);
+    std::vector<Tensor> raw;
+    DType dt = ts[0].dtype();
+    for (const Tensor& t : ts) {
+      dt = promote_types(dt, t.dtype());
+      Shape st = t.strides();
+      st.insert(st.begin() + d, 0);
+      raw.push_back(detail::make_view(t, one, st, t.storage_offset()));
+    }
+    Shape shape = ts[0].sizes();
+    shape.insert(shape.begin() + d, static_cast<int64_t>(ts.size()));
+    Tensor out = detail::cat_raw(raw, std::vector<bool>(ts.size(), false), d, dt, shape);
+    if (autograd::should_record(ts)) {
+      std::vector<DType> dtypes;
+      for (const Tensor& t : ts) dtypes.push_back(t.dtype());
+      autograd::record("stack", ts, {out}, [dtypes, d](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+        std::vector<Tensor> grads;
+        for (std::size_t i = 0; i < dtypes.size(); ++i)
+          grads.push_back(is_floating_point(dtypes[i]) ? detail::as_dtype_raw(g[0].select(d, static_cast<int64_t>(i)), dtypes[i])
+                                                       : Tensor());
+        return grads;
+      });
+    }
+    return out;
+  }, tensors);
+}
+
+// Views of consecutive pieces of `split_size` along dim (the last may be shorter).
+inline std::vector<Tensor> split(const Tensor& x, int64_t split_size, int64_t dim = 0) {
+  MIXPREC_CHECK(x.dim() > 0, "split: expects a tensor with at least one dimension, got shape ", x.sizes());
+  const int64_t d = x.wrap_dim(dim, "split");
+  const int64_t n = x.size(d);
+  if (n == 0) return {x.narrow(d, 0, 0)};
+  MIXPREC_CHECK(split_size > 0, "split: split_size must be positive, got ", split_size, " for dimension ", d,
+                " of shape ", x.sizes());
+  std::vector<Tensor> out;
+  for (int64_t s = 0; s < n; s += split_size) out.push_back(x.narrow(d, s, std::min(split_size, n - s)));
+  return out;
+}
+
+// Views of pieces with the given sizes, which must add up to the dimension's size.
+inline std::vector<Tensor> split(const Tensor& x, const std::vector<int64_t>& sizes, int64_t dim) {
+  MIXPREC_CHECK(x.dim() > 0, "split: expects a tensor with at least one dimension, got shape ", x.sizes());
+  const int64_t d = x.wrap_dim(dim, "split");
+  int64_t total = 0;
+  for (int64_t s : sizes) {
+    MIXPREC_CHECK(s >= 0, "split: split sizes must be non-negative, got ", sizes);
+    total += s;
+  }
+  MIXPREC_CHECK(total == x.size(d), "split: split sizes ", sizes, " add up to ", total, " but dimension ", d,
+                " of shape ", x.sizes(), " has size ", x.size(d));
+  std::vector<Tensor> out;
+  int64_t start = 0;
+  for (int64_t s : sizes) {
+    out.push_back(x.narrow(d, start, s));
+    start += s;
+  }
+  return out;
+}
+
+// torch.chunk: pieces of ceil(n / chunks); may return fewer than `chunks` pieces.
+inline std::vector<Tensor> chunk(const Tensor& x, int64_t chunks, int64_t dim = 0) {
+  MIXPREC_CHECK(chunks > 0, "chunk: number of chunks must be positive, got ", chunks);
+  MIXPREC_CHECK(x.dim() > 0, "chunk: expects a tensor with at least one dimension, got shape ", x.sizes());
+  const int64_t d = x.wrap_dim(dim, "chunk");
+  const int64_t n = x.size(d);
+  if (n == 0) return split(x, std::vector<int64_t>(static_cast<std::size_t>(chunks), 0), d);
+  return split(x, (n + chunks - 1) / chunks, d);
+}
+
+// x's slices at `index` (1-D, int64/int32) along dim; backward adds into zeros (repeats sum).
+inline Tensor index_select(const Tensor& x, int64_t dim, const Tensor& index) {
+  return dispatch(OpId::index_select, [dim](const Tensor& x, const Tensor& index) {
+    detail::require_cpu("index_select", x);
+    MIXPREC_CHECK(x.dim() > 0, "index_select: expects a tensor with at least one dimension, got shape ", x.sizes());
+    MIXPREC_CHECK(index.dim() <= 1, "index_select: index must be 1-D, got shape ", index.sizes());
+    const int64_t d = x.wrap_dim(dim, "index_select");
+    const std::vector<int64_t> idx = detail::read_indices("index_select", index, x.size(d), "index");
+    const auto K = static_cast<int64_t>(idx.size());
+    const detail::DimSplit s = detail::split_at(x.sizes(), d);
+    Shape shape = x.sizes();
+    shape[d] = K;
+    Tensor out = empty(shape, x.dtype());
+    const Tensor xc = detail::contiguous_raw(x, x.dtype());
+    dispatch_all(x.dtype(), "index_select", [&]<class T>() {
+      const T* xp = xc.data<T>();
+      T* op = out.data<T>();
+      cpu::parallel_for(0, s.outer * K, std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(s.inner, 1)), [&](int64_t b, int64_t e) {
+        for (int64_t r = b; r < e; ++r) {
+          const int64_t o = r / K, k = r % K;
+          const T* src = xp + (o * s.n + idx[k]) * s.inner;
+          std::copy(src, src + s.inner, op + r * s.inner);
+        }
+      });
+    });
+    if (autograd::should_record({x}))
+      autograd::record("index_select", {x}, {out}, [idx, s, in = x.sizes(), dt = x.dtype()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+        const DType at = dt == DType::Float64 ? dt : DType::Float32;
+        Tensor acc = zeros(in, at);
+        const Tensor gc = detail::contiguous_raw(g[0], at);
+        dispatch_floating(at, "index_select_backward", [&]<class A>() {
+          detail::index_add_rows<A>(acc.data<A>(), gc.data<A>(), idx, s.outer, s.n, s.inner);
+        });
+        return {detail::as_dtype_raw(acc, dt)};
+      });
+    return out;
+  }, x, index);
+}
+
+// out[i][j][k] = x[i][index[i][j][k]][k] for dim 1 (and so on); index has x's rank and is no
+// larger than x outside `dim`. Backward scatter-adds.
+inline Tensor gather(const Tensor& x, int64_t dim, const Tensor& index) {
+  return dispatch(OpId::gather, [dim](const Tensor& x, const Tensor& index) {
+    detail::require_cpu("gather", x);
+    MIXPREC_CHECK(index.dim() == x.dim(), "gather: index of shape ", index.sizes(), " must have as many dimensions as the input ",
+                  x.sizes());
+    const int64_t d = x.wrap_dim(dim, "gather");
+    const Shape xs = x.dim() == 0 ? Shape{1} : x.sizes();
+    const Shape is = index.dim() == 0 ? Shape{1} : index.sizes();
+    for (std::size_t k = 0; k < xs.size(); ++k)
+      MIXPREC_CHECK(static_cast<int64_t>(k) == d || is[k] <= xs[k], "gather: index of shape ", index.sizes(),
+                    " is larger than the input ", x.sizes(), " in dimension ", k);
+    const std::vector<int64_t> idx = detail::read_indices("gather", index, xs[d], "index");
+    Tensor out = empty(index.sizes(), x.dtype());
+    const Tensor xc = detail::contiguous_raw(x, x.dtype());
+    // Row r walks `dim` for one position of the other dims; rows touch disjoint fibres of x.
+    struct Plan {
+      Shape other;        // index sizes outside dim
+      Shape x_st, i_st;   // matching strides of x and of the (contiguous) index/output
+      int64_t K, x_step, i_step, rows;
+    } p;
+    const Shape xst = contiguous_strides(xs), ist = contiguous_strides(is);
+    p.rows = 1;
+    for (int64_t k = 0; k < static_cast<int64_t>(is.size()); ++k) {
+      if (k == d) continue;
+      p.other.push_back(is[k]);
+      p.x_st.push_back(xst[k]);
+      p.i_st.push_back(ist[k]);
+      p.rows *= is[k];
+    }
+    p.K = is[d];
+    p.x_step = xst[d];
+    p.i_step = ist[d];
+    auto for_rows = [p](auto&& body) {
+      cpu::parallel_for(0, p.rows, std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(p.K, 1)), [&](int64_t b, int64_t e) {
+        for (int64_t r = b; r < e; ++r) {
+          int64_t lin = r, ox = 0, oi = 0;
+          for (int64_t k = static_cast<int64_t>(p.other.size()) - 1; k >= 0; --k) {
+            const int64_t c = lin % p.other[k];
+            lin /= p.other[k];
+            ox += c * p.x_st[k];
+            oi += c * p.i_st[k];
+          }
+          body(ox, oi);
+        }
+      });
+    };
+    if (out.numel() > 0) {
+      dispatch_all(x.dtype(), "gather", [&]<class T>() {
+        const T* xp = xc.data<T>();
+        T* op = out.data<T>();
+        for_rows([&](int64_t ox, int64_t oi) {
+          for (int64_t j = 0; j < p.K; ++j) op[oi + j * p.i_step] = xp[ox + idx[oi + j * p.i_step] * p.x_step];
+        });
+      });
+    }
+    if (autograd::should_record({x}))
+      autograd::record("gather", {x}, {out}, [idx, p, for_rows, in = x.sizes(), dt = x.dtype()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+        const DType at = dt == DType::Float64 ? dt : DType::Float32;
+        Tensor acc = zeros(in, at);
+        const Tensor gc = detail::contiguous_raw(g[0], at);
+        if (gc.numel() > 0) {
+          dispatch_floating(at, "gather_backward", [&]<class A>() {
+            A* ap = acc.data<A>();
+            const A* gp = gc.data<A>();
+            for_rows([&](int64_t ox, int64_t oi) {
+              for (int64_t j = 0; j < p.K; ++j) ap[ox + idx[oi + j * p.i_step] * p.x_step] += gp[oi + j * p.i_step];
+            });
+          });
+        }
+        return {detail::as_dtype_raw(acc, dt)};
+      });
+    return out;
+  }, x, index);
+}
+
+// Rows of weight [V, D] at `indices` (any shape): output indices.shape + [D]. padding_idx's row
+// gets no gradient (it may be negative, counted from the end, as in PyTorch).
+inline Tensor embedding(const Tensor& weight, const Tensor& indices, std::optional<int64_t> padding_idx = std::nullopt) {
+  return dispatch(OpId::embedding, [padding_idx](const Tensor& weight, const Tensor& indices) {
+    detail::require_cpu("embedding", weight);
+    MIXPREC_CHECK(weight.dim() == 2, "embedding: weight must be 2-D [num_embeddings, embedding_dim], got shape ", weight.sizes());
+    const int64_t V = weight.size(0), D = weight.size(1);
+    MIXPREC_CHECK(indices.dtype() == DType::Int64 || indices.dtype() == DType::Int32,
+                  "embedding: indices must be int64 or int32, got ", indices.dtype(), " of shape ", indices.sizes());
+    int64_t pad = -1;
+    if (padding_idx) {
+      MIXPREC_CHECK(*padding_idx >= -V && *padding_idx < V, "embedding: padding_idx ", *padding_idx,
+                    " is out of range for num_embeddings V = ", V);
+      pad = *padding_idx < 0 ? *padding_idx + V : *padding_idx;
+    }
+    detail::require_cpu("embedding", indices);
+    const Tensor ic = detail::contiguous_raw(indices, DType::Int64);
+    const int64_t* ip = ic.data<int64_t>();
+    const int64_t N = ic.numel();
+    for (int64_t i = 0; i < N; ++i)
+      MIXPREC_CHECK(ip[i] >= 0 && ip[i] < V, "embedding: index ", ip[i], " (at position ", i,
+                    ") is out of range for num_embeddings V = ", V, " (weight shape ", weight.sizes(), ")");
+    std::vector<int64_t> idx(ip, ip + N);
+    Shape shape = indices.sizes();
+    shape.push_back(D);
+    Tensor out = empty(shape, weight.dtype());
+    const Tensor wc = detail::contiguous_raw(weight, weight.dtype());
+    dispatch_all(weight.dtype(), "embedding", [&]<class T>() {
+      const T* wp = wc.data<T>();
+      T* op = out.data<T>();
+      cpu::parallel_for(0, N, std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(D, 1)), [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) std::copy(wp + idx[i] * D, wp + (idx[i] + 1) * D, op + i * D);
+      });
+    });
+    if (autograd::should_record({weight}))
+      autograd::record("embedding", {weight}, {out}, [idx = std::move(idx), V, D, pad, dt = weight.dtype()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+        const DType at = dt == DType::Float64 ? dt : DType::Float32;
+        Tensor acc = zeros({V, D}, at);
+        const Tensor gc = detail::contiguous_raw(g[0], at);
+        dispatch_floating(at, "embedding_backward", [&]<class A>() {
+          detail::index_add_rows<A>(acc.data<A>(), gc.data<A>(), idx, 1, V, D, pad);
+        });
+        return {detail::as_dtype_raw(acc, dt)};
+      });
+    return out;
+  }, weight, indices);
+}
+
+namespace detail {
+// Running sum along dim (from the end when `reverse`): floating inputs accumulate in double and
+// keep their dtype; integers and bool give int64, as torch.cumsum.
+inline Tensor cumsum_raw(const Tensor& x, int64_t d, bool reverse) {
+  const DType od = x.is_floating_point() ? x.dtype() : DType::Int64;
+  Tensor out = empty(x.sizes(), od);
+  if (x.numel() == 0) return out;
+  const DimSplit s = split_at(x.sizes(), d);
+  const Tensor xc = contiguous_raw(x, x.dtype());
+  dispatch_all(x.dtype(), "cumsum", [&]<class T>() {
+    using O = std::conditional_t<is_floating_v<T>, T, int64_t>;
+    using A = std::conditional_t<is_floating_v<T>, double, int64_t>;
+    constexpr int64_t kBlock = 64;  // columns carried at once: running sums stay in registers/L1
+    const int64_t nb = (s.inner + kBlock - 1) / kBlock;
+    const T* xp = xc.data<T>();
+    O* op = out.data<O>();
+    cpu::parallel_for(0, s.outer * nb, std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(s.n * kBlock, 1)), [&](int64_t b, int64_t e) {
+      A acc[kBlock];
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t o = t / nb, c0 = (t % nb) * kBlock, c1 = std::min(s.inner, c0 + kBlock);
+        std::fill(acc, acc + kBlock, A(0));
+        for (int64_t step = 0; step < s.n; ++step) {
+          const int64_t k = reverse ? s.n - 1 - step : step;
+          const int64_t base = (o * s.n + k) * s.inner;
+          for (int64_t c = c0; c < c1; ++c) {
+            acc[c - c0] += static_cast<A>(static_cast<acc_t<T>>(xp[base + c]));
+            op[base + c] = static_cast<O>(acc[c - c0]);
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+}  // namespace detail
+
+inline Tensor cumsum(const Tensor& x, int64_t dim) {
+  return dispatch(OpId::cumsum, [dim](const Tensor& x) {
+    detail::require_cpu("cumsum", x);
+    const int64_t d = x.wrap_dim(dim, "cumsum");
+    if (x.dim() == 0) return cumsum(x.reshape({1}), 0).reshape({});
+    Tensor out = detail::cumsum_raw(x, d, false);
+    if (autograd::should_record({x}))
+      autograd::record("cumsum", {x}, {out}, [d, dt = x.dtype()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+        return {detail::as_dtype_raw(detail::cumsum_raw(g[0], d, true), dt)};
+      });
+    return out;
+  }, x);
+}
+
+namespace detail {
+// Zeros outside the band of the last two dims that `keep(row, col)` selects.
+template <class Keep>
+Tensor band(const char* op, const Tensor& x, Keep keep) {
+  MIXPREC_CHECK(x.dim() >= 2, op, ": expects a tensor with at least 2 dimensions, got shape ", x.sizes());
+  const int64_t R = x.size(-2), C = x.size(-1);
+  Tensor drop = empty({R, C}, DType::Bool);
+  bool* p = drop.data<bool>();
+  for (int64_t i = 0; i < R; ++i)
+    for (int64_t j = 0; j < C; ++j) p[i * C + j] = !keep(i, j);
+  return masked_fill(x, drop, 0.0);
+}
+}  // namespace detail
+
+// Lower triangle of the last two dims: keeps col - row <= diagonal, as torch.tril.
+inline Tensor tril(const Tensor& x, int64_t diagonal = 0) {
+  return detail::band("tril", x, [diagonal](int64_t i, int64_t j) { return j - i <= diagonal; });
+}
+// Upper triangle: keeps col - row >= diagonal, as torch.triu.
+inline Tensor triu(const Tensor& x, int64_t diagonal = 0) {
+  return detail::band("triu", x, [diagonal](int64_t i, int64_t j) { return j - i >= diagonal; });
+}
+
+}  // namespace mixprec

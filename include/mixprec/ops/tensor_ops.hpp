@@ -328,7 +328,11 @@ inline Tensor Tensor::permute(const Shape& dims) const {
 }
 
 inline Tensor Tensor::transpose(int64_t d0, int64_t d1) const {
-  if (dim() == 0) return *this;
+  if (dim() == 0) {
+    wrap_dim(d0, "transpose");
+    wrap_dim(d1, "transpose");
+    return *this;
+  }
   Shape p(dim());
   std::iota(p.begin(), p.end(), 0);
   std::swap(p[wrap_dim(d0, "transpose")], p[wrap_dim(d1, "transpose")]);
@@ -340,6 +344,7 @@ inline Tensor Tensor::t() const {
 }
 
 inline Tensor Tensor::slice(int64_t d, int64_t start, int64_t end, int64_t step) const {
+  MIXPREC_CHECK(dim() > 0, "slice: cannot be applied to a 0-dim tensor");
   d = wrap_dim(d, "slice");
   MIXPREC_CHECK(step > 0, "slice: step must be positive, got ", step);
   const int64_t n = size(d);
@@ -356,12 +361,14 @@ inline Tensor Tensor::slice(int64_t d, int64_t start, int64_t end, int64_t step)
                              });
 }
 inline Tensor Tensor::narrow(int64_t d, int64_t start, int64_t length) const {
+  MIXPREC_CHECK(dim() > 0, "narrow: cannot be applied to a 0-dim tensor");
   d = wrap_dim(d, "narrow");
   MIXPREC_CHECK(start >= 0 && length >= 0 && start + length <= size(d), "narrow: range [", start, ", ", start + length,
                 ") out of bounds for dimension ", d, " of shape ", sizes());
   return slice(d, start, start + length);
 }
 inline Tensor Tensor::select(int64_t d, int64_t index) const {
+  MIXPREC_CHECK(dim() > 0, "select: cannot be applied to a 0-dim tensor");
   d = wrap_dim(d, "select");
   const int64_t n = size(d);
   MIXPREC_CHECK(index >= -n && index < n, "select: index ", index, " out of range for dimension ", d, " of shape ", sizes());

@@ -83,8 +83,14 @@ class Tensor {
   const Shape& shape() const { return sizes(); }
   const Shape& strides() const { return checked().strides; }
   int64_t dim() const { return static_cast<int64_t>(sizes().size()); }
-  int64_t size(int64_t d) const { return sizes()[wrap_dim(d, "size")]; }
-  int64_t stride(int64_t d) const { return strides()[wrap_dim(d, "stride")]; }
+  int64_t size(int64_t d) const {
+    MIXPREC_CHECK(dim() > 0, "size: a 0-dim tensor has no dimension ", d);
+    return sizes()[wrap_dim(d, "size")];
+  }
+  int64_t stride(int64_t d) const {
+    MIXPREC_CHECK(dim() > 0, "stride: a 0-dim tensor has no dimension ", d);
+    return strides()[wrap_dim(d, "stride")];
+  }
   int64_t numel() const { return numel_of(sizes()); }
   DType dtype() const { return checked().dtype; }
   Device device() const { return checked().storage->device; }
