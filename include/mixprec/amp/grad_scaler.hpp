@@ -1,0 +1,274 @@
+#pragma once
+// GradScaler: dynamic loss scaling with torch.amp.GradScaler's semantics (see AMP_REFERENCE.md).
+//
+//   amp::GradScaler scaler;                    // init_scale 2^16, growth 2, backoff 0.5, interval 2000
+//   scaler.scale(loss).backward();
+//   scaler.unscale_(opt);                       // optional: to clip or inspect gradients
+//   optim::clip_grad_norm_(opt, 1.0);
+//   scaler.step(opt);                           // skipped when a gradient was inf/NaN
+//   scaler.update();
+//
+// Unscaling is one fused pass over all of an optimizer's gradients that multiplies by
+// inv_scale = float(1 / double(scale)) and checks for inf/NaN in the same loop, without
+// allocating per tensor. Float32 gradients are unscaled in place. Gradients of any other dtype
+// (float16/bfloat16 gradients of 16-bit parameters) are unscaled into the optimizer's float32
+// master-gradient buffer, which step() then uses: a small gradient that would underflow once
+// unscaled in float16 keeps its value in float32. The rounded unscaled value is also stored
+// back into the 16-bit .grad(), so code that reads .grad() after unscale_ sees unscaled values
+// as in PyTorch. (PyTorch refuses float16 gradients here -- "Attempting to unscale FP16
+// gradients." -- because it would unscale them in float16; the float32 buffer removes that
+// reason, so mixprec accepts them.)
+#include <atomic>
+#include <bit>
+#include <limits>
+#include <map>
+#include <string>
+#include <unordered_map>
+
+#include "mixprec/optim/optimizer.hpp"
+
+namespace mixprec::amp {
+
+namespace detail {
+
+inline bool nonfinite(float v) { return (std::bit_cast<uint32_t>(v) & 0x7f800000u) == 0x7f800000u; }
+
+// Unscales elements [lo, hi) of one gradient; returns whether any input was inf/NaN.
+inline bool unscale_range(const optim::Optimizer::GradSlot& s, int64_t lo, int64_t hi, float inv) {
+  uint32_t bad = 0;
+  if (!s.master_grad.defined()) {
+    float* g = s.grad.data<float>();
+    if (inv == 1.0f) {
+      MIXPREC_OPTIM_SIMD_OR(bad)
+      for (int64_t i = lo; i < hi; ++i) bad |= nonfinite(g[i]);
+    } else {
+      MIXPREC_OPTIM_SIMD_OR(bad)
+      for (int64_t i = lo; i < hi; ++i) {
+        const float v = g[i];
+        bad |= nonfinite(v);
+        g[i] = v * inv;
+      }
+    }
+    return bad != 0;
+  }
+  float* m = s.master_grad.data<float>();
+  for (int64_t b = lo; b < hi; b += optim::detail::kOptimBlock) {
+    const int64_t n = std::min(optim::detail::kOptimBlock, hi - b);
+    optim::detail::load_float(s.grad.data_ptr(), s.grad.dtype(), b, m + b, n);
+    float* mb = m + b;
+    MIXPREC_OPTIM_SIMD_OR(bad)
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = mb[i];
+      bad |= nonfinite(v);
+      mb[i] = v * inv;  // exact when inv is 1
+    }
+    optim::detail::store_float(mb, s.grad.data_ptr(), s.grad.dtype(), b, n);
+  }
+  return bad != 0;
+}
+
+// All gradients of `slots` as one index space, split across threads regardless of tensor
+// boundaries, so many small gradients cost one parallel region rather than one each.
+inline bool unscale_and_check(const std::vector<optim::Optimizer::GradSlot>& slots, float inv) {
+  std::vector<int64_t> start(slots.size() + 1, 0);
+  for (std::size_t i = 0; i < slots.size(); ++i) start[i + 1] = start[i] + slots[i].grad.numel();
+  std::atomic<bool> found{false};
+  cpu::parallel_for(0, start.back(), kParallelGrain, [&](int64_t b, int64_t e) {
+    bool bad = false;
+    std::size_t k = static_cast<std::size_t>(std::upper_bound(start.begin(), start.end(), b) - start.begin()) - 1;
+    for (int64_t pos = b; pos < e; ++k) {
+      const int64_t end = std::min(e, start[k + 1]);
+      if (end > pos) bad |= unscale_range(slots[k], pos - start[k], end - start[k], inv);
+      pos = std::max(pos, end);
+    }
+    if (bad) found.store(true, std::memory_order_relaxed);
+  });
+  return found.load();
+}
+
+}  // namespace detail
+
+class GradScaler {
+ public:
+  enum class OptState { READY, UNSCALED, STEPPED };
+
+  explicit GradScaler(double init_scale = 65536.0, double growth_factor = 2.0, double backoff_factor = 0.5,
+                      int64_t growth_interval = 2000, bool enabled = true)
+      : enabled_(enabled),
+        init_scale_(init_scale),
+        growth_factor_(growth_factor),
+        backoff_factor_(backoff_factor),
+        growth_interval_(growth_interval) {
+    if (enabled_) {
+      MIXPREC_CHECK(growth_factor > 1.0, "GradScaler: The growth factor must be > 1.0. (got ", growth_factor, ")");
+      MIXPREC_CHECK(backoff_factor < 1.0, "GradScaler: The backoff factor must be < 1.0. (got ", backoff_factor, ")");
+    }
+  }
+
+  // loss * scale (float32 scale; a 16-bit loss gives a float32 result). Returned as is when disabled.
+  Tensor scale(const Tensor& outputs) {
+    if (!enabled_) return outputs;
+    lazy_init();
+    return mul(outputs, scalar_tensor(scale_, DType::Float32));
+  }
+  std::vector<Tensor> scale(const std::vector<Tensor>& outputs) {
+    if (!enabled_) return outputs;
+    std::vector<Tensor> out;
+    out.reserve(outputs.size());
+    for (const Tensor& t : outputs) out.push_back(scale(t));
+    return out;
+  }
+
+  // Divides the optimizer's gradients by the scale and records whether any was inf/NaN.
+  void unscale_(optim::Optimizer& optimizer) {
+    if (!enabled_) return;
+    check_scale_growth_tracker("unscale_");
+    PerOptimizer& st = states_[&optimizer];
+    MIXPREC_CHECK(st.stage != OptState::UNSCALED, "unscale_() has already been called on this optimizer since the last update().");
+    MIXPREC_CHECK(st.stage != OptState::STEPPED, "unscale_() is being called after step().");
+    // FP32 division can be imprecise for certain compile options, so the reciprocal is taken in FP64.
+    const float inv = static_cast<float>(1.0 / static_cast<double>(scale_));
+    no_grad guard;
+    std::vector<optim::Optimizer::GradSlot> slots = optimizer.grad_slots();
+    st.found_inf = detail::unscale_and_check(slots, inv);
+    for (const auto& s : slots) {
+      s.grad.bump_version();
+      if (s.master_grad.defined()) optimizer.mark_master_grad_current(s.index);
+    }
+    st.recorded = !slots.empty();
+    st.stage = OptState::UNSCALED;
+  }
+
+  // Unscales (unless unscale_ was called) and runs optimizer.step() unless a gradient was
+  // inf/NaN. Returns whether the optimizer stepped.
+  bool step(optim::Optimizer& optimizer) {
+    if (!enabled_) {
+      optimizer.step();
+      return true;
+    }
+    check_scale_growth_tracker("step");
+    PerOptimizer& st = states_[&optimizer];
+    MIXPREC_CHECK(st.stage != OptState::STEPPED, "step() has already been called since the last update().");
+    if (st.stage == OptState::READY) unscale_(optimizer);
+    MIXPREC_CHECK(st.recorded, "No inf checks were recorded for this optimizer.");
+    const bool stepped = !st.found_inf;
+    if (stepped) optimizer.step();
+    st.stage = OptState::STEPPED;
+    return stepped;
+  }
+
+  // Backs the scale off if any optimizer saw inf/NaN since the last update, else counts a
+  // clean step and grows the scale after growth_interval of them (never to inf).
+  void update() {
+    if (!enabled_) return;
+    check_scale_growth_tracker("update");
+    bool any_recorded = false, found = false;
+    for (const auto& [opt, st] : states_) {
+      any_recorded |= st.recorded;
+      found |= st.recorded && st.found_inf;
+    }
+    MIXPREC_CHECK(any_recorded, "No inf checks were recorded prior to update.");
+    if (found) {
+      scale_ = static_cast<float>(static_cast<double>(scale_) * backoff_factor_);
+      growth_tracker_ = 0;
+    } else {
+      const int64_t successful = growth_tracker_ + 1;
+      if (successful == growth_interval_) {
+        const float grown = static_cast<float>(static_cast<double>(scale_) * growth_factor_);
+        // Do not grow the scale past fp32 bounds to inf.
+        if (std::isfinite(grown)) scale_ = grown;
+        growth_tracker_ = 0;
+      } else {
+        growth_tracker_ = successful;
+      }
+    }
+    states_.clear();
+  }
+  // Sets the scale (stored as float32) and starts a new iteration.
+  void update(double new_scale) {
+    if (!enabled_) return;
+    check_scale_growth_tracker("update");
+    scale_ = static_cast<float>(new_scale);
+    states_.clear();
+  }
+
+  // The current scale; 1.0 when disabled.
+  double get_scale() const { return enabled_ ? (initialized_ ? static_cast<double>(scale_) : init_scale_) : 1.0; }
+  int64_t get_growth_tracker() const { return enabled_ ? (initialized_ ? growth_tracker_ : init_growth_tracker_) : 0; }
+  double get_growth_factor() const { return growth_factor_; }
+  void set_growth_factor(double f) { growth_factor_ = f; }
+  double get_backoff_factor() const { return backoff_factor_; }
+  void set_backoff_factor(double f) { backoff_factor_ = f; }
+  int64_t get_growth_interval() const { return growth_interval_; }
+  void set_growth_interval(int64_t n) { growth_interval_ = n; }
+  bool is_enabled() const { return enabled_; }
+
+  // Where this iteration stands for `optimizer`, and whether its gradients had inf/NaN.
+  OptState stage(const optim::Optimizer& optimizer) const {
+    auto it = states_.find(&optimizer);
+    return it == states_.end() ? OptState::READY : it->second.stage;
+  }
+  bool found_inf(const optim::Optimizer& optimizer) const {
+    auto it = states_.find(&optimizer);
+    return it != states_.end() && it->second.found_inf;
+  }
+
+  // Keys: scale, growth_factor, backoff_factor, growth_interval, _growth_tracker; empty when disabled.
+  std::map<std::string, double> state_dict() const {
+    if (!enabled_) return {};
+    return {{"scale", get_scale()},
+            {"growth_factor", growth_factor_},
+            {"backoff_factor", backoff_factor_},
+            {"growth_interval", static_cast<double>(growth_interval_)},
+            {"_growth_tracker", static_cast<double>(get_growth_tracker())}};
+  }
+  void load_state_dict(const std::map<std::string, double>& sd) {
+    if (!enabled_) return;
+    MIXPREC_CHECK(!sd.empty(),
+                  "The source state dict is empty, possibly because it was saved from a disabled instance of GradScaler.");
+    for (const char* k : {"scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"})
+      MIXPREC_CHECK(sd.count(k), "GradScaler.load_state_dict: missing key '", k, "'");
+    init_scale_ = sd.at("scale");
+    growth_factor_ = sd.at("growth_factor");
+    backoff_factor_ = sd.at("backoff_factor");
+    growth_interval_ = static_cast<int64_t>(sd.at("growth_interval"));
+    init_growth_tracker_ = static_cast<int64_t>(sd.at("_growth_tracker"));
+    if (initialized_) {
+      scale_ = static_cast<float>(init_scale_);
+      growth_tracker_ = init_growth_tracker_;
+    }
+  }
+
+ private:
+  struct PerOptimizer {
+    OptState stage = OptState::READY;
+    bool found_inf = false;
+    bool recorded = false;  // unscale_ saw at least one gradient
+  };
+
+  // As PyTorch, the scale comes to life at the first scale() call.
+  void lazy_init() {
+    if (initialized_) return;
+    scale_ = static_cast<float>(init_scale_);
+    growth_tracker_ = init_growth_tracker_;
+    initialized_ = true;
+  }
+  void check_scale_growth_tracker(const char* fn) const {
+    MIXPREC_CHECK(initialized_, "Attempted ", fn,
+                  " but _scale is None.  This may indicate your script did not use scaler.scale(loss or outputs) earlier "
+                  "in the iteration.");
+  }
+
+  bool enabled_;
+  double init_scale_;
+  double growth_factor_;
+  double backoff_factor_;
+  int64_t growth_interval_;
+  int64_t init_growth_tracker_ = 0;
+  bool initialized_ = false;
+  float scale_ = 0.0f;  // float32, as PyTorch's scale tensor
+  int64_t growth_tracker_ = 0;
+  std::unordered_map<const optim::Optimizer*, PerOptimizer> states_;
+};
+
+}  // namespace mixprec::amp

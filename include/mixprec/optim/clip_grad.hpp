@@ -1,0 +1,173 @@
+#pragma once
+// torch.nn.utils.clip_grad_norm_ / clip_grad_value_. The norm accumulates in double over the
+// gradients' values read as float, whatever their dtype.
+//
+// With mixed precision use the Optimizer& overloads after GradScaler::unscale_: they work on the
+// float32 gradients step() will use (the master-gradient buffers of 16-bit parameters, which
+// keep values that underflow in float16), then store the rounded result into the 16-bit .grad().
+#include <mutex>
+
+#include "mixprec/optim/optimizer.hpp"
+
+namespace mixprec::optim {
+
+namespace detail {
+
+struct NormAcc {
+  double p;
+  double acc;
+  // max/min that let NaN through, as torch's inf-norms.
+  static double pick(double x, double y, bool larger) {
+    if (x != x || y != y) return x + y;
+    return larger ? std::max(x, y) : std::min(x, y);
+  }
+  void add(double a) {
+    if (std::isinf(p)) acc = pick(acc, a, p > 0);
+    else if (p == 0) acc += a != 0.0;
+    else if (p == 1) acc += a;
+    else if (p == 2) acc += a * a;
+    else acc += std::pow(a, p);
+  }
+  void merge(double other) {
+    if (std::isinf(p)) acc = pick(acc, other, p > 0);
+    else acc += other;
+  }
+  static double init(double p) {
+    return std::isinf(p) ? (p > 0 ? 0.0 : std::numeric_limits<double>::infinity()) : 0.0;
+  }
+  double finish() const {
+    if (std::isinf(p) || p == 0 || p == 1) return acc;
+    if (p == 2) return std::sqrt(acc);
+    return std::pow(acc, 1.0 / p);
+  }
+};
+
+// Accumulates |v| of every gradient into `total` (norm_type p), in parallel over large tensors.
+inline void accumulate_norm(const Tensor& g, NormAcc& total) {
+  std::mutex mu;
+  const Tensor c = g.is_contiguous() ? g : g.contiguous();
+  const DType dt = c.dtype();
+  const void* data = c.data_ptr();
+  cpu::parallel_for(0, c.numel(), kOptimGrain, [&](int64_t b, int64_t e) {
+    NormAcc local{total.p, NormAcc::init(total.p)};
+    float buf[kOptimBlock];
+    for (int64_t s = b; s < e; s += kOptimBlock) {
+      const int64_t n = std::min(kOptimBlock, e - s);
+      const float* v;
+      if (dt == DType::Float32) {
+        v = static_cast<const float*>(data) + s;
+      } else {
+        load_float(data, dt, s, buf, n);
+        v = buf;
+      }
+      if (total.p == 2) {
+        double a = 0;
+        for (int64_t i = 0; i < n; ++i) a += static_cast<double>(v[i]) * v[i];
+        local.acc += a;
+      } else {
+        for (int64_t i = 0; i < n; ++i) local.add(std::abs(static_cast<double>(v[i])));
+      }
+    }
+    std::lock_guard lock(mu);
+    total.merge(local.acc);
+  });
+}
+
+// g *= coef, computed in float and rounded once into g's dtype.
+inline void scale_grad_(Tensor& g, float coef) {
+  dispatch_floating(g.dtype(), "clip_grad_norm_", [&]<class T>() {
+    T* p = g.data<T>();
+    cpu::parallel_for(0, g.numel(), kOptimGrain, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) p[i] = static_cast<T>(static_cast<acc_t<T>>(p[i]) * coef);
+    });
+  });
+  g.bump_version();
+}
+
+inline void clamp_grad_(Tensor& g, double clip) {
+  dispatch_floating(g.dtype(), "clip_grad_value_", [&]<class T>() {
+    using A = acc_t<T>;
+    const A lo = static_cast<A>(-clip), hi = static_cast<A>(clip);
+    T* p = g.data<T>();
+    cpu::parallel_for(0, g.numel(), kOptimGrain, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const A v = static_cast<A>(p[i]);
+        // NaN stays NaN, as torch.clamp.
+        p[i] = static_cast<T>(v < lo ? lo : (v > hi ? hi : v));
+      }
+    });
+  });
+  g.bump_version();
+}
+
+// Norm, then scale every gradient by max_norm / (norm + 1e-6) when that is below 1 (or NaN).
+// Returns the norm and whether the gradients were scaled.
+inline std::pair<double, bool> clip_norm_impl(std::vector<Tensor>& grads, double max_norm, double norm_type,
+                                              bool error_if_nonfinite) {
+  MIXPREC_CHECK(!std::isnan(norm_type), "clip_grad_norm_: norm_type is NaN");
+  if (grads.empty()) return {0.0, false};
+  NormAcc total{norm_type, NormAcc::init(norm_type)};
+  for (Tensor& g : grads) {
+    MIXPREC_CHECK(g.is_floating_point() && g.device() == Device::CPU, "clip_grad_norm_: gradient of shape ", g.sizes(),
+                  " has dtype ", g.dtype(), " on ", g.device(), "; expected a floating-point CPU tensor");
+    accumulate_norm(g, total);
+  }
+  const double norm = total.finish();
+  MIXPREC_CHECK(!error_if_nonfinite || std::isfinite(norm), "clip_grad_norm_: The total norm of order ", norm_type,
+                " for gradients from `parameters` is non-finite, so it cannot be clipped. To disable this error and scale "
+                "the gradients by the non-finite norm anyway, set `error_if_nonfinite=False`");
+  const double coef = max_norm / (norm + 1e-6);
+  // Multiplying by the clamped 1.0 would change nothing; skipping it keeps master gradients current.
+  if (coef >= 1.0) return {norm, false};
+  no_grad guard;
+  for (Tensor& g : grads) scale_grad_(g, static_cast<float>(coef));
+  return {norm, true};
+}
+
+inline std::vector<Tensor> grads_of(const std::vector<Tensor>& params) {
+  std::vector<Tensor> grads;
+  for (const Tensor& p : params) {
+    Tensor g = p.grad();
+    if (!g.defined()) continue;
+    if (!g.is_contiguous()) {
+      no_grad guard;
+      g = g.contiguous();
+      p.set_grad(g);
+    }
+    grads.push_back(g);
+  }
+  return grads;
+}
+
+}  // namespace detail
+
+// Returns the total norm of all gradients (as one vector); clips them in place to max_norm.
+inline double clip_grad_norm_(const std::vector<Tensor>& parameters, double max_norm, double norm_type = 2.0,
+                              bool error_if_nonfinite = false) {
+  std::vector<Tensor> grads = detail::grads_of(parameters);
+  return detail::clip_norm_impl(grads, max_norm, norm_type, error_if_nonfinite).first;
+}
+
+// The same over the float32 gradients `optimizer` will step with (see the top of this file).
+inline double clip_grad_norm_(Optimizer& optimizer, double max_norm, double norm_type = 2.0, bool error_if_nonfinite = false) {
+  std::vector<Tensor> grads;
+  for (auto& [p, g] : optimizer.fp32_grads()) grads.push_back(g);
+  const auto [norm, scaled] = detail::clip_norm_impl(grads, max_norm, norm_type, error_if_nonfinite);
+  if (scaled) optimizer.write_back_master_grads();
+  return norm;
+}
+
+// Clamps every gradient to [-clip_value, clip_value].
+inline void clip_grad_value_(const std::vector<Tensor>& parameters, double clip_value) {
+  no_grad guard;
+  for (Tensor g : detail::grads_of(parameters)) detail::clamp_grad_(g, clip_value);
+}
+inline void clip_grad_value_(Optimizer& optimizer, double clip_value) {
+  {
+    no_grad guard;
+    for (auto& [p, g] : optimizer.fp32_grads()) detail::clamp_grad_(g, clip_value);
+  }
+  optimizer.write_back_master_grads();
+}
+
+}  // namespace mixprec::optim

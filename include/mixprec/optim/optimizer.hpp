@@ -1,0 +1,559 @@
+#pragma once
+// Optimizer base (torch.optim.Optimizer for C++): parameter groups, per-parameter float32
+// state, fp32 master weights for 16-bit parameters, and the gradient hooks GradScaler and the
+// clip utilities use.
+//
+// Master weights: a float16/bfloat16 parameter gets a float32 copy at construction. step()
+// updates the copy in float32 and stores the rounded result into the parameter, so updates far
+// below half a 16-bit ulp still accumulate. If anything else writes the parameter (loading a
+// checkpoint, EMA apply()/restore()), its storage version changes and the next step() takes
+// the new value for every element whose value no longer equals the rounded master.
+//
+// Master gradients: GradScaler::unscale_ (and the Optimizer& clip utilities) write the float32
+// gradient of a 16-bit parameter into a per-parameter float32 buffer; step() reads that buffer
+// for as long as the parameter's .grad() is the tensor it came from, unmodified. Without it,
+// step() reads the 16-bit gradient directly, converting block by block.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "mixprec/autograd/engine.hpp"
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+// Update loops are element-independent (in place or disjoint): let them vectorise at -O2 too,
+// where GCC's cost model otherwise refuses loops that need alias checks or a scalar tail.
+#define MIXPREC_OPTIM_PRAGMA(x) _Pragma(#x)
+#if defined(_OPENMP)
+#define MIXPREC_OPTIM_SIMD _Pragma("omp simd")
+#define MIXPREC_OPTIM_SIMD_OR(var) MIXPREC_OPTIM_PRAGMA(omp simd reduction(| : var))
+#else
+#define MIXPREC_OPTIM_SIMD
+#define MIXPREC_OPTIM_SIMD_OR(var)
+#endif
+
+namespace mixprec::optim {
+
+// A group option left at kDefault takes the optimizer's default (as PyTorch's param_groups).
+inline constexpr double kDefault = std::numeric_limits<double>::quiet_NaN();
+
+struct ParamGroup {
+  std::vector<Tensor> params;
+  double lr = kDefault;
+  double weight_decay = kDefault;
+  // SGD
+  double momentum = kDefault;
+  double dampening = kDefault;
+  std::optional<bool> nesterov;
+  // Adam, AdamW
+  std::pair<double, double> betas{kDefault, kDefault};
+  double eps = kDefault;
+  std::optional<bool> amsgrad;
+};
+
+// Named float32 tensors plus named scalars: what a checkpoint writer serialises (safetensors
+// keeps the tensors, the scalars go to its metadata). Keys: "state.<i>.<name>" for parameter i
+// (numbered across groups in order), "param_groups.<g>.<option>".
+struct StateDict {
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  std::map<std::string, double> scalars;
+
+  const Tensor* tensor(const std::string& key) const {
+    for (const auto& [k, t] : tensors)
+      if (k == key) return &t;
+    return nullptr;
+  }
+  std::optional<double> scalar(const std::string& key) const {
+    auto it = scalars.find(key);
+    return it == scalars.end() ? std::nullopt : std::optional<double>(it->second);
+  }
+};
+
+struct ParamState {
+  int64_t step = 0;                       // updates applied to this parameter
+  std::map<std::string, Tensor> buffers;  // float32, contiguous, the parameter's shape
+  Tensor master;                          // float32 master weights of a 16-bit parameter
+};
+
+namespace detail {
+
+inline constexpr int64_t kOptimBlock = 2048;       // fp32 scratch per thread, on the stack
+inline constexpr int64_t kOptimGrain = 1 << 16;    // updates are memory-bound: split big tensors only
+
+using ::mixprec::detail::copy_kernel;
+
+inline std::vector<ParamGroup> single_group(std::vector<Tensor> params) {
+  std::vector<ParamGroup> g(1);
+  g[0].params = std::move(params);
+  return g;
+}
+
+// dst = sqrt(src), correctly rounded. std::sqrt's errno path keeps compilers from vectorising
+// it, and Eigen's fast-math packet sqrt is approximate: SSE2 is exact and always there on x86-64.
+inline void sqrt_block(const float* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__SSE2__)
+  for (; i + 4 <= n; i += 4) _mm_storeu_ps(dst + i, _mm_sqrt_ps(_mm_loadu_ps(src + i)));
+#endif
+  for (; i < n; ++i) dst[i] = std::sqrt(src[i]);
+}
+
+// torch.lerp's formula: exact at both ends.
+inline float lerp(float a, float b, float w) { return std::abs(w) < 0.5f ? a + w * (b - a) : b - (b - a) * (1.0f - w); }
+// torch.maximum: NaN wins.
+inline float nan_max(float a, float b) { return ((a > b) | (a != a)) ? a : b; }  // `|`: one select, vectorises
+
+inline bool is_16bit(DType d) { return d == DType::Float16 || d == DType::BFloat16; }
+
+// dst[0, n) = float(src[off, off + n)) for any floating dtype.
+inline void load_float(const void* src, DType dt, int64_t off, float* dst, int64_t n) {
+  dispatch_floating(dt, "optimizer", [&]<class G>() { convert(static_cast<const G*>(src) + off, dst, n); });
+}
+// dst[off, off + n) = round(src[0, n)).
+inline void store_float(const float* src, void* dst, DType dt, int64_t off, int64_t n) {
+  dispatch_floating(dt, "optimizer", [&]<class G>() { convert(src, static_cast<G*>(dst) + off, n); });
+}
+
+template <class G>  // ParamGroup or const ParamGroup
+void visit_options(G& g, auto&& num, auto&& flag) {
+  num("lr", g.lr);
+  num("weight_decay", g.weight_decay);
+  num("momentum", g.momentum);
+  num("dampening", g.dampening);
+  flag("nesterov", g.nesterov);
+  num("beta1", g.betas.first);
+  num("beta2", g.betas.second);
+  num("eps", g.eps);
+  flag("amsgrad", g.amsgrad);
+}
+
+// "state.12.exp_avg" -> (12, "exp_avg"); nullopt when the key has another form.
+inline std::optional<std::pair<std::size_t, std::string>> split_key(const std::string& key, const std::string& prefix) {
+  if (key.rfind(prefix, 0) != 0) return std::nullopt;
+  const std::size_t dot = key.find('.', prefix.size());
+  if (dot == std::string::npos || dot == prefix.size()) return std::nullopt;
+  std::size_t idx = 0;
+  for (std::size_t i = prefix.size(); i < dot; ++i) {
+    if (key[i] < '0' || key[i] > '9') return std::nullopt;
+    idx = idx * 10 + static_cast<std::size_t>(key[i] - '0');
+  }
+  return std::make_pair(idx, key.substr(dot + 1));
+}
+
+}  // namespace detail
+
+class Optimizer {
+ public:
+  virtual ~Optimizer() = default;
+  Optimizer(const Optimizer&) = delete;  // state is per parameter, and GradScaler keys by address
+  Optimizer& operator=(const Optimizer&) = delete;
+
+  virtual const char* name() const = 0;
+
+  // One update of every parameter that has a gradient, under no_grad.
+  void step() {
+    no_grad guard;
+    check_groups_unchanged();
+    for (const ParamGroup& g : groups_) validate(g);  // the user may have edited the groups since
+    std::vector<std::size_t> stepped;
+    for (std::size_t i = 0; i < slots_.size(); ++i) {
+      Slot& s = slots_[i];
+      const Tensor grad = s.param.grad();
+      if (!grad.defined()) continue;
+      MIXPREC_CHECK(grad.is_floating_point() && grad.sizes() == s.param.sizes(), name(), ".step: gradient of parameter ", i,
+                    " has dtype ", grad.dtype(), " and shape ", grad.sizes(), "; expected a floating-point gradient of shape ",
+                    s.param.sizes());
+      ParamState& st = state_[i];
+      sync_master(i);
+      Tensor g = grad;  // kept alive for the update
+      ParamUpdate u;
+      u.n = s.param.numel();
+      u.shape = &s.param.sizes();
+      if (master_grad_current(i)) {
+        u.grad = s.master_grad.data_ptr();
+        u.grad_dtype = DType::Float32;
+      } else {
+        if (!g.is_contiguous()) g = g.contiguous();
+        u.grad = g.data_ptr();
+        u.grad_dtype = g.dtype();
+      }
+      if (st.master.defined()) {
+        u.w = st.master.data<float>();
+        u.param16 = s.param.data_ptr();
+        u.param_dtype = s.param.dtype();
+      } else {
+        u.w = s.param.data<float>();
+      }
+      ++st.step;
+      update(groups_[s.group], st, u);
+      s.param.bump_version();
+      stepped.push_back(i);
+    }
+    // After all writes: parameters may share one storage, whose version each write bumps.
+    for (std::size_t i : stepped) slots_[i].synced_version = slots_[i].param.version();
+  }
+
+  // set_to_none=true drops the gradients (the default, as PyTorch 2.x); false zeroes them in place.
+  void zero_grad(bool set_to_none = true) {
+    no_grad guard;
+    for (Slot& s : slots_) {
+      s.master_grad_source.reset();
+      Tensor g = s.param.grad();
+      if (!g.defined()) continue;
+      if (set_to_none) s.param.set_grad(Tensor());
+      else g.zero_();
+    }
+  }
+
+  std::vector<ParamGroup>& param_groups() { return groups_; }
+  const std::vector<ParamGroup>& param_groups() const { return groups_; }
+
+  void add_param_group(ParamGroup group) {
+    MIXPREC_CHECK(!group.params.empty(), name(), ": optimizer got an empty parameter list");
+    fill_defaults(group);
+    validate(group);
+    for (std::size_t k = 0; k < group.params.size(); ++k) {
+      const Tensor& p = group.params[k];
+      MIXPREC_CHECK(p.defined(), name(), ": parameter ", k, " of group ", groups_.size(), " is an undefined tensor");
+      MIXPREC_CHECK(p.dtype() == DType::Float32 || detail::is_16bit(p.dtype()), name(), ": parameter ", k, " of group ",
+                    groups_.size(), " has dtype ", p.dtype(), "; optimizers update float32, float16 and bfloat16 parameters");
+      MIXPREC_CHECK(p.device() == Device::CPU, name(), ": parameter of shape ", p.sizes(), " is on ", p.device(),
+                    "; optimizers run on the CPU");
+      MIXPREC_CHECK(p.is_contiguous(), name(), ": parameter of shape ", p.sizes(), " with strides ", p.strides(),
+                    " is not contiguous");
+      MIXPREC_CHECK(p.is_leaf(), name(), ": can't optimize a non-leaf Tensor (shape ", p.sizes(), ")");
+      for (const Slot& s : slots_)
+        MIXPREC_CHECK(!s.param.is_same(p), name(), ": some parameters appear in more than one parameter group");
+      for (std::size_t j = 0; j < k; ++j)
+        MIXPREC_CHECK(!group.params[j].is_same(p), name(), ": a parameter appears twice in one parameter group");
+    }
+    for (const Tensor& p : group.params) {
+      Slot s;
+      s.param = p;
+      s.group = groups_.size();
+      s.synced_version = p.version();
+      slots_.push_back(std::move(s));
+      ParamState st;
+      if (detail::is_16bit(p.dtype())) {
+        st.master = empty(p.sizes(), DType::Float32);
+        detail::copy_kernel(st.master, p);
+      }
+      state_.push_back(std::move(st));
+    }
+    group_sizes_.push_back(group.params.size());
+    groups_.push_back(std::move(group));
+  }
+
+  std::size_t num_params() const { return slots_.size(); }
+  // Parameter `index` in the state-dict numbering (groups in order, then position).
+  const Tensor& param(std::size_t index) const { return slots_.at(index).param; }
+  const ParamState& state(std::size_t index) const { return state_.at(index); }
+  // The float32 master weights of a 16-bit parameter; undefined for a float32 parameter.
+  const Tensor& master_weight(std::size_t index) const { return state_.at(index).master; }
+
+  // Live references to the state tensors (as PyTorch's state_dict); clone to snapshot.
+  StateDict state_dict() const {
+    StateDict sd;
+    for (std::size_t g = 0; g < groups_.size(); ++g) {
+      const std::string pre = "param_groups." + std::to_string(g) + ".";
+      detail::visit_options(
+          groups_[g], [&](const char* k, const double& v) { if (!std::isnan(v)) sd.scalars[pre + k] = v; },
+          [&](const char* k, const std::optional<bool>& v) { if (v) sd.scalars[pre + k] = *v ? 1.0 : 0.0; });
+      sd.scalars[pre + "num_params"] = static_cast<double>(groups_[g].params.size());
+    }
+    for (std::size_t i = 0; i < state_.size(); ++i) {
+      const std::string pre = "state." + std::to_string(i) + ".";
+      const ParamState& st = state_[i];
+      if (st.step > 0) sd.scalars[pre + "step"] = static_cast<double>(st.step);
+      for (const auto& [k, t] : st.buffers) sd.tensors.emplace_back(pre + k, t);
+      if (st.master.defined()) sd.tensors.emplace_back(pre + "master_weight", st.master);
+    }
+    return sd;
+  }
+
+  // Deep-copies the state in (as PyTorch); the groups must match in number and size.
+  void load_state_dict(const StateDict& sd) {
+    std::size_t ngroups = 0;
+    for (const auto& [k, v] : sd.scalars)
+      if (auto p = detail::split_key(k, "param_groups.")) ngroups = std::max(ngroups, p->first + 1);
+    MIXPREC_CHECK(ngroups == groups_.size(), name(), ".load_state_dict: loaded state dict has ", ngroups,
+                  " parameter groups, the optimizer has ", groups_.size());
+    for (std::size_t g = 0; g < groups_.size(); ++g) {
+      auto n = sd.scalar("param_groups." + std::to_string(g) + ".num_params");
+      MIXPREC_CHECK(n && static_cast<std::size_t>(*n) == groups_[g].params.size(), name(),
+                    ".load_state_dict: loaded state dict contains a parameter group that doesn't match the size of "
+                    "optimizer's group ", g, " (", n ? static_cast<int64_t>(*n) : -1, " vs ", groups_[g].params.size(), ")");
+    }
+    // Validate everything before changing anything.
+    for (const auto& [k, v] : sd.scalars) {
+      if (auto p = detail::split_key(k, "param_groups.")) {
+        bool known = p->second == "num_params";
+        detail::visit_options(groups_[p->first], [&](const char* o, double&) { known |= p->second == o; },
+                              [&](const char* o, std::optional<bool>&) { known |= p->second == o; });
+        MIXPREC_CHECK(known, name(), ".load_state_dict: unknown key '", k, "'");
+      } else if (auto q = detail::split_key(k, "state.")) {
+        MIXPREC_CHECK(q->first < slots_.size() && q->second == "step" && v >= 0, name(),
+                      ".load_state_dict: unexpected scalar '", k, "' = ", v);
+      } else {
+        fail(name(), ".load_state_dict: unknown key '", k, "'");
+      }
+    }
+    for (const auto& [k, t] : sd.tensors) {
+      auto q = detail::split_key(k, "state.");
+      MIXPREC_CHECK(q && q->first < slots_.size(), name(), ".load_state_dict: unknown key '", k, "'");
+      MIXPREC_CHECK(q->second == "master_weight" || is_state_name(q->second), name(), ".load_state_dict: '", k,
+                    "' is not state of ", name());
+      MIXPREC_CHECK(t.defined() && t.is_floating_point() && t.sizes() == slots_[q->first].param.sizes(), name(),
+                    ".load_state_dict: '", k, "' has shape ", t.defined() ? t.sizes() : Shape{}, ", parameter ", q->first,
+                    " has shape ", slots_[q->first].param.sizes());
+    }
+    no_grad guard;
+    for (const auto& kv : sd.scalars)
+      if (auto p = detail::split_key(kv.first, "param_groups.")) {
+        const double v = kv.second;  // not a structured binding: lambdas capture it (clang < 16)
+        detail::visit_options(
+            groups_[p->first], [&](const char* o, double& x) { if (p->second == o) x = v; },
+            [&](const char* o, std::optional<bool>& x) { if (p->second == o) x = v != 0.0; });
+      }
+    for (ParamState& st : state_) {
+      st.step = 0;
+      st.buffers.clear();
+    }
+    for (const auto& [k, v] : sd.scalars)
+      if (auto q = detail::split_key(k, "state.")) state_[q->first].step = static_cast<int64_t>(v);
+    for (const auto& [k, t] : sd.tensors) {
+      auto q = detail::split_key(k, "state.");
+      ParamState& st = state_[q->first];
+      if (q->second == "master_weight") {
+        // A float32 parameter keeps no master: its own values are the weights.
+        if (!st.master.defined()) continue;
+        detail::copy_kernel(st.master, t);
+        slots_[q->first].synced_version = slots_[q->first].param.version();
+      } else {
+        Tensor b = empty(t.sizes(), DType::Float32);
+        detail::copy_kernel(b, t);
+        st.buffers[q->second] = b;
+      }
+    }
+    for (Slot& s : slots_) s.master_grad_source.reset();
+  }
+
+  // ---- Gradient hooks (GradScaler, clip_grad_*) ----
+
+  struct GradSlot {
+    std::size_t index;  // parameter number (state-dict numbering)
+    Tensor param;
+    Tensor grad;         // param.grad(), contiguous
+    Tensor master_grad;  // float32 buffer of the param's shape when grad is not float32, else undefined
+  };
+
+  // Every parameter with a gradient. Master-gradient buffers are allocated on first need and
+  // reused; a non-contiguous gradient is replaced by a contiguous copy.
+  std::vector<GradSlot> grad_slots() {
+    std::vector<GradSlot> out;
+    out.reserve(slots_.size());
+    for (std::size_t i = 0; i < slots_.size(); ++i) {
+      Slot& s = slots_[i];
+      Tensor g = s.param.grad();
+      if (!g.defined()) continue;
+      MIXPREC_CHECK(g.is_floating_point() && g.device() == Device::CPU, name(), ": gradient of parameter ", i, " has dtype ",
+                    g.dtype(), " on ", g.device(), "; expected a floating-point CPU tensor");
+      if (!g.is_contiguous()) {
+        no_grad guard;
+        g = g.contiguous();
+        s.param.set_grad(g);
+      }
+      if (g.dtype() != DType::Float32 && (!s.master_grad.defined() || s.master_grad.sizes() != s.param.sizes()))
+        s.master_grad = empty(s.param.sizes(), DType::Float32);
+      out.push_back({i, s.param, g, g.dtype() != DType::Float32 ? s.master_grad : Tensor()});
+    }
+    return out;
+  }
+
+  // From now until param(index).grad() changes, step() uses the master-gradient buffer.
+  void mark_master_grad_current(std::size_t index) {
+    Slot& s = slots_.at(index);
+    const Tensor g = s.param.grad();
+    MIXPREC_CHECK(g.defined() && s.master_grad.defined(), name(), ".mark_master_grad_current: parameter ", index,
+                  " has no gradient or no master-gradient buffer");
+    s.master_grad_source = g.impl_ptr();
+    s.master_grad_version = g.version();
+  }
+  bool master_grad_current(std::size_t index) const {
+    const Slot& s = slots_.at(index);
+    if (!s.master_grad.defined()) return false;
+    const auto src = s.master_grad_source.lock();
+    const Tensor g = s.param.grad();
+    return src && g.defined() && src.get() == g.impl() && g.version() == s.master_grad_version;
+  }
+
+  // (param, gradient) pairs where the gradient is the float32 tensor step() will read: the
+  // param's own float32 gradient, or its master-gradient buffer (filled from the 16-bit
+  // gradient unless it already holds it). Modify them in place, then call
+  // write_back_master_grads() so the 16-bit .grad() reflects the change.
+  std::vector<std::pair<Tensor, Tensor>> fp32_grads() {
+    std::vector<std::pair<Tensor, Tensor>> out;
+    for (GradSlot& s : grad_slots()) {
+      if (!s.master_grad.defined()) {
+        out.emplace_back(s.param, s.grad);
+        continue;
+      }
+      if (!master_grad_current(s.index)) {
+        detail::copy_kernel(s.master_grad, s.grad);
+        mark_master_grad_current(s.index);
+      }
+      out.emplace_back(s.param, s.master_grad);
+    }
+    return out;
+  }
+  // Rounds each current master gradient into its 16-bit .grad(); step() keeps using the buffer.
+  void write_back_master_grads() {
+    for (std::size_t i = 0; i < slots_.size(); ++i) {
+      if (!master_grad_current(i)) continue;
+      const Tensor g = slots_[i].param.grad();
+      detail::copy_kernel(g, slots_[i].master_grad);
+      g.bump_version();
+      mark_master_grad_current(i);
+    }
+  }
+  // fn(const Tensor& param, Tensor& fp32_grad) for every parameter with a gradient.
+  template <class F>
+  void for_each_grad(F&& fn) {
+    for (auto& [p, g] : fp32_grads()) fn(static_cast<const Tensor&>(p), g);
+    write_back_master_grads();
+  }
+
+ protected:
+  explicit Optimizer(ParamGroup defaults) : defaults_(std::move(defaults)) {}
+  Optimizer(Optimizer&&) = default;
+
+  // Derived constructors call this once their defaults are set.
+  void init(std::vector<ParamGroup> groups) {
+    MIXPREC_CHECK(!groups.empty(), name(), ": optimizer got an empty parameter list");
+    for (ParamGroup& g : groups) add_param_group(std::move(g));
+  }
+
+  // What one parameter's update sees.
+  struct ParamUpdate {
+    float* w = nullptr;  // float32 weights, updated in place: the master copy or the parameter itself
+    int64_t n = 0;
+    const Shape* shape = nullptr;  // the parameter's
+    const void* grad = nullptr;  // contiguous gradient of any floating dtype
+    DType grad_dtype = DType::Float32;
+    void* param16 = nullptr;  // the 16-bit parameter to store rounded weights into, if any
+    DType param_dtype = DType::Float32;
+  };
+
+  // f(float* w, const float* g, int64_t offset, int64_t n) over consecutive blocks (parallel over
+  // large tensors); offset indexes the float32 state buffers. The 16-bit parameter is written
+  // after each block while it is still in cache.
+  template <class F>
+  static void for_blocks(const ParamUpdate& u, F&& f) {
+    cpu::parallel_for(0, u.n, detail::kOptimGrain, [&](int64_t b, int64_t e) {
+      float gbuf[detail::kOptimBlock];
+      for (int64_t s = b; s < e; s += detail::kOptimBlock) {
+        const int64_t m = std::min(detail::kOptimBlock, e - s);
+        const float* g;
+        if (u.grad_dtype == DType::Float32) {
+          g = static_cast<const float*>(u.grad) + s;
+        } else {
+          detail::load_float(u.grad, u.grad_dtype, s, gbuf, m);
+          g = gbuf;
+        }
+        f(u.w + s, g, s, m);
+        if (u.param16) detail::store_float(u.w + s, u.param16, u.param_dtype, s, m);
+      }
+    });
+  }
+
+  // A float32 buffer of the parameter's shape in `st`, created (uninitialised) when missing;
+  // `created` tells the caller to initialise it.
+  static float* buffer(ParamState& st, const char* key, const ParamUpdate& u, bool* created = nullptr) {
+    auto it = st.buffers.find(key);
+    if (it == st.buffers.end() || it->second.numel() != u.n) {
+      Tensor t = empty(*u.shape, DType::Float32);
+      it = st.buffers.insert_or_assign(key, t).first;
+      if (created) *created = true;
+    } else if (created) {
+      *created = false;
+    }
+    return it->second.data<float>();
+  }
+
+  virtual void validate(const ParamGroup& g) const = 0;
+  virtual void update(const ParamGroup& g, ParamState& st, const ParamUpdate& u) = 0;
+  virtual bool is_state_name(const std::string& key) const = 0;
+
+  ParamGroup defaults_;
+
+ private:
+  struct Slot {
+    Tensor param;
+    std::size_t group = 0;
+    uint64_t synced_version = 0;  // param's storage version when master and param last agreed
+    Tensor master_grad;
+    std::weak_ptr<TensorImpl> master_grad_source;  // the .grad() master_grad holds, and its version
+    uint64_t master_grad_version = 0;
+  };
+
+  void fill_defaults(ParamGroup& g) const {
+    ParamGroup d = defaults_;
+    std::vector<double*> dn;
+    std::vector<std::optional<bool>*> df;
+    detail::visit_options(d, [&](const char*, double& v) { dn.push_back(&v); },
+                          [&](const char*, std::optional<bool>& v) { df.push_back(&v); });
+    std::size_t i = 0, j = 0;
+    detail::visit_options(g, [&](const char*, double& v) { if (std::isnan(v)) v = *dn[i]; ++i; },
+                          [&](const char*, std::optional<bool>& v) { if (!v) v = *df[j]; ++j; });
+  }
+
+  // Slots and state are positional: the groups' parameter lists must stay as registered.
+  void check_groups_unchanged() const {
+    for (std::size_t g = 0; g < groups_.size(); ++g) {
+      MIXPREC_CHECK(groups_[g].params.size() == group_sizes_[g], name(), ": param_groups()[", g,
+                    "].params changed size; use add_param_group to add parameters");
+    }
+    std::size_t i = 0;
+    for (const ParamGroup& g : groups_)
+      for (const Tensor& p : g.params) {
+        MIXPREC_CHECK(p.is_same(slots_[i].param), name(), ": param_groups() parameter ", i,
+                      " was replaced; build a new optimizer or use add_param_group");
+        ++i;
+      }
+  }
+
+  // Another writer changed the 16-bit parameter: adopt its value wherever it no longer equals
+  // the rounded master (elements that still agree keep their extra float32 bits).
+  void sync_master(std::size_t i) {
+    Slot& s = slots_[i];
+    Tensor& m = state_[i].master;
+    if (!m.defined() || s.param.version() == s.synced_version) return;
+    float* w = m.data<float>();
+    dispatch_floating(s.param.dtype(), "optimizer", [&]<class P>() {
+      if constexpr (sizeof(P) == 2) {
+        const P* p = s.param.data<P>();
+        cpu::parallel_for(0, m.numel(), detail::kOptimGrain, [&](int64_t b, int64_t e) {
+          for (int64_t k = b; k < e; ++k)
+            if (P(w[k]).x != p[k].x) w[k] = static_cast<float>(p[k]);
+        });
+      }
+    });
+    s.synced_version = s.param.version();
+  }
+
+  std::vector<ParamGroup> groups_;
+  std::vector<std::size_t> group_sizes_;
+  std::vector<Slot> slots_;
+  std::vector<ParamState> state_;
+};
+
+}  // namespace mixprec::optim
