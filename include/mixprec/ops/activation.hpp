@@ -1,2 +1,302 @@
 #pragma once
+// softmax / log_softmax, dropout and prelu (relu, gelu, silu, sigmoid and tanh live in
+// elementwise.hpp). Softmax-style kernels see the input as [outer, D, inner] with the reduced dim
+// in the middle: inner == 1 is the contiguous fast path, otherwise columns are processed in
+// blocks so each pass over D streams contiguous memory.
+#include <limits>
+#include <vector>
+
+#include <Eigen/Core>
+
 #include "mixprec/ops/linalg.hpp"
+
+namespace mixprec {
+
+namespace detail {
+// A contiguous tensor with t's values and no graph edge (kernels read raw pointers).
+inline Tensor act_contig(const Tensor& t) {
+  if (t.is_contiguous()) return t;
+  Tensor c = empty(t.sizes(), t.dtype());
+  copy_kernel(c, t);
+  return c;
+}
+
+struct ActSoftmaxDims {
+  int64_t outer = 1, D = 1, inner = 1;
+};
+inline ActSoftmaxDims act_softmax_dims(const Tensor& x, int64_t d) {
+  ActSoftmaxDims s;
+  if (x.dim() == 0) return s;
+  for (int64_t i = 0; i < d; ++i) s.outer *= x.size(i);
+  s.D = x.size(d);
+  for (int64_t i = d + 1; i < x.dim(); ++i) s.inner *= x.size(i);
+  return s;
+}
+
+inline constexpr int64_t kActColumnBlock = 256;
+
+template <class A>
+using ActArray = Eigen::Map<Eigen::Array<A, Eigen::Dynamic, 1>>;
+template <class A>
+using ActConstArray = Eigen::Map<const Eigen::Array<A, Eigen::Dynamic, 1>>;
+
+// out = exp(in) over a contiguous run (in and out must not alias). Eigen's exp is vectorised
+// (std::exp is a scalar call and would dominate softmax / cross-entropy time), but it clamps
+// very negative inputs instead of flushing them: exp(-inf) comes out as a denormal, not 0.
+// Below `lo` the true result is denormal or zero anyway, so those inputs (masked logits) are
+// redone with std::exp; a vectorised min per chunk keeps the check cheap.
+template <class A>
+void act_exp(const A* in, A* out, int64_t n) {
+  constexpr A lo = std::is_same_v<A, float> ? A(-87) : A(-708);
+  constexpr int64_t kChunk = 256;
+  for (int64_t b = 0; b < n; b += kChunk) {
+    const int64_t len = std::min(kChunk, n - b);
+    ActArray<A>(out + b, len) = ActConstArray<A>(in + b, len).exp();
+    if (ActConstArray<A>(in + b, len).minCoeff() < lo)
+      for (int64_t i = b; i < b + len; ++i)
+        if (in[i] < lo) out[i] = std::exp(in[i]);
+  }
+}
+
+// A contiguous row in A: the data itself when T == A, else converted into `buf`.
+template <class T, class A>
+const A* act_load_row(const T* p, int64_t n, std::vector<A>& buf) {
+  if constexpr (std::is_same_v<T, A>) {
+    return p;
+  } else {
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<A>(p[i]);
+    return buf.data();
+  }
+}
+
+// y = softmax or log_softmax of x along D; max subtraction keeps exp in range.
+template <class T, bool Log>
+void act_softmax_forward(const T* x, T* y, const ActSoftmaxDims& s) {
+  using A = acc_t<T>;
+  const int64_t D = s.D;
+  if (s.inner == 1) {
+    cpu::parallel_for(0, s.outer, std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(D, 1)), [&](int64_t b, int64_t e) {
+      std::vector<A> in(std::is_same_v<T, A> ? 0 : static_cast<std::size_t>(D)), sh(static_cast<std::size_t>(D)),
+          ex(static_cast<std::size_t>(D));
+      for (int64_t r = b; r < e; ++r) {
+        const A* xr = act_load_row(x + r * D, D, in);
+        T* yr = y + r * D;
+        A m = -std::numeric_limits<A>::infinity();
+        for (int64_t i = 0; i < D; ++i) m = std::max(m, xr[i]);
+        for (int64_t i = 0; i < D; ++i) sh[i] = xr[i] - m;
+        act_exp(sh.data(), ex.data(), D);
+        const A sum = ActConstArray<A>(ex.data(), D).sum();
+        if constexpr (Log) {
+          const A lse = m + std::log(sum);
+          for (int64_t i = 0; i < D; ++i) yr[i] = static_cast<T>(xr[i] - lse);
+        } else {
+          const A inv = A(1) / sum;
+          for (int64_t i = 0; i < D; ++i) yr[i] = static_cast<T>(ex[i] * inv);
+        }
+      }
+    });
+    return;
+  }
+  const int64_t inner = s.inner, nblk = (inner + kActColumnBlock - 1) / kActColumnBlock;
+  cpu::parallel_for(0, s.outer * nblk, std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(D * std::min(inner, kActColumnBlock), 1)),
+                    [&](int64_t b, int64_t e) {
+    std::vector<A> mx(kActColumnBlock), sm(kActColumnBlock), sh(kActColumnBlock), ex(kActColumnBlock);
+    for (int64_t task = b; task < e; ++task) {
+      const int64_t o = task / nblk, i0 = (task % nblk) * kActColumnBlock, len = std::min(kActColumnBlock, inner - i0);
+      const T* xo = x + o * D * inner + i0;
+      T* yo = y + o * D * inner + i0;
+      std::fill(mx.begin(), mx.begin() + len, -std::numeric_limits<A>::infinity());
+      std::fill(sm.begin(), sm.begin() + len, A(0));
+      for (int64_t d = 0; d < D; ++d)
+        for (int64_t j = 0; j < len; ++j) mx[j] = std::max(mx[j], static_cast<A>(xo[d * inner + j]));
+      for (int64_t d = 0; d < D; ++d) {
+        for (int64_t j = 0; j < len; ++j) sh[j] = static_cast<A>(xo[d * inner + j]) - mx[j];
+        act_exp(sh.data(), ex.data(), len);
+        for (int64_t j = 0; j < len; ++j) sm[j] += ex[j];
+      }
+      if constexpr (Log) {
+        for (int64_t j = 0; j < len; ++j) mx[j] += std::log(sm[j]);
+        for (int64_t d = 0; d < D; ++d)
+          for (int64_t j = 0; j < len; ++j) yo[d * inner + j] = static_cast<T>(static_cast<A>(xo[d * inner + j]) - mx[j]);
+      } else {
+        for (int64_t j = 0; j < len; ++j) sm[j] = A(1) / sm[j];
+        for (int64_t d = 0; d < D; ++d) {
+          for (int64_t j = 0; j < len; ++j) sh[j] = static_cast<A>(xo[d * inner + j]) - mx[j];
+          act_exp(sh.data(), ex.data(), len);
+          for (int64_t j = 0; j < len; ++j) yo[d * inner + j] = static_cast<T>(ex[j] * sm[j]);
+        }
+      }
+    }
+  });
+}
+
+// softmax: gx = y (g - sum(g y));  log_softmax: gx = g - exp(y) sum(g).
+template <class T, bool Log>
+void act_softmax_backward(const T* g, const T* y, T* gx, const ActSoftmaxDims& s) {
+  using A = acc_t<T>;
+  const int64_t D = s.D;
+  auto term = [](A gv, A yv) { return Log ? gv : gv * yv; };
+  auto grad = [](A gv, A yv, A sum) { return Log ? gv - std::exp(yv) * sum : yv * (gv - sum); };
+  if (s.inner == 1) {
+    cpu::parallel_for(0, s.outer, std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(D, 1)), [&](int64_t b, int64_t e) {
+      const std::size_t n16 = std::is_same_v<T, A> ? 0 : static_cast<std::size_t>(D);
+      std::vector<A> gbuf(n16), ybuf(n16), ex(Log ? static_cast<std::size_t>(D) : 0);
+      for (int64_t r = b; r < e; ++r) {
+        const A* gr = act_load_row(g + r * D, D, gbuf);
+        const A* yr = act_load_row(y + r * D, D, ybuf);
+        T* o = gx + r * D;
+        if constexpr (Log) {
+          const A sum = ActConstArray<A>(gr, D).sum();
+          act_exp(yr, ex.data(), D);
+          for (int64_t i = 0; i < D; ++i) o[i] = static_cast<T>(gr[i] - ex[i] * sum);
+        } else {
+          const A sum = (ActConstArray<A>(gr, D) * ActConstArray<A>(yr, D)).sum();
+          for (int64_t i = 0; i < D; ++i) o[i] = static_cast<T>(yr[i] * (gr[i] - sum));
+        }
+      }
+    });
+    return;
+  }
+  const int64_t inner = s.inner, nblk = (inner + kActColumnBlock - 1) / kActColumnBlock;
+  cpu::parallel_for(0, s.outer * nblk, std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(D * std::min(inner, kActColumnBlock), 1)),
+                    [&](int64_t b, int64_t e) {
+    std::vector<A> sm(kActColumnBlock);
+    for (int64_t task = b; task < e; ++task) {
+      const int64_t o = task / nblk, i0 = (task % nblk) * kActColumnBlock, len = std::min(kActColumnBlock, inner - i0);
+      const int64_t base = o * D * inner + i0;
+      std::fill(sm.begin(), sm.begin() + len, A(0));
+      for (int64_t d = 0; d < D; ++d)
+        for (int64_t j = 0; j < len; ++j) {
+          const int64_t k = base + d * inner + j;
+          sm[j] += term(static_cast<A>(g[k]), static_cast<A>(y[k]));
+        }
+      for (int64_t d = 0; d < D; ++d)
+        for (int64_t j = 0; j < len; ++j) {
+          const int64_t k = base + d * inner + j;
+          gx[k] = static_cast<T>(grad(static_cast<A>(g[k]), static_cast<A>(y[k]), sm[j]));
+        }
+    }
+  });
+}
+
+template <bool Log>
+Tensor act_softmax_op(OpId id, const char* name, const Tensor& x, int64_t dim) {
+  return dispatch(id, [name, dim](const Tensor& x) {
+    require_cpu(name, x);
+    MIXPREC_CHECK(x.is_floating_point(), name, ": expected a floating-point tensor, got ", x.dtype(), " of shape ", x.sizes());
+    const ActSoftmaxDims s = act_softmax_dims(x, x.wrap_dim(dim, name));
+    const Tensor xc = act_contig(x);
+    Tensor y = empty(x.sizes(), x.dtype());
+    if (x.numel() > 0)
+      dispatch_floating(x.dtype(), name, [&]<class T>() { act_softmax_forward<T, Log>(xc.data<T>(), y.data<T>(), s); });
+    if (autograd::should_record({x}))
+      autograd::record(name, {x}, {y}, [sy = autograd::SavedTensor(y), s, name](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+        const Tensor& y = sy.get(name);
+        const Tensor gc = act_contig(expand_raw(as_dtype_raw(g[0], y.dtype()), y.sizes()));
+        Tensor gx = empty(y.sizes(), y.dtype());
+        if (y.numel() > 0)
+          dispatch_floating(y.dtype(), name, [&]<class T>() { act_softmax_backward<T, Log>(gc.data<T>(), y.data<T>(), gx.data<T>(), s); });
+        return {gx};
+      });
+    return y;
+  }, x);
+}
+
+// Mask chunks have a fixed size, each with its own stream seeded from one draw of the caller's
+// generator: the mask depends only on the seed, never on the thread count.
+inline constexpr int64_t kActDropoutChunk = int64_t{1} << 16;
+}  // namespace detail
+
+// Softmax along `dim`, computed in float (double for double) and rounded once on store.
+inline Tensor softmax(const Tensor& x, int64_t dim) { return detail::act_softmax_op<false>(OpId::softmax, "softmax", x, dim); }
+inline Tensor log_softmax(const Tensor& x, int64_t dim) {
+  return detail::act_softmax_op<true>(OpId::log_softmax, "log_softmax", x, dim);
+}
+
+// Inverted dropout: kept elements are scaled by 1/(1-p) so the expectation is unchanged; the
+// identity when !training or p == 0. The mask is drawn from `gen` (reproducible under a seed).
+inline Tensor dropout(const Tensor& x, double p, bool training, Generator& gen = default_generator()) {
+  return dispatch(OpId::dropout, [p, training, &gen](const Tensor& x) {
+    MIXPREC_CHECK(p >= 0.0 && p <= 1.0, "dropout: probability has to be between 0 and 1, got ", p);
+    MIXPREC_CHECK(x.is_floating_point(), "dropout: expected a floating-point tensor, got ", x.dtype(), " of shape ", x.sizes());
+    detail::require_cpu("dropout", x);
+    if (!training || p == 0.0) return x;
+    const int64_t n = x.numel();
+    Tensor mask = empty(x.sizes(), DType::Bool);
+    bool* m = mask.data<bool>();
+    const uint64_t seed = gen.next_u64();
+    const int64_t chunks = (n + detail::kActDropoutChunk - 1) / detail::kActDropoutChunk;
+    cpu::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
+      for (int64_t c = b; c < e; ++c) {
+        Generator local(seed ^ (static_cast<uint64_t>(c) * 0x9e3779b97f4a7c15ull));
+        for (int64_t i = c * detail::kActDropoutChunk, end = std::min(n, i + detail::kActDropoutChunk); i < end; ++i)
+          m[i] = local.uniform() >= p;
+      }
+    });
+    // p == 1 drops everything; a zero scale avoids inf * 0.
+    const double scale = p == 1.0 ? 0.0 : 1.0 / (1.0 - p);
+    Tensor y = empty(x.sizes(), x.dtype());
+    dispatch_floating(x.dtype(), "dropout", [&]<class T>() {
+      const auto sc = static_cast<acc_t<T>>(scale);
+      cpu::map<T, T, bool>(y, [sc](auto v, auto keep) { return v * (keep ? sc : decltype(v)(0)); }, x, mask);
+    });
+    if (autograd::should_record({x}))
+      autograd::record("dropout", {x}, {y}, [mask, scale, dt = x.dtype()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+        Tensor gx = empty(mask.sizes(), dt);
+        const Tensor gg = detail::expand_raw(detail::as_dtype_raw(g[0], dt), mask.sizes());
+        dispatch_floating(dt, "dropout_backward", [&]<class T>() {
+          const auto sc = static_cast<acc_t<T>>(scale);
+          cpu::map<T, T, bool>(gx, [sc](auto v, auto keep) { return v * (keep ? sc : decltype(v)(0)); }, gg, mask);
+        });
+        return {gx};
+      });
+    return y;
+  }, x);
+}
+
+// y = x where x > 0, weight * x elsewhere; weight has 1 element or one per channel (dim 1).
+inline Tensor prelu(const Tensor& x, const Tensor& weight) {
+  return dispatch(OpId::prelu, [](const Tensor& x, const Tensor& weight) {
+    MIXPREC_CHECK(x.defined() && weight.defined(), "prelu: input and weight must be defined");
+    MIXPREC_CHECK(x.is_floating_point() && weight.is_floating_point(), "prelu: expected floating-point tensors, got input ",
+                  x.dtype(), " and weight ", weight.dtype());
+    MIXPREC_CHECK(weight.dim() <= 1, "prelu: weight must be 0-D or 1-D, got shape ", weight.sizes());
+    const int64_t channels = x.dim() >= 2 ? x.size(1) : 1;
+    MIXPREC_CHECK(weight.numel() == 1 || weight.numel() == channels, "prelu: weight of shape ", weight.sizes(),
+                  " must have 1 element or one per channel (", channels, ") of input shape ", x.sizes());
+    detail::require_cpu("prelu", x);
+    detail::require_cpu("prelu", weight);
+    // weight viewed as [1, C, 1, ...] (or all ones when shared) so it broadcasts against x.
+    Shape ws(static_cast<std::size_t>(x.dim()), 1), wst(static_cast<std::size_t>(x.dim()), 0);
+    if (weight.numel() > 1) {
+      ws[1] = channels;
+      wst[1] = weight.stride(0);
+    }
+    const Tensor wb = detail::make_view(weight, ws, wst, weight.storage_offset());
+    Tensor y = detail::binary_kernel("prelu", x, wb, [](auto v, auto w) { return v > 0 ? v : w * v; });
+    if (autograd::should_record({x, weight}))
+      autograd::record("prelu", {x, weight}, {y},
+                       [sx = autograd::SavedTensor(x), sw = autograd::SavedTensor(weight), ws](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+                         const Tensor& x = sx.get("prelu");
+                         const Tensor& w = sw.get("prelu");
+                         const DType ct = promote_types(x.dtype(), w.dtype());
+                         const Tensor xc = detail::as_dtype_raw(x, ct);
+                         const Tensor wb = detail::expand_raw(detail::as_dtype_raw(detail::make_view(w, ws, [&] {
+                           Shape st(ws.size(), 0);
+                           if (w.numel() > 1) st[1] = w.stride(0);
+                           return st;
+                         }(), w.storage_offset()), ct), x.sizes());
+                         const Tensor gg = detail::expand_raw(detail::as_dtype_raw(g[0], ct), x.sizes());
+                         Tensor gx = empty(x.sizes(), ct), gw_full = empty(x.sizes(), ct);
+                         dispatch_floating(ct, "prelu_backward", [&]<class T>() {
+                           cpu::map<T, T, T, T>(gx, [](auto gv, auto v, auto wv) { return v > 0 ? gv : gv * wv; }, gg, xc, wb);
+                           cpu::map<T, T, T>(gw_full, [](auto gv, auto v) { return v > 0 ? decltype(v)(0) : gv * v; }, gg, xc);
+                         });
+                         Tensor gw = detail::grad_for(gw_full, ws, w.dtype()).reshape(w.sizes());
+                         return {detail::as_dtype_raw(gx, x.dtype()), gw};
+                       });
+    return y;
+  }, x, weight);
+}
+
+}  // namespace mixprec

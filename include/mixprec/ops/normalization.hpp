@@ -1,2 +1,471 @@
 #pragma once
+// batch_norm, layer_norm, group_norm. Statistics accumulate in double (8 independent partial
+// sums, so the loop pipelines without -ffast-math); the normalisation itself runs in acc_t<T>
+// and rounds once on store. Mean and 1/std are saved for backward, which uses the closed-form
+// gradients (one pass for the sums, one to write dx).
+#include <cmath>
+
 #include "mixprec/ops/linalg.hpp"
+
+namespace mixprec {
+
+namespace detail {
+inline Tensor norm_contig(const Tensor& t) {
+  if (t.is_contiguous()) return t;
+  Tensor c = empty(t.sizes(), t.dtype());
+  copy_kernel(c, t);
+  return c;
+}
+
+// Values of a (possibly strided, any floating dtype) tensor as doubles; empty when undefined.
+inline std::vector<double> norm_to_vec(const Tensor& t) {
+  std::vector<double> v;
+  if (!t.defined()) return v;
+  const Tensor c = norm_contig(t);
+  v.resize(static_cast<std::size_t>(c.numel()));
+  dispatch_floating(c.dtype(), "normalization", [&]<class T>() {
+    const T* p = c.data<T>();
+    for (std::size_t i = 0; i < v.size(); ++i) v[i] = static_cast<double>(static_cast<acc_t<T>>(p[i]));
+  });
+  return v;
+}
+inline Tensor norm_from_vec(const std::vector<double>& v, const Shape& shape, DType dt) {
+  Tensor t = empty(shape, dt);
+  dispatch_floating(dt, "normalization", [&]<class T>() {
+    T* p = t.data<T>();
+    for (std::size_t i = 0; i < v.size(); ++i) p[i] = static_cast<T>(static_cast<acc_t<T>>(v[i]));
+  });
+  return t;
+}
+
+template <class T>
+double norm_sum(const T* p, int64_t n) {
+  double a[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < 8; ++k) a[k] += static_cast<double>(static_cast<acc_t<T>>(p[i + k]));
+  for (; i < n; ++i) a[0] += static_cast<double>(static_cast<acc_t<T>>(p[i]));
+  return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+// Sum of squared deviations from `mean` (the second pass of a two-pass variance).
+template <class T>
+double norm_sqdev(const T* p, int64_t n, double mean) {
+  double a[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < 8; ++k) {
+      const double d = static_cast<double>(static_cast<acc_t<T>>(p[i + k])) - mean;
+      a[k] += d * d;
+    }
+  for (; i < n; ++i) {
+    const double d = static_cast<double>(static_cast<acc_t<T>>(p[i])) - mean;
+    a[0] += d * d;
+  }
+  return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+// (sum g, sum g * (x - mean)) over a run.
+template <class T>
+std::pair<double, double> norm_grad_sums(const T* g, const T* x, int64_t n, double mean) {
+  double a[8] = {}, b[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < 8; ++k) {
+      const double gv = static_cast<double>(static_cast<acc_t<T>>(g[i + k]));
+      a[k] += gv;
+      b[k] += gv * (static_cast<double>(static_cast<acc_t<T>>(x[i + k])) - mean);
+    }
+  for (; i < n; ++i) {
+    const double gv = static_cast<double>(static_cast<acc_t<T>>(g[i]));
+    a[0] += gv;
+    b[0] += gv * (static_cast<double>(static_cast<acc_t<T>>(x[i])) - mean);
+  }
+  return {((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])),
+          ((b[0] + b[1]) + (b[2] + b[3])) + ((b[4] + b[5]) + (b[6] + b[7]))};
+}
+
+// x - mean in A with the double mean split into hi + lo: x - hi is exact for x near the mean
+// (Sterbenz), so centring keeps the digits a float-rounded mean would lose when |mean| >> std.
+template <class A>
+struct NormCenter {
+  A hi, lo;
+  explicit NormCenter(double mean) : hi(static_cast<A>(mean)), lo(static_cast<A>(mean - static_cast<double>(hi))) {}
+  A operator()(A x) const { return (x - hi) - lo; }
+};
+
+// out = (x - mean) * scale + shift over a run, in acc_t<T>.
+template <class T>
+void norm_affine_run(const T* x, T* y, int64_t n, double mean, double scale, double shift) {
+  using A = acc_t<T>;
+  const NormCenter<A> center(mean);
+  const A s = static_cast<A>(scale), b = static_cast<A>(shift);
+  for (int64_t i = 0; i < n; ++i) y[i] = static_cast<T>(center(static_cast<A>(x[i])) * s + b);
+}
+
+inline void norm_check_param(const char* op, const Tensor& p, const char* what, int64_t C, const Tensor& x) {
+  if (!p.defined()) return;
+  MIXPREC_CHECK(p.is_floating_point(), op, ": ", what, " must be floating-point, got ", p.dtype());
+  MIXPREC_CHECK(p.dim() == 1 && p.size(0) == C, op, ": ", what, " of shape ", p.sizes(), " does not match the ", C,
+                " channels of input shape ", x.sizes(), " (expected [", C, "])");
+  require_cpu(op, p);
+}
+
+// Input gradient of batch/group norm for one run of x sharing (mean, rstd): in training mode
+// dx = w rstd (g - sum_g / M - xhat sum_gxhat / M); in eval mode (stats are constants) w rstd g.
+template <class T>
+void norm_input_grad_run(const T* g, const T* x, T* gx, int64_t n, double mean, double rstd, double w, double sum_g,
+                         double sum_gxc, double M, bool training) {
+  using A = acc_t<T>;
+  const double k = w * rstd;
+  if (!training) {
+    const A kk = static_cast<A>(k);
+    for (int64_t i = 0; i < n; ++i) gx[i] = static_cast<T>(static_cast<A>(g[i]) * kk);
+    return;
+  }
+  // dx = k g - k sum_g / M - k (x - mean) rstd^2 sum_gxc / M  =  k g + c1 (x - mean) + c0
+  const double c1 = -k * rstd * rstd * sum_gxc / M;
+  const double c0 = -k * sum_g / M;
+  const A kk = static_cast<A>(k), a1 = static_cast<A>(c1), a0 = static_cast<A>(c0);
+  const NormCenter<A> center(mean);
+  for (int64_t i = 0; i < n; ++i) gx[i] = static_cast<T>(kk * static_cast<A>(g[i]) + a1 * center(static_cast<A>(x[i])) + a0);
+}
+}  // namespace detail
+
+// Batch normalisation of x [N, C, *] per channel. training: normalise with the batch mean and
+// biased variance, and (when given) update running_mean / running_var in place with the
+// unbiased variance: r = (1 - momentum) r + momentum stat, as PyTorch. eval: normalise with the
+// running statistics. weight / bias are optional ([C]); the running buffers keep their dtype
+// (float32 even for 16-bit x) and are never part of the graph.
+inline Tensor batch_norm(const Tensor& x, const Tensor& running_mean, const Tensor& running_var, const Tensor& weight = Tensor(),
+                         const Tensor& bias = Tensor(), bool training = false, double momentum = 0.1, double eps = 1e-5) {
+  // The running buffers are captured, not dispatched: autocast must not hand the kernel a cast
+  // copy of a buffer that is updated in place (a bfloat16 model's buffers would never move).
+  return dispatch(OpId::batch_norm, [training, momentum, eps, running_mean, running_var](const Tensor& x, const Tensor& weight,
+                                                                                      const Tensor& bias) {
+    MIXPREC_CHECK(x.defined() && x.dim() >= 2, "batch_norm: expected an input of shape [N, C, *], got ",
+                  x.defined() ? x.sizes() : Shape{});
+    MIXPREC_CHECK(x.is_floating_point(), "batch_norm: expected a floating-point input, got ", x.dtype(), " of shape ", x.sizes());
+    MIXPREC_CHECK(eps >= 0, "batch_norm: eps must be non-negative, got ", eps);
+    detail::require_cpu("batch_norm", x);
+    const int64_t N = x.size(0), C = x.size(1), S = N * C == 0 ? 0 : x.numel() / (N * C), M = N * S;
+    detail::norm_check_param("batch_norm", weight, "weight", C, x);
+    detail::norm_check_param("batch_norm", bias, "bias", C, x);
+    detail::norm_check_param("batch_norm", running_mean, "running_mean", C, x);
+    detail::norm_check_param("batch_norm", running_var, "running_var", C, x);
+    MIXPREC_CHECK(running_mean.defined() == running_var.defined(),
+                  "batch_norm: running_mean and running_var must be given together (or both omitted)");
+    MIXPREC_CHECK(training || running_mean.defined(), "batch_norm: running_mean and running_var are required in eval mode (input shape ",
+                  x.sizes(), ")");
+    MIXPREC_CHECK(!training || M > 1, "batch_norm: expected more than 1 value per channel when training, got input shape ", x.sizes());
+
+    const Tensor xc = detail::norm_contig(x);
+    std::vector<double> mean(static_cast<std::size_t>(C)), rstd(static_cast<std::size_t>(C));
+    const std::vector<double> w = detail::norm_to_vec(weight), b = detail::norm_to_vec(bias);
+    Tensor y = empty(x.sizes(), x.dtype());
+    dispatch_floating(x.dtype(), "batch_norm", [&]<class T>() {
+      const T* xp = xc.data<T>();
+      T* yp = y.data<T>();
+      std::vector<double> var(training ? static_cast<std::size_t>(C) : 0);
+      if (training) {
+        cpu::parallel_for(0, C, std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(M, 1)), [&](int64_t cb, int64_t ce) {
+          for (int64_t c = cb; c < ce; ++c) {
+            double s = 0;
+            for (int64_t n = 0; n < N; ++n) s += detail::norm_sum(xp + (n * C + c) * S, S);
+            const double mu = s / static_cast<double>(M);
+            double ss = 0;
+            for (int64_t n = 0; n < N; ++n) ss += detail::norm_sqdev(xp + (n * C + c) * S, S, mu);
+            mean[c] = mu;
+            var[c] = ss / static_cast<double>(M);
+            rstd[c] = 1.0 / std::sqrt(var[c] + eps);
+          }
+        });
+      } else {
+        const std::vector<double> rm = detail::norm_to_vec(running_mean), rv = detail::norm_to_vec(running_var);
+        for (int64_t c = 0; c < C; ++c) {
+          mean[c] = rm[c];
+          rstd[c] = 1.0 / std::sqrt(rv[c] + eps);
+        }
+      }
+      cpu::parallel_for(0, N * C, std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(S, 1)), [&](int64_t rb, int64_t re) {
+        for (int64_t r = rb; r < re; ++r) {
+          const int64_t c = r % C;
+          const double scale = rstd[c] * (w.empty() ? 1.0 : w[c]);
+          detail::norm_affine_run(xp + r * S, yp + r * S, S, mean[c], scale, b.empty() ? 0.0 : b[c]);
+        }
+      });
+      if (training && running_mean.defined()) {
+        // A buffer update, not a differentiable op: write the storage directly (the version bump
+        // still flags any graph that saved the old values).
+        const double unbias = static_cast<double>(M) / static_cast<double>(M - 1);
+        auto update = [&](const Tensor& buf, auto stat) {
+          dispatch_floating(buf.dtype(), "batch_norm", [&]<class R>() {
+            R* p = buf.data<R>();
+            const int64_t st = buf.stride(0);
+            for (int64_t c = 0; c < C; ++c) {
+              const double old = static_cast<double>(static_cast<acc_t<R>>(p[c * st]));
+              p[c * st] = static_cast<R>(static_cast<acc_t<R>>((1.0 - momentum) * old + momentum * stat(c)));
+            }
+          });
+          buf.bump_version();
+        };
+        update(running_mean, [&](int64_t c) { return mean[c]; });
+        update(running_var, [&](int64_t c) { return var[c] * unbias; });
+      }
+    });
+
+    if (autograd::should_record({x, weight, bias}))
+      autograd::record("batch_norm", {x, running_mean, running_var, weight, bias}, {y},
+                       [sx = autograd::SavedTensor(x), w, mean, rstd, training, N, C, S, M, wd = weight.defined() ? weight.dtype() : DType::Float32,
+                        bd = bias.defined() ? bias.dtype() : DType::Float32, has_w = weight.defined(),
+                        has_b = bias.defined()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+                         const Tensor& x = sx.get("batch_norm");
+                         const Tensor xc = detail::norm_contig(x);
+                         const Tensor gc = detail::norm_contig(detail::expand_raw(detail::as_dtype_raw(g[0], x.dtype()), x.sizes()));
+                         Tensor gx = empty(x.sizes(), x.dtype());
+                         std::vector<double> gw(static_cast<std::size_t>(C)), gb(static_cast<std::size_t>(C));
+                         dispatch_floating(x.dtype(), "batch_norm_backward", [&]<class T>() {
+                           const T* xp = xc.data<T>();
+                           const T* gp = gc.data<T>();
+                           T* o = gx.data<T>();
+                           cpu::parallel_for(0, C, std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(M, 1)), [&](int64_t cb, int64_t ce) {
+                             for (int64_t c = cb; c < ce; ++c) {
+                               double sg = 0, sgx = 0;
+                               for (int64_t n = 0; n < N; ++n) {
+                                 const auto [a, bb] = detail::norm_grad_sums(gp + (n * C + c) * S, xp + (n * C + c) * S, S, mean[c]);
+                                 sg += a;
+                                 sgx += bb;
+                               }
+                               gb[c] = sg;
+                               gw[c] = sgx * rstd[c];
+                               const double wc = w.empty() ? 1.0 : w[c];
+                               for (int64_t n = 0; n < N; ++n) {
+                                 const int64_t off = (n * C + c) * S;
+                                 detail::norm_input_grad_run(gp + off, xp + off, o + off, S, mean[c], rstd[c], wc, sg, sgx,
+                                                             static_cast<double>(M), training);
+                               }
+                             }
+                           });
+                         });
+                         return {gx, Tensor(), Tensor(), has_w ? detail::norm_from_vec(gw, {C}, wd) : Tensor(),
+                                 has_b ? detail::norm_from_vec(gb, {C}, bd) : Tensor()};
+                       });
+    return y;
+  }, x, weight, bias);
+}
+
+// Normalises over the trailing dims given by normalized_shape; weight / bias (optional) have
+// that shape.
+inline Tensor layer_norm(const Tensor& x, const Shape& normalized_shape, const Tensor& weight = Tensor(), const Tensor& bias = Tensor(),
+                         double eps = 1e-5) {
+  return dispatch(OpId::layer_norm, [normalized_shape, eps](const Tensor& x, const Tensor& weight, const Tensor& bias) {
+    const int64_t k = static_cast<int64_t>(normalized_shape.size());
+    MIXPREC_CHECK(x.defined() && x.is_floating_point(), "layer_norm: expected a floating-point input, got ",
+                  x.defined() ? name(x.dtype()) : "undefined");
+    MIXPREC_CHECK(k >= 1, "layer_norm: normalized_shape must have at least one dimension, got ", normalized_shape);
+    MIXPREC_CHECK(x.dim() >= k && Shape(x.sizes().end() - k, x.sizes().end()) == normalized_shape, "layer_norm: input of shape ",
+                  x.sizes(), " does not end with normalized_shape ", normalized_shape);
+    MIXPREC_CHECK(eps >= 0, "layer_norm: eps must be non-negative, got ", eps);
+    for (const Tensor* p : {&weight, &bias}) {
+      if (!p->defined()) continue;
+      MIXPREC_CHECK(p->is_floating_point() && p->sizes() == normalized_shape, "layer_norm: ", p == &weight ? "weight" : "bias",
+                    " of shape ", p->sizes(), " (", p->dtype(), ") must be floating-point with normalized_shape ", normalized_shape);
+      detail::require_cpu("layer_norm", *p);
+    }
+    detail::require_cpu("layer_norm", x);
+    const int64_t D = numel_of(normalized_shape), M = D == 0 ? 0 : x.numel() / D;
+    const Tensor xc = detail::norm_contig(x);
+    Tensor y = empty(x.sizes(), x.dtype());
+    Tensor mean_t = empty({M}, DType::Float64), rstd_t = empty({M}, DType::Float64);
+    const std::vector<double> wv = detail::norm_to_vec(weight), bv = detail::norm_to_vec(bias);
+    dispatch_floating(x.dtype(), "layer_norm", [&]<class T>() {
+      using A = acc_t<T>;
+      const std::vector<A> w(wv.begin(), wv.end()), b(bv.begin(), bv.end());
+      const T* xp = xc.data<T>();
+      T* yp = y.data<T>();
+      double* mp = mean_t.data<double>();
+      double* rp = rstd_t.data<double>();
+      cpu::parallel_for(0, M, std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(D, 1)), [&](int64_t rb, int64_t re) {
+        for (int64_t r = rb; r < re; ++r) {
+          const T* xr = xp + r * D;
+          T* yr = yp + r * D;
+          const double mu = detail::norm_sum(xr, D) / static_cast<double>(D);
+          const double rs = 1.0 / std::sqrt(detail::norm_sqdev(xr, D, mu) / static_cast<double>(D) + eps);
+          mp[r] = mu;
+          rp[r] = rs;
+          const detail::NormCenter<A> center(mu);
+          const A ar = static_cast<A>(rs);
+          if (w.empty() && b.empty()) {
+            detail::norm_affine_run(xr, yr, D, mu, rs, 0.0);
+          } else {
+            for (int64_t i = 0; i < D; ++i) {
+              const A h = center(static_cast<A>(xr[i])) * ar;
+              yr[i] = static_cast<T>((w.empty() ? h : h * w[i]) + (b.empty() ? A(0) : b[i]));
+            }
+          }
+        }
+      });
+    });
+    if (autograd::should_record({x, weight, bias}))
+      autograd::record("layer_norm", {x, weight, bias}, {y},
+                       [sx = autograd::SavedTensor(x), wv, mean_t, rstd_t, M, D, wd = weight.defined() ? weight.dtype() : DType::Float32,
+                        bd = bias.defined() ? bias.dtype() : DType::Float32, has_w = weight.defined(), has_b = bias.defined(),
+                        normalized_shape](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+                         const Tensor& x = sx.get("layer_norm");
+                         const Tensor xc = detail::norm_contig(x);
+                         const Tensor gc = detail::norm_contig(detail::expand_raw(detail::as_dtype_raw(g[0], x.dtype()), x.sizes()));
+                         Tensor gx = empty(x.sizes(), x.dtype());
+                         std::vector<double> gw(static_cast<std::size_t>(D), 0.0), gb(static_cast<std::size_t>(D), 0.0);
+                         const double* mp = mean_t.data<double>();
+                         const double* rp = rstd_t.data<double>();
+                         dispatch_floating(x.dtype(), "layer_norm_backward", [&]<class T>() {
+                           using A = acc_t<T>;
+                           const std::vector<A> w(wv.begin(), wv.end());
+                           const T* xp = xc.data<T>();
+                           const T* gp = gc.data<T>();
+                           T* o = gx.data<T>();
+                           // Row ranges in fixed chunks, each with private weight/bias partial sums.
+                           const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(cpu::num_threads(), M));
+                           std::vector<std::vector<double>> pw(static_cast<std::size_t>(chunks)), pb(static_cast<std::size_t>(chunks));
+                           cpu::parallel_for(0, chunks, 1, [&](int64_t kb, int64_t ke) {
+                             for (int64_t kc = kb; kc < ke; ++kc) {
+                               auto& aw = pw[kc];
+                               auto& ab = pb[kc];
+                               if (has_w) aw.assign(static_cast<std::size_t>(D), 0.0);
+                               if (has_b) ab.assign(static_cast<std::size_t>(D), 0.0);
+                               for (int64_t r = M * kc / chunks, re = M * (kc + 1) / chunks; r < re; ++r) {
+                                 const T* xr = xp + r * D;
+                                 const T* gr = gp + r * D;
+                                 T* orow = o + r * D;
+                                 const detail::NormCenter<A> center(mp[r]);
+                                 const A rs = static_cast<A>(rp[r]);
+                                 double s1 = 0, s2 = 0;  // sum(g w), sum(g w xhat)
+                                 for (int64_t i = 0; i < D; ++i) {
+                                   const A gv = static_cast<A>(gr[i]);
+                                   const A h = center(static_cast<A>(xr[i])) * rs;
+                                   const A gw_ = w.empty() ? gv : gv * w[i];
+                                   s1 += gw_;
+                                   s2 += gw_ * h;
+                                   if (has_w) aw[i] += gv * h;
+                                   if (has_b) ab[i] += gv;
+                                 }
+                                 const A a1 = static_cast<A>(s1 / static_cast<double>(D)), a2 = static_cast<A>(s2 / static_cast<double>(D));
+                                 for (int64_t i = 0; i < D; ++i) {
+                                   const A gv = static_cast<A>(gr[i]);
+                                   const A h = center(static_cast<A>(xr[i])) * rs;
+                                   const A gw_ = w.empty() ? gv : gv * w[i];
+                                   orow[i] = static_cast<T>(rs * (gw_ - a1 - h * a2));
+                                 }
+                               }
+                             }
+                           });
+                           for (int64_t kc = 0; kc < chunks; ++kc)
+                             for (int64_t i = 0; i < D; ++i) {
+                               if (has_w) gw[i] += pw[kc][i];
+                               if (has_b) gb[i] += pb[kc][i];
+                             }
+                         });
+                         return {gx, has_w ? detail::norm_from_vec(gw, normalized_shape, wd) : Tensor(),
+                                 has_b ? detail::norm_from_vec(gb, normalized_shape, bd) : Tensor()};
+                       });
+    return y;
+  }, x, weight, bias);
+}
+
+// Normalises x [N, C, *] over each of num_groups groups of C / num_groups channels (and all
+// spatial positions); weight / bias (optional) are per channel.
+inline Tensor group_norm(const Tensor& x, int64_t num_groups, const Tensor& weight = Tensor(), const Tensor& bias = Tensor(),
+                         double eps = 1e-5) {
+  return dispatch(OpId::group_norm, [num_groups, eps](const Tensor& x, const Tensor& weight, const Tensor& bias) {
+    MIXPREC_CHECK(x.defined() && x.dim() >= 2, "group_norm: expected an input of shape [N, C, *], got ",
+                  x.defined() ? x.sizes() : Shape{});
+    MIXPREC_CHECK(x.is_floating_point(), "group_norm: expected a floating-point input, got ", x.dtype(), " of shape ", x.sizes());
+    const int64_t N = x.size(0), C = x.size(1);
+    MIXPREC_CHECK(num_groups > 0 && C % num_groups == 0, "group_norm: expected the ", C, " channels of input shape ", x.sizes(),
+                  " to be divisible by num_groups, got num_groups = ", num_groups);
+    MIXPREC_CHECK(eps >= 0, "group_norm: eps must be non-negative, got ", eps);
+    detail::norm_check_param("group_norm", weight, "weight", C, x);
+    detail::norm_check_param("group_norm", bias, "bias", C, x);
+    detail::require_cpu("group_norm", x);
+    const int64_t G = num_groups, Cg = C / G, S = N * C == 0 ? 0 : x.numel() / (N * C), L = Cg * S;
+    const Tensor xc = detail::norm_contig(x);
+    Tensor y = empty(x.sizes(), x.dtype());
+    Tensor mean_t = empty({N * G}, DType::Float64), rstd_t = empty({N * G}, DType::Float64);
+    const std::vector<double> w = detail::norm_to_vec(weight), b = detail::norm_to_vec(bias);
+    if (L > 0)
+      dispatch_floating(x.dtype(), "group_norm", [&]<class T>() {
+        const T* xp = xc.data<T>();
+        T* yp = y.data<T>();
+        double* mp = mean_t.data<double>();
+        double* rp = rstd_t.data<double>();
+        cpu::parallel_for(0, N * G, std::max<int64_t>(1, kParallelGrain / L), [&](int64_t rb, int64_t re) {
+          for (int64_t r = rb; r < re; ++r) {
+            const T* xr = xp + r * L;
+            const double mu = detail::norm_sum(xr, L) / static_cast<double>(L);
+            const double rs = 1.0 / std::sqrt(detail::norm_sqdev(xr, L, mu) / static_cast<double>(L) + eps);
+            mp[r] = mu;
+            rp[r] = rs;
+            for (int64_t j = 0; j < Cg; ++j) {
+              const int64_t c = (r % G) * Cg + j;
+              detail::norm_affine_run(xr + j * S, yp + r * L + j * S, S, mu, rs * (w.empty() ? 1.0 : w[c]), b.empty() ? 0.0 : b[c]);
+            }
+          }
+        });
+      });
+    if (autograd::should_record({x, weight, bias}))
+      autograd::record("group_norm", {x, weight, bias}, {y},
+                       [sx = autograd::SavedTensor(x), w, mean_t, rstd_t, N, C, G, Cg, S, L, wd = weight.defined() ? weight.dtype() : DType::Float32,
+                        bd = bias.defined() ? bias.dtype() : DType::Float32, has_w = weight.defined(),
+                        has_b = bias.defined()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+                         const Tensor& x = sx.get("group_norm");
+                         const Tensor xc = detail::norm_contig(x);
+                         const Tensor gc = detail::norm_contig(detail::expand_raw(detail::as_dtype_raw(g[0], x.dtype()), x.sizes()));
+                         Tensor gx = empty(x.sizes(), x.dtype());
+                         // Per (n, c): sum g and sum g xhat; reduced over n for the weight / bias.
+                         std::vector<double> sg(static_cast<std::size_t>(N * C)), sgh(static_cast<std::size_t>(N * C));
+                         const double* mp = mean_t.data<double>();
+                         const double* rp = rstd_t.data<double>();
+                         if (L > 0)
+                           dispatch_floating(x.dtype(), "group_norm_backward", [&]<class T>() {
+                             const T* xp = xc.data<T>();
+                             const T* gp = gc.data<T>();
+                             T* o = gx.data<T>();
+                             cpu::parallel_for(0, N * G, std::max<int64_t>(1, kParallelGrain / L), [&](int64_t rb, int64_t re) {
+                               for (int64_t r = rb; r < re; ++r) {
+                                 const int64_t n = r / G, c0 = (r % G) * Cg;
+                                 double s1 = 0, s2 = 0;  // sum(g w), sum(g w xhat)
+                                 for (int64_t j = 0; j < Cg; ++j) {
+                                   const int64_t off = r * L + j * S;
+                                   const auto [a, bb] = detail::norm_grad_sums(gp + off, xp + off, S, mp[r]);
+                                   sg[n * C + c0 + j] = a;
+                                   sgh[n * C + c0 + j] = bb * rp[r];
+                                   const double wc = w.empty() ? 1.0 : w[c0 + j];
+                                   s1 += wc * a;
+                                   s2 += wc * bb * rp[r];
+                                 }
+                                 // dx = rstd (g w - s1 / L - xhat s2 / L) = k g + c1 (x - mean) + c0 per channel.
+                                 using A = acc_t<T>;
+                                 const double c1 = -rp[r] * rp[r] * s2 / static_cast<double>(L);
+                                 const double cc = -rp[r] * s1 / static_cast<double>(L);
+                                 const A a1 = static_cast<A>(c1), a0 = static_cast<A>(cc);
+                                 const detail::NormCenter<A> center(mp[r]);
+                                 for (int64_t j = 0; j < Cg; ++j) {
+                                   const int64_t off = r * L + j * S;
+                                   const A kk = static_cast<A>(rp[r] * (w.empty() ? 1.0 : w[c0 + j]));
+                                   for (int64_t i = 0; i < S; ++i)
+                                     o[off + i] = static_cast<T>(kk * static_cast<A>(gp[off + i]) + a1 * center(static_cast<A>(xp[off + i])) + a0);
+                                 }
+                               }
+                             });
+                           });
+                         std::vector<double> gw(static_cast<std::size_t>(C), 0.0), gb(static_cast<std::size_t>(C), 0.0);
+                         for (int64_t n = 0; n < N; ++n)
+                           for (int64_t c = 0; c < C; ++c) {
+                             gw[c] += sgh[n * C + c];
+                             gb[c] += sg[n * C + c];
+                           }
+                         return {gx, has_w ? detail::norm_from_vec(gw, {C}, wd) : Tensor(), has_b ? detail::norm_from_vec(gb, {C}, bd) : Tensor()};
+                       });
+    return y;
+  }, x, weight, bias);
+}
+
+}  // namespace mixprec

@@ -1,0 +1,479 @@
+#include <gtest/gtest.h>
+
+#include <mixprec/mixprec.hpp>
+
+#include <cmath>
+#include <functional>
+#include <limits>
+#include <numbers>
+#include <string>
+#include <vector>
+
+using namespace mixprec;
+
+namespace {
+// Values of any tensor as doubles, in logical (row-major) order.
+std::vector<double> actt_vec(const Tensor& t) {
+  const Tensor c = t.detach().to(kFloat64).contiguous();
+  const double* p = c.data<double>();
+  return std::vector<double>(p, p + c.numel());
+}
+
+// ||a - b|| / ||b||, on the values in logical order.
+double actt_rel(const Tensor& a, const Tensor& b) {
+  EXPECT_EQ(a.sizes(), b.sizes());
+  const auto va = actt_vec(a), vb = actt_vec(b);
+  if (va.size() != vb.size()) return 1e30;
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < va.size(); ++i) {
+    num += (va[i] - vb[i]) * (va[i] - vb[i]);
+    den += vb[i] * vb[i];
+  }
+  return std::sqrt(num / (den > 0 ? den : 1.0));
+}
+
+Tensor actt_from(const std::vector<double>& v, const Shape& s, DType d = kFloat32) { return tensor(v, s).to(d); }
+
+// Row-major multi-index helpers for the naive references.
+int64_t actt_off(const Shape& sizes, const Shape& idx) {
+  int64_t off = 0;
+  for (std::size_t d = 0; d < sizes.size(); ++d) off = off * sizes[d] + idx[d];
+  return off;
+}
+
+// Naive (log-)softmax along `dim` of a row-major array, in double.
+std::vector<double> actt_naive_softmax(const std::vector<double>& x, const Shape& sizes, int64_t dim, bool log) {
+  std::vector<double> y(x.size());
+  Shape idx(sizes.size(), 0);
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    // i's multi-index
+    int64_t rem = static_cast<int64_t>(i);
+    for (int64_t d = static_cast<int64_t>(sizes.size()) - 1; d >= 0; --d) {
+      idx[d] = rem % sizes[d];
+      rem /= sizes[d];
+    }
+    Shape j = idx;
+    double m = -INFINITY;
+    for (int64_t k = 0; k < sizes[dim]; ++k) {
+      j[dim] = k;
+      m = std::max(m, x[actt_off(sizes, j)]);
+    }
+    double s = 0;
+    for (int64_t k = 0; k < sizes[dim]; ++k) {
+      j[dim] = k;
+      s += std::exp(x[actt_off(sizes, j)] - m);
+    }
+    y[i] = log ? x[i] - m - std::log(s) : std::exp(x[i] - m) / s;
+  }
+  return y;
+}
+
+// Random values bounded away from 0 (kinks of relu / prelu must not sit inside the FD step).
+Tensor actt_away_from_zero(const Shape& s, DType d, uint64_t seed) {
+  Generator g(seed);
+  Tensor x = randn(s, kFloat64, g);
+  double* p = x.data<double>();
+  for (int64_t i = 0; i < x.numel(); ++i)
+    if (std::fabs(p[i]) < 0.05) p[i] += p[i] < 0 ? -0.05 : 0.05;
+  return x.to(d);
+}
+
+Tensor actt_leaf(Tensor t) { return t.requires_grad_(); }
+}  // namespace
+
+// ---------------- softmax / log_softmax ----------------
+
+TEST(Softmax, MatchesNaiveReferenceEveryDim) {
+  Generator g(1);
+  const Shape s{3, 4, 5};
+  const Tensor x = mul(randn(s, kFloat32, g), 3.0);
+  const auto xv = actt_vec(x);
+  for (int64_t dim : {0, 1, 2, -1, -2}) {
+    const int64_t d = dim < 0 ? dim + 3 : dim;
+    EXPECT_LT(actt_rel(softmax(x, dim), actt_from(actt_naive_softmax(xv, s, d, false), s)), 1e-5) << "dim " << dim;
+    EXPECT_LT(actt_rel(log_softmax(x, dim), actt_from(actt_naive_softmax(xv, s, d, true), s)), 1e-5) << "dim " << dim;
+    EXPECT_EQ(softmax(x, dim).dtype(), kFloat32);
+  }
+}
+
+TEST(Softmax, WideInnerDimUsesColumnBlocksCorrectly) {
+  // inner = 300 > one column block of 256: exercises the partial last block.
+  Generator g(2);
+  const Shape s{2, 7, 300};
+  const Tensor x = randn(s, kFloat32, g);
+  const auto xv = actt_vec(x);
+  EXPECT_LT(actt_rel(softmax(x, 1), actt_from(actt_naive_softmax(xv, s, 1, false), s)), 1e-5);
+  EXPECT_LT(actt_rel(log_softmax(x, 1), actt_from(actt_naive_softmax(xv, s, 1, true), s)), 1e-5);
+}
+
+TEST(Softmax, NonContiguousInput) {
+  Generator g(3);
+  const Tensor base = randn({5, 4, 3}, kFloat32, g);
+  const Tensor x = base.permute({2, 0, 1});  // [3, 5, 4], non-contiguous
+  ASSERT_FALSE(x.is_contiguous());
+  const Shape s = x.sizes();
+  const auto xv = actt_vec(x);
+  for (int64_t d = 0; d < 3; ++d) {
+    EXPECT_LT(actt_rel(softmax(x, d), actt_from(actt_naive_softmax(xv, s, d, false), s)), 1e-5);
+    EXPECT_LT(actt_rel(log_softmax(x, d), actt_from(actt_naive_softmax(xv, s, d, true), s)), 1e-5);
+  }
+}
+
+TEST(Softmax, StableForHugeLogits) {
+  const Tensor x = tensor({1000.f, 1001.f, 1002.f, -1000.f, 0.f, 1000.f}, {2, 3});
+  const auto y = actt_vec(softmax(x, 1));
+  const auto ly = actt_vec(log_softmax(x, 1));
+  for (double v : y) EXPECT_TRUE(std::isfinite(v));
+  for (double v : ly) EXPECT_TRUE(std::isfinite(v));
+  const double e1 = std::exp(-1.0), e2 = std::exp(-2.0);
+  EXPECT_NEAR(y[2], 1.0 / (1 + e1 + e2), 1e-6);
+  EXPECT_NEAR(ly[0], -2.0 - std::log(1 + e1 + e2), 1e-4);
+  EXPECT_NEAR(y[5], 1.0, 1e-6);
+  EXPECT_NEAR(ly[3], -2000.0, 1e-2);
+}
+
+TEST(Softmax, MaskedMinusInfinityGivesExactZeros) {
+  const float inf = std::numeric_limits<float>::infinity();
+  const Tensor x = tensor({-inf, 1.f, -inf, 2.f, -inf, -inf, -inf, -inf}, {2, 4});
+  const auto y = actt_vec(softmax(x, 1));
+  const double e = std::exp(1.0);
+  EXPECT_EQ(y[0], 0.0);
+  EXPECT_EQ(y[2], 0.0);
+  EXPECT_NEAR(y[1], 1 / (1 + e), 1e-6);
+  EXPECT_NEAR(y[3], e / (1 + e), 1e-6);
+  for (int i = 4; i < 8; ++i) EXPECT_TRUE(std::isnan(y[i]));  // a fully masked row is NaN, as PyTorch
+  const auto ly = actt_vec(log_softmax(x, 1));
+  EXPECT_EQ(ly[0], -std::numeric_limits<double>::infinity());
+  EXPECT_NEAR(ly[3], -std::log1p(std::exp(-1.0)), 1e-6);
+  // The same along a strided (column-block) dim.
+  const auto yt = actt_vec(softmax(x.t().contiguous(), 0));
+  EXPECT_EQ(yt[0], 0.0);
+  EXPECT_NEAR(yt[2], 1 / (1 + e), 1e-6);
+}
+
+TEST(Softmax, RowsSumToOneAndZeroDimInput) {
+  Generator g(4);
+  const Tensor y = softmax(randn({6, 33}, kFloat32, g), 1);
+  const auto v = actt_vec(sum(y, {1}));
+  for (double s : v) EXPECT_NEAR(s, 1.0, 1e-6);
+  const Tensor z = softmax(scalar_tensor(3.0), 0);
+  EXPECT_EQ(z.dim(), 0);
+  EXPECT_FLOAT_EQ(z.item<float>(), 1.0f);
+  EXPECT_FLOAT_EQ(log_softmax(scalar_tensor(3.0), -1).item<float>(), 0.0f);
+}
+
+TEST(Softmax, Gradcheck) {
+  Generator g(5);
+  for (bool log : {false, true}) {
+    auto f = [log](int64_t d) {
+      return [log, d](const std::vector<Tensor>& in) { return log ? log_softmax(in[0], d) : softmax(in[0], d); };
+    };
+    // Middle dim (strided path), last dim (fast path), first dim.
+    for (int64_t d : {1, 2, 0}) {
+      Tensor x = actt_leaf(randn({2, 3, 4}, kFloat64, g));
+      auto r = gradcheck(f(d), {x});
+      EXPECT_TRUE(r.ok) << (log ? "log_softmax" : "softmax") << " dim " << d << ": " << r.message;
+    }
+    // Non-contiguous leaf (a transposed view).
+    Tensor xt = actt_leaf(randn({4, 3, 2}, kFloat64, g).transpose(0, 2));
+    ASSERT_FALSE(xt.is_contiguous());
+    for (int64_t d : {1, -1}) {
+      auto r = gradcheck(f(d), {xt});
+      EXPECT_TRUE(r.ok) << (log ? "log_softmax" : "softmax") << " transposed dim " << d << ": " << r.message;
+    }
+    // A sliced (strided) leaf along the softmax dim.
+    Tensor xs = actt_leaf(randn({3, 10}, kFloat64, g).slice(1, 0, 10, 2));
+    auto r = gradcheck(f(1), {xs});
+    EXPECT_TRUE(r.ok) << r.message;
+  }
+}
+
+TEST(Softmax, BackwardThroughBroadcastGradient) {
+  // sum() hands backward a stride-0 gradient; softmax rows sum to 1 so the gradient is ~0.
+  Tensor x = actt_leaf(randn({3, 4}, kFloat32));
+  sum(softmax(x, 1)).backward();
+  for (double v : actt_vec(x.grad())) EXPECT_NEAR(v, 0.0, 1e-6);
+  Tensor x2 = actt_leaf(randn({3, 4}, kFloat32));
+  sum(log_softmax(x2, 1)).backward();
+  // d/dx sum_j log_softmax_j = 1 - C softmax
+  const auto sm = actt_vec(softmax(x2.detach(), 1));
+  const auto gv = actt_vec(x2.grad());
+  for (std::size_t i = 0; i < gv.size(); ++i) EXPECT_NEAR(gv[i], 1.0 - 4.0 * sm[i], 1e-5);
+}
+
+TEST(Softmax, SixteenBitMatchesFloat32) {
+  Generator g(6);
+  const Tensor x = randn({8, 5, 16}, kFloat32, g);
+  for (auto [d, tol] : {std::pair{kBFloat16, 1e-2}, std::pair{kFloat16, 2e-3}}) {
+    for (int64_t dim : {1, 2}) {
+      for (bool log : {false, true}) {
+        const Tensor ref = log ? log_softmax(x, dim) : softmax(x, dim);
+        const Tensor y = log ? log_softmax(x.to(d), dim) : softmax(x.to(d), dim);
+        EXPECT_EQ(y.dtype(), d);
+        EXPECT_LT(actt_rel(y, ref), tol) << name(d) << " dim " << dim << " log " << log;
+      }
+    }
+    // Backward in the input dtype, close to the float32 gradient.
+    Tensor x32 = actt_leaf(x.clone());
+    Tensor x16 = actt_leaf(x.to(d));
+    const Tensor w = randn(x.sizes(), kFloat32, g);
+    sum(mul(softmax(x32, 1), w)).backward();
+    sum(mul(softmax(x16, 1), w.to(d))).backward();
+    EXPECT_EQ(x16.grad().dtype(), d);
+    EXPECT_LT(actt_rel(x16.grad(), x32.grad()), tol * 3) << name(d);
+  }
+}
+
+TEST(Softmax, Errors) {
+  EXPECT_THROW(softmax(randn({2, 3}), 2), mixprec::Error);
+  EXPECT_THROW(log_softmax(randn({2, 3}), -3), mixprec::Error);
+  EXPECT_THROW(softmax(ones({2, 3}, kInt64), 1), mixprec::Error);
+  try {
+    log_softmax(ones({2}, kInt32), 0);
+    FAIL() << "expected an error";
+  } catch (const mixprec::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("log_softmax"), std::string::npos) << e.what();
+  }
+}
+
+// ---------------- dropout ----------------
+
+TEST(Dropout, StatisticsFractionAndMean) {
+  Generator g(7);
+  const int64_t n = 400000;
+  const Tensor x = ones({n});
+  for (double p : {0.1, 0.3, 0.5, 0.8}) {
+    const auto y = actt_vec(dropout(x, p, true, g));
+    int64_t zeros_ = 0;
+    double s = 0;
+    for (double v : y) {
+      if (v == 0) ++zeros_;
+      else EXPECT_NEAR(v, 1.0 / (1.0 - p), 1e-6);
+      s += v;
+    }
+    const double frac = static_cast<double>(zeros_) / static_cast<double>(n);
+    // 5 standard deviations of a binomial fraction.
+    EXPECT_NEAR(frac, p, 5 * std::sqrt(p * (1 - p) / static_cast<double>(n))) << "p " << p;
+    EXPECT_NEAR(s / static_cast<double>(n), 1.0, 0.02) << "p " << p;
+  }
+}
+
+TEST(Dropout, SameSeedSameMaskAndGeneratorAdvances) {
+  const Tensor x = randn({3, 50000});
+  Generator a(99), b(99);
+  const Tensor ya = dropout(x, 0.4, true, a), yb = dropout(x, 0.4, true, b);
+  EXPECT_EQ(actt_vec(ya), actt_vec(yb));
+  // The generator advanced: a second draw gives a different mask.
+  const Tensor ya2 = dropout(x, 0.4, true, a);
+  EXPECT_NE(actt_vec(ya), actt_vec(ya2));
+  Generator c(100);
+  EXPECT_NE(actt_vec(ya), actt_vec(dropout(x, 0.4, true, c)));
+  // The default generator is reproducible through manual_seed.
+  manual_seed(5);
+  const auto d1 = actt_vec(dropout(x, 0.4, true));
+  manual_seed(5);
+  EXPECT_EQ(d1, actt_vec(dropout(x, 0.4, true)));
+}
+
+#if defined(_OPENMP)
+TEST(Dropout, MaskDoesNotDependOnThreadCount) {
+  const Tensor x = ones({300000});  // several mask chunks
+  Generator a(11), b(11);
+  const auto many = actt_vec(dropout(x, 0.5, true, a));
+  const int prev = omp_get_max_threads();
+  omp_set_num_threads(1);
+  const auto one = actt_vec(dropout(x, 0.5, true, b));
+  omp_set_num_threads(prev);
+  EXPECT_EQ(many, one);
+}
+#endif
+
+TEST(Dropout, IdentityCasesAndAllDropped) {
+  const Tensor x = randn({4, 5});
+  Generator g(1);
+  EXPECT_TRUE(dropout(x, 0.5, false, g).is_same(x));
+  EXPECT_TRUE(dropout(x, 0.0, true, g).is_same(x));
+  Tensor xl = actt_leaf(randn({4, 5}));
+  const Tensor y = dropout(xl, 1.0, true, g);
+  for (double v : actt_vec(y)) EXPECT_EQ(v, 0.0);
+  sum(y).backward();
+  for (double v : actt_vec(xl.grad())) EXPECT_EQ(v, 0.0);
+}
+
+TEST(Dropout, BackwardUsesTheSavedMask) {
+  Generator g(3);
+  Tensor x = actt_leaf(add(rand({6, 7}, kFloat32, g), 0.5));  // strictly positive: y == 0 iff dropped
+  const Tensor y = dropout(x, 0.3, true, g);
+  const Tensor w = randn({6, 7}, kFloat32, g);
+  sum(mul(y, w)).backward();
+  const auto yv = actt_vec(y), gv = actt_vec(x.grad()), wv = actt_vec(w);
+  for (std::size_t i = 0; i < yv.size(); ++i) EXPECT_NEAR(gv[i], yv[i] == 0 ? 0.0 : wv[i] / 0.7, 1e-5);
+}
+
+TEST(Dropout, GradcheckWithFixedSeed) {
+  Generator g(8);
+  Tensor x = actt_leaf(randn({5, 6}, kFloat64, g));
+  Tensor xt = actt_leaf(randn({6, 5}, kFloat64, g).t());
+  for (const Tensor& in : {x, xt}) {
+    auto r = gradcheck([](const std::vector<Tensor>& v) {
+      Generator fixed(1234);  // the same mask on every evaluation
+      return dropout(v[0], 0.4, true, fixed);
+    }, {in});
+    EXPECT_TRUE(r.ok) << r.message;
+  }
+}
+
+TEST(Dropout, SixteenBitKeepsDtypeAndMask) {
+  const Tensor x = randn({64, 33});
+  for (auto [d, tol] : {std::pair{kBFloat16, 1e-2}, std::pair{kFloat16, 2e-3}}) {
+    Generator a(21), b(21);
+    const Tensor ref = dropout(x, 0.25, true, a);
+    const Tensor y = dropout(x.to(d), 0.25, true, b);
+    EXPECT_EQ(y.dtype(), d);
+    EXPECT_LT(actt_rel(y, ref), tol) << name(d);
+    const auto yv = actt_vec(y), rv = actt_vec(ref);
+    for (std::size_t i = 0; i < yv.size(); ++i) EXPECT_EQ(yv[i] == 0, rv[i] == 0);
+  }
+}
+
+TEST(Dropout, Errors) {
+  EXPECT_THROW(dropout(randn({3}), -0.1, true), mixprec::Error);
+  EXPECT_THROW(dropout(randn({3}), 1.5, true), mixprec::Error);
+  EXPECT_THROW(dropout(randn({3}), 1.5, false), mixprec::Error);
+  EXPECT_THROW(dropout(ones({3}, kInt64), 0.5, true), mixprec::Error);
+}
+
+// ---------------- prelu ----------------
+
+namespace {
+std::vector<double> actt_naive_prelu(const std::vector<double>& x, const Shape& s, const std::vector<double>& w) {
+  std::vector<double> y(x.size());
+  int64_t inner = 1;
+  for (std::size_t d = 2; d < s.size(); ++d) inner *= s[d];
+  const int64_t C = s.size() >= 2 ? s[1] : 1;
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    const int64_t c = (static_cast<int64_t>(i) / inner) % C;
+    const double a = w.size() == 1 ? w[0] : w[c];
+    y[i] = x[i] > 0 ? x[i] : a * x[i];
+  }
+  return y;
+}
+}  // namespace
+
+TEST(Prelu, MatchesNaiveReference) {
+  Generator g(9);
+  const Shape s{3, 4, 5};
+  const Tensor x = randn(s, kFloat32, g);
+  const Tensor wc = rand({4}, kFloat32, g), w1 = tensor({0.25f});
+  EXPECT_LT(actt_rel(prelu(x, wc), actt_from(actt_naive_prelu(actt_vec(x), s, actt_vec(wc)), s)), 1e-6);
+  EXPECT_LT(actt_rel(prelu(x, w1), actt_from(actt_naive_prelu(actt_vec(x), s, {0.25}), s)), 1e-6);
+  // 0-D weight, 1-D input.
+  const Tensor x1 = randn({7}, kFloat32, g);
+  EXPECT_LT(actt_rel(prelu(x1, scalar_tensor(0.1)), actt_from(actt_naive_prelu(actt_vec(x1), {7}, {0.1}), {7})), 1e-6);
+  // Non-contiguous input and a strided per-channel weight.
+  const Tensor xt = randn({5, 4, 3}, kFloat32, g).permute({2, 1, 0});
+  const Tensor ws = rand({8}, kFloat32, g).slice(0, 0, 8, 2);
+  EXPECT_LT(actt_rel(prelu(xt, ws), actt_from(actt_naive_prelu(actt_vec(xt), xt.sizes(), actt_vec(ws)), xt.sizes())), 1e-6);
+}
+
+TEST(Prelu, Gradcheck) {
+  Tensor x = actt_leaf(actt_away_from_zero({3, 4, 2}, kFloat64, 10));
+  Tensor wc = actt_leaf(actt_away_from_zero({4}, kFloat64, 11));
+  Tensor w1 = actt_leaf(actt_away_from_zero({1}, kFloat64, 12));
+  auto f = [](const std::vector<Tensor>& in) { return prelu(in[0], in[1]); };
+  auto r = gradcheck(f, {x, wc});
+  EXPECT_TRUE(r.ok) << r.message;
+  r = gradcheck(f, {x, w1});
+  EXPECT_TRUE(r.ok) << r.message;
+  Tensor xt = actt_leaf(actt_away_from_zero({2, 4, 3}, kFloat64, 13).transpose(0, 2));  // [3, 4, 2]
+  r = gradcheck(f, {xt, wc});
+  EXPECT_TRUE(r.ok) << r.message;
+  Tensor x2 = actt_leaf(actt_away_from_zero({6, 4}, kFloat64, 14));
+  r = gradcheck(f, {x2, wc});
+  EXPECT_TRUE(r.ok) << r.message;
+}
+
+TEST(Prelu, SixteenBitMatchesFloat32) {
+  Generator g(15);
+  const Tensor x = randn({8, 6, 5}, kFloat32, g), w = rand({6}, kFloat32, g);
+  for (auto [d, tol] : {std::pair{kBFloat16, 1e-2}, std::pair{kFloat16, 2e-3}}) {
+    const Tensor y = prelu(x.to(d), w.to(d));
+    EXPECT_EQ(y.dtype(), d);
+    EXPECT_LT(actt_rel(y, prelu(x, w)), tol) << name(d);
+    Tensor xl = actt_leaf(x.to(d)), wl = actt_leaf(w.to(d));
+    sum(prelu(xl, wl)).backward();
+    EXPECT_EQ(xl.grad().dtype(), d);
+    EXPECT_EQ(wl.grad().dtype(), d);
+  }
+}
+
+TEST(Prelu, Errors) {
+  EXPECT_THROW(prelu(randn({2, 3, 4}), ones({4})), mixprec::Error);
+  EXPECT_THROW(prelu(randn({2, 3}), ones({3, 1})), mixprec::Error);
+  EXPECT_THROW(prelu(ones({2, 3}, kInt64), ones({3})), mixprec::Error);
+  EXPECT_THROW(prelu(randn({5}), ones({5})), mixprec::Error);  // 1-D input: one shared weight only
+}
+
+// ---------------- element-wise activations from elementwise.hpp ----------------
+
+namespace {
+struct ActtUnary {
+  const char* name;
+  std::function<Tensor(const Tensor&)> op;
+  std::function<double(double)> ref;
+};
+std::vector<ActtUnary> actt_unaries() {
+  const double k = std::sqrt(2.0 / std::numbers::pi);
+  return {
+      {"relu", [](const Tensor& x) { return relu(x); }, [](double v) { return v > 0 ? v : 0.0; }},
+      {"gelu", [](const Tensor& x) { return gelu(x); }, [](double v) { return 0.5 * v * (1 + std::erf(v / std::sqrt(2.0))); }},
+      {"gelu_tanh", [](const Tensor& x) { return gelu(x, "tanh"); },
+       [k](double v) { return 0.5 * v * (1 + std::tanh(k * (v + 0.044715 * v * v * v))); }},
+      {"silu", [](const Tensor& x) { return silu(x); }, [](double v) { return v / (1 + std::exp(-v)); }},
+      {"sigmoid", [](const Tensor& x) { return sigmoid(x); }, [](double v) { return 1 / (1 + std::exp(-v)); }},
+      {"tanh", [](const Tensor& x) { return mixprec::tanh(x); }, [](double v) { return std::tanh(v); }},
+  };
+}
+}  // namespace
+
+TEST(ElementwiseActivations, MatchNaiveReference) {
+  const Tensor x = mul(actt_away_from_zero({7, 9}, kFloat32, 20), 2.0);
+  const auto xv = actt_vec(x);
+  for (const auto& u : actt_unaries()) {
+    std::vector<double> r(xv.size());
+    for (std::size_t i = 0; i < xv.size(); ++i) r[i] = u.ref(xv[i]);
+    EXPECT_LT(actt_rel(u.op(x), actt_from(r, x.sizes())), 1e-5) << u.name;
+  }
+}
+
+TEST(ElementwiseActivations, Gradcheck) {
+  for (const auto& u : actt_unaries()) {
+    Tensor x = actt_leaf(mul(actt_away_from_zero({4, 5}, kFloat64, 21), 2.0));
+    auto f = [&u](const std::vector<Tensor>& in) { return u.op(in[0]); };
+    auto r = gradcheck(f, {x});
+    EXPECT_TRUE(r.ok) << u.name << ": " << r.message;
+    Tensor xt = actt_leaf(actt_away_from_zero({5, 4}, kFloat64, 22).t());
+    ASSERT_FALSE(xt.is_contiguous());
+    r = gradcheck(f, {xt});
+    EXPECT_TRUE(r.ok) << u.name << " (non-contiguous): " << r.message;
+  }
+}
+
+TEST(ElementwiseActivations, SixteenBitMatchesFloat32) {
+  const Tensor x = mul(actt_away_from_zero({32, 17}, kFloat32, 23), 2.0);
+  const Tensor w = randn(x.sizes(), kFloat32);
+  for (const auto& u : actt_unaries()) {
+    const Tensor ref = u.op(x);
+    Tensor x32 = actt_leaf(x.clone());
+    sum(mul(u.op(x32), w)).backward();
+    for (auto [d, tol] : {std::pair{kBFloat16, 1e-2}, std::pair{kFloat16, 2e-3}}) {
+      const Tensor y = u.op(x.to(d));
+      EXPECT_EQ(y.dtype(), d) << u.name;
+      EXPECT_LT(actt_rel(y, ref), tol) << u.name << " " << name(d);
+      Tensor x16 = actt_leaf(x.to(d));
+      sum(mul(u.op(x16), w.to(d))).backward();
+      EXPECT_EQ(x16.grad().dtype(), d) << u.name;
+      EXPECT_LT(actt_rel(x16.grad(), x32.grad()), tol * 2) << u.name << " grad " << name(d);
+    }
+  }
+}
