@@ -246,3 +246,24 @@ TEST(HalfTypes, ArithmeticGoesThroughFloatAndLimitsAreRight) {
   static_assert(sizeof(half) == 2 && sizeof(bfloat16) == 2);
 }
 
+
+TEST(MemoryStats, LargeBlocksAreCachedAndReusedWithoutChangingAllocatedBytes) {
+  empty_cache();
+  const MemoryStats s0 = memory_stats();
+  void* first = nullptr;
+  {
+    Tensor big = empty({1 << 20}, kFloat32);  // 4 MiB
+    first = big.data_ptr();
+    EXPECT_EQ(memory_stats().allocated_bytes - s0.allocated_bytes, 4 << 20);
+  }
+  const MemoryStats s1 = memory_stats();
+  EXPECT_EQ(s1.allocated_bytes, s0.allocated_bytes);
+  EXPECT_EQ(s1.reserved_bytes - s0.reserved_bytes, 4 << 20);  // kept for the next step
+  {
+    Tensor again = empty({1 << 20}, kFloat32);
+    EXPECT_EQ(again.data_ptr(), first);  // reused, no fresh pages
+    EXPECT_EQ(memory_stats().reserved_bytes, s1.reserved_bytes);
+  }
+  empty_cache();
+  EXPECT_EQ(memory_stats().reserved_bytes, s0.reserved_bytes);
+}

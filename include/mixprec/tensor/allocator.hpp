@@ -6,6 +6,8 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <map>
+#include <mutex>
 #include <new>
 
 #include "mixprec/core/error.hpp"
@@ -29,6 +31,8 @@ class Allocator {
   virtual Device device() const = 0;
   virtual MemoryStats stats() const = 0;
   virtual void reset_peak() = 0;
+  // Returns cached, unused blocks to the system.
+  virtual void empty_cache() noexcept {}
 };
 
 namespace detail {
@@ -54,34 +58,84 @@ struct StatCounters {
 };
 }  // namespace detail
 
-// 64-byte aligned so AVX-512 loads of a whole tensor never split a cache line at the start.
+// 64-byte aligned so AVX-512 loads never split a cache line at the start. Blocks of 64 KiB and
+// more are cached for reuse (training allocates the same sizes every step): handing such a block
+// back to the OS and faulting fresh pages in on the next step costs more than the kernels that
+// use it. allocated_bytes counts live tensor bytes exactly; reserved_bytes adds the cache.
 class CpuAllocator final : public Allocator {
  public:
   static constexpr std::size_t kAlignment = 64;
+  static constexpr std::size_t kCacheMin = 64 << 10;
+
   void* allocate(int64_t nbytes) override {
     MIXPREC_CHECK(nbytes >= 0, "CpuAllocator: negative size ", nbytes);
-    const std::size_t rounded = (static_cast<std::size_t>(nbytes) + kAlignment - 1) / kAlignment * kAlignment;
-    void* p = std::aligned_alloc(kAlignment, std::max<std::size_t>(rounded, kAlignment));
-    if (!p) fail("CpuAllocator: out of memory allocating ", nbytes, " bytes");
-    counters_.on_alloc(nbytes, nbytes);
+    const std::size_t size = rounded(static_cast<std::size_t>(nbytes));
+    void* p = nullptr;
+    if (size >= kCacheMin) {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = free_.find(size);
+      if (it != free_.end()) {
+        p = it->second;
+        free_.erase(it);
+        cached_bytes_ -= static_cast<int64_t>(size);
+      }
+    }
+    int64_t reserved_delta = 0;
+    if (!p) {
+      p = std::aligned_alloc(kAlignment, size);
+      if (!p) {
+        empty_cache();  // give the cache back and try once more before failing
+        p = std::aligned_alloc(kAlignment, size);
+      }
+      if (!p) fail("CpuAllocator: out of memory allocating ", nbytes, " bytes");
+      reserved_delta = static_cast<int64_t>(size);
+    }
+    counters_.on_alloc(nbytes, reserved_delta);
     return p;
   }
   void deallocate(void* p, int64_t nbytes) noexcept override {
+    const std::size_t size = rounded(static_cast<std::size_t>(nbytes));
+    if (size >= kCacheMin) {
+      std::lock_guard<std::mutex> lock(mu_);
+      free_.emplace(size, p);
+      cached_bytes_ += static_cast<int64_t>(size);
+      counters_.on_free(nbytes, 0);
+      return;
+    }
     std::free(p);
-    counters_.on_free(nbytes, nbytes);
+    counters_.on_free(nbytes, static_cast<int64_t>(size));
+  }
+  // Returns cached blocks to the system (as torch.cuda.empty_cache).
+  void empty_cache() noexcept override {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& [size, p] : free_) {
+      std::free(p);
+      counters_.reserved.fetch_sub(static_cast<int64_t>(size), std::memory_order_relaxed);
+    }
+    free_.clear();
+    cached_bytes_ = 0;
   }
   Device device() const override { return Device::CPU; }
   MemoryStats stats() const override { return counters_.snapshot(); }
   void reset_peak() override { counters_.reset_peak(); }
 
  private:
+  static std::size_t rounded(std::size_t n) {
+    const std::size_t r = std::max<std::size_t>((n + kAlignment - 1) / kAlignment * kAlignment, kAlignment);
+    // Large blocks round to 4 KiB pages so nearby sizes share cache entries.
+    return r >= kCacheMin ? (r + 4095) / 4096 * 4096 : r;
+  }
   detail::StatCounters counters_;
+  std::mutex mu_;
+  std::multimap<std::size_t, void*> free_;
+  int64_t cached_bytes_ = 0;
 };
 
 namespace detail {
 inline std::array<Allocator*, kNumDevices>& allocator_registry() {
-  static CpuAllocator cpu;
-  static std::array<Allocator*, kNumDevices> reg{&cpu, nullptr};
+  // Never destroyed: tensors held by other static objects may be freed after main returns.
+  static auto* cpu = new CpuAllocator;
+  static std::array<Allocator*, kNumDevices> reg{cpu, nullptr};
   return reg;
 }
 }  // namespace detail
@@ -98,5 +152,6 @@ inline Allocator& allocator(Device d) {
 
 inline MemoryStats memory_stats(Device d = Device::CPU) { return allocator(d).stats(); }
 inline void reset_peak_memory_stats(Device d = Device::CPU) { allocator(d).reset_peak(); }
+inline void empty_cache(Device d = Device::CPU) { allocator(d).empty_cache(); }
 
 }  // namespace mixprec
