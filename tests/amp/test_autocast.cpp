@@ -283,7 +283,8 @@ TEST(Autocast, GradientsComeBackInLeafDTypesAndMatchFloat32) {
   Generator g(3);
   Tensor w = randn({5, 7}, kFloat32, g), b = randn({5}, kFloat32, g), x = randn({4, 7}, kFloat32, g);
   for (Tensor* t : {&w, &b, &x}) t->requires_grad_();
-  auto loss_fn = [&] { return sum(mul(softmax(linear(x, w, b), 1), 3.0)); };
+  const Tensor coef = randn({4, 5}, kFloat32, g);  // rows of softmax sum to 1: weight them or the gradient is 0
+  auto loss_fn = [&] { return sum(mul(softmax(linear(x, w, b), 1), coef)); };
   loss_fn().backward();
   const Tensor gw = w.grad().clone(), gx = x.grad().clone(), gb = b.grad().clone();
   for (Tensor* t : {&w, &b, &x}) t->set_grad(Tensor());

@@ -1,0 +1,136 @@
+// Trains a ResNet on Fashion-MNIST (Debian: dataset-fashion-mnist) in fp32, bf16 autocast, or fp16
+// autocast with the GradScaler; prints test accuracy and peak tensor memory.
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+
+#include <mixprec/mixprec.hpp>
+
+#include "common/cli.hpp"
+#include "common/precision.hpp"
+#include "common/progress.hpp"
+
+using namespace mixprec;
+using examples::Precision;
+
+namespace {
+
+double evaluate(nn::Module& model, const data::FashionMnist& test, Precision precision, int64_t batch_size, int64_t limit) {
+  model.eval();
+  no_grad ng;
+  data::DataLoader loader(data::TensorDataset(test.images, test.labels), batch_size);
+  int64_t correct = 0, seen = 0, batches = 0;
+  for (auto& b : loader) {
+    if (limit > 0 && batches++ >= limit) break;
+    Tensor logits;
+    {
+      examples::ForwardScope scope(precision);
+      logits = model.forward(b.inputs);
+    }
+    const Tensor pred = argmax(logits, 1);
+    correct += sum(eq(pred, b.targets)).item<int64_t>();
+    seen += b.targets.numel();
+  }
+  model.train();
+  return seen ? static_cast<double>(correct) / static_cast<double>(seen) : 0.0;
+}
+
+int run(int argc, char** argv) {
+  examples::Cli cli(argc, argv,
+                    {{"precision", "bf16"}, {"model", "resnet20"}, {"epochs", "1"}, {"batch-size", "128"}, {"lr", "0.004"},
+                     {"limit-batches", "0"}, {"seed", "0"}, {"csv", ""}, {"checkpoint", ""}, {"resume", ""},
+                     {"data-dir", data::kFashionMnistDir}, {"weight-decay", "0.05"}},
+                    {"synthetic"});
+  if (cli.help()) {
+    cli.usage(std::cout, "mixprec_resnet");
+    return 0;
+  }
+  const Precision precision = examples::parse_precision(cli.str("precision"));
+  const int64_t epochs = cli.i64("epochs"), batch_size = cli.i64("batch-size"), limit = cli.i64("limit-batches");
+  const uint64_t seed = static_cast<uint64_t>(cli.i64("seed"));
+  MIXPREC_CHECK(epochs >= 1 && batch_size >= 1 && limit >= 0, "epochs and batch-size must be >= 1, limit-batches >= 0");
+  manual_seed(seed);
+
+  data::FashionMnist train, test;
+  if (cli.flag("synthetic")) {
+    train = data::synthetic_fashion_mnist(limit > 0 ? limit * batch_size : 6000, seed);
+    test = data::synthetic_fashion_mnist(1000, seed + 1);
+  } else {
+    train = data::load_fashion_mnist(cli.str("data-dir"), true);
+    test = data::load_fashion_mnist(cli.str("data-dir"), false);
+  }
+
+  Generator init_gen(seed);
+  auto model = nn::models::make_resnet(cli.str("model"), 10, 1, false, init_gen);
+  optim::AdamW opt(model->parameters(), cli.f64("lr"), {0.9, 0.999}, 1e-8, cli.f64("weight-decay"));
+  amp::GradScaler scaler(65536.0, 2.0, 0.5, 2000, /*enabled=*/precision == Precision::FP16);
+  data::DataLoader loader(data::TensorDataset(train.images, train.labels), batch_size, /*shuffle=*/true, seed,
+                          /*drop_last=*/true, /*prefetch=*/true);
+  const int64_t steps_per_epoch = limit > 0 ? std::min<int64_t>(limit, loader.size()) : loader.size();
+  optim::lr_scheduler::OneCycleLR sched(opt, cli.f64("lr"), epochs * steps_per_epoch);
+
+  io::CheckpointParts parts{model.get(), &opt, &scaler, &sched, {&default_generator()}};
+  io::TrainingState state;
+  if (!cli.str("resume").empty()) {
+    state = io::load_checkpoint(cli.str("resume"), parts);
+    std::printf("resumed from %s at epoch %lld, step %lld\n", cli.str("resume").c_str(), static_cast<long long>(state.epoch),
+                static_cast<long long>(state.step));
+  }
+
+  std::ofstream csv;
+  if (!cli.str("csv").empty()) {
+    csv.open(cli.str("csv"), state.step > 0 ? std::ios::app : std::ios::trunc);
+    MIXPREC_CHECK(csv.good(), "cannot open --csv file ", cli.str("csv"));
+    if (state.step == 0) csv << "step,epoch,loss,lr,scale\n";
+  }
+  std::printf("%s on %s, %s, %lld parameters, batch %lld, %lld steps/epoch, threads %d\n", cli.str("model").c_str(),
+              cli.flag("synthetic") ? "synthetic data" : "Fashion-MNIST", cli.str("precision").c_str(),
+              static_cast<long long>(model->num_parameters()), static_cast<long long>(batch_size),
+              static_cast<long long>(steps_per_epoch), cpu::num_threads());
+  reset_peak_memory_stats(Device::CPU);
+
+  for (int64_t epoch = state.epoch; epoch < epochs; ++epoch) {
+    loader.set_epoch(epoch);
+    examples::Progress progress("epoch " + std::to_string(epoch + 1), steps_per_epoch, batch_size);
+    int64_t i = 0;
+    for (auto& b : loader) {
+      if (i >= steps_per_epoch) break;
+      Tensor loss;
+      {
+        examples::ForwardScope scope(precision);
+        loss = cross_entropy(model->forward(b.inputs), b.targets);
+      }
+      opt.zero_grad();
+      scaler.scale(loss).backward();
+      scaler.step(opt);
+      scaler.update();
+      sched.step();
+      ++i;
+      ++state.step;
+      const double l = loss.item<double>();
+      progress.update(i, l, precision == Precision::FP16 ? scaler.get_scale() : 0.0);
+      if (csv.is_open()) csv << state.step << ',' << epoch << ',' << l << ',' << sched.get_last_lr()[0] << ',' << scaler.get_scale() << '\n';
+    }
+    state.epoch = epoch + 1;
+    if (!cli.str("checkpoint").empty()) {
+      io::save_checkpoint(cli.str("checkpoint"), parts, state);
+      std::printf("saved checkpoint %s\n", cli.str("checkpoint").c_str());
+    }
+  }
+  const MemoryStats mem = memory_stats(Device::CPU);
+  const double acc = evaluate(*model, test, precision, 500, limit > 0 ? 2 : 0);
+  std::printf("test accuracy: %.2f%%\n", 100.0 * acc);
+  std::printf("peak tensor memory (training): %.1f MiB\n", static_cast<double>(mem.peak_allocated_bytes) / (1 << 20));
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const mixprec::Error& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  }
+}
