@@ -24,6 +24,8 @@ if(MIXPREC_CUDA)
   target_link_libraries(mixprec_cuda INTERFACE mixprec::mixprec CUDA::cudart CUDA::cublas CUDA::cublasLt ${MIXPREC_CUDNN_LIBRARY})
   target_include_directories(mixprec_cuda INTERFACE ${MIXPREC_CUDNN_INCLUDE})
   target_compile_definitions(mixprec_cuda INTERFACE MIXPREC_CUDA=1)
+  # The host/device scalar code (half, bfloat16 conversions) calls constexpr std::bit_cast.
+  target_compile_options(mixprec_cuda INTERFACE $<$<COMPILE_LANGUAGE:CUDA>:--expt-relaxed-constexpr>)
   message(STATUS "mixprec: CUDA backend ON (CUDA ${CUDAToolkit_VERSION}, cuDNN ${MIXPREC_CUDNN_LIBRARY})")
 else()
   message(STATUS "mixprec: CUDA backend OFF")
