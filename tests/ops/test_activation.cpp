@@ -2,6 +2,8 @@
 
 #include <mixprec/mixprec.hpp>
 
+#include "ops/op_test_util.hpp"
+
 #include <cmath>
 #include <functional>
 #include <limits>
@@ -13,25 +15,7 @@ using namespace mixprec;
 
 namespace {
 // Values of any tensor as doubles, in logical (row-major) order.
-std::vector<double> actt_vec(const Tensor& t) {
-  const Tensor c = t.detach().to(kFloat64).contiguous();
-  const double* p = c.data<double>();
-  return std::vector<double>(p, p + c.numel());
-}
-
 // ||a - b|| / ||b||, on the values in logical order.
-double actt_rel(const Tensor& a, const Tensor& b) {
-  EXPECT_EQ(a.sizes(), b.sizes());
-  const auto va = actt_vec(a), vb = actt_vec(b);
-  if (va.size() != vb.size()) return 1e30;
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < va.size(); ++i) {
-    num += (va[i] - vb[i]) * (va[i] - vb[i]);
-    den += vb[i] * vb[i];
-  }
-  return std::sqrt(num / (den > 0 ? den : 1.0));
-}
-
 Tensor actt_from(const std::vector<double>& v, const Shape& s, DType d = kFloat32) { return tensor(v, s).to(d); }
 
 // Row-major multi-index helpers for the naive references.
@@ -87,11 +71,11 @@ TEST(Softmax, MatchesNaiveReferenceEveryDim) {
   Generator g(1);
   const Shape s{3, 4, 5};
   const Tensor x = mul(randn(s, kFloat32, g), 3.0);
-  const auto xv = actt_vec(x);
+  const auto xv = mixprec::testing::to_doubles(x);
   for (int64_t dim : {0, 1, 2, -1, -2}) {
     const int64_t d = dim < 0 ? dim + 3 : dim;
-    EXPECT_LT(actt_rel(softmax(x, dim), actt_from(actt_naive_softmax(xv, s, d, false), s)), 1e-5) << "dim " << dim;
-    EXPECT_LT(actt_rel(log_softmax(x, dim), actt_from(actt_naive_softmax(xv, s, d, true), s)), 1e-5) << "dim " << dim;
+    EXPECT_LT(mixprec::testing::rel_error(softmax(x, dim), actt_from(actt_naive_softmax(xv, s, d, false), s)), 1e-5) << "dim " << dim;
+    EXPECT_LT(mixprec::testing::rel_error(log_softmax(x, dim), actt_from(actt_naive_softmax(xv, s, d, true), s)), 1e-5) << "dim " << dim;
     EXPECT_EQ(softmax(x, dim).dtype(), kFloat32);
   }
 }
@@ -101,9 +85,9 @@ TEST(Softmax, WideInnerDimUsesColumnBlocksCorrectly) {
   Generator g(2);
   const Shape s{2, 7, 300};
   const Tensor x = randn(s, kFloat32, g);
-  const auto xv = actt_vec(x);
-  EXPECT_LT(actt_rel(softmax(x, 1), actt_from(actt_naive_softmax(xv, s, 1, false), s)), 1e-5);
-  EXPECT_LT(actt_rel(log_softmax(x, 1), actt_from(actt_naive_softmax(xv, s, 1, true), s)), 1e-5);
+  const auto xv = mixprec::testing::to_doubles(x);
+  EXPECT_LT(mixprec::testing::rel_error(softmax(x, 1), actt_from(actt_naive_softmax(xv, s, 1, false), s)), 1e-5);
+  EXPECT_LT(mixprec::testing::rel_error(log_softmax(x, 1), actt_from(actt_naive_softmax(xv, s, 1, true), s)), 1e-5);
 }
 
 TEST(Softmax, NonContiguousInput) {
@@ -112,17 +96,17 @@ TEST(Softmax, NonContiguousInput) {
   const Tensor x = base.permute({2, 0, 1});  // [3, 5, 4], non-contiguous
   ASSERT_FALSE(x.is_contiguous());
   const Shape s = x.sizes();
-  const auto xv = actt_vec(x);
+  const auto xv = mixprec::testing::to_doubles(x);
   for (int64_t d = 0; d < 3; ++d) {
-    EXPECT_LT(actt_rel(softmax(x, d), actt_from(actt_naive_softmax(xv, s, d, false), s)), 1e-5);
-    EXPECT_LT(actt_rel(log_softmax(x, d), actt_from(actt_naive_softmax(xv, s, d, true), s)), 1e-5);
+    EXPECT_LT(mixprec::testing::rel_error(softmax(x, d), actt_from(actt_naive_softmax(xv, s, d, false), s)), 1e-5);
+    EXPECT_LT(mixprec::testing::rel_error(log_softmax(x, d), actt_from(actt_naive_softmax(xv, s, d, true), s)), 1e-5);
   }
 }
 
 TEST(Softmax, StableForHugeLogits) {
   const Tensor x = tensor({1000.f, 1001.f, 1002.f, -1000.f, 0.f, 1000.f}, {2, 3});
-  const auto y = actt_vec(softmax(x, 1));
-  const auto ly = actt_vec(log_softmax(x, 1));
+  const auto y = mixprec::testing::to_doubles(softmax(x, 1));
+  const auto ly = mixprec::testing::to_doubles(log_softmax(x, 1));
   for (double v : y) EXPECT_TRUE(std::isfinite(v));
   for (double v : ly) EXPECT_TRUE(std::isfinite(v));
   const double e1 = std::exp(-1.0), e2 = std::exp(-2.0);
@@ -135,18 +119,18 @@ TEST(Softmax, StableForHugeLogits) {
 TEST(Softmax, MaskedMinusInfinityGivesExactZeros) {
   const float inf = std::numeric_limits<float>::infinity();
   const Tensor x = tensor({-inf, 1.f, -inf, 2.f, -inf, -inf, -inf, -inf}, {2, 4});
-  const auto y = actt_vec(softmax(x, 1));
+  const auto y = mixprec::testing::to_doubles(softmax(x, 1));
   const double e = std::exp(1.0);
   EXPECT_EQ(y[0], 0.0);
   EXPECT_EQ(y[2], 0.0);
   EXPECT_NEAR(y[1], 1 / (1 + e), 1e-6);
   EXPECT_NEAR(y[3], e / (1 + e), 1e-6);
   for (int i = 4; i < 8; ++i) EXPECT_TRUE(std::isnan(y[i]));  // a fully masked row is NaN, as PyTorch
-  const auto ly = actt_vec(log_softmax(x, 1));
+  const auto ly = mixprec::testing::to_doubles(log_softmax(x, 1));
   EXPECT_EQ(ly[0], -std::numeric_limits<double>::infinity());
   EXPECT_NEAR(ly[3], -std::log1p(std::exp(-1.0)), 1e-6);
   // The same along a strided (column-block) dim.
-  const auto yt = actt_vec(softmax(x.t().contiguous(), 0));
+  const auto yt = mixprec::testing::to_doubles(softmax(x.t().contiguous(), 0));
   EXPECT_EQ(yt[0], 0.0);
   EXPECT_NEAR(yt[2], 1 / (1 + e), 1e-6);
 }
@@ -154,7 +138,7 @@ TEST(Softmax, MaskedMinusInfinityGivesExactZeros) {
 TEST(Softmax, RowsSumToOneAndZeroDimInput) {
   Generator g(4);
   const Tensor y = softmax(randn({6, 33}, kFloat32, g), 1);
-  const auto v = actt_vec(sum(y, {1}));
+  const auto v = mixprec::testing::to_doubles(sum(y, {1}));
   for (double s : v) EXPECT_NEAR(s, 1.0, 1e-6);
   const Tensor z = softmax(scalar_tensor(3.0), 0);
   EXPECT_EQ(z.dim(), 0);
@@ -192,12 +176,12 @@ TEST(Softmax, BackwardThroughBroadcastGradient) {
   // sum() hands backward a stride-0 gradient; softmax rows sum to 1 so the gradient is ~0.
   Tensor x = actt_leaf(randn({3, 4}, kFloat32));
   sum(softmax(x, 1)).backward();
-  for (double v : actt_vec(x.grad())) EXPECT_NEAR(v, 0.0, 1e-6);
+  for (double v : mixprec::testing::to_doubles(x.grad())) EXPECT_NEAR(v, 0.0, 1e-6);
   Tensor x2 = actt_leaf(randn({3, 4}, kFloat32));
   sum(log_softmax(x2, 1)).backward();
   // d/dx sum_j log_softmax_j = 1 - C softmax
-  const auto sm = actt_vec(softmax(x2.detach(), 1));
-  const auto gv = actt_vec(x2.grad());
+  const auto sm = mixprec::testing::to_doubles(softmax(x2.detach(), 1));
+  const auto gv = mixprec::testing::to_doubles(x2.grad());
   for (std::size_t i = 0; i < gv.size(); ++i) EXPECT_NEAR(gv[i], 1.0 - 4.0 * sm[i], 1e-5);
 }
 
@@ -210,7 +194,7 @@ TEST(Softmax, SixteenBitMatchesFloat32) {
         const Tensor ref = log ? log_softmax(x, dim) : softmax(x, dim);
         const Tensor y = log ? log_softmax(x.to(d), dim) : softmax(x.to(d), dim);
         EXPECT_EQ(y.dtype(), d);
-        EXPECT_LT(actt_rel(y, ref), tol) << name(d) << " dim " << dim << " log " << log;
+        EXPECT_LT(mixprec::testing::rel_error(y, ref), tol) << name(d) << " dim " << dim << " log " << log;
       }
     }
     // Backward in the input dtype, close to the float32 gradient.
@@ -220,7 +204,7 @@ TEST(Softmax, SixteenBitMatchesFloat32) {
     sum(mul(softmax(x32, 1), w)).backward();
     sum(mul(softmax(x16, 1), w.to(d))).backward();
     EXPECT_EQ(x16.grad().dtype(), d);
-    EXPECT_LT(actt_rel(x16.grad(), x32.grad()), tol * 3) << name(d);
+    EXPECT_LT(mixprec::testing::rel_error(x16.grad(), x32.grad()), tol * 3) << name(d);
   }
 }
 
@@ -243,7 +227,7 @@ TEST(Dropout, StatisticsFractionAndMean) {
   const int64_t n = 400000;
   const Tensor x = ones({n});
   for (double p : {0.1, 0.3, 0.5, 0.8}) {
-    const auto y = actt_vec(dropout(x, p, true, g));
+    const auto y = mixprec::testing::to_doubles(dropout(x, p, true, g));
     int64_t zeros_ = 0;
     double s = 0;
     for (double v : y) {
@@ -262,27 +246,27 @@ TEST(Dropout, SameSeedSameMaskAndGeneratorAdvances) {
   const Tensor x = randn({3, 50000});
   Generator a(99), b(99);
   const Tensor ya = dropout(x, 0.4, true, a), yb = dropout(x, 0.4, true, b);
-  EXPECT_EQ(actt_vec(ya), actt_vec(yb));
+  EXPECT_EQ(mixprec::testing::to_doubles(ya), mixprec::testing::to_doubles(yb));
   // The generator advanced: a second draw gives a different mask.
   const Tensor ya2 = dropout(x, 0.4, true, a);
-  EXPECT_NE(actt_vec(ya), actt_vec(ya2));
+  EXPECT_NE(mixprec::testing::to_doubles(ya), mixprec::testing::to_doubles(ya2));
   Generator c(100);
-  EXPECT_NE(actt_vec(ya), actt_vec(dropout(x, 0.4, true, c)));
+  EXPECT_NE(mixprec::testing::to_doubles(ya), mixprec::testing::to_doubles(dropout(x, 0.4, true, c)));
   // The default generator is reproducible through manual_seed.
   manual_seed(5);
-  const auto d1 = actt_vec(dropout(x, 0.4, true));
+  const auto d1 = mixprec::testing::to_doubles(dropout(x, 0.4, true));
   manual_seed(5);
-  EXPECT_EQ(d1, actt_vec(dropout(x, 0.4, true)));
+  EXPECT_EQ(d1, mixprec::testing::to_doubles(dropout(x, 0.4, true)));
 }
 
 #if defined(_OPENMP)
 TEST(Dropout, MaskDoesNotDependOnThreadCount) {
   const Tensor x = ones({300000});  // several mask chunks
   Generator a(11), b(11);
-  const auto many = actt_vec(dropout(x, 0.5, true, a));
+  const auto many = mixprec::testing::to_doubles(dropout(x, 0.5, true, a));
   const int prev = omp_get_max_threads();
   omp_set_num_threads(1);
-  const auto one = actt_vec(dropout(x, 0.5, true, b));
+  const auto one = mixprec::testing::to_doubles(dropout(x, 0.5, true, b));
   omp_set_num_threads(prev);
   EXPECT_EQ(many, one);
 }
@@ -295,9 +279,9 @@ TEST(Dropout, IdentityCasesAndAllDropped) {
   EXPECT_TRUE(dropout(x, 0.0, true, g).is_same(x));
   Tensor xl = actt_leaf(randn({4, 5}));
   const Tensor y = dropout(xl, 1.0, true, g);
-  for (double v : actt_vec(y)) EXPECT_EQ(v, 0.0);
+  for (double v : mixprec::testing::to_doubles(y)) EXPECT_EQ(v, 0.0);
   sum(y).backward();
-  for (double v : actt_vec(xl.grad())) EXPECT_EQ(v, 0.0);
+  for (double v : mixprec::testing::to_doubles(xl.grad())) EXPECT_EQ(v, 0.0);
 }
 
 TEST(Dropout, BackwardUsesTheSavedMask) {
@@ -306,7 +290,7 @@ TEST(Dropout, BackwardUsesTheSavedMask) {
   const Tensor y = dropout(x, 0.3, true, g);
   const Tensor w = randn({6, 7}, kFloat32, g);
   sum(mul(y, w)).backward();
-  const auto yv = actt_vec(y), gv = actt_vec(x.grad()), wv = actt_vec(w);
+  const auto yv = mixprec::testing::to_doubles(y), gv = mixprec::testing::to_doubles(x.grad()), wv = mixprec::testing::to_doubles(w);
   for (std::size_t i = 0; i < yv.size(); ++i) EXPECT_NEAR(gv[i], yv[i] == 0 ? 0.0 : wv[i] / 0.7, 1e-5);
 }
 
@@ -330,8 +314,8 @@ TEST(Dropout, SixteenBitKeepsDtypeAndMask) {
     const Tensor ref = dropout(x, 0.25, true, a);
     const Tensor y = dropout(x.to(d), 0.25, true, b);
     EXPECT_EQ(y.dtype(), d);
-    EXPECT_LT(actt_rel(y, ref), tol) << name(d);
-    const auto yv = actt_vec(y), rv = actt_vec(ref);
+    EXPECT_LT(mixprec::testing::rel_error(y, ref), tol) << name(d);
+    const auto yv = mixprec::testing::to_doubles(y), rv = mixprec::testing::to_doubles(ref);
     for (std::size_t i = 0; i < yv.size(); ++i) EXPECT_EQ(yv[i] == 0, rv[i] == 0);
   }
 }
@@ -365,15 +349,15 @@ TEST(Prelu, MatchesNaiveReference) {
   const Shape s{3, 4, 5};
   const Tensor x = randn(s, kFloat32, g);
   const Tensor wc = rand({4}, kFloat32, g), w1 = tensor({0.25f});
-  EXPECT_LT(actt_rel(prelu(x, wc), actt_from(actt_naive_prelu(actt_vec(x), s, actt_vec(wc)), s)), 1e-6);
-  EXPECT_LT(actt_rel(prelu(x, w1), actt_from(actt_naive_prelu(actt_vec(x), s, {0.25}), s)), 1e-6);
+  EXPECT_LT(mixprec::testing::rel_error(prelu(x, wc), actt_from(actt_naive_prelu(mixprec::testing::to_doubles(x), s, mixprec::testing::to_doubles(wc)), s)), 1e-6);
+  EXPECT_LT(mixprec::testing::rel_error(prelu(x, w1), actt_from(actt_naive_prelu(mixprec::testing::to_doubles(x), s, {0.25}), s)), 1e-6);
   // 0-D weight, 1-D input.
   const Tensor x1 = randn({7}, kFloat32, g);
-  EXPECT_LT(actt_rel(prelu(x1, scalar_tensor(0.1)), actt_from(actt_naive_prelu(actt_vec(x1), {7}, {0.1}), {7})), 1e-6);
+  EXPECT_LT(mixprec::testing::rel_error(prelu(x1, scalar_tensor(0.1)), actt_from(actt_naive_prelu(mixprec::testing::to_doubles(x1), {7}, {0.1}), {7})), 1e-6);
   // Non-contiguous input and a strided per-channel weight.
   const Tensor xt = randn({5, 4, 3}, kFloat32, g).permute({2, 1, 0});
   const Tensor ws = rand({8}, kFloat32, g).slice(0, 0, 8, 2);
-  EXPECT_LT(actt_rel(prelu(xt, ws), actt_from(actt_naive_prelu(actt_vec(xt), xt.sizes(), actt_vec(ws)), xt.sizes())), 1e-6);
+  EXPECT_LT(mixprec::testing::rel_error(prelu(xt, ws), actt_from(actt_naive_prelu(mixprec::testing::to_doubles(xt), xt.sizes(), mixprec::testing::to_doubles(ws)), xt.sizes())), 1e-6);
 }
 
 TEST(Prelu, Gradcheck) {
@@ -399,7 +383,7 @@ TEST(Prelu, SixteenBitMatchesFloat32) {
   for (auto [d, tol] : {std::pair{kBFloat16, 1e-2}, std::pair{kFloat16, 2e-3}}) {
     const Tensor y = prelu(x.to(d), w.to(d));
     EXPECT_EQ(y.dtype(), d);
-    EXPECT_LT(actt_rel(y, prelu(x, w)), tol) << name(d);
+    EXPECT_LT(mixprec::testing::rel_error(y, prelu(x, w)), tol) << name(d);
     Tensor xl = actt_leaf(x.to(d)), wl = actt_leaf(w.to(d));
     sum(prelu(xl, wl)).backward();
     EXPECT_EQ(xl.grad().dtype(), d);
@@ -438,11 +422,11 @@ std::vector<ActtUnary> actt_unaries() {
 
 TEST(ElementwiseActivations, MatchNaiveReference) {
   const Tensor x = mul(actt_away_from_zero({7, 9}, kFloat32, 20), 2.0);
-  const auto xv = actt_vec(x);
+  const auto xv = mixprec::testing::to_doubles(x);
   for (const auto& u : actt_unaries()) {
     std::vector<double> r(xv.size());
     for (std::size_t i = 0; i < xv.size(); ++i) r[i] = u.ref(xv[i]);
-    EXPECT_LT(actt_rel(u.op(x), actt_from(r, x.sizes())), 1e-5) << u.name;
+    EXPECT_LT(mixprec::testing::rel_error(u.op(x), actt_from(r, x.sizes())), 1e-5) << u.name;
   }
 }
 
@@ -469,11 +453,11 @@ TEST(ElementwiseActivations, SixteenBitMatchesFloat32) {
     for (auto [d, tol] : {std::pair{kBFloat16, 1e-2}, std::pair{kFloat16, 2e-3}}) {
       const Tensor y = u.op(x.to(d));
       EXPECT_EQ(y.dtype(), d) << u.name;
-      EXPECT_LT(actt_rel(y, ref), tol) << u.name << " " << name(d);
+      EXPECT_LT(mixprec::testing::rel_error(y, ref), tol) << u.name << " " << name(d);
       Tensor x16 = actt_leaf(x.to(d));
       sum(mul(u.op(x16), w.to(d))).backward();
       EXPECT_EQ(x16.grad().dtype(), d) << u.name;
-      EXPECT_LT(actt_rel(x16.grad(), x32.grad()), tol * 2) << u.name << " grad " << name(d);
+      EXPECT_LT(mixprec::testing::rel_error(x16.grad(), x32.grad()), tol * 2) << u.name << " grad " << name(d);
     }
   }
 }

@@ -2,6 +2,8 @@
 
 #include <mixprec/mixprec.hpp>
 
+#include "ops/op_test_util.hpp"
+
 #include <cmath>
 #include <vector>
 
@@ -18,25 +20,6 @@ struct ConvtCfg {
 };
 
 // Plain float64 contents of any tensor, in logical (row-major) order.
-std::vector<double> convt_values(const Tensor& t) {
-  no_grad ng;
-  const Tensor c = t.detach().to(kFloat64).contiguous();
-  const double* p = c.data<double>();
-  return std::vector<double>(p, p + c.numel());
-}
-
-double convt_rel_err(const Tensor& got, const std::vector<double>& want) {
-  const std::vector<double> g = convt_values(got);
-  EXPECT_EQ(g.size(), want.size());
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < g.size() && i < want.size(); ++i) {
-    num += (g[i] - want[i]) * (g[i] - want[i]);
-    den += want[i] * want[i];
-  }
-  return std::sqrt(num / std::max(den, 1e-300));
-}
-double convt_rel_err(const Tensor& got, const Tensor& want) { return convt_rel_err(got, convt_values(want)); }
-
 int64_t convt_out(int64_t in, int64_t k, int64_t s, int64_t p, int64_t d) { return (in + 2 * p - d * (k - 1) - 1) / s + 1; }
 
 // Direct convolution: the definition, one multiply-add at a time, in double.
@@ -118,15 +101,15 @@ Tensor convt_rand(const Shape& s, DType d = kFloat32) { return randn(s, kFloat64
 TEST(Conv2d, ForwardMatchesDirectConvolution) {
   for (const auto& c : convt_configs()) {
     const Tensor x = convt_rand({c.N, c.C, c.H, c.W}), w = convt_rand({c.O, c.C / c.groups, c.KH, c.KW}), b = convt_rand({c.O});
-    const std::vector<double> xv = convt_values(x), wv = convt_values(w), bv = convt_values(b);
+    const std::vector<double> xv = mixprec::testing::to_doubles(x), wv = mixprec::testing::to_doubles(w), bv = mixprec::testing::to_doubles(b);
     const Tensor y = conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups);
     const int64_t OH = convt_out(c.H, c.KH, c.stride[0], c.padding[0], c.dilation[0]);
     const int64_t OW = convt_out(c.W, c.KW, c.stride[1], c.padding[1], c.dilation[1]);
     EXPECT_EQ(y.sizes(), (Shape{c.N, c.O, OH, OW}));
     EXPECT_EQ(y.dtype(), kFloat32);
-    EXPECT_LT(convt_rel_err(y, convt_ref_forward(c, xv, wv, &bv)), 1e-5) << "config N=" << c.N << " C=" << c.C << " groups=" << c.groups;
+    EXPECT_LT(mixprec::testing::rel_error(y, convt_ref_forward(c, xv, wv, &bv)), 1e-5) << "config N=" << c.N << " C=" << c.C << " groups=" << c.groups;
     // Without bias.
-    EXPECT_LT(convt_rel_err(conv2d(x, w, Tensor(), c.stride, c.padding, c.dilation, c.groups), convt_ref_forward(c, xv, wv, nullptr)), 1e-5);
+    EXPECT_LT(mixprec::testing::rel_error(conv2d(x, w, Tensor(), c.stride, c.padding, c.dilation, c.groups), convt_ref_forward(c, xv, wv, nullptr)), 1e-5);
   }
 }
 
@@ -135,8 +118,8 @@ TEST(Conv2d, LargeBatchOfSmallImagesBatchesTheGemm) {
   // its own sample and channel.
   const ConvtCfg c{16, 5, 5, 5, 7, 3, 3, {1, 1}, {0, 0}, {1, 1}, 1};
   const Tensor x = convt_rand({c.N, c.C, c.H, c.W}), w = convt_rand({c.O, c.C, 3, 3}), b = convt_rand({c.O});
-  const std::vector<double> xv = convt_values(x), wv = convt_values(w), bv = convt_values(b);
-  EXPECT_LT(convt_rel_err(conv2d(x, w, b), convt_ref_forward(c, xv, wv, &bv)), 1e-5);
+  const std::vector<double> xv = mixprec::testing::to_doubles(x), wv = mixprec::testing::to_doubles(w), bv = mixprec::testing::to_doubles(b);
+  EXPECT_LT(mixprec::testing::rel_error(conv2d(x, w, b), convt_ref_forward(c, xv, wv, &bv)), 1e-5);
 }
 
 TEST(Conv2d, BackwardMatchesDirectReferenceInFloat32) {
@@ -149,14 +132,14 @@ TEST(Conv2d, BackwardMatchesDirectReferenceInFloat32) {
     const Tensor gy = convt_rand(y.sizes());
     y.backward(gy);
     std::vector<double> gx, gw, gb;
-    convt_ref_backward(c, convt_values(x), convt_values(w), convt_values(gy), gx, gw, gb);
+    convt_ref_backward(c, mixprec::testing::to_doubles(x), mixprec::testing::to_doubles(w), mixprec::testing::to_doubles(gy), gx, gw, gb);
     EXPECT_EQ(x.grad().dtype(), kFloat32);
     EXPECT_EQ(x.grad().sizes(), x.sizes());
     EXPECT_EQ(w.grad().sizes(), w.sizes());
     EXPECT_EQ(b.grad().sizes(), b.sizes());
-    EXPECT_LT(convt_rel_err(x.grad(), gx), 1e-5) << "groups=" << c.groups << " N=" << c.N;
-    EXPECT_LT(convt_rel_err(w.grad(), gw), 1e-5) << "groups=" << c.groups << " N=" << c.N;
-    EXPECT_LT(convt_rel_err(b.grad(), gb), 1e-5) << "groups=" << c.groups << " N=" << c.N;
+    EXPECT_LT(mixprec::testing::rel_error(x.grad(), gx), 1e-5) << "groups=" << c.groups << " N=" << c.N;
+    EXPECT_LT(mixprec::testing::rel_error(w.grad(), gw), 1e-5) << "groups=" << c.groups << " N=" << c.N;
+    EXPECT_LT(mixprec::testing::rel_error(b.grad(), gb), 1e-5) << "groups=" << c.groups << " N=" << c.N;
   }
 }
 
@@ -195,7 +178,7 @@ TEST(Conv2d, UnbatchedInput) {
   Tensor w = randn({4, 3, 3, 3}, kFloat64).requires_grad_();
   const Tensor y = conv2d(x, w, Tensor(), {1, 1}, {1, 1});
   EXPECT_EQ(y.sizes(), (Shape{4, 6, 5}));
-  EXPECT_LT(convt_rel_err(y, conv2d(x.unsqueeze(0), w, Tensor(), {1, 1}, {1, 1}).squeeze(0)), 1e-12);
+  EXPECT_LT(mixprec::testing::rel_error(y, conv2d(x.unsqueeze(0), w, Tensor(), {1, 1}, {1, 1}).squeeze(0)), 1e-12);
   auto r = gradcheck([](const std::vector<Tensor>& in) { return conv2d(in[0], in[1], Tensor(), {1, 1}, {1, 1}); }, {x, w});
   EXPECT_TRUE(r.ok) << r.message;
 }
@@ -209,12 +192,12 @@ TEST(Conv2d, OnlyRequestedGradientsAreComputed) {
   const Tensor gy = convt_rand(y.sizes());
   y.backward(gy);
   std::vector<double> gx, gw, gb;
-  convt_ref_backward(c, convt_values(x), convt_values(w), convt_values(gy), gx, gw, gb);
+  convt_ref_backward(c, mixprec::testing::to_doubles(x), mixprec::testing::to_doubles(w), mixprec::testing::to_doubles(gy), gx, gw, gb);
   EXPECT_FALSE(x.grad().defined());
-  EXPECT_LT(convt_rel_err(wg.grad(), gw), 1e-5);
+  EXPECT_LT(mixprec::testing::rel_error(wg.grad(), gw), 1e-5);
   Tensor xg = x.detach().clone().requires_grad_();
   conv2d(xg, w, Tensor(), c.stride, c.padding).backward(gy);
-  EXPECT_LT(convt_rel_err(xg.grad(), gx), 1e-5);
+  EXPECT_LT(mixprec::testing::rel_error(xg.grad(), gx), 1e-5);
 }
 
 TEST(Conv2d, LowPrecisionMatchesFloat32) {
@@ -232,15 +215,15 @@ TEST(Conv2d, LowPrecisionMatchesFloat32) {
       // The reference sees the same rounded operands, so only the kernel's own error counts.
       const Tensor yr = conv2d(xl.detach().to(kFloat32), wl.detach().to(kFloat32), bl.detach().to(kFloat32), c.stride, c.padding,
                                c.dilation, c.groups);
-      EXPECT_LT(convt_rel_err(yl, yr), tol) << name(dt) << " groups=" << c.groups;
-      EXPECT_LT(convt_rel_err(yl, y32), tol) << name(dt);
+      EXPECT_LT(mixprec::testing::rel_error(yl, yr), tol) << name(dt) << " groups=" << c.groups;
+      EXPECT_LT(mixprec::testing::rel_error(yl, y32), tol) << name(dt);
       yl.backward(gy.to(dt));
       EXPECT_EQ(xl.grad().dtype(), dt);
       EXPECT_EQ(wl.grad().dtype(), dt);
       EXPECT_EQ(bl.grad().dtype(), dt);
-      EXPECT_LT(convt_rel_err(xl.grad(), x32.grad()), tol) << name(dt);
-      EXPECT_LT(convt_rel_err(wl.grad(), w32.grad()), tol) << name(dt);
-      EXPECT_LT(convt_rel_err(bl.grad(), b32.grad()), tol) << name(dt);
+      EXPECT_LT(mixprec::testing::rel_error(xl.grad(), x32.grad()), tol) << name(dt);
+      EXPECT_LT(mixprec::testing::rel_error(wl.grad(), w32.grad()), tol) << name(dt);
+      EXPECT_LT(mixprec::testing::rel_error(bl.grad(), b32.grad()), tol) << name(dt);
     }
   }
 }
@@ -253,7 +236,7 @@ TEST(Conv2d, AutocastRunsInLowerPrecision) {
     y = conv2d(x, w, b, {1, 1}, {1, 1});
   }
   EXPECT_EQ(y.dtype(), kBFloat16);
-  EXPECT_LT(convt_rel_err(y, conv2d(x, w, b, {1, 1}, {1, 1})), 2e-2);
+  EXPECT_LT(mixprec::testing::rel_error(y, conv2d(x, w, b, {1, 1}, {1, 1})), 2e-2);
   sum(y.to(kFloat32)).backward();
   EXPECT_EQ(w.grad().dtype(), kFloat32);
   EXPECT_EQ(b.grad().dtype(), kFloat32);
@@ -265,8 +248,8 @@ TEST(Conv2d, EmptyBatch) {
   EXPECT_EQ(y.sizes(), (Shape{0, 4, 3, 3}));
   sum(y).backward();
   EXPECT_EQ(w.grad().sizes(), w.sizes());
-  for (double v : convt_values(w.grad())) EXPECT_EQ(v, 0.0);
-  for (double v : convt_values(b.grad())) EXPECT_EQ(v, 0.0);
+  for (double v : mixprec::testing::to_doubles(w.grad())) EXPECT_EQ(v, 0.0);
+  for (double v : mixprec::testing::to_doubles(b.grad())) EXPECT_EQ(v, 0.0);
 }
 
 TEST(Conv2d, BadArgumentsThrow) {
@@ -305,7 +288,7 @@ TEST(Conv1d, ForwardMatchesDirectConvolution) {
   };
   for (const Cfg& c : {Cfg{3, 4, 17, 6, 3, 1, 1, 1, 1}, Cfg{2, 6, 20, 9, 4, 2, 3, 2, 3}, Cfg{1, 2, 9, 4, 1, 1, 0, 1, 2}}) {
     const Tensor x = convt_rand({c.N, c.C, c.L}), w = convt_rand({c.O, c.C / c.g, c.K}), b = convt_rand({c.O});
-    const std::vector<double> xv = convt_values(x), wv = convt_values(w), bv = convt_values(b);
+    const std::vector<double> xv = mixprec::testing::to_doubles(x), wv = mixprec::testing::to_doubles(w), bv = mixprec::testing::to_doubles(b);
     const int64_t OL = convt_out(c.L, c.K, c.s, c.p, c.d), Cg = c.C / c.g, Og = c.O / c.g;
     std::vector<double> ref(static_cast<std::size_t>(c.N * c.O * OL));
     for (int64_t n = 0; n < c.N; ++n)
@@ -321,10 +304,10 @@ TEST(Conv1d, ForwardMatchesDirectConvolution) {
         }
     const Tensor y = conv1d(x, w, b, c.s, c.p, c.d, c.g);
     EXPECT_EQ(y.sizes(), (Shape{c.N, c.O, OL}));
-    EXPECT_LT(convt_rel_err(y, ref), 1e-5);
+    EXPECT_LT(mixprec::testing::rel_error(y, ref), 1e-5);
     // Unbatched.
     EXPECT_EQ(conv1d(x.select(0, 0), w, b, c.s, c.p, c.d, c.g).sizes(), (Shape{c.O, OL}));
-    EXPECT_LT(convt_rel_err(conv1d(x.select(0, 0), w, b, c.s, c.p, c.d, c.g), y.select(0, 0)), 1e-6);
+    EXPECT_LT(mixprec::testing::rel_error(conv1d(x.select(0, 0), w, b, c.s, c.p, c.d, c.g), y.select(0, 0)), 1e-6);
   }
 }
 
@@ -342,7 +325,7 @@ TEST(Conv1d, LowPrecisionMatchesFloat32) {
   for (auto [dt, tol] : {std::pair{kBFloat16, 1e-2}, std::pair{kFloat16, 2e-3}}) {
     const Tensor y = conv1d(x.to(dt), w.to(dt), b.to(dt), 1, 2);
     EXPECT_EQ(y.dtype(), dt);
-    EXPECT_LT(convt_rel_err(y, y32), tol) << name(dt);
+    EXPECT_LT(mixprec::testing::rel_error(y, y32), tol) << name(dt);
   }
 }
 
@@ -395,11 +378,11 @@ TEST(ConvTranspose2d, ForwardMatchesScatterReference) {
                       Cfg{2, 2, 3, 3, 2, 1, 1, {1, 1}, {0, 0}, {1, 1}, {2, 2}, 1}}) {
     const Tensor x = convt_rand({c.N, c.Cin, c.H, c.W}), w = convt_rand({c.Cin, c.Coutg, c.KH, c.KW}), b = convt_rand({c.Coutg * c.g});
     int64_t OH = 0, OW = 0;
-    const auto ref = convt_ref_transpose(convt_values(x), convt_values(w), convt_values(b), c.N, c.Cin, c.H, c.W, c.Coutg, c.KH, c.KW, c.s,
+    const auto ref = convt_ref_transpose(mixprec::testing::to_doubles(x), mixprec::testing::to_doubles(w), mixprec::testing::to_doubles(b), c.N, c.Cin, c.H, c.W, c.Coutg, c.KH, c.KW, c.s,
                                          c.p, c.op, c.d, c.g, OH, OW);
     const Tensor y = conv_transpose2d(x, w, b, c.s, c.p, c.op, c.d, c.g);
     EXPECT_EQ(y.sizes(), (Shape{c.N, c.Coutg * c.g, OH, OW}));
-    EXPECT_LT(convt_rel_err(y, ref), 1e-5);
+    EXPECT_LT(mixprec::testing::rel_error(y, ref), 1e-5);
   }
 }
 
@@ -434,9 +417,9 @@ TEST(ConvTranspose2d, LowPrecisionAndUnbatched) {
   for (auto [dt, tol] : {std::pair{kBFloat16, 1e-2}, std::pair{kFloat16, 2e-3}}) {
     const Tensor y = conv_transpose2d(x.to(dt), w.to(dt), b.to(dt), {2, 2}, {1, 1}, {1, 1});
     EXPECT_EQ(y.dtype(), dt);
-    EXPECT_LT(convt_rel_err(y, y32), tol) << name(dt);
+    EXPECT_LT(mixprec::testing::rel_error(y, y32), tol) << name(dt);
   }
-  EXPECT_LT(convt_rel_err(conv_transpose2d(x.select(0, 1), w, b, {2, 2}, {1, 1}, {1, 1}), y32.select(0, 1)), 1e-6);
+  EXPECT_LT(mixprec::testing::rel_error(conv_transpose2d(x.select(0, 1), w, b, {2, 2}, {1, 1}, {1, 1}), y32.select(0, 1)), 1e-6);
 }
 
 TEST(ConvTranspose2d, BadArgumentsThrow) {

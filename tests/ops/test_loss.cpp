@@ -2,6 +2,8 @@
 
 #include <mixprec/mixprec.hpp>
 
+#include "ops/op_test_util.hpp"
+
 #include <cmath>
 #include <string>
 #include <vector>
@@ -9,24 +11,6 @@
 using namespace mixprec;
 
 namespace {
-std::vector<double> lsst_vec(const Tensor& t) {
-  const Tensor c = t.detach().to(kFloat64).contiguous();
-  const double* p = c.data<double>();
-  return std::vector<double>(p, p + c.numel());
-}
-
-double lsst_rel(const Tensor& a, const Tensor& b) {
-  EXPECT_EQ(a.sizes(), b.sizes());
-  const auto va = lsst_vec(a), vb = lsst_vec(b);
-  if (va.size() != vb.size()) return 1e30;
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < va.size(); ++i) {
-    num += (va[i] - vb[i]) * (va[i] - vb[i]);
-    den += vb[i] * vb[i];
-  }
-  return std::sqrt(num / (den > 0 ? den : 1.0));
-}
-
 Tensor lsst_from(const std::vector<double>& v, const Shape& s, DType d = kFloat32) { return tensor(v, s).to(d); }
 Tensor lsst_leaf(Tensor t) { return t.requires_grad_(); }
 
@@ -96,11 +80,11 @@ TEST(CrossEntropy, MatchesNaiveReference) {
     for (int64_t ignore : {int64_t{-100}, int64_t{2}}) {
       const Tensor t = lsst_targets(ts, k.C, -100, ignore == -100 ? 3 : 0, 7);
       for (double ls : {0.0, 0.2}) {
-        const auto [l, count] = lsst_naive_ce(lsst_vec(x), k.N, k.C, k.S, lsst_ivec(t), ignore, ls);
+        const auto [l, count] = lsst_naive_ce(mixprec::testing::to_doubles(x), k.N, k.C, k.S, lsst_ivec(t), ignore, ls);
         for (Reduction r : kLsstReductions) {
           const Tensor y = cross_entropy(x, t, r, ignore, ls);
           EXPECT_EQ(y.dtype(), kFloat32);
-          EXPECT_LT(lsst_rel(y, lsst_reduce(l, ts, r, count)), 1e-5)
+          EXPECT_LT(mixprec::testing::rel_error(y, lsst_reduce(l, ts, r, count)), 1e-5)
               << "shape " << k.x.size() << " ignore " << ignore << " ls " << ls << " " << lsst_name(r);
         }
       }
@@ -112,22 +96,22 @@ TEST(CrossEntropy, UnbatchedAndNonContiguousLogits) {
   Generator g(2);
   const Tensor x = randn({5}, kFloat32, g);
   const Tensor t = tensor(std::vector<int64_t>{3}, {});
-  const auto [l, count] = lsst_naive_ce(lsst_vec(x), 1, 5, 1, {3}, -100, 0.1);
+  const auto [l, count] = lsst_naive_ce(mixprec::testing::to_doubles(x), 1, 5, 1, {3}, -100, 0.1);
   const Tensor y = cross_entropy(x, t, Reduction::None, -100, 0.1);
   EXPECT_EQ(y.dim(), 0);
   EXPECT_NEAR(y.item<double>(), l[0], 1e-5);
-  EXPECT_NEAR(cross_entropy(x, t).item<double>(), lsst_naive_ce(lsst_vec(x), 1, 5, 1, {3}, -100, 0.0).first[0], 1e-5);
+  EXPECT_NEAR(cross_entropy(x, t).item<double>(), lsst_naive_ce(mixprec::testing::to_doubles(x), 1, 5, 1, {3}, -100, 0.0).first[0], 1e-5);
   // Non-contiguous [N, C].
   const Tensor xt = randn({5, 7}, kFloat32, g).t();
   const Tensor tt = lsst_targets({7}, 5, -100, 3, 3);
-  const auto [l2, c2] = lsst_naive_ce(lsst_vec(xt), 7, 5, 1, lsst_ivec(tt), -100, 0.0);
-  EXPECT_LT(lsst_rel(cross_entropy(xt, tt), lsst_reduce(l2, {7}, Reduction::Mean, c2)), 1e-5);
+  const auto [l2, c2] = lsst_naive_ce(mixprec::testing::to_doubles(xt), 7, 5, 1, lsst_ivec(tt), -100, 0.0);
+  EXPECT_LT(mixprec::testing::rel_error(cross_entropy(xt, tt), lsst_reduce(l2, {7}, Reduction::Mean, c2)), 1e-5);
 }
 
 TEST(CrossEntropy, StableForHugeLogits) {
   const Tensor x = tensor({1000.f, -1000.f, 0.f, 3000.f, 2999.f, -5000.f}, {2, 3});
   const Tensor t = tensor(std::vector<int64_t>{1, 1}, {2});
-  const auto l = lsst_vec(cross_entropy(x, t, Reduction::None));
+  const auto l = mixprec::testing::to_doubles(cross_entropy(x, t, Reduction::None));
   EXPECT_NEAR(l[0], 2000.0, 1e-2);
   EXPECT_NEAR(l[1], 1.0 + std::log1p(std::exp(-1.0)), 1e-3);
   // A masked (-inf) class: finite loss, and exactly zero gradient there.
@@ -135,7 +119,7 @@ TEST(CrossEntropy, StableForHugeLogits) {
   const Tensor lm = cross_entropy(xm, tensor(std::vector<int64_t>{2}, {1}));
   EXPECT_NEAR(lm.item<double>(), std::log1p(std::exp(-1.0)), 1e-6);
   lm.backward();
-  const auto gm = lsst_vec(xm.grad());
+  const auto gm = mixprec::testing::to_doubles(xm.grad());
   EXPECT_EQ(gm[0], 0.0);
   EXPECT_NEAR(gm[1], 1 / (1 + std::exp(1.0)), 1e-6);
 }
@@ -145,7 +129,7 @@ TEST(CrossEntropy, EqualsNllOfLogSoftmax) {
   const Tensor x = randn({4, 6, 3}, kFloat32, g);
   const Tensor t = lsst_targets({4, 3}, 6, -100, 4, 9);
   for (Reduction r : kLsstReductions)
-    EXPECT_LT(lsst_rel(cross_entropy(x, t, r), nll_loss(log_softmax(x, 1), t, r)), 1e-6) << lsst_name(r);
+    EXPECT_LT(mixprec::testing::rel_error(cross_entropy(x, t, r), nll_loss(log_softmax(x, 1), t, r)), 1e-6) << lsst_name(r);
 }
 
 TEST(CrossEntropy, Gradcheck) {
@@ -176,7 +160,7 @@ TEST(CrossEntropy, EveryTargetIgnored) {
   const Tensor s = cross_entropy(x, t, Reduction::Sum, -100, 0.3);
   EXPECT_EQ(s.item<double>(), 0.0);
   s.backward();
-  for (double v : lsst_vec(x.grad())) EXPECT_EQ(v, 0.0);
+  for (double v : mixprec::testing::to_doubles(x.grad())) EXPECT_EQ(v, 0.0);
 }
 
 TEST(CrossEntropy, SixteenBitMatchesFloat32) {
@@ -187,13 +171,13 @@ TEST(CrossEntropy, SixteenBitMatchesFloat32) {
     for (Reduction r : kLsstReductions) {
       const Tensor y = cross_entropy(x.to(d), t, r, -100, 0.1);
       EXPECT_EQ(y.dtype(), d);
-      EXPECT_LT(lsst_rel(y, cross_entropy(x, t, r, -100, 0.1)), tol) << name(d) << " " << lsst_name(r);
+      EXPECT_LT(mixprec::testing::rel_error(y, cross_entropy(x, t, r, -100, 0.1)), tol) << name(d) << " " << lsst_name(r);
     }
     Tensor x16 = lsst_leaf(x.to(d)), x32 = lsst_leaf(x.clone());
     cross_entropy(x16, t).backward();
     cross_entropy(x32, t).backward();
     EXPECT_EQ(x16.grad().dtype(), d);
-    EXPECT_LT(lsst_rel(x16.grad(), x32.grad()), 3 * tol) << name(d);
+    EXPECT_LT(mixprec::testing::rel_error(x16.grad(), x32.grad()), 3 * tol) << name(d);
   }
 }
 
@@ -225,7 +209,7 @@ TEST(NllLoss, MatchesNaiveReference) {
   Generator g(6);
   const Tensor x = randn({4, 5, 3}, kFloat32, g);
   const Tensor t = lsst_targets({4, 3}, 5, -100, 4, 14);
-  const auto xv = lsst_vec(x);
+  const auto xv = mixprec::testing::to_doubles(x);
   const auto tv = lsst_ivec(t);
   std::vector<double> l(12, 0.0);
   double count = 0;
@@ -235,18 +219,18 @@ TEST(NllLoss, MatchesNaiveReference) {
         l[n * 3 + s] = -xv[(n * 5 + tv[n * 3 + s]) * 3 + s];
         ++count;
       }
-  for (Reduction r : kLsstReductions) EXPECT_LT(lsst_rel(nll_loss(x, t, r), lsst_reduce(l, {4, 3}, r, count)), 1e-6) << lsst_name(r);
+  for (Reduction r : kLsstReductions) EXPECT_LT(mixprec::testing::rel_error(nll_loss(x, t, r), lsst_reduce(l, {4, 3}, r, count)), 1e-6) << lsst_name(r);
   // Non-contiguous input and unbatched input.
   const Tensor xp = x.permute({2, 1, 0}).permute({2, 1, 0});  // same values, now strided views
   const Tensor xs = randn({5, 8}, kFloat32, g).t();           // [8, 5]
   const Tensor ts = lsst_targets({8}, 5, -100, 0, 15);
-  const auto xsv = lsst_vec(xs);
+  const auto xsv = mixprec::testing::to_doubles(xs);
   const auto tsv = lsst_ivec(ts);
   double s = 0;
   for (int64_t n = 0; n < 8; ++n) s -= xsv[n * 5 + tsv[n]];
   EXPECT_NEAR(nll_loss(xs, ts, Reduction::Sum).item<double>(), s, 1e-5);
   EXPECT_NEAR(nll_loss(xs.select(0, 2), ts.select(0, 2), Reduction::None).item<double>(), -xsv[2 * 5 + tsv[2]], 1e-6);
-  EXPECT_LT(lsst_rel(nll_loss(xp, t), nll_loss(x, t)), 1e-7);
+  EXPECT_LT(mixprec::testing::rel_error(nll_loss(xp, t), nll_loss(x, t)), 1e-7);
 }
 
 TEST(NllLoss, Gradcheck) {
@@ -273,7 +257,7 @@ TEST(NllLoss, SixteenBitAndErrors) {
   for (auto [d, tol] : {std::pair{kBFloat16, 1e-2}, std::pair{kFloat16, 2e-3}}) {
     const Tensor y = nll_loss(x.to(d), t);
     EXPECT_EQ(y.dtype(), d);
-    EXPECT_LT(lsst_rel(y, nll_loss(x, t)), tol);
+    EXPECT_LT(mixprec::testing::rel_error(y, nll_loss(x, t)), tol);
     Tensor xl = lsst_leaf(x.to(d));
     nll_loss(xl, t, Reduction::Sum).backward();
     EXPECT_EQ(xl.grad().dtype(), d);
@@ -296,17 +280,17 @@ TEST(NllLoss, SixteenBitAndErrors) {
 TEST(MseLoss, MatchesNaiveReference) {
   Generator g(9);
   const Tensor a = randn({4, 6}, kFloat32, g), b = randn({4, 6}, kFloat32, g), row = randn({6}, kFloat32, g);
-  const auto av = lsst_vec(a), bv = lsst_vec(b), rv = lsst_vec(row);
+  const auto av = mixprec::testing::to_doubles(a), bv = mixprec::testing::to_doubles(b), rv = mixprec::testing::to_doubles(row);
   std::vector<double> l(24), lb(24);
   for (int i = 0; i < 24; ++i) {
     l[i] = (av[i] - bv[i]) * (av[i] - bv[i]);
     lb[i] = (av[i] - rv[i % 6]) * (av[i] - rv[i % 6]);
   }
   for (Reduction r : kLsstReductions) {
-    EXPECT_LT(lsst_rel(mse_loss(a, b, r), lsst_reduce(l, {4, 6}, r, 24)), 1e-6) << lsst_name(r);
-    EXPECT_LT(lsst_rel(mse_loss(a, row, r), lsst_reduce(lb, {4, 6}, r, 24)), 1e-6) << "broadcast " << lsst_name(r);
+    EXPECT_LT(mixprec::testing::rel_error(mse_loss(a, b, r), lsst_reduce(l, {4, 6}, r, 24)), 1e-6) << lsst_name(r);
+    EXPECT_LT(mixprec::testing::rel_error(mse_loss(a, row, r), lsst_reduce(lb, {4, 6}, r, 24)), 1e-6) << "broadcast " << lsst_name(r);
   }
-  EXPECT_LT(lsst_rel(mse_loss(a.t(), b.t()), lsst_reduce(l, {}, Reduction::Mean, 24)), 1e-6);
+  EXPECT_LT(mixprec::testing::rel_error(mse_loss(a.t(), b.t()), lsst_reduce(l, {}, Reduction::Mean, 24)), 1e-6);
 }
 
 TEST(MseLoss, Gradcheck) {
@@ -332,7 +316,7 @@ TEST(MseLoss, SixteenBitAndErrors) {
     for (Reduction r : kLsstReductions) {
       const Tensor y = mse_loss(a.to(d), b.to(d), r);
       EXPECT_EQ(y.dtype(), d);
-      EXPECT_LT(lsst_rel(y, mse_loss(a, b, r)), tol) << name(d) << " " << lsst_name(r);
+      EXPECT_LT(mixprec::testing::rel_error(y, mse_loss(a, b, r)), tol) << name(d) << " " << lsst_name(r);
     }
   EXPECT_THROW(mse_loss(randn({3, 4}), randn({3, 5})), mixprec::Error);
   EXPECT_THROW(mse_loss(ones({3}, kInt64), ones({3}, kInt64)), mixprec::Error);
@@ -351,24 +335,24 @@ double lsst_naive_bce_logits(double x, double t, double pw) {
 TEST(BceWithLogits, MatchesNaiveReference) {
   Generator g(12);
   const Tensor x = mul(randn({5, 3}, kFloat32, g), 3.0), t = rand({5, 3}, kFloat32, g), pw = add(rand({3}, kFloat32, g), 0.5);
-  const auto xv = lsst_vec(x), tv = lsst_vec(t), pv = lsst_vec(pw);
+  const auto xv = mixprec::testing::to_doubles(x), tv = mixprec::testing::to_doubles(t), pv = mixprec::testing::to_doubles(pw);
   std::vector<double> l(15), lp(15);
   for (int i = 0; i < 15; ++i) {
     l[i] = lsst_naive_bce_logits(xv[i], tv[i], 1.0);
     lp[i] = lsst_naive_bce_logits(xv[i], tv[i], pv[i % 3]);
   }
   for (Reduction r : kLsstReductions) {
-    EXPECT_LT(lsst_rel(binary_cross_entropy_with_logits(x, t, r), lsst_reduce(l, {5, 3}, r, 15)), 1e-5) << lsst_name(r);
-    EXPECT_LT(lsst_rel(binary_cross_entropy_with_logits(x, t, r, pw), lsst_reduce(lp, {5, 3}, r, 15)), 1e-5) << "pos_weight " << lsst_name(r);
+    EXPECT_LT(mixprec::testing::rel_error(binary_cross_entropy_with_logits(x, t, r), lsst_reduce(l, {5, 3}, r, 15)), 1e-5) << lsst_name(r);
+    EXPECT_LT(mixprec::testing::rel_error(binary_cross_entropy_with_logits(x, t, r, pw), lsst_reduce(lp, {5, 3}, r, 15)), 1e-5) << "pos_weight " << lsst_name(r);
   }
   // Non-contiguous.
-  EXPECT_LT(lsst_rel(binary_cross_entropy_with_logits(x.t(), t.t(), Reduction::Sum), lsst_reduce(l, {}, Reduction::Sum, 15)), 1e-5);
+  EXPECT_LT(mixprec::testing::rel_error(binary_cross_entropy_with_logits(x.t(), t.t(), Reduction::Sum), lsst_reduce(l, {}, Reduction::Sum, 15)), 1e-5);
 }
 
 TEST(BceWithLogits, StableForExtremeLogits) {
   const Tensor x = tensor({100.f, -100.f, 100.f, -100.f, 0.f});
   const Tensor t = tensor({1.f, 0.f, 0.f, 1.f, 1.f});
-  const auto l = lsst_vec(binary_cross_entropy_with_logits(x, t, Reduction::None));
+  const auto l = mixprec::testing::to_doubles(binary_cross_entropy_with_logits(x, t, Reduction::None));
   EXPECT_NEAR(l[0], 0.0, 1e-30);
   EXPECT_NEAR(l[1], 0.0, 1e-30);
   EXPECT_NEAR(l[2], 100.0, 1e-4);
@@ -376,7 +360,7 @@ TEST(BceWithLogits, StableForExtremeLogits) {
   EXPECT_NEAR(l[4], std::log(2.0), 1e-6);
   Tensor xl = lsst_leaf(x.clone());
   binary_cross_entropy_with_logits(xl, t, Reduction::Sum).backward();
-  const auto gv = lsst_vec(xl.grad());
+  const auto gv = mixprec::testing::to_doubles(xl.grad());
   const std::vector<double> expect{0.0, 0.0, 1.0, -1.0, -0.5};  // sigmoid(x) - t
   for (int i = 0; i < 5; ++i) EXPECT_NEAR(gv[i], expect[i], 1e-6);
 }
@@ -403,7 +387,7 @@ TEST(BceWithLogits, SixteenBitAndErrors) {
     for (Reduction r : kLsstReductions) {
       const Tensor y = binary_cross_entropy_with_logits(x.to(d), t.to(d), r, pw.to(d));
       EXPECT_EQ(y.dtype(), d);
-      EXPECT_LT(lsst_rel(y, binary_cross_entropy_with_logits(x, t, r, pw)), tol) << name(d) << " " << lsst_name(r);
+      EXPECT_LT(mixprec::testing::rel_error(y, binary_cross_entropy_with_logits(x, t, r, pw)), tol) << name(d) << " " << lsst_name(r);
     }
   EXPECT_THROW(binary_cross_entropy_with_logits(randn({3, 4}), rand({4, 3})), mixprec::Error);
   EXPECT_THROW(binary_cross_entropy_with_logits(randn({3, 4}), rand({3, 4}), Reduction::Mean, ones({3})), mixprec::Error);
@@ -415,14 +399,14 @@ TEST(BceWithLogits, SixteenBitAndErrors) {
 TEST(Bce, MatchesNaiveReferenceWithClamp) {
   Generator g(15);
   const Tensor p = add(mul(rand({6, 4}, kFloat32, g), 0.98), 0.01), t = rand({6, 4}, kFloat32, g);
-  const auto pv = lsst_vec(p), tv = lsst_vec(t);
+  const auto pv = mixprec::testing::to_doubles(p), tv = mixprec::testing::to_doubles(t);
   std::vector<double> l(24);
   for (int i = 0; i < 24; ++i) l[i] = -(tv[i] * std::log(pv[i]) + (1 - tv[i]) * std::log(1 - pv[i]));
-  for (Reduction r : kLsstReductions) EXPECT_LT(lsst_rel(binary_cross_entropy(p, t, r), lsst_reduce(l, {6, 4}, r, 24)), 1e-5) << lsst_name(r);
+  for (Reduction r : kLsstReductions) EXPECT_LT(mixprec::testing::rel_error(binary_cross_entropy(p, t, r), lsst_reduce(l, {6, 4}, r, 24)), 1e-5) << lsst_name(r);
   // log is clamped at -100: certain-but-wrong predictions cost exactly 100.
   // (Element-wise checks: GCC 12 at -O2 -march=native with AVX-512 miscompiles a
   // std::vector<double>{100, 100, 0, 0} literal into {100, 100, 100, 100}.)
-  const auto c = lsst_vec(binary_cross_entropy(tensor({0.f, 1.f, 0.f, 1.f}), tensor({1.f, 0.f, 0.f, 1.f}), Reduction::None));
+  const auto c = mixprec::testing::to_doubles(binary_cross_entropy(tensor({0.f, 1.f, 0.f, 1.f}), tensor({1.f, 0.f, 0.f, 1.f}), Reduction::None));
   ASSERT_EQ(c.size(), 4u);
   EXPECT_EQ(c[0], 100.0);
   EXPECT_EQ(c[1], 100.0);
@@ -450,7 +434,7 @@ TEST(Bce, SixteenBitAndErrors) {
     for (Reduction r : kLsstReductions) {
       const Tensor y = binary_cross_entropy(p.to(d), t.to(d), r);
       EXPECT_EQ(y.dtype(), d);
-      EXPECT_LT(lsst_rel(y, binary_cross_entropy(p, t, r)), tol) << name(d) << " " << lsst_name(r);
+      EXPECT_LT(mixprec::testing::rel_error(y, binary_cross_entropy(p, t, r)), tol) << name(d) << " " << lsst_name(r);
     }
   try {
     binary_cross_entropy(tensor({0.5f, 1.5f}), tensor({1.f, 0.f}));

@@ -2,6 +2,8 @@
 
 #include <mixprec/mixprec.hpp>
 
+#include "ops/op_test_util.hpp"
+
 #include <cmath>
 #include <functional>
 #include <string>
@@ -10,24 +12,6 @@
 using namespace mixprec;
 
 namespace {
-std::vector<double> nrmt_vec(const Tensor& t) {
-  const Tensor c = t.detach().to(kFloat64).contiguous();
-  const double* p = c.data<double>();
-  return std::vector<double>(p, p + c.numel());
-}
-
-double nrmt_rel(const Tensor& a, const Tensor& b) {
-  EXPECT_EQ(a.sizes(), b.sizes());
-  const auto va = nrmt_vec(a), vb = nrmt_vec(b);
-  if (va.size() != vb.size()) return 1e30;
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < va.size(); ++i) {
-    num += (va[i] - vb[i]) * (va[i] - vb[i]);
-    den += vb[i] * vb[i];
-  }
-  return std::sqrt(num / (den > 0 ? den : 1.0));
-}
-
 Tensor nrmt_from(const std::vector<double>& v, const Shape& s, DType d = kFloat32) { return tensor(v, s).to(d); }
 Tensor nrmt_leaf(Tensor t) { return t.requires_grad_(); }
 
@@ -87,18 +71,18 @@ TEST(BatchNorm, TrainingMatchesNaiveAndUpdatesRunningStats) {
     const Tensor x = add(mul(randn(s, kFloat32, g), 2.0), 1.5);
     const Tensor w = randn({C}, kFloat32, g), b = randn({C}, kFloat32, g);
     Tensor rm = randn({C}, kFloat32, g), rv = add(rand({C}, kFloat32, g), 0.5);
-    const auto rm0 = nrmt_vec(rm), rv0 = nrmt_vec(rv);
+    const auto rm0 = mixprec::testing::to_doubles(rm), rv0 = mixprec::testing::to_doubles(rv);
     const uint64_t v0 = rm.version();
     const double momentum = 0.3, eps = 1e-3;
     const Tensor y = batch_norm(x, rm, rv, w, b, true, momentum, eps);
 
     auto grp = [](int64_t, int64_t c) { return c; };
-    const auto xv = nrmt_vec(x);
+    const auto xv = mixprec::testing::to_doubles(x);
     const NrmtStats st = nrmt_group_stats(xv, N, C, S, C, grp);
-    EXPECT_LT(nrmt_rel(y, nrmt_from(nrmt_apply(xv, N, C, S, st, grp, nrmt_vec(w), nrmt_vec(b), eps), s)), 1e-5) << "shape " << s.size();
+    EXPECT_LT(mixprec::testing::rel_error(y, nrmt_from(nrmt_apply(xv, N, C, S, st, grp, mixprec::testing::to_doubles(w), mixprec::testing::to_doubles(b), eps), s)), 1e-5) << "shape " << s.size();
     // running = (1 - momentum) running + momentum * stat, with the unbiased variance.
     const double M = static_cast<double>(N * S);
-    const auto rm1 = nrmt_vec(rm), rv1 = nrmt_vec(rv);
+    const auto rm1 = mixprec::testing::to_doubles(rm), rv1 = mixprec::testing::to_doubles(rv);
     for (int64_t c = 0; c < C; ++c) {
       EXPECT_NEAR(rm1[c], (1 - momentum) * rm0[c] + momentum * st.mean[c], 1e-5);
       EXPECT_NEAR(rv1[c], (1 - momentum) * rv0[c] + momentum * st.var[c] * M / (M - 1), 1e-5);
@@ -114,9 +98,9 @@ TEST(BatchNorm, TrainingWithoutAffineOrRunningStats) {
   const Tensor x = randn(s, kFloat32, g);
   const Tensor y = batch_norm(x, Tensor(), Tensor(), Tensor(), Tensor(), true);
   auto grp = [](int64_t, int64_t c) { return c; };
-  const auto xv = nrmt_vec(x);
+  const auto xv = mixprec::testing::to_doubles(x);
   const NrmtStats st = nrmt_group_stats(xv, 5, 4, 3, 4, grp);
-  EXPECT_LT(nrmt_rel(y, nrmt_from(nrmt_apply(xv, 5, 4, 3, st, grp, {}, {}, 1e-5), s)), 1e-5);
+  EXPECT_LT(mixprec::testing::rel_error(y, nrmt_from(nrmt_apply(xv, 5, 4, 3, st, grp, {}, {}, 1e-5), s)), 1e-5);
 }
 
 TEST(BatchNorm, EvalUsesRunningStatsAndLeavesThemAlone) {
@@ -125,15 +109,15 @@ TEST(BatchNorm, EvalUsesRunningStatsAndLeavesThemAlone) {
   const Tensor x = randn(s, kFloat32, g);
   const Tensor w = randn({3}, kFloat32, g), b = randn({3}, kFloat32, g);
   Tensor rm = randn({3}, kFloat32, g), rv = add(rand({3}, kFloat32, g), 0.5);
-  const auto rm0 = nrmt_vec(rm), rv0 = nrmt_vec(rv);
+  const auto rm0 = mixprec::testing::to_doubles(rm), rv0 = mixprec::testing::to_doubles(rv);
   const Tensor y = batch_norm(x, rm, rv, w, b, false);
   auto grp = [](int64_t, int64_t c) { return c; };
   const NrmtStats st{rm0, rv0};
-  EXPECT_LT(nrmt_rel(y, nrmt_from(nrmt_apply(nrmt_vec(x), 4, 3, 5, st, grp, nrmt_vec(w), nrmt_vec(b), 1e-5), s)), 1e-5);
-  EXPECT_EQ(nrmt_vec(rm), rm0);
-  EXPECT_EQ(nrmt_vec(rv), rv0);
+  EXPECT_LT(mixprec::testing::rel_error(y, nrmt_from(nrmt_apply(mixprec::testing::to_doubles(x), 4, 3, 5, st, grp, mixprec::testing::to_doubles(w), mixprec::testing::to_doubles(b), 1e-5), s)), 1e-5);
+  EXPECT_EQ(mixprec::testing::to_doubles(rm), rm0);
+  EXPECT_EQ(mixprec::testing::to_doubles(rv), rv0);
   const Tensor y2 = batch_norm(x, rm, rv);  // no affine
-  EXPECT_LT(nrmt_rel(y2, nrmt_from(nrmt_apply(nrmt_vec(x), 4, 3, 5, st, grp, {}, {}, 1e-5), s)), 1e-5);
+  EXPECT_LT(mixprec::testing::rel_error(y2, nrmt_from(nrmt_apply(mixprec::testing::to_doubles(x), 4, 3, 5, st, grp, {}, {}, 1e-5), s)), 1e-5);
 }
 
 TEST(BatchNorm, LargeMeanSmallSpreadStaysAccurate) {
@@ -143,18 +127,18 @@ TEST(BatchNorm, LargeMeanSmallSpreadStaysAccurate) {
   const Tensor x = add(mul(randn(s, kFloat32, g), 0.01), 1000.0);
   const Tensor y = batch_norm(x, Tensor(), Tensor(), Tensor(), Tensor(), true, 0.1, 0.0);
   auto grp = [](int64_t, int64_t c) { return c; };
-  const auto xv = nrmt_vec(x);
+  const auto xv = mixprec::testing::to_doubles(x);
   const NrmtStats st = nrmt_group_stats(xv, 64, 2, 16, 2, grp);
-  EXPECT_LT(nrmt_rel(y, nrmt_from(nrmt_apply(xv, 64, 2, 16, st, grp, {}, {}, 0.0), s)), 1e-5);
+  EXPECT_LT(mixprec::testing::rel_error(y, nrmt_from(nrmt_apply(xv, 64, 2, 16, st, grp, {}, {}, 0.0), s)), 1e-5);
   // The same for group_norm (one group per sample) and layer_norm over the last dim.
   auto per_sample = [](int64_t n, int64_t) { return n; };
   const NrmtStats sg = nrmt_group_stats(xv, 64, 2, 16, 64, per_sample);
-  EXPECT_LT(nrmt_rel(group_norm(x, 1, Tensor(), Tensor(), 0.0), nrmt_from(nrmt_apply(xv, 64, 2, 16, sg, per_sample, {}, {}, 0.0), s)), 1e-5);
+  EXPECT_LT(mixprec::testing::rel_error(group_norm(x, 1, Tensor(), Tensor(), 0.0), nrmt_from(nrmt_apply(xv, 64, 2, 16, sg, per_sample, {}, {}, 0.0), s)), 1e-5);
   auto per_row = [](int64_t n, int64_t c) { return n * 2 + c; };
   const NrmtStats sr = nrmt_group_stats(xv, 64, 2, 16, 128, per_row);
   const auto ref = nrmt_from(nrmt_apply(xv, 64, 2, 16, sr, per_row, {}, {}, 0.0), s);
-  EXPECT_LT(nrmt_rel(layer_norm(x, {16}, Tensor(), Tensor(), 0.0), ref), 1e-5);
-  EXPECT_LT(nrmt_rel(layer_norm(x, {16}, ones({16}), zeros({16}), 0.0), ref), 1e-5);
+  EXPECT_LT(mixprec::testing::rel_error(layer_norm(x, {16}, Tensor(), Tensor(), 0.0), ref), 1e-5);
+  EXPECT_LT(mixprec::testing::rel_error(layer_norm(x, {16}, ones({16}), zeros({16}), 0.0), ref), 1e-5);
 }
 
 TEST(BatchNorm, GradcheckTrainAndEvalWithAndWithoutAffine) {
@@ -193,12 +177,12 @@ TEST(BatchNorm, SixteenBitInputWithFloat32Buffers) {
     Tensor rm = zeros({4}), rv = ones({4});
     const Tensor y = batch_norm(x.to(d), rm, rv, w, b, true);
     EXPECT_EQ(y.dtype(), d);
-    EXPECT_LT(nrmt_rel(y, ref), tol) << name(d);
+    EXPECT_LT(mixprec::testing::rel_error(y, ref), tol) << name(d);
     EXPECT_EQ(rm.dtype(), kFloat32);
-    EXPECT_LT(nrmt_rel(rm, rm32), tol);
-    EXPECT_LT(nrmt_rel(rv, rv32), tol);
+    EXPECT_LT(mixprec::testing::rel_error(rm, rm32), tol);
+    EXPECT_LT(mixprec::testing::rel_error(rv, rv32), tol);
     // Eval mode too.
-    EXPECT_LT(nrmt_rel(batch_norm(x.to(d), rm32, rv32, w, b, false), batch_norm(x, rm32, rv32, w, b, false)), tol);
+    EXPECT_LT(mixprec::testing::rel_error(batch_norm(x.to(d), rm32, rv32, w, b, false), batch_norm(x, rm32, rv32, w, b, false)), tol);
     // Gradients come back in each input's dtype.
     Tensor xl = nrmt_leaf(x.to(d)), wl = nrmt_leaf(w.clone()), bl = nrmt_leaf(b.clone());
     sum(mul(batch_norm(xl, Tensor(), Tensor(), wl, bl, true), randn(s, kFloat32, g).to(d))).backward();
@@ -223,10 +207,10 @@ TEST(BatchNorm, RunningStatUpdateDoesNotDisturbAutograd) {
   // An eval-mode forward keeps its statistics even if the buffers change before backward.
   Tensor x2 = nrmt_leaf(randn({4, 3, 5}, kFloat32, g));
   const Tensor ye = batch_norm(x2, rm, rv, w, b, false);
-  const auto rv_before = nrmt_vec(rv);
+  const auto rv_before = mixprec::testing::to_doubles(rv);
   batch_norm(randn({4, 3, 5}, kFloat32, g), rm, rv, w, b, true);  // updates the buffers
   sum(ye).backward();
-  const auto gx = nrmt_vec(x2.grad());
+  const auto gx = mixprec::testing::to_doubles(x2.grad());
   for (int64_t i = 0; i < 60; ++i) EXPECT_NEAR(gx[i], 1.0 / std::sqrt(rv_before[(i / 5) % 3] + 1e-5), 1e-5);
 }
 
@@ -270,18 +254,18 @@ std::vector<double> nrmt_naive_layer_norm(const std::vector<double>& x, int64_t 
 TEST(LayerNorm, MatchesNaiveReference) {
   Generator g(10);
   const Tensor x = add(mul(randn({3, 4, 6}, kFloat32, g), 3.0), 2.0);
-  const auto xv = nrmt_vec(x);
+  const auto xv = mixprec::testing::to_doubles(x);
   // Over the last dim, and over the last two.
   const Tensor w1 = randn({6}, kFloat32, g), b1 = randn({6}, kFloat32, g);
-  EXPECT_LT(nrmt_rel(layer_norm(x, {6}, w1, b1), nrmt_from(nrmt_naive_layer_norm(xv, 6, nrmt_vec(w1), nrmt_vec(b1), 1e-5), x.sizes())), 1e-5);
-  EXPECT_LT(nrmt_rel(layer_norm(x, {6}), nrmt_from(nrmt_naive_layer_norm(xv, 6, {}, {}, 1e-5), x.sizes())), 1e-5);
+  EXPECT_LT(mixprec::testing::rel_error(layer_norm(x, {6}, w1, b1), nrmt_from(nrmt_naive_layer_norm(xv, 6, mixprec::testing::to_doubles(w1), mixprec::testing::to_doubles(b1), 1e-5), x.sizes())), 1e-5);
+  EXPECT_LT(mixprec::testing::rel_error(layer_norm(x, {6}), nrmt_from(nrmt_naive_layer_norm(xv, 6, {}, {}, 1e-5), x.sizes())), 1e-5);
   const Tensor w2 = randn({4, 6}, kFloat32, g), b2 = randn({4, 6}, kFloat32, g);
-  EXPECT_LT(nrmt_rel(layer_norm(x, {4, 6}, w2, b2, 1e-3), nrmt_from(nrmt_naive_layer_norm(xv, 24, nrmt_vec(w2), nrmt_vec(b2), 1e-3), x.sizes())),
+  EXPECT_LT(mixprec::testing::rel_error(layer_norm(x, {4, 6}, w2, b2, 1e-3), nrmt_from(nrmt_naive_layer_norm(xv, 24, mixprec::testing::to_doubles(w2), mixprec::testing::to_doubles(b2), 1e-3), x.sizes())),
             1e-5);
-  EXPECT_LT(nrmt_rel(layer_norm(x, {4, 6}, w2), nrmt_from(nrmt_naive_layer_norm(xv, 24, nrmt_vec(w2), {}, 1e-5), x.sizes())), 1e-5);
+  EXPECT_LT(mixprec::testing::rel_error(layer_norm(x, {4, 6}, w2), nrmt_from(nrmt_naive_layer_norm(xv, 24, mixprec::testing::to_doubles(w2), {}, 1e-5), x.sizes())), 1e-5);
   // Non-contiguous input.
   const Tensor xt = randn({6, 5}, kFloat32, g).t();
-  EXPECT_LT(nrmt_rel(layer_norm(xt, {6}, w1, b1), nrmt_from(nrmt_naive_layer_norm(nrmt_vec(xt), 6, nrmt_vec(w1), nrmt_vec(b1), 1e-5), {5, 6})),
+  EXPECT_LT(mixprec::testing::rel_error(layer_norm(xt, {6}, w1, b1), nrmt_from(nrmt_naive_layer_norm(mixprec::testing::to_doubles(xt), 6, mixprec::testing::to_doubles(w1), mixprec::testing::to_doubles(b1), 1e-5), {5, 6})),
             1e-5);
 }
 
@@ -311,9 +295,9 @@ TEST(LayerNorm, SixteenBitMatchesFloat32) {
   for (auto [d, tol] : {std::pair{kBFloat16, 1e-2}, std::pair{kFloat16, 2e-3}}) {
     const Tensor y = layer_norm(x.to(d), {64}, w.to(d), b.to(d));
     EXPECT_EQ(y.dtype(), d);
-    EXPECT_LT(nrmt_rel(y, ref), tol) << name(d);
+    EXPECT_LT(mixprec::testing::rel_error(y, ref), tol) << name(d);
     // float32 parameters with a 16-bit input (what a model without autocast casts gives).
-    EXPECT_LT(nrmt_rel(layer_norm(x.to(d), {64}, w, b), ref), tol) << name(d);
+    EXPECT_LT(mixprec::testing::rel_error(layer_norm(x.to(d), {64}, w, b), ref), tol) << name(d);
     Tensor xl = nrmt_leaf(x.to(d)), wl = nrmt_leaf(w.clone());
     Tensor x32 = nrmt_leaf(x.clone()), w32 = nrmt_leaf(w.clone());
     const Tensor up = randn({16, 64}, kFloat32, g);
@@ -321,8 +305,8 @@ TEST(LayerNorm, SixteenBitMatchesFloat32) {
     sum(mul(layer_norm(x32, {64}, w32), up)).backward();
     EXPECT_EQ(xl.grad().dtype(), d);
     EXPECT_EQ(wl.grad().dtype(), kFloat32);
-    EXPECT_LT(nrmt_rel(xl.grad(), x32.grad()), 3 * tol) << name(d);
-    EXPECT_LT(nrmt_rel(wl.grad(), w32.grad()), 3 * tol) << name(d);
+    EXPECT_LT(mixprec::testing::rel_error(xl.grad(), x32.grad()), 3 * tol) << name(d);
+    EXPECT_LT(mixprec::testing::rel_error(wl.grad(), w32.grad()), 3 * tol) << name(d);
   }
 }
 
@@ -350,22 +334,22 @@ TEST(GroupNorm, MatchesNaiveReference) {
     const int64_t N = s[0], C = s[1], S = nrmt_inner(s);
     const Tensor x = add(mul(randn(s, kFloat32, g), 2.0), 0.5);
     const Tensor w = randn({C}, kFloat32, g), b = randn({C}, kFloat32, g);
-    const auto xv = nrmt_vec(x);
+    const auto xv = mixprec::testing::to_doubles(x);
     for (int64_t G : {int64_t{1}, int64_t{2}, C}) {
       auto grp = [G, C](int64_t n, int64_t c) { return n * G + c / (C / G); };
       const NrmtStats st = nrmt_group_stats(xv, N, C, S, N * G, grp);
-      EXPECT_LT(nrmt_rel(group_norm(x, G, w, b), nrmt_from(nrmt_apply(xv, N, C, S, st, grp, nrmt_vec(w), nrmt_vec(b), 1e-5), s)), 1e-5)
+      EXPECT_LT(mixprec::testing::rel_error(group_norm(x, G, w, b), nrmt_from(nrmt_apply(xv, N, C, S, st, grp, mixprec::testing::to_doubles(w), mixprec::testing::to_doubles(b), 1e-5), s)), 1e-5)
           << "G " << G;
-      EXPECT_LT(nrmt_rel(group_norm(x, G, Tensor(), Tensor(), 1e-2), nrmt_from(nrmt_apply(xv, N, C, S, st, grp, {}, {}, 1e-2), s)), 1e-5)
+      EXPECT_LT(mixprec::testing::rel_error(group_norm(x, G, Tensor(), Tensor(), 1e-2), nrmt_from(nrmt_apply(xv, N, C, S, st, grp, {}, {}, 1e-2), s)), 1e-5)
           << "G " << G;
     }
   }
   // Non-contiguous input.
   const Tensor xp = randn({4, 3, 2}, kFloat32, g).permute({2, 0, 1});  // [2, 4, 3]
   auto grp = [](int64_t n, int64_t c) { return n * 2 + c / 2; };
-  const auto xv = nrmt_vec(xp);
+  const auto xv = mixprec::testing::to_doubles(xp);
   const NrmtStats st = nrmt_group_stats(xv, 2, 4, 3, 4, grp);
-  EXPECT_LT(nrmt_rel(group_norm(xp, 2), nrmt_from(nrmt_apply(xv, 2, 4, 3, st, grp, {}, {}, 1e-5), xp.sizes())), 1e-5);
+  EXPECT_LT(mixprec::testing::rel_error(group_norm(xp, 2), nrmt_from(nrmt_apply(xv, 2, 4, 3, st, grp, {}, {}, 1e-5), xp.sizes())), 1e-5);
 }
 
 TEST(GroupNorm, Gradcheck) {
@@ -393,7 +377,7 @@ TEST(GroupNorm, SixteenBitMatchesFloat32) {
   for (auto [d, tol] : {std::pair{kBFloat16, 1e-2}, std::pair{kFloat16, 2e-3}}) {
     const Tensor y = group_norm(x.to(d), 4, w.to(d), b.to(d));
     EXPECT_EQ(y.dtype(), d);
-    EXPECT_LT(nrmt_rel(y, ref), tol) << name(d);
+    EXPECT_LT(mixprec::testing::rel_error(y, ref), tol) << name(d);
     Tensor xl = nrmt_leaf(x.to(d)), wl = nrmt_leaf(w.to(d)), bl = nrmt_leaf(b.to(d));
     Tensor x32 = nrmt_leaf(x.clone()), w32 = nrmt_leaf(w.clone()), b32 = nrmt_leaf(b.clone());
     const Tensor up = randn(x.sizes(), kFloat32, g);
@@ -401,8 +385,8 @@ TEST(GroupNorm, SixteenBitMatchesFloat32) {
     sum(mul(group_norm(x32, 4, w32, b32), up)).backward();
     EXPECT_EQ(xl.grad().dtype(), d);
     EXPECT_EQ(wl.grad().dtype(), d);
-    EXPECT_LT(nrmt_rel(xl.grad(), x32.grad()), 3 * tol) << name(d);
-    EXPECT_LT(nrmt_rel(bl.grad(), b32.grad()), 3 * tol) << name(d);
+    EXPECT_LT(mixprec::testing::rel_error(xl.grad(), x32.grad()), 3 * tol) << name(d);
+    EXPECT_LT(mixprec::testing::rel_error(bl.grad(), b32.grad()), 3 * tol) << name(d);
   }
 }
 
@@ -430,14 +414,14 @@ TEST(Normalization, AutocastRunsInFloat32) {
   autocast ac(Device::CPU, kBFloat16);
   Tensor rm = zeros({6}), rv = ones({6});
   EXPECT_EQ(batch_norm(x, rm, rv, ones({6}), zeros({6}), true).dtype(), kFloat32);
-  EXPECT_NE(nrmt_vec(rm), std::vector<double>(6, 0.0));  // the caller's buffer was updated
+  EXPECT_NE(mixprec::testing::to_doubles(rm), std::vector<double>(6, 0.0));  // the caller's buffer was updated
   // bfloat16 buffers (a model moved to bfloat16) are updated in place, not through a cast copy.
   Tensor rm16 = zeros({6}, kBFloat16), rv16 = ones({6}, kBFloat16);
   batch_norm(x, rm16, rv16, Tensor(), Tensor(), true);
   EXPECT_EQ(rm16.dtype(), kBFloat16);
-  EXPECT_LT(nrmt_rel(rm16, rm), 1e-2);
-  EXPECT_LT(nrmt_rel(rv16, rv), 1e-2);
-  EXPECT_NE(nrmt_vec(rv16), std::vector<double>(6, 1.0));
+  EXPECT_LT(mixprec::testing::rel_error(rm16, rm), 1e-2);
+  EXPECT_LT(mixprec::testing::rel_error(rv16, rv), 1e-2);
+  EXPECT_NE(mixprec::testing::to_doubles(rv16), std::vector<double>(6, 1.0));
   EXPECT_EQ(layer_norm(x, {3}).dtype(), kFloat32);
   EXPECT_EQ(group_norm(x, 3).dtype(), kFloat32);
 }

@@ -2,6 +2,8 @@
 
 #include <mixprec/mixprec.hpp>
 
+#include "ops/op_test_util.hpp"
+
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -11,24 +13,6 @@ using namespace mixprec;
 namespace {
 
 using PI2 = std::array<int64_t, 2>;
-
-std::vector<double> poolt_values(const Tensor& t) {
-  no_grad ng;
-  const Tensor c = t.detach().to(kFloat64).contiguous();
-  const double* p = c.data<double>();
-  return std::vector<double>(p, p + c.numel());
-}
-
-double poolt_rel_err(const Tensor& got, const std::vector<double>& want) {
-  const std::vector<double> g = poolt_values(got);
-  EXPECT_EQ(g.size(), want.size());
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < g.size() && i < want.size(); ++i) {
-    num += (g[i] - want[i]) * (g[i] - want[i]);
-    den += want[i] * want[i];
-  }
-  return std::sqrt(num / std::max(den, 1e-300));
-}
 
 // Output length straight from the PyTorch docs: floor or ceil of the fraction, then drop a
 // last window that would start in the right padding.
@@ -116,9 +100,9 @@ TEST(MaxPool2d, ForwardMatchesNaiveLoops) {
     const auto [y, idx] = max_pool2d_with_indices(x, c.k, c.s, c.p, c.d, c.ceil_mode);
     EXPECT_EQ(y.sizes(), (Shape{x.size(0), x.size(1), OH, OW}));
     EXPECT_EQ(y.dtype(), kFloat32);
-    EXPECT_EQ(poolt_rel_err(y, poolt_ref_max(poolt_values(x), cc, OH, OW)), 0.0);
+    EXPECT_EQ(mixprec::testing::rel_error(y, poolt_ref_max(mixprec::testing::to_doubles(x), cc, OH, OW)), 0.0);
     // Each index points at the value it reports.
-    const std::vector<double> xv = poolt_values(x), yv = poolt_values(y);
+    const std::vector<double> xv = mixprec::testing::to_doubles(x), yv = mixprec::testing::to_doubles(y);
     const Tensor ic = idx.contiguous();
     for (int64_t k = 0; k < y.numel(); ++k) {
       const int64_t plane = k / (OH * OW), at = ic.data<int64_t>()[k];
@@ -182,16 +166,16 @@ TEST(MaxPool2d, LowPrecisionAndUnbatched) {
     // Max is exact: the same as float32 on the rounded input.
     Tensor x32 = xl.detach().to(kFloat32).requires_grad_();
     const Tensor y32 = max_pool2d(x32, {3, 3}, {2, 2}, {1, 1});
-    EXPECT_EQ(poolt_rel_err(y, poolt_values(y32)), 0.0);
+    EXPECT_EQ(mixprec::testing::rel_error(y, mixprec::testing::to_doubles(y32)), 0.0);
     const Tensor gy = randn(y.sizes());
     y.backward(gy.to(dt));
     y32.backward(gy.to(dt).to(kFloat32));
     EXPECT_EQ(xl.grad().dtype(), dt);
-    EXPECT_LT(poolt_rel_err(xl.grad(), poolt_values(x32.grad())), dt == kBFloat16 ? 1e-2 : 2e-3);
+    EXPECT_LT(mixprec::testing::rel_error(xl.grad(), mixprec::testing::to_doubles(x32.grad())), dt == kBFloat16 ? 1e-2 : 2e-3);
   }
   const Tensor y3 = max_pool2d(x.select(0, 1), {3, 3}, {2, 2}, {1, 1});
   EXPECT_EQ(y3.sizes(), (Shape{8, 8, 8}));
-  EXPECT_EQ(poolt_rel_err(y3, poolt_values(max_pool2d(x, {3, 3}, {2, 2}, {1, 1}).select(0, 1))), 0.0);
+  EXPECT_EQ(mixprec::testing::rel_error(y3, mixprec::testing::to_doubles(max_pool2d(x, {3, 3}, {2, 2}, {1, 1}).select(0, 1))), 0.0);
 }
 
 TEST(MaxPool2d, BadArgumentsThrow) {
@@ -216,15 +200,15 @@ TEST(AvgPool2d, ForwardMatchesNaiveLoops) {
     for (bool include_pad : {true, false}) {
       const Tensor y = avg_pool2d(x, c.k, c.s, c.p, c.ceil_mode, include_pad);
       EXPECT_EQ(y.sizes(), (Shape{1, c.P, OH, OW}));
-      EXPECT_LT(poolt_rel_err(y, poolt_ref_avg(poolt_values(x), c, OH, OW, include_pad)), 1e-6) << "include_pad=" << include_pad;
+      EXPECT_LT(mixprec::testing::rel_error(y, poolt_ref_avg(mixprec::testing::to_doubles(x), c, OH, OW, include_pad)), 1e-6) << "include_pad=" << include_pad;
     }
   }
 }
 
 TEST(AvgPool2d, CountIncludePadChangesOnlyBorderDivisors) {
   const Tensor x = ones({1, 1, 4, 4});
-  const auto with = poolt_values(avg_pool2d(x, {3, 3}, {1, 1}, {1, 1}, false, true));
-  const auto without = poolt_values(avg_pool2d(x, {3, 3}, {1, 1}, {1, 1}, false, false));
+  const auto with = mixprec::testing::to_doubles(avg_pool2d(x, {3, 3}, {1, 1}, {1, 1}, false, true));
+  const auto without = mixprec::testing::to_doubles(avg_pool2d(x, {3, 3}, {1, 1}, {1, 1}, false, false));
   EXPECT_FLOAT_EQ(static_cast<float>(with[0]), 4.0f / 9.0f);  // corner: 4 real of 9
   EXPECT_DOUBLE_EQ(with[5], 1.0);        // interior
   for (double v : without) EXPECT_DOUBLE_EQ(v, 1.0);
@@ -252,11 +236,11 @@ TEST(AvgPool2d, LowPrecisionAndUnbatched) {
     Tensor xl = x.to(dt).requires_grad_();
     const Tensor y = avg_pool2d(xl, {3, 3}, {2, 2}, {1, 1});
     EXPECT_EQ(y.dtype(), dt);
-    EXPECT_LT(poolt_rel_err(y, poolt_values(y32)), tol) << name(dt);
+    EXPECT_LT(mixprec::testing::rel_error(y, mixprec::testing::to_doubles(y32)), tol) << name(dt);
     sum(y.to(kFloat32)).backward();
     EXPECT_EQ(xl.grad().dtype(), dt);
   }
-  EXPECT_LT(poolt_rel_err(avg_pool2d(x.select(0, 2), {3, 3}, {2, 2}, {1, 1}), poolt_values(y32.select(0, 2))), 1e-7);
+  EXPECT_LT(mixprec::testing::rel_error(avg_pool2d(x.select(0, 2), {3, 3}, {2, 2}, {1, 1}), mixprec::testing::to_doubles(y32.select(0, 2))), 1e-7);
 }
 
 TEST(AvgPool2d, BadArgumentsThrow) {
@@ -294,11 +278,11 @@ TEST(AdaptiveAvgPool2d, ForwardMatchesNaiveLoops) {
     const Tensor x = randn({2, 3, c.H, c.W});
     const Tensor y = adaptive_avg_pool2d(x, {c.OH, c.OW});
     EXPECT_EQ(y.sizes(), (Shape{2, 3, c.OH, c.OW}));
-    EXPECT_LT(poolt_rel_err(y, poolt_ref_adaptive(poolt_values(x), 6, c.H, c.W, c.OH, c.OW)), 1e-6);
+    EXPECT_LT(mixprec::testing::rel_error(y, poolt_ref_adaptive(mixprec::testing::to_doubles(x), 6, c.H, c.W, c.OH, c.OW)), 1e-6);
   }
   // Global average pooling equals the mean over H, W.
   const Tensor x = randn({4, 5, 7, 7});
-  EXPECT_LT(poolt_rel_err(adaptive_avg_pool2d(x, {1, 1}).reshape({4, 5}), poolt_values(mean(x, {2, 3}))), 1e-6);
+  EXPECT_LT(mixprec::testing::rel_error(adaptive_avg_pool2d(x, {1, 1}).reshape({4, 5}), mixprec::testing::to_doubles(mean(x, {2, 3}))), 1e-6);
 }
 
 TEST(AdaptiveAvgPool2d, GradcheckIncludingNonContiguous) {
@@ -316,10 +300,10 @@ TEST(AdaptiveAvgPool2d, LowPrecisionAndUnbatched) {
     Tensor xl = x.to(dt).requires_grad_();
     const Tensor y = adaptive_avg_pool2d(xl, {1, 1});
     EXPECT_EQ(y.dtype(), dt);
-    EXPECT_LT(poolt_rel_err(y, poolt_values(y32)), tol) << name(dt);
+    EXPECT_LT(mixprec::testing::rel_error(y, mixprec::testing::to_doubles(y32)), tol) << name(dt);
     sum(y.to(kFloat32)).backward();
     EXPECT_EQ(xl.grad().dtype(), dt);
-    EXPECT_LT(poolt_rel_err(xl.grad(), std::vector<double>(static_cast<std::size_t>(x.numel()), 1.0 / 49)), tol) << name(dt);
+    EXPECT_LT(mixprec::testing::rel_error(xl.grad(), std::vector<double>(static_cast<std::size_t>(x.numel()), 1.0 / 49)), tol) << name(dt);
   }
   EXPECT_EQ(adaptive_avg_pool2d(x.select(0, 0), {2, 3}).sizes(), (Shape{16, 2, 3}));
 }

@@ -2,6 +2,8 @@
 
 #include <mixprec/mixprec.hpp>
 
+#include "ops/op_test_util.hpp"
+
 #include <cmath>
 #include <vector>
 
@@ -10,24 +12,6 @@ using namespace mixprec;
 namespace {
 
 // Values of any tensor as doubles, row-major.
-std::vector<double> shp_values(const Tensor& t) {
-  no_grad ng;
-  const Tensor c = t.detach().to(kFloat64).contiguous();
-  const double* p = c.data<double>();
-  return std::vector<double>(p, p + c.numel());
-}
-
-double shp_rel_err(const Tensor& a, const Tensor& b) {
-  const auto x = shp_values(a), y = shp_values(b);
-  EXPECT_EQ(x.size(), y.size());
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < x.size() && i < y.size(); ++i) {
-    num += (x[i] - y[i]) * (x[i] - y[i]);
-    den += y[i] * y[i];
-  }
-  return den == 0 ? std::sqrt(num) : std::sqrt(num / den);
-}
-
 Tensor shp_leaf(Tensor t) {
   t.requires_grad_();
   return t;
@@ -55,7 +39,7 @@ void shp_check_low_precision(const std::vector<Tensor>& inputs32, F f, double bf
     for (const Tensor& t : inputs32) low.push_back(t.is_floating_point() ? t.to(dt) : t);
     const Tensor out = f(low);
     EXPECT_EQ(out.dtype(), dt);
-    EXPECT_LT(shp_rel_err(out, ref), tol) << name(dt);
+    EXPECT_LT(mixprec::testing::rel_error(out, ref), tol) << name(dt);
   }
 }
 
@@ -78,7 +62,7 @@ TEST(ShapeCat, ForwardMatchesLoops) {
       }
   // Negative dim, and a non-contiguous input.
   Tensor bt = randn({4, 2, 5}, kFloat32, g).permute({1, 2, 0});
-  EXPECT_LT(shp_rel_err(cat({a, bt}, -2), cat({a, bt.contiguous()}, 1)), 1e-7);
+  EXPECT_LT(mixprec::testing::rel_error(cat({a, bt}, -2), cat({a, bt.contiguous()}, 1)), 1e-7);
   // Last dim.
   Tensor d = cat({a, a}, 2);
   EXPECT_EQ(d.sizes(), (Shape{2, 3, 8}));
@@ -100,12 +84,12 @@ TEST(ShapeCat, MixedDtypesPromoteAndGradientsKeepInputDtypes) {
   b.requires_grad_();
   Tensor out = cat({a, b, i});
   EXPECT_EQ(out.dtype(), kFloat32);
-  EXPECT_EQ(shp_values(out), (std::vector<double>{1, 1, 1, 1, 2, 2, 3, 3}));
+  EXPECT_EQ(mixprec::testing::to_doubles(out), (std::vector<double>{1, 1, 1, 1, 2, 2, 3, 3}));
   sum(mul(out, arange(0.0, 8.0, 1.0, kFloat32).reshape({4, 2}))).backward();
   EXPECT_EQ(a.grad().dtype(), kBFloat16);
   EXPECT_EQ(b.grad().dtype(), kFloat32);
-  EXPECT_EQ(shp_values(a.grad()), (std::vector<double>{0, 1, 2, 3}));
-  EXPECT_EQ(shp_values(b.grad()), (std::vector<double>{4, 5}));
+  EXPECT_EQ(mixprec::testing::to_doubles(a.grad()), (std::vector<double>{0, 1, 2, 3}));
+  EXPECT_EQ(mixprec::testing::to_doubles(b.grad()), (std::vector<double>{4, 5}));
   // Integer-only cat stays integer.
   EXPECT_EQ(cat({i, i}).dtype(), kInt64);
 }
@@ -183,12 +167,12 @@ TEST(ShapeSplit, PiecesAreViewsWithGradients) {
   ASSERT_EQ(parts.size(), 3u);
   EXPECT_EQ(parts[0].sizes(), (Shape{2, 2}));
   EXPECT_EQ(parts[2].sizes(), (Shape{2, 1}));
-  EXPECT_EQ(shp_values(parts[1]), (std::vector<double>{2, 3, 7, 8}));
+  EXPECT_EQ(mixprec::testing::to_doubles(parts[1]), (std::vector<double>{2, 3, 7, 8}));
   EXPECT_EQ(parts[1].storage(), x.storage());  // a view, not a copy
   auto bysize = split(x, std::vector<int64_t>{1, 0, 4}, -1);
   ASSERT_EQ(bysize.size(), 3u);
   EXPECT_EQ(bysize[1].sizes(), (Shape{2, 0}));
-  EXPECT_EQ(shp_values(bysize[2]), (std::vector<double>{1, 2, 3, 4, 6, 7, 8, 9}));
+  EXPECT_EQ(mixprec::testing::to_doubles(bysize[2]), (std::vector<double>{1, 2, 3, 4, 6, 7, 8, 9}));
   auto ch = chunk(x, 3, 1);  // ceil(5/3) = 2: pieces 2, 2, 1
   ASSERT_EQ(ch.size(), 3u);
   EXPECT_EQ(ch[2].sizes(), (Shape{2, 1}));
@@ -230,8 +214,8 @@ TEST(ShapeIndexSelect, ForwardMatchesLoops) {
   }
   // Integer tensors, dims 0 and -1, an empty index.
   Tensor xi = arange(12, kInt64).reshape({3, 4});
-  EXPECT_EQ(shp_values(index_select(xi, 0, shp_idx({2, 2}))), (std::vector<double>{8, 9, 10, 11, 8, 9, 10, 11}));
-  EXPECT_EQ(shp_values(index_select(xi, -1, shp_idx({3, 0}))), (std::vector<double>{3, 0, 7, 4, 11, 8}));
+  EXPECT_EQ(mixprec::testing::to_doubles(index_select(xi, 0, shp_idx({2, 2}))), (std::vector<double>{8, 9, 10, 11, 8, 9, 10, 11}));
+  EXPECT_EQ(mixprec::testing::to_doubles(index_select(xi, -1, shp_idx({3, 0}))), (std::vector<double>{3, 0, 7, 4, 11, 8}));
   EXPECT_EQ(index_select(xi, 0, empty({0}, kInt64)).sizes(), (Shape{0, 4}));
 }
 
@@ -246,7 +230,7 @@ TEST(ShapeIndexSelect, GradcheckRepeatedIndices) {
   // The summed gradient for a repeated row, explicitly.
   Tensor w = shp_leaf(ones({3, 2}, kFloat32));
   sum(index_select(w, 0, shp_idx({1, 1, 1, 2}))).backward();
-  EXPECT_EQ(shp_values(w.grad()), (std::vector<double>{0, 0, 3, 3, 1, 1}));
+  EXPECT_EQ(mixprec::testing::to_doubles(w.grad()), (std::vector<double>{0, 0, 3, 3, 1, 1}));
 }
 
 TEST(ShapeIndexSelect, LowPrecisionForwardAndBackward) {
@@ -263,8 +247,8 @@ TEST(ShapeIndexSelect, LowPrecisionForwardAndBackward) {
     return w.grad();
   };
   const Tensor ref = grad_of(kFloat32);
-  EXPECT_LT(shp_rel_err(grad_of(kBFloat16), ref), 1e-2);
-  EXPECT_LT(shp_rel_err(grad_of(kFloat16), ref), 2e-3);
+  EXPECT_LT(mixprec::testing::rel_error(grad_of(kBFloat16), ref), 1e-2);
+  EXPECT_LT(mixprec::testing::rel_error(grad_of(kFloat16), ref), 2e-3);
 }
 
 TEST(ShapeIndexSelect, Errors) {
@@ -306,7 +290,7 @@ TEST(ShapeGather, ForwardMatchesLoops) {
   // Non-contiguous input and index.
   Tensor xt = x.transpose(0, 2);  // [4, 5, 3]
   Tensor it = randint(0, 3, {4, 3, 2}, kInt64, g).transpose(1, 2);  // [4, 2, 3]
-  EXPECT_LT(shp_rel_err(gather(xt, -1, it), gather(xt.contiguous(), 2, it.contiguous())), 1e-7);
+  EXPECT_LT(mixprec::testing::rel_error(gather(xt, -1, it), gather(xt.contiguous(), 2, it.contiguous())), 1e-7);
   // Scalars.
   EXPECT_EQ(gather(scalar_tensor(5.0), 0, full({}, 0.0, kInt64)).item<float>(), 5.0f);
 }
@@ -335,8 +319,8 @@ TEST(ShapeGather, LowPrecision) {
     return w.grad();
   };
   const Tensor ref = grad_of(kFloat32);
-  EXPECT_LT(shp_rel_err(grad_of(kBFloat16), ref), 1e-2);
-  EXPECT_LT(shp_rel_err(grad_of(kFloat16), ref), 2e-3);
+  EXPECT_LT(mixprec::testing::rel_error(grad_of(kBFloat16), ref), 1e-2);
+  EXPECT_LT(mixprec::testing::rel_error(grad_of(kFloat16), ref), 2e-3);
 }
 
 TEST(ShapeGather, Errors) {
@@ -367,8 +351,8 @@ TEST(ShapeEmbedding, ForwardMatchesLoops) {
   EXPECT_EQ(embedding(w, full({}, 3.0, kInt64)).sizes(), (Shape{5}));
   Tensor wt = randn({5, 7}, kFloat32, g).t();
   Tensor it = randint(0, 7, {4, 3}, kInt64, g).t();
-  EXPECT_LT(shp_rel_err(embedding(wt, it), embedding(wt.contiguous(), it.contiguous())), 1e-7);
-  EXPECT_LT(shp_rel_err(embedding(w, shp_idx({2}), 2), w.select(0, 2).unsqueeze(0)), 1e-7);
+  EXPECT_LT(mixprec::testing::rel_error(embedding(wt, it), embedding(wt.contiguous(), it.contiguous())), 1e-7);
+  EXPECT_LT(mixprec::testing::rel_error(embedding(w, shp_idx({2}), 2), w.select(0, 2).unsqueeze(0)), 1e-7);
 }
 
 TEST(ShapeEmbedding, GradcheckRepeatedIndices) {
@@ -388,7 +372,7 @@ TEST(ShapeEmbedding, PaddingIdxGetsNoGradient) {
     Tensor gy = arange(0.0, 14.0, 1.0, kFloat64).reshape({7, 2});
     embedding(w, idx, pad).backward(gy);
     // Row r gets the sum of gy over the positions that look it up; row 2 gets nothing.
-    EXPECT_EQ(shp_values(w.grad()), (std::vector<double>{0 + 12, 1 + 13, 6, 7, 0, 0, 10, 11}));
+    EXPECT_EQ(mixprec::testing::to_doubles(w.grad()), (std::vector<double>{0 + 12, 1 + 13, 6, 7, 0, 0, 10, 11}));
   }
 }
 
@@ -405,8 +389,8 @@ TEST(ShapeEmbedding, LowPrecision) {
     return wl.grad();
   };
   const Tensor ref = grad_of(kFloat32);
-  EXPECT_LT(shp_rel_err(grad_of(kBFloat16), ref), 1e-2);
-  EXPECT_LT(shp_rel_err(grad_of(kFloat16), ref), 2e-3);
+  EXPECT_LT(mixprec::testing::rel_error(grad_of(kBFloat16), ref), 1e-2);
+  EXPECT_LT(mixprec::testing::rel_error(grad_of(kFloat16), ref), 2e-3);
 }
 
 TEST(ShapeEmbedding, ErrorsNameTheBadIndexAndV) {
@@ -450,18 +434,18 @@ TEST(ShapeCumsum, ForwardMatchesLoops) {
           }
           ra[a][b][c] = static_cast<float>(s);
         }
-    EXPECT_LT(shp_rel_err(out, ref), 1e-6) << "dim " << d;
+    EXPECT_LT(mixprec::testing::rel_error(out, ref), 1e-6) << "dim " << d;
   }
   // Integers accumulate in int64; a scalar is its own cumsum.
   Tensor xi = tensor(std::vector<int32_t>{1, 2, 3, 4});
   Tensor ci = cumsum(xi, 0);
   EXPECT_EQ(ci.dtype(), kInt64);
-  EXPECT_EQ(shp_values(ci), (std::vector<double>{1, 3, 6, 10}));
-  EXPECT_EQ(shp_values(cumsum(tensor(std::vector<uint8_t>{1, 1, 1}, {3}, kBool), 0)), (std::vector<double>{1, 2, 3}));
+  EXPECT_EQ(mixprec::testing::to_doubles(ci), (std::vector<double>{1, 3, 6, 10}));
+  EXPECT_EQ(mixprec::testing::to_doubles(cumsum(tensor(std::vector<uint8_t>{1, 1, 1}, {3}, kBool), 0)), (std::vector<double>{1, 2, 3}));
   EXPECT_EQ(cumsum(scalar_tensor(4.0), 0).item<float>(), 4.0f);
   // Non-contiguous input.
   Tensor xt = x.transpose(0, 1);
-  EXPECT_LT(shp_rel_err(cumsum(xt, 1), cumsum(xt.contiguous(), 1)), 1e-7);
+  EXPECT_LT(mixprec::testing::rel_error(cumsum(xt, 1), cumsum(xt.contiguous(), 1)), 1e-7);
 }
 
 TEST(ShapeCumsum, Gradcheck) {
@@ -487,8 +471,8 @@ TEST(ShapeCumsum, LowPrecisionAndAutocast) {
     return w.grad();
   };
   const Tensor ref = grad_of(kFloat32);
-  EXPECT_LT(shp_rel_err(grad_of(kBFloat16), ref), 1e-2);
-  EXPECT_LT(shp_rel_err(grad_of(kFloat16), ref), 2e-3);
+  EXPECT_LT(mixprec::testing::rel_error(grad_of(kBFloat16), ref), 1e-2);
+  EXPECT_LT(mixprec::testing::rel_error(grad_of(kFloat16), ref), 2e-3);
   autocast ac(Device::CPU, kBFloat16);
   EXPECT_EQ(cumsum(x.to(kBFloat16), 0).dtype(), kFloat32);  // Float32 policy
 }
@@ -501,15 +485,15 @@ TEST(ShapeCumsum, Errors) {
 // ---------------- tril / triu ----------------
 TEST(ShapeTriangle, MasksAndGradients) {
   Tensor x = arange(1.0, 13.0, 1.0, kFloat32).reshape({3, 4});
-  EXPECT_EQ(shp_values(tril(x)), (std::vector<double>{1, 0, 0, 0, 5, 6, 0, 0, 9, 10, 11, 0}));
-  EXPECT_EQ(shp_values(triu(x)), (std::vector<double>{1, 2, 3, 4, 0, 6, 7, 8, 0, 0, 11, 12}));
-  EXPECT_EQ(shp_values(tril(x, 1)), (std::vector<double>{1, 2, 0, 0, 5, 6, 7, 0, 9, 10, 11, 12}));
-  EXPECT_EQ(shp_values(triu(x, -1)), (std::vector<double>{1, 2, 3, 4, 5, 6, 7, 8, 0, 10, 11, 12}));
+  EXPECT_EQ(mixprec::testing::to_doubles(tril(x)), (std::vector<double>{1, 0, 0, 0, 5, 6, 0, 0, 9, 10, 11, 0}));
+  EXPECT_EQ(mixprec::testing::to_doubles(triu(x)), (std::vector<double>{1, 2, 3, 4, 0, 6, 7, 8, 0, 0, 11, 12}));
+  EXPECT_EQ(mixprec::testing::to_doubles(tril(x, 1)), (std::vector<double>{1, 2, 0, 0, 5, 6, 7, 0, 9, 10, 11, 12}));
+  EXPECT_EQ(mixprec::testing::to_doubles(triu(x, -1)), (std::vector<double>{1, 2, 3, 4, 5, 6, 7, 8, 0, 10, 11, 12}));
   // Batched, bool (the causal mask) and integer inputs.
   Tensor causal = tril(ones({2, 3, 3}, kBool));
   EXPECT_EQ(causal.dtype(), kBool);
-  EXPECT_EQ(shp_values(causal.select(0, 1)), (std::vector<double>{1, 0, 0, 1, 1, 0, 1, 1, 1}));
-  EXPECT_EQ(shp_values(triu(arange(4, kInt64).reshape({2, 2}), 1)), (std::vector<double>{0, 1, 0, 0}));
+  EXPECT_EQ(mixprec::testing::to_doubles(causal.select(0, 1)), (std::vector<double>{1, 0, 0, 1, 1, 0, 1, 1, 1}));
+  EXPECT_EQ(mixprec::testing::to_doubles(triu(arange(4, kInt64).reshape({2, 2}), 1)), (std::vector<double>{0, 1, 0, 0}));
   Tensor w = shp_transposed_leaf(4, 3, 26);
   auto r = gradcheck([](const std::vector<Tensor>& in) { return add(tril(in[0], -1), mul(triu(in[0]), in[0])); }, {w});
   EXPECT_TRUE(r.ok) << r.message;
