@@ -13,14 +13,6 @@
 namespace mixprec {
 
 namespace detail {
-// A contiguous tensor with t's values and no graph edge (kernels read raw pointers).
-inline Tensor act_contig(const Tensor& t) {
-  if (t.is_contiguous()) return t;
-  Tensor c = empty(t.sizes(), t.dtype());
-  copy_kernel(c, t);
-  return c;
-}
-
 struct ActSoftmaxDims {
   int64_t outer = 1, D = 1, inner = 1;
 };
@@ -185,14 +177,14 @@ Tensor act_softmax_op(OpId id, const char* name, const Tensor& x, int64_t dim) {
     require_cpu(name, x);
     MIXPREC_CHECK(x.is_floating_point(), name, ": expected a floating-point tensor, got ", x.dtype(), " of shape ", x.sizes());
     const ActSoftmaxDims s = act_softmax_dims(x, x.wrap_dim(dim, name));
-    const Tensor xc = act_contig(x);
+    const Tensor xc = contiguous_raw(x);
     Tensor y = empty(x.sizes(), x.dtype());
     if (x.numel() > 0)
       dispatch_floating(x.dtype(), name, [&]<class T>() { act_softmax_forward<T, Log>(xc.data<T>(), y.data<T>(), s); });
     if (autograd::should_record({x}))
       autograd::record(name, {x}, {y}, [sy = autograd::SavedTensor(y), s, name](const std::vector<Tensor>& g) -> std::vector<Tensor> {
         const Tensor& y = sy.get(name);
-        const Tensor gc = act_contig(expand_raw(as_dtype_raw(g[0], y.dtype()), y.sizes()));
+        const Tensor gc = contiguous_raw(expand_raw(as_dtype_raw(g[0], y.dtype()), y.sizes()));
         Tensor gx = empty(y.sizes(), y.dtype());
         if (y.numel() > 0)
           dispatch_floating(y.dtype(), name, [&]<class T>() { act_softmax_backward<T, Log>(gc.data<T>(), y.data<T>(), gx.data<T>(), s); });

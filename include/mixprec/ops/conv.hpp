@@ -300,13 +300,6 @@ void conv_backward_weight_kernel(const ConvGeom& g, const T* x, const T* y, acc_
   });
 }
 
-inline Tensor contiguous_raw(const Tensor& t) {
-  if (t.is_contiguous()) return t;
-  Tensor c = empty(t.sizes(), t.dtype());
-  copy_kernel(c, t);
-  return c;
-}
-
 // A weight or bias as the kernels read it: contiguous, in the compute type.
 inline Tensor conv_acc_operand(const Tensor& t) {
   if (!t.defined()) return t;

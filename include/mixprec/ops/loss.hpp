@@ -14,13 +14,6 @@ namespace mixprec {
 enum class Reduction { None, Mean, Sum };
 
 namespace detail {
-inline Tensor loss_contig(const Tensor& t) {
-  if (t.is_contiguous()) return t;
-  Tensor c = empty(t.sizes(), t.dtype());
-  copy_kernel(c, t);
-  return c;
-}
-
 // Where per-element losses are computed: float for 16-bit and float32, double for double.
 inline DType loss_acc_dtype(DType d) { return d == DType::Float64 ? DType::Float64 : DType::Float32; }
 // Dispatch over the two accumulation dtypes only (no 16-bit instantiations of the lambda).
@@ -65,7 +58,7 @@ inline Tensor loss_reduce(const Tensor& L, Reduction r, DType out, double count)
 // d (per-element dloss/dinput, acc dtype) times the upstream gradient of the reduction.
 inline Tensor loss_chain(const Tensor& d, const Tensor& g, Reduction r, double count) {
   if (r == Reduction::None)
-    return binary_kernel("loss_backward", d, loss_contig(expand_raw(as_dtype_raw(g, d.dtype()), d.sizes())),
+    return binary_kernel("loss_backward", d, contiguous_raw(expand_raw(as_dtype_raw(g, d.dtype()), d.sizes())),
                          [](auto a, auto b) { return a * b; });
   const double s = g.item<double>() / (r == Reduction::Mean ? count : 1.0);
   return unary_kernel("loss_backward", d, [s](auto a) { return a * static_cast<decltype(a)>(s); });
@@ -147,7 +140,7 @@ inline Tensor cross_entropy(const Tensor& logits, const Tensor& target, Reductio
                   label_smoothing);
     const detail::LossClassLayout lay = detail::loss_class_layout("cross_entropy", x, target);
     const int64_t N = lay.N, C = lay.C, S = lay.S, R = N * S;
-    const Tensor xc = detail::loss_contig(x), tc = detail::loss_contig(target);
+    const Tensor xc = detail::contiguous_raw(x), tc = detail::contiguous_raw(target);
     const int64_t count = detail::loss_check_targets("cross_entropy", tc.data<int64_t>(), R, C, ignore_index);
     const DType ad = detail::loss_acc_dtype(x.dtype());
     Tensor L = empty(lay.out_shape, ad), lse = empty({R}, ad);
@@ -192,13 +185,13 @@ inline Tensor cross_entropy(const Tensor& logits, const Tensor& target, Reductio
       autograd::record("cross_entropy", {x, target}, {out},
                        [sx = autograd::SavedTensor(x), st = autograd::SavedTensor(target), lse, N, C, S, count, reduction, ignore_index,
                         ls, out_shape = lay.out_shape](const std::vector<Tensor>& g) -> std::vector<Tensor> {
-                         const Tensor xc = detail::loss_contig(sx.get("cross_entropy"));
-                         const Tensor tc = detail::loss_contig(st.get("cross_entropy"));
+                         const Tensor xc = detail::contiguous_raw(sx.get("cross_entropy"));
+                         const Tensor tc = detail::contiguous_raw(st.get("cross_entropy"));
                          const int64_t R = N * S;
                          const DType ad = lse.dtype();
                          // Per-row factor of the upstream gradient.
                          const Tensor gr = reduction == Reduction::None
-                                               ? detail::loss_contig(detail::expand_raw(detail::as_dtype_raw(g[0], ad), out_shape))
+                                               ? detail::contiguous_raw(detail::expand_raw(detail::as_dtype_raw(g[0], ad), out_shape))
                                                : Tensor();
                          const double gs = reduction == Reduction::None
                                                ? 0.0
@@ -241,7 +234,7 @@ inline Tensor nll_loss(const Tensor& log_probs, const Tensor& target, Reduction 
   return dispatch(OpId::nll_loss, [reduction, ignore_index](const Tensor& x, const Tensor& target) {
     const detail::LossClassLayout lay = detail::loss_class_layout("nll_loss", x, target);
     const int64_t N = lay.N, C = lay.C, S = lay.S, R = N * S;
-    const Tensor tc = detail::loss_contig(target);
+    const Tensor tc = detail::contiguous_raw(target);
     const int64_t count = detail::loss_check_targets("nll_loss", tc.data<int64_t>(), R, C, ignore_index);
     const DType ad = detail::loss_acc_dtype(x.dtype());
     Tensor L = empty(lay.out_shape, ad);
@@ -277,11 +270,11 @@ inline Tensor nll_loss(const Tensor& log_probs, const Tensor& target, Reduction 
       autograd::record("nll_loss", {x, target}, {out},
                        [st = autograd::SavedTensor(target), in_sizes = x.sizes(), dt = x.dtype(), N, C, S, count, reduction, ignore_index,
                         out_shape = lay.out_shape](const std::vector<Tensor>& g) -> std::vector<Tensor> {
-                         const Tensor tc = detail::loss_contig(st.get("nll_loss"));
+                         const Tensor tc = detail::contiguous_raw(st.get("nll_loss"));
                          const int64_t R = N * S;
                          const DType ad = detail::loss_acc_dtype(dt);
                          const Tensor gr = reduction == Reduction::None
-                                               ? detail::loss_contig(detail::expand_raw(detail::as_dtype_raw(g[0], ad), out_shape))
+                                               ? detail::contiguous_raw(detail::expand_raw(detail::as_dtype_raw(g[0], ad), out_shape))
                                                : Tensor();
                          const double gs = reduction == Reduction::None
                                                ? 0.0

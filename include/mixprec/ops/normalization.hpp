@@ -10,18 +10,11 @@
 namespace mixprec {
 
 namespace detail {
-inline Tensor norm_contig(const Tensor& t) {
-  if (t.is_contiguous()) return t;
-  Tensor c = empty(t.sizes(), t.dtype());
-  copy_kernel(c, t);
-  return c;
-}
-
 // Values of a (possibly strided, any floating dtype) tensor as doubles; empty when undefined.
 inline std::vector<double> norm_to_vec(const Tensor& t) {
   std::vector<double> v;
   if (!t.defined()) return v;
-  const Tensor c = norm_contig(t);
+  const Tensor c = contiguous_raw(t);
   v.resize(static_cast<std::size_t>(c.numel()));
   dispatch_floating(c.dtype(), "normalization", [&]<class T>() {
     const T* p = c.data<T>();
@@ -157,7 +150,7 @@ inline Tensor batch_norm(const Tensor& x, const Tensor& running_mean, const Tens
                   x.sizes(), ")");
     MIXPREC_CHECK(!training || M > 1, "batch_norm: expected more than 1 value per channel when training, got input shape ", x.sizes());
 
-    const Tensor xc = detail::norm_contig(x);
+    const Tensor xc = detail::contiguous_raw(x);
     std::vector<double> mean(static_cast<std::size_t>(C)), rstd(static_cast<std::size_t>(C));
     const std::vector<double> w = detail::norm_to_vec(weight), b = detail::norm_to_vec(bias);
     Tensor y = empty(x.sizes(), x.dtype());
@@ -218,8 +211,8 @@ inline Tensor batch_norm(const Tensor& x, const Tensor& running_mean, const Tens
                         bd = bias.defined() ? bias.dtype() : DType::Float32, has_w = weight.defined(),
                         has_b = bias.defined()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
                          const Tensor& x = sx.get("batch_norm");
-                         const Tensor xc = detail::norm_contig(x);
-                         const Tensor gc = detail::norm_contig(detail::expand_raw(detail::as_dtype_raw(g[0], x.dtype()), x.sizes()));
+                         const Tensor xc = detail::contiguous_raw(x);
+                         const Tensor gc = detail::contiguous_raw(detail::expand_raw(detail::as_dtype_raw(g[0], x.dtype()), x.sizes()));
                          Tensor gx = empty(x.sizes(), x.dtype());
                          std::vector<double> gw(static_cast<std::size_t>(C)), gb(static_cast<std::size_t>(C));
                          dispatch_floating(x.dtype(), "batch_norm_backward", [&]<class T>() {
@@ -272,7 +265,7 @@ inline Tensor layer_norm(const Tensor& x, const Shape& normalized_shape, const T
     }
     detail::require_cpu("layer_norm", x);
     const int64_t D = numel_of(normalized_shape), M = D == 0 ? 0 : x.numel() / D;
-    const Tensor xc = detail::norm_contig(x);
+    const Tensor xc = detail::contiguous_raw(x);
     Tensor y = empty(x.sizes(), x.dtype());
     Tensor mean_t = empty({M}, DType::Float64), rstd_t = empty({M}, DType::Float64);
     const std::vector<double> wv = detail::norm_to_vec(weight), bv = detail::norm_to_vec(bias);
@@ -310,8 +303,8 @@ inline Tensor layer_norm(const Tensor& x, const Shape& normalized_shape, const T
                         bd = bias.defined() ? bias.dtype() : DType::Float32, has_w = weight.defined(), has_b = bias.defined(),
                         normalized_shape](const std::vector<Tensor>& g) -> std::vector<Tensor> {
                          const Tensor& x = sx.get("layer_norm");
-                         const Tensor xc = detail::norm_contig(x);
-                         const Tensor gc = detail::norm_contig(detail::expand_raw(detail::as_dtype_raw(g[0], x.dtype()), x.sizes()));
+                         const Tensor xc = detail::contiguous_raw(x);
+                         const Tensor gc = detail::contiguous_raw(detail::expand_raw(detail::as_dtype_raw(g[0], x.dtype()), x.sizes()));
                          Tensor gx = empty(x.sizes(), x.dtype());
                          std::vector<double> gw(static_cast<std::size_t>(D), 0.0), gb(static_cast<std::size_t>(D), 0.0);
                          const double* mp = mean_t.data<double>();
@@ -386,7 +379,7 @@ inline Tensor group_norm(const Tensor& x, int64_t num_groups, const Tensor& weig
     detail::norm_check_param("group_norm", bias, "bias", C, x);
     detail::require_cpu("group_norm", x);
     const int64_t G = num_groups, Cg = C / G, S = N * C == 0 ? 0 : x.numel() / (N * C), L = Cg * S;
-    const Tensor xc = detail::norm_contig(x);
+    const Tensor xc = detail::contiguous_raw(x);
     Tensor y = empty(x.sizes(), x.dtype());
     Tensor mean_t = empty({N * G}, DType::Float64), rstd_t = empty({N * G}, DType::Float64);
     const std::vector<double> w = detail::norm_to_vec(weight), b = detail::norm_to_vec(bias);
@@ -416,8 +409,8 @@ inline Tensor group_norm(const Tensor& x, int64_t num_groups, const Tensor& weig
                         bd = bias.defined() ? bias.dtype() : DType::Float32, has_w = weight.defined(),
                         has_b = bias.defined()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
                          const Tensor& x = sx.get("group_norm");
-                         const Tensor xc = detail::norm_contig(x);
-                         const Tensor gc = detail::norm_contig(detail::expand_raw(detail::as_dtype_raw(g[0], x.dtype()), x.sizes()));
+                         const Tensor xc = detail::contiguous_raw(x);
+                         const Tensor gc = detail::contiguous_raw(detail::expand_raw(detail::as_dtype_raw(g[0], x.dtype()), x.sizes()));
                          Tensor gx = empty(x.sizes(), x.dtype());
                          // Per (n, c): sum g and sum g xhat; reduced over n for the weight / bias.
                          std::vector<double> sg(static_cast<std::size_t>(N * C)), sgh(static_cast<std::size_t>(N * C));

@@ -8,14 +8,6 @@
 namespace mixprec {
 
 namespace detail {
-// The tensor with dtype `d` and contiguous layout, copying only if needed; no graph edge.
-inline Tensor contiguous_raw(const Tensor& t, DType d) {
-  if (t.dtype() == d && t.is_contiguous()) return t;
-  Tensor out = empty(t.sizes(), d, t.device());
-  copy_kernel(out, t);
-  return out;
-}
-
 // (outer, n, inner) of `sizes` around dimension `dim`.
 struct DimSplit {
   int64_t outer = 1, n = 1, inner = 1;

@@ -74,6 +74,15 @@ inline void copy_kernel(const Tensor& dst, const Tensor& src) {
     });
   });
 }
+
+// t's values, contiguous and in dtype d, without a graph edge: what kernels read raw pointers from.
+inline Tensor contiguous_raw(const Tensor& t, DType d) {
+  if (t.dtype() == d && t.is_contiguous()) return t;
+  Tensor out = empty(t.sizes(), d, t.device());
+  copy_kernel(out, t);
+  return out;
+}
+inline Tensor contiguous_raw(const Tensor& t) { return contiguous_raw(t, t.dtype()); }
 }  // namespace detail
 
 // ---------- factories ----------
