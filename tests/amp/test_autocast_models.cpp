@@ -70,3 +70,54 @@ TEST(AutocastModels, TransformerBlockMatchesFloat32) {
   const Tensor x = randn({2, 10, 32}, kFloat32, g), target = randn({2, 10, 32}, kFloat32, g);
   am_compare(block, x, target, 2e-2, 3e-3);
 }
+
+// batch_norm is unlisted: under autocast it takes the 16-bit conv output with its float32 weight
+// and running statistics and writes a 16-bit output, so a conv-bn-relu stack saves 16-bit
+// activations only. Its statistics still match float32's.
+TEST(AutocastModels, BatchNormKeepsSixteenBitActivationsWithFloat32Statistics) {
+  Generator g(5);
+  const Tensor x = randn({8, 4, 10, 10}, kFloat32, g);
+  for (DType low : {kBFloat16, kFloat16}) {
+    nn::Conv2d conv(4, 6, 3, 1, 1, 1, 1, false, g);
+    nn::BatchNorm2d bn_ref(6), bn(6);
+    const Tensor ref = bn_ref.forward(conv.forward(x));
+    Tensor y;
+    {
+      autocast ac(Device::CPU, low);
+      const Tensor c = conv.forward(x);
+      ASSERT_EQ(c.dtype(), low);
+      y = bn.forward(c);
+    }
+    EXPECT_EQ(y.dtype(), low);
+    EXPECT_EQ(bn.running_mean.dtype(), kFloat32);
+    EXPECT_LT(rel_error(y.to(kFloat32), ref), low == kBFloat16 ? 1e-2 : 2e-3) << low;
+    EXPECT_LT(rel_error(bn.running_mean, bn_ref.running_mean), low == kBFloat16 ? 2e-2 : 3e-3) << low;
+    EXPECT_LT(rel_error(bn.running_var, bn_ref.running_var), low == kBFloat16 ? 2e-2 : 3e-3) << low;
+    sum(y * y).backward();
+    EXPECT_EQ(bn.weight.grad().dtype(), kFloat32);
+    EXPECT_EQ(conv.weight.grad().dtype(), kFloat32);
+  }
+}
+
+// What the user buys with autocast: the tensors a conv-bn-relu network keeps for backward take
+// about half of float32's bytes (the target of the benchmark issue is at most 55%).
+TEST(AutocastModels, ConvNetSavesActivationsInSixteenBits) {
+  Generator g(6);
+  nn::Sequential net{std::make_shared<nn::Conv2d>(8, 16, 3, 1, 1, 1, 1, false, g), std::make_shared<nn::BatchNorm2d>(16),
+                     std::make_shared<nn::ReLU>(), std::make_shared<nn::Conv2d>(16, 16, 3, 1, 1, 1, 1, false, g),
+                     std::make_shared<nn::BatchNorm2d>(16), std::make_shared<nn::ReLU>(),
+                     std::make_shared<nn::Conv2d>(16, 16, 3, 1, 1, 1, 1, false, g), std::make_shared<nn::BatchNorm2d>(16),
+                     std::make_shared<nn::ReLU>()};
+  const Tensor x = randn({16, 8, 16, 16}, kFloat32, g).to(kBFloat16);  // a 16-bit input, as from a previous layer
+  const Tensor x32 = x.to(kFloat32);
+  auto graph_bytes = [&](const Tensor& input, bool amp) {
+    const int64_t before = memory_stats(Device::CPU).allocated_bytes;
+    std::optional<autocast> ac;
+    if (amp) ac.emplace(Device::CPU, kBFloat16);
+    const Tensor out = net.forward(input);
+    return memory_stats(Device::CPU).allocated_bytes - before;  // saved tensors + output, graph alive
+  };
+  const int64_t f32 = graph_bytes(x32, false), bf16 = graph_bytes(x, true);
+  EXPECT_GT(f32, 0);
+  EXPECT_LE(static_cast<double>(bf16), 0.55 * static_cast<double>(f32)) << "fp32 " << f32 << " bytes, bf16 autocast " << bf16;
+}

@@ -8,8 +8,10 @@
 //    every device. PyTorch's CPU list leaves exp/log/softmax/sum in the input dtype; we keep one
 //    table for all devices because a bfloat16 softmax or sum loses 2-3 digits the user never asked
 //    to lose, and the extra float32 pass is cheap next to the matmuls around it.
-//  - batch_norm runs in float32 (PyTorch runs cudnn batch_norm with float32 statistics internally
-//    on 16-bit inputs; our kernels are simpler when the whole op is float32).
+//  - batch_norm is unlisted, as in PyTorch: it takes the 16-bit activation with float32 weights
+//    and running statistics, accumulates its statistics in double and writes its output in the
+//    input dtype. Upcasting it would save a float32 copy of every activation for backward.
+//    layer_norm and group_norm stay in float32, as PyTorch's lists have them.
 //  - binary_cross_entropy is banned under float16 autocast on every device (PyTorch bans it on
 //    CUDA, where float16 is the default); under bfloat16 it runs in float32, as on PyTorch's CPU.
 //  - maximum/minimum and the comparisons promote (PyTorch's TensorIterator promotes them too).
@@ -56,6 +58,7 @@ struct PolicyTable {
 #undef MIXPREC_OP
     entries[static_cast<int>(OpId::binary_cross_entropy)].note =
         "unsafe to autocast in float16: use binary_cross_entropy_with_logits";
+    entries[static_cast<int>(OpId::batch_norm)].note = "16-bit input with float32 weights: float32 statistics, output in the input dtype";
   }
   std::size_t add(std::string op, Policy p, std::string note) {
     index.emplace(op, entries.size());
