@@ -1,5 +1,6 @@
 // Quick start: a float32 training loop and the same loop with float16 autocast and the
 // GradScaler. Diff the two functions: three lines change (marked AMP 1/3, 2/3, 3/3).
+#include <cmath>
 #include <cstdio>
 #include <iostream>
 
@@ -47,14 +48,18 @@ double train_amp(Setup& s, int64_t steps) {
     { autocast ac(Device::CPU, DType::Float16); loss = cross_entropy(model->forward(x), y); }  // AMP 2/3
     scaler.scale(loss).backward(); scaler.step(*opt); scaler.update();                        // AMP 3/3
   }
-  std::printf("  loss scale after %lld steps: %g\n", static_cast<long long>(steps), scaler.get_scale());
+  // The first steps may be skipped: the scale starts at 2^16 and halves until the gradients fit
+  // in float16, exactly as PyTorch's GradScaler does. It grows only after 2000 clean steps, so
+  // here every halving is one skipped step.
+  std::printf("  loss scale after %lld steps: %g (%lld steps skipped while it calibrated)\n", static_cast<long long>(steps),
+              scaler.get_scale(), static_cast<long long>(std::llround(std::log2(65536.0 / scaler.get_scale()))));
   return loss.item<double>();
 }
 
 }  // namespace
 
 int quickstart(int argc, char** argv) {
-  examples::Cli cli(argc, argv, {{"batch-size", "8"}, {"image-size", "64"}, {"steps", "3"}, {"seed", "0"}});
+  examples::Cli cli(argc, argv, {{"batch-size", "8"}, {"image-size", "64"}, {"steps", "8"}, {"seed", "0"}});
   if (cli.help()) {
     cli.usage(std::cout, "mixprec_patterns quickstart");
     return 0;
