@@ -8,10 +8,23 @@ packages=(
   zlib1g-dev              # gzip IDX files
   libgtest-dev            # tests
   libbenchmark-dev        # benchmarks/
+  libdnnl-dev             # benchmarks/: oneDNN's sgemm as the float32 GEMM yardstick
   dataset-fashion-mnist   # examples/resnet
   fortunes                # examples/transformer
   python3                 # scripts
+  libopenmpi-dev          # data-parallel training (mixprec::mpi)
+  openmpi-bin             # mpirun for the data-parallel tests and --distributed
+  clang-14                # scripts/fuzz.sh: libFuzzer targets (fuzz/)
+  libclang-rt-14-dev      # scripts/fuzz.sh: libFuzzer, ASan and UBSan runtimes for clang
 )
+# `scripts/setup.sh peers` (benchmarks/peers/compare.sh runs it) also installs the LibTorch peer;
+# the build and tests never need it, so CI does not download it.
+if [ "${1:-}" = peers ]; then
+  packages+=(
+    libtorch-dev          # benchmarks/peers: the LibTorch side of the peer comparison
+    libopenblas0-openmp   # benchmarks/peers: LibTorch's fp32 matmul BLAS (Debian's default is the reference BLAS)
+  )
+fi
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,5 +1,7 @@
 // Trains a ResNet on Fashion-MNIST (Debian: dataset-fashion-mnist) in fp32, bf16 autocast, or fp16
-// autocast with the GradScaler; prints test accuracy and peak tensor memory.
+// autocast with the GradScaler; prints test accuracy and peak tensor memory. With --distributed,
+// under `mpirun -np N`, trains data-parallel: each rank a shard of every epoch, rank 0 reports.
+#include <chrono>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -7,6 +9,7 @@
 #include <mixprec/mixprec.hpp>
 
 #include "common/cli.hpp"
+#include "common/distributed.hpp"
 #include "common/precision.hpp"
 #include "common/progress.hpp"
 
@@ -15,10 +18,14 @@ using examples::Precision;
 
 namespace {
 
-double evaluate(nn::Module& model, const data::FashionMnist& test, Precision precision, int64_t batch_size, int64_t limit) {
+// Each rank evaluates its shard of the test set with rank 0's BatchNorm statistics.
+double evaluate(nn::Module& model, const data::FashionMnist& test, Precision precision, int64_t batch_size, int64_t limit,
+                examples::Distributed& dist) {
   model.eval();
   no_grad ng;
+  dist.sync_buffers();
   data::DataLoader loader(data::TensorDataset(test.images, test.labels), batch_size);
+  loader.set_shard(dist.rank(), dist.world());
   int64_t correct = 0, seen = 0, batches = 0;
   for (auto& b : loader) {
     if (limit > 0 && batches++ >= limit) break;
@@ -32,7 +39,8 @@ double evaluate(nn::Module& model, const data::FashionMnist& test, Precision pre
     seen += b.targets.numel();
   }
   model.train();
-  return seen ? static_cast<double>(correct) / static_cast<double>(seen) : 0.0;
+  const double all_correct = dist.sum(static_cast<double>(correct)), all_seen = dist.sum(static_cast<double>(seen));
+  return all_seen > 0 ? all_correct / all_seen : 0.0;
 }
 
 int run(int argc, char** argv) {
@@ -40,7 +48,7 @@ int run(int argc, char** argv) {
                     {{"precision", "bf16"}, {"model", "resnet20"}, {"epochs", "1"}, {"batch-size", "128"}, {"lr", "0.004"},
                      {"limit-batches", "0"}, {"seed", "0"}, {"csv", ""}, {"checkpoint", ""}, {"resume", ""},
                      {"data-dir", data::kFashionMnistDir}, {"weight-decay", "0.05"}},
-                    {"synthetic"});
+                    {"synthetic", "distributed"});
   if (cli.help()) {
     cli.usage(std::cout, "mixprec_resnet");
     return 0;
@@ -50,6 +58,7 @@ int run(int argc, char** argv) {
   const uint64_t seed = static_cast<uint64_t>(cli.i64("seed"));
   MIXPREC_CHECK(epochs >= 1 && batch_size >= 1 && limit >= 0, "epochs and batch-size must be >= 1, limit-batches >= 0");
   manual_seed(seed);
+  examples::Distributed dist(cli.flag("distributed"));
 
   data::FashionMnist train, test;
   if (cli.flag("synthetic")) {
@@ -64,40 +73,49 @@ int run(int argc, char** argv) {
   auto model = nn::models::make_resnet(cli.str("model"), 10, 1, false, init_gen);
   optim::AdamW opt(model->parameters(), cli.f64("lr"), {0.9, 0.999}, 1e-8, cli.f64("weight-decay"));
   amp::GradScaler scaler(65536.0, 2.0, 0.5, 2000, /*enabled=*/precision == Precision::FP16);
+  dist.wrap(*model, scaler);
+  // --batch-size is per rank: the global batch is world times larger.
   data::DataLoader loader(data::TensorDataset(train.images, train.labels), batch_size, /*shuffle=*/true, seed,
                           /*drop_last=*/true, /*prefetch=*/true);
+  loader.set_shard(dist.rank(), dist.world(), /*equal_sizes=*/true);
   const int64_t steps_per_epoch = limit > 0 ? std::min<int64_t>(limit, loader.size()) : loader.size();
   optim::lr_scheduler::OneCycleLR sched(opt, cli.f64("lr"), epochs * steps_per_epoch);
 
   io::CheckpointParts parts{model.get(), &opt, &scaler, &sched, {&default_generator()}};
   io::TrainingState state;
   if (!cli.str("resume").empty()) {
-    state = io::load_checkpoint(cli.str("resume"), parts);
-    std::printf("resumed from %s at epoch %lld, step %lld\n", cli.str("resume").c_str(), static_cast<long long>(state.epoch),
+    state = io::load_checkpoint(cli.str("resume"), parts);  // every rank: they stay identical
+    if (dist.is_main())
+      std::printf("resumed from %s at epoch %lld, step %lld\n", cli.str("resume").c_str(), static_cast<long long>(state.epoch),
                 static_cast<long long>(state.step));
   }
 
   std::ofstream csv;
-  if (!cli.str("csv").empty()) {
+  if (!cli.str("csv").empty() && dist.is_main()) {
     csv.open(cli.str("csv"), state.step > 0 ? std::ios::app : std::ios::trunc);
     MIXPREC_CHECK(csv.good(), "cannot open --csv file ", cli.str("csv"));
     if (state.step == 0) csv << "step,epoch,loss,lr,scale\n";
   }
-  std::printf("%s on %s, %s, %lld parameters, batch %lld, %lld steps/epoch, threads %d\n", cli.str("model").c_str(),
-              cli.flag("synthetic") ? "synthetic data" : "Fashion-MNIST", cli.str("precision").c_str(),
-              static_cast<long long>(model->num_parameters()), static_cast<long long>(batch_size),
-              static_cast<long long>(steps_per_epoch), cpu::num_threads());
+  if (dist.is_main())
+    std::printf("%s on %s, %s, %lld parameters, batch %lld, %lld steps/epoch, threads %d, processes %d\n",
+                cli.str("model").c_str(), cli.flag("synthetic") ? "synthetic data" : "Fashion-MNIST",
+                cli.str("precision").c_str(), static_cast<long long>(model->num_parameters()),
+                static_cast<long long>(batch_size * dist.world()), static_cast<long long>(steps_per_epoch),
+                cpu::num_threads(), dist.world());
   reset_peak_memory_stats(Device::CPU);
+  const auto start = std::chrono::steady_clock::now();
+  int64_t steps_run = 0;
 
   for (int64_t epoch = state.epoch; epoch < epochs; ++epoch) {
     loader.set_epoch(epoch);
-    examples::Progress progress("epoch " + std::to_string(epoch + 1), steps_per_epoch, batch_size);
+    examples::Progress progress("epoch " + std::to_string(epoch + 1), steps_per_epoch, batch_size * dist.world());
     int64_t i = 0;
     for (auto& b : loader) {
       if (i >= steps_per_epoch) break;
       Tensor loss;
       {
         examples::ForwardScope scope(precision);
+        dist.sync_buffers();
         loss = cross_entropy(model->forward(b.inputs), b.targets);
       }
       opt.zero_grad();
@@ -107,18 +125,24 @@ int run(int argc, char** argv) {
       sched.step();
       ++i;
       ++state.step;
-      const double l = loss.item<double>();
-      progress.update(i, l, precision == Precision::FP16 ? scaler.get_scale() : 0.0);
+      ++steps_run;
+      const double l = dist.mean(loss.item<double>());  // the global batch's loss
+      if (dist.is_main()) progress.update(i, l, precision == Precision::FP16 ? scaler.get_scale() : 0.0);
       if (csv.is_open()) csv << state.step << ',' << epoch << ',' << l << ',' << sched.get_last_lr()[0] << ',' << scaler.get_scale() << '\n';
     }
     state.epoch = epoch + 1;
-    if (!cli.str("checkpoint").empty()) {
+    if (!cli.str("checkpoint").empty() && dist.is_main()) {
       io::save_checkpoint(cli.str("checkpoint"), parts, state);
       std::printf("saved checkpoint %s\n", cli.str("checkpoint").c_str());
     }
   }
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   const MemoryStats mem = memory_stats(Device::CPU);
-  const double acc = evaluate(*model, test, precision, 500, limit > 0 ? 2 : 0);
+  const double acc = evaluate(*model, test, precision, 500, limit > 0 ? 2 : 0, dist);
+  if (!dist.is_main()) return 0;
+  std::printf("global throughput: %.1f images/s (%d processes x batch %lld, %lld steps in %.1f s)\n",
+              secs > 0 ? static_cast<double>(steps_run * batch_size * dist.world()) / secs : 0.0, dist.world(),
+              static_cast<long long>(batch_size), static_cast<long long>(steps_run), secs);
   std::printf("test accuracy: %.2f%%\n", 100.0 * acc);
   std::printf("peak tensor memory (training): %.1f MiB\n", static_cast<double>(mem.peak_allocated_bytes) / (1 << 20));
   return 0;
@@ -131,6 +155,7 @@ int main(int argc, char** argv) {
     return run(argc, argv);
   } catch (const mixprec::Error& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
+    examples::Distributed::abort_job(1);
     return 1;
   }
 }

@@ -1,6 +1,8 @@
 // Trains the GPT-style byte-level decoder on the fortunes corpus (Debian: fortunes) in fp32,
 // bf16 autocast, or fp16 autocast with the GradScaler; prints validation loss, bits per byte
-// and a short generated sample.
+// and a short generated sample. With --distributed, under `mpirun -np N`, trains data-parallel:
+// every rank draws the same global batch and trains on its slice of it; rank 0 reports.
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
@@ -9,6 +11,7 @@
 #include <mixprec/mixprec.hpp>
 
 #include "common/cli.hpp"
+#include "common/distributed.hpp"
 #include "common/precision.hpp"
 #include "common/progress.hpp"
 
@@ -44,7 +47,7 @@ int run(int argc, char** argv) {
                      {"lr", "0.001"}, {"limit-batches", "0"}, {"seed", "0"}, {"csv", ""}, {"checkpoint", ""}, {"resume", ""},
                      {"corpus", data::kFortunesDir}, {"layers", "4"}, {"d-model", "256"}, {"heads", "4"}, {"sample-len", "200"},
                      {"eval-batches", "20"}},
-                    {"synthetic"});
+                    {"synthetic", "distributed"});
   if (cli.help()) {
     cli.usage(std::cout, "mixprec_transformer");
     return 0;
@@ -56,6 +59,7 @@ int run(int argc, char** argv) {
   const uint64_t seed = static_cast<uint64_t>(cli.i64("seed"));
   MIXPREC_CHECK(epochs >= 1 && batch_size >= 1 && seq_len >= 2 && steps_per_epoch >= 1, "bad epochs/batch-size/seq-len/steps");
   manual_seed(seed);
+  examples::Distributed dist(cli.flag("distributed"));
 
   const data::TextDataset text = cli.flag("synthetic")
                                      ? data::TextDataset::from_text([] {
@@ -74,30 +78,39 @@ int run(int argc, char** argv) {
   nn::models::GPT model(cfg, init_gen);
   optim::AdamW opt(model.parameters(), cli.f64("lr"), {0.9, 0.95}, 1e-8, 0.1);
   amp::GradScaler scaler(65536.0, 2.0, 0.5, 2000, /*enabled=*/precision == Precision::FP16);
+  dist.wrap(model, scaler);
   optim::lr_scheduler::CosineAnnealingWarmupLR sched(opt, std::max<int64_t>(1, epochs * steps_per_epoch / 20), epochs * steps_per_epoch,
                                                      cli.f64("lr") * 0.1);
   io::CheckpointParts parts{&model, &opt, &scaler, &sched, {&default_generator(), &batch_gen}};
   io::TrainingState state;
   if (!cli.str("resume").empty()) {
-    state = io::load_checkpoint(cli.str("resume"), parts);
-    std::printf("resumed from %s at epoch %lld\n", cli.str("resume").c_str(), static_cast<long long>(state.epoch));
+    state = io::load_checkpoint(cli.str("resume"), parts);  // every rank: they stay identical
+    if (dist.is_main()) std::printf("resumed from %s at epoch %lld\n", cli.str("resume").c_str(), static_cast<long long>(state.epoch));
   }
   std::ofstream csv;
-  if (!cli.str("csv").empty()) {
+  if (!cli.str("csv").empty() && dist.is_main()) {
     csv.open(cli.str("csv"), state.step > 0 ? std::ios::app : std::ios::trunc);
     MIXPREC_CHECK(csv.good(), "cannot open --csv file ", cli.str("csv"));
     if (state.step == 0) csv << "step,epoch,loss,lr,scale\n";
   }
-  std::printf("GPT %lld layers d_model %lld on %s (%lld train / %lld validation bytes), %s, %lld parameters\n",
-              static_cast<long long>(cfg.n_layer), static_cast<long long>(cfg.d_model),
-              cli.flag("synthetic") ? "synthetic text" : cli.str("corpus").c_str(),
-              static_cast<long long>(text.size(data::Split::Train)), static_cast<long long>(text.size(data::Split::Validation)),
-              cli.str("precision").c_str(), static_cast<long long>(model.num_parameters()));
+  if (dist.is_main())
+    std::printf("GPT %lld layers d_model %lld on %s (%lld train / %lld validation bytes), %s, %lld parameters, %d processes\n",
+                static_cast<long long>(cfg.n_layer), static_cast<long long>(cfg.d_model),
+                cli.flag("synthetic") ? "synthetic text" : cli.str("corpus").c_str(),
+                static_cast<long long>(text.size(data::Split::Train)), static_cast<long long>(text.size(data::Split::Validation)),
+                cli.str("precision").c_str(), static_cast<long long>(model.num_parameters()), dist.world());
   reset_peak_memory_stats(Device::CPU);
+  const int64_t tokens_per_step = batch_size * seq_len * dist.world();
+  const auto start = std::chrono::steady_clock::now();
+  int64_t steps_run = 0;
   for (int64_t epoch = state.epoch; epoch < epochs; ++epoch) {
-    examples::Progress progress("epoch " + std::to_string(epoch + 1), steps_per_epoch, batch_size * seq_len);
+    examples::Progress progress("epoch " + std::to_string(epoch + 1), steps_per_epoch, tokens_per_step);
     for (int64_t i = 1; i <= steps_per_epoch; ++i) {
-      auto [x, y] = text.get_batch(data::Split::Train, batch_size, seq_len, batch_gen);
+      // One generator state on every rank (so a checkpoint resumes every rank): all draw the
+      // global batch, each keeps its rows. --batch-size is per rank.
+      auto [gx, gy] = text.get_batch(data::Split::Train, batch_size * dist.world(), seq_len, batch_gen);
+      const Tensor x = gx.narrow(0, dist.rank() * batch_size, batch_size).contiguous();
+      const Tensor y = gy.narrow(0, dist.rank() * batch_size, batch_size).contiguous();
       Tensor loss;
       {
         examples::ForwardScope scope(precision);
@@ -111,13 +124,20 @@ int run(int argc, char** argv) {
       scaler.update();
       sched.step();
       ++state.step;
-      const double l = loss.item<double>();
-      progress.update(i, l, precision == Precision::FP16 ? scaler.get_scale() : 0.0);
+      ++steps_run;
+      const double l = dist.mean(loss.item<double>());  // the global batch's loss
+      if (dist.is_main()) progress.update(i, l, precision == Precision::FP16 ? scaler.get_scale() : 0.0);
       if (csv.is_open()) csv << state.step << ',' << epoch << ',' << l << ',' << sched.get_last_lr()[0] << ',' << scaler.get_scale() << '\n';
     }
     state.epoch = epoch + 1;
-    if (!cli.str("checkpoint").empty()) io::save_checkpoint(cli.str("checkpoint"), parts, state);
+    if (!cli.str("checkpoint").empty() && dist.is_main()) io::save_checkpoint(cli.str("checkpoint"), parts, state);
   }
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  // The weights are identical on every rank: rank 0 alone evaluates and samples.
+  if (!dist.is_main()) return 0;
+  std::printf("global throughput: %.0f tokens/s (%d processes x batch %lld x %lld tokens, %lld steps in %.1f s)\n",
+              secs > 0 ? static_cast<double>(steps_run * tokens_per_step) / secs : 0.0, dist.world(),
+              static_cast<long long>(batch_size), static_cast<long long>(seq_len), static_cast<long long>(steps_run), secs);
   const MemoryStats mem = memory_stats(Device::CPU);
   const double vl = validation_loss(model, text, precision, seq_len, batch_size, cli.i64("eval-batches"));
   std::printf("validation loss: %.4f nats/byte, %.4f bits per byte\n", vl, vl / std::log(2.0));
@@ -135,6 +155,7 @@ int main(int argc, char** argv) {
     return run(argc, argv);
   } catch (const mixprec::Error& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
+    examples::Distributed::abort_job(1);
     return 1;
   }
 }

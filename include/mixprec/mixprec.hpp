@@ -22,6 +22,7 @@
 #include "mixprec/tensor/generator.hpp"
 #include "mixprec/tensor/tensor.hpp"
 #include "mixprec/autograd/grad_mode.hpp"
+#include "mixprec/autograd/anomaly.hpp"
 #include "mixprec/autograd/function.hpp"
 #include "mixprec/amp/policy.hpp"
 #include "mixprec/amp/trace.hpp"

@@ -408,12 +408,15 @@ TEST(GroupNorm, Errors) {
 
 // ---------------- autocast ----------------
 
-TEST(Normalization, AutocastRunsInFloat32) {
+// Under autocast batch_norm keeps its 16-bit input's dtype (float32 statistics inside, float32
+// buffers updated in place); layer_norm and group_norm run in float32.
+TEST(Normalization, AutocastPolicies) {
   Generator g(30);
   const Tensor x = randn({4, 6, 3}, kFloat32, g).to(kBFloat16);
   autocast ac(Device::CPU, kBFloat16);
   Tensor rm = zeros({6}), rv = ones({6});
-  EXPECT_EQ(batch_norm(x, rm, rv, ones({6}), zeros({6}), true).dtype(), kFloat32);
+  EXPECT_EQ(batch_norm(x, rm, rv, ones({6}), zeros({6}), true).dtype(), kBFloat16);
+  EXPECT_EQ(rm.dtype(), kFloat32);
   EXPECT_NE(mixprec::testing::to_doubles(rm), std::vector<double>(6, 0.0));  // the caller's buffer was updated
   // bfloat16 buffers (a model moved to bfloat16) are updated in place, not through a cast copy.
   Tensor rm16 = zeros({6}, kBFloat16), rv16 = ones({6}, kBFloat16);

@@ -7,6 +7,7 @@
 #include <unordered_map>
 
 #include "mixprec/amp/policy.hpp"
+#include "mixprec/autograd/anomaly.hpp"
 #include "mixprec/autograd/function.hpp"
 #include "mixprec/amp/trace.hpp"
 
@@ -181,11 +182,12 @@ inline CastStats cast_stats() { return {detail::state().casts, detail::state().c
 inline void reset_cast_stats() { detail::state().casts = detail::state().cache_hits = 0; }
 }  // namespace amp
 
-// Every op body runs through here. Off the autocast/trace path it is one thread-local load.
+// Every op body runs through here. Off the autocast/trace/anomaly path it is one thread-local load.
 template <class Impl, class... Args>
 decltype(auto) dispatch(OpId id, Impl&& impl, const Args&... args) {
   auto& s = amp::detail::state();
-  if (s.suppressed > 0 || (!amp::detail::any_enabled() && !amp::trace_active())) [[likely]] return impl(args...);
+  if (s.suppressed > 0 || (!amp::detail::any_enabled() && !amp::trace_active() && !anomaly_mode_enabled())) [[likely]]
+    return impl(args...);
   const Device dev = amp::detail::device_of_args(args...);
   std::optional<DType> to;
   if (s.enabled[static_cast<int>(dev)])
@@ -194,6 +196,14 @@ decltype(auto) dispatch(OpId id, Impl&& impl, const Args&... args) {
   if (!to) {
     auto out = impl(args...);
     amp::detail::trace_record(id, out);
+    anomaly::detail::check_forward(id, to, out, args...);
+    return out;
+  }
+  if (anomaly_mode_enabled()) {  // keep the cast arguments: the report names the dtypes the kernel ran on
+    std::tuple<decltype(amp::detail::cast_arg(args, dev, *to))...> cast_args(amp::detail::cast_arg(args, dev, *to)...);
+    auto out = std::apply(impl, cast_args);
+    amp::detail::trace_record(id, out);
+    std::apply([&](const auto&... a) { anomaly::detail::check_forward(id, to, out, a...); }, cast_args);
     return out;
   }
   auto out = impl(amp::detail::cast_arg(args, dev, *to)...);

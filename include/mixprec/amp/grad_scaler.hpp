@@ -20,6 +20,7 @@
 // reason, so mixprec accepts them.)
 #include <atomic>
 #include <bit>
+#include <functional>
 #include <limits>
 #include <map>
 #include <string>
@@ -31,7 +32,26 @@ namespace mixprec::amp {
 
 namespace detail {
 
-inline bool nonfinite(float v) { return (std::bit_cast<uint32_t>(v) & 0x7f800000u) == 0x7f800000u; }
+MIXPREC_HOST_DEVICE bool nonfinite(float v) { return (std::bit_cast<uint32_t>(v) & 0x7f800000u) == 0x7f800000u; }
+
+// update()'s arithmetic, shared with the on-device update (backends/cuda/amp.cuh): back off on
+// inf/NaN; after `interval` clean steps grow, but never past float32's range to inf.
+MIXPREC_HOST_DEVICE void update_scale(float& scale, int64_t& growth_tracker, bool found_inf, double growth_factor,
+                                      double backoff_factor, int64_t growth_interval) {
+  if (found_inf) {
+    scale = static_cast<float>(static_cast<double>(scale) * backoff_factor);
+    growth_tracker = 0;
+    return;
+  }
+  const int64_t successful = growth_tracker + 1;
+  if (successful == growth_interval) {
+    const float grown = static_cast<float>(static_cast<double>(scale) * growth_factor);
+    if (!nonfinite(grown)) scale = grown;
+    growth_tracker = 0;
+  } else {
+    growth_tracker = successful;
+  }
+}
 
 // Unscales elements [lo, hi) of one gradient; returns whether any input was inf/NaN.
 inline bool unscale_range(const optim::Optimizer::GradSlot& s, int64_t lo, int64_t hi, float inv) {
@@ -131,6 +151,7 @@ class GradScaler {
     no_grad guard;
     std::vector<optim::Optimizer::GradSlot> slots = optimizer.grad_slots();
     st.found_inf = detail::unscale_and_check(slots, inv);
+    if (found_inf_reducer_) st.found_inf = found_inf_reducer_(st.found_inf);
     for (const auto& s : slots) {
       s.grad.bump_version();
       if (s.master_grad.defined()) optimizer.mark_master_grad_current(s.index);
@@ -168,20 +189,7 @@ class GradScaler {
       found |= st.recorded && st.found_inf;
     }
     MIXPREC_CHECK(any_recorded, "No inf checks were recorded prior to update.");
-    if (found) {
-      scale_ = static_cast<float>(static_cast<double>(scale_) * backoff_factor_);
-      growth_tracker_ = 0;
-    } else {
-      const int64_t successful = growth_tracker_ + 1;
-      if (successful == growth_interval_) {
-        const float grown = static_cast<float>(static_cast<double>(scale_) * growth_factor_);
-        // Do not grow the scale past fp32 bounds to inf.
-        if (std::isfinite(grown)) scale_ = grown;
-        growth_tracker_ = 0;
-      } else {
-        growth_tracker_ = successful;
-      }
-    }
+    detail::update_scale(scale_, growth_tracker_, found, growth_factor_, backoff_factor_, growth_interval_);
     states_.clear();
   }
   // Sets the scale (stored as float32) and starts a new iteration.
@@ -202,6 +210,11 @@ class GradScaler {
   int64_t get_growth_interval() const { return growth_interval_; }
   void set_growth_interval(int64_t n) { growth_interval_ = n; }
   bool is_enabled() const { return enabled_; }
+
+  // unscale_ passes each optimizer's found-inf flag through `reducer` and acts on its result.
+  // Data-parallel training installs an all-reduce (max) here (distributed::all_reduce_found_inf)
+  // so that every rank skips the same steps and keeps the same scale.
+  void set_found_inf_reducer(std::function<bool(bool)> reducer) { found_inf_reducer_ = std::move(reducer); }
 
   // Where this iteration stands for `optimizer`, and whether its gradients had inf/NaN.
   OptState stage(const optim::Optimizer& optimizer) const {
@@ -228,6 +241,16 @@ class GradScaler {
                   "The source state dict is empty, possibly because it was saved from a disabled instance of GradScaler.");
     for (const char* k : {"scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"})
       MIXPREC_CHECK(sd.count(k), "GradScaler.load_state_dict: missing key '", k, "'");
+    // A state dict read from a file is untrusted: NaN or 1e300 cast to int64 is undefined behaviour.
+    const double scale = sd.at("scale"), growth = sd.at("growth_factor"), backoff = sd.at("backoff_factor");
+    const double interval = sd.at("growth_interval"), tracker = sd.at("_growth_tracker");
+    MIXPREC_CHECK(std::isfinite(scale) && scale > 0, "GradScaler.load_state_dict: scale must be positive and finite, got ", scale);
+    MIXPREC_CHECK(std::isfinite(growth) && growth > 1.0 && backoff > 0.0 && backoff < 1.0,
+                  "GradScaler.load_state_dict: need growth_factor > 1 and 0 < backoff_factor < 1, got ", growth, " and ", backoff);
+    MIXPREC_CHECK(interval >= 1 && interval <= 1e15 && interval == std::floor(interval) && tracker >= 0 &&
+                      tracker < interval && tracker == std::floor(tracker),
+                  "GradScaler.load_state_dict: need an integer growth_interval >= 1 and 0 <= _growth_tracker < "
+                  "growth_interval, got ", interval, " and ", tracker);
     init_scale_ = sd.at("scale");
     growth_factor_ = sd.at("growth_factor");
     backoff_factor_ = sd.at("backoff_factor");
@@ -269,6 +292,7 @@ class GradScaler {
   float scale_ = 0.0f;  // float32, as PyTorch's scale tensor
   int64_t growth_tracker_ = 0;
   std::unordered_map<const optim::Optimizer*, PerOptimizer> states_;
+  std::function<bool(bool)> found_inf_reducer_;
 };
 
 }  // namespace mixprec::amp

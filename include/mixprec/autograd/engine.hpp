@@ -29,12 +29,45 @@ inline std::vector<Tensor> AccumulateGrad::apply(std::vector<Tensor>&& grads) {
   } else {
     m.grad = add(m.grad, g);
   }
+  for (auto& [id, hook] : m.post_accumulate_grad_hooks) hook(leaf_);
   return {};
+}
+
+// Callbacks that run once when the current backward has finished (PyTorch's
+// Engine::queue_callback): data-parallel training waits for its last reductions there. A
+// backward that throws drops them. backward_id() tells one backward from the next (0: none).
+namespace detail {
+struct BackwardState {
+  uint64_t id = 0;
+  uint64_t last_id = 0;
+  std::vector<std::function<void()>> callbacks;
+};
+inline BackwardState& backward_state() {
+  thread_local BackwardState s;
+  return s;
+}
+}  // namespace detail
+inline uint64_t backward_id() { return detail::backward_state().id; }
+inline void queue_callback(std::function<void()> fn) {
+  MIXPREC_CHECK(backward_id() != 0, "queue_callback: can only be called while a backward runs (from a hook)");
+  detail::backward_state().callbacks.push_back(std::move(fn));
 }
 
 inline void run_backward(const std::vector<Tensor>& roots, const std::vector<Tensor>& grads, bool retain_graph) {
   no_grad ng;
   amp::detail::Suppress no_autocast;
+  detail::BackwardState& bs = detail::backward_state();
+  struct Scope {  // nested backwards (from a hook) keep the outer one's id and callbacks
+    detail::BackwardState& s;
+    uint64_t outer;
+    std::vector<std::function<void()>> outer_cbs;
+    ~Scope() {
+      s.id = outer;
+      s.callbacks = std::move(outer_cbs);
+    }
+  } scope{bs, bs.id, std::move(bs.callbacks)};
+  bs.callbacks.clear();
+  bs.id = ++bs.last_id;
 
   struct Cmp {
     bool operator()(const Node* a, const Node* b) const { return a->sequence_nr < b->sequence_nr; }
@@ -79,7 +112,13 @@ inline void run_backward(const std::vector<Tensor>& roots, const std::vector<Ten
     auto& buf = buffers[e.fn.get()];
     if (buf.empty()) buf.resize(std::max<std::size_t>(e.fn->outputs.size(), 1));
     Tensor& slot = buf[e.input_nr];
-    slot = slot.defined() ? add(slot, g) : std::move(g);
+    if (!slot.defined()) {
+      slot = std::move(g);
+      return;
+    }
+    Tensor sum = add(slot, g);
+    if (anomaly_mode_enabled()) anomaly::detail::check_accumulation(e.fn->name(), slot, g, sum);
+    slot = std::move(sum);
   };
   for (std::size_t i = 0; i < roots.size(); ++i) {
     deliver(root_edges[i], grads[i]);
@@ -104,7 +143,10 @@ inline void run_backward(const std::vector<Tensor>& roots, const std::vector<Ten
           m.grad = m.grad.defined() ? add(m.grad, in[i]) : in[i].clone();
         }
     }
+    std::vector<Tensor> received;  // anomaly mode blames a node only if what it received was finite
+    if (anomaly_mode_enabled()) received = in;
     std::vector<Tensor> out = n->apply(std::move(in));
+    if (anomaly_mode_enabled()) anomaly::detail::check_backward(n->name(), received, out);
     if (!retain_graph) n->release();
     for (std::size_t i = 0; i < n->next_edges.size() && i < out.size(); ++i) {
       const Edge& e = n->next_edges[i];
@@ -119,6 +161,11 @@ inline void run_backward(const std::vector<Tensor>& roots, const std::vector<Ten
       const Edge& e = n->next_edges[i];
       if (e.valid() && --deps[e.fn.get()] == 0) ready.push(e.fn.get());
     }
+  }
+  // A callback may queue another one.
+  for (std::size_t i = 0; i < bs.callbacks.size(); ++i) {
+    auto fn = std::move(bs.callbacks[i]);
+    fn();
   }
 }
 

@@ -56,6 +56,22 @@ inline Edge gradient_edge(const Tensor& t) {
   return {acc, 0};
 }
 
+// torch.Tensor.register_post_accumulate_grad_hook: `hook(leaf)` runs each time a backward has
+// finished accumulating into leaf.grad(), so data-parallel training can start reducing a
+// gradient while the rest of backward still runs. Returns a handle for removal.
+inline uint64_t register_post_accumulate_grad_hook(const Tensor& leaf, std::function<void(const Tensor&)> hook) {
+  MIXPREC_CHECK(leaf.defined() && leaf.is_leaf() && tensor_requires_grad(leaf),
+                "register_post_accumulate_grad_hook: only leaf tensors that require grad accumulate gradients");
+  static std::atomic<uint64_t> next{1};
+  const uint64_t id = next.fetch_add(1, std::memory_order_relaxed);
+  meta(leaf).post_accumulate_grad_hooks.emplace_back(id, std::move(hook));
+  return id;
+}
+inline void remove_post_accumulate_grad_hook(const Tensor& leaf, uint64_t handle) {
+  if (AutogradMeta* m = meta_or_null(leaf))
+    std::erase_if(m->post_accumulate_grad_hooks, [&](const auto& h) { return h.first == handle; });
+}
+
 inline Tensor detach_raw(const Tensor& t) {
   return detail::make_view(t, t.sizes(), t.strides(), t.storage_offset());
 }

@@ -51,6 +51,8 @@ struct AutogradMeta {
   std::shared_ptr<Node> grad_fn;
   uint32_t output_nr = 0;
   std::weak_ptr<Node> grad_accumulator;  // leaves only; owned by the graph that uses it
+  // Leaves only: run after each backward's gradient is accumulated into .grad() (function.hpp).
+  std::vector<std::pair<uint64_t, std::function<void(const Tensor&)>>> post_accumulate_grad_hooks;
 };
 
 // A tensor kept for backward, with the storage version at save time so that an in-place

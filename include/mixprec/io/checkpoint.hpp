@@ -4,6 +4,10 @@
 // scheduler state, step counters and generator states. Scalars travel in the header metadata as
 // %.17g text, which round-trips doubles exactly, so a resumed run continues bit-exactly.
 // Saving is atomic (io/safetensors.hpp): a crash mid-save leaves the previous checkpoint intact.
+// A CRC-32 over the metadata and every tensor is stored too: safetensors has no checksum, and a
+// flipped bit in the weights would otherwise resume silently from corrupt state.
+#include <zlib.h>
+
 #include <cinttypes>
 #include <cstdio>
 
@@ -14,7 +18,9 @@
 
 namespace mixprec::io {
 
-inline constexpr const char* kCheckpointFormat = "mixprec-checkpoint-1";
+inline constexpr const char* kCheckpointFormat = "mixprec-checkpoint-2";
+// Written before checksums were added; still read, without the corruption check.
+inline constexpr const char* kCheckpointFormatV1 = "mixprec-checkpoint-1";
 
 struct TrainingState {
   int64_t step = 0;
@@ -42,6 +48,55 @@ inline double parse_double(const std::string& path, const std::string& key, cons
   const double v = std::strtod(s.c_str(), &end);
   MIXPREC_CHECK(!s.empty() && *end == 0, "load_checkpoint: ", path, ": metadata '", key, "' is not a number: '", s, "'");
   return v;
+}
+// Metadata comes from a file: anything but the exact text save_checkpoint writes is refused
+// (std::stoull would throw std::invalid_argument, and a double cast to int64 can be undefined).
+inline int64_t parse_int(const std::string& path, const std::string& key, const std::string& s) {
+  int64_t v = 0;
+  const bool neg = !s.empty() && s[0] == '-';
+  bool ok = s.size() > (neg ? 1u : 0u) && s.size() <= (neg ? 19u : 18u);
+  for (std::size_t i = neg ? 1 : 0; ok && i < s.size(); ++i) {
+    ok = s[i] >= '0' && s[i] <= '9';
+    v = v * 10 + (s[i] - '0');
+  }
+  MIXPREC_CHECK(ok, "load_checkpoint: ", path, ": metadata '", key, "' is not an integer: '", s, "'");
+  return neg ? -v : v;
+}
+inline uint64_t parse_hex64(const std::string& path, const std::string& key, std::string_view s) {
+  uint64_t v = 0;
+  for (const char c : s) {
+    const int d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+    MIXPREC_CHECK(d >= 0, "load_checkpoint: ", path, ": metadata '", key, "' is not 64 lowercase hex digits: '", s, "'");
+    v = v << 4 | static_cast<uint64_t>(d);
+  }
+  return v;
+}
+// CRC-32 of the metadata (all but the checksum itself) and of each tensor's name, dtype, shape
+// and bytes, in file order. CRC-32 catches every single-bit flip and every burst up to 32 bits.
+inline std::string checkpoint_checksum(const std::map<std::string, std::string>& meta,
+                                       const std::vector<std::pair<std::string, Tensor>>& tensors) {
+  uLong crc = crc32(0L, Z_NULL, 0);
+  auto feed = [&](const void* p, std::size_t n) {
+    for (const auto* b = static_cast<const Bytef*>(p); n > 0;) {
+      const auto chunk = static_cast<uInt>(std::min<std::size_t>(n, std::size_t{1} << 30));
+      crc = crc32(crc, b, chunk);
+      b += chunk;
+      n -= chunk;
+    }
+  };
+  auto feed_text = [&](std::string_view s) { feed(s.data(), s.size()), feed("", 1); };
+  for (const auto& [k, v] : meta)
+    if (k != "checksum") feed_text(k), feed_text(v);
+  for (const auto& [name, t] : tensors) {
+    feed_text(name);
+    feed_text(mixprec::name(t.dtype()));
+    for (const int64_t d : t.sizes()) feed(&d, sizeof d);
+    const Tensor c = t.contiguous();
+    feed(c.data_ptr(), static_cast<std::size_t>(c.nbytes()));
+  }
+  char buf[16];
+  std::snprintf(buf, sizeof buf, "%08lx", static_cast<unsigned long>(crc & 0xffffffffu));
+  return buf;
 }
 inline void put_scalars(std::map<std::string, std::string>& meta, const std::string& prefix, const std::map<std::string, double>& m) {
   for (const auto& [k, v] : m) meta[prefix + k] = fmt_double(v);
@@ -82,6 +137,7 @@ inline void save_checkpoint(const std::string& path, const CheckpointParts& part
   meta["step"] = std::to_string(state.step);
   meta["epoch"] = std::to_string(state.epoch);
   detail::put_scalars(meta, "extra.", state.extra);
+  meta["checksum"] = detail::checkpoint_checksum(meta, tensors);
   save_safetensors(path, tensors, meta);
 }
 
@@ -90,9 +146,17 @@ inline void save_checkpoint(const std::string& path, const CheckpointParts& part
 inline TrainingState load_checkpoint(const std::string& path, const CheckpointParts& parts) {
   const SafetensorsFile f = load_safetensors(path);
   auto it = f.metadata.find("format");
-  MIXPREC_CHECK(it != f.metadata.end() && it->second == kCheckpointFormat, "load_checkpoint: ", path,
-                " is not a mixprec checkpoint (metadata 'format' is ",
+  MIXPREC_CHECK(it != f.metadata.end() && (it->second == kCheckpointFormat || it->second == kCheckpointFormatV1),
+                "load_checkpoint: ", path, " is not a mixprec checkpoint (metadata 'format' is ",
                 it == f.metadata.end() ? std::string("missing") : "'" + it->second + "'", ")");
+  if (it->second == kCheckpointFormat) {
+    auto c = f.metadata.find("checksum");
+    MIXPREC_CHECK(c != f.metadata.end(), "load_checkpoint: ", path, ": metadata 'checksum' is missing: the file is corrupt");
+    const std::string actual = detail::checkpoint_checksum(f.metadata, f.tensors);
+    MIXPREC_CHECK(c->second == actual, "load_checkpoint: ", path, ": checksum mismatch (the file records ", c->second,
+                  ", its contents give ", actual, "): the file is corrupt (flipped bits, or a partial copy); "
+                  "resume from an earlier checkpoint");
+  }
   auto section = [&](const std::string& prefix) {
     std::vector<std::pair<std::string, Tensor>> out;
     for (const auto& [k, t] : f.tensors)
@@ -102,21 +166,35 @@ inline TrainingState load_checkpoint(const std::string& path, const CheckpointPa
   std::vector<Generator::State> rng;
   for (std::size_t i = 0; i < parts.generators.size(); ++i) {
     auto r = f.metadata.find("rng." + std::to_string(i));
-    MIXPREC_CHECK(r != f.metadata.end() && r->second.size() == 64, "load_checkpoint: ", path, ": generator state ", i, " missing");
+    MIXPREC_CHECK(r != f.metadata.end(), "load_checkpoint: ", path, ": generator state ", i, " missing");
+    MIXPREC_CHECK(r->second.size() == 64, "load_checkpoint: ", path, ": generator state ", i, " has ", r->second.size(),
+                  " characters, expected 64 hex digits");
     Generator::State s{};
-    for (int w = 0; w < 4; ++w) s[w] = std::stoull(r->second.substr(16 * w, 16), nullptr, 16);
+    for (int w = 0; w < 4; ++w) s[w] = detail::parse_hex64(path, r->first, std::string_view(r->second).substr(16 * w, 16));
     rng.push_back(s);
   }
-  no_grad ng;
-  if (parts.model) parts.model->load_state_dict(section("model."), /*strict=*/true);
-  if (parts.optimizer) parts.optimizer->load_state_dict({section("optim."), detail::get_scalars(path, f.metadata, "optim.")});
-  if (parts.scaler) parts.scaler->load_state_dict(detail::get_scalars(path, f.metadata, "scaler."));
-  if (parts.scheduler) parts.scheduler->load_state_dict({section("sched."), detail::get_scalars(path, f.metadata, "sched.")});
-  for (std::size_t i = 0; i < rng.size(); ++i) parts.generators[i]->set_state(rng[i]);
+  // All metadata is parsed before any part changes.
   TrainingState st;
-  st.step = static_cast<int64_t>(detail::parse_double(path, "step", f.metadata.count("step") ? f.metadata.at("step") : ""));
-  st.epoch = static_cast<int64_t>(detail::parse_double(path, "epoch", f.metadata.count("epoch") ? f.metadata.at("epoch") : ""));
+  st.step = detail::parse_int(path, "step", f.metadata.count("step") ? f.metadata.at("step") : "");
+  st.epoch = detail::parse_int(path, "epoch", f.metadata.count("epoch") ? f.metadata.at("epoch") : "");
   st.extra = detail::get_scalars(path, f.metadata, "extra.");
+  const auto optim_scalars = detail::get_scalars(path, f.metadata, "optim.");
+  const auto scaler_scalars = detail::get_scalars(path, f.metadata, "scaler.");
+  const auto sched_scalars = detail::get_scalars(path, f.metadata, "sched.");
+  no_grad ng;
+  try {
+    if (parts.scaler) {
+      amp::GradScaler probe = *parts.scaler;  // refuse bad scaler values before anything changes
+      probe.load_state_dict(scaler_scalars);
+    }
+    if (parts.model) parts.model->load_state_dict(section("model."), /*strict=*/true);
+    if (parts.optimizer) parts.optimizer->load_state_dict({section("optim."), optim_scalars});
+    if (parts.scaler) parts.scaler->load_state_dict(scaler_scalars);
+    if (parts.scheduler) parts.scheduler->load_state_dict({section("sched."), sched_scalars});
+  } catch (const Error& e) {
+    fail("load_checkpoint: ", path, ": ", e.what());  // which file did not fit
+  }
+  for (std::size_t i = 0; i < rng.size(); ++i) parts.generators[i]->set_state(rng[i]);
   return st;
 }
 

@@ -46,12 +46,27 @@ struct Value {
   std::vector<Value> array;
   std::vector<std::pair<std::string, Value>> object;  // in document order
 
+  // Declared here, defined below where Value is complete: clang (libstdc++) rejects the implicit
+  // ones, which need std::pair<std::string, Value> complete inside the class.
+  Value();
+  ~Value();
+  Value(const Value&);
+  Value(Value&&) noexcept;
+  Value& operator=(const Value&);
+  Value& operator=(Value&&) noexcept;
+
   const Value* find(std::string_view key) const {
     for (const auto& [k, v] : object)
       if (k == key) return &v;
     return nullptr;
   }
 };
+inline Value::Value() = default;
+inline Value::~Value() = default;
+inline Value::Value(const Value&) = default;
+inline Value::Value(Value&&) noexcept = default;
+inline Value& Value::operator=(const Value&) = default;
+inline Value& Value::operator=(Value&&) noexcept = default;
 
 inline const char* kind_name(Value::Kind k) {
   switch (k) {

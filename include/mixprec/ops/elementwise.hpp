@@ -4,6 +4,7 @@
 #include <cmath>
 #include <numbers>
 
+#include "mixprec/core/config.hpp"
 #include "mixprec/ops/tensor_ops.hpp"
 
 namespace mixprec {
@@ -185,9 +186,37 @@ Tensor unary_op(OpId id, const char* name, const Tensor& x, Fwd fwd, Dfdx dfdx) 
     return y;
   }, x);
 }
-template <class T> constexpr T kSqrt1_2 = T(0.70710678118654752440);
-template <class T> constexpr T kInvSqrt2Pi = T(0.39894228040143267794);
 }  // namespace detail
+
+// The activations' scalar math, shared with the CUDA kernels (backends/cuda/elementwise.cuh) so
+// the CPU tests cover the formulas the GPU runs. T is the accumulation type (float or double);
+// *_grad take the input v, *_grad_y the output y, whichever the formula is cheaper from.
+namespace fn {
+template <class T> MIXPREC_HOST_DEVICE T relu(T v) { return v > 0 || v != v ? v : T(0); }  // NaN propagates
+template <class T> MIXPREC_HOST_DEVICE T relu_grad(T v) { return static_cast<T>(v > 0); }
+template <class T> MIXPREC_HOST_DEVICE T sigmoid(T v) { return 1 / (1 + std::exp(-v)); }
+template <class T> MIXPREC_HOST_DEVICE T sigmoid_grad_y(T y) { return y * (1 - y); }
+template <class T> MIXPREC_HOST_DEVICE T tanh_grad_y(T y) { return 1 - y * y; }
+template <class T> MIXPREC_HOST_DEVICE T silu(T v) { return v / (1 + std::exp(-v)); }
+template <class T> MIXPREC_HOST_DEVICE T silu_grad(T v) {
+  const T s = 1 / (1 + std::exp(-v));
+  return s * (1 + v * (1 - s));
+}
+template <class T> MIXPREC_HOST_DEVICE T gelu(T v) { return T(0.5) * v * (1 + std::erf(v * T(0.70710678118654752440))); }
+template <class T> MIXPREC_HOST_DEVICE T gelu_grad(T v) {
+  return T(0.5) * (1 + std::erf(v * T(0.70710678118654752440))) + v * T(0.39894228040143267794) * std::exp(T(-0.5) * v * v);
+}
+// gelu(x, "tanh"), also cuBLASLt's GELU epilogue.
+template <class T> MIXPREC_HOST_DEVICE T gelu_tanh(T v) {
+  const T k = T(0.7978845608028654), c = T(0.044715);
+  return T(0.5) * v * (1 + std::tanh(k * (v + c * v * v * v)));
+}
+template <class T> MIXPREC_HOST_DEVICE T gelu_tanh_grad(T v) {
+  const T k = T(0.7978845608028654), c = T(0.044715);
+  const T t = std::tanh(k * (v + c * v * v * v));
+  return T(0.5) * (1 + t) + T(0.5) * v * (1 - t * t) * k * (1 + 3 * c * v * v);
+}
+}  // namespace fn
 
 inline Tensor neg(const Tensor& x) {
   return dispatch(OpId::neg, [](const Tensor& x) {
@@ -218,50 +247,26 @@ inline Tensor abs(const Tensor& x) {
                           [](auto v, auto) { return static_cast<decltype(v)>((v > 0) - (v < 0)); });
 }
 inline Tensor relu(const Tensor& x) {
-  return detail::unary_op(OpId::relu, "relu", x, [](auto v) { return v > 0 || v != v ? v : decltype(v)(0); },
-                          [](auto v, auto) { return static_cast<decltype(v)>(v > 0); });
+  return detail::unary_op(OpId::relu, "relu", x, [](auto v) { return fn::relu(v); }, [](auto v, auto) { return fn::relu_grad(v); });
 }
 inline Tensor sigmoid(const Tensor& x) {
-  return detail::unary_op(OpId::sigmoid, "sigmoid", x, [](auto v) { return 1 / (1 + std::exp(-v)); },
-                          [](auto, auto y) { return y * (1 - y); });
+  return detail::unary_op(OpId::sigmoid, "sigmoid", x, [](auto v) { return fn::sigmoid(v); },
+                          [](auto, auto y) { return fn::sigmoid_grad_y(y); });
 }
 inline Tensor tanh(const Tensor& x) {
-  return detail::unary_op(OpId::tanh, "tanh", x, [](auto v) { return std::tanh(v); }, [](auto, auto y) { return 1 - y * y; });
+  return detail::unary_op(OpId::tanh, "tanh", x, [](auto v) { return std::tanh(v); }, [](auto, auto y) { return fn::tanh_grad_y(y); });
 }
 inline Tensor silu(const Tensor& x) {
-  return detail::unary_op(OpId::silu, "silu", x, [](auto v) { return v / (1 + std::exp(-v)); },
-                          [](auto v, auto) {
-                            const auto s = 1 / (1 + std::exp(-v));
-                            return s * (1 + v * (1 - s));
-                          });
+  return detail::unary_op(OpId::silu, "silu", x, [](auto v) { return fn::silu(v); }, [](auto v, auto) { return fn::silu_grad(v); });
 }
 // approximate: "none" (exact, erf) or "tanh", as torch.nn.functional.gelu.
 inline Tensor gelu(const Tensor& x, std::string_view approximate = "none") {
   if (approximate == "tanh") {
-    return detail::unary_op(OpId::gelu, "gelu", x,
-                            [](auto v) {
-                              using T = decltype(v);
-                              const T k = T(0.7978845608028654), c = T(0.044715);
-                              return T(0.5) * v * (1 + std::tanh(k * (v + c * v * v * v)));
-                            },
-                            [](auto v, auto) {
-                              using T = decltype(v);
-                              const T k = T(0.7978845608028654), c = T(0.044715);
-                              const T inner = k * (v + c * v * v * v);
-                              const T t = std::tanh(inner);
-                              return T(0.5) * (1 + t) + T(0.5) * v * (1 - t * t) * k * (1 + 3 * c * v * v);
-                            });
+    return detail::unary_op(OpId::gelu, "gelu", x, [](auto v) { return fn::gelu_tanh(v); },
+                            [](auto v, auto) { return fn::gelu_tanh_grad(v); });
   }
   MIXPREC_CHECK(approximate == "none", "gelu: approximate must be \"none\" or \"tanh\", got \"", approximate, "\"");
-  return detail::unary_op(OpId::gelu, "gelu", x,
-                          [](auto v) {
-                            using T = decltype(v);
-                            return T(0.5) * v * (1 + std::erf(v * detail::kSqrt1_2<T>));
-                          },
-                          [](auto v, auto) {
-                            using T = decltype(v);
-                            return T(0.5) * (1 + std::erf(v * detail::kSqrt1_2<T>)) + v * detail::kInvSqrt2Pi<T> * std::exp(T(-0.5) * v * v);
-                          });
+  return detail::unary_op(OpId::gelu, "gelu", x, [](auto v) { return fn::gelu(v); }, [](auto v, auto) { return fn::gelu_grad(v); });
 }
 
 inline Tensor pow(const Tensor& x, double e) {
@@ -340,8 +345,10 @@ inline Tensor where(const Tensor& cond, const Tensor& a, const Tensor& b) {
 }
 
 inline Tensor masked_fill(const Tensor& x, const Tensor& mask, double value) {
-  return dispatch(OpId::masked_fill, [value](const Tensor& x, const Tensor& mask) {
+  // value is a dispatch argument so that anomaly mode sees a -inf fill was asked for.
+  return dispatch(OpId::masked_fill, [](const Tensor& x, const Tensor& mask, double value) {
     MIXPREC_CHECK(mask.dtype() == DType::Bool, "masked_fill: mask must be bool, got ", mask.dtype());
+    detail::check_fill_value("masked_fill", x.dtype(), value);
     const Shape shape = broadcast_shapes(x.sizes(), mask.sizes(), "masked_fill");
     MIXPREC_CHECK(shape == x.sizes(), "masked_fill: mask of shape ", mask.sizes(), " does not broadcast to input shape ", x.sizes());
     detail::require_cpu("masked_fill", x);
@@ -355,7 +362,7 @@ inline Tensor masked_fill(const Tensor& x, const Tensor& mask, double value) {
         return {masked_fill(g[0], sm.get("masked_fill"), 0.0)};
       });
     return out;
-  }, x, mask);
+  }, x, mask, value);
 }
 
 inline Tensor clamp(const Tensor& x, std::optional<double> lo, std::optional<double> hi = std::nullopt) {

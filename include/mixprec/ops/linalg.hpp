@@ -20,7 +20,9 @@ inline Tensor matmul_kernel(const char* op, Tensor a, Tensor b, const Tensor& bi
   MIXPREC_CHECK(a.is_floating_point(), op, ": expected floating-point operands, got ", a.dtype());
   const DType out_dtype = a.dtype();
   const bool low = is_low_precision(out_dtype);
-  if (low) {
+  // The AVX-512 kernel reads 16-bit operands itself; elsewhere they are widened to float32 here.
+  const bool direct16 = low && cpu::gemm_16bit_available();
+  if (low && !direct16) {
     a = as_dtype_raw(a, DType::Float32);
     b = as_dtype_raw(b, DType::Float32);
   }
@@ -30,8 +32,8 @@ inline Tensor matmul_kernel(const char* op, Tensor a, Tensor b, const Tensor& bi
   Shape out_shape = batch;
   out_shape.push_back(M);
   out_shape.push_back(N);
-  Tensor out = empty(out_shape, a.dtype());
-  if (bias.defined()) copy_kernel(out, as_dtype_raw(bias, a.dtype()));
+  Tensor out = empty(out_shape, low ? DType::Float32 : a.dtype());
+  if (bias.defined()) copy_kernel(out, as_dtype_raw(bias, out.dtype()));
   const bool acc = bias.defined();
   if (out.numel() == 0) return low ? as_dtype_raw(out, out_dtype) : out;
 
@@ -45,33 +47,34 @@ inline Tensor matmul_kernel(const char* op, Tensor a, Tensor b, const Tensor& bi
   const Tensor A = prep(a, M, K), B = prep(b, K, N);
   const int64_t nb = numel_of(batch);
   dispatch_floating(a.dtype(), op, [&]<class T>() {
-    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-      const T* pa = A.data<T>();
-      const T* pb = B.data<T>();
-      T* pc = out.data<T>();
-      const int64_t nd = static_cast<int64_t>(batch.size());
-      auto batch_offsets = [&](int64_t i, int64_t& oa, int64_t& ob) {
-        oa = ob = 0;
-        for (int64_t d = nd - 1; d >= 0; --d) {
-          const int64_t ix = i % batch[d];
-          i /= batch[d];
-          oa += ix * A.stride(d);
-          ob += ix * B.stride(d);
-        }
-      };
-      auto one = [&](int64_t i) {
-        int64_t oa, ob;
-        batch_offsets(i, oa, ob);
-        cpu::gemm<T>(pa + oa, A.stride(-2), A.stride(-1), pb + ob, B.stride(-2), B.stride(-1), pc + i * M * N, M, N, K, acc);
-      };
-      // Small matrices (attention heads): one matrix per thread. Large: Eigen threads inside.
-      if (nb > 1 && M * N * K < (int64_t{1} << 21)) {
-        cpu::parallel_for(0, nb, 1, [&](int64_t b0, int64_t e0) {
-          for (int64_t i = b0; i < e0; ++i) one(i);
-        });
-      } else {
-        for (int64_t i = 0; i < nb; ++i) one(i);
+    const T* pa = A.data<T>();
+    const T* pb = B.data<T>();
+    acc_t<T>* pc = out.data<acc_t<T>>();
+    const int64_t nd = static_cast<int64_t>(batch.size());
+    auto batch_offsets = [&](int64_t i, int64_t& oa, int64_t& ob) {
+      oa = ob = 0;
+      for (int64_t d = nd - 1; d >= 0; --d) {
+        const int64_t ix = i % batch[d];
+        i /= batch[d];
+        oa += ix * A.stride(d);
+        ob += ix * B.stride(d);
       }
+    };
+    auto one = [&](int64_t i) {
+      int64_t oa, ob;
+      batch_offsets(i, oa, ob);
+      if constexpr (std::is_same_v<T, acc_t<T>>)
+        cpu::gemm<T>(pa + oa, A.stride(-2), A.stride(-1), pb + ob, B.stride(-2), B.stride(-1), pc + i * M * N, M, N, K, acc);
+      else
+        cpu::gemm_16bit<T>(pa + oa, A.stride(-2), A.stride(-1), pb + ob, B.stride(-2), B.stride(-1), pc + i * M * N, M, N, K, acc);
+    };
+    // Small matrices (attention heads): one matrix per thread. Large: the GEMM threads inside.
+    if (nb > 1 && M * N * K < (int64_t{1} << 21)) {
+      cpu::parallel_for(0, nb, 1, [&](int64_t b0, int64_t e0) {
+        for (int64_t i = b0; i < e0; ++i) one(i);
+      });
+    } else {
+      for (int64_t i = 0; i < nb; ++i) one(i);
     }
   });
   return low ? as_dtype_raw(out, out_dtype) : out;

@@ -325,6 +325,9 @@ inline Tensor min(const Tensor& x) { return min(x.reshape({-1}), 0).first; }
 
 inline Tensor argmax(const Tensor& x, std::optional<int64_t> dim = std::nullopt, bool keepdim = false) {
   return dispatch(OpId::argmax, [dim, keepdim](const Tensor& x) {
+    // Checked here so that the error names argmax, not the max it is computed with.
+    MIXPREC_CHECK(x.numel() > 0, "argmax: cannot reduce an empty tensor of shape ", x.sizes());
+    if (dim) x.wrap_dim(*dim, "argmax");
     no_grad ng;
     if (!dim) return max(x.reshape({-1}), 0).second;
     return max(x, *dim, keepdim).second;

@@ -24,6 +24,18 @@ inline void refuse_inplace_on_grad(const char* op, const Tensor& t) {
                 "); use the out-of-place op, or wrap it in mixprec::no_grad if it is not part of the model");
 }
 
+// Converting NaN, inf or an out-of-range floating value to an integer type is undefined behaviour.
+inline bool fits_integer(DType d, double v) {
+  if (is_floating_point(d) || d == DType::Bool) return true;
+  const auto [lo, hi] = d == DType::UInt8 ? std::pair{-1.0, 256.0}
+                        : d == DType::Int32 ? std::pair{-2147483649.0, 2147483648.0}
+                                            : std::pair{-9223372036854777856.0, 9223372036854775808.0};
+  return v > lo && v < hi;  // false for NaN
+}
+inline void check_fill_value(const char* op, DType d, double v) {
+  MIXPREC_CHECK(fits_integer(d, v), op, ": value ", v, " does not fit a ", d, " tensor");
+}
+
 // Element-wise copy with dtype conversion; src is broadcast to dst's shape.
 inline void copy_kernel(const Tensor& dst, const Tensor& src) {
   require_cpu("copy_", dst);
@@ -83,6 +95,16 @@ inline Tensor contiguous_raw(const Tensor& t, DType d) {
   return out;
 }
 inline Tensor contiguous_raw(const Tensor& t) { return contiguous_raw(t, t.dtype()); }
+
+// Only floating -> integer conversions pay for this scan.
+inline void check_float_to_integer(const char* op, const Tensor& src, DType to) {
+  if (!src.is_floating_point() || is_floating_point(to) || to == DType::Bool || src.numel() == 0) return;
+  const Tensor v = contiguous_raw(src, DType::Float64);
+  const double* p = v.data<double>();
+  for (int64_t i = 0, n = v.numel(); i < n; ++i)
+    MIXPREC_CHECK(fits_integer(to, p[i]), op, ": value ", p[i], " at flat index ", i, " of a ", src.dtype(),
+                  " tensor of shape ", src.sizes(), " does not fit ", to, " (round or clamp it first)");
+}
 }  // namespace detail
 
 // ---------- factories ----------
@@ -165,6 +187,7 @@ inline Tensor scalar_tensor(double v, DType dtype = DType::Float32) { return ful
 inline Tensor& Tensor::fill_(double v) {
   detail::refuse_inplace_on_grad("fill_", *this);
   detail::require_cpu("fill_", *this);
+  detail::check_fill_value("fill_", dtype(), v);
   dispatch_all(dtype(), "fill_", [&]<class T>() {
     const T value = static_cast<T>(v);
     if (is_contiguous()) {
@@ -187,6 +210,7 @@ inline Tensor& Tensor::copy_(const Tensor& src) {
     MIXPREC_CHECK(d == 1 || d == size(dim() - 1 - i), "copy_: cannot broadcast source of shape ", src.sizes(), " to ",
                   sizes());
   }
+  detail::check_float_to_integer("copy_", src, dtype());
   detail::copy_kernel(*this, src);
   bump_version();
   return *this;
@@ -195,6 +219,7 @@ inline Tensor& Tensor::copy_(const Tensor& src) {
 // ---------- cast / copy ----------
 inline Tensor cast(const Tensor& t, DType d) {
   if (t.dtype() == d) return t;
+  detail::check_float_to_integer("cast", t, d);
   Tensor out = empty(t.sizes(), d, t.device());
   detail::copy_kernel(out, t);
   if (autograd::should_record({t}) && is_floating_point(d)) {

@@ -10,6 +10,70 @@
 
 namespace mixprec::optim {
 
+namespace detail {
+// One step's scalars in float32 and the per-element arithmetic, one member per PyTorch op. The
+// CPU update calls them one op at a time over a block (each loop vectorises); the fused CUDA
+// kernel (backends/cuda/amp.cuh) calls step() per element: the same roundings in both.
+struct AdamScalars {
+  float decay = 1, wd = 0, w1 = 0, one_minus_w1 = 1, b2 = 0, w2 = 1, neg_step_size = 0, bc2_sqrt = 1, eps = 0;
+  bool decoupled = false, use_wd = false, lerp_low = true, amsgrad = false;
+
+  MIXPREC_HOST_DEVICE float decayed(float w) const { return w * decay; }           // AdamW
+  MIXPREC_HOST_DEVICE float l2(float g, float w) const { return g + wd * w; }      // Adam
+  // torch.lerp picks its formula by the weight: a + w (b - a) below 0.5, else b - (b - a)(1 - w).
+  MIXPREC_HOST_DEVICE float exp_avg_low(float m, float g) const { return m + w1 * (g - m); }
+  MIXPREC_HOST_DEVICE float exp_avg_high(float m, float g) const { return g - (g - m) * one_minus_w1; }
+  MIXPREC_HOST_DEVICE float exp_avg_sq(float v, float g) const {
+    const float t = v * b2;
+    return t + w2 * g * g;
+  }
+  // max that keeps a NaN from either side; `|`: one select, vectorises.
+  MIXPREC_HOST_DEVICE float max_exp_avg_sq(float vmax, float v) const { return ((vmax > v) | (vmax != vmax)) ? vmax : v; }
+  MIXPREC_HOST_DEVICE float param(float w, float m, float sqrt_v) const { return w + neg_step_size * m / (sqrt_v / bc2_sqrt + eps); }
+
+  // The whole update of one element; vmax is null without amsgrad.
+  MIXPREC_HOST_DEVICE void step(float& w, float g, float& m, float& v, float* vmax) const {
+    if (use_wd && decoupled) w = decayed(w);
+    else if (use_wd) g = l2(g, w);
+    m = lerp_low ? exp_avg_low(m, g) : exp_avg_high(m, g);
+    v = exp_avg_sq(v, g);
+    float s = v;
+    if (vmax) s = *vmax = max_exp_avg_sq(*vmax, v);
+    w = param(w, m, std::sqrt(s));
+  }
+};
+
+// A group's hyper-parameters, and the step's scalars: computed in double and rounded once to
+// float32, as torch.optim's single-tensor Adam. Host/device: the fused CUDA kernel derives the
+// bias corrections from a step counter kept on the device.
+struct AdamHyper {
+  double lr = 1e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0;
+  bool decoupled = false, amsgrad = false;
+};
+inline AdamHyper adam_hyper(const ParamGroup& grp, bool decoupled) {
+  return {grp.lr, grp.betas.first, grp.betas.second, grp.eps, grp.weight_decay, decoupled, grp.amsgrad.value_or(false)};
+}
+MIXPREC_HOST_DEVICE AdamScalars adam_scalars(const AdamHyper& h, int64_t step) {
+  const double bc1 = 1.0 - std::pow(h.beta1, static_cast<double>(step));
+  const double bc2 = 1.0 - std::pow(h.beta2, static_cast<double>(step));
+  AdamScalars s;
+  s.neg_step_size = static_cast<float>(-(h.lr / bc1));
+  s.bc2_sqrt = static_cast<float>(std::sqrt(bc2));
+  s.decay = static_cast<float>(1.0 - h.lr * h.weight_decay);
+  s.wd = static_cast<float>(h.weight_decay);
+  s.w1 = static_cast<float>(1.0 - h.beta1);
+  s.one_minus_w1 = 1.0f - s.w1;
+  s.b2 = static_cast<float>(h.beta2);
+  s.w2 = static_cast<float>(1.0 - h.beta2);
+  s.eps = static_cast<float>(h.eps);
+  s.decoupled = h.decoupled;
+  s.use_wd = h.weight_decay != 0.0;
+  s.lerp_low = (s.w1 < 0 ? -s.w1 : s.w1) < 0.5f;
+  s.amsgrad = h.amsgrad;
+  return s;
+}
+}  // namespace detail
+
 class Adam : public Optimizer {
  public:
   Adam(std::vector<Tensor> params, double lr = 1e-3, std::pair<double, double> betas = {0.9, 0.999}, double eps = 1e-8,
@@ -42,7 +106,6 @@ class Adam : public Optimizer {
   }
 
   void update(const ParamGroup& grp, ParamState& st, const ParamUpdate& u) override {
-    const double lr = grp.lr, beta1 = grp.betas.first, beta2 = grp.betas.second, wd = grp.weight_decay;
     const bool amsgrad = *grp.amsgrad;
     bool fresh_m = false, fresh_v = false, fresh_max = false;
     float* m = buffer(st, "exp_avg", u, &fresh_m);
@@ -57,59 +120,40 @@ class Adam : public Optimizer {
     }
     if (vmax && (fresh || fresh_max)) std::fill(vmax, vmax + u.n, 0.0f);
 
-    const double step = static_cast<double>(st.step);
-    const double bc1 = 1.0 - std::pow(beta1, step);
-    const double bc2 = 1.0 - std::pow(beta2, step);
-    const float neg_step_size = static_cast<float>(-(lr / bc1));
-    const float bc2_sqrt = static_cast<float>(std::sqrt(bc2));
-    const float decay = static_cast<float>(1.0 - lr * wd);
-    const float wdf = static_cast<float>(wd);
-    const float w1 = static_cast<float>(1.0 - beta1);
-    const float b2 = static_cast<float>(beta2);
-    const float w2 = static_cast<float>(1.0 - beta2);
-    const float epsf = static_cast<float>(grp.eps);
-    const bool decoupled = decoupled_, use_wd = wd != 0.0;
-
-    // torch.lerp picks its formula by the (here uniform) weight: a + w (b - a) below 0.5, else
-    // b - (b - a)(1 - w).
-    const bool lerp_low = std::abs(w1) < 0.5f;
-    const float one_minus_w1 = 1.0f - w1;
+    const detail::AdamScalars sc = detail::adam_scalars(detail::adam_hyper(grp, decoupled_), st.step);
     // One pass per PyTorch op over a cache-resident block, each branch-free so it vectorises.
     for_blocks(u, [&](float* w, const float* g, int64_t off, int64_t n) {
       float gbuf[detail::kOptimBlock], sbuf[detail::kOptimBlock];
       float* mb = m + off;
       float* vb = v + off;
       const float* gp = g;
-      if (use_wd && decoupled) {
+      if (sc.use_wd && sc.decoupled) {
         MIXPREC_OPTIM_SIMD
-        for (int64_t i = 0; i < n; ++i) w[i] = w[i] * decay;
-      } else if (use_wd) {
+        for (int64_t i = 0; i < n; ++i) w[i] = sc.decayed(w[i]);
+      } else if (sc.use_wd) {
         MIXPREC_OPTIM_SIMD
-        for (int64_t i = 0; i < n; ++i) gbuf[i] = g[i] + wdf * w[i];
+        for (int64_t i = 0; i < n; ++i) gbuf[i] = sc.l2(g[i], w[i]);
         gp = gbuf;
       }
-      if (lerp_low) {
+      if (sc.lerp_low) {
         MIXPREC_OPTIM_SIMD
-        for (int64_t i = 0; i < n; ++i) mb[i] = mb[i] + w1 * (gp[i] - mb[i]);
+        for (int64_t i = 0; i < n; ++i) mb[i] = sc.exp_avg_low(mb[i], gp[i]);
       } else {
         MIXPREC_OPTIM_SIMD
-        for (int64_t i = 0; i < n; ++i) mb[i] = gp[i] - (gp[i] - mb[i]) * one_minus_w1;
+        for (int64_t i = 0; i < n; ++i) mb[i] = sc.exp_avg_high(mb[i], gp[i]);
       }
       MIXPREC_OPTIM_SIMD
-      for (int64_t i = 0; i < n; ++i) {
-        const float t = vb[i] * b2;
-        vb[i] = t + w2 * gp[i] * gp[i];
-      }
+      for (int64_t i = 0; i < n; ++i) vb[i] = sc.exp_avg_sq(vb[i], gp[i]);
       const float* s = vb;
       if (vmax) {
         float* xb = vmax + off;
         MIXPREC_OPTIM_SIMD
-        for (int64_t i = 0; i < n; ++i) xb[i] = detail::nan_max(xb[i], vb[i]);
+        for (int64_t i = 0; i < n; ++i) xb[i] = sc.max_exp_avg_sq(xb[i], vb[i]);
         s = xb;
       }
       detail::sqrt_block(s, sbuf, n);
       MIXPREC_OPTIM_SIMD
-      for (int64_t i = 0; i < n; ++i) w[i] = w[i] + neg_step_size * mb[i] / (sbuf[i] / bc2_sqrt + epsf);
+      for (int64_t i = 0; i < n; ++i) w[i] = sc.param(w[i], mb[i], sbuf[i]);
     });
   }
 

@@ -7,6 +7,46 @@
 
 namespace mixprec::optim {
 
+namespace detail {
+// The step's scalars in float32 and the per-element arithmetic, one member per PyTorch op: the
+// CPU loops below call them per block, the fused CUDA kernel (backends/cuda/amp.cuh) per element.
+struct SgdScalars {
+  float wd = 0, mom = 0, damp1 = 1, neg_lr = 0;
+  bool use_wd = false, use_mom = false, nesterov = false;
+
+  MIXPREC_HOST_DEVICE float l2(float g, float w) const { return g + wd * w; }
+  MIXPREC_HOST_DEVICE float momentum(float buf, float d) const {
+    const float t = buf * mom;
+    return t + damp1 * d;
+  }
+  MIXPREC_HOST_DEVICE float nesterov_dir(float d, float buf) const { return d + mom * buf; }
+  MIXPREC_HOST_DEVICE float param(float w, float d) const { return w + neg_lr * d; }
+
+  // The whole update of one element; buf is null without momentum, `first` on its first step.
+  MIXPREC_HOST_DEVICE void step(float& w, float g, float* buf, bool first) const {
+    const float d = use_wd ? l2(g, w) : g;
+    if (!use_mom) {
+      w = param(w, d);
+      return;
+    }
+    *buf = first ? d : momentum(*buf, d);
+    w = param(w, nesterov ? nesterov_dir(d, *buf) : *buf);
+  }
+};
+
+inline SgdScalars sgd_scalars(const ParamGroup& grp) {
+  SgdScalars s;
+  s.wd = static_cast<float>(grp.weight_decay);
+  s.mom = static_cast<float>(grp.momentum);
+  s.damp1 = static_cast<float>(1.0 - grp.dampening);
+  s.neg_lr = static_cast<float>(-grp.lr);
+  s.use_wd = grp.weight_decay != 0.0;
+  s.use_mom = grp.momentum != 0.0;
+  s.nesterov = grp.nesterov.value_or(false);
+  return s;
+}
+}  // namespace detail
+
 class SGD : public Optimizer {
  public:
   SGD(std::vector<Tensor> params, double lr = 1e-3, double momentum = 0.0, double dampening = 0.0, double weight_decay = 0.0,
@@ -44,25 +84,21 @@ class SGD : public Optimizer {
   bool is_state_name(const std::string& key) const override { return key == "momentum_buffer"; }
 
   void update(const ParamGroup& grp, ParamState& st, const ParamUpdate& u) override {
-    const float wd = static_cast<float>(grp.weight_decay);
-    const float mom = static_cast<float>(grp.momentum);
-    const float damp1 = static_cast<float>(1.0 - grp.dampening);
-    const float neg_lr = static_cast<float>(-grp.lr);
-    const bool use_wd = grp.weight_decay != 0.0, use_mom = grp.momentum != 0.0, nesterov = *grp.nesterov;
+    const detail::SgdScalars sc = detail::sgd_scalars(grp);
     bool first = false;
-    float* buf = use_mom ? buffer(st, "momentum_buffer", u, &first) : nullptr;
+    float* buf = sc.use_mom ? buffer(st, "momentum_buffer", u, &first) : nullptr;
     // Branch-free loops per case, so each one vectorises.
     for_blocks(u, [&](float* w, const float* g, int64_t off, int64_t n) {
       float dbuf[detail::kOptimBlock];
       const float* d = g;
-      if (use_wd) {
+      if (sc.use_wd) {
         MIXPREC_OPTIM_SIMD
-        for (int64_t i = 0; i < n; ++i) dbuf[i] = g[i] + wd * w[i];
+        for (int64_t i = 0; i < n; ++i) dbuf[i] = sc.l2(g[i], w[i]);
         d = dbuf;
       }
-      if (!use_mom) {
+      if (!sc.use_mom) {
         MIXPREC_OPTIM_SIMD
-        for (int64_t i = 0; i < n; ++i) w[i] = w[i] + neg_lr * d[i];
+        for (int64_t i = 0; i < n; ++i) w[i] = sc.param(w[i], d[i]);
         return;
       }
       float* b = buf + off;
@@ -70,17 +106,14 @@ class SGD : public Optimizer {
         std::copy(d, d + n, b);
       } else {
         MIXPREC_OPTIM_SIMD
-        for (int64_t i = 0; i < n; ++i) {
-          const float t = b[i] * mom;
-          b[i] = t + damp1 * d[i];
-        }
+        for (int64_t i = 0; i < n; ++i) b[i] = sc.momentum(b[i], d[i]);
       }
-      if (nesterov) {
+      if (sc.nesterov) {
         MIXPREC_OPTIM_SIMD
-        for (int64_t i = 0; i < n; ++i) w[i] = w[i] + neg_lr * (d[i] + mom * b[i]);
+        for (int64_t i = 0; i < n; ++i) w[i] = sc.param(w[i], sc.nesterov_dir(d[i], b[i]));
       } else {
         MIXPREC_OPTIM_SIMD
-        for (int64_t i = 0; i < n; ++i) w[i] = w[i] + neg_lr * b[i];
+        for (int64_t i = 0; i < n; ++i) w[i] = sc.param(w[i], b[i]);
       }
     });
   }

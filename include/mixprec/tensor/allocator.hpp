@@ -131,11 +131,22 @@ class CpuAllocator final : public Allocator {
   int64_t cached_bytes_ = 0;
 };
 
+#if defined(MIXPREC_CUDA)
+namespace gpu {
+inline Allocator* caching_allocator();  // backends/cuda/allocator.hpp, included at the end
+}
+#endif
+
 namespace detail {
 inline std::array<Allocator*, kNumDevices>& allocator_registry() {
   // Never destroyed: tensors held by other static objects may be freed after main returns.
   static auto* cpu = new CpuAllocator;
+#if defined(MIXPREC_CUDA)
+  // Registered even without a device: its stats read zero and allocate() says why it cannot.
+  static std::array<Allocator*, kNumDevices> reg{cpu, gpu::caching_allocator()};
+#else
   static std::array<Allocator*, kNumDevices> reg{cpu, nullptr};
+#endif
   return reg;
 }
 }  // namespace detail
@@ -146,7 +157,7 @@ inline void set_allocator(Device d, Allocator* a) { detail::allocator_registry()
 inline Allocator& allocator(Device d) {
   Allocator* a = detail::allocator_registry()[static_cast<int>(d)];
   MIXPREC_CHECK(a != nullptr, "allocator: no allocator for device ", d,
-                d == Device::CUDA ? " (CUDA is not available: mixprec was built without CUDA, or no device/driver is present)" : "");
+                d == Device::CUDA ? " (this build has no CUDA backend: link mixprec::cuda, which defines MIXPREC_CUDA)" : "");
   return *a;
 }
 
@@ -155,3 +166,7 @@ inline void reset_peak_memory_stats(Device d = Device::CPU) { allocator(d).reset
 inline void empty_cache(Device d = Device::CPU) { allocator(d).empty_cache(); }
 
 }  // namespace mixprec
+
+#if defined(MIXPREC_CUDA)
+#include "mixprec/backends/cuda/allocator.hpp"
+#endif

@@ -1,9 +1,12 @@
 #pragma once
-// Dense GEMM on the CPU through Eigen (its blocked kernels use AVX-512 and OpenMP). 16-bit
-// inputs are widened to float32 panels first: on CPUs without native 16-bit FMA throughput
-// the float32 kernel is the fastest path, and the O(n^2) conversion is noise next to O(n^3).
+// Dense GEMM on the CPU. float32 takes the packed AVX-512 kernel (gemm_avx512.hpp) when the CPU
+// has it: the library is compiled without -march, so Eigen's kernels are SSE2-only, 3-4x
+// slower (benchmarks/NOTES.md). double, and CPUs without AVX-512, use Eigen.
+// 16-bit inputs go to gemm_16bit, which reads them directly (bfloat16 with vdpbf16ps where the
+// CPU has avx512_bf16: as fast per instruction as a float32 FMA there, so twice the flops).
 #include <Eigen/Core>
 
+#include "mixprec/backends/cpu/gemm_avx512.hpp"
 #include "mixprec/backends/cpu/parallel.hpp"
 #include "mixprec/tensor/tensor.hpp"
 
@@ -21,6 +24,11 @@ void gemm(const T* a, int64_t as0, int64_t as1, const T* b, int64_t bs0, int64_t
     if (!accumulate) C.setZero();
     return;
   }
+#if defined(MIXPREC_X86_SIMD)
+  if constexpr (std::is_same_v<T, float>) {
+    if (avx512::available()) return avx512::gemm<float>({a, as0, as1}, {b, bs0, bs1}, c, N, M, N, K, accumulate);
+  }
+#endif
   auto with = [](const T* p, int64_t s0, int64_t s1, int64_t r, int64_t cdim, auto&& f) {
     if (s1 == 1) f(Eigen::Map<const RM, 0, OS>(p, r, cdim, OS(std::max<int64_t>(s0, cdim))));
     else f(Eigen::Map<const CM, 0, OS>(p, r, cdim, OS(std::max<int64_t>(s1, r))));
@@ -31,6 +39,34 @@ void gemm(const T* a, int64_t as0, int64_t as1, const T* b, int64_t bs0, int64_t
       else C.noalias() = A * B;
     });
   });
+}
+
+// True when gemm_16bit() can run: otherwise widen 16-bit operands to float32 and call gemm().
+inline bool gemm_16bit_available() {
+#if defined(MIXPREC_X86_SIMD)
+  return avx512::available();
+#else
+  return false;
+#endif
+}
+
+// C[M,N] float32 (row-major, contiguous) (+)= A[M,K] * B[K,N] for bfloat16 or half A and B,
+// accumulated in float32. Requires gemm_16bit_available().
+template <class T>
+void gemm_16bit(const T* a, int64_t as0, int64_t as1, const T* b, int64_t bs0, int64_t bs1, float* c, int64_t M, int64_t N,
+                int64_t K, bool accumulate) {
+  static_assert(std::is_same_v<T, bfloat16> || std::is_same_v<T, half>);
+  MIXPREC_CHECK(gemm_16bit_available(), "gemm_16bit: needs an AVX-512 CPU (widen to float32 and call gemm instead)");
+  if (K == 0) {
+    if (!accumulate) std::fill(c, c + M * N, 0.0f);
+    return;
+  }
+#if defined(MIXPREC_X86_SIMD)
+  if constexpr (std::is_same_v<T, bfloat16>) {
+    if (avx512::bf16_dot_available()) return avx512::gemm_dpbf16({a, as0, as1}, {b, bs0, bs1}, c, N, M, N, K, accumulate);
+  }
+  avx512::gemm<T>({a, as0, as1}, {b, bs0, bs1}, c, N, M, N, K, accumulate);
+#endif
 }
 
 // True when a 2-D view with these strides can be handed to gemm() without a copy.

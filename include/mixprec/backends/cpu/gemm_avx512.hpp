@@ -1,0 +1,353 @@
+#pragma once
+// Packed float32-accumulating GEMM for AVX-512 CPUs, selected at run time. The library is built
+// without -march, so Eigen's kernels are compiled for SSE2 only; this one carries its own target
+// attributes. BLIS loop order: B in KC x NC blocks, A in MC x KC blocks, a 12 x 32 register
+// tile (24 zmm accumulators). 16-bit inputs are converted while packing, so they cost no
+// separate float32 copy.
+//
+// bfloat16 x bfloat16 has a second microkernel on vdpbf16ps (avx512_bf16): k in pairs, two
+// products per lane per instruction. Products of bfloat16 values are exact in float32, so it
+// only differs from the float32 path by summation order and by flushing subnormals; on the
+// development CPU (Zen 5) it runs 1.7-2x the float32 kernel's rate (benchmarks/NOTES.md).
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+
+#include "mixprec/backends/cpu/parallel.hpp"
+#include "mixprec/dtype/convert.hpp"
+
+#if defined(MIXPREC_X86_SIMD)
+#define MIXPREC_TARGET_GEMM512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
+#define MIXPREC_TARGET_GEMM512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx512bf16")))
+#endif
+
+namespace mixprec::cpu::avx512 {
+
+inline constexpr int64_t kMR = 12, kNR = 32;  // register tile
+inline constexpr int64_t kKC = 256;           // B micro-panel kKC x kNR floats = 32 KiB: L1
+inline constexpr int64_t kMC = 144;           // A block kMC x kKC floats = 144 KiB: L2
+inline constexpr int64_t kNC = 2048;          // B block kKC x kNC floats = 2 MiB: L3
+
+inline bool available() { return detail::simd_path_supported(SimdPath::AVX512) && cpu_features().fma; }
+inline bool bf16_dot_available() { return available() && cpu_features().avx512_bf16; }
+
+// Strided read-only matrix view: element (r, c) at p[r * s0 + c * s1].
+template <class T>
+struct View {
+  const T* p;
+  int64_t s0, s1;
+  const T& at(int64_t r, int64_t c) const { return p[r * s0 + c * s1]; }
+};
+
+namespace detail {
+
+// 64-byte aligned per-thread packing buffers, grown on demand and kept.
+struct PackBuffer {
+  struct Free {
+    void operator()(void* p) const { std::free(p); }
+  };
+  std::unique_ptr<void, Free> mem;
+  std::size_t bytes = 0;
+  void* get(std::size_t n) {
+    if (n > bytes) {
+      n = (n + 63) / 64 * 64;
+      mem.reset(std::aligned_alloc(64, n));
+      MIXPREC_CHECK(mem != nullptr, "gemm: cannot allocate a ", n, "-byte packing buffer");
+      bytes = n;
+    }
+    return mem.get();
+  }
+};
+inline PackBuffer& pack_a_buffer() {
+  thread_local PackBuffer b;
+  return b;
+}
+inline PackBuffer& pack_b_buffer() {
+  thread_local PackBuffer b;
+  return b;
+}
+
+#if defined(MIXPREC_X86_SIMD)
+
+MIXPREC_TARGET_GEMM512 inline float to_f32(float v) { return v; }
+MIXPREC_TARGET_GEMM512 inline float to_f32(bfloat16 v) { return mixprec::detail::bfloat16_bits_to_float(v.x); }
+MIXPREC_TARGET_GEMM512 inline float to_f32(half v) { return _cvtsh_ss(v.x); }
+
+// 16 consecutive elements (lanes past `m` zero) as float32.
+MIXPREC_TARGET_GEMM512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+MIXPREC_TARGET_GEMM512 inline __m512 load16(const bfloat16* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+MIXPREC_TARGET_GEMM512 inline __m512 load16(const half* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+
+MIXPREC_TARGET_GEMM512 inline __mmask16 lanes(int64_t n) {
+  return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : static_cast<__mmask16>((1u << n) - 1u);
+}
+
+// B[k0:k0+kc, j0:j0+nc] -> panels of kNR columns, each kc x kNR, zero-padded past nc.
+template <class T>
+MIXPREC_TARGET_GEMM512 void pack_b(View<T> b, int64_t k0, int64_t kc, int64_t j0, int64_t nc, float* out) {
+  for (int64_t jp = 0; jp < nc; jp += kNR, out += kc * kNR) {
+    const int64_t w = std::min(kNR, nc - jp);
+    if (b.s1 == 1) {
+      const __mmask16 m0 = lanes(w), m1 = lanes(w - 16);
+      for (int64_t k = 0; k < kc; ++k) {
+        const T* src = &b.at(k0 + k, j0 + jp);
+        _mm512_store_ps(out + k * kNR, load16(src, m0));
+        _mm512_store_ps(out + k * kNR + 16, load16(src + 16, m1));
+      }
+    } else {
+      for (int64_t j = 0; j < kNR; ++j)
+        for (int64_t k = 0; k < kc; ++k) out[k * kNR + j] = j < w ? to_f32(b.at(k0 + k, j0 + jp + j)) : 0.0f;
+    }
+  }
+}
+
+// A[i0:i0+mc, k0:k0+kc] -> panels of kMR rows, each kc x kMR, zero-padded past mc.
+template <class T>
+MIXPREC_TARGET_GEMM512 void pack_a(View<T> a, int64_t i0, int64_t mc, int64_t k0, int64_t kc, float* out) {
+  for (int64_t ip = 0; ip < mc; ip += kMR, out += kc * kMR) {
+    const int64_t h = std::min(kMR, mc - ip);
+    for (int64_t i = 0; i < kMR; ++i) {
+      if (i >= h) {
+        for (int64_t k = 0; k < kc; ++k) out[k * kMR + i] = 0.0f;
+        continue;
+      }
+      const T* row = &a.at(i0 + ip + i, k0);
+      if (a.s1 == 1) {
+        for (int64_t k = 0; k < kc; k += 16) {
+          alignas(64) float t[16];
+          _mm512_store_ps(t, load16(row + k, lanes(kc - k)));
+          const int64_t n = std::min<int64_t>(16, kc - k);
+          for (int64_t q = 0; q < n; ++q) out[(k + q) * kMR + i] = t[q];
+        }
+      } else {
+        for (int64_t k = 0; k < kc; ++k) out[k * kMR + i] = to_f32(row[k * a.s1]);
+      }
+    }
+  }
+}
+
+// C[mr x nr] (=|+=) Apanel * Bpanel.
+MIXPREC_TARGET_GEMM512 inline void micro_f32(int64_t kc, const float* __restrict ap, const float* __restrict bp, float* c, int64_t ldc,
+                                             int64_t mr, int64_t nr, bool add) {
+  __m512 acc[kMR][2];
+#pragma GCC unroll 12
+  for (int i = 0; i < kMR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k, ap += kMR, bp += kNR) {
+    const __m512 b0 = _mm512_load_ps(bp), b1 = _mm512_load_ps(bp + 16);
+#pragma GCC unroll 12
+    for (int i = 0; i < kMR; ++i) {
+      const __m512 av = _mm512_set1_ps(ap[i]);
+      acc[i][0] = _mm512_fmadd_ps(av, b0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(av, b1, acc[i][1]);
+    }
+  }
+  const __mmask16 m0 = lanes(nr), m1 = lanes(nr - 16);
+#pragma GCC unroll 12
+  for (int i = 0; i < kMR; ++i) {
+    if (i >= mr) break;
+    float* row = c + i * ldc;
+    if (add) {
+      acc[i][0] = _mm512_add_ps(acc[i][0], _mm512_maskz_loadu_ps(m0, row));
+      acc[i][1] = _mm512_add_ps(acc[i][1], _mm512_maskz_loadu_ps(m1, row + 16));
+    }
+    _mm512_mask_storeu_ps(row, m0, acc[i][0]);
+    _mm512_mask_storeu_ps(row + 16, m1, acc[i][1]);
+  }
+}
+
+// One thread's share: C[M, N] (ldc) (=|+=) A[M, K] * B[K, N].
+template <class T>
+MIXPREC_TARGET_GEMM512 void gemm_serial(View<T> a, View<T> b, float* c, int64_t ldc, int64_t M, int64_t N, int64_t K, bool accumulate) {
+  float* bpack = static_cast<float*>(pack_b_buffer().get(sizeof(float) * kKC * ((std::min(N, kNC) + kNR - 1) / kNR * kNR)));
+  float* apack = static_cast<float*>(pack_a_buffer().get(sizeof(float) * kKC * ((std::min(M, kMC) + kMR - 1) / kMR * kMR)));
+  for (int64_t jc = 0; jc < N; jc += kNC) {
+    const int64_t nc = std::min(kNC, N - jc);
+    for (int64_t pc = 0; pc < K; pc += kKC) {
+      const int64_t kc = std::min(kKC, K - pc);
+      const bool add = accumulate || pc > 0;
+      pack_b(b, pc, kc, jc, nc, bpack);
+      for (int64_t ic = 0; ic < M; ic += kMC) {
+        const int64_t mc = std::min(kMC, M - ic);
+        pack_a(a, ic, mc, pc, kc, apack);
+        for (int64_t jr = 0; jr < nc; jr += kNR)
+          for (int64_t ir = 0; ir < mc; ir += kMR)
+            micro_f32(kc, apack + ir * kc, bpack + jr * kc, c + (ic + ir) * ldc + jc + jr, ldc, std::min(kMR, mc - ir),
+                      std::min(kNR, nc - jr), add);
+      }
+    }
+  }
+}
+
+// ---- bfloat16 x bfloat16 with vdpbf16ps: k runs in pairs ----
+
+inline uint32_t bf16_pair(const bfloat16* lo, const bfloat16* hi) {
+  return static_cast<uint32_t>(lo ? lo->x : 0) | (static_cast<uint32_t>(hi ? hi->x : 0) << 16);
+}
+inline uint32_t load_pair(const bfloat16* p) {  // p[0], p[1] adjacent in memory
+  uint32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// B[k0:k0+kc, j0:j0+nc] -> panels, each ceil(kc/2) x kNR pairs (b[k][j], b[k+1][j]).
+MIXPREC_TARGET_GEMM512BF16 inline void pack_b_bf16(View<bfloat16> b, int64_t k0, int64_t kc, int64_t j0, int64_t nc, uint32_t* out) {
+  const int64_t kp = (kc + 1) / 2;
+  for (int64_t jp = 0; jp < nc; jp += kNR, out += kp * kNR) {
+    const int64_t w = std::min(kNR, nc - jp);
+    if (b.s1 == 1) {  // rows contiguous: interleave two rows, 16 columns at a time
+      for (int64_t p = 0; p < kp; ++p) {
+        const bfloat16* r0 = &b.at(k0 + 2 * p, j0 + jp);
+        const bfloat16* r1 = 2 * p + 1 < kc ? &b.at(k0 + 2 * p + 1, j0 + jp) : nullptr;
+        for (int64_t h = 0; h < kNR; h += 16) {
+          const __mmask16 m = lanes(w - h);
+          const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r0 + h));
+          const __m512i hi = r1 ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r1 + h)) : _mm512_setzero_si512();
+          _mm512_store_si512(out + p * kNR + h, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+        }
+      }
+    } else {
+      for (int64_t j = 0; j < kNR; ++j) {
+        if (j >= w) {
+          for (int64_t p = 0; p < kp; ++p) out[p * kNR + j] = 0;
+          continue;
+        }
+        const bfloat16* col = &b.at(k0, j0 + jp + j);
+        int64_t p = 0;
+        if (b.s0 == 1)  // columns contiguous: a pair is one 32-bit load
+          for (; 2 * p + 1 < kc; ++p) out[p * kNR + j] = load_pair(col + 2 * p);
+        for (; p < kp; ++p) out[p * kNR + j] = bf16_pair(col + 2 * p * b.s0, 2 * p + 1 < kc ? col + (2 * p + 1) * b.s0 : nullptr);
+      }
+    }
+  }
+}
+
+inline void pack_a_bf16(View<bfloat16> a, int64_t i0, int64_t mc, int64_t k0, int64_t kc, uint32_t* out) {
+  const int64_t kp = (kc + 1) / 2;
+  for (int64_t ip = 0; ip < mc; ip += kMR, out += kp * kMR) {
+    const int64_t h = std::min(kMR, mc - ip);
+    for (int64_t i = 0; i < kMR; ++i) {
+      if (i >= h) {
+        for (int64_t p = 0; p < kp; ++p) out[p * kMR + i] = 0;
+        continue;
+      }
+      const bfloat16* row = &a.at(i0 + ip + i, k0);
+      int64_t p = 0;
+      if (a.s1 == 1)  // rows contiguous: a pair is one 32-bit load
+        for (; 2 * p + 1 < kc; ++p) out[p * kMR + i] = load_pair(row + 2 * p);
+      for (; p < kp; ++p) out[p * kMR + i] = bf16_pair(row + 2 * p * a.s1, 2 * p + 1 < kc ? row + (2 * p + 1) * a.s1 : nullptr);
+    }
+  }
+}
+
+MIXPREC_TARGET_GEMM512BF16 inline void micro_bf16(int64_t kp, const uint32_t* __restrict ap, const uint32_t* __restrict bp, float* c,
+                                                  int64_t ldc, int64_t mr, int64_t nr, bool add) {
+  __m512 acc[kMR][2];
+#pragma GCC unroll 12
+  for (int i = 0; i < kMR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < kp; ++p, ap += kMR, bp += kNR) {
+    const __m512bh b0 = (__m512bh)_mm512_load_si512(bp), b1 = (__m512bh)_mm512_load_si512(bp + 16);
+#pragma GCC unroll 12
+    for (int i = 0; i < kMR; ++i) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(ap[i]));
+      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], av, b0);
+      acc[i][1] = _mm512_dpbf16_ps(acc[i][1], av, b1);
+    }
+  }
+  const __mmask16 m0 = lanes(nr), m1 = lanes(nr - 16);
+#pragma GCC unroll 12
+  for (int i = 0; i < kMR; ++i) {
+    if (i >= mr) break;
+    float* row = c + i * ldc;
+    if (add) {
+      acc[i][0] = _mm512_add_ps(acc[i][0], _mm512_maskz_loadu_ps(m0, row));
+      acc[i][1] = _mm512_add_ps(acc[i][1], _mm512_maskz_loadu_ps(m1, row + 16));
+    }
+    _mm512_mask_storeu_ps(row, m0, acc[i][0]);
+    _mm512_mask_storeu_ps(row + 16, m1, acc[i][1]);
+  }
+}
+
+MIXPREC_TARGET_GEMM512BF16 inline void gemm_serial_dpbf16(View<bfloat16> a, View<bfloat16> b, float* c, int64_t ldc, int64_t M, int64_t N,
+                                                          int64_t K, bool accumulate) {
+  constexpr int64_t kKP = kKC;  // pairs: a kKP x kNR micro-panel of B is the same 32 KiB as float32's
+  uint32_t* bpack = static_cast<uint32_t*>(pack_b_buffer().get(sizeof(uint32_t) * kKP * ((std::min(N, kNC) + kNR - 1) / kNR * kNR)));
+  uint32_t* apack = static_cast<uint32_t*>(pack_a_buffer().get(sizeof(uint32_t) * kKP * ((std::min(M, kMC) + kMR - 1) / kMR * kMR)));
+  for (int64_t jc = 0; jc < N; jc += kNC) {
+    const int64_t nc = std::min(kNC, N - jc);
+    for (int64_t pc = 0; pc < K; pc += 2 * kKP) {
+      const int64_t kc = std::min(2 * kKP, K - pc), kp = (kc + 1) / 2;
+      const bool add = accumulate || pc > 0;
+      pack_b_bf16(b, pc, kc, jc, nc, bpack);
+      for (int64_t ic = 0; ic < M; ic += kMC) {
+        const int64_t mc = std::min(kMC, M - ic);
+        pack_a_bf16(a, ic, mc, pc, kc, apack);
+        for (int64_t jr = 0; jr < nc; jr += kNR)
+          for (int64_t ir = 0; ir < mc; ir += kMR)
+            micro_bf16(kp, apack + ir * kp, bpack + jr * kp, c + (ic + ir) * ldc + jc + jr, ldc, std::min(kMR, mc - ir),
+                       std::min(kNR, nc - jr), add);
+      }
+    }
+  }
+}
+
+#endif  // MIXPREC_X86_SIMD
+
+// Splits C into a tm x tn grid of near-square tiles, one per thread: threads share nothing,
+// each packs the A rows and B columns of its own tile.
+template <class F>
+void parallel_tiles(int64_t M, int64_t N, int64_t K, F&& tile) {
+  int nt = num_threads();
+  const double flops = 2.0 * static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K);
+  nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt, static_cast<int64_t>(flops / 4e6))));
+  if (nt <= 1) {
+    tile(0, M, 0, N);
+    return;
+  }
+  int tm = 1;
+  double best = 1e300;
+  for (int d = 1; d <= nt; ++d) {
+    if (nt % d) continue;
+    const double cost = static_cast<double>(M) / d + static_cast<double>(N) / (nt / d);  // packing traffic per thread
+    if (cost < best) best = cost, tm = d;
+  }
+  const int tn = nt / tm;
+  auto split = [](int64_t n, int parts, int64_t unit, int idx) {
+    const int64_t units = (n + unit - 1) / unit;
+    const int64_t b = units * idx / parts * unit, e = units * (idx + 1) / parts * unit;
+    return std::pair<int64_t, int64_t>{std::min(b, n), std::min(e, n)};
+  };
+  parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const auto [m0, m1] = split(M, tm, kMR, static_cast<int>(t / tn));
+      const auto [n0, n1] = split(N, tn, kNR, static_cast<int>(t % tn));
+      if (m0 < m1 && n0 < n1) tile(m0, m1, n0, n1);
+    }
+  });
+}
+
+}  // namespace detail
+
+#if defined(MIXPREC_X86_SIMD)
+// C[M, N] (row-major, leading dimension ldc, float32) (=|+=) A[M, K] * B[K, N]. Requires available().
+template <class T>
+void gemm(View<T> a, View<T> b, float* c, int64_t ldc, int64_t M, int64_t N, int64_t K, bool accumulate) {
+  detail::parallel_tiles(M, N, K, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+    detail::gemm_serial<T>(View<T>{&a.at(m0, 0), a.s0, a.s1}, View<T>{&b.at(0, n0), b.s0, b.s1}, c + m0 * ldc + n0, ldc, m1 - m0,
+                           n1 - n0, K, accumulate);
+  });
+}
+
+// The same with vdpbf16ps on bfloat16 pairs. Requires bf16_dot_available().
+inline void gemm_dpbf16(View<bfloat16> a, View<bfloat16> b, float* c, int64_t ldc, int64_t M, int64_t N, int64_t K, bool accumulate) {
+  detail::parallel_tiles(M, N, K, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+    detail::gemm_serial_dpbf16(View<bfloat16>{&a.at(m0, 0), a.s0, a.s1}, View<bfloat16>{&b.at(0, n0), b.s0, b.s1}, c + m0 * ldc + n0,
+                               ldc, m1 - m0, n1 - n0, K, accumulate);
+  });
+}
+#endif
+
+}  // namespace mixprec::cpu::avx512

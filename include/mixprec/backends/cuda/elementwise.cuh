@@ -1,0 +1,123 @@
+#pragma once
+// Activations and reductions on CUDA tensors. The activation formulas are mixprec::fn's
+// (ops/elementwise.hpp), the very functions the CPU kernels call; values load into float, and
+// round once on store, as on the CPU. Reductions go through CUB, accumulating in float32.
+#include <cub/device/device_reduce.cuh>
+#include <thrust/iterator/transform_iterator.h>
+
+#include "mixprec/backends/cuda/common.cuh"
+#include "mixprec/ops/elementwise.hpp"
+
+namespace mixprec::gpu {
+
+enum class Activation : uint8_t { Relu, Gelu, GeluTanh, Silu, Sigmoid, Tanh };
+
+MIXPREC_HOST_DEVICE float activate(Activation a, float v) {
+  switch (a) {
+    case Activation::Relu: return fn::relu(v);
+    case Activation::Gelu: return fn::gelu(v);
+    case Activation::GeluTanh: return fn::gelu_tanh(v);
+    case Activation::Silu: return fn::silu(v);
+    case Activation::Sigmoid: return fn::sigmoid(v);
+    case Activation::Tanh: return std::tanh(v);
+  }
+  return v;
+}
+// d activation / dx from the input x and the output y (each formula uses the cheaper one).
+MIXPREC_HOST_DEVICE float activate_grad(Activation a, float x, float y) {
+  switch (a) {
+    case Activation::Relu: return fn::relu_grad(x);
+    case Activation::Gelu: return fn::gelu_grad(x);
+    case Activation::GeluTanh: return fn::gelu_tanh_grad(x);
+    case Activation::Silu: return fn::silu_grad(x);
+    case Activation::Sigmoid: return fn::sigmoid_grad_y(y);
+    case Activation::Tanh: return fn::tanh_grad_y(y);
+  }
+  return 0.0f;
+}
+
+template <class T>
+__global__ void activation_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t n, Activation a) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    y[i] = T(activate(a, static_cast<float>(x[i])));
+}
+template <class T>
+__global__ void activation_grad_kernel(const T* __restrict__ g, const T* __restrict__ x, const T* __restrict__ y, T* __restrict__ gx,
+                                       int64_t n, Activation a) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    gx[i] = T(static_cast<float>(g[i]) * activate_grad(a, static_cast<float>(x[i]), static_cast<float>(y[i])));
+}
+
+inline Tensor activation(Activation a, const Tensor& x) {
+  const char* op = "gpu::activation";
+  require_cuda_tensor(op, x);
+  const Tensor xc = contiguous(x);
+  Tensor y = empty(x.sizes(), x.dtype(), Device::CUDA);
+  const int64_t n = x.numel();
+  if (n == 0) return y;
+  dispatch_storage(x.dtype(), op, [&]<class T>() {
+    activation_kernel<T><<<grid_for(n), kThreads, 0, current_stream()>>>(xc.data<T>(), y.data<T>(), n, a);
+  });
+  check_launch(op);
+  return y;
+}
+
+// grad * f'(x, y), all four of one dtype and shape.
+inline Tensor activation_backward(Activation a, const Tensor& grad, const Tensor& x, const Tensor& y) {
+  const char* op = "gpu::activation_backward";
+  for (const Tensor* t : {&grad, &x, &y}) {
+    require_cuda_tensor(op, *t);
+    MIXPREC_CHECK(t->sizes() == x.sizes() && t->dtype() == x.dtype(), op, ": expected ", x.dtype(), " ", x.sizes(), ", got ",
+                  t->dtype(), " ", t->sizes());
+  }
+  const Tensor gc = contiguous(grad), xc = contiguous(x), yc = contiguous(y);
+  Tensor gx = empty(x.sizes(), x.dtype(), Device::CUDA);
+  const int64_t n = x.numel();
+  if (n == 0) return gx;
+  dispatch_storage(x.dtype(), op, [&]<class T>() {
+    activation_grad_kernel<T><<<grid_for(n), kThreads, 0, current_stream()>>>(gc.data<T>(), xc.data<T>(), yc.data<T>(), gx.data<T>(), n, a);
+  });
+  check_launch(op);
+  return gx;
+}
+
+namespace detail {
+template <class T>
+struct ToFloat {
+  __device__ float operator()(const T& v) const { return static_cast<float>(v); }
+};
+template <class T>
+struct AbsFloat {
+  __device__ float operator()(const T& v) const { return fabsf(static_cast<float>(v)); }
+};
+// NaN-propagating max, so a NaN anywhere shows in the result.
+struct NanMax {
+  __device__ float operator()(float a, float b) const { return (a > b || a != a) ? a : b; }
+};
+
+// One CUB reduction of x (contiguous) through `Load` and `Op` into a 0-dim float32 CUDA tensor.
+template <template <class> class Load, class Op>
+Tensor reduce_all(const char* op, const Tensor& x, Op red, float init) {
+  require_cuda_tensor(op, x);
+  const Tensor xc = contiguous(x);
+  Tensor out = empty({}, DType::Float32, Device::CUDA);
+  dispatch_storage(x.dtype(), op, [&]<class T>() {
+    const auto in = thrust::make_transform_iterator(xc.data<T>(), Load<T>());
+    size_t bytes = 0;
+    check(cub::DeviceReduce::Reduce(nullptr, bytes, in, out.data<float>(), xc.numel(), red, init, current_stream()), op);
+    const Tensor tmp = empty({static_cast<int64_t>(std::max<size_t>(bytes, 1))}, DType::UInt8, Device::CUDA);
+    check(cub::DeviceReduce::Reduce(tmp.data_ptr(), bytes, in, out.data<float>(), xc.numel(), red, init, current_stream()), op);
+  });
+  return out;
+}
+struct Plus {
+  __device__ float operator()(float a, float b) const { return a + b; }
+};
+}  // namespace detail
+
+// Sum of all elements, accumulated in float32: a 0-dim float32 CUDA tensor.
+inline Tensor sum(const Tensor& x) { return detail::reduce_all<detail::ToFloat>("gpu::sum", x, detail::Plus{}, 0.0f); }
+// max |x| (NaN if any element is NaN): a 0-dim float32 CUDA tensor.
+inline Tensor max_abs(const Tensor& x) { return detail::reduce_all<detail::AbsFloat>("gpu::max_abs", x, detail::NanMax{}, 0.0f); }
+
+}  // namespace mixprec::gpu

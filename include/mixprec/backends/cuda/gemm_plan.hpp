@@ -1,0 +1,233 @@
+#pragma once
+// The GEMM call plan: how a row-major mixprec product becomes one column-major cuBLASLt call.
+// Plain C++ with no CUDA header, so the CPU tests execute every plan with a column-major
+// reference GEMM and compare it with the row-major CPU matmul; gemm.cuh only translates the
+// plan's own enums into cuBLASLt's.
+//
+// Row-major C[M,N] = A[M,K] B[K,N] is the column-major product C^T[N,M] = B^T A^T, and a
+// row-major buffer read column-major is its transpose: so cuBLAS's A is our B, cuBLAS's B is our
+// A, m = N, n = M, and no data moves. A transposed view (strides (1, s)) becomes op T instead of a
+// copy. The bias epilogue adds a length-m vector to each column of C^T, i.e. bias[j] to column j
+// of the row-major C: exactly linear's bias.
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "mixprec/core/error.hpp"
+#include "mixprec/tensor/tensor.hpp"
+
+namespace mixprec::gpu {
+
+enum class GemmType : uint8_t { F32, F16, BF16 };
+// F32: CUBLAS_COMPUTE_32F (16-bit inputs run on tensor cores, accumulate in float32).
+// F32FastTF32: CUBLAS_COMPUTE_32F_FAST_TF32, float32 inputs rounded to tf32 on tensor cores.
+enum class GemmCompute : uint8_t { F32, F32FastTF32 };
+enum class GemmOp : uint8_t { N, T };
+// cuBLASLt's GELU epilogue is the tanh approximation (gelu(x, "tanh")).
+enum class GemmEpilogue : uint8_t { None, Bias, GeluTanh, BiasGeluTanh };
+
+inline int64_t gemm_type_size(GemmType t) { return t == GemmType::F32 ? 4 : 2; }
+inline const char* gemm_type_name(GemmType t) { return t == GemmType::F32 ? "float32" : t == GemmType::F16 ? "float16" : "bfloat16"; }
+
+inline GemmType gemm_type_of(DType d, const char* op) {
+  switch (d) {
+    case DType::Float32: return GemmType::F32;
+    case DType::Float16: return GemmType::F16;
+    case DType::BFloat16: return GemmType::BF16;
+    default: fail(op, ": cuBLASLt GEMM takes float32, float16 or bfloat16, got ", d);
+  }
+}
+
+// A row-major operand: logical [rows, cols] at `address` with element strides (s0, s1), the
+// same for every batch entry but `batch_stride` elements apart (0: broadcast).
+struct GemmOperand {
+  uintptr_t address = 0;
+  int64_t s0 = 0, s1 = 1;
+  int64_t batch_stride = 0;
+  GemmType type = GemmType::F32;
+};
+
+struct GemmRequest {
+  int64_t M = 0, N = 0, K = 0, batch = 1;
+  GemmOperand a;  // [M, K]
+  GemmOperand b;  // [K, N]
+  uintptr_t c_address = 0;  // row-major [batch, M, N], row stride ldc, batch stride c_batch_stride
+  int64_t ldc = 0, c_batch_stride = 0;
+  GemmType c_type = GemmType::F32;
+  GemmEpilogue epilogue = GemmEpilogue::None;
+  uintptr_t bias_address = 0;  // [N] in c_type, when the epilogue has a bias
+  bool allow_tf32 = false;     // float32 inputs only, as torch.backends.cuda.matmul.allow_tf32
+};
+
+struct GemmPlan {
+  GemmOp transa = GemmOp::N, transb = GemmOp::N;
+  int64_t m = 0, n = 0, k = 0;
+  int64_t lda = 1, ldb = 1, ldc = 1;
+  int64_t batch = 1, stride_a = 0, stride_b = 0, stride_c = 0;
+  uintptr_t a_address = 0, b_address = 0, c_address = 0, bias_address = 0;  // cuBLAS's A = our b, B = our a
+  GemmType ab_type = GemmType::F32, c_type = GemmType::F32;
+  GemmCompute compute = GemmCompute::F32;
+  GemmEpilogue epilogue = GemmEpilogue::None;
+  int64_t bias_length = 0;  // = m
+  // Byte alignment of each matrix (largest power of two <= 16 dividing its address, leading
+  // dimension and batch stride in bytes): handed to cuBLASLt as the minimum alignment, so the
+  // algorithm it picks is valid for these pointers even when they are not 16-byte aligned.
+  int align_a = 16, align_b = 16, align_c = 16;
+  // Tensor cores at full speed need m, n, k multiples of 8 (16-bit) or 4 (tf32) and 16-byte
+  // aligned matrices; otherwise cuBLASLt still computes the right answer with slower kernels.
+  bool tensor_core_aligned = false;
+};
+
+namespace detail {
+inline int gemm_alignment(uintptr_t address, int64_t elem, int64_t ld, int64_t batch_stride) {
+  int a = 16;
+  auto fit = [&](uint64_t v) {
+    while (a > 1 && v % static_cast<uint64_t>(a) != 0) a /= 2;
+  };
+  fit(address);
+  fit(static_cast<uint64_t>(ld * elem));
+  if (batch_stride != 0) fit(static_cast<uint64_t>(batch_stride * elem));
+  return a;
+}
+
+// A row-major operand [rows, cols] as a column-major matrix: its op and leading dimension.
+// Row-major storage (s1 == 1) is the column-major transpose (op N for the swapped product);
+// column-major storage (s0 == 1) is the matrix itself (op T). Anything else needs a copy.
+inline bool gemm_row_major(int64_t s0, int64_t s1, int64_t rows, int64_t cols) { return s1 == 1 && (s0 >= cols || rows <= 1); }
+inline bool gemm_col_major(int64_t s0, int64_t s1, int64_t rows, int64_t cols) { return s0 == 1 && (s1 >= rows || cols <= 1); }
+
+inline std::pair<GemmOp, int64_t> gemm_layout(const char* what, const GemmOperand& o, int64_t rows, int64_t cols) {
+  if (gemm_row_major(o.s0, o.s1, rows, cols)) return {GemmOp::N, std::max<int64_t>({o.s0, cols, 1})};
+  if (gemm_col_major(o.s0, o.s1, rows, cols)) return {GemmOp::T, std::max<int64_t>({o.s1, rows, 1})};
+  fail("gemm plan: operand ", what, " of shape [", rows, ", ", cols, "] with strides (", o.s0, ", ", o.s1,
+       ") has no unit stride; make it contiguous first");
+}
+
+// The one element stride between consecutive batch entries of t (whose batch dims are out's,
+// broadcast ones with stride 0), or nullopt when its batch dims do not collapse to one stride.
+inline std::optional<int64_t> collapsed_batch_stride(const Tensor& t, const Shape& out) {
+  const int64_t nd = t.dim();
+  int64_t stride = 0, inner = 1;  // inner: batch entries spanned by the dims after d
+  bool seen = false;
+  for (int64_t d = nd - 3; d >= 0; inner *= out[d], --d) {
+    if (t.size(d) == 1) continue;
+    if (!seen) {
+      if (t.stride(d) % inner != 0) return std::nullopt;
+      stride = t.stride(d) / inner;
+      seen = true;
+    } else if (t.stride(d) != stride * inner) {
+      return std::nullopt;
+    }
+  }
+  return stride;
+}
+}  // namespace detail
+
+// True when gemm_request takes t (an operand expanded to out's batch dims) without a copy.
+inline bool gemm_operand_ok(const Tensor& t, const Shape& out) {
+  return (detail::gemm_row_major(t.stride(-2), t.stride(-1), t.size(-2), t.size(-1)) ||
+          detail::gemm_col_major(t.stride(-2), t.stride(-1), t.size(-2), t.size(-1))) &&
+         detail::collapsed_batch_stride(t, out).has_value();
+}
+
+inline GemmPlan plan_gemm(const GemmRequest& r) {
+  MIXPREC_CHECK(r.M >= 0 && r.N >= 0 && r.K >= 0 && r.batch >= 1, "gemm plan: bad sizes M=", r.M, " N=", r.N, " K=", r.K,
+                " batch=", r.batch);
+  MIXPREC_CHECK(r.a.type == r.b.type, "gemm plan: operands must share a dtype, got ", gemm_type_name(r.a.type), " and ",
+                gemm_type_name(r.b.type));
+  MIXPREC_CHECK(r.ldc >= std::max<int64_t>(r.N, 1), "gemm plan: ldc ", r.ldc, " < N ", r.N);
+  MIXPREC_CHECK(!r.allow_tf32 || r.a.type == GemmType::F32, "gemm plan: tf32 applies to float32 inputs only, got ",
+                gemm_type_name(r.a.type));
+  MIXPREC_CHECK(r.a.type != GemmType::F32 || r.c_type == GemmType::F32, "gemm plan: float32 inputs need a float32 output, got ",
+                gemm_type_name(r.c_type));
+  const bool has_bias = r.epilogue == GemmEpilogue::Bias || r.epilogue == GemmEpilogue::BiasGeluTanh;
+  MIXPREC_CHECK(!has_bias || r.bias_address != 0, "gemm plan: the bias epilogue needs a bias pointer");
+  GemmPlan p;
+  const auto [opb, ldb_] = detail::gemm_layout("b", r.b, r.K, r.N);
+  const auto [opa, lda_] = detail::gemm_layout("a", r.a, r.M, r.K);
+  p.transa = opb;
+  p.lda = ldb_;
+  p.a_address = r.b.address;
+  p.stride_a = r.b.batch_stride;
+  p.transb = opa;
+  p.ldb = lda_;
+  p.b_address = r.a.address;
+  p.stride_b = r.a.batch_stride;
+  p.m = r.N;
+  p.n = r.M;
+  p.k = r.K;
+  p.ldc = r.ldc;
+  p.c_address = r.c_address;
+  p.stride_c = r.c_batch_stride;
+  p.batch = r.batch;
+  p.ab_type = r.a.type;
+  p.c_type = r.c_type;
+  p.compute = r.allow_tf32 ? GemmCompute::F32FastTF32 : GemmCompute::F32;
+  p.epilogue = r.epilogue;
+  p.bias_address = has_bias ? r.bias_address : 0;
+  p.bias_length = has_bias ? p.m : 0;
+  const int64_t ea = gemm_type_size(p.ab_type), ec = gemm_type_size(p.c_type);
+  p.align_a = detail::gemm_alignment(p.a_address, ea, p.lda, p.stride_a);
+  p.align_b = detail::gemm_alignment(p.b_address, ea, p.ldb, p.stride_b);
+  p.align_c = detail::gemm_alignment(p.c_address, ec, p.ldc, p.stride_c);
+  const bool sixteen = p.ab_type != GemmType::F32;
+  const int64_t mult = sixteen ? 8 : 4;
+  p.tensor_core_aligned = (sixteen || p.compute == GemmCompute::F32FastTF32) && p.m % mult == 0 && p.n % mult == 0 &&
+                          p.k % mult == 0 && p.align_a == 16 && p.align_b == 16 && p.align_c == 16;
+  return p;
+}
+
+// The request for out[batch..., M, N] = a[batch..., M, K] @ b[batch..., K, N] (+ bias [N]),
+// where a and b already have out's batch dims (broadcast ones with stride 0) and out is
+// contiguous. The batch dims of each operand must collapse to one stride; callers copy otherwise.
+inline GemmRequest gemm_request(const Tensor& a, const Tensor& b, const Tensor& out, const Tensor& bias = Tensor(),
+                                GemmEpilogue epilogue = GemmEpilogue::None, bool allow_tf32 = false) {
+  const char* op = "cuda gemm";
+  MIXPREC_CHECK(a.dim() >= 2 && a.dim() == b.dim() && a.dim() == out.dim(), op, ": expected operands of equal rank >= 2, got ",
+                a.sizes(), ", ", b.sizes(), " and ", out.sizes());
+  MIXPREC_CHECK(out.is_contiguous(), op, ": the output must be contiguous, got strides ", out.strides());
+  const int64_t nd = a.dim();
+  GemmRequest r;
+  r.M = a.size(-2);
+  r.K = a.size(-1);
+  r.N = b.size(-1);
+  MIXPREC_CHECK(b.size(-2) == r.K && out.size(-2) == r.M && out.size(-1) == r.N, op, ": shapes ", a.sizes(), " @ ", b.sizes(),
+                " -> ", out.sizes(), " do not match");
+  auto batch_stride = [&](const Tensor& t, const char* name) -> int64_t {
+    for (int64_t d = 0; d < nd - 2; ++d)
+      MIXPREC_CHECK(t.size(d) == out.size(d), op, ": ", name, " batch dims ", t.sizes(), " differ from the output's ", out.sizes());
+    const std::optional<int64_t> s = detail::collapsed_batch_stride(t, out.sizes());
+    MIXPREC_CHECK(s.has_value(), op, ": ", name, " batch strides ", t.strides(), " for shape ", t.sizes(),
+                  " do not collapse to one stride; copy it");
+    return *s;
+  };
+  r.batch = 1;
+  for (int64_t d = 0; d < nd - 2; ++d) r.batch *= out.size(d);
+  auto operand = [&](const Tensor& t, const char* name) {
+    GemmOperand o;
+    o.address = reinterpret_cast<uintptr_t>(t.data_ptr());
+    o.s0 = t.stride(-2);
+    o.s1 = t.stride(-1);
+    o.batch_stride = batch_stride(t, name);
+    o.type = gemm_type_of(t.dtype(), op);
+    return o;
+  };
+  r.a = operand(a, "a");
+  r.b = operand(b, "b");
+  r.c_address = reinterpret_cast<uintptr_t>(out.data_ptr());
+  r.ldc = std::max<int64_t>(r.N, 1);
+  r.c_batch_stride = r.M * r.N;
+  r.c_type = gemm_type_of(out.dtype(), op);
+  r.epilogue = epilogue;
+  if (bias.defined()) {
+    MIXPREC_CHECK(bias.dim() == 1 && bias.size(0) == r.N && bias.dtype() == out.dtype() && bias.is_contiguous(), op,
+                  ": bias must be a contiguous [", r.N, "] tensor of the output dtype ", out.dtype(), ", got ", bias.sizes(), " ",
+                  bias.dtype());
+    r.bias_address = reinterpret_cast<uintptr_t>(bias.data_ptr());
+  }
+  r.allow_tf32 = allow_tf32;
+  return r;
+}
+
+}  // namespace mixprec::gpu

@@ -1,0 +1,161 @@
+// The packed AVX-512 GEMM (float32, 16-bit converted while packing, bfloat16 with vdpbf16ps)
+// against a float64 reference, over tile edges, strides and accumulation; then matmul/linear
+// on 16-bit tensors, which now reach the kernel without a float32 copy.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <vector>
+
+#include <mixprec/mixprec.hpp>
+
+#include "ops/op_test_util.hpp"
+
+using namespace mixprec;
+using mixprec::testing::rel_error;
+namespace a5 = mixprec::cpu::avx512;
+
+namespace {
+
+double rel_err(const std::vector<float>& c, const std::vector<double>& ref) {
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < c.size(); ++i) {
+    if (!std::isfinite(c[i])) return INFINITY;  // NaN never passes
+    num += (c[i] - ref[i]) * (c[i] - ref[i]);
+    den += ref[i] * ref[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-300));
+}
+
+// Values exactly representable in bfloat16 and float16, so every path sees the same inputs and
+// the only error is float32 accumulation.
+std::vector<float> values(int64_t n, uint32_t seed) {
+  std::vector<float> v(n);
+  uint32_t s = seed * 2654435761u + 1;
+  for (auto& x : v) {
+    s = s * 1664525u + 1013904223u;
+    x = static_cast<float>(static_cast<int>(s >> 24) - 128) / 64.0f;  // k/64, |k| <= 128
+  }
+  return v;
+}
+
+struct Case {
+  int64_t M, N, K;
+  bool at, bt, acc;  // A or B stored transposed (column-major); C accumulated onto
+};
+
+template <class T>
+std::vector<T> store(const std::vector<float>& v, int64_t r, int64_t c, bool transposed) {
+  std::vector<T> out(v.size());
+  for (int64_t i = 0; i < r; ++i)
+    for (int64_t j = 0; j < c; ++j) out[transposed ? j * r + i : i * c + j] = static_cast<T>(v[i * c + j]);
+  return out;
+}
+
+template <class T, class Run>
+void check(const Case& t, Run&& run) {
+  const auto A = values(t.M * t.K, 1), B = values(t.K * t.N, 2), C0 = values(t.M * t.N, 3);
+  std::vector<double> ref(t.M * t.N);
+  for (int64_t i = 0; i < t.M; ++i)
+    for (int64_t j = 0; j < t.N; ++j) {
+      double s = t.acc ? C0[i * t.N + j] : 0.0;
+      for (int64_t k = 0; k < t.K; ++k) s += static_cast<double>(A[i * t.K + k]) * B[k * t.N + j];
+      ref[i * t.N + j] = s;
+    }
+  const auto As = store<T>(A, t.M, t.K, t.at), Bs = store<T>(B, t.K, t.N, t.bt);
+  const a5::View<T> av{As.data(), t.at ? 1 : t.K, t.at ? t.M : 1}, bv{Bs.data(), t.bt ? 1 : t.N, t.bt ? t.K : 1};
+  std::vector<float> c = t.acc ? C0 : std::vector<float>(t.M * t.N, NAN);  // non-accumulating must overwrite
+  run(av, bv, c.data());
+  EXPECT_LT(rel_err(c, ref), 1e-6) << "M=" << t.M << " N=" << t.N << " K=" << t.K << " at=" << t.at << " bt=" << t.bt << " acc=" << t.acc;
+}
+
+std::vector<Case> cases() {
+  std::vector<Case> out;
+  // Around the 12 x 32 register tile and the 256-deep K block; 300 x 260 splits across threads.
+  for (int64_t M : {1, 11, 12, 13, 150, 300})
+    for (int64_t N : {1, 31, 32, 33, 70, 260})
+      for (int64_t K : {1, 2, 255, 257, 513}) {
+        if (M * N * K > 300 * 260 * 257) continue;
+        out.push_back({M, N, K, (M + K) % 2 == 1, (N + K) % 3 == 0, (M + N + K) % 2 == 0});
+      }
+  for (bool at : {false, true})
+    for (bool bt : {false, true})
+      for (bool acc : {false, true}) out.push_back({37, 45, 300, at, bt, acc});
+  return out;
+}
+
+#define SKIP_WITHOUT_AVX512() \
+  if (!a5::available()) GTEST_SKIP() << "no AVX-512 on this CPU: " << cpu_features_string()
+
+}  // namespace
+
+TEST(GemmAvx512, Float32MatchesFloat64) {
+  SKIP_WITHOUT_AVX512();
+  for (const Case& t : cases())
+    check<float>(t, [&](auto a, auto b, float* c) { a5::gemm<float>(a, b, c, t.N, t.M, t.N, t.K, t.acc); });
+}
+
+TEST(GemmAvx512, BFloat16ConvertedWhilePackingMatchesFloat64) {
+  SKIP_WITHOUT_AVX512();
+  for (const Case& t : cases())
+    check<bfloat16>(t, [&](auto a, auto b, float* c) { a5::gemm<bfloat16>(a, b, c, t.N, t.M, t.N, t.K, t.acc); });
+}
+
+TEST(GemmAvx512, Float16ConvertedWhilePackingMatchesFloat64) {
+  SKIP_WITHOUT_AVX512();
+  for (const Case& t : cases())
+    check<half>(t, [&](auto a, auto b, float* c) { a5::gemm<half>(a, b, c, t.N, t.M, t.N, t.K, t.acc); });
+}
+
+TEST(GemmAvx512, BFloat16DotProductMatchesFloat64) {
+  if (!a5::bf16_dot_available()) GTEST_SKIP() << "no avx512_bf16 on this CPU: " << cpu_features_string();
+  for (const Case& t : cases())
+    check<bfloat16>(t, [&](auto a, auto b, float* c) { a5::gemm_dpbf16(a, b, c, t.N, t.M, t.N, t.K, t.acc); });
+}
+
+// Leading dimensions larger than the row: sub-blocks of bigger matrices, as conv and attention pass.
+TEST(GemmAvx512, DispatchRespectsLeadingDimensions) {
+  const int64_t M = 20, N = 40, K = 30, lda = 35, ldb = 47;
+  const auto A = values(M * lda, 4), B = values(K * ldb, 5);
+  std::vector<float> c(M * N);
+  cpu::gemm<float>(A.data(), lda, 1, B.data(), ldb, 1, c.data(), M, N, K, false);
+  std::vector<double> ref(M * N);
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j)
+      for (int64_t k = 0; k < K; ++k) ref[i * N + j] += static_cast<double>(A[i * lda + k]) * B[k * ldb + j];
+  EXPECT_LT(rel_err(c, ref), 1e-6);
+}
+
+TEST(GemmAvx512, NonFiniteInputsPropagate) {
+  SKIP_WITHOUT_AVX512();
+  std::vector<bfloat16> a(4 * 4, bfloat16(1.0f)), b(4 * 4, bfloat16(1.0f));
+  a[5] = bfloat16(INFINITY);  // row 1
+  b[2] = bfloat16(NAN);       // column 2
+  for (int path = 0; path < 2; ++path) {
+    if (path == 1 && !a5::bf16_dot_available()) continue;
+    std::vector<float> c(16, 0.0f);
+    if (path == 0) a5::gemm<bfloat16>({a.data(), 4, 1}, {b.data(), 4, 1}, c.data(), 4, 4, 4, 4, false);
+    else a5::gemm_dpbf16({a.data(), 4, 1}, {b.data(), 4, 1}, c.data(), 4, 4, 4, 4, false);
+    for (int64_t i = 0; i < 4; ++i)
+      for (int64_t j = 0; j < 4; ++j) {
+        const float v = c[i * 4 + j];
+        if (j == 2) EXPECT_TRUE(std::isnan(v)) << path << " " << i << "," << j;
+        else if (i == 1) EXPECT_TRUE(std::isinf(v) && v > 0) << path << " " << i << "," << j;
+        else EXPECT_EQ(v, 4.0f) << path << " " << i << "," << j;
+      }
+  }
+}
+
+// matmul/linear on 16-bit tensors: batched, broadcast, transposed operands, fused bias; the
+// result is the float64 product rounded once to the 16-bit type.
+TEST(GemmAvx512, MatmulAndLinearOn16BitTensorsMatchFloat64) {
+  for (DType dt : {DType::BFloat16, DType::Float16}) {
+    const double tol = dt == DType::BFloat16 ? 1e-2 : 1e-3;
+    const Tensor a = randn({3, 1, 50, 70}).to(dt), b = randn({4, 90, 70}).to(dt);
+    const Tensor got = matmul(a, b.transpose(-2, -1));
+    EXPECT_EQ(got.dtype(), dt);
+    EXPECT_LT(rel_error(got, matmul(a.to(DType::Float64), b.to(DType::Float64).transpose(-2, -1))), tol) << dt;
+
+    const Tensor x = randn({33, 70}).to(dt), w = randn({45, 70}).to(dt), bias = randn({45}).to(dt);
+    EXPECT_LT(rel_error(linear(x, w, bias), linear(x.to(DType::Float64), w.to(DType::Float64), bias.to(DType::Float64))), tol) << dt;
+  }
+}

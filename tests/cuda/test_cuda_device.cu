@@ -1,0 +1,218 @@
+// The CUDA backend against the CPU: every test needs a GPU and skips with the reason where there
+// is none. Compiled by nvcc for sm_80 and sm_90 with warnings as errors, so every .cuh header is
+// compile-checked here even without a device.
+#include <gtest/gtest.h>
+
+#include <mixprec/cuda.hpp>
+
+#include "ops/op_test_util.hpp"
+
+using namespace mixprec;
+namespace mc = mixprec::gpu;
+using mixprec::testing::rel_error;
+
+#define MIXPREC_REQUIRE_GPU() \
+  if (!cuda_is_available()) GTEST_SKIP() << "no CUDA device: " << cuda_unavailable_reason()
+
+namespace {
+Tensor up(const Tensor& t) { return mc::to_device(t); }
+Tensor down(const Tensor& t) { return mc::to_host(mc::contiguous(t)).to(DType::Float32); }
+double tol(DType d) { return d == DType::Float32 ? 1e-5 : mixprec::testing::low_tolerance(d); }
+}  // namespace
+
+TEST(CudaGemm, MatchesCpuOverDtypesTransposesAndBatches) {
+  MIXPREC_REQUIRE_GPU();
+  for (DType d : {DType::Float32, DType::Float16, DType::BFloat16}) {
+    const std::vector<std::pair<Tensor, Tensor>> cases = {
+        {randn({64, 32}), randn({32, 48})},            {randn({7, 13}), randn({13, 5})},
+        {randn({13, 7}).t(), randn({5, 13}).t()},      {randn({3, 9, 17}), randn({3, 17, 6})},
+        {randn({2, 3, 8, 16}), randn({16, 24})},       {randn({4, 10, 12}), randn({4, 10, 12}).transpose(-2, -1)},
+        {randn({2, 1, 5, 6}), randn({1, 3, 6, 4})},  // broadcast that needs a copy
+    };
+    for (const auto& [a, b] : cases) {
+      const Tensor al = a.to(d), bl = b.to(d);
+      const Tensor ref = matmul(al.to(DType::Float32), bl.to(DType::Float32));
+      EXPECT_LT(rel_error(down(mc::matmul(up(al), up(bl))), ref), tol(d)) << d;
+      EXPECT_LT(rel_error(down(mc::matmul(up(al), up(bl), DType::Float32)), ref), 1e-5) << d << " -> float32";
+    }
+  }
+}
+
+TEST(CudaGemm, BiasAndGeluEpiloguesMatchLinear) {
+  MIXPREC_REQUIRE_GPU();
+  const Tensor x = randn({2, 24, 40}), w = randn({56, 40}), b = randn({56});
+  for (DType d : {DType::Float32, DType::Float16, DType::BFloat16}) {
+    const Tensor xl = x.to(d), wl = w.to(d), bl = b.to(d);
+    const Tensor ref = linear(xl.to(DType::Float32), wl.to(DType::Float32), bl.to(DType::Float32));
+    EXPECT_LT(rel_error(down(mc::linear(up(xl), up(wl), up(bl))), ref), tol(d)) << d;
+    EXPECT_LT(rel_error(down(mc::linear(up(xl), up(wl), up(bl), mc::GemmEpilogue::GeluTanh)), gelu(ref, "tanh")), tol(d)) << d;
+  }
+}
+
+TEST(CudaGemm, Tf32IsOptInAndClose) {
+  MIXPREC_REQUIRE_GPU();
+  const Tensor a = randn({256, 256}), b = randn({256, 256});
+  const Tensor ref = matmul(a, b);
+  EXPECT_LT(rel_error(down(mc::matmul(up(a), up(b), std::nullopt, Tensor(), mc::GemmEpilogue::None, true)), ref), 5e-3);
+}
+
+TEST(CudaConv, ForwardAndBothBackwardsMatchCpu) {
+  MIXPREC_REQUIRE_GPU();
+  struct Case {
+    int64_t N, C, H, W, O, K, S, P, D, G;
+  };
+  for (const Case& c : {Case{2, 8, 12, 10, 16, 3, 1, 1, 1, 1}, Case{3, 8, 9, 9, 8, 3, 2, 1, 1, 2}, Case{1, 16, 7, 11, 32, 1, 1, 0, 1, 1},
+                        Case{2, 8, 13, 13, 8, 3, 1, 2, 2, 8}})
+    for (DType d : {DType::Float32, DType::Float16, DType::BFloat16}) {
+      mc::ConvShape s;
+      s.N = c.N, s.C = c.C, s.H = c.H, s.W = c.W, s.O = c.O, s.KH = s.KW = c.K, s.SH = s.SW = c.S, s.PH = s.PW = c.P,
+      s.DH = s.DW = c.D, s.G = c.G, s.dtype = d;
+      s.layout = d == DType::Float32 ? mc::ConvLayout::NCHW : mc::ConvLayout::NHWC;
+      const Tensor x = randn({c.N, c.C, c.H, c.W}).to(d), w = randn({c.O, c.C / c.G, c.K, c.K}).to(d), bias = randn({c.O}).to(d);
+      // CPU reference in float32 on the same (rounded) values, with autograd for the backwards.
+      Tensor xf = x.to(DType::Float32), wf = w.to(DType::Float32);
+      xf.requires_grad_();
+      wf.requires_grad_();
+      const Tensor y = conv2d(xf, wf, bias.to(DType::Float32), {c.S, c.S}, {c.P, c.P}, {c.D, c.D}, c.G);
+      const Tensor dy = randn(y.sizes()).to(d);
+      y.backward(dy.to(DType::Float32));
+      const bool nhwc = s.layout == mc::ConvLayout::NHWC;
+      auto to_layout = [&](const Tensor& t) { return up(nhwc ? t.permute({0, 2, 3, 1}).contiguous() : t); };
+      auto from_layout = [&](const Tensor& t) { return nhwc ? down(t).permute({0, 3, 1, 2}) : down(t); };
+      const Tensor yg = mc::conv2d_forward(s, to_layout(x), to_layout(w), up(bias));
+      EXPECT_LT(rel_error(from_layout(yg), y.detach()), tol(d)) << d;
+      EXPECT_LT(rel_error(from_layout(mc::conv2d_backward_data(s, to_layout(dy), to_layout(w))), xf.grad()), tol(d)) << d;
+      EXPECT_LT(rel_error(from_layout(mc::conv2d_backward_filter(s, to_layout(x), to_layout(dy))), wf.grad()), tol(d)) << d;
+    }
+}
+
+TEST(CudaNorm, SoftmaxAndBatchNormMatchCpu) {
+  MIXPREC_REQUIRE_GPU();
+  for (DType d : {DType::Float32, DType::Float16, DType::BFloat16}) {
+    const Tensor x = randn({4, 10, 6}).to(d);
+    for (int64_t dim : {0, 1, 2})
+      for (bool log : {false, true}) {
+        Tensor xf = x.to(DType::Float32);
+        xf.requires_grad_();
+        const Tensor y = log ? log_softmax(xf, dim) : softmax(xf, dim);
+        const Tensor g = randn(y.sizes()).to(d);
+        y.backward(g.to(DType::Float32));
+        const Tensor yg = mc::softmax(up(x), dim, log);
+        EXPECT_LT(rel_error(down(yg), y.detach()), tol(d)) << d << " dim " << dim << " log " << log;
+        EXPECT_LT(rel_error(down(mc::softmax_backward(yg, up(g), dim, log)), xf.grad()), 2 * tol(d)) << d << " dim " << dim;
+      }
+  }
+  const Tensor x = randn({8, 6, 5, 7}), w = randn({6}), b = randn({6});
+  Tensor rm = zeros({6}), rv = ones({6});
+  Tensor xf = x.clone();
+  xf.requires_grad_();
+  const Tensor y = batch_norm(xf, rm, rv, w, b, true, 0.1, 1e-5);
+  const Tensor dy = randn(y.sizes());
+  y.backward(dy);
+  const Tensor grm = up(zeros({6})), grv = up(ones({6}));
+  const mc::BatchNormResult r = mc::batch_norm_training(up(x), up(w), up(b), grm, grv, 0.1, 1e-5);
+  EXPECT_LT(rel_error(down(r.y), y.detach()), 1e-5);
+  EXPECT_LT(rel_error(down(grm), rm), 1e-5);
+  EXPECT_LT(rel_error(down(grv), rv), 1e-5);
+  const mc::BatchNormGrads g = mc::batch_norm_backward(up(x), up(dy), up(w), r.save_mean, r.save_invstd, 1e-5);
+  EXPECT_LT(rel_error(down(g.dx), xf.grad()), 1e-4);
+  EXPECT_LT(rel_error(down(mc::batch_norm_inference(up(x), up(w), up(b), grm, grv, 1e-5)), batch_norm(x, rm, rv, w, b, false)), 1e-5);
+}
+
+TEST(CudaElementwise, ActivationsAndReductionsMatchCpu) {
+  MIXPREC_REQUIRE_GPU();
+  using A = mc::Activation;
+  const std::vector<std::pair<A, Tensor (*)(const Tensor&)>> acts = {
+      {A::Relu, [](const Tensor& t) { return relu(t); }},       {A::Gelu, [](const Tensor& t) { return gelu(t); }},
+      {A::GeluTanh, [](const Tensor& t) { return gelu(t, "tanh"); }}, {A::Silu, [](const Tensor& t) { return silu(t); }},
+      {A::Sigmoid, [](const Tensor& t) { return sigmoid(t); }}, {A::Tanh, [](const Tensor& t) { return mixprec::tanh(t); }}};
+  for (DType d : {DType::Float32, DType::Float16, DType::BFloat16}) {
+    const Tensor x = mul(randn({3, 1000}), 3.0).to(d);
+    for (const auto& [a, f] : acts) {
+      Tensor xf = x.to(DType::Float32);
+      xf.requires_grad_();
+      const Tensor y = f(xf);
+      const Tensor g = randn(y.sizes()).to(d);
+      y.backward(g.to(DType::Float32));
+      const Tensor yg = mc::activation(a, up(x));
+      EXPECT_LT(rel_error(down(yg), y.detach()), tol(d)) << d << " act " << int(a);
+      EXPECT_LT(rel_error(down(mc::activation_backward(a, up(g), up(x), yg)), xf.grad()), 2 * tol(d)) << d << " act " << int(a);
+    }
+    EXPECT_LT(rel_error(down(mc::sum(up(x))), mixprec::sum(x.to(DType::Float32))), 1e-5) << d;
+    EXPECT_LT(rel_error(down(mc::max_abs(up(x))), mixprec::max(mixprec::abs(x.to(DType::Float32)))), 1e-7) << d;
+  }
+}
+
+namespace {
+float device_float(const float* p) {
+  float v = 0;
+  mc::check(cudaMemcpy(&v, p, sizeof(float), cudaMemcpyDeviceToHost), "test");
+  return v;
+}
+}  // namespace
+
+TEST(CudaAmp, UnscaleFindsNonFiniteInOneLaunchAndScaleUpdatesOnDevice) {
+  MIXPREC_REQUIRE_GPU();
+  const Tensor g32 = randn({70000}), g16 = randn({300}).to(DType::Float16);
+  Tensor d32 = up(mul(g32, 1024.0)), d16 = up(mul(g16.to(DType::Float32), 1024.0).to(DType::Float16));
+  Tensor master = empty({300}, DType::Float32, Device::CUDA);
+  Tensor scale = up(full({}, 1024.0)), found = up(zeros({}));
+  mc::unscale_and_check({{d32.data_ptr(), nullptr, 70000, uint8_t(DType::Float32)}, {d16.data_ptr(), master.data<float>(), 300, uint8_t(DType::Float16)}},
+                          scale.data<float>(), found.data<float>());
+  EXPECT_EQ(device_float(found.data<float>()), 0.0f);
+  EXPECT_LT(rel_error(down(d32), g32), 1e-7);
+  EXPECT_LT(rel_error(down(master), g16.to(DType::Float32)), 1e-3);
+  // One inf anywhere sets the flag; the update then halves the scale on the device.
+  Tensor bad = up(full({5}, std::numeric_limits<double>::infinity()));
+  mc::unscale_and_check({{bad.data_ptr(), nullptr, 5, uint8_t(DType::Float32)}}, scale.data<float>(), found.data<float>());
+  EXPECT_EQ(device_float(found.data<float>()), 1.0f);
+  Tensor tracker = up(zeros({}, DType::Int64));
+  mc::update_scale(scale.data<float>(), tracker.data<int64_t>(), found.data<float>(), 2.0, 0.5, 2000);
+  EXPECT_EQ(device_float(scale.data<float>()), 512.0f);
+}
+
+TEST(CudaAmp, FusedAdamWAndSgdMatchTheCpuOptimizers) {
+  MIXPREC_REQUIRE_GPU();
+  for (DType model : {DType::Float32, DType::BFloat16, DType::Float16}) {
+    // CPU: the optimizer keeps float32 masters for a 16-bit model and writes rounded copies back.
+    Tensor p = randn({5000}).to(model);
+    p.requires_grad_();
+    optim::AdamW cpu_opt({p}, 1e-2, {0.9, 0.999}, 1e-8, 0.1);
+    Tensor master = up(p.detach().to(DType::Float32)), copy = up(p.detach());
+    Tensor m = up(zeros({5000})), v = up(zeros({5000})), step = up(zeros({}, DType::Int64));
+    const optim::detail::AdamHyper h{1e-2, 0.9, 0.999, 1e-8, 0.1, true, false};
+    for (int it = 0; it < 3; ++it) {
+      const Tensor g = randn({5000}).to(model);
+      p.set_grad(g);
+      cpu_opt.step();
+      const Tensor gd = up(g);
+      mc::fused_adam({{master.data<float>(), model == DType::Float32 ? nullptr : copy.data_ptr(), gd.data_ptr(), m.data<float>(),
+                         v.data<float>(), nullptr, step.data<int64_t>(), 5000, uint8_t(model), uint8_t(model)}},
+                       h);
+    }
+    const Tensor cpu_master = model == DType::Float32 ? p.detach() : cpu_opt.master_weight(0);
+    EXPECT_LT(rel_error(down(master), cpu_master), 1e-6) << model;
+    if (model != DType::Float32) EXPECT_LT(rel_error(down(copy), p.detach().to(DType::Float32)), tol(model)) << model;
+    EXPECT_EQ(mc::to_host(step).item<int64_t>(), 3);
+  }
+  // SGD with momentum and Nesterov; a skipped step (found_inf set) changes nothing.
+  Tensor p = randn({3000});
+  p.requires_grad_();
+  optim::SGD cpu_opt({p}, 0.05, 0.9, 0.0, 1e-3, true);
+  Tensor master = up(p.detach()), buf = up(zeros({3000})), step = up(zeros({}, DType::Int64));
+  optim::ParamGroup grp;
+  grp.lr = 0.05, grp.momentum = 0.9, grp.dampening = 0.0, grp.weight_decay = 1e-3, grp.nesterov = true;
+  for (int it = 0; it < 3; ++it) {
+    const Tensor g = randn({3000});
+    p.set_grad(g);
+    cpu_opt.step();
+    const Tensor gd = up(g);
+    mc::fused_sgd({{master.data<float>(), nullptr, gd.data_ptr(), buf.data<float>(), step.data<int64_t>(), 3000}}, optim::detail::sgd_scalars(grp));
+  }
+  EXPECT_LT(rel_error(down(master), p.detach()), 1e-6);
+  const Tensor before = down(master), found = up(ones({})), gd = up(randn({3000}));
+  mc::fused_sgd({{master.data<float>(), nullptr, gd.data_ptr(), buf.data<float>(), step.data<int64_t>(), 3000}}, optim::detail::sgd_scalars(grp),
+                  found.data<float>());
+  EXPECT_EQ(rel_error(down(master), before), 0.0);
+  EXPECT_EQ(mc::to_host(step).item<int64_t>(), 3);
+}
