@@ -15,6 +15,8 @@
 //   norm.cuh         softmax, log_softmax, batch norm (cuDNN)
 //   elementwise.cuh  activations (mixprec::fn formulas), sum / max_abs (CUB)
 //   amp.cuh          multi-tensor unscale + inf check, on-device scale update, fused Adam(W)/SGD
+//   kernels.cuh      the ops' CUDA entries (backends/device.hpp): copies, casts, add/mul/div, sum,
+//                    activations, matmul, conv, softmax, batch norm; registered on inclusion
 #include "mixprec/mixprec.hpp"
 
 #if defined(__CUDACC__) && defined(MIXPREC_CUDA)
@@ -22,5 +24,6 @@
 #include "mixprec/backends/cuda/conv.cuh"
 #include "mixprec/backends/cuda/elementwise.cuh"
 #include "mixprec/backends/cuda/gemm.cuh"
+#include "mixprec/backends/cuda/kernels.cuh"
 #include "mixprec/backends/cuda/norm.cuh"
 #endif

@@ -216,3 +216,61 @@ TEST(CudaAmp, FusedAdamWAndSgdMatchTheCpuOptimizers) {
   EXPECT_EQ(rel_error(down(master), before), 0.0);
   EXPECT_EQ(mc::to_host(step).item<int64_t>(), 3);
 }
+
+// The public ops on CUDA tensors (backends/cuda/kernels.cuh behind backends/device.hpp).
+
+TEST(CudaOps, KernelTableIsRegisteredByIncludingCudaHpp) {  // runs without a GPU
+  const DeviceKernels* k = device_kernels(Device::CUDA);
+  ASSERT_NE(k, nullptr);
+  for (bool set : {k->to_device != nullptr, k->to_host != nullptr, k->copy != nullptr, k->fill != nullptr, k->binary != nullptr,
+                   k->unary != nullptr, k->unary_backward != nullptr, k->sum != nullptr, k->matmul != nullptr, k->softmax != nullptr,
+                   k->softmax_backward != nullptr, k->conv_forward != nullptr, k->conv_backward_input != nullptr,
+                   k->conv_backward_weight != nullptr, k->batch_norm != nullptr, k->batch_norm_backward != nullptr})
+    EXPECT_TRUE(set);
+  if (!cuda_is_available()) {
+    try {
+      (void)randn({2, 3}).to(Device::CUDA);
+      ADD_FAILURE() << "to(cuda) without a device was accepted";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(cuda_unavailable_reason()), std::string::npos) << e.what();
+    }
+  }
+}
+
+TEST(CudaOps, TrainingStepThroughThePublicOpsMatchesCpu) {
+  MIXPREC_REQUIRE_GPU();
+  Generator g(3);
+  const Tensor x = randn({8, 3, 12, 12}, DType::Float32, g);
+  const Tensor w = mul(randn({16, 3, 3, 3}, DType::Float32, g), 0.3), fc = mul(randn({10, 16}, DType::Float32, g), 0.3);
+  const Tensor fb = zeros({10});
+  Tensor onehot = zeros({8, 10});
+  for (int64_t i = 0; i < 8; ++i) onehot.select(0, i).select(0, i % 10).fill_(1.0);
+  auto step = [&](Device d, std::optional<DType> amp, std::vector<Tensor>& grads) {
+    std::vector<Tensor> ps{w.to(d).requires_grad_(), fc.to(d).requires_grad_(), fb.to(d).requires_grad_()};
+    Tensor rm = zeros({16}, DType::Float32, d), rv = ones({16}, DType::Float32, d);
+    Tensor loss;
+    {
+      std::optional<autocast> ac;
+      if (amp) ac.emplace(d, *amp);
+      Tensor h = relu(batch_norm(conv2d(x.to(d), ps[0], Tensor(), {1, 1}, {1, 1}), rm, rv, Tensor(), Tensor(), true));
+      const Tensor logp = log_softmax(linear(mean(h, {2, 3}), ps[1], ps[2]), 1);
+      loss = mul(sum(mul(logp, onehot.to(d))), -1.0 / 8);
+    }
+    loss.backward();
+    grads.clear();
+    for (const Tensor& p : ps) grads.push_back(p.grad().cpu());
+    grads.push_back(rv.cpu());
+    return loss.cpu();
+  };
+  std::vector<Tensor> gc, gg;
+  const Tensor lc = step(Device::CPU, std::nullopt, gc);
+  const Tensor lg = step(Device::CUDA, std::nullopt, gg);
+  EXPECT_LT(rel_error(lg, lc), 1e-5);
+  for (std::size_t i = 0; i < gc.size(); ++i) EXPECT_LT(rel_error(gg[i], gc[i]), 1e-4) << i;
+  for (DType amp : {DType::Float16, DType::BFloat16}) {  // 16-bit conv and linear on tensor cores
+    if (amp == DType::BFloat16 && !is_bf16_supported(Device::CUDA)) continue;
+    const Tensor la = step(Device::CUDA, amp, gg);
+    EXPECT_LT(rel_error(la, lc), mixprec::testing::low_tolerance(amp)) << amp;
+    for (std::size_t i = 0; i < 3; ++i) EXPECT_LT(rel_error(gg[i], gc[i]), 5 * mixprec::testing::low_tolerance(amp)) << amp << " " << i;
+  }
+}

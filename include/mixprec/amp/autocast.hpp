@@ -9,6 +9,7 @@
 #include "mixprec/amp/policy.hpp"
 #include "mixprec/autograd/anomaly.hpp"
 #include "mixprec/autograd/function.hpp"
+#include "mixprec/core/capabilities.hpp"
 #include "mixprec/amp/trace.hpp"
 
 namespace mixprec {
@@ -160,6 +161,11 @@ class autocast {
 
  private:
   void enter(DType dtype, bool enabled) {
+    // As torch.autocast: refused up front rather than failing in the first kernel.
+    MIXPREC_CHECK(!(enabled && device_ == Device::CUDA && dtype == DType::BFloat16 && cuda_is_available() &&
+                    !is_bf16_supported(Device::CUDA)),
+                  "autocast: bfloat16 on CUDA needs compute capability 8.0 or newer, and device 0 has ", detail::cuda_probe().major,
+                  ".", detail::cuda_probe().minor, "; use float16 (with a GradScaler)");
     auto& s = amp::detail::state();
     const int i = static_cast<int>(device_);
     prev_enabled_ = s.enabled[i];

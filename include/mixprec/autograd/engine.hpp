@@ -183,7 +183,7 @@ inline void backward(const std::vector<Tensor>& tensors, const std::vector<Tenso
     } else {
       MIXPREC_CHECK(t.numel() == 1, "backward: grad can be implicitly created only for scalar outputs; got shape ", t.sizes(),
                     " (pass an explicit gradient)");
-      gs.push_back(ones(t.sizes(), t.dtype()));
+      gs.push_back(ones(t.sizes(), t.dtype(), t.device()));
     }
   }
   autograd::run_backward(tensors, gs, retain_graph);

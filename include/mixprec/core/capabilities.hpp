@@ -17,11 +17,12 @@ namespace detail {
 struct CudaProbe {
   bool available = false;
   int devices = 0;
-  int major = 0;  // compute capability of device 0
+  int major = 0, minor = 0;  // compute capability of device 0
   std::string reason;
 };
-inline const CudaProbe& cuda_probe() {
-  static const CudaProbe p = [] {
+// Probed once; tests substitute a probe to exercise the decisions that depend on it.
+inline CudaProbe& cuda_probe() {
+  static CudaProbe p = [] {
     CudaProbe r;
 #if defined(MIXPREC_CUDA)
     const cudaError_t e = cudaGetDeviceCount(&r.devices);
@@ -36,7 +37,10 @@ inline const CudaProbe& cuda_probe() {
       return r;
     }
     cudaDeviceProp prop{};
-    if (cudaGetDeviceProperties(&prop, 0) == cudaSuccess) r.major = prop.major;
+    if (cudaGetDeviceProperties(&prop, 0) == cudaSuccess) {
+      r.major = prop.major;
+      r.minor = prop.minor;
+    }
     r.available = true;
 #else
     r.reason = "mixprec was built without CUDA (link mixprec::cuda)";

@@ -174,9 +174,19 @@ void act_softmax_backward(const T* g, const T* y, T* gx, const ActSoftmaxDims& s
 template <bool Log>
 Tensor act_softmax_op(OpId id, const char* name, const Tensor& x, int64_t dim) {
   return dispatch(id, [name, dim](const Tensor& x) {
-    require_cpu(name, x);
     MIXPREC_CHECK(x.is_floating_point(), name, ": expected a floating-point tensor, got ", x.dtype(), " of shape ", x.sizes());
-    const ActSoftmaxDims s = act_softmax_dims(x, x.wrap_dim(dim, name));
+    const int64_t wd = x.wrap_dim(dim, name);
+    if (x.device() != Device::CPU) {
+      Tensor y = device_kernel(name, x, &DeviceKernels::softmax)(x, wd, Log);
+      if (autograd::should_record({x}))
+        autograd::record(name, {x}, {y}, [sy = autograd::SavedTensor(y), wd, name](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+          const Tensor& y = sy.get(name);
+          const Tensor gy = expand_raw(as_dtype_raw(g[0], y.dtype()), y.sizes());
+          return {device_kernel(name, y, &DeviceKernels::softmax_backward)(y, gy, wd, Log)};
+        });
+      return y;
+    }
+    const ActSoftmaxDims s = act_softmax_dims(x, wd);
     const Tensor xc = contiguous_raw(x);
     Tensor y = empty(x.sizes(), x.dtype());
     if (x.numel() > 0)

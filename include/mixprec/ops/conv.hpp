@@ -313,6 +313,8 @@ const acc_t<T>* acc_ptr(const Tensor& t) {
 
 // y [N, O, OH, OW] in x's dtype.
 inline Tensor conv_forward(const ConvGeom& g, const Tensor& x, const Tensor& w, const Tensor& b) {
+  if (x.device() != Device::CPU)
+    return device_kernel("conv2d", x, &DeviceKernels::conv_forward)(g, contiguous_raw(x), contiguous_raw(w), b);
   Tensor y = empty({g.N, g.O, g.OH, g.OW}, x.dtype());
   if (y.numel() == 0) return y;
   const Tensor xc = contiguous_raw(x), wa = conv_acc_operand(w), ba = conv_acc_operand(b);
@@ -324,6 +326,11 @@ inline Tensor conv_forward(const ConvGeom& g, const Tensor& x, const Tensor& w, 
 
 // x [N, C, H, W] in y's dtype; b (optional) is added per channel C.
 inline Tensor conv_backward_input(const ConvGeom& g, const Tensor& y, const Tensor& w, const Tensor& b = Tensor()) {
+  if (y.device() != Device::CPU) {
+    Tensor x = device_kernel("conv2d_backward", y, &DeviceKernels::conv_backward_input)(g, contiguous_raw(y), contiguous_raw(w));
+    if (!b.defined()) return x;
+    return device_binary("conv_transpose2d", DeviceBinary::Add, x, make_view(b, {1, g.C, 1, 1}, {0, b.stride(0), 0, 0}, b.storage_offset()));
+  }
   Tensor x = empty({g.N, g.C, g.H, g.W}, y.dtype());
   if (x.numel() == 0) return x;
   const Tensor yc = contiguous_raw(y), wa = conv_acc_operand(w), ba = conv_acc_operand(b);
@@ -342,6 +349,9 @@ inline Tensor conv_backward_input(const ConvGeom& g, const Tensor& y, const Tens
 
 // Gradient of the weight [O, C/G, KH, KW] in `dtype`.
 inline Tensor conv_backward_weight(const ConvGeom& g, const Tensor& x, const Tensor& y, DType dtype) {
+  if (x.device() != Device::CPU)
+    return as_dtype_raw(device_kernel("conv2d_backward", x, &DeviceKernels::conv_backward_weight)(g, contiguous_raw(x), contiguous_raw(y)),
+                        dtype);
   const DType ad = dtype == DType::Float64 ? DType::Float64 : DType::Float32;
   Tensor gw = zeros({g.O, g.Cg(), g.KH, g.KW}, ad);
   if (gw.numel() > 0 && g.N > 0 && g.L() > 0) {
@@ -355,6 +365,7 @@ inline Tensor conv_backward_weight(const ConvGeom& g, const Tensor& x, const Ten
 
 // Sum of y [N, Ch, ...] over everything but dim 1, accumulated in double.
 inline Tensor conv_bias_grad(const Tensor& y, DType dtype) {
+  if (y.device() != Device::CPU) return as_dtype_raw(device_kernel("conv2d_backward", y, &DeviceKernels::sum)(y, {0, 2, 3}), dtype);
   const Tensor yc = contiguous_raw(y);
   const int64_t N = yc.size(0), Ch = yc.size(1), L = Ch == 0 || N == 0 ? 0 : yc.numel() / (N * Ch);
   Tensor gb = empty({Ch}, DType::Float64);
@@ -386,9 +397,7 @@ inline void check_conv_params(const char* op, std::array<int64_t, 2> stride, std
 }
 
 inline void check_conv_dtypes(const char* op, const Tensor& x, const Tensor& w, const Tensor& b) {
-  require_cpu(op, x);
-  require_cpu(op, w);
-  if (b.defined()) require_cpu(op, b);
+  common_device(op, {&x, &w, &b});
   MIXPREC_CHECK(x.is_floating_point(), op, ": expected a floating-point input, got ", x.dtype());
   MIXPREC_CHECK(x.dtype() == w.dtype() && (!b.defined() || b.dtype() == w.dtype()), op, ": dtypes differ: input ", x.dtype(),
                 ", weight ", w.dtype(), b.defined() ? ", bias " : "", b.defined() ? name(b.dtype()) : "",

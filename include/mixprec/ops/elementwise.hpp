@@ -70,6 +70,19 @@ Tensor unary_floating_kernel(const char* op, const Tensor& x, F f) {
   return unary_kernel(op, x, f);
 }
 
+// a op b on a device. 0-dim CPU operands (the scalars of add(t, 2.0)) are uploaded, as PyTorch
+// treats CPU scalars; both operands are brought to the promoted dtype first.
+inline Tensor device_binary(const char* op, DeviceBinary kind, Tensor a, Tensor b, double alpha = 1.0) {
+  const Device d = a.device() != Device::CPU ? a.device() : b.device();
+  auto place = [d](const Tensor& t) { return t.device() == Device::CPU && t.dim() == 0 ? move_raw(t, d) : t; };
+  a = place(a);
+  b = place(b);
+  common_device(op, {&a, &b});
+  const DType ct = promote_types(a.dtype(), b.dtype());
+  MIXPREC_CHECK(is_floating_point(ct), op, ": ", d, " kernels take floating-point operands, got ", a.dtype(), " and ", b.dtype());
+  return device_kernel(op, a, &DeviceKernels::binary)(kind, as_dtype_raw(a, ct), as_dtype_raw(b, ct), alpha);
+}
+
 // Gradient for an input of a broadcasting op: reduce to its shape, return in its dtype.
 inline Tensor grad_for(const Tensor& g, const Shape& sizes, DType dtype) {
   Tensor r = sum_to(g, sizes);
@@ -82,7 +95,8 @@ inline bool needs_input_grad(const autograd::Edge& e) { return e.valid(); }
 // ---------- binary arithmetic ----------
 inline Tensor add(const Tensor& a, const Tensor& b, double alpha = 1.0) {
   return dispatch(OpId::add, [alpha](const Tensor& a, const Tensor& b) {
-    Tensor out = alpha == 1.0 ? detail::binary_kernel("add", a, b, [](auto x, auto y) { return x + y; })
+    Tensor out = !detail::on_cpu({&a, &b}) ? detail::device_binary("add", DeviceBinary::Add, a, b, alpha)
+                 : alpha == 1.0          ? detail::binary_kernel("add", a, b, [](auto x, auto y) { return x + y; })
                               : detail::binary_kernel("add", a, b, [alpha](auto x, auto y) {
                                   return x + static_cast<decltype(x)>(alpha) * y;
                                 });
@@ -99,7 +113,8 @@ inline Tensor sub(const Tensor& a, const Tensor& b, double alpha = 1.0) { return
 
 inline Tensor mul(const Tensor& a, const Tensor& b) {
   return dispatch(OpId::mul, [](const Tensor& a, const Tensor& b) {
-    Tensor out = detail::binary_kernel("mul", a, b, [](auto x, auto y) { return x * y; });
+    Tensor out = detail::on_cpu({&a, &b}) ? detail::binary_kernel("mul", a, b, [](auto x, auto y) { return x * y; })
+                                          : detail::device_binary("mul", DeviceBinary::Mul, a, b);
     if (autograd::should_record({a, b})) {
       autograd::record("mul", {a, b}, {out},
                        [sa = autograd::SavedTensor(a), sb = autograd::SavedTensor(b)](const std::vector<Tensor>& g) -> std::vector<Tensor> {
@@ -119,16 +134,16 @@ inline Tensor div(const Tensor& a, const Tensor& b) {
     // True division, as Python's `/`: integers divide in float32.
     const Tensor af = integral ? detail::as_dtype_raw(a, DType::Float32) : a;
     const Tensor bf = integral ? detail::as_dtype_raw(b, DType::Float32) : b;
-    Tensor out = detail::binary_kernel("div", af, bf, [](auto x, auto y) { return x / y; });
+    Tensor out = detail::on_cpu({&af, &bf}) ? detail::binary_kernel("div", af, bf, [](auto x, auto y) { return x / y; })
+                                            : detail::device_binary("div", DeviceBinary::Div, af, bf);
     if (autograd::should_record({a, b})) {
       autograd::record("div", {a, b}, {out},
                        [sa = autograd::SavedTensor(a), sb = autograd::SavedTensor(b)](const std::vector<Tensor>& g) -> std::vector<Tensor> {
                          const Tensor& a = sa.get("div");
                          const Tensor& b = sb.get("div");
                          Tensor ga = detail::grad_for(div(g[0], b), a.sizes(), a.dtype());
-                         Tensor gb = detail::grad_for(
-                             detail::binary_kernel("div_backward", mul(g[0], a), mul(b, b), [](auto x, auto y) { return -x / y; }),
-                             b.sizes(), b.dtype());
+                         // -(g a) / b^2: negating first is exact, so this rounds as -x / y does.
+                         Tensor gb = detail::grad_for(div(mul(mul(g[0], a), -1.0), mul(b, b)), b.sizes(), b.dtype());
                          return {ga, gb};
                        });
     }
@@ -163,10 +178,24 @@ inline Tensor operator*(double s, const Tensor& a) { return mul(a, s); }
 // ---------- unary ----------
 namespace detail {
 // A unary op whose backward is grad * dfdx(x, y) computed element-wise from the saved input x and
-// output y in one fused pass.
+// output y in one fused pass. `dev` names the same function for device kernels, where one exists.
 template <class Fwd, class Dfdx>
-Tensor unary_op(OpId id, const char* name, const Tensor& x, Fwd fwd, Dfdx dfdx) {
+Tensor unary_op(OpId id, const char* name, const Tensor& x, Fwd fwd, Dfdx dfdx, std::optional<DeviceUnary> dev = std::nullopt) {
   return dispatch(id, [=](const Tensor& x) {
+    if (x.device() != Device::CPU) {
+      MIXPREC_CHECK(dev.has_value(), name, ": tensor of shape ", x.sizes(), " is on ", x.device(), ", and ", name,
+                    " has only a CPU kernel; move it with .cpu()");
+      MIXPREC_CHECK(x.is_floating_point(), name, ": expected a floating-point tensor, got ", x.dtype(), " of shape ", x.sizes());
+      Tensor y = device_kernel(name, x, &DeviceKernels::unary)(*dev, x);
+      if (autograd::should_record({x}))
+        autograd::record(name, {x}, {y},
+                         [sx = autograd::SavedTensor(x), sy = autograd::SavedTensor(y), name, dev](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+                           const Tensor& x = sx.get(name);
+                           const Tensor gx = expand_raw(as_dtype_raw(g[0], x.dtype()), x.sizes());
+                           return {device_kernel(name, x, &DeviceKernels::unary_backward)(*dev, gx, x, sy.get(name))};
+                         });
+      return y;
+    }
     Tensor y = unary_floating_kernel(name, x, fwd);
     if (autograd::should_record({x})) {
       autograd::record(name, {x}, {y},
@@ -247,26 +276,30 @@ inline Tensor abs(const Tensor& x) {
                           [](auto v, auto) { return static_cast<decltype(v)>((v > 0) - (v < 0)); });
 }
 inline Tensor relu(const Tensor& x) {
-  return detail::unary_op(OpId::relu, "relu", x, [](auto v) { return fn::relu(v); }, [](auto v, auto) { return fn::relu_grad(v); });
+  return detail::unary_op(OpId::relu, "relu", x, [](auto v) { return fn::relu(v); }, [](auto v, auto) { return fn::relu_grad(v); },
+                          DeviceUnary::Relu);
 }
 inline Tensor sigmoid(const Tensor& x) {
   return detail::unary_op(OpId::sigmoid, "sigmoid", x, [](auto v) { return fn::sigmoid(v); },
-                          [](auto, auto y) { return fn::sigmoid_grad_y(y); });
+                          [](auto, auto y) { return fn::sigmoid_grad_y(y); }, DeviceUnary::Sigmoid);
 }
 inline Tensor tanh(const Tensor& x) {
-  return detail::unary_op(OpId::tanh, "tanh", x, [](auto v) { return std::tanh(v); }, [](auto, auto y) { return fn::tanh_grad_y(y); });
+  return detail::unary_op(OpId::tanh, "tanh", x, [](auto v) { return std::tanh(v); }, [](auto, auto y) { return fn::tanh_grad_y(y); },
+                          DeviceUnary::Tanh);
 }
 inline Tensor silu(const Tensor& x) {
-  return detail::unary_op(OpId::silu, "silu", x, [](auto v) { return fn::silu(v); }, [](auto v, auto) { return fn::silu_grad(v); });
+  return detail::unary_op(OpId::silu, "silu", x, [](auto v) { return fn::silu(v); }, [](auto v, auto) { return fn::silu_grad(v); },
+                          DeviceUnary::Silu);
 }
 // approximate: "none" (exact, erf) or "tanh", as torch.nn.functional.gelu.
 inline Tensor gelu(const Tensor& x, std::string_view approximate = "none") {
   if (approximate == "tanh") {
     return detail::unary_op(OpId::gelu, "gelu", x, [](auto v) { return fn::gelu_tanh(v); },
-                            [](auto v, auto) { return fn::gelu_tanh_grad(v); });
+                            [](auto v, auto) { return fn::gelu_tanh_grad(v); }, DeviceUnary::GeluTanh);
   }
   MIXPREC_CHECK(approximate == "none", "gelu: approximate must be \"none\" or \"tanh\", got \"", approximate, "\"");
-  return detail::unary_op(OpId::gelu, "gelu", x, [](auto v) { return fn::gelu(v); }, [](auto v, auto) { return fn::gelu_grad(v); });
+  return detail::unary_op(OpId::gelu, "gelu", x, [](auto v) { return fn::gelu(v); }, [](auto v, auto) { return fn::gelu_grad(v); },
+                          DeviceUnary::Gelu);
 }
 
 inline Tensor pow(const Tensor& x, double e) {

@@ -10,14 +10,14 @@ namespace detail {
 // a[..., M, K] @ b[..., K, N] with broadcast batch dims; no autograd. If `bias` is given it is
 // broadcast into the output first and the product accumulated onto it (linear's fused bias).
 inline Tensor matmul_kernel(const char* op, Tensor a, Tensor b, const Tensor& bias = Tensor()) {
-  require_cpu(op, a);
-  require_cpu(op, b);
+  const Device dev = common_device(op, {&a, &b, &bias});
   MIXPREC_CHECK(a.dim() >= 2 && b.dim() >= 2, op, ": expected tensors with >= 2 dimensions, got ", a.sizes(), " and ", b.sizes());
   MIXPREC_CHECK(a.size(-1) == b.size(-2), op, ": shapes ", a.sizes(), " and ", b.sizes(), " cannot be multiplied (",
                 a.size(-1), " != ", b.size(-2), ")");
   MIXPREC_CHECK(a.dtype() == b.dtype(), op, ": expected both operands to have the same dtype, got ", a.dtype(), " and ",
                 b.dtype(), " (cast one, or use autocast)");
   MIXPREC_CHECK(a.is_floating_point(), op, ": expected floating-point operands, got ", a.dtype());
+  if (dev != Device::CPU) return device_kernel(op, a, &DeviceKernels::matmul)(a, b, bias);
   const DType out_dtype = a.dtype();
   const bool low = is_low_precision(out_dtype);
   // The AVX-512 kernel reads 16-bit operands itself; elsewhere they are widened to float32 here.

@@ -99,7 +99,7 @@ inline void norm_check_param(const char* op, const Tensor& p, const char* what, 
   MIXPREC_CHECK(p.is_floating_point(), op, ": ", what, " must be floating-point, got ", p.dtype());
   MIXPREC_CHECK(p.dim() == 1 && p.size(0) == C, op, ": ", what, " of shape ", p.sizes(), " does not match the ", C,
                 " channels of input shape ", x.sizes(), " (expected [", C, "])");
-  require_cpu(op, p);
+  common_device(op, {&x, &p});
 }
 
 // Input gradient of batch/group norm for one run of x sharing (mean, rstd): in training mode
@@ -123,6 +123,48 @@ void norm_input_grad_run(const T* g, const T* x, T* gx, int64_t n, double mean, 
 }
 }  // namespace detail
 
+namespace detail {
+// batch_norm on a device (arguments already checked): the kernel takes float32 [C] parameters
+// and statistics, as cuDNN does, so 16-bit weights are widened and their gradients rounded back.
+inline Tensor batch_norm_device(const Tensor& x, const Tensor& running_mean, const Tensor& running_var, const Tensor& weight,
+                                const Tensor& bias, bool training, double momentum, double eps) {
+  const char* op = "batch_norm";
+  const Device d = x.device();
+  const int64_t C = x.size(1);
+  MIXPREC_CHECK(x.dim() == 4, op, ": on ", d, " the input must be [N, C, H, W], got shape ", x.sizes());
+  for (const Tensor* r : {&running_mean, &running_var})
+    MIXPREC_CHECK(!r->defined() || (r->dtype() == DType::Float32 && r->is_contiguous()), op, ": on ", d,
+                  " the running statistics must be contiguous float32 (they are updated in place), got ", r->dtype(), " ", r->sizes());
+  auto param = [&](const Tensor& t, double fill) {
+    return t.defined() ? contiguous_raw(t, DType::Float32) : full({C}, fill, DType::Float32, d);
+  };
+  const Tensor w32 = param(weight, 1.0), b32 = param(bias, 0.0);
+  // Statistics are still computed without running buffers, into scratch ones.
+  const Tensor rm = running_mean.defined() ? running_mean : zeros({C}, DType::Float32, d);
+  const Tensor rv = running_var.defined() ? running_var : ones({C}, DType::Float32, d);
+  const auto [y, save_mean, save_invstd] =
+      device_kernel(op, x, &DeviceKernels::batch_norm)(contiguous_raw(x), w32, b32, rm, rv, training, momentum, eps);
+  if (training) {
+    if (running_mean.defined()) running_mean.bump_version();
+    if (running_var.defined()) running_var.bump_version();
+  }
+  if (autograd::should_record({x, weight, bias}))
+    autograd::record(op, {x, running_mean, running_var, weight, bias}, {y},
+                     [sx = autograd::SavedTensor(x), sw = autograd::SavedTensor(w32), save_mean, save_invstd, training, eps,
+                      wd = weight.defined() ? weight.dtype() : DType::Float32, bd = bias.defined() ? bias.dtype() : DType::Float32,
+                      has_w = weight.defined(), has_b = bias.defined()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+                       const Tensor& x = sx.get("batch_norm");
+                       MIXPREC_CHECK(training, "batch_norm: backward in eval mode has no ", x.device(),
+                                     " kernel yet; run the frozen layers under no_grad or on the CPU");
+                       const Tensor gy = contiguous_raw(expand_raw(as_dtype_raw(g[0], x.dtype()), x.sizes()));
+                       const auto r = device_kernel("batch_norm_backward", x, &DeviceKernels::batch_norm_backward)(
+                           contiguous_raw(x), gy, sw.get("batch_norm"), save_mean, save_invstd, eps);
+                       return {r[0], Tensor(), Tensor(), has_w ? as_dtype_raw(r[1], wd) : Tensor(), has_b ? as_dtype_raw(r[2], bd) : Tensor()};
+                     });
+  return y;
+}
+}  // namespace detail
+
 // Batch normalisation of x [N, C, *] per channel. training: normalise with the batch mean and
 // biased variance, and (when given) update running_mean / running_var in place with the
 // unbiased variance: r = (1 - momentum) r + momentum stat, as PyTorch. eval: normalise with the
@@ -138,7 +180,6 @@ inline Tensor batch_norm(const Tensor& x, const Tensor& running_mean, const Tens
                   x.defined() ? x.sizes() : Shape{});
     MIXPREC_CHECK(x.is_floating_point(), "batch_norm: expected a floating-point input, got ", x.dtype(), " of shape ", x.sizes());
     MIXPREC_CHECK(eps >= 0, "batch_norm: eps must be non-negative, got ", eps);
-    detail::require_cpu("batch_norm", x);
     const int64_t N = x.size(0), C = x.size(1), S = N * C == 0 ? 0 : x.numel() / (N * C), M = N * S;
     detail::norm_check_param("batch_norm", weight, "weight", C, x);
     detail::norm_check_param("batch_norm", bias, "bias", C, x);
@@ -149,6 +190,7 @@ inline Tensor batch_norm(const Tensor& x, const Tensor& running_mean, const Tens
     MIXPREC_CHECK(training || running_mean.defined(), "batch_norm: running_mean and running_var are required in eval mode (input shape ",
                   x.sizes(), ")");
     MIXPREC_CHECK(!training || M > 1, "batch_norm: expected more than 1 value per channel when training, got input shape ", x.sizes());
+    if (x.device() != Device::CPU) return detail::batch_norm_device(x, running_mean, running_var, weight, bias, training, momentum, eps);
 
     const Tensor xc = detail::contiguous_raw(x);
     std::vector<double> mean(static_cast<std::size_t>(C)), rstd(static_cast<std::size_t>(C));

@@ -16,8 +16,9 @@ struct ReducePlan {
   std::vector<bool> reduced;
 };
 
-inline ReducePlan plan_reduce(const Tensor& x, const Shape& dims, bool keepdim, const char* op) {
-  require_cpu(op, x);
+// With rows == false (device kernels) only the shapes are planned; rows stays undefined.
+inline ReducePlan plan_reduce(const Tensor& x, const Shape& dims, bool keepdim, const char* op, bool rows = true) {
+  if (rows) require_cpu(op, x);
   ReducePlan p;
   const int64_t n = x.dim();
   p.reduced.assign(static_cast<std::size_t>(std::max<int64_t>(n, 1)), dims.empty());
@@ -42,6 +43,7 @@ inline ReducePlan plan_reduce(const Tensor& x, const Shape& dims, bool keepdim, 
       p.out_shape.push_back(x.size(d));
     }
   }
+  if (!rows) return p;
   Shape ps, pst;
   for (int64_t d : perm) {
     ps.push_back(x.size(d));
@@ -116,6 +118,16 @@ using sum_acc_t = std::conditional_t<is_floating_v<T>, double, int64_t>;
 // The output dtype of sum: floating stays, integers and bool widen to int64 (as PyTorch).
 inline DType sum_dtype(DType d) { return is_floating_point(d) ? d : DType::Int64; }
 
+// sum over the plan's reduced dims on x's device, shaped as the plan says.
+inline Tensor device_sum(const char* op, const Tensor& x, const ReducePlan& p) {
+  MIXPREC_CHECK(x.is_floating_point(), op, ": ", x.device(), " kernels take floating-point tensors, got ", x.dtype(), " of shape ",
+                x.sizes());
+  Shape rd;
+  for (int64_t d = 0; d < x.dim(); ++d)
+    if (p.reduced[static_cast<std::size_t>(d)]) rd.push_back(d);
+  return device_kernel(op, x, &DeviceKernels::sum)(x, rd).reshape(p.out_shape);
+}
+
 // Gradient of a reduction, broadcast back over the reduced dims of the input.
 inline Tensor expand_reduced_grad(const Tensor& g, const ReducePlan& p, const Shape& in_sizes) {
   return expand_raw(g.reshape(p.keep_shape), in_sizes);
@@ -124,7 +136,16 @@ inline Tensor expand_reduced_grad(const Tensor& g, const ReducePlan& p, const Sh
 
 inline Tensor sum(const Tensor& x, const Shape& dims = {}, bool keepdim = false) {
   return dispatch(OpId::sum, [&dims, keepdim](const Tensor& x) {
-    const detail::ReducePlan p = detail::plan_reduce(x, dims, keepdim, "sum");
+    const bool cpu = x.device() == Device::CPU;
+    const detail::ReducePlan p = detail::plan_reduce(x, dims, keepdim, "sum", cpu);
+    if (!cpu) {
+      Tensor out = detail::device_sum("sum", x, p);
+      if (autograd::should_record({x}))
+        autograd::record("sum", {x}, {out}, [p, in = x.sizes()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+          return {detail::expand_reduced_grad(g[0], p, in).contiguous()};
+        });
+      return out;
+    }
     const Tensor src = x.dtype() == detail::sum_dtype(x.dtype()) ? p.rows : detail::as_dtype_raw(p.rows, DType::Int64);
     detail::ReducePlan q = p;
     q.rows = src;
@@ -144,11 +165,18 @@ inline Tensor sum(const Tensor& x, const Shape& dims = {}, bool keepdim = false)
 inline Tensor mean(const Tensor& x, const Shape& dims = {}, bool keepdim = false) {
   return dispatch(OpId::mean, [&dims, keepdim](const Tensor& x) {
     MIXPREC_CHECK(x.is_floating_point(), "mean: expected a floating-point tensor, got ", x.dtype(), " of shape ", x.sizes());
-    const detail::ReducePlan p = detail::plan_reduce(x, dims, keepdim, "mean");
-    Tensor out = empty(p.out_shape, x.dtype());
-    dispatch_floating(x.dtype(), "mean", [&]<class T>() {
-      detail::reduce_rows<T, double>(p, 0.0, detail::SumStep<double>{}, [](double a, int64_t n) { return a / static_cast<double>(n); }, out);
-    });
+    const bool cpu = x.device() == Device::CPU;
+    const detail::ReducePlan p = detail::plan_reduce(x, dims, keepdim, "mean", cpu);
+    Tensor out;
+    if (cpu) {
+      out = empty(p.out_shape, x.dtype());
+      dispatch_floating(x.dtype(), "mean", [&]<class T>() {
+        detail::reduce_rows<T, double>(p, 0.0, detail::SumStep<double>{}, [](double a, int64_t n) { return a / static_cast<double>(n); }, out);
+      });
+    } else {
+      out = detail::device_binary("mean", DeviceBinary::Div, detail::device_sum("mean", x, p),
+                                  scalar_tensor(static_cast<double>(p.R), x.dtype()));
+    }
     if (autograd::should_record({x}))
       autograd::record("mean", {x}, {out}, [p, in = x.sizes()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
         return {div(detail::expand_reduced_grad(g[0], p, in), static_cast<double>(p.R))};

@@ -6,6 +6,7 @@
 
 #include "mixprec/amp/autocast.hpp"
 #include "mixprec/autograd/function.hpp"
+#include "mixprec/backends/device.hpp"
 #include "mixprec/core/capabilities.hpp"
 #include "mixprec/backends/cpu/loops.hpp"
 #include "mixprec/dtype/convert.hpp"
@@ -14,10 +15,33 @@
 namespace mixprec {
 
 namespace detail {
+// For the ops with only a CPU kernel (backends/device.hpp lists what a device runs).
 inline void require_cpu(const char* op, const Tensor& t) {
-  MIXPREC_CHECK(t.device() == Device::CPU, op, ": tensor of shape ", t.sizes(), " is on ", t.device(),
-                " but this build has no kernel for that device");
+  MIXPREC_CHECK(t.device() == Device::CPU, op, ": tensor of shape ", t.sizes(), " is on ", t.device(), ", and ", op,
+                " has only a CPU kernel; move it with .cpu()");
 }
+inline bool on_cpu(std::initializer_list<const Tensor*> ts) {
+  for (const Tensor* t : ts)
+    if (t->defined() && t->device() != Device::CPU) return false;
+  return true;
+}
+// The same values on device d (same dtype, contiguous), without a graph edge. `op` names the
+// caller in errors (default: to(<d>)).
+inline Tensor move_raw(const Tensor& t, Device d, const char* op = nullptr) {
+  if (t.device() == d) return t;
+  const std::string name = op ? std::string(op) : "to(" + std::string(mixprec::name(d)) + ")";
+  if (d == Device::CPU) return device_kernel(name.c_str(), t, &DeviceKernels::to_host)(t);
+  MIXPREC_CHECK(t.device() == Device::CPU, name, ": cannot move a tensor of shape ", t.sizes(), " from ", t.device(), " to ", d,
+                " directly; go through the CPU");
+  const DeviceKernels* k = device_kernels(d);
+  MIXPREC_CHECK(k != nullptr || d != Device::CUDA || cuda_is_available(), name, ": cannot move a tensor of shape ", t.sizes(), " to ",
+                d, ": ", cuda_unavailable_reason());
+  MIXPREC_CHECK(k != nullptr && k->to_device != nullptr, name, ": cannot move a tensor of shape ", t.sizes(), " to ", d, ": no ", d,
+                " kernels are compiled into this program (include <mixprec/cuda.hpp> in a translation unit compiled by nvcc and "
+                "link mixprec::cuda)");
+  return k->to_device(t);
+}
+
 inline void refuse_inplace_on_grad(const char* op, const Tensor& t) {
   MIXPREC_CHECK(!(GradMode::is_enabled() && autograd::tensor_requires_grad(t)), op,
                 ": in-place operation on a tensor that requires grad (shape ", t.sizes(),
@@ -38,8 +62,14 @@ inline void check_fill_value(const char* op, DType d, double v) {
 
 // Element-wise copy with dtype conversion; src is broadcast to dst's shape.
 inline void copy_kernel(const Tensor& dst, const Tensor& src) {
-  require_cpu("copy_", dst);
-  require_cpu("copy_", src);
+  if (dst.device() != Device::CPU) {  // a CPU source is uploaded first, as torch's copy_ does
+    if (dst.numel() > 0) device_kernel("copy_", dst, &DeviceKernels::copy)(dst, move_raw(src, dst.device()));
+    return;
+  }
+  if (src.device() != Device::CPU) {
+    copy_kernel(dst, move_raw(src, Device::CPU));
+    return;
+  }
   if (dst.numel() == 0) return;
   if (dst.is_contiguous() && src.is_contiguous() && dst.sizes() == src.sizes()) {
     if (dst.dtype() == src.dtype()) {
@@ -99,7 +129,7 @@ inline Tensor contiguous_raw(const Tensor& t) { return contiguous_raw(t, t.dtype
 // Only floating -> integer conversions pay for this scan.
 inline void check_float_to_integer(const char* op, const Tensor& src, DType to) {
   if (!src.is_floating_point() || is_floating_point(to) || to == DType::Bool || src.numel() == 0) return;
-  const Tensor v = contiguous_raw(src, DType::Float64);
+  const Tensor v = contiguous_raw(move_raw(src, Device::CPU), DType::Float64);
   const double* p = v.data<double>();
   for (int64_t i = 0, n = v.numel(); i < n; ++i)
     MIXPREC_CHECK(fits_integer(to, p[i]), op, ": value ", p[i], " at flat index ", i, " of a ", src.dtype(),
@@ -115,7 +145,10 @@ inline Tensor full(const Shape& shape, double value, DType dtype = DType::Float3
 }
 inline Tensor zeros(const Shape& shape, DType dtype = DType::Float32, Device device = Device::CPU) {
   Tensor t = empty(shape, dtype, device);
-  detail::require_cpu("zeros", t);
+  if (device != Device::CPU) {
+    if (t.numel() > 0) detail::device_kernel("zeros", t, &DeviceKernels::fill)(t, 0.0);
+    return t;
+  }
   std::memset(t.data_ptr(), 0, static_cast<std::size_t>(t.nbytes()));
   return t;
 }
@@ -186,8 +219,12 @@ inline Tensor scalar_tensor(double v, DType dtype = DType::Float32) { return ful
 // ---------- in-place ----------
 inline Tensor& Tensor::fill_(double v) {
   detail::refuse_inplace_on_grad("fill_", *this);
-  detail::require_cpu("fill_", *this);
   detail::check_fill_value("fill_", dtype(), v);
+  if (device() != Device::CPU) {
+    if (numel() > 0) detail::device_kernel("fill_", *this, &DeviceKernels::fill)(*this, v);
+    bump_version();
+    return *this;
+  }
   dispatch_all(dtype(), "fill_", [&]<class T>() {
     const T value = static_cast<T>(v);
     if (is_contiguous()) {
@@ -232,10 +269,15 @@ inline Tensor cast(const Tensor& t, DType d) {
 }
 inline Tensor Tensor::to(DType d) const { return cast(*this, d); }
 
+// Differentiable, as torch's: the gradient goes back to the source device.
 inline Tensor Tensor::to(Device d) const {
   if (device() == d) return *this;
-  fail("to(", d, "): cannot move a tensor of shape ", sizes(), " from ", device(), " to ", d, ": ",
-       d == Device::CUDA && !cuda_is_available() ? cuda_unavailable_reason() : "no copy kernel for this pair of devices");
+  Tensor out = detail::move_raw(*this, d);
+  if (autograd::should_record({*this}))
+    autograd::record("to", {*this}, {out}, [from = device()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+      return {detail::move_raw(g[0], from)};
+    });
+  return out;
 }
 
 inline Tensor Tensor::clone() const {
@@ -479,9 +521,9 @@ inline Tensor Tensor::expand(const Shape& shape) const {
 template <class T>
 T Tensor::item() const {
   MIXPREC_CHECK(numel() == 1, "item: tensor of shape ", sizes(), " has ", numel(), " elements, expected one");
-  detail::require_cpu("item", *this);
+  const Tensor c = detail::move_raw(*this, Device::CPU, "item");  // waits for the device
   return dispatch_all(dtype(), "item", [&]<class S>() -> T {
-    const S v = *static_cast<const S*>(data_ptr());
+    const S v = *static_cast<const S*>(c.data_ptr());
     if constexpr (is_floating_v<T> && !std::is_same_v<S, bool>) return static_cast<T>(static_cast<acc_t<S>>(v));
     else return static_cast<T>(static_cast<acc_t<S>>(v));
   });
@@ -490,7 +532,10 @@ T Tensor::item() const {
 inline std::string Tensor::to_string() const {
   if (!defined()) return "tensor(undefined)";
   std::ostringstream os;
-  const Tensor c = device() == Device::CPU ? *this : Tensor();
+  // A device tensor prints from a contiguous host copy (values elided without a backend).
+  const Tensor c = device() == Device::CPU ? *this
+                   : device_kernels(device()) ? detail::move_raw(*this, Device::CPU)
+                                              : Tensor();
   os << "tensor(";
   if (c.defined()) {
     dispatch_all(dtype(), "print", [&]<class T>() {
@@ -498,7 +543,7 @@ inline std::string Tensor::to_string() const {
       const int64_t limit = 6;  // elements shown at each end of a long dimension
       std::function<void(int64_t, int64_t)> rec = [&](int64_t d, int64_t off) {
         if (d == dim()) {
-          const auto v = static_cast<acc_t<T>>(static_cast<const T*>(c.data_ptr())[off - storage_offset()]);
+          const auto v = static_cast<acc_t<T>>(static_cast<const T*>(c.data_ptr())[off - c.storage_offset()]);
           if constexpr (is_floating_v<T>) os << std::fixed << std::setprecision(4) << static_cast<double>(v);
           else os << static_cast<int64_t>(v);
           return;
@@ -512,13 +557,13 @@ inline std::string Tensor::to_string() const {
             if (i + 1 < len) os << ", ";
             continue;
           }
-          rec(d + 1, off + i * stride(d));
+          rec(d + 1, off + i * c.stride(d));
           if (i + 1 < len) os << (d + 1 == dim() ? ", " : ",\n" + std::string(static_cast<std::size_t>(8 + d), ' '));
         }
         os << ']';
       };
       (void)n;
-      rec(0, storage_offset());
+      rec(0, c.storage_offset());
     });
   } else {
     os << "...";

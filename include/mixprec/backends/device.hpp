@@ -1,0 +1,95 @@
+#pragma once
+// Kernels for tensors that live off the CPU: one table per device, filled by that device's
+// backend (CUDA's in backends/cuda/kernels.cuh, registered when a translation unit compiled by
+// nvcc includes mixprec/cuda.hpp). Ops call through it at their kernel level, below autograd and
+// autocast, so the graph, the dtype policies and the argument checks are the CPU's own. An op with
+// no entry for the device throws, naming itself and the device.
+#include <array>
+#include <initializer_list>
+#include <utility>
+
+#include "mixprec/tensor/tensor.hpp"
+
+namespace mixprec {
+
+namespace detail {
+struct ConvGeom;  // ops/conv.hpp
+}  // namespace detail
+
+enum class DeviceUnary : uint8_t { Relu, Gelu, GeluTanh, Silu, Sigmoid, Tanh };
+enum class DeviceBinary : uint8_t { Add, Mul, Div };
+
+struct DeviceKernels {
+  // Whole tensors between this device and the CPU (same dtype; results contiguous).
+  Tensor (*to_device)(const Tensor& cpu) = nullptr;
+  Tensor (*to_host)(const Tensor& dev) = nullptr;
+  // dst = src on this device: src broadcast to dst's shape, converted to dst's dtype; any strides.
+  void (*copy)(const Tensor& dst, const Tensor& src) = nullptr;
+  void (*fill)(const Tensor& t, double value) = nullptr;
+  // a + alpha b, a * b, a / b over the broadcast shape; a and b share a floating dtype.
+  Tensor (*binary)(DeviceBinary op, const Tensor& a, const Tensor& b, double alpha) = nullptr;
+  Tensor (*unary)(DeviceUnary op, const Tensor& x) = nullptr;
+  // grad * f'(x, y); all of x's dtype and shape.
+  Tensor (*unary_backward)(DeviceUnary op, const Tensor& grad, const Tensor& x, const Tensor& y) = nullptr;
+  // Sum over `dims` (none: all), which are removed; accumulated in float32, returned in x's dtype.
+  Tensor (*sum)(const Tensor& x, const Shape& dims) = nullptr;
+  // a[..., M, K] @ b[..., K, N] with broadcast batch dims, accumulated in float32, written in a's
+  // dtype; bias [N] (optional) added in the epilogue.
+  Tensor (*matmul)(const Tensor& a, const Tensor& b, const Tensor& bias) = nullptr;
+  Tensor (*softmax)(const Tensor& x, int64_t dim, bool log) = nullptr;
+  Tensor (*softmax_backward)(const Tensor& y, const Tensor& grad, int64_t dim, bool log) = nullptr;
+  // NCHW convolution; x, w, gy contiguous and of one dtype; b (optional) [O].
+  Tensor (*conv_forward)(const detail::ConvGeom& g, const Tensor& x, const Tensor& w, const Tensor& b) = nullptr;
+  Tensor (*conv_backward_input)(const detail::ConvGeom& g, const Tensor& gy, const Tensor& w) = nullptr;
+  Tensor (*conv_backward_weight)(const detail::ConvGeom& g, const Tensor& x, const Tensor& gy) = nullptr;
+  // Batch norm of contiguous x [N, C, H, W] with float32 [C] weight, bias and running statistics.
+  // training: batch statistics, running ones updated in place, returns {y, saved mean, saved
+  // 1/std}; eval: running statistics, returns {y, {}, {}}.
+  std::array<Tensor, 3> (*batch_norm)(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& running_mean,
+                                      const Tensor& running_var, bool training, double momentum, double eps) = nullptr;
+  // Training mode's {dx, dweight, dbias} from the forward's saved statistics.
+  std::array<Tensor, 3> (*batch_norm_backward)(const Tensor& x, const Tensor& grad, const Tensor& weight, const Tensor& save_mean,
+                                               const Tensor& save_invstd, double eps) = nullptr;
+};
+
+namespace detail {
+inline std::array<const DeviceKernels*, kNumDevices>& device_kernel_registry() {
+  static std::array<const DeviceKernels*, kNumDevices> reg{};
+  return reg;
+}
+}  // namespace detail
+
+// A backend registers its table once; a test may swap in its own and restore the previous one.
+inline const DeviceKernels* set_device_kernels(Device d, const DeviceKernels* k) {
+  return std::exchange(detail::device_kernel_registry()[static_cast<int>(d)], k);
+}
+inline const DeviceKernels* device_kernels(Device d) { return detail::device_kernel_registry()[static_cast<int>(d)]; }
+
+namespace detail {
+// t's device's kernel for `entry`, or an Error naming op, the tensor and what is missing.
+template <class Fn>
+Fn device_kernel(const char* op, const Tensor& t, Fn DeviceKernels::*entry) {
+  const Device d = t.device();
+  const DeviceKernels* k = device_kernels(d);
+  MIXPREC_CHECK(k != nullptr, op, ": tensor of shape ", t.sizes(), " is on ", d, ", but no ", d,
+                " kernels are compiled into this program (include <mixprec/cuda.hpp> in a translation unit compiled by nvcc "
+                "and link mixprec::cuda)");
+  MIXPREC_CHECK(k->*entry != nullptr, op, ": tensor of shape ", t.sizes(), " is on ", d, ", and ", op, " has no ", d,
+                " kernel yet; move it to the CPU with .cpu()");
+  return k->*entry;
+}
+
+// All defined tensors on one device, which is returned (CPU when none is defined).
+inline Device common_device(const char* op, std::initializer_list<const Tensor*> ts) {
+  const Tensor* first = nullptr;
+  for (const Tensor* t : ts) {
+    if (!t->defined()) continue;
+    if (!first) first = t;
+    MIXPREC_CHECK(t->device() == first->device(), op, ": expected all tensors on one device, got ", first->device(), " (shape ",
+                  first->sizes(), ") and ", t->device(), " (shape ", t->sizes(), ")");
+  }
+  return first ? first->device() : Device::CPU;
+}
+}  // namespace detail
+
+}  // namespace mixprec

@@ -1,0 +1,340 @@
+// The device kernel table (backends/device.hpp) exercised without a GPU: host memory is
+// labelled as the CUDA device and a table of CPU kernels stands in for the CUDA one. What is
+// checked is everything around the kernels, which is the same for the real CUDA table:
+// routing, autograd through device tensors, autocast on the device, .to(), and the refusals.
+#include <gtest/gtest.h>
+
+#include <mixprec/mixprec.hpp>
+
+#include "ops/op_test_util.hpp"
+
+using namespace mixprec;
+using mixprec::testing::rel_error;
+
+namespace device_dispatch_test {  // the test executables are unity builds: keep these names apart
+
+// The same memory as another tensor, labelled with device `d`; keeps the source storage alive.
+Tensor relabel(const Tensor& t, Device d) {
+  auto s = std::make_shared<StorageImpl>();
+  s->data = t.storage()->data;
+  s->nbytes = t.storage()->nbytes;
+  s->device = d;
+  s->user_deleter = [keep = t.storage()](void*) {};
+  auto impl = std::make_shared<TensorImpl>();
+  impl->storage = std::move(s);
+  impl->offset = t.storage_offset();
+  impl->sizes = t.sizes();
+  impl->strides = t.strides();
+  impl->dtype = t.dtype();
+  return Tensor(std::move(impl));
+}
+Tensor host(const Tensor& t) { return t.defined() ? relabel(t, Device::CPU) : t; }
+Tensor dev(const Tensor& t) { return relabel(t, Device::CUDA); }
+Tensor host_copy(const Tensor& t) {  // a fresh contiguous CPU copy (what a device transfer makes)
+  Tensor out = empty(t.sizes(), t.dtype());
+  detail::copy_kernel(out, t);
+  return out;
+}
+
+class HostAsDeviceAllocator final : public Allocator {
+ public:
+  void* allocate(int64_t nbytes) override {
+    counters_.on_alloc(nbytes, nbytes);
+    return cpu_.allocate(nbytes);
+  }
+  void deallocate(void* p, int64_t nbytes) noexcept override {
+    counters_.on_free(nbytes, nbytes);
+    cpu_.deallocate(p, nbytes);
+  }
+  Device device() const override { return Device::CUDA; }
+  MemoryStats stats() const override { return counters_.snapshot(); }
+  void reset_peak() override { counters_.reset_peak(); }
+
+ private:
+  CpuAllocator cpu_;
+  detail::StatCounters counters_;
+};
+
+std::map<std::string, int>& calls() {
+  static std::map<std::string, int> c;
+  return c;
+}
+
+// CPU kernels behind the table; every entry counts its calls so the tests see the routing.
+const DeviceKernels& host_kernels() {
+  static const DeviceKernels k = [] {
+    DeviceKernels t;
+    t.to_device = [](const Tensor& c) { ++calls()["to_device"]; return dev(host_copy(c)); };
+    t.to_host = [](const Tensor& d) { ++calls()["to_host"]; return host_copy(host(d)); };
+    t.copy = [](const Tensor& dst, const Tensor& src) { ++calls()["copy"]; detail::copy_kernel(host(dst), host(src)); };
+    t.fill = [](const Tensor& x, double v) { ++calls()["fill"]; Tensor h = host(x); h.fill_(v); };
+    t.binary = [](DeviceBinary op, const Tensor& a, const Tensor& b, double alpha) {
+      ++calls()["binary"];
+      no_grad ng;
+      EXPECT_EQ(a.dtype(), b.dtype());
+      const Tensor ha = host(a), hb = host(b);
+      return dev(op == DeviceBinary::Add ? add(ha, hb, alpha) : op == DeviceBinary::Mul ? mul(ha, hb) : div(ha, hb));
+    };
+    t.unary = [](DeviceUnary op, const Tensor& x) {
+      ++calls()["unary"];
+      no_grad ng;
+      const Tensor h = host(x);
+      switch (op) {
+        case DeviceUnary::Relu: return dev(relu(h));
+        case DeviceUnary::Gelu: return dev(gelu(h));
+        case DeviceUnary::GeluTanh: return dev(gelu(h, "tanh"));
+        case DeviceUnary::Silu: return dev(silu(h));
+        case DeviceUnary::Sigmoid: return dev(sigmoid(h));
+        case DeviceUnary::Tanh: return dev(mixprec::tanh(h));
+      }
+      return Tensor();
+    };
+    t.unary_backward = [](DeviceUnary op, const Tensor& g, const Tensor& x, const Tensor&) {
+      ++calls()["unary_backward"];
+      EXPECT_TRUE(op == DeviceUnary::Relu);  // the only activation the model below uses
+      const Tensor hx = host(x).to(DType::Float32).contiguous(), hg = host(g).to(DType::Float32).contiguous();
+      Tensor out = empty(x.sizes(), DType::Float32);
+      for (int64_t i = 0; i < out.numel(); ++i) out.data<float>()[i] = hx.data<float>()[i] > 0 ? hg.data<float>()[i] : 0.0f;
+      return dev(out.to(x.dtype()));
+    };
+    t.sum = [](const Tensor& x, const Shape& dims) {
+      ++calls()["sum"];
+      no_grad ng;
+      return dev(sum(host(x), dims));
+    };
+    t.matmul = [](const Tensor& a, const Tensor& b, const Tensor& bias) {
+      ++calls()["matmul"];
+      return dev(detail::matmul_kernel("matmul", host(a), host(b), host(bias)));
+    };
+    t.softmax = [](const Tensor& x, int64_t dim, bool log) {
+      ++calls()["softmax"];
+      no_grad ng;
+      return dev(log ? log_softmax(host(x), dim) : softmax(host(x), dim));
+    };
+    t.softmax_backward = [](const Tensor& y, const Tensor& g, int64_t dim, bool log) {
+      ++calls()["softmax_backward"];
+      no_grad ng;
+      const Tensor hy = host(y), hg = host(g);
+      return dev(log ? sub(hg, mul(exp(hy), sum(hg, {dim}, true))) : mul(hy, sub(hg, sum(mul(hg, hy), {dim}, true))));
+    };
+    t.conv_forward = [](const detail::ConvGeom& g, const Tensor& x, const Tensor& w, const Tensor& b) {
+      ++calls()["conv_forward"];
+      return dev(detail::conv_forward(g, host(x), host(w), host(b)));
+    };
+    t.conv_backward_input = [](const detail::ConvGeom& g, const Tensor& gy, const Tensor& w) {
+      ++calls()["conv_backward_input"];
+      return dev(detail::conv_backward_input(g, host(gy), host(w)));
+    };
+    t.conv_backward_weight = [](const detail::ConvGeom& g, const Tensor& x, const Tensor& gy) {
+      ++calls()["conv_backward_weight"];
+      return dev(detail::conv_backward_weight(g, host(x), host(gy), x.dtype()));
+    };
+    t.batch_norm = [](const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& rm, const Tensor& rv, bool training, double momentum,
+                      double eps) -> std::array<Tensor, 3> {
+      ++calls()["batch_norm"];
+      EXPECT_EQ(w.dtype(), DType::Float32);
+      no_grad ng;
+      const Tensor hx = host(x);
+      const Tensor y = batch_norm(hx, host(rm), host(rv), host(w), host(b), training, momentum, eps);
+      if (!training) return {dev(y), Tensor(), Tensor()};
+      const Tensor xf = hx.to(DType::Float32);
+      return {dev(y), dev(mean(xf, {0, 2, 3})), dev(rsqrt(add(var(xf, {0, 2, 3}, 0), eps)))};
+    };
+    t.batch_norm_backward = [](const Tensor& x, const Tensor& g, const Tensor& w, const Tensor& m, const Tensor& invstd,
+                               double) -> std::array<Tensor, 3> {
+      ++calls()["batch_norm_backward"];
+      no_grad ng;
+      const Tensor hx = host(x).to(DType::Float32), hg = host(g).to(DType::Float32);
+      const Shape c{1, -1, 1, 1};
+      const Tensor xhat = mul(sub(hx, host(m).reshape(c)), host(invstd).reshape(c));
+      const Tensor db = sum(hg, {0, 2, 3}), dw = sum(mul(hg, xhat), {0, 2, 3});
+      const double M = static_cast<double>(hx.numel() / hx.size(1));
+      const Tensor dx = mul(mul(host(w), host(invstd)).reshape(c),
+                            sub(sub(hg, div(db, M).reshape(c)), mul(xhat, div(dw, M).reshape(c))));
+      return {dev(dx.to(x.dtype())), dev(dw), dev(db)};
+    };
+    return t;
+  }();
+  return k;
+}
+
+class DeviceDispatch : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    prev_alloc_ = std::exchange(detail::allocator_registry()[static_cast<int>(Device::CUDA)], &alloc_);
+    prev_kernels_ = set_device_kernels(Device::CUDA, &host_kernels());
+    calls().clear();
+  }
+  void TearDown() override {
+    detail::allocator_registry()[static_cast<int>(Device::CUDA)] = prev_alloc_;
+    set_device_kernels(Device::CUDA, prev_kernels_);
+  }
+  HostAsDeviceAllocator alloc_;
+  Allocator* prev_alloc_ = nullptr;
+  const DeviceKernels* prev_kernels_ = nullptr;
+};
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+// conv -> batch norm -> relu -> spatial mean -> linear -> log_softmax -> picked-class loss.
+// (No conv bias: in front of batch norm its gradient is zero up to rounding.)
+struct SmallNet {
+  Tensor conv_w, bn_w, bn_b, rm, rv, fc_w, fc_b;
+  explicit SmallNet(Generator& g) {
+    conv_w = mul(randn({4, 3, 3, 3}, DType::Float32, g), 0.3);
+    bn_w = add(mul(randn({4}, DType::Float32, g), 0.1), 1.0);
+    bn_b = mul(randn({4}, DType::Float32, g), 0.1);
+    rm = zeros({4});
+    rv = ones({4});
+    fc_w = mul(randn({5, 4}, DType::Float32, g), 0.5);
+    fc_b = zeros({5});
+  }
+  std::vector<Tensor*> params() { return {&conv_w, &bn_w, &bn_b, &fc_w, &fc_b}; }
+  SmallNet to(Device d) const {
+    SmallNet n = *this;
+    for (Tensor* p : n.params()) *p = p->to(d).requires_grad_();
+    n.rm = rm.to(d);
+    n.rv = rv.to(d);
+    return n;
+  }
+  Tensor loss(const Tensor& x, const Tensor& onehot) {
+    Tensor h = conv2d(x, conv_w, Tensor(), {1, 1}, {1, 1});
+    h = relu(batch_norm(h, rm, rv, bn_w, bn_b, true));
+    h = mean(h, {2, 3});
+    const Tensor logp = log_softmax(linear(h, fc_w, fc_b), 1);
+    return mul(sum(mul(logp, onehot)), -1.0 / static_cast<double>(x.size(0)));
+  }
+};
+
+TEST_F(DeviceDispatch, ToMovesBothWaysAndIsDifferentiable) {
+  const Tensor x = randn({3, 4}).requires_grad_();
+  const Tensor d = x.to(Device::CUDA);
+  EXPECT_EQ(d.device(), Device::CUDA);
+  EXPECT_EQ(calls()["to_device"], 1);
+  EXPECT_EQ(rel_error(d.cpu(), x.detach()), 0.0);
+  EXPECT_NE(d.to_string().find("device=cuda"), std::string::npos);
+  EXPECT_FLOAT_EQ(d.select(0, 1).select(0, 2).item<float>(), x.select(0, 1).select(0, 2).item<float>());
+  // The gradient of a device copy comes back to the CPU leaf.
+  sum(mul(d, 3.0)).backward();
+  ASSERT_TRUE(x.grad().defined());
+  EXPECT_EQ(x.grad().device(), Device::CPU);
+  EXPECT_EQ(rel_error(x.grad(), full({3, 4}, 3.0)), 0.0);
+  // copy_ across devices, and a cast on the device.
+  Tensor y = zeros({3, 4}, DType::Float32, Device::CUDA);
+  y.copy_(x.detach());
+  EXPECT_EQ(rel_error(y.cpu(), x.detach()), 0.0);
+  const Tensor h = y.to(DType::Float16);
+  EXPECT_EQ(h.device(), Device::CUDA);
+  EXPECT_EQ(h.dtype(), DType::Float16);
+  EXPECT_LT(rel_error(h.cpu(), x.detach()), 1e-3);
+  EXPECT_EQ(rel_error(y.t().contiguous().cpu(), x.detach().t()), 0.0);
+}
+
+TEST_F(DeviceDispatch, TrainingStepOnTheDeviceMatchesTheCpu) {
+  Generator g(11);
+  SmallNet cpu(g);
+  SmallNet gpu = cpu.to(Device::CUDA);
+  for (Tensor* p : cpu.params()) p->requires_grad_();
+  const Tensor x = randn({6, 3, 5, 5}, DType::Float32, g).requires_grad_();
+  const Tensor xd = x.detach().to(Device::CUDA).requires_grad_();
+  Tensor onehot = zeros({6, 5});
+  for (int64_t i = 0; i < 6; ++i) onehot.select(0, i).select(0, (i * 2) % 5).fill_(1.0);
+
+  const Tensor lc = cpu.loss(x, onehot);
+  const Tensor lg = gpu.loss(xd, onehot.to(Device::CUDA));
+  EXPECT_EQ(lg.device(), Device::CUDA);
+  EXPECT_LT(rel_error(lg.cpu(), lc), 1e-6);
+  lc.backward();
+  lg.backward();
+  EXPECT_EQ(calls()["to_host"], 1);  // the loss comparison above: nothing in the step left the device
+  const auto pc = cpu.params(), pg = gpu.params();
+  for (std::size_t i = 0; i < pc.size(); ++i) {
+    ASSERT_TRUE(pg[i]->grad().defined()) << "parameter " << i;
+    EXPECT_EQ(pg[i]->grad().device(), Device::CUDA) << "parameter " << i;
+    EXPECT_LT(rel_error(pg[i]->grad().cpu(), pc[i]->grad()), 1e-5) << "parameter " << i;
+  }
+  EXPECT_LT(rel_error(xd.grad().cpu(), x.grad()), 1e-5);
+  EXPECT_LT(rel_error(gpu.rm.cpu(), cpu.rm), 1e-6);
+  EXPECT_LT(rel_error(gpu.rv.cpu(), cpu.rv), 1e-6);
+  for (const char* k : {"conv_forward", "conv_backward_input", "conv_backward_weight", "batch_norm", "batch_norm_backward", "unary",
+                        "unary_backward", "matmul", "softmax", "softmax_backward", "sum", "binary"})
+    EXPECT_GT(calls()[k], 0) << k << " was never routed to the device table";
+}
+
+TEST_F(DeviceDispatch, AutocastOnTheDeviceFollowsThePolicyTable) {
+  const Tensor x = randn({4, 8}).to(Device::CUDA);
+  const Tensor w = randn({3, 8}).to(Device::CUDA).requires_grad_();
+  autocast ac{Device::CUDA};  // float16 by default on CUDA, as torch.autocast
+  const Tensor y = linear(x, w);
+  EXPECT_EQ(y.dtype(), DType::Float16);
+  const Tensor p = softmax(y, 1);
+  EXPECT_EQ(p.dtype(), DType::Float32);
+  EXPECT_EQ(p.device(), Device::CUDA);
+  sum(p).backward();
+  EXPECT_EQ(w.grad().dtype(), DType::Float32);
+  EXPECT_EQ(w.grad().device(), Device::CUDA);
+  {
+    autocast cpu_only{Device::CPU, DType::BFloat16};  // the CPU scope does not touch CUDA tensors
+    autocast off{Device::CUDA, false};
+    EXPECT_EQ(linear(x, w).dtype(), DType::Float32);
+  }
+}
+
+TEST_F(DeviceDispatch, OpsWithoutADeviceKernelNameThemselves) {
+  const Tensor d = randn({2, 3, 4, 4}).to(Device::CUDA);
+  for (const auto& [what, f, words] : std::vector<std::tuple<std::string, std::function<void()>, std::vector<std::string>>>{
+           {"layer_norm", [&] { layer_norm(d, {4}); }, {"layer_norm", "cuda", "CPU kernel"}},
+           {"max_pool2d", [&] { max_pool2d(d, {2, 2}); }, {"max_pool2d", "cuda"}},
+           {"exp", [&] { exp(d); }, {"exp", "cuda", ".cpu()"}},
+           {"mixed devices", [&] { add(d, randn({2, 3, 4, 4})); }, {"add", "one device", "cpu", "cuda"}},
+           {"matmul mixed", [&] { matmul(d, randn({4, 2})); }, {"matmul", "one device"}},
+           {"integer add", [&] { add(zeros({2}, DType::Int64, Device::CUDA), zeros({2}, DType::Int64, Device::CUDA)); },
+            {"add", "floating-point", "int64"}},
+       }) {
+    const std::string msg = error_of(f);
+    for (const std::string& w : words) EXPECT_NE(msg.find(w), std::string::npos) << what << ": " << msg;
+  }
+  // A CPU scalar with a device tensor is fine, as in PyTorch.
+  EXPECT_EQ(mul(d, 2.0).device(), Device::CUDA);
+}
+
+TEST_F(DeviceDispatch, WithoutABackendDeviceTensorsAreRefusedWithTheFix) {
+  const Tensor d = randn({2, 3}).to(Device::CUDA);
+  set_device_kernels(Device::CUDA, nullptr);
+  const std::string msg = error_of([&] { relu(d); });
+  EXPECT_NE(msg.find("relu"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("mixprec/cuda.hpp"), std::string::npos) << msg;
+  const std::string up = error_of([] { (void)randn({2}).to(Device::CUDA); });
+  EXPECT_NE(up.find("to(cuda)"), std::string::npos) << up;
+  EXPECT_NE(d.to_string().find("..."), std::string::npos);  // printing never throws
+}
+
+TEST(DeviceCapabilities, BFloat16AutocastNeedsAmpereOnCuda) {
+  auto& probe = detail::cuda_probe();
+  const detail::CudaProbe saved = probe;
+  probe.available = true;
+  probe.devices = 1;
+  probe.major = 7;
+  probe.minor = 5;
+  EXPECT_FALSE(is_bf16_supported(Device::CUDA));
+  const std::string msg = error_of([] { autocast ac{Device::CUDA, DType::BFloat16}; });
+  EXPECT_NE(msg.find("compute capability 8.0"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("7.5"), std::string::npos) << msg;
+  EXPECT_NO_THROW(autocast(Device::CUDA, DType::Float16));
+  EXPECT_NO_THROW(autocast(Device::CUDA, DType::BFloat16, false));
+  EXPECT_FALSE(autocast::is_enabled(Device::CUDA));  // the refused scope left no state behind
+  probe.major = 8;
+  probe.minor = 0;
+  EXPECT_TRUE(is_bf16_supported(Device::CUDA));
+  EXPECT_NO_THROW(autocast(Device::CUDA, DType::BFloat16));
+  probe = saved;
+}
+
+}  // namespace device_dispatch_test
