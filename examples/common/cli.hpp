@@ -1,5 +1,7 @@
 #pragma once
-// Minimal --flag value / --flag=value parsing for the examples; unknown flags are errors.
+// Minimal --flag value / --flag=value parsing for the examples; unknown flags are errors. And
+// their main(): a mixprec::Error ends the program with its message and exit status 1.
+#include <cstdio>
 #include <cstdlib>
 #include <iostream>
 #include <map>
@@ -64,5 +66,17 @@ class Cli {
   std::set<std::string> switches_;
   bool help_ = false;
 };
+
+// main() of the example programs: returns run(argc, argv), or after a mixprec::Error prints it
+// to stderr, calls `on_error(1)` if given (Distributed::abort_job: end every rank) and returns 1.
+inline int run_main(int (*run)(int, char**), int argc, char** argv, void (*on_error)(int) = nullptr) {
+  try {
+    return run(argc, argv);
+  } catch (const mixprec::Error& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    if (on_error) on_error(1);
+    return 1;
+  }
+}
 
 }  // namespace examples

@@ -18,13 +18,7 @@ int main(int argc, char** argv) {
   };
   const char* name = argc > 1 ? argv[1] : "";
   for (const Entry& e : entries) {
-    if (std::strcmp(name, e.name) != 0) continue;
-    try {
-      return e.run(argc - 1, argv + 1);
-    } catch (const mixprec::Error& err) {
-      std::fprintf(stderr, "error: %s\n", err.what());
-      return 1;
-    }
+    if (std::strcmp(name, e.name) == 0) return examples::run_main(e.run, argc - 1, argv + 1);
   }
   std::fprintf(stderr, "usage: mixprec_patterns <pattern> [--help | flags]\n");
   for (const Entry& e : entries) std::fprintf(stderr, "  %-13s %s\n", e.name, e.what);

@@ -1,9 +1,7 @@
 // Trains a ResNet on Fashion-MNIST (Debian: dataset-fashion-mnist) in fp32, bf16 autocast, or fp16
 // autocast with the GradScaler; prints test accuracy and peak tensor memory. With --distributed,
 // under `mpirun -np N`, trains data-parallel: each rank a shard of every epoch, rank 0 reports.
-#include <chrono>
 #include <cstdio>
-#include <fstream>
 #include <iostream>
 
 #include <mixprec/mixprec.hpp>
@@ -11,7 +9,7 @@
 #include "common/cli.hpp"
 #include "common/distributed.hpp"
 #include "common/precision.hpp"
-#include "common/progress.hpp"
+#include "common/run.hpp"
 
 using namespace mixprec;
 using examples::Precision;
@@ -81,34 +79,22 @@ int run(int argc, char** argv) {
   const int64_t steps_per_epoch = limit > 0 ? std::min<int64_t>(limit, loader.size()) : loader.size();
   optim::lr_scheduler::OneCycleLR sched(opt, cli.f64("lr"), epochs * steps_per_epoch);
 
-  io::CheckpointParts parts{model.get(), &opt, &scaler, &sched, {&default_generator()}};
-  io::TrainingState state;
-  if (!cli.str("resume").empty()) {
-    state = io::load_checkpoint(cli.str("resume"), parts);  // every rank: they stay identical
-    if (dist.is_main())
-      std::printf("resumed from %s at epoch %lld, step %lld\n", cli.str("resume").c_str(), static_cast<long long>(state.epoch),
-                static_cast<long long>(state.step));
-  }
-
-  std::ofstream csv;
-  if (!cli.str("csv").empty() && dist.is_main()) {
-    csv.open(cli.str("csv"), state.step > 0 ? std::ios::app : std::ios::trunc);
-    MIXPREC_CHECK(csv.good(), "cannot open --csv file ", cli.str("csv"));
-    if (state.step == 0) csv << "step,epoch,loss,lr,scale\n";
-  }
+  examples::TrainingRun training(cli, dist, {model.get(), &opt, &scaler, &sched, {&default_generator()}}, precision);
+  if (training.resume() && dist.is_main())
+    std::printf("resumed from %s at epoch %lld, step %lld\n", cli.str("resume").c_str(),
+                static_cast<long long>(training.state().epoch), static_cast<long long>(training.state().step));
+  training.open_csv();
   if (dist.is_main())
     std::printf("%s on %s, %s, %lld parameters, batch %lld, %lld steps/epoch, threads %d, processes %d\n",
                 cli.str("model").c_str(), cli.flag("synthetic") ? "synthetic data" : "Fashion-MNIST",
                 cli.str("precision").c_str(), static_cast<long long>(model->num_parameters()),
                 static_cast<long long>(batch_size * dist.world()), static_cast<long long>(steps_per_epoch),
                 cpu::num_threads(), dist.world());
-  reset_peak_memory_stats(Device::CPU);
-  const auto start = std::chrono::steady_clock::now();
-  int64_t steps_run = 0;
+  training.start();
 
-  for (int64_t epoch = state.epoch; epoch < epochs; ++epoch) {
+  for (int64_t epoch = training.state().epoch; epoch < epochs; ++epoch) {
     loader.set_epoch(epoch);
-    examples::Progress progress("epoch " + std::to_string(epoch + 1), steps_per_epoch, batch_size * dist.world());
+    training.begin_epoch(epoch, steps_per_epoch, batch_size * dist.world());
     int64_t i = 0;
     for (auto& b : loader) {
       if (i >= steps_per_epoch) break;
@@ -123,39 +109,21 @@ int run(int argc, char** argv) {
       scaler.step(opt);
       scaler.update();
       sched.step();
-      ++i;
-      ++state.step;
-      ++steps_run;
-      const double l = dist.mean(loss.item<double>());  // the global batch's loss
-      if (dist.is_main()) progress.update(i, l, precision == Precision::FP16 ? scaler.get_scale() : 0.0);
-      if (csv.is_open()) csv << state.step << ',' << epoch << ',' << l << ',' << sched.get_last_lr()[0] << ',' << scaler.get_scale() << '\n';
+      training.end_step(epoch, ++i, loss);
     }
-    state.epoch = epoch + 1;
-    if (!cli.str("checkpoint").empty() && dist.is_main()) {
-      io::save_checkpoint(cli.str("checkpoint"), parts, state);
-      std::printf("saved checkpoint %s\n", cli.str("checkpoint").c_str());
-    }
+    if (training.end_epoch(epoch)) std::printf("saved checkpoint %s\n", cli.str("checkpoint").c_str());
   }
-  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  const MemoryStats mem = memory_stats(Device::CPU);
+  training.finish();
   const double acc = evaluate(*model, test, precision, 500, limit > 0 ? 2 : 0, dist);
   if (!dist.is_main()) return 0;
   std::printf("global throughput: %.1f images/s (%d processes x batch %lld, %lld steps in %.1f s)\n",
-              secs > 0 ? static_cast<double>(steps_run * batch_size * dist.world()) / secs : 0.0, dist.world(),
-              static_cast<long long>(batch_size), static_cast<long long>(steps_run), secs);
+              training.throughput(batch_size * dist.world()), dist.world(), static_cast<long long>(batch_size),
+              static_cast<long long>(training.steps_run()), training.seconds());
   std::printf("test accuracy: %.2f%%\n", 100.0 * acc);
-  std::printf("peak tensor memory (training): %.1f MiB\n", static_cast<double>(mem.peak_allocated_bytes) / (1 << 20));
+  training.print_peak_memory();
   return 0;
 }
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  try {
-    return run(argc, argv);
-  } catch (const mixprec::Error& e) {
-    std::fprintf(stderr, "error: %s\n", e.what());
-    examples::Distributed::abort_job(1);
-    return 1;
-  }
-}
+int main(int argc, char** argv) { return examples::run_main(run, argc, argv, examples::Distributed::abort_job); }

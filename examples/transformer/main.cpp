@@ -2,10 +2,8 @@
 // bf16 autocast, or fp16 autocast with the GradScaler; prints validation loss, bits per byte
 // and a short generated sample. With --distributed, under `mpirun -np N`, trains data-parallel:
 // every rank draws the same global batch and trains on its slice of it; rank 0 reports.
-#include <chrono>
 #include <cmath>
 #include <cstdio>
-#include <fstream>
 #include <iostream>
 
 #include <mixprec/mixprec.hpp>
@@ -13,7 +11,7 @@
 #include "common/cli.hpp"
 #include "common/distributed.hpp"
 #include "common/precision.hpp"
-#include "common/progress.hpp"
+#include "common/run.hpp"
 
 using namespace mixprec;
 using examples::Precision;
@@ -81,30 +79,20 @@ int run(int argc, char** argv) {
   dist.wrap(model, scaler);
   optim::lr_scheduler::CosineAnnealingWarmupLR sched(opt, std::max<int64_t>(1, epochs * steps_per_epoch / 20), epochs * steps_per_epoch,
                                                      cli.f64("lr") * 0.1);
-  io::CheckpointParts parts{&model, &opt, &scaler, &sched, {&default_generator(), &batch_gen}};
-  io::TrainingState state;
-  if (!cli.str("resume").empty()) {
-    state = io::load_checkpoint(cli.str("resume"), parts);  // every rank: they stay identical
-    if (dist.is_main()) std::printf("resumed from %s at epoch %lld\n", cli.str("resume").c_str(), static_cast<long long>(state.epoch));
-  }
-  std::ofstream csv;
-  if (!cli.str("csv").empty() && dist.is_main()) {
-    csv.open(cli.str("csv"), state.step > 0 ? std::ios::app : std::ios::trunc);
-    MIXPREC_CHECK(csv.good(), "cannot open --csv file ", cli.str("csv"));
-    if (state.step == 0) csv << "step,epoch,loss,lr,scale\n";
-  }
+  examples::TrainingRun training(cli, dist, {&model, &opt, &scaler, &sched, {&default_generator(), &batch_gen}}, precision);
+  if (training.resume() && dist.is_main())
+    std::printf("resumed from %s at epoch %lld\n", cli.str("resume").c_str(), static_cast<long long>(training.state().epoch));
+  training.open_csv();
   if (dist.is_main())
     std::printf("GPT %lld layers d_model %lld on %s (%lld train / %lld validation bytes), %s, %lld parameters, %d processes\n",
                 static_cast<long long>(cfg.n_layer), static_cast<long long>(cfg.d_model),
                 cli.flag("synthetic") ? "synthetic text" : cli.str("corpus").c_str(),
                 static_cast<long long>(text.size(data::Split::Train)), static_cast<long long>(text.size(data::Split::Validation)),
                 cli.str("precision").c_str(), static_cast<long long>(model.num_parameters()), dist.world());
-  reset_peak_memory_stats(Device::CPU);
   const int64_t tokens_per_step = batch_size * seq_len * dist.world();
-  const auto start = std::chrono::steady_clock::now();
-  int64_t steps_run = 0;
-  for (int64_t epoch = state.epoch; epoch < epochs; ++epoch) {
-    examples::Progress progress("epoch " + std::to_string(epoch + 1), steps_per_epoch, tokens_per_step);
+  training.start();
+  for (int64_t epoch = training.state().epoch; epoch < epochs; ++epoch) {
+    training.begin_epoch(epoch, steps_per_epoch, tokens_per_step);
     for (int64_t i = 1; i <= steps_per_epoch; ++i) {
       // One generator state on every rank (so a checkpoint resumes every rank): all draw the
       // global batch, each keeps its rows. --batch-size is per rank.
@@ -123,25 +111,19 @@ int run(int argc, char** argv) {
       scaler.step(opt);
       scaler.update();
       sched.step();
-      ++state.step;
-      ++steps_run;
-      const double l = dist.mean(loss.item<double>());  // the global batch's loss
-      if (dist.is_main()) progress.update(i, l, precision == Precision::FP16 ? scaler.get_scale() : 0.0);
-      if (csv.is_open()) csv << state.step << ',' << epoch << ',' << l << ',' << sched.get_last_lr()[0] << ',' << scaler.get_scale() << '\n';
+      training.end_step(epoch, i, loss);
     }
-    state.epoch = epoch + 1;
-    if (!cli.str("checkpoint").empty() && dist.is_main()) io::save_checkpoint(cli.str("checkpoint"), parts, state);
+    training.end_epoch(epoch);
   }
-  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  training.finish();
   // The weights are identical on every rank: rank 0 alone evaluates and samples.
   if (!dist.is_main()) return 0;
   std::printf("global throughput: %.0f tokens/s (%d processes x batch %lld x %lld tokens, %lld steps in %.1f s)\n",
-              secs > 0 ? static_cast<double>(steps_run * tokens_per_step) / secs : 0.0, dist.world(),
-              static_cast<long long>(batch_size), static_cast<long long>(seq_len), static_cast<long long>(steps_run), secs);
-  const MemoryStats mem = memory_stats(Device::CPU);
+              training.throughput(tokens_per_step), dist.world(), static_cast<long long>(batch_size), static_cast<long long>(seq_len),
+              static_cast<long long>(training.steps_run()), training.seconds());
   const double vl = validation_loss(model, text, precision, seq_len, batch_size, cli.i64("eval-batches"));
   std::printf("validation loss: %.4f nats/byte, %.4f bits per byte\n", vl, vl / std::log(2.0));
-  std::printf("peak tensor memory (training): %.1f MiB\n", static_cast<double>(mem.peak_allocated_bytes) / (1 << 20));
+  training.print_peak_memory();
   const Tensor prompt = data::TextDataset::encode("The ").reshape({1, -1});
   const Tensor out = model.generate(prompt, cli.i64("sample-len"), 0.8, 40, sample_gen);
   std::printf("sample:\n%s\n", data::TextDataset::decode(out.reshape({-1})).c_str());
@@ -150,12 +132,4 @@ int run(int argc, char** argv) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  try {
-    return run(argc, argv);
-  } catch (const mixprec::Error& e) {
-    std::fprintf(stderr, "error: %s\n", e.what());
-    examples::Distributed::abort_job(1);
-    return 1;
-  }
-}
+int main(int argc, char** argv) { return examples::run_main(run, argc, argv, examples::Distributed::abort_job); }

@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 
 #include "mixprec/backends/cpu/parallel.hpp"
 #include "mixprec/dtype/convert.hpp"
@@ -105,28 +106,70 @@ MIXPREC_TARGET_GEMM512 void pack_b(View<T> b, int64_t k0, int64_t kc, int64_t j0
   }
 }
 
-// A[i0:i0+mc, k0:k0+kc] -> panels of kMR rows, each kc x kMR, zero-padded past mc.
+// One row of an A panel as float32: out[k * kMR] = row[k * s1] for k < kc.
 template <class T>
-MIXPREC_TARGET_GEMM512 void pack_a(View<T> a, int64_t i0, int64_t mc, int64_t k0, int64_t kc, float* out) {
-  for (int64_t ip = 0; ip < mc; ip += kMR, out += kc * kMR) {
+MIXPREC_TARGET_GEMM512 void pack_a_row(const T* row, int64_t s1, int64_t kc, float* out) {
+  if (s1 == 1) {
+    for (int64_t k = 0; k < kc; k += 16) {
+      alignas(64) float t[16];
+      _mm512_store_ps(t, load16(row + k, lanes(kc - k)));
+      const int64_t n = std::min<int64_t>(16, kc - k);
+      for (int64_t q = 0; q < n; ++q) out[(k + q) * kMR] = t[q];
+    }
+  } else {
+    for (int64_t k = 0; k < kc; ++k) out[k * kMR] = to_f32(row[k * s1]);
+  }
+}
+
+inline uint32_t bf16_pair(const bfloat16* lo, const bfloat16* hi) {
+  return static_cast<uint32_t>(lo ? lo->x : 0) | (static_cast<uint32_t>(hi ? hi->x : 0) << 16);
+}
+inline uint32_t load_pair(const bfloat16* p) {  // p[0], p[1] adjacent in memory
+  uint32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// One row of an A panel as bfloat16 pairs (vdpbf16ps): out[p * kMR] = (row[2p], row[2p + 1]) for
+// p < ceil(kc / 2), the odd k's partner zero.
+inline void pack_a_row(const bfloat16* row, int64_t s1, int64_t kc, uint32_t* out) {
+  const int64_t kp = (kc + 1) / 2;
+  int64_t p = 0;
+  if (s1 == 1)  // rows contiguous: a pair is one 32-bit load
+    for (; 2 * p + 1 < kc; ++p) out[p * kMR] = load_pair(row + 2 * p);
+  for (; p < kp; ++p) out[p * kMR] = bf16_pair(row + 2 * p * s1, 2 * p + 1 < kc ? row + (2 * p + 1) * s1 : nullptr);
+}
+
+// A[i0:i0+mc, k0:k0+kc] -> panels of kMR rows, zero-padded past mc, for either kernel: float32
+// (P = float, each panel kc x kMR) or bfloat16 pairs (P = uint32_t, each ceil(kc/2) x kMR).
+template <class T, class P>
+MIXPREC_TARGET_GEMM512 void pack_a(View<T> a, int64_t i0, int64_t mc, int64_t k0, int64_t kc, P* out) {
+  const int64_t depth = std::is_same_v<P, uint32_t> ? (kc + 1) / 2 : kc;
+  for (int64_t ip = 0; ip < mc; ip += kMR, out += depth * kMR) {
     const int64_t h = std::min(kMR, mc - ip);
     for (int64_t i = 0; i < kMR; ++i) {
       if (i >= h) {
-        for (int64_t k = 0; k < kc; ++k) out[k * kMR + i] = 0.0f;
+        for (int64_t k = 0; k < depth; ++k) out[k * kMR + i] = 0;
         continue;
       }
-      const T* row = &a.at(i0 + ip + i, k0);
-      if (a.s1 == 1) {
-        for (int64_t k = 0; k < kc; k += 16) {
-          alignas(64) float t[16];
-          _mm512_store_ps(t, load16(row + k, lanes(kc - k)));
-          const int64_t n = std::min<int64_t>(16, kc - k);
-          for (int64_t q = 0; q < n; ++q) out[(k + q) * kMR + i] = t[q];
-        }
-      } else {
-        for (int64_t k = 0; k < kc; ++k) out[k * kMR + i] = to_f32(row[k * a.s1]);
-      }
+      pack_a_row(&a.at(i0 + ip + i, k0), a.s1, kc, out + i);
     }
+  }
+}
+
+// The end of both microkernels: C[mr x nr] (=|+=) the 12 x 32 accumulator tile.
+MIXPREC_TARGET_GEMM512 inline void store_tile(__m512 (&acc)[kMR][2], float* c, int64_t ldc, int64_t mr, int64_t nr, bool add) {
+  const __mmask16 m0 = lanes(nr), m1 = lanes(nr - 16);
+#pragma GCC unroll 12
+  for (int i = 0; i < kMR; ++i) {
+    if (i >= mr) break;
+    float* row = c + i * ldc;
+    if (add) {
+      acc[i][0] = _mm512_add_ps(acc[i][0], _mm512_maskz_loadu_ps(m0, row));
+      acc[i][1] = _mm512_add_ps(acc[i][1], _mm512_maskz_loadu_ps(m1, row + 16));
+    }
+    _mm512_mask_storeu_ps(row, m0, acc[i][0]);
+    _mm512_mask_storeu_ps(row + 16, m1, acc[i][1]);
   }
 }
 
@@ -145,18 +188,7 @@ MIXPREC_TARGET_GEMM512 inline void micro_f32(int64_t kc, const float* __restrict
       acc[i][1] = _mm512_fmadd_ps(av, b1, acc[i][1]);
     }
   }
-  const __mmask16 m0 = lanes(nr), m1 = lanes(nr - 16);
-#pragma GCC unroll 12
-  for (int i = 0; i < kMR; ++i) {
-    if (i >= mr) break;
-    float* row = c + i * ldc;
-    if (add) {
-      acc[i][0] = _mm512_add_ps(acc[i][0], _mm512_maskz_loadu_ps(m0, row));
-      acc[i][1] = _mm512_add_ps(acc[i][1], _mm512_maskz_loadu_ps(m1, row + 16));
-    }
-    _mm512_mask_storeu_ps(row, m0, acc[i][0]);
-    _mm512_mask_storeu_ps(row + 16, m1, acc[i][1]);
-  }
+  store_tile(acc, c, ldc, mr, nr, add);
 }
 
 // One thread's share: C[M, N] (ldc) (=|+=) A[M, K] * B[K, N].
@@ -183,15 +215,6 @@ MIXPREC_TARGET_GEMM512 void gemm_serial(View<T> a, View<T> b, float* c, int64_t 
 }
 
 // ---- bfloat16 x bfloat16 with vdpbf16ps: k runs in pairs ----
-
-inline uint32_t bf16_pair(const bfloat16* lo, const bfloat16* hi) {
-  return static_cast<uint32_t>(lo ? lo->x : 0) | (static_cast<uint32_t>(hi ? hi->x : 0) << 16);
-}
-inline uint32_t load_pair(const bfloat16* p) {  // p[0], p[1] adjacent in memory
-  uint32_t v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
 
 // B[k0:k0+kc, j0:j0+nc] -> panels, each ceil(kc/2) x kNR pairs (b[k][j], b[k+1][j]).
 MIXPREC_TARGET_GEMM512BF16 inline void pack_b_bf16(View<bfloat16> b, int64_t k0, int64_t kc, int64_t j0, int64_t nc, uint32_t* out) {
@@ -225,24 +248,6 @@ MIXPREC_TARGET_GEMM512BF16 inline void pack_b_bf16(View<bfloat16> b, int64_t k0,
   }
 }
 
-inline void pack_a_bf16(View<bfloat16> a, int64_t i0, int64_t mc, int64_t k0, int64_t kc, uint32_t* out) {
-  const int64_t kp = (kc + 1) / 2;
-  for (int64_t ip = 0; ip < mc; ip += kMR, out += kp * kMR) {
-    const int64_t h = std::min(kMR, mc - ip);
-    for (int64_t i = 0; i < kMR; ++i) {
-      if (i >= h) {
-        for (int64_t p = 0; p < kp; ++p) out[p * kMR + i] = 0;
-        continue;
-      }
-      const bfloat16* row = &a.at(i0 + ip + i, k0);
-      int64_t p = 0;
-      if (a.s1 == 1)  // rows contiguous: a pair is one 32-bit load
-        for (; 2 * p + 1 < kc; ++p) out[p * kMR + i] = load_pair(row + 2 * p);
-      for (; p < kp; ++p) out[p * kMR + i] = bf16_pair(row + 2 * p * a.s1, 2 * p + 1 < kc ? row + (2 * p + 1) * a.s1 : nullptr);
-    }
-  }
-}
-
 MIXPREC_TARGET_GEMM512BF16 inline void micro_bf16(int64_t kp, const uint32_t* __restrict ap, const uint32_t* __restrict bp, float* c,
                                                   int64_t ldc, int64_t mr, int64_t nr, bool add) {
   __m512 acc[kMR][2];
@@ -257,18 +262,7 @@ MIXPREC_TARGET_GEMM512BF16 inline void micro_bf16(int64_t kp, const uint32_t* __
       acc[i][1] = _mm512_dpbf16_ps(acc[i][1], av, b1);
     }
   }
-  const __mmask16 m0 = lanes(nr), m1 = lanes(nr - 16);
-#pragma GCC unroll 12
-  for (int i = 0; i < kMR; ++i) {
-    if (i >= mr) break;
-    float* row = c + i * ldc;
-    if (add) {
-      acc[i][0] = _mm512_add_ps(acc[i][0], _mm512_maskz_loadu_ps(m0, row));
-      acc[i][1] = _mm512_add_ps(acc[i][1], _mm512_maskz_loadu_ps(m1, row + 16));
-    }
-    _mm512_mask_storeu_ps(row, m0, acc[i][0]);
-    _mm512_mask_storeu_ps(row + 16, m1, acc[i][1]);
-  }
+  store_tile(acc, c, ldc, mr, nr, add);
 }
 
 MIXPREC_TARGET_GEMM512BF16 inline void gemm_serial_dpbf16(View<bfloat16> a, View<bfloat16> b, float* c, int64_t ldc, int64_t M, int64_t N,
@@ -284,7 +278,7 @@ MIXPREC_TARGET_GEMM512BF16 inline void gemm_serial_dpbf16(View<bfloat16> a, View
       pack_b_bf16(b, pc, kc, jc, nc, bpack);
       for (int64_t ic = 0; ic < M; ic += kMC) {
         const int64_t mc = std::min(kMC, M - ic);
-        pack_a_bf16(a, ic, mc, pc, kc, apack);
+        pack_a(a, ic, mc, pc, kc, apack);
         for (int64_t jr = 0; jr < nc; jr += kNR)
           for (int64_t ir = 0; ir < mc; ir += kMR)
             micro_bf16(kp, apack + ir * kp, bpack + jr * kp, c + (ic + ir) * ldc + jc + jr, ldc, std::min(kMR, mc - ir),

@@ -48,6 +48,16 @@ const Perf& pick(const Perf* perf, int n, const char* what) {
     if (perf[i].status == CUDNN_STATUS_SUCCESS && perf[i].memory <= kConvWorkspaceLimit) return perf[i];
   fail("cudnn conv2d: no ", what, " algorithm fits ", kConvWorkspaceLimit, " bytes of workspace");
 }
+
+// One direction's algorithm: `get` is its cudnnGetConvolution*Algorithm_v7 (named `api`), asked
+// for up to Count candidates (Perf records) with the direction's descriptors, in its order.
+template <class Perf, int Count, class Get, class... Descs>
+Perf find_algorithm(Get get, const char* api, const char* what, cudnnHandle_t h, Descs... descs) {
+  Perf perf[Count];
+  int n = 0;
+  check_cudnn(get(h, descs..., Count, &n, perf), api);
+  return pick(perf, n, what);
+}
 }  // namespace detail
 
 inline ConvAlgos conv_algorithms(const ConvShape& s, const ConvDescriptors& d) {
@@ -59,35 +69,16 @@ inline ConvAlgos conv_algorithms(const ConvShape& s, const ConvDescriptors& d) {
     if (auto it = cache.find(key); it != cache.end()) return it->second;
   }
   cudnnHandle_t h = cudnn_handle();
-  ConvAlgos a;
-  int n = 0;
-  {
-    cudnnConvolutionFwdAlgoPerf_t perf[CUDNN_CONVOLUTION_FWD_ALGO_COUNT];
-    check_cudnn(cudnnGetConvolutionForwardAlgorithm_v7(h, d.x.get(), d.w.get(), d.conv.get(), d.y.get(),
-                                                       CUDNN_CONVOLUTION_FWD_ALGO_COUNT, &n, perf),
-                "cudnnGetConvolutionForwardAlgorithm_v7");
-    const auto& p = detail::pick(perf, n, "forward");
-    a.fwd = p.algo;
-    a.fwd_ws = p.memory;
-  }
-  {
-    cudnnConvolutionBwdDataAlgoPerf_t perf[CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT];
-    check_cudnn(cudnnGetConvolutionBackwardDataAlgorithm_v7(h, d.w.get(), d.y.get(), d.conv.get(), d.x.get(),
-                                                            CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT, &n, perf),
-                "cudnnGetConvolutionBackwardDataAlgorithm_v7");
-    const auto& p = detail::pick(perf, n, "backward-data");
-    a.bwd_data = p.algo;
-    a.bwd_data_ws = p.memory;
-  }
-  {
-    cudnnConvolutionBwdFilterAlgoPerf_t perf[CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT];
-    check_cudnn(cudnnGetConvolutionBackwardFilterAlgorithm_v7(h, d.x.get(), d.y.get(), d.conv.get(), d.w.get(),
-                                                              CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT, &n, perf),
-                "cudnnGetConvolutionBackwardFilterAlgorithm_v7");
-    const auto& p = detail::pick(perf, n, "backward-filter");
-    a.bwd_filter = p.algo;
-    a.bwd_filter_ws = p.memory;
-  }
+  const auto fwd = detail::find_algorithm<cudnnConvolutionFwdAlgoPerf_t, CUDNN_CONVOLUTION_FWD_ALGO_COUNT>(
+      cudnnGetConvolutionForwardAlgorithm_v7, "cudnnGetConvolutionForwardAlgorithm_v7", "forward", h, d.x.get(), d.w.get(),
+      d.conv.get(), d.y.get());
+  const auto bwd_data = detail::find_algorithm<cudnnConvolutionBwdDataAlgoPerf_t, CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT>(
+      cudnnGetConvolutionBackwardDataAlgorithm_v7, "cudnnGetConvolutionBackwardDataAlgorithm_v7", "backward-data", h, d.w.get(),
+      d.y.get(), d.conv.get(), d.x.get());
+  const auto bwd_filter = detail::find_algorithm<cudnnConvolutionBwdFilterAlgoPerf_t, CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT>(
+      cudnnGetConvolutionBackwardFilterAlgorithm_v7, "cudnnGetConvolutionBackwardFilterAlgorithm_v7", "backward-filter", h, d.x.get(),
+      d.y.get(), d.conv.get(), d.w.get());
+  const ConvAlgos a{fwd.algo, bwd_data.algo, bwd_filter.algo, fwd.memory, bwd_data.memory, bwd_filter.memory};
   std::lock_guard<std::mutex> lock(mu);
   cache.emplace(key, a);
   return a;

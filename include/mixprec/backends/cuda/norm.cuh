@@ -60,6 +60,24 @@ inline void check_bn_param(const char* op, const Tensor& t, int64_t C) {
   MIXPREC_CHECK(t.dim() == 1 && t.size(0) == C && t.dtype() == DType::Float32 && t.is_contiguous(), op,
                 ": expected a contiguous float32 [", C, "] tensor, got ", t.dtype(), " ", t.sizes());
 }
+
+// The forward passes' input checks: x a contiguous NCHW CUDA tensor, eps within cuDNN's range.
+inline void check_bn_input(const char* op, const Tensor& x, double eps) {
+  require_cuda_tensor(op, x);
+  MIXPREC_CHECK(x.dim() == 4 && x.is_contiguous(), op, ": expected a contiguous NCHW tensor, got ", x.sizes());
+  MIXPREC_CHECK(eps >= CUDNN_BN_MIN_EPSILON, op, ": eps ", eps, " is below cuDNN's minimum ", CUDNN_BN_MIN_EPSILON);
+}
+
+// x [N, C, H, W] (NCHW) and the float32 [C] descriptor cuDNN derives from it for the
+// per-channel tensors (weight, bias, running and saved statistics).
+struct BatchNormDescriptors {
+  TensorDescriptor x, param;
+};
+inline BatchNormDescriptors batch_norm_descriptors(const Tensor& x) {
+  BatchNormDescriptors d{make_tensor_descriptor(x.size(0), x.size(1), x.size(2), x.size(3), x.dtype(), ConvLayout::NCHW), {}};
+  check_cudnn(cudnnDeriveBNTensorDescriptor(d.param.get(), d.x.get(), CUDNN_BATCHNORM_SPATIAL), "cudnnDeriveBNTensorDescriptor");
+  return d;
+}
 }  // namespace detail
 
 // Training mode: normalises with the batch statistics and updates the running ones in place
@@ -67,21 +85,17 @@ inline void check_bn_param(const char* op, const Tensor& t, int64_t C) {
 inline BatchNormResult batch_norm_training(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& running_mean,
                                            const Tensor& running_var, double momentum, double eps) {
   const char* op = "gpu::batch_norm";
-  require_cuda_tensor(op, x);
-  MIXPREC_CHECK(x.dim() == 4 && x.is_contiguous(), op, ": expected a contiguous NCHW tensor, got ", x.sizes());
-  MIXPREC_CHECK(eps >= CUDNN_BN_MIN_EPSILON, op, ": eps ", eps, " is below cuDNN's minimum ", CUDNN_BN_MIN_EPSILON);
+  detail::check_bn_input(op, x, eps);
   const int64_t C = x.size(1);
   for (const Tensor* t : {&weight, &bias, &running_mean, &running_var}) detail::check_bn_param(op, *t, C);
-  const TensorDescriptor xd = make_tensor_descriptor(x.size(0), C, x.size(2), x.size(3), x.dtype(), ConvLayout::NCHW);
-  TensorDescriptor pd;
-  check_cudnn(cudnnDeriveBNTensorDescriptor(pd.get(), xd.get(), CUDNN_BATCHNORM_SPATIAL), "cudnnDeriveBNTensorDescriptor");
+  const detail::BatchNormDescriptors d = detail::batch_norm_descriptors(x);
   BatchNormResult r{empty(x.sizes(), x.dtype(), Device::CUDA), empty({C}, DType::Float32, Device::CUDA),
                     empty({C}, DType::Float32, Device::CUDA)};
   const float one = 1.0f, zero = 0.0f;
-  check_cudnn(cudnnBatchNormalizationForwardTraining(cudnn_handle(), CUDNN_BATCHNORM_SPATIAL, &one, &zero, xd.get(), x.data_ptr(),
-                                                     xd.get(), r.y.data_ptr(), pd.get(), weight.data_ptr(), bias.data_ptr(), momentum,
-                                                     running_mean.data_ptr(), running_var.data_ptr(), eps, r.save_mean.data_ptr(),
-                                                     r.save_invstd.data_ptr()),
+  check_cudnn(cudnnBatchNormalizationForwardTraining(cudnn_handle(), CUDNN_BATCHNORM_SPATIAL, &one, &zero, d.x.get(), x.data_ptr(),
+                                                     d.x.get(), r.y.data_ptr(), d.param.get(), weight.data_ptr(), bias.data_ptr(),
+                                                     momentum, running_mean.data_ptr(), running_var.data_ptr(), eps,
+                                                     r.save_mean.data_ptr(), r.save_invstd.data_ptr()),
               "cudnnBatchNormalizationForwardTraining");
   return r;
 }
@@ -89,18 +103,14 @@ inline BatchNormResult batch_norm_training(const Tensor& x, const Tensor& weight
 inline Tensor batch_norm_inference(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& running_mean,
                                    const Tensor& running_var, double eps) {
   const char* op = "gpu::batch_norm (eval)";
-  require_cuda_tensor(op, x);
-  MIXPREC_CHECK(x.dim() == 4 && x.is_contiguous(), op, ": expected a contiguous NCHW tensor, got ", x.sizes());
-  MIXPREC_CHECK(eps >= CUDNN_BN_MIN_EPSILON, op, ": eps ", eps, " is below cuDNN's minimum ", CUDNN_BN_MIN_EPSILON);
+  detail::check_bn_input(op, x, eps);
   const int64_t C = x.size(1);
   for (const Tensor* t : {&weight, &bias, &running_mean, &running_var}) detail::check_bn_param(op, *t, C);
-  const TensorDescriptor xd = make_tensor_descriptor(x.size(0), C, x.size(2), x.size(3), x.dtype(), ConvLayout::NCHW);
-  TensorDescriptor pd;
-  check_cudnn(cudnnDeriveBNTensorDescriptor(pd.get(), xd.get(), CUDNN_BATCHNORM_SPATIAL), "cudnnDeriveBNTensorDescriptor");
+  const detail::BatchNormDescriptors d = detail::batch_norm_descriptors(x);
   Tensor y = empty(x.sizes(), x.dtype(), Device::CUDA);
   const float one = 1.0f, zero = 0.0f;
-  check_cudnn(cudnnBatchNormalizationForwardInference(cudnn_handle(), CUDNN_BATCHNORM_SPATIAL, &one, &zero, xd.get(), x.data_ptr(),
-                                                      xd.get(), y.data_ptr(), pd.get(), weight.data_ptr(), bias.data_ptr(),
+  check_cudnn(cudnnBatchNormalizationForwardInference(cudnn_handle(), CUDNN_BATCHNORM_SPATIAL, &one, &zero, d.x.get(), x.data_ptr(),
+                                                      d.x.get(), y.data_ptr(), d.param.get(), weight.data_ptr(), bias.data_ptr(),
                                                       running_mean.data_ptr(), running_var.data_ptr(), eps),
               "cudnnBatchNormalizationForwardInference");
   return y;
@@ -118,15 +128,13 @@ inline BatchNormGrads batch_norm_backward(const Tensor& x, const Tensor& dy, con
                 ": x ", x.dtype(), " ", x.sizes(), " and dy ", dy.dtype(), " ", dy.sizes(), " must be equal-shaped contiguous NCHW");
   const int64_t C = x.size(1);
   for (const Tensor* t : {&weight, &save_mean, &save_invstd}) detail::check_bn_param(op, *t, C);
-  const TensorDescriptor xd = make_tensor_descriptor(x.size(0), C, x.size(2), x.size(3), x.dtype(), ConvLayout::NCHW);
-  TensorDescriptor pd;
-  check_cudnn(cudnnDeriveBNTensorDescriptor(pd.get(), xd.get(), CUDNN_BATCHNORM_SPATIAL), "cudnnDeriveBNTensorDescriptor");
+  const detail::BatchNormDescriptors d = detail::batch_norm_descriptors(x);
   BatchNormGrads g{empty(x.sizes(), x.dtype(), Device::CUDA), empty({C}, DType::Float32, Device::CUDA),
                    empty({C}, DType::Float32, Device::CUDA)};
   const float one = 1.0f, zero = 0.0f;
-  check_cudnn(cudnnBatchNormalizationBackward(cudnn_handle(), CUDNN_BATCHNORM_SPATIAL, &one, &zero, &one, &zero, xd.get(), x.data_ptr(),
-                                              xd.get(), dy.data_ptr(), xd.get(), g.dx.data_ptr(), pd.get(), weight.data_ptr(),
-                                              g.dweight.data_ptr(), g.dbias.data_ptr(), eps, save_mean.data_ptr(),
+  check_cudnn(cudnnBatchNormalizationBackward(cudnn_handle(), CUDNN_BATCHNORM_SPATIAL, &one, &zero, &one, &zero, d.x.get(),
+                                              x.data_ptr(), d.x.get(), dy.data_ptr(), d.x.get(), g.dx.data_ptr(), d.param.get(),
+                                              weight.data_ptr(), g.dweight.data_ptr(), g.dbias.data_ptr(), eps, save_mean.data_ptr(),
                                               save_invstd.data_ptr()),
               "cudnnBatchNormalizationBackward");
   return g;
