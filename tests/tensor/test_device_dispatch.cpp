@@ -268,6 +268,49 @@ TEST_F(DeviceDispatch, TrainingStepOnTheDeviceMatchesTheCpu) {
     EXPECT_GT(calls()[k], 0) << k << " was never routed to the device table";
 }
 
+TEST_F(DeviceDispatch, ResNet20StepWithCrossEntropyMatchesTheCpu) {
+  Generator g1(21), g2(21);
+  auto cpu = nn::models::resnet20(10, 3, false, g1);
+  auto gpu = nn::models::resnet20(10, 3, false, g2);
+  gpu->to(Device::CUDA);
+  for (const Tensor& p : gpu->parameters()) ASSERT_EQ(p.device(), Device::CUDA);
+  Generator gd(5);
+  const Tensor x = randn({4, 3, 8, 8}, DType::Float32, gd);
+  const Tensor y = tensor(std::vector<int64_t>{3, 0, 9, 3});
+  const Tensor lc = cross_entropy(cpu->forward(x), y, Reduction::Mean, -100, 0.1);
+  const Tensor lg = cross_entropy(gpu->forward(x.to(Device::CUDA)), y.to(Device::CUDA), Reduction::Mean, -100, 0.1);
+  EXPECT_EQ(lg.device(), Device::CUDA);
+  EXPECT_LT(rel_error(lg.cpu(), lc), 1e-5);
+  lc.backward();
+  lg.backward();
+  const auto pc = cpu->parameters(), pg = gpu->parameters();
+  ASSERT_EQ(pc.size(), pg.size());
+  for (std::size_t i = 0; i < pc.size(); ++i) EXPECT_LT(rel_error(pg[i].grad().cpu(), pc[i].grad()), 1e-4) << "parameter " << i;
+  // Moving the trained model back brings its buffers (running statistics) with it.
+  gpu->to(Device::CPU);
+  const auto sc = cpu->state_dict(), sg = gpu->state_dict();
+  for (std::size_t i = 0; i < sc.size(); ++i) EXPECT_LT(rel_error(sg[i].second, sc[i].second), 1e-5) << sc[i].first;
+}
+
+TEST_F(DeviceDispatch, CrossEntropyOnTheDeviceKeepsItsSemantics) {
+  const Tensor x = randn({5, 4, 3}).requires_grad_();  // spatial: [N, C, d]
+  const Tensor t = tensor(std::vector<int64_t>{0, 3, -100, 1, 2, 2, 3, 0, -100, 1, 1, 0, 2, 3, 3}, {5, 3});
+  for (Reduction r : {Reduction::Mean, Reduction::Sum, Reduction::None}) {
+    const Tensor xd = x.detach().to(Device::CUDA).requires_grad_();
+    const Tensor lc = cross_entropy(x, t, r, -100, 0.2), lg = cross_entropy(xd, t, r, -100, 0.2);
+    EXPECT_EQ(lg.sizes(), lc.sizes());
+    EXPECT_LT(rel_error(lg.cpu(), lc), 1e-6);
+    sum(lc).backward();
+    sum(lg).backward();
+    EXPECT_LT(rel_error(xd.grad().cpu(), x.grad()), 1e-6);
+    x.set_grad(Tensor());
+  }
+  const Tensor h = randn({3, 4}).to(DType::BFloat16).to(Device::CUDA);
+  EXPECT_EQ(cross_entropy(h, tensor(std::vector<int64_t>{1, 2, 3})).dtype(), DType::BFloat16);
+  const std::string msg = error_of([&] { cross_entropy(randn({2, 4}).to(Device::CUDA), tensor(std::vector<int64_t>{1, 4})); });
+  EXPECT_NE(msg.find("target value 4 is out of range"), std::string::npos) << msg;
+}
+
 TEST_F(DeviceDispatch, AutocastOnTheDeviceFollowsThePolicyTable) {
   const Tensor x = randn({4, 8}).to(Device::CUDA);
   const Tensor w = randn({3, 8}).to(Device::CUDA).requires_grad_();

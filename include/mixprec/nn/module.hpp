@@ -216,7 +216,9 @@ class Module {
     no_grad guard;
     for_each_unique_tensor([&](const Tensor& t) {
       if (t.device() == device) return;
+      const Tensor g = t.grad();
       detail::restore_in_place(t, t.to(device));  // Tensor::to throws cleanly without a kernel for the pair
+      if (g.defined()) t.set_grad(g.to(device));
     });
     return *this;
   }

@@ -76,8 +76,6 @@ inline LossClassLayout loss_class_layout(const char* op, const Tensor& input, co
   MIXPREC_CHECK(target.dtype() == DType::Int64, op, ": expected class-index targets of dtype int64, got ", target.dtype(),
                 " of shape ", target.sizes());
   MIXPREC_CHECK(input.dim() >= 1, op, ": expected an input of shape [N, C, d...] or [C], got a 0-D tensor");
-  require_cpu(op, input);
-  require_cpu(op, target);
   LossClassLayout l;
   if (input.dim() == 1) {
     MIXPREC_CHECK(target.dim() == 0, op, ": for an unbatched input of shape ", input.sizes(), " the target must be 0-D, got shape ",
@@ -127,6 +125,39 @@ A loss_sigmoid(A x) {
   const A e = std::exp(x);
   return e / (A(1) + e);
 }
+// cross_entropy on a device, composed from routed ops: -sum_c(w_c log_softmax(x)_c) per row,
+// with the row weights w (one-hot mixed with label smoothing, zero for ignored rows) built on
+// the host from the class indices, which are checked there (device targets are copied back,
+// one sync). Computed in float32 for 16-bit logits, as on the CPU.
+inline Tensor cross_entropy_device(const Tensor& x, const Tensor& target, const LossClassLayout& lay, Reduction reduction,
+                                   int64_t ignore_index, double ls) {
+  const char* op = "cross_entropy";
+  const Device dev = x.device();
+  (void)device_kernel(op, x, &DeviceKernels::softmax);  // no backend: refuse here, by this op's name
+  MIXPREC_CHECK(target.device() == Device::CPU || target.device() == dev, op, ": input on ", dev, " and target on ", target.device());
+  const int64_t N = lay.N, C = lay.C, S = lay.S, R = N * S;
+  const Tensor tc = contiguous_raw(move_raw(target, Device::CPU, op));
+  const int64_t* tp = tc.data<int64_t>();
+  const int64_t count = loss_check_targets(op, tp, R, C, ignore_index);
+  const DType ad = loss_acc_dtype(x.dtype());
+  Tensor w = zeros(x.sizes(), ad);  // [N, C, d...] or [C]
+  dispatch_floating(ad, op, [&]<class A>() {
+    A* wp = w.data<A>();
+    for (int64_t r = 0; r < R; ++r) {
+      if (tp[r] == ignore_index) continue;
+      A* row = wp + (r / S) * C * S + r % S;
+      for (int64_t c = 0; c < C; ++c) row[c * S] = static_cast<A>(ls / static_cast<double>(C));
+      row[tp[r] * S] += static_cast<A>(1.0 - ls);
+    }
+  });
+  const Tensor logp = log_softmax(cast(x, ad), x.dim() == 1 ? 0 : 1);
+  const Tensor per_row = mul(sum(mul(logp, move_raw(w, dev)), {x.dim() == 1 ? 0 : 1}), -1.0);
+  const Tensor out = reduction == Reduction::None  ? per_row
+                     : reduction == Reduction::Sum ? sum(per_row)
+                                                   : div(sum(per_row), static_cast<double>(count));
+  return cast(out, x.dtype());  // the input's dtype, as on the CPU
+}
+
 }  // namespace detail
 
 // Cross entropy of logits [N, C, d...] (or [C]) against class indices [N, d...] (or []), as
@@ -139,6 +170,8 @@ inline Tensor cross_entropy(const Tensor& logits, const Tensor& target, Reductio
     MIXPREC_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, "cross_entropy: label_smoothing must be in [0, 1], got ",
                   label_smoothing);
     const detail::LossClassLayout lay = detail::loss_class_layout("cross_entropy", x, target);
+    if (x.device() != Device::CPU) return detail::cross_entropy_device(x, target, lay, reduction, ignore_index, label_smoothing);
+    detail::require_cpu("cross_entropy", target);
     const int64_t N = lay.N, C = lay.C, S = lay.S, R = N * S;
     const Tensor xc = detail::contiguous_raw(x), tc = detail::contiguous_raw(target);
     const int64_t count = detail::loss_check_targets("cross_entropy", tc.data<int64_t>(), R, C, ignore_index);
@@ -233,6 +266,8 @@ inline Tensor cross_entropy(const Tensor& logits, const Tensor& target, Reductio
 inline Tensor nll_loss(const Tensor& log_probs, const Tensor& target, Reduction reduction = Reduction::Mean, int64_t ignore_index = -100) {
   return dispatch(OpId::nll_loss, [reduction, ignore_index](const Tensor& x, const Tensor& target) {
     const detail::LossClassLayout lay = detail::loss_class_layout("nll_loss", x, target);
+    detail::require_cpu("nll_loss", x);
+    detail::require_cpu("nll_loss", target);
     const int64_t N = lay.N, C = lay.C, S = lay.S, R = N * S;
     const Tensor tc = detail::contiguous_raw(target);
     const int64_t count = detail::loss_check_targets("nll_loss", tc.data<int64_t>(), R, C, ignore_index);

@@ -302,6 +302,21 @@ inline Tensor avg_pool2d(const Tensor& input, std::array<int64_t, 2> kernel, std
 // [floor(i*H/oh), ceil((i+1)*H/oh)) and the same for columns.
 inline Tensor adaptive_avg_pool2d(const Tensor& input, std::array<int64_t, 2> output_size) {
   return dispatch(OpId::adaptive_avg_pool2d, [=](const Tensor& x) {
+    if (x.device() != Device::CPU) {
+      // On a device: equal windows only (the global pool of ResNet heads), as a mean over blocks.
+      const char* op = "adaptive_avg_pool2d";
+      MIXPREC_CHECK(x.dim() == 3 || x.dim() == 4, op, ": expected a 3-D (unbatched) or 4-D (batched) input, got shape ", x.sizes());
+      const int64_t H = x.size(-2), W = x.size(-1), OH = output_size[0], OW = output_size[1];
+      MIXPREC_CHECK(OH > 0 && OW > 0 && H % OH == 0 && W % OW == 0, op, ": on ", x.device(), " the output size ", output_size,
+                    " must divide the input's spatial size [", H, ", ", W, "] (unequal windows have only a CPU kernel)");
+      Shape blocks(x.sizes().begin(), x.sizes().end() - 2);
+      for (int64_t v : {OH, H / OH, OW, W / OW}) blocks.push_back(v);
+      Shape out(x.sizes().begin(), x.sizes().end() - 2);
+      out.push_back(OH);
+      out.push_back(OW);
+      const int64_t d = static_cast<int64_t>(blocks.size());
+      return mean(x.reshape(blocks), {d - 3, d - 1}).reshape(out);
+    }
     detail::check_pool_input("adaptive_avg_pool2d", x);
     MIXPREC_CHECK(output_size[0] > 0 && output_size[1] > 0, "adaptive_avg_pool2d: output size must be positive, got ", output_size);
     detail::PoolGeom g;
