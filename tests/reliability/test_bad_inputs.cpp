@@ -86,8 +86,8 @@ TEST(BadInputs, WrongShapes) {
   refused("mm 1-D", [] { mm(rn({3}), rn({3, 2})); }, {"mm", "[3]"});
   refused("bmm", [] { bmm(rn({2, 3, 4}), rn({3, 4, 5})); }, {"bmm", "[2, 3, 4]", "[3, 4, 5]"});
   refused("linear", [] { linear(rn({2, 3}), rn({4, 5})); }, {"linear", "[2, 3]", "[4, 5]"});
-  // addmm's message comes from the add inside it and does not name addmm (ops/linalg.hpp).
-  refused("addmm", [] { addmm(rn({5}), rn({2, 3}), rn({3, 4})); }, {"[5]", "[2, 4]"});
+  refused("addmm", [] { addmm(rn({5}), rn({2, 3}), rn({3, 4})); }, {"addmm", "[5]", "[2, 4]"});
+  refused("addmm grows the product", [] { addmm(rn({3, 2, 4}), rn({2, 3}), rn({3, 4})); }, {"addmm", "[3, 2, 4]"});
   refused("conv2d channels", [] { conv2d(rn({1, 3, 8, 8}), rn({4, 2, 3, 3})); }, {"conv2d", "[1, 3, 8, 8]", "[4, 2, 3, 3]"});
   refused("conv2d kernel > input", [] { conv2d(rn({1, 1, 2, 2}), rn({1, 1, 3, 3})); }, {"conv2d", "[1, 1, 2, 2]"});
   refused("conv_transpose2d", [] { conv_transpose2d(rn({1, 3, 4, 4}), rn({2, 2, 3, 3})); }, {"conv_transpose2d", "[2, 2, 3, 3]"});
@@ -312,7 +312,20 @@ TEST(BadInputs, NaNAndInf) {
     q.requires_grad_();
     q.set_grad(full({2}, kInf));
     optim::clip_grad_norm_(std::vector<Tensor>{q}, 1.0, 2.0, true);
-  }, {"clip_grad_norm_", "non-finite"});
+  }, {"clip_grad_norm_", "non-finite (inf)"});
+  refused("scheduler last_epoch NaN", [&] {
+    optim::SGD opt({p}, 0.1);
+    optim::lr_scheduler::StepLR sched(opt, 2);
+    optim::StateDict sd = sched.state_dict();
+    sd.scalars["last_epoch"] = kNaN;
+    sched.load_state_dict(sd);
+  }, {"LRScheduler.load_state_dict", "last_epoch", "nan"});
+  refused("optimizer step 1e300", [&] {
+    optim::SGD opt({p}, 0.1);
+    optim::StateDict sd = opt.state_dict();
+    sd.scalars["state.0.step"] = 1e300;
+    opt.load_state_dict(sd);
+  }, {"load_state_dict", "state.0.step", "1e+300"});
   refused("int tensor filled with NaN", [] { full({2}, kNaN, kInt64); }, {"fill_", "nan", "int64"});
   refused("uint8 tensor filled with 300", [] { full({2}, 300.0, kUInt8); }, {"fill_", "300", "uint8"});
   refused("masked_fill int with inf", [] { masked_fill(ones({2}, kInt32), ones({2}, kBool), kInf); },

@@ -98,6 +98,7 @@ TEST(Tensor, ViewsShareStorageAndComputeStrides) {
   EXPECT_EQ(t.sizes(), (Shape{4, 3, 2}));
   EXPECT_EQ(t.strides(), (Shape{1, 4, 12}));
   EXPECT_FALSE(t.is_contiguous());
+  EXPECT_TRUE(empty({0, 3}).t().is_contiguous());  // no elements: contiguous whatever the strides, as PyTorch
   EXPECT_EQ((t.accessor<float, 3>()[3][2][1]), (x.accessor<float, 3>()[1][2][3]));
   Tensor s = x.slice(2, 1, 4, 2);  // columns 1 and 3
   EXPECT_EQ(s.sizes(), (Shape{2, 3, 2}));

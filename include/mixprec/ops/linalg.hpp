@@ -131,6 +131,9 @@ inline Tensor bmm(const Tensor& a, const Tensor& b) {
 inline Tensor addmm(const Tensor& input, const Tensor& a, const Tensor& b, double beta = 1.0, double alpha = 1.0) {
   return dispatch(OpId::addmm, [beta, alpha](const Tensor& input, const Tensor& a, const Tensor& b) {
     MIXPREC_CHECK(a.dim() == 2 && b.dim() == 2, "addmm: expected 2-D matrices, got ", a.sizes(), " and ", b.sizes());
+    const Shape out{a.size(0), b.size(1)};
+    MIXPREC_CHECK(input.dim() <= 2 && broadcast_shapes(input.sizes(), out, "addmm") == out, "addmm: input of shape ", input.sizes(),
+                  " cannot be broadcast to the product's shape ", out);
     const Tensor p = detail::matmul_nd("addmm", a, b);
     return add(beta == 1.0 ? input : mul(input, beta), alpha == 1.0 ? p : mul(p, alpha));
   }, input, a, b);

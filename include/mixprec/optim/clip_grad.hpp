@@ -114,7 +114,7 @@ inline std::pair<double, bool> clip_norm_impl(std::vector<Tensor>& grads, double
   }
   const double norm = total.finish();
   MIXPREC_CHECK(!error_if_nonfinite || std::isfinite(norm), "clip_grad_norm_: The total norm of order ", norm_type,
-                " for gradients from `parameters` is non-finite, so it cannot be clipped. To disable this error and scale "
+                " for gradients from `parameters` is non-finite (", norm, "), so it cannot be clipped. To disable this error and scale "
                 "the gradients by the non-finite norm anyway, set `error_if_nonfinite=False`");
   const double coef = max_norm / (norm + 1e-6);
   // Multiplying by the clamped 1.0 would change nothing; skipping it keeps master gradients current.

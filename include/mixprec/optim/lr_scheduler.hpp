@@ -2,6 +2,7 @@
 // Learning-rate schedulers (torch.optim.lr_scheduler): each sets the lr of every parameter group
 // of its optimizer. Construction applies step 0 (as PyTorch's initial step); call step() once
 // per optimizer step, after it.
+#include <cmath>
 #include <numbers>
 
 #include "mixprec/optim/optimizer.hpp"
@@ -37,6 +38,8 @@ class LRScheduler {
   virtual void load_state_dict(const StateDict& sd) {
     auto e = sd.scalar("last_epoch");
     MIXPREC_CHECK(e, "LRScheduler.load_state_dict: missing key 'last_epoch'");
+    MIXPREC_CHECK(*e >= -1 && *e < 9.0e18 && *e == std::floor(*e), "LRScheduler.load_state_dict: last_epoch must be an integer >= -1, got ",
+                  *e);
     std::vector<double> base(base_lrs_.size()), last(base_lrs_.size());
     for (std::size_t g = 0; g < base.size(); ++g) {
       auto b = sd.scalar("base_lrs." + std::to_string(g));

@@ -289,9 +289,9 @@ class Optimizer {
                   " parameter groups, the optimizer has ", groups_.size());
     for (std::size_t g = 0; g < groups_.size(); ++g) {
       auto n = sd.scalar("param_groups." + std::to_string(g) + ".num_params");
-      MIXPREC_CHECK(n && static_cast<std::size_t>(*n) == groups_[g].params.size(), name(),
+      MIXPREC_CHECK(n && *n >= 0 && *n < 9.0e18 && static_cast<std::size_t>(*n) == groups_[g].params.size(), name(),
                     ".load_state_dict: loaded state dict contains a parameter group that doesn't match the size of "
-                    "optimizer's group ", g, " (", n ? static_cast<int64_t>(*n) : -1, " vs ", groups_[g].params.size(), ")");
+                    "optimizer's group ", g, " (", n ? *n : -1.0, " vs ", groups_[g].params.size(), ")");
     }
     // Validate everything before changing anything.
     for (const auto& [k, v] : sd.scalars) {
@@ -301,7 +301,7 @@ class Optimizer {
                               [&](const char* o, std::optional<bool>&) { known |= p->second == o; });
         MIXPREC_CHECK(known, name(), ".load_state_dict: unknown key '", k, "'");
       } else if (auto q = detail::split_key(k, "state.")) {
-        MIXPREC_CHECK(q->first < slots_.size() && q->second == "step" && v >= 0, name(),
+        MIXPREC_CHECK(q->first < slots_.size() && q->second == "step" && v >= 0 && v < 9.0e18, name(),
                       ".load_state_dict: unexpected scalar '", k, "' = ", v);
       } else {
         fail(name(), ".load_state_dict: unknown key '", k, "'");

@@ -99,6 +99,7 @@ class Tensor {
   int64_t nbytes() const { return numel() * static_cast<int64_t>(element_size()); }
   bool is_floating_point() const { return mixprec::is_floating_point(dtype()); }
   bool is_contiguous() const {
+    if (numel() == 0) return true;  // nothing to lay out, as in PyTorch
     const auto& s = sizes();
     const auto& st = strides();
     int64_t expect = 1;

@@ -50,8 +50,9 @@ class GPT : public Module {
 
     const double resid_std = 0.02 / std::sqrt(2.0 * static_cast<double>(std::max<int64_t>(config.n_layer, 1)));
     for (auto& [name, p] : named_parameters()) {
-      auto ends_with = [&](const std::string& suffix) {
-        return name.size() >= suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+      const std::string& n = name;  // lambdas may not capture a structured binding before C++20 in clang < 16
+      auto ends_with = [&n](const std::string& suffix) {
+        return n.size() >= suffix.size() && n.compare(n.size() - suffix.size(), suffix.size(), suffix) == 0;
       };
       if (ends_with("attn.out_proj.weight") || ends_with("mlp.2.weight")) init::normal_(p, 0.0, resid_std, gen);
       else if (p.dim() >= 2) init::normal_(p, 0.0, 0.02, gen);
