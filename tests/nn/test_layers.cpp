@@ -6,6 +6,8 @@
 
 #include <mixprec/mixprec.hpp>
 
+#include "ops/op_test_util.hpp"
+
 using namespace mixprec;
 
 namespace {
@@ -37,15 +39,6 @@ NlStats nl_stats(const Tensor& t) {
   const double mean = s / static_cast<double>(v.size());
   for (double x : v) ss += (x - mean) * (x - mean);
   return {mean, std::sqrt(ss / static_cast<double>(v.size())), m};
-}
-
-std::string nl_error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
 }
 
 // Multi-head attention in double loops: q/k/v projections from the packed weight, per-head
@@ -320,7 +313,7 @@ TEST(NnLayers, BatchNormTrainEval) {
   nostats.eval();
   EXPECT_NEAR(nl_stats(nostats.forward(x)).mean, 0.0, 1e-5);
 
-  EXPECT_NE(nl_error_of([&] { bn.forward(randn({2, 3, 4})); }).find("4-D"), std::string::npos);
+  EXPECT_NE(mixprec::testing::error_of([&] { bn.forward(randn({2, 3, 4})); }).find("4-D"), std::string::npos);
   EXPECT_THROW(bn.forward(randn({2, 4, 2, 2})), Error);
 }
 
@@ -457,7 +450,7 @@ TEST(NnLayers, TransformerBlockIsPreNormComposition) {
 TEST(NnLayers, BadConfigurationsAndInputs) {
   EXPECT_THROW(nn::Linear(0, 3), Error);
   nn::Linear lin(4, 3);
-  EXPECT_NE(nl_error_of([&] { lin.forward(zeros({2, 5})); }).find("linear"), std::string::npos);
+  EXPECT_NE(mixprec::testing::error_of([&] { lin.forward(zeros({2, 5})); }).find("linear"), std::string::npos);
   EXPECT_THROW(nn::Conv2d(3, 4, 3, 1, 0, 1, 2), Error);
   EXPECT_THROW(nn::Conv2d(3, 4, 0), Error);
   EXPECT_THROW(nn::Conv2d(3, 4, 3).forward(zeros({1, 2, 5, 5})), Error);

@@ -6,6 +6,8 @@
 
 #include <mixprec/mixprec.hpp>
 
+#include "ops/op_test_util.hpp"
+
 using namespace mixprec;
 
 namespace {
@@ -58,15 +60,6 @@ double nm_rel(const Tensor& a, const Tensor& b) {
     den += y.data<double>()[i] * y.data<double>()[i];
   }
   return std::sqrt(num / den);
-}
-
-std::string nm_error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
 }
 
 }  // namespace
@@ -124,9 +117,9 @@ TEST(NnModule, RegistrationErrors) {
   EXPECT_THROW(m.register_module("w", std::make_shared<nn::ReLU>()), Error);
   EXPECT_THROW(m.register_parameter("a.b", zeros({2})), Error);
   EXPECT_THROW(m.register_parameter("", zeros({2})), Error);
-  EXPECT_NE(nm_error_of([&] { m.register_parameter("w", zeros({2})); }).find("already registered"), std::string::npos);
+  EXPECT_NE(mixprec::testing::error_of([&] { m.register_parameter("w", zeros({2})); }).find("already registered"), std::string::npos);
   // A plain Module has no single-tensor forward.
-  EXPECT_NE(nm_error_of([&] { m.forward(zeros({1})); }).find("Custom"), std::string::npos);
+  EXPECT_NE(mixprec::testing::error_of([&] { m.forward(zeros({1})); }).find("Custom"), std::string::npos);
   nn::ModuleList list{std::make_shared<nn::ReLU>()};
   EXPECT_THROW(list.forward(zeros({1})), Error);
 }
@@ -237,7 +230,7 @@ TEST(NnModule, ToDevice) {
   net.to(Device::CPU);  // already there: a no-op
   EXPECT_EQ(net.conv->weight.device(), Device::CPU);
   if (!cuda_is_available()) {
-    const std::string msg = nm_error_of([&] { net.to(Device::CUDA); });
+    const std::string msg = mixprec::testing::error_of([&] { net.to(Device::CUDA); });
     EXPECT_NE(msg.find("cuda"), std::string::npos) << msg;
     for (const Tensor& p : net.parameters()) EXPECT_EQ(p.device(), Device::CPU);
     EXPECT_EQ(net.forward(randn({1, 2, 5, 5})).sizes(), (Shape{1, 3}));
@@ -290,21 +283,21 @@ TEST(NnModule, LoadStateDictErrors) {
   const Tensor w0 = net.head->at<nn::Linear>(2)->weight.detach().clone();
 
   nn::NamedTensors missing(sd.begin() + 1, sd.end());  // drops "scale"
-  std::string msg = nm_error_of([&] { net.load_state_dict(missing); });
+  std::string msg = mixprec::testing::error_of([&] { net.load_state_dict(missing); });
   EXPECT_NE(msg.find("missing key(s)"), std::string::npos) << msg;
   EXPECT_NE(msg.find("\"scale\""), std::string::npos) << msg;
   EXPECT_NE(msg.find("NmNet"), std::string::npos) << msg;
 
   nn::NamedTensors extra = sd;
   extra.emplace_back("head.3.weight", zeros({2}));
-  msg = nm_error_of([&] { net.load_state_dict(extra); });
+  msg = mixprec::testing::error_of([&] { net.load_state_dict(extra); });
   EXPECT_NE(msg.find("unexpected key(s)"), std::string::npos) << msg;
   EXPECT_NE(msg.find("head.3.weight"), std::string::npos) << msg;
 
   nn::NamedTensors wrong = sd;
   wrong.back().second = zeros({4});  // head.2.bias is [3]
   wrong[wrong.size() - 2].second = zeros({5, 8});  // head.2.weight is [3, 8]
-  msg = nm_error_of([&] { net.load_state_dict(wrong); });
+  msg = mixprec::testing::error_of([&] { net.load_state_dict(wrong); });
   EXPECT_NE(msg.find("size mismatch for head.2.weight: copying a tensor with shape [5, 8] from checkpoint, the shape in current "
                      "model is [3, 8]"),
             std::string::npos)
@@ -321,7 +314,7 @@ TEST(NnModule, LoadStateDictErrors) {
 
   nn::NamedTensors dup = sd;
   dup.push_back(sd[0]);
-  EXPECT_NE(nm_error_of([&] { net.load_state_dict(dup); }).find("duplicate key \"scale\""), std::string::npos);
+  EXPECT_NE(mixprec::testing::error_of([&] { net.load_state_dict(dup); }).find("duplicate key \"scale\""), std::string::npos);
   nn::NamedTensors undef = sd;
   undef[0].second = Tensor();
   EXPECT_THROW(net.load_state_dict(undef), Error);

@@ -1,6 +1,8 @@
 #pragma once
 // Shared helpers for op tests: relative norm error against a reference (NaN never passes).
 #include <cmath>
+#include <functional>
+#include <string>
 #include <limits>
 #include <vector>
 
@@ -26,6 +28,16 @@ inline double rel_error(const Tensor& a, const std::vector<double>& ref) {
   return den == 0 ? std::sqrt(num) : std::sqrt(num / den);
 }
 inline double rel_error(const Tensor& a, const Tensor& ref) { return rel_error(a, to_doubles(ref)); }
+
+// The message of the mixprec::Error that f throws; empty if it throws none.
+inline std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
 
 // Tolerances for 16-bit inputs against a float32 result (relative norm error).
 inline double low_tolerance(DType d) { return d == DType::BFloat16 ? 1e-2 : 2e-3; }

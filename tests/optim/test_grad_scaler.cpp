@@ -11,6 +11,8 @@
 #include <set>
 #include <vector>
 
+#include "ops/op_test_util.hpp"
+
 using namespace mixprec;
 
 namespace {
@@ -25,15 +27,6 @@ Tensor gs_param(std::vector<float> v, DType d = DType::Float32) {
 std::vector<uint8_t> gs_bytes(const Tensor& t) {
   const auto* p = static_cast<const uint8_t*>(t.data_ptr());
   return std::vector<uint8_t>(p, p + t.nbytes());
-}
-
-std::string gs_error(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "no error";
 }
 
 // The rule of torch._amp_update_scale_, written out independently of the library.
@@ -103,9 +96,9 @@ TEST(GradScaler, DefaultsGrowthCapAndNoFloor) {
   EXPECT_EQ(d.get_backoff_factor(), 0.5);
   EXPECT_EQ(d.get_growth_interval(), 2000);
   EXPECT_TRUE(d.is_enabled());
-  EXPECT_NE(gs_error([] { amp::GradScaler(65536.0, 1.0); }).find("The growth factor must be > 1.0."), std::string::npos);
-  EXPECT_NE(gs_error([] { amp::GradScaler(65536.0, 2.0, 1.0); }).find("The backoff factor must be < 1.0."), std::string::npos);
-  EXPECT_EQ(gs_error([] { amp::GradScaler(65536.0, 1.0, 1.0, 2000, false); }), "no error");  // only checked when enabled
+  EXPECT_NE(mixprec::testing::error_of([] { amp::GradScaler(65536.0, 1.0); }).find("The growth factor must be > 1.0."), std::string::npos);
+  EXPECT_NE(mixprec::testing::error_of([] { amp::GradScaler(65536.0, 2.0, 1.0); }).find("The backoff factor must be < 1.0."), std::string::npos);
+  EXPECT_EQ(mixprec::testing::error_of([] { amp::GradScaler(65536.0, 1.0, 1.0, 2000, false); }), "");  // only checked when enabled
 
   // Growth never reaches inf: 2^127 * 2 overflows float32, so the scale stays (the tracker resets).
   Tensor w = gs_param({1.0f});
@@ -140,21 +133,21 @@ TEST(GradScaler, PyTorchErrorMessages) {
   Tensor w = gs_param({1.0f, 2.0f});
   optim::SGD opt({w}, 0.1);
   amp::GradScaler scaler;
-  EXPECT_NE(gs_error([&] { scaler.unscale_(opt); }).find("Attempted unscale_ but _scale is None."), std::string::npos);
-  EXPECT_NE(gs_error([&] { scaler.update(); }).find("Attempted update but _scale is None."), std::string::npos);
+  EXPECT_NE(mixprec::testing::error_of([&] { scaler.unscale_(opt); }).find("Attempted unscale_ but _scale is None."), std::string::npos);
+  EXPECT_NE(mixprec::testing::error_of([&] { scaler.update(); }).find("Attempted update but _scale is None."), std::string::npos);
 
   scaler.scale(sum(w)).backward();
   scaler.unscale_(opt);
-  EXPECT_EQ(gs_error([&] { scaler.unscale_(opt); }), "unscale_() has already been called on this optimizer since the last update().");
+  EXPECT_EQ(mixprec::testing::error_of([&] { scaler.unscale_(opt); }), "unscale_() has already been called on this optimizer since the last update().");
   EXPECT_TRUE(scaler.step(opt));  // UNSCALED -> STEPPED without unscaling again
   EXPECT_EQ(w.data<float>()[0], 0.9f);
-  EXPECT_EQ(gs_error([&] { scaler.step(opt); }), "step() has already been called since the last update().");
-  EXPECT_EQ(gs_error([&] { scaler.unscale_(opt); }), "unscale_() is being called after step().");
+  EXPECT_EQ(mixprec::testing::error_of([&] { scaler.step(opt); }), "step() has already been called since the last update().");
+  EXPECT_EQ(mixprec::testing::error_of([&] { scaler.unscale_(opt); }), "unscale_() is being called after step().");
   scaler.update();
-  EXPECT_EQ(gs_error([&] { scaler.update(); }), "No inf checks were recorded prior to update.");
+  EXPECT_EQ(mixprec::testing::error_of([&] { scaler.update(); }), "No inf checks were recorded prior to update.");
   opt.zero_grad();
-  EXPECT_EQ(gs_error([&] { scaler.step(opt); }), "No inf checks were recorded for this optimizer.");
-  EXPECT_NE(gs_error([&] { scaler.load_state_dict({}); }).find("The source state dict is empty"), std::string::npos);
+  EXPECT_EQ(mixprec::testing::error_of([&] { scaler.step(opt); }), "No inf checks were recorded for this optimizer.");
+  EXPECT_NE(mixprec::testing::error_of([&] { scaler.load_state_dict({}); }).find("The source state dict is empty"), std::string::npos);
 }
 
 TEST(GradScaler, StateDictRoundTrip) {

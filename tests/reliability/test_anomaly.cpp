@@ -8,17 +8,11 @@
 #include <limits>
 #include <thread>
 
+#include "ops/op_test_util.hpp"
+
 using namespace mixprec;
 
 namespace {
-std::string an_error(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
 void an_expect_mentions(const std::string& msg, std::initializer_list<const char*> parts) {
   ASSERT_FALSE(msg.empty()) << "no anomaly was reported";
   for (const char* p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "'" << p << "' missing from: " << msg;
@@ -30,7 +24,7 @@ TEST(Anomaly, NamesTheFloat16ForwardOpThatOverflowedWithItsDtypes) {
   Tensor w = full({3, 2}, 300.0);
   w.requires_grad_();
   const Tensor x = full({4, 3}, 100.0);  // 3 * 100 * 300 = 90000 > 65504
-  const std::string msg = an_error([&] {
+  const std::string msg = mixprec::testing::error_of([&] {
     detect_anomaly guard;
     autocast ac{Device::CPU, kFloat16};
     Tensor h = relu(x);               // finite: passes
@@ -44,7 +38,7 @@ TEST(Anomaly, NamesTheFloat16ForwardOpThatOverflowedWithItsDtypes) {
 TEST(Anomaly, NamesTheBackwardOpThatProducedNaN) {
   Tensor x = tensor({0.0f, 4.0f, 9.0f});
   x.requires_grad_();
-  const std::string msg = an_error([&] {
+  const std::string msg = mixprec::testing::error_of([&] {
     detect_anomaly guard;
     Tensor y = sqrt(x);  // forward finite; d/dx at 0 is inf
     sum(mul(y, 2.0)).backward();
@@ -58,7 +52,7 @@ TEST(Anomaly, NamesFloat16BackwardOverflow) {
   Tensor w = full({2, 2}, 1.0);
   w.requires_grad_();
   const Tensor x = full({2, 2}, 200.0, kFloat16);
-  const std::string msg = an_error([&] {
+  const std::string msg = mixprec::testing::error_of([&] {
     detect_anomaly guard;
     autocast ac{Device::CPU, kFloat16};
     Tensor y = matmul(x, w);                      // 400: fine in float16
@@ -108,7 +102,7 @@ TEST(Anomaly, GuardsNestAndAreThreadLocal) {
     EXPECT_FALSE(other_thread_enabled);
     {
       detect_anomaly inner;  // Throw mode inside Record mode
-      EXPECT_NE(an_error([] { (void)log(tensor({-1.0f})); }).find("forward of 'log'"), std::string::npos);
+      EXPECT_NE(mixprec::testing::error_of([] { (void)log(tensor({-1.0f})); }).find("forward of 'log'"), std::string::npos);
     }
     (void)log(tensor({-1.0f}));
     EXPECT_TRUE(outer.first().has_value());

@@ -9,6 +9,7 @@
 #include "ops/op_test_util.hpp"
 
 using namespace mixprec;
+using mixprec::testing::error_of;
 using mixprec::testing::rel_error;
 
 namespace device_dispatch_test {  // the test executables are unity builds: keep these names apart
@@ -173,15 +174,6 @@ class DeviceDispatch : public ::testing::Test {
   Allocator* prev_alloc_ = nullptr;
   const DeviceKernels* prev_kernels_ = nullptr;
 };
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
 
 // conv -> batch norm -> relu -> spatial mean -> linear -> log_softmax -> picked-class loss.
 // (No conv bias: in front of batch norm its gradient is zero up to rounding.)
