@@ -25,17 +25,7 @@ Tensor cuda_tensor(const void* bytes, const Shape& shape, DType d) {
   void* p = nullptr;
   check(cudaMalloc(&p, static_cast<std::size_t>(n > 0 ? n : 1)));
   check(cudaMemcpy(p, bytes, static_cast<std::size_t>(n), cudaMemcpyHostToDevice));
-  auto s = std::make_shared<StorageImpl>();
-  s->data = p;
-  s->nbytes = n;
-  s->device = Device::CUDA;
-  s->user_deleter = [](void* q) { cudaFree(q); };
-  auto impl = std::make_shared<TensorImpl>();
-  impl->storage = std::move(s);
-  impl->sizes = shape;
-  impl->strides = contiguous_strides(shape);
-  impl->dtype = d;
-  return Tensor(std::move(impl));
+  return from_blob(p, shape, d, [](void* q) { cudaFree(q); }, Device::CUDA);
 }
 template <class T>
 std::vector<T> to_host(const Tensor& t) {

@@ -44,17 +44,7 @@ Tensor labels(std::vector<int64_t> v) { return tensor(v); }
 // dereference (this machine has no GPU, so real CUDA tensors cannot be made here).
 Tensor fake_cuda(const Shape& shape, DType d = kFloat32) {
   static std::vector<double> backing(1 << 12, 1.0);
-  auto s = std::make_shared<StorageImpl>();
-  s->data = backing.data();
-  s->nbytes = numel_of(shape) * static_cast<int64_t>(itemsize(d));
-  s->device = Device::CUDA;
-  s->user_deleter = [](void*) {};
-  auto impl = std::make_shared<TensorImpl>();
-  impl->storage = std::move(s);
-  impl->sizes = shape;
-  impl->strides = contiguous_strides(shape);
-  impl->dtype = d;
-  return Tensor(std::move(impl));
+  return from_blob(backing.data(), shape, d, {}, Device::CUDA);
 }
 
 double rel_err(const Tensor& got, const Tensor& want) {

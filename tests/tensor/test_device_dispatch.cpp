@@ -16,18 +16,9 @@ namespace device_dispatch_test {  // the test executables are unity builds: keep
 
 // The same memory as another tensor, labelled with device `d`; keeps the source storage alive.
 Tensor relabel(const Tensor& t, Device d) {
-  auto s = std::make_shared<StorageImpl>();
-  s->data = t.storage()->data;
-  s->nbytes = t.storage()->nbytes;
-  s->device = d;
-  s->user_deleter = [keep = t.storage()](void*) {};
-  auto impl = std::make_shared<TensorImpl>();
-  impl->storage = std::move(s);
-  impl->offset = t.storage_offset();
-  impl->sizes = t.sizes();
-  impl->strides = t.strides();
-  impl->dtype = t.dtype();
-  return Tensor(std::move(impl));
+  const Tensor whole = from_blob(t.storage()->data, {t.storage()->nbytes / static_cast<int64_t>(t.element_size())}, t.dtype(),
+                                 [keep = t.storage()](void*) {}, d);
+  return detail::make_view(whole, t.sizes(), t.strides(), t.storage_offset());
 }
 Tensor host(const Tensor& t) { return t.defined() ? relabel(t, Device::CPU) : t; }
 Tensor dev(const Tensor& t) { return relabel(t, Device::CUDA); }

@@ -220,12 +220,14 @@ inline Tensor empty(const Shape& shape, DType dtype = DType::Float32, Device dev
 inline Tensor empty_like(const Tensor& t) { return empty(t.sizes(), t.dtype(), t.device()); }
 inline Tensor empty_like(const Tensor& t, DType dtype) { return empty(t.sizes(), dtype, t.device()); }
 
-// Borrow user memory without copying (as torch::from_blob); the caller keeps it alive.
-inline Tensor from_blob(void* data, const Shape& shape, DType dtype, std::function<void(void*)> deleter = {}) {
+// Borrow user memory without copying (as torch::from_blob); the caller keeps it alive, or passes
+// a deleter. `device` says where the memory is (a cudaMalloc'ed buffer is Device::CUDA).
+inline Tensor from_blob(void* data, const Shape& shape, DType dtype, std::function<void(void*)> deleter = {},
+                        Device device = Device::CPU) {
   auto s = std::make_shared<StorageImpl>();
   s->data = data;
   s->nbytes = numel_of(shape) * static_cast<int64_t>(itemsize(dtype));
-  s->device = Device::CPU;
+  s->device = device;
   s->user_deleter = std::move(deleter);
   auto impl = std::make_shared<TensorImpl>();
   impl->storage = std::move(s);
