@@ -1,6 +1,6 @@
 // mixprec_gpu_selftest: every CUDA op against the CPU reference (max abs and relative norm
 // errors), GEMM throughput in float32, tf32, bfloat16 and float16, and a ResNet-20 training
-// step (forward + backward through the public ops on CUDA tensors) in fp32 and AMP.
+// step (forward, backward and optimizer through the public ops on CUDA tensors) in fp32 and AMP.
 // Exit codes: 0 all within tolerance; 1 an op exceeded its tolerance; 77 no usable CUDA device
 // (the reason is printed; ctest reports the test as skipped).
 #include <cstdio>
@@ -137,11 +137,46 @@ void gemm_throughput() {
                   plan.tensor_core_aligned ? "yes" : "no");
     }
 }
-// ResNet-20 at batch 128 on 32x32 inputs: gradients against the CPU model, then milliseconds
-// per forward + backward and peak device memory in fp32 and under autocast. (The optimizer step
-// is left out: the optimizers have no CUDA path yet.)
+// ResNet-20's forward at batch 128, module by module against the CPU model (fp32): where a
+// mismatch starts, and the ops at the shapes it uses.
+void resnet20_layers() {
+  std::printf("ResNet-20 forward, batch 128, module by module (fp32):\n");
+  Generator g1(7), g2(7), gd(8);
+  auto cpu = nn::models::resnet20(10, 3, false, g1);
+  auto gpu = nn::models::resnet20(10, 3, false, g2);
+  gpu->to(Device::CUDA);
+  Tensor yc = randn({128, 3, 32, 32}, DType::Float32, gd), yg = yc.to(Device::CUDA);
+  no_grad ng;
+  auto both = [&](const std::string& what, nn::Module& mc_, nn::Module& mg) {
+    yc = mc_.forward(yc);
+    yg = mg.forward(yg);
+    report(what, yg, yc, 1e-5);
+  };
+  both("stem conv", *cpu->conv1, *gpu->conv1);
+  both("stem batch_norm", *cpu->bn1, *gpu->bn1);
+  both("stem relu", *cpu->relu, *gpu->relu);
+  for (std::size_t s = 0; s < cpu->stages.size(); ++s) both("stage " + std::to_string(s + 1), *cpu->stages[s], *gpu->stages[s]);
+  both("avgpool", *cpu->avgpool, *gpu->avgpool);
+  yc = yc.flatten(1);
+  yg = yg.flatten(1);
+  both("fc", *cpu->fc, *gpu->fc);
+  // The ops alone at those shapes.
+  const Tensor x = randn({128, 16, 32, 32}), w1 = randn({32, 16, 1, 1}), w3 = randn({16, 16, 3, 3});
+  report("conv2d 3x3 16->16 at 128x16x32x32", conv2d(up(x), up(w3), Tensor(), {1, 1}, {1, 1}), conv2d(x, w3, Tensor(), {1, 1}, {1, 1}), 1e-5);
+  report("conv2d 1x1 stride 2 16->32", conv2d(up(x), up(w1), Tensor(), {2, 2}), conv2d(x, w1, Tensor(), {2, 2}), 1e-5);
+  Tensor rm = zeros({16}), rv = ones({16}), rmg = up(rm), rvg = up(rv);
+  report("batch_norm training at 128x16x32x32", batch_norm(up(x), rmg, rvg, Tensor(), Tensor(), true),
+         batch_norm(x, rm, rv, Tensor(), Tensor(), true), 1e-5);
+  report("mean over {2, 3} at 128x16x32x32", mean(up(x), {2, 3}), mean(x, {2, 3}), 1e-5);
+  report("sum over {0, 2, 3} at 128x16x32x32", sum(up(x), {0, 2, 3}), sum(x, {0, 2, 3}), 1e-5);
+  std::printf("\n");
+}
+
+// ResNet-20 at batch 128 on 32x32 inputs: loss and gradients against the CPU model, then
+// milliseconds per training step (forward, backward, SGD with momentum through the fused kernel;
+// under fp16 autocast also GradScaler's unscale and skip check) and peak device memory.
 void resnet20_step() {
-  std::printf("ResNet-20 step, batch 128, 3x32x32 (forward + backward, public ops on CUDA tensors):\n");
+  std::printf("ResNet-20 training step, batch 128, 3x32x32 (public ops on CUDA tensors, SGD momentum 0.9):\n");
   Generator g1(7), g2(7), gd(8);
   auto cpu = nn::models::resnet20(10, 3, false, g1);
   auto gpu = nn::models::resnet20(10, 3, false, g2);
@@ -156,6 +191,10 @@ void resnet20_step() {
   const auto pc = cpu->parameters(), pg = gpu->parameters();
   report("resnet20 first conv weight grad (fp32)", pg.front().grad(), pc.front().grad(), 1e-4);
   report("resnet20 fc weight grad (fp32)", pg[pg.size() - 2].grad(), pc[pc.size() - 2].grad(), 1e-4);
+  optim::SGD oc(cpu->parameters(), 0.05, 0.9), og(gpu->parameters(), 0.05, 0.9);
+  oc.step();
+  og.step();
+  report("resnet20 first conv weight after an SGD step", pg.front(), pc.front(), 1e-5);
   struct Mode {
     const char* name;
     std::optional<DType> amp;
@@ -163,26 +202,32 @@ void resnet20_step() {
   double fp32_ms = 0;
   for (const Mode& m : {Mode{"fp32", std::nullopt}, Mode{"fp16 autocast", DType::Float16}, Mode{"bf16 autocast", DType::BFloat16}}) {
     if (m.amp == DType::BFloat16 && !is_bf16_supported(Device::CUDA)) continue;
+    amp::GradScaler scaler(65536.0, 2.0, 0.5, 2000, m.amp == DType::Float16);  // loss scaling for float16 only
+    int skipped = 0;
     auto step = [&] {
-      gpu->zero_grad();
+      og.zero_grad();
       std::optional<autocast> ac;
       if (m.amp) ac.emplace(Device::CUDA, *m.amp);
       Tensor loss = cross_entropy(gpu->forward(xd), yd);
       ac.reset();
-      loss.backward();
+      scaler.scale(loss).backward();
+      skipped += !scaler.step(og);
+      scaler.update();
     };
-    for (int i = 0; i < 3; ++i) step();  // warm-up: cuDNN algorithm search, allocator cache
+    for (int i = 0; i < 3; ++i) step();  // warm-up: cuDNN algorithm choice, allocator cache
     mc::synchronize();
     reset_peak_memory_stats(Device::CUDA);
+    skipped = 0;
     const double per = time_ms(20, step);
     if (!m.amp) fp32_ms = per;
-    std::printf("  %-14s %8.2f ms/step  %6.2fx fp32  peak %.1f MiB\n", m.name, per, fp32_ms / per,
-                double(memory_stats(Device::CUDA).peak_allocated_bytes) / (1 << 20));
+    std::printf("  %-14s %8.2f ms/step  %6.2fx fp32  peak %.1f MiB  (%d of 20 steps skipped)\n", m.name, per, fp32_ms / per,
+                double(memory_stats(Device::CUDA).peak_allocated_bytes) / (1 << 20), skipped);
   }
 }
 }  // namespace
 
 int main() {
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // piped output: keep every finished line if a later step dies
   if (!cuda_is_available()) {
     std::printf("mixprec_gpu_selftest: no usable CUDA device (%s); nothing was run\n", cuda_unavailable_reason().c_str());
     return 77;
@@ -190,6 +235,7 @@ int main() {
   try {
     check_ops();
     gemm_throughput();
+    resnet20_layers();
     resnet20_step();
   } catch (const Error& e) {
     std::printf("mixprec_gpu_selftest: %s\n", e.what());

@@ -16,12 +16,20 @@ inline Precision parse_precision(const std::string& s) {
   mixprec::fail("--precision must be fp32, bf16 or fp16, got '", s, "'");
 }
 
-// The autocast scope of the forward pass: none for fp32.
+// --device: cpu, or cuda in the programs nvcc compiled with <mixprec/cuda.hpp> (elsewhere the
+// first tensor moved there says why it cannot be).
+inline mixprec::Device parse_device(const std::string& s) {
+  if (s == "cpu") return mixprec::Device::CPU;
+  if (s == "cuda") return mixprec::Device::CUDA;
+  mixprec::fail("--device must be cpu or cuda, got '", s, "'");
+}
+
+// The autocast scope of the forward pass on `device`: none for fp32.
 class ForwardScope {
  public:
-  explicit ForwardScope(Precision p) {
-    if (p == Precision::BF16) ac_.emplace(mixprec::Device::CPU, mixprec::DType::BFloat16);
-    if (p == Precision::FP16) ac_.emplace(mixprec::Device::CPU, mixprec::DType::Float16);
+  explicit ForwardScope(Precision p, mixprec::Device device = mixprec::Device::CPU) {
+    if (p == Precision::BF16) ac_.emplace(device, mixprec::DType::BFloat16);
+    if (p == Precision::FP16) ac_.emplace(device, mixprec::DType::Float16);
   }
 
  private:

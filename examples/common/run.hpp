@@ -21,8 +21,9 @@ class TrainingRun {
  public:
   // `parts` names what --resume and --checkpoint load and save; its scaler and scheduler are
   // also what the CSV log reports.
-  TrainingRun(const Cli& cli, const Distributed& dist, mixprec::io::CheckpointParts parts, Precision precision)
-      : cli_(cli), dist_(dist), parts_(std::move(parts)), precision_(precision) {
+  TrainingRun(const Cli& cli, const Distributed& dist, mixprec::io::CheckpointParts parts, Precision precision,
+              mixprec::Device device = mixprec::Device::CPU)
+      : cli_(cli), dist_(dist), parts_(std::move(parts)), precision_(precision), device_(device) {
     MIXPREC_CHECK(parts_.scaler && parts_.scheduler, "TrainingRun: the checkpoint parts need a scaler and a scheduler");
   }
 
@@ -43,7 +44,7 @@ class TrainingRun {
 
   // Just before the first step: starts the clock and the peak-memory count.
   void start() {
-    mixprec::reset_peak_memory_stats(mixprec::Device::CPU);
+    mixprec::reset_peak_memory_stats(device_);
     start_ = std::chrono::steady_clock::now();
   }
   void begin_epoch(int64_t epoch, int64_t steps_per_epoch, int64_t items_per_step) {
@@ -70,7 +71,7 @@ class TrainingRun {
   // After the last step: stops the clock and reads the peak memory of training.
   void finish() {
     seconds_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
-    memory_ = mixprec::memory_stats(mixprec::Device::CPU);
+    memory_ = mixprec::memory_stats(device_);
   }
 
   // Steps taken since start() (not counting those before a resume) and the seconds they took.
@@ -81,7 +82,8 @@ class TrainingRun {
     return seconds_ > 0 ? static_cast<double>(steps_run_ * items_per_step) / seconds_ : 0.0;
   }
   void print_peak_memory() const {
-    std::printf("peak tensor memory (training): %.1f MiB\n", static_cast<double>(memory_.peak_allocated_bytes) / (1 << 20));
+    std::printf("peak tensor memory (training%s): %.1f MiB\n", device_ == mixprec::Device::CPU ? "" : ", cuda",
+                static_cast<double>(memory_.peak_allocated_bytes) / (1 << 20));
   }
 
  private:
@@ -89,6 +91,7 @@ class TrainingRun {
   const Distributed& dist_;
   mixprec::io::CheckpointParts parts_;
   Precision precision_;
+  mixprec::Device device_;
   mixprec::io::TrainingState state_;
   std::ofstream csv_;
   std::optional<Progress> progress_;

@@ -64,6 +64,8 @@ TEST(CudaConv, ForwardAndBothBackwardsMatchCpu) {
   for (const Case& c : {Case{2, 8, 12, 10, 16, 3, 1, 1, 1, 1}, Case{3, 8, 9, 9, 8, 3, 2, 1, 1, 2}, Case{1, 16, 7, 11, 32, 1, 1, 0, 1, 1},
                         Case{2, 8, 13, 13, 8, 3, 1, 2, 2, 8}})
     for (DType d : {DType::Float32, DType::Float16, DType::BFloat16}) {
+      SCOPED_TRACE(::testing::Message() << "N" << c.N << " C" << c.C << " " << c.H << "x" << c.W << " O" << c.O << " K" << c.K << " S" << c.S
+                                        << " P" << c.P << " D" << c.D << " G" << c.G << " " << d);
       mc::ConvShape s;
       s.N = c.N, s.C = c.C, s.H = c.H, s.W = c.W, s.O = c.O, s.KH = s.KW = c.K, s.SH = s.SW = c.S, s.PH = s.PW = c.P,
       s.DH = s.DW = c.D, s.G = c.G, s.dtype = d;
@@ -92,7 +94,7 @@ TEST(CudaNorm, SoftmaxAndBatchNormMatchCpu) {
     const Tensor x = randn({4, 10, 6}).to(d);
     for (int64_t dim : {0, 1, 2})
       for (bool log : {false, true}) {
-        Tensor xf = x.to(DType::Float32);
+        Tensor xf = x.to(DType::Float32).detach();  // a fresh leaf: for float32, to() returns x itself
         xf.requires_grad_();
         const Tensor y = log ? log_softmax(xf, dim) : softmax(xf, dim);
         const Tensor g = randn(y.sizes()).to(d);
@@ -129,7 +131,7 @@ TEST(CudaElementwise, ActivationsAndReductionsMatchCpu) {
   for (DType d : {DType::Float32, DType::Float16, DType::BFloat16}) {
     const Tensor x = mul(randn({3, 1000}), 3.0).to(d);
     for (const auto& [a, f] : acts) {
-      Tensor xf = x.to(DType::Float32);
+      Tensor xf = x.to(DType::Float32).detach();  // a fresh leaf: for float32, to() returns x itself
       xf.requires_grad_();
       const Tensor y = f(xf);
       const Tensor g = randn(y.sizes()).to(d);
@@ -225,7 +227,7 @@ TEST(CudaOps, KernelTableIsRegisteredByIncludingCudaHpp) {  // runs without a GP
   for (bool set : {k->to_device != nullptr, k->to_host != nullptr, k->copy != nullptr, k->fill != nullptr, k->binary != nullptr,
                    k->unary != nullptr, k->unary_backward != nullptr, k->sum != nullptr, k->matmul != nullptr, k->softmax != nullptr,
                    k->softmax_backward != nullptr, k->conv_forward != nullptr, k->conv_backward_input != nullptr,
-                   k->conv_backward_weight != nullptr, k->batch_norm != nullptr, k->batch_norm_backward != nullptr})
+                   k->conv_backward_weight != nullptr, k->batch_norm != nullptr, k->batch_norm_backward != nullptr, k->adam != nullptr, k->sgd != nullptr, k->unscale != nullptr})
     EXPECT_TRUE(set);
   if (!cuda_is_available()) {
     try {
@@ -242,11 +244,12 @@ TEST(CudaOps, TrainingStepThroughThePublicOpsMatchesCpu) {
   Generator g(3);
   const Tensor x = randn({8, 3, 12, 12}, DType::Float32, g);
   const Tensor w = mul(randn({16, 3, 3, 3}, DType::Float32, g), 0.3), fc = mul(randn({10, 16}, DType::Float32, g), 0.3);
-  const Tensor fb = zeros({10});
+  const Tensor fb = mul(randn({10}, DType::Float32, g), 0.3);  // not zero: a dropped bias must show
   Tensor onehot = zeros({8, 10});
   for (int64_t i = 0; i < 8; ++i) onehot.select(0, i).select(0, i % 10).fill_(1.0);
   auto step = [&](Device d, std::optional<DType> amp, std::vector<Tensor>& grads) {
-    std::vector<Tensor> ps{w.to(d).requires_grad_(), fc.to(d).requires_grad_(), fb.to(d).requires_grad_()};
+    // detach: on the CPU, to() returns the tensor itself, and these must be fresh leaves each time.
+    std::vector<Tensor> ps{w.to(d).detach().requires_grad_(), fc.to(d).detach().requires_grad_(), fb.to(d).detach().requires_grad_()};
     Tensor rm = zeros({16}, DType::Float32, d), rv = ones({16}, DType::Float32, d);
     Tensor loss;
     {
@@ -273,4 +276,91 @@ TEST(CudaOps, TrainingStepThroughThePublicOpsMatchesCpu) {
     EXPECT_LT(rel_error(la, lc), mixprec::testing::low_tolerance(amp)) << amp;
     for (std::size_t i = 0; i < 3; ++i) EXPECT_LT(rel_error(gg[i], gc[i]), 5 * mixprec::testing::low_tolerance(amp)) << amp << " " << i;
   }
+}
+
+// A whole training step on the GPU: ResNet-20 with GradScaler, clip_grad_norm_ and AdamW or SGD
+// (the fused kernels behind the optimizers), one step skipped for an overflow, against the CPU.
+TEST(CudaOps, OptimizerAndGradScalerStepsMatchCpu) {
+  MIXPREC_REQUIRE_GPU();
+  Generator gd(5);
+  const Tensor x = randn({8, 3, 12, 12}, DType::Float32, gd), y = randint(0, 10, {8}, DType::Int64, gd);
+  for (bool sgd : {false, true}) {
+    SCOPED_TRACE(sgd ? "SGD" : "AdamW");
+    Generator g1(9), g2(9);
+    auto cpu = nn::models::resnet20(10, 3, false, g1);
+    auto gpu = nn::models::resnet20(10, 3, false, g2);
+    gpu->to(Device::CUDA);
+    auto make = [&](nn::Module& m) -> std::unique_ptr<optim::Optimizer> {
+      if (sgd) return std::make_unique<optim::SGD>(m.parameters(), 0.05, 0.9, 0.0, 1e-4, true);
+      return std::make_unique<optim::AdamW>(m.parameters(), 1e-3);
+    };
+    auto oc = make(*cpu), og = make(*gpu);
+    amp::GradScaler sc(1024.0, 2.0, 0.5, 2), sg(1024.0, 2.0, 0.5, 2);
+    for (int it = 0; it < 4; ++it) {
+      double norms[2];
+      int k = 0;
+      for (auto [net, opt, scaler, xin, yin] : {std::tuple{cpu.get(), oc.get(), &sc, x, y},
+                                                std::tuple{gpu.get(), og.get(), &sg, x.to(Device::CUDA), y.to(Device::CUDA)}}) {
+        opt->zero_grad();
+        scaler->scale(cross_entropy(net->forward(xin), yin)).backward();
+        if (it == 1) {  // an overflow in one gradient: the step is skipped, the scale halves
+          Tensor g = net->parameters().front().grad();
+          Tensor bad = g.cpu();
+          bad.data<float>()[0] = std::numeric_limits<float>::infinity();
+          g.copy_(bad);
+        }
+        scaler->unscale_(*opt);
+        if (it != 1) norms[k] = optim::clip_grad_norm_(*opt, 1.0);
+        EXPECT_EQ(scaler->step(*opt), it != 1);
+        scaler->update();
+        ++k;
+      }
+      if (it != 1) EXPECT_NEAR(norms[1], norms[0], 1e-4 * norms[0]) << "iteration " << it;
+      EXPECT_EQ(sg.get_scale(), sc.get_scale()) << "iteration " << it;
+    }
+    const auto pc = cpu->parameters(), pg = gpu->parameters();
+    for (std::size_t i = 0; i < pc.size(); ++i) {
+      EXPECT_EQ(pg[i].device(), Device::CUDA);
+      EXPECT_LT(rel_error(pg[i].cpu(), pc[i].detach()), sgd ? 1e-5 : 1e-3) << "parameter " << i;
+    }
+  }
+}
+
+// float16 autocast + GradScaler on the GPU: three clean steps (the scale holds) that stay close to
+// the float32 CPU run.
+TEST(CudaOps, MixedPrecisionTrainingOnTheGpuStaysCloseToFloat32) {
+  MIXPREC_REQUIRE_GPU();
+  Generator gd(6);
+  const Tensor x = randn({16, 3, 12, 12}, DType::Float32, gd), y = randint(0, 10, {16}, DType::Int64, gd);
+  Generator g1(4), g2(4);
+  auto cpu = nn::models::resnet20(10, 3, false, g1);
+  auto gpu = nn::models::resnet20(10, 3, false, g2);
+  gpu->to(Device::CUDA);
+  optim::SGD oc(cpu->parameters(), 0.05, 0.9), og(gpu->parameters(), 0.05, 0.9);
+  amp::GradScaler scaler;
+  const Tensor xg = x.to(Device::CUDA), yg = y.to(Device::CUDA);
+  double start = 0;
+  for (int it = 0; it < 3; ++it) {
+    oc.zero_grad();
+    cross_entropy(cpu->forward(x), y).backward();
+    oc.step();
+    og.zero_grad();
+    Tensor loss;
+    {
+      autocast ac(Device::CUDA, DType::Float16);
+      loss = cross_entropy(gpu->forward(xg), yg);
+    }
+    if (it == 0) start = loss.item<double>();
+    scaler.scale(loss).backward();
+    EXPECT_TRUE(scaler.step(og));
+    scaler.update();
+  }
+  EXPECT_EQ(scaler.get_scale(), 65536.0);
+  // The loss each model now reaches in float32 on the batch: the same to within float16's noise,
+  // and below where training started.
+  no_grad ng;
+  const double after_cpu = cross_entropy(cpu->forward(x), y).item<double>();
+  const double after_gpu = cross_entropy(gpu->forward(xg), yg).item<double>();
+  EXPECT_NEAR(after_gpu, after_cpu, 2e-2 * after_cpu);
+  EXPECT_LT(after_gpu, start);
 }

@@ -220,6 +220,10 @@ TEST(GemmPlan, RefusesWhatCuBLASCannotTake) {
             std::string::npos);
   EXPECT_NE(message([&] { plan_gemm(gemm_request(randn({4, 4}), randn({4, 4}), out, Tensor(), GemmEpilogue::Bias)); }).find("bias"),
             std::string::npos);
+  // A bias with no bias epilogue is refused, not dropped.
+  EXPECT_NE(message([&] { plan_gemm(gemm_request(randn({4, 4}), randn({4, 4}), out, randn({4}), GemmEpilogue::None)); })
+                .find("epilogue adds none"),
+            std::string::npos);
   EXPECT_NE(message([&] { gemm_request(randn({4, 4}).to(DType::Float64), randn({4, 4}).to(DType::Float64), out); }).find("float64"),
             std::string::npos);
   // Batch dims that cannot be one stride: [2, 3] batch taken with a permuted layout.

@@ -2,7 +2,10 @@
 // labelled as the CUDA device and a table of CPU kernels stands in for the CUDA one. What is
 // checked is everything around the kernels, which is the same for the real CUDA table:
 // routing, autograd through device tensors, autocast on the device, .to(), and the refusals.
+// The host cannot read or write this "device" memory outside a table entry, as with a GPU.
 #include <gtest/gtest.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <mixprec/mixprec.hpp>
 
@@ -21,54 +24,100 @@ Tensor relabel(const Tensor& t, Device d) {
   return detail::make_view(whole, t.sizes(), t.strides(), t.storage_offset());
 }
 Tensor host(const Tensor& t) { return t.defined() ? relabel(t, Device::CPU) : t; }
-Tensor dev(const Tensor& t) { return relabel(t, Device::CUDA); }
 Tensor host_copy(const Tensor& t) {  // a fresh contiguous CPU copy (what a device transfer makes)
   Tensor out = empty(t.sizes(), t.dtype());
   detail::copy_kernel(out, t);
   return out;
 }
 
+// Device memory the host cannot touch, as on a GPU: its pages are PROT_NONE except while a table
+// entry (the stand-in for a kernel) runs, so host code that dereferences a device tensor's data
+// outside the kernel table crashes here instead of passing.
 class HostAsDeviceAllocator final : public Allocator {
  public:
   void* allocate(int64_t nbytes) override {
+    const auto page = static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
+    const std::size_t len = (std::max<std::size_t>(static_cast<std::size_t>(nbytes), 1) + page - 1) / page * page;
+    void* p = mmap(nullptr, len, open_ ? PROT_READ | PROT_WRITE : PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    MIXPREC_CHECK(p != MAP_FAILED, "host-as-device allocator: mmap of ", len, " bytes failed");
+    live_[p] = len;
     counters_.on_alloc(nbytes, nbytes);
-    return cpu_.allocate(nbytes);
+    return p;
   }
   void deallocate(void* p, int64_t nbytes) noexcept override {
     counters_.on_free(nbytes, nbytes);
-    cpu_.deallocate(p, nbytes);
+    const auto it = live_.find(p);
+    if (it == live_.end()) return;
+    munmap(p, it->second);
+    live_.erase(it);
   }
   Device device() const override { return Device::CUDA; }
   MemoryStats stats() const override { return counters_.snapshot(); }
   void reset_peak() override { counters_.reset_peak(); }
+  void set_open(bool open) {
+    for (const auto& [p, len] : live_) mprotect(p, len, open ? PROT_READ | PROT_WRITE : PROT_NONE);
+    open_ = open;
+  }
 
  private:
-  CpuAllocator cpu_;
   detail::StatCounters counters_;
+  std::map<void*, std::size_t> live_;
+  bool open_ = false;
 };
 
+HostAsDeviceAllocator*& active_allocator() {
+  static HostAsDeviceAllocator* a = nullptr;
+  return a;
+}
 std::map<std::string, int>& calls() {
   static std::map<std::string, int> c;
   return c;
+}
+
+// One table entry running: counted, with host access to device memory for its duration.
+class Kernel {
+ public:
+  explicit Kernel(const char* name) {
+    ++calls()[name];
+    if (depth()++ == 0 && active_allocator()) active_allocator()->set_open(true);
+  }
+  ~Kernel() {
+    if (--depth() == 0 && active_allocator()) active_allocator()->set_open(false);
+  }
+  Kernel(const Kernel&) = delete;
+  Kernel& operator=(const Kernel&) = delete;
+
+ private:
+  static int& depth() {
+    static int d = 0;
+    return d;
+  }
+};
+
+// A kernel's result in fresh device memory (called inside an entry).
+Tensor dev(const Tensor& t) {
+  Tensor out = empty(t.sizes(), t.dtype(), Device::CUDA);
+  detail::copy_kernel(host(out), t);
+  return out;
 }
 
 // CPU kernels behind the table; every entry counts its calls so the tests see the routing.
 const DeviceKernels& host_kernels() {
   static const DeviceKernels k = [] {
     DeviceKernels t;
-    t.to_device = [](const Tensor& c) { ++calls()["to_device"]; return dev(host_copy(c)); };
-    t.to_host = [](const Tensor& d) { ++calls()["to_host"]; return host_copy(host(d)); };
-    t.copy = [](const Tensor& dst, const Tensor& src) { ++calls()["copy"]; detail::copy_kernel(host(dst), host(src)); };
-    t.fill = [](const Tensor& x, double v) { ++calls()["fill"]; Tensor h = host(x); h.fill_(v); };
+    t.to_device = [](const Tensor& c) { const Kernel k("to_device"); return dev(c); };
+    t.to_host = [](const Tensor& d) { const Kernel k("to_host"); return host_copy(host(d)); };
+    t.copy = [](const Tensor& dst, const Tensor& src) { const Kernel k("copy"); detail::copy_kernel(host(dst), host(src)); };
+    t.fill = [](const Tensor& x, double v) { const Kernel k("fill"); Tensor h = host(x); h.fill_(v); };
     t.binary = [](DeviceBinary op, const Tensor& a, const Tensor& b, double alpha) {
-      ++calls()["binary"];
+      const Kernel k("binary");
       no_grad ng;
       EXPECT_EQ(a.dtype(), b.dtype());
       const Tensor ha = host(a), hb = host(b);
       return dev(op == DeviceBinary::Add ? add(ha, hb, alpha) : op == DeviceBinary::Mul ? mul(ha, hb) : div(ha, hb));
     };
     t.unary = [](DeviceUnary op, const Tensor& x) {
-      ++calls()["unary"];
+      const Kernel k("unary");
       no_grad ng;
       const Tensor h = host(x);
       switch (op) {
@@ -82,7 +131,7 @@ const DeviceKernels& host_kernels() {
       return Tensor();
     };
     t.unary_backward = [](DeviceUnary op, const Tensor& g, const Tensor& x, const Tensor&) {
-      ++calls()["unary_backward"];
+      const Kernel k("unary_backward");
       EXPECT_TRUE(op == DeviceUnary::Relu);  // the only activation the model below uses
       const Tensor hx = host(x).to(DType::Float32).contiguous(), hg = host(g).to(DType::Float32).contiguous();
       Tensor out = empty(x.sizes(), DType::Float32);
@@ -90,40 +139,40 @@ const DeviceKernels& host_kernels() {
       return dev(out.to(x.dtype()));
     };
     t.sum = [](const Tensor& x, const Shape& dims) {
-      ++calls()["sum"];
+      const Kernel k("sum");
       no_grad ng;
       return dev(sum(host(x), dims));
     };
     t.matmul = [](const Tensor& a, const Tensor& b, const Tensor& bias) {
-      ++calls()["matmul"];
+      const Kernel k("matmul");
       return dev(detail::matmul_kernel("matmul", host(a), host(b), host(bias)));
     };
     t.softmax = [](const Tensor& x, int64_t dim, bool log) {
-      ++calls()["softmax"];
+      const Kernel k("softmax");
       no_grad ng;
       return dev(log ? log_softmax(host(x), dim) : softmax(host(x), dim));
     };
     t.softmax_backward = [](const Tensor& y, const Tensor& g, int64_t dim, bool log) {
-      ++calls()["softmax_backward"];
+      const Kernel k("softmax_backward");
       no_grad ng;
       const Tensor hy = host(y), hg = host(g);
       return dev(log ? sub(hg, mul(exp(hy), sum(hg, {dim}, true))) : mul(hy, sub(hg, sum(mul(hg, hy), {dim}, true))));
     };
     t.conv_forward = [](const detail::ConvGeom& g, const Tensor& x, const Tensor& w, const Tensor& b) {
-      ++calls()["conv_forward"];
+      const Kernel k("conv_forward");
       return dev(detail::conv_forward(g, host(x), host(w), host(b)));
     };
     t.conv_backward_input = [](const detail::ConvGeom& g, const Tensor& gy, const Tensor& w) {
-      ++calls()["conv_backward_input"];
+      const Kernel k("conv_backward_input");
       return dev(detail::conv_backward_input(g, host(gy), host(w)));
     };
     t.conv_backward_weight = [](const detail::ConvGeom& g, const Tensor& x, const Tensor& gy) {
-      ++calls()["conv_backward_weight"];
+      const Kernel k("conv_backward_weight");
       return dev(detail::conv_backward_weight(g, host(x), host(gy), x.dtype()));
     };
     t.batch_norm = [](const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& rm, const Tensor& rv, bool training, double momentum,
                       double eps) -> std::array<Tensor, 3> {
-      ++calls()["batch_norm"];
+      const Kernel k("batch_norm");
       EXPECT_EQ(w.dtype(), DType::Float32);
       no_grad ng;
       const Tensor hx = host(x);
@@ -134,7 +183,7 @@ const DeviceKernels& host_kernels() {
     };
     t.batch_norm_backward = [](const Tensor& x, const Tensor& g, const Tensor& w, const Tensor& m, const Tensor& invstd,
                                double) -> std::array<Tensor, 3> {
-      ++calls()["batch_norm_backward"];
+      const Kernel k("batch_norm_backward");
       no_grad ng;
       const Tensor hx = host(x).to(DType::Float32), hg = host(g).to(DType::Float32);
       const Shape c{1, -1, 1, 1};
@@ -145,6 +194,47 @@ const DeviceKernels& host_kernels() {
                             sub(sub(hg, div(db, M).reshape(c)), mul(xhat, div(dw, M).reshape(c))));
       return {dev(dx.to(x.dtype())), dev(dw), dev(db)};
     };
+    // The optimizers' and GradScaler's entries, element by element with the CPU's own scalars
+    // (optim::detail::AdamScalars / SgdScalars), as the fused CUDA kernels do.
+    t.adam = [](const std::vector<DeviceParamUpdate>& ps, const optim::detail::AdamHyper& h) {
+      const Kernel k("adam");
+      for (const DeviceParamUpdate& p : ps) {
+        const optim::detail::AdamScalars sc = optim::detail::adam_scalars(h, p.step);
+        const Tensor g = host(p.grad).to(DType::Float32).contiguous();
+        float* w = host(p.weights).data<float>();
+        float* m = host(p.state[0]).data<float>();
+        float* v = host(p.state[1]).data<float>();
+        float* vmax = p.state[2].defined() ? host(p.state[2]).data<float>() : nullptr;
+        for (int64_t i = 0; i < p.weights.numel(); ++i) sc.step(w[i], g.data<float>()[i], m[i], v[i], vmax ? vmax + i : nullptr);
+        if (p.model.defined()) detail::copy_kernel(host(p.model), host(p.weights));
+      }
+    };
+    t.sgd = [](const std::vector<DeviceParamUpdate>& ps, const optim::detail::SgdScalars& sc) {
+      const Kernel k("sgd");
+      for (const DeviceParamUpdate& p : ps) {
+        const Tensor g = host(p.grad).to(DType::Float32).contiguous();
+        float* w = host(p.weights).data<float>();
+        float* b = p.state[0].defined() ? host(p.state[0]).data<float>() : nullptr;
+        for (int64_t i = 0; i < p.weights.numel(); ++i) sc.step(w[i], g.data<float>()[i], b ? b + i : nullptr, p.step == 1);
+        if (p.model.defined()) detail::copy_kernel(host(p.model), host(p.weights));
+      }
+    };
+    t.unscale = [](const std::vector<Tensor>& grads, const std::vector<Tensor>& masters, double scale) {
+      const Kernel k("unscale");
+      const float inv = static_cast<float>(1.0 / scale);
+      bool bad = false;
+      for (std::size_t i = 0; i < grads.size(); ++i) {
+        const Tensor h = host(grads[i]), f = host_copy(h.to(DType::Float32));
+        float* v = f.data<float>();
+        for (int64_t j = 0; j < f.numel(); ++j) {
+          bad |= amp::detail::nonfinite(v[j]);
+          v[j] *= inv;
+        }
+        if (masters[i].defined()) detail::copy_kernel(host(masters[i]), f);
+        detail::copy_kernel(h, f);
+      }
+      return bad;
+    };
     return t;
   }();
   return k;
@@ -154,11 +244,13 @@ class DeviceDispatch : public ::testing::Test {
  protected:
   void SetUp() override {
     prev_alloc_ = std::exchange(detail::allocator_registry()[static_cast<int>(Device::CUDA)], &alloc_);
+    active_allocator() = &alloc_;
     prev_kernels_ = set_device_kernels(Device::CUDA, &host_kernels());
     calls().clear();
   }
   void TearDown() override {
     detail::allocator_registry()[static_cast<int>(Device::CUDA)] = prev_alloc_;
+    active_allocator() = nullptr;
     set_device_kernels(Device::CUDA, prev_kernels_);
   }
   HostAsDeviceAllocator alloc_;
@@ -273,6 +365,127 @@ TEST_F(DeviceDispatch, ResNet20StepWithCrossEntropyMatchesTheCpu) {
   gpu->to(Device::CPU);
   const auto sc = cpu->state_dict(), sg = gpu->state_dict();
   for (std::size_t i = 0; i < sc.size(); ++i) EXPECT_LT(rel_error(sg[i].second, sc[i].second), 1e-5) << sc[i].first;
+}
+
+TEST_F(DeviceDispatch, HostCodeCannotTouchDeviceMemory) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");  // OpenMP threads are running
+  const Tensor d = randn({4}).to(Device::CUDA);
+  EXPECT_DEATH(d.data<float>()[0] = 1.0f, "");
+  EXPECT_FLOAT_EQ(d.cpu().data<float>()[0], d.select(0, 0).item<float>());  // through the table: fine
+}
+
+// AdamW and SGD (Nesterov) with GradScaler and clip_grad_norm_ on device parameters: the same
+// parameters, state, scale and skipped step as on the CPU; state stays on the device, and each
+// step is one fused launch per group.
+TEST_F(DeviceDispatch, OptimizersAndGradScalerStepOnTheDevice) {
+  Generator gx(12);
+  const Tensor x = randn({6, 3, 5, 5}, DType::Float32, gx);
+  Tensor onehot = zeros({6, 5});
+  for (int64_t i = 0; i < 6; ++i) onehot.select(0, i).select(0, (i * 3) % 5).fill_(1.0);
+  for (bool sgd : {false, true}) {
+    SCOPED_TRACE(sgd ? "SGD" : "AdamW");
+    Generator g(13);
+    SmallNet cpu(g);
+    SmallNet dev = cpu.to(Device::CUDA);
+    for (Tensor* p : cpu.params()) p->requires_grad_();
+    auto make = [&](SmallNet& n) -> std::unique_ptr<optim::Optimizer> {
+      std::vector<Tensor> ps;
+      for (Tensor* p : n.params()) ps.push_back(*p);
+      if (sgd) return std::make_unique<optim::SGD>(ps, 0.05, 0.9, 0.0, 1e-3, true);
+      return std::make_unique<optim::AdamW>(ps, 1e-2);
+    };
+    auto oc = make(cpu), od = make(dev);
+    amp::GradScaler sc(1024.0, 2.0, 0.5, 2), sd(1024.0, 2.0, 0.5, 2);
+    calls().clear();
+    for (int it = 0; it < 4; ++it) {
+      double norms[2];
+      int k = 0;
+      for (auto [net, opt, scaler, xin, oh] : {std::tuple{&cpu, oc.get(), &sc, x, onehot},
+                                               std::tuple{&dev, od.get(), &sd, x.to(Device::CUDA), onehot.to(Device::CUDA)}}) {
+        opt->zero_grad();
+        scaler->scale(net->loss(xin, oh)).backward();
+        if (it == 1) {  // an overflow: this step is skipped and the scale backs off
+          Tensor bad = net->fc_b.grad().cpu();
+          bad.data<float>()[2] = std::numeric_limits<float>::infinity();
+          net->fc_b.grad().copy_(bad);
+        }
+        scaler->unscale_(*opt);
+        if (it != 1) norms[k] = optim::clip_grad_norm_(*opt, 0.05);
+        EXPECT_EQ(scaler->step(*opt), it != 1);
+        scaler->update();
+        ++k;
+      }
+      if (it != 1) EXPECT_NEAR(norms[1], norms[0], 1e-5 * norms[0]) << "iteration " << it;
+      EXPECT_EQ(sd.get_scale(), sc.get_scale()) << "iteration " << it;
+    }
+    EXPECT_EQ(sd.get_scale(), 1024.0);  // halved at the overflow, doubled after two clean steps
+    EXPECT_EQ(calls()[sgd ? "sgd" : "adam"], 3);
+    EXPECT_EQ(calls()["unscale"], 4);
+    const auto pc = cpu.params(), pd = dev.params();
+    for (std::size_t i = 0; i < pc.size(); ++i) {
+      EXPECT_EQ(pd[i]->device(), Device::CUDA);
+      EXPECT_LT(rel_error(pd[i]->cpu(), pc[i]->detach()), 1e-5) << "parameter " << i;
+      const char* key = sgd ? "momentum_buffer" : "exp_avg";
+      const Tensor& sdv = od->state(i).buffers.at(key);
+      EXPECT_EQ(sdv.device(), Device::CUDA) << key;
+      EXPECT_LT(rel_error(sdv.cpu(), oc->state(i).buffers.at(key)), 1e-4) << key << " of parameter " << i;
+      EXPECT_EQ(od->state(i).step, oc->state(i).step);
+    }
+  }
+}
+
+// A bfloat16 parameter on the device: float32 masters there, the rounded copy written by the same
+// update, as on the CPU; a model moved after its optimizer was built takes its state along.
+TEST_F(DeviceDispatch, SixteenBitParametersKeepFloat32MastersOnTheDevice) {
+  const Tensor init = randn({300}).to(DType::BFloat16);
+  Tensor pc = init.clone().requires_grad_(), pd = init.to(Device::CUDA).requires_grad_();
+  optim::AdamW oc({pc}, 1e-3), od({pd}, 1e-3);
+  EXPECT_EQ(od.master_weight(0).device(), Device::CUDA);
+  for (int it = 0; it < 3; ++it) {
+    const Tensor g = randn({300}).to(DType::BFloat16);
+    pc.set_grad(g);
+    pd.set_grad(g.to(Device::CUDA));
+    oc.step();
+    od.step();
+  }
+  EXPECT_EQ(rel_error(od.master_weight(0).cpu(), oc.master_weight(0)), 0.0);
+  EXPECT_EQ(rel_error(pd.cpu().to(DType::Float32), pc.detach().to(DType::Float32)), 0.0);
+
+  // Built on the CPU, then the parameter moves: masters and moments follow it to the device.
+  Tensor q = randn({50}).requires_grad_();
+  Tensor qref = q.detach().clone().requires_grad_();
+  optim::SGD os({q}, 0.1, 0.9), oref({qref}, 0.1, 0.9);
+  const Tensor g1 = randn({50}), g2 = randn({50});
+  q.set_grad(g1);
+  qref.set_grad(g1);
+  os.step();
+  oref.step();
+  nn::detail::restore_in_place(q, q.detach().to(Device::CUDA));  // what Module::to(Device) does
+  q.set_grad(g2.to(Device::CUDA));
+  qref.set_grad(g2);
+  os.step();
+  oref.step();
+  EXPECT_EQ(os.state(0).buffers.at("momentum_buffer").device(), Device::CUDA);
+  EXPECT_EQ(rel_error(q.cpu(), qref.detach()), 0.0);
+}
+
+TEST_F(DeviceDispatch, AnOptimizerWithoutADeviceKernelRefusesAndChangesNothing) {
+  DeviceKernels no_adam = host_kernels();
+  no_adam.adam = nullptr;
+  set_device_kernels(Device::CUDA, &no_adam);
+  const Tensor init = randn({8});
+  Tensor p = init.to(Device::CUDA).requires_grad_();
+  optim::AdamW opt({p});
+  p.set_grad(randn({8}).to(Device::CUDA));
+  const std::string msg = error_of([&] { opt.step(); });
+  EXPECT_NE(msg.find("AdamW"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("cuda"), std::string::npos) << msg;
+  EXPECT_EQ(opt.state(0).step, 0);
+  EXPECT_EQ(rel_error(p.cpu(), init), 0.0);
+  set_device_kernels(Device::CUDA, &host_kernels());
+  opt.step();  // with the kernel back, the first step is step 1
+  EXPECT_EQ(opt.state(0).step, 1);
+  EXPECT_GT(rel_error(p.cpu(), init), 0.0);
 }
 
 TEST_F(DeviceDispatch, CrossEntropyOnTheDeviceKeepsItsSemantics) {

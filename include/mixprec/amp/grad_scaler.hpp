@@ -150,7 +150,20 @@ class GradScaler {
     const float inv = static_cast<float>(1.0 / static_cast<double>(scale_));
     no_grad guard;
     std::vector<optim::Optimizer::GradSlot> slots = optimizer.grad_slots();
-    st.found_inf = detail::unscale_and_check(slots, inv);
+    const Device dev = slots.empty() ? Device::CPU : slots.front().grad.device();
+    for (const auto& s : slots)
+      MIXPREC_CHECK(s.grad.device() == dev, "GradScaler.unscale_: the optimizer's gradients are on ", dev, " and ", s.grad.device(),
+                    "; unscale them with one GradScaler call per device's optimizer");
+    if (dev == Device::CPU) {
+      st.found_inf = detail::unscale_and_check(slots, inv);
+    } else {  // one fused launch over all gradients, one flag read back
+      std::vector<Tensor> grads, masters;
+      for (const auto& s : slots) {
+        grads.push_back(s.grad);
+        masters.push_back(s.master_grad);
+      }
+      st.found_inf = ::mixprec::detail::device_kernel("GradScaler.unscale_", grads.front(), &DeviceKernels::unscale)(grads, masters, scale_);
+    }
     if (found_inf_reducer_) st.found_inf = found_inf_reducer_(st.found_inf);
     for (const auto& s : slots) {
       s.grad.bump_version();

@@ -7,6 +7,7 @@
 #include <array>
 #include <initializer_list>
 #include <utility>
+#include <vector>
 
 #include "mixprec/tensor/tensor.hpp"
 
@@ -15,9 +16,22 @@ namespace mixprec {
 namespace detail {
 struct ConvGeom;  // ops/conv.hpp
 }  // namespace detail
+namespace optim::detail {
+struct AdamHyper;   // optim/adam.hpp
+struct SgdScalars;  // optim/sgd.hpp
+}  // namespace optim::detail
 
 enum class DeviceUnary : uint8_t { Relu, Gelu, GeluTanh, Silu, Sigmoid, Tanh };
 enum class DeviceBinary : uint8_t { Add, Mul, Div };
+
+// One parameter's optimizer update; every tensor on the device, state float32 of its shape.
+struct DeviceParamUpdate {
+  Tensor weights;  // float32, updated in place: the master copy, or the parameter itself
+  Tensor model;    // the 16-bit parameter that receives the rounded weights; undefined for float32
+  Tensor grad;     // contiguous, any floating dtype
+  std::array<Tensor, 3> state;  // Adam: exp_avg, exp_avg_sq, max_exp_avg_sq (amsgrad); SGD: momentum_buffer
+  int64_t step = 1;  // this update's number (Adam's bias correction); SGD: 1 when the momentum buffer is new
+};
 
 struct DeviceKernels {
   // Whole tensors between this device and the CPU (same dtype; results contiguous).
@@ -50,6 +64,13 @@ struct DeviceKernels {
   // Training mode's {dx, dweight, dbias} from the forward's saved statistics.
   std::array<Tensor, 3> (*batch_norm_backward)(const Tensor& x, const Tensor& grad, const Tensor& weight, const Tensor& save_mean,
                                                const Tensor& save_invstd, double eps) = nullptr;
+  // One optimizer group's updates, all parameters in one launch, with the CPU's arithmetic.
+  void (*adam)(const std::vector<DeviceParamUpdate>& params, const optim::detail::AdamHyper& h) = nullptr;
+  void (*sgd)(const std::vector<DeviceParamUpdate>& params, const optim::detail::SgdScalars& s) = nullptr;
+  // GradScaler's unscale: every gradient times float(1 / double(scale)), in one launch; returns
+  // whether any was inf/NaN (the one read back to the host). Where masters[i] is defined
+  // (float32, grads[i]'s shape) the unscaled value goes there and, rounded, back into grads[i].
+  bool (*unscale)(const std::vector<Tensor>& grads, const std::vector<Tensor>& masters, double scale) = nullptr;
 };
 
 namespace detail {

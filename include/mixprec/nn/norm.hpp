@@ -43,10 +43,8 @@ class BatchNorm2d : public Module {
     MIXPREC_CHECK(x.size(1) == num_features, "BatchNorm2d: expected ", num_features, " channels, got input of shape ", x.sizes());
     double m = momentum.value_or(0.0);
     if (is_training() && track_running_stats) {
-      int64_t* n = num_batches_tracked.data<int64_t>();
-      ++*n;
-      num_batches_tracked.bump_version();
-      if (!momentum) m = 1.0 / static_cast<double>(*n);
+      const int64_t n = count_batch();
+      if (!momentum) m = 1.0 / static_cast<double>(n);
     }
     const bool use_batch_stats = is_training() || !track_running_stats;
     return mixprec::batch_norm(x, running_mean, running_var, weight, bias, use_batch_stats, m, eps);
@@ -63,6 +61,24 @@ class BatchNorm2d : public Module {
   bool affine, track_running_stats;
   Tensor weight, bias;
   Tensor running_mean, running_var, num_batches_tracked;
+
+ private:
+  // num_batches_tracked + 1, written back. The count is kept on the host too, trusted while the
+  // buffer is the tensor last written and nothing else wrote it since (a load or a move to
+  // another device makes one read): a device buffer is never read, or waited for, per step.
+  int64_t count_batch() {
+    Tensor& t = num_batches_tracked;
+    const bool known = counted_impl_.lock().get() == t.impl() && t.version() == counted_version_;
+    const int64_t n = (known ? counted_ : t.item<int64_t>()) + 1;
+    t.fill_(static_cast<double>(n));
+    counted_ = n;
+    counted_impl_ = t.impl_ptr();
+    counted_version_ = t.version();
+    return n;
+  }
+  int64_t counted_ = 0;
+  std::weak_ptr<TensorImpl> counted_impl_;
+  uint64_t counted_version_ = 0;
 };
 
 // Normalises over the trailing normalized_shape dims, with optional elementwise affine.

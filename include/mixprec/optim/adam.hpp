@@ -157,6 +157,25 @@ class Adam : public Optimizer {
     });
   }
 
+  void update_device(const ParamGroup& grp, std::vector<DeviceUpdate>& ups) override {
+    std::vector<DeviceParamUpdate> ps;
+    for (auto& [st, u] : ups) {
+      bool fresh_m = false, fresh_v = false, fresh_max = false;
+      Tensor m = device_buffer(*st, "exp_avg", u.weights, &fresh_m), v = device_buffer(*st, "exp_avg_sq", u.weights, &fresh_v);
+      Tensor vmax = *grp.amsgrad ? device_buffer(*st, "max_exp_avg_sq", u.weights, &fresh_max) : Tensor();
+      if (fresh_m || fresh_v) {  // as update(): a missing moment restarts the whole state
+        if (!fresh_m) m.zero_();
+        if (!fresh_v) v.zero_();
+        if (vmax.defined() && !fresh_max) vmax.zero_();
+        st->step = 1;
+      }
+      u.state = {m, v, vmax};
+      u.step = st->step;
+      ps.push_back(std::move(u));
+    }
+    ::mixprec::detail::device_kernel(name(), ps.front().weights, &DeviceKernels::adam)(ps, detail::adam_hyper(grp, decoupled_));
+  }
+
  private:
   static ParamGroup defaults(double lr, std::pair<double, double> betas, double eps, double weight_decay, bool amsgrad) {
     ParamGroup d;

@@ -1,6 +1,7 @@
 #pragma once
 // torch.nn.utils.clip_grad_norm_ / clip_grad_value_. The norm accumulates in double over the
-// gradients' values read as float, whatever their dtype.
+// gradients' values read as float, whatever their dtype; on a device (the 2-norm only), in
+// float32 there, read back once.
 //
 // With mixed precision use the Optimizer& overloads after GradScaler::unscale_: they work on the
 // float32 gradients step() will use (the master-gradient buffers of 16-bit parameters, which
@@ -85,6 +86,8 @@ inline void scale_grad_(Tensor& g, float coef) {
 }
 
 inline void clamp_grad_(Tensor& g, double clip) {
+  MIXPREC_CHECK(g.device() == Device::CPU, "clip_grad_value_: gradient of shape ", g.sizes(), " is on ", g.device(),
+                "; clip_grad_value_ has no device kernel yet (clip_grad_norm_ has)");
   dispatch_floating(g.dtype(), "clip_grad_value_", [&]<class T>() {
     using A = acc_t<T>;
     const A lo = static_cast<A>(-clip), hi = static_cast<A>(clip);
@@ -106,13 +109,25 @@ inline std::pair<double, bool> clip_norm_impl(std::vector<Tensor>& grads, double
                                               bool error_if_nonfinite) {
   MIXPREC_CHECK(!std::isnan(norm_type), "clip_grad_norm_: norm_type is NaN");
   if (grads.empty()) return {0.0, false};
-  NormAcc total{norm_type, NormAcc::init(norm_type)};
-  for (Tensor& g : grads) {
-    MIXPREC_CHECK(g.is_floating_point() && g.device() == Device::CPU, "clip_grad_norm_: gradient of shape ", g.sizes(),
-                  " has dtype ", g.dtype(), " on ", g.device(), "; expected a floating-point CPU tensor");
-    accumulate_norm(g, total);
+  const Device dev = grads.front().device();
+  for (const Tensor& g : grads)
+    MIXPREC_CHECK(g.is_floating_point() && g.device() == dev, "clip_grad_norm_: gradient of shape ", g.sizes(), " has dtype ", g.dtype(),
+                  " on ", g.device(), "; expected floating-point gradients all on ", dev);
+  double norm = 0;
+  if (dev == Device::CPU) {
+    NormAcc total{norm_type, NormAcc::init(norm_type)};
+    for (Tensor& g : grads) accumulate_norm(g, total);
+    norm = total.finish();
+  } else {  // on the device in float32 through the ops; one value read back
+    MIXPREC_CHECK(norm_type == 2.0, "clip_grad_norm_: gradients on ", dev, " take norm_type 2 only, got ", norm_type);
+    no_grad guard;
+    Tensor sq;
+    for (const Tensor& g : grads) {
+      const Tensor f = g.to(DType::Float32), s = sum(mul(f, f));
+      sq = sq.defined() ? add(sq, s) : s;
+    }
+    norm = std::sqrt(static_cast<double>(sq.item<float>()));
   }
-  const double norm = total.finish();
   MIXPREC_CHECK(!error_if_nonfinite || std::isfinite(norm), "clip_grad_norm_: The total norm of order ", norm_type,
                 " for gradients from `parameters` is non-finite (", norm, "), so it cannot be clipped. To disable this error and scale "
                 "the gradients by the non-finite norm anyway, set `error_if_nonfinite=False`");
@@ -120,7 +135,10 @@ inline std::pair<double, bool> clip_norm_impl(std::vector<Tensor>& grads, double
   // Multiplying by the clamped 1.0 would change nothing; skipping it keeps master gradients current.
   if (coef >= 1.0) return {norm, false};
   no_grad guard;
-  for (Tensor& g : grads) scale_grad_(g, static_cast<float>(coef));
+  for (Tensor& g : grads) {
+    if (dev == Device::CPU) scale_grad_(g, static_cast<float>(coef));
+    else g.copy_(mul(g, static_cast<double>(static_cast<float>(coef))));
+  }
   return {norm, true};
 }
 

@@ -159,26 +159,40 @@ class Optimizer {
 
   virtual const char* name() const = 0;
 
-  // One update of every parameter that has a gradient, under no_grad.
+  // One update of every parameter that has a gradient, under no_grad. Parameters on a device
+  // (CUDA) are updated there by the device's fused kernel, one launch per group.
   void step() {
     no_grad guard;
     check_groups_unchanged();
     for (const ParamGroup& g : groups_) validate(g);  // the user may have edited the groups since
     std::vector<std::size_t> stepped;
+    std::vector<std::vector<DeviceUpdate>> on_device(groups_.size());
     for (std::size_t i = 0; i < slots_.size(); ++i) {
       Slot& s = slots_[i];
       const Tensor grad = s.param.grad();
       if (!grad.defined()) continue;
-      MIXPREC_CHECK(grad.is_floating_point() && grad.sizes() == s.param.sizes(), name(), ".step: gradient of parameter ", i,
-                    " has dtype ", grad.dtype(), " and shape ", grad.sizes(), "; expected a floating-point gradient of shape ",
-                    s.param.sizes());
+      MIXPREC_CHECK(grad.is_floating_point() && grad.sizes() == s.param.sizes() && grad.device() == s.param.device(), name(),
+                    ".step: gradient of parameter ", i, " has dtype ", grad.dtype(), ", shape ", grad.sizes(), " and is on ",
+                    grad.device(), "; expected a floating-point gradient of shape ", s.param.sizes(), " on ", s.param.device());
       ParamState& st = state_[i];
+      place_state(i);
       sync_master(i);
       Tensor g = grad;  // kept alive for the update
+      const bool use_master_grad = master_grad_current(i);
+      if (s.param.device() != Device::CPU) {
+        DeviceParamUpdate d;
+        d.weights = st.master.defined() ? st.master : s.param;
+        if (st.master.defined()) d.model = s.param;
+        d.grad = use_master_grad ? s.master_grad : g.is_contiguous() ? g : g.contiguous();
+        ++st.step;
+        on_device[s.group].push_back({&st, std::move(d)});
+        stepped.push_back(i);
+        continue;
+      }
       ParamUpdate u;
       u.n = s.param.numel();
       u.shape = &s.param.sizes();
-      if (master_grad_current(i)) {
+      if (use_master_grad) {
         u.grad = s.master_grad.data_ptr();
         u.grad_dtype = DType::Float32;
       } else {
@@ -195,10 +209,19 @@ class Optimizer {
       }
       ++st.step;
       update(groups_[s.group], st, u);
-      s.param.bump_version();
       stepped.push_back(i);
     }
+    for (std::size_t g = 0; g < groups_.size(); ++g) {
+      if (on_device[g].empty()) continue;
+      try {
+        update_device(groups_[g], on_device[g]);
+      } catch (...) {  // refused (no kernel for the device): the step counts are as before
+        for (DeviceUpdate& d : on_device[g]) --d.state->step;
+        throw;
+      }
+    }
     // After all writes: parameters may share one storage, whose version each write bumps.
+    for (std::size_t i : stepped) slots_[i].param.bump_version();
     for (std::size_t i : stepped) slots_[i].synced_version = slots_[i].param.version();
   }
 
@@ -226,8 +249,6 @@ class Optimizer {
       MIXPREC_CHECK(p.defined(), name(), ": parameter ", k, " of group ", groups_.size(), " is an undefined tensor");
       MIXPREC_CHECK(p.dtype() == DType::Float32 || detail::is_16bit(p.dtype()), name(), ": parameter ", k, " of group ",
                     groups_.size(), " has dtype ", p.dtype(), "; optimizers update float32, float16 and bfloat16 parameters");
-      MIXPREC_CHECK(p.device() == Device::CPU, name(), ": parameter of shape ", p.sizes(), " is on ", p.device(),
-                    "; optimizers run on the CPU");
       MIXPREC_CHECK(p.is_contiguous(), name(), ": parameter of shape ", p.sizes(), " with strides ", p.strides(),
                     " is not contiguous");
       MIXPREC_CHECK(p.is_leaf(), name(), ": can't optimize a non-leaf Tensor (shape ", p.sizes(), ")");
@@ -244,7 +265,7 @@ class Optimizer {
       slots_.push_back(std::move(s));
       ParamState st;
       if (detail::is_16bit(p.dtype())) {
-        st.master = empty(p.sizes(), DType::Float32);
+        st.master = empty(p.sizes(), DType::Float32, p.device());
         detail::copy_kernel(st.master, p);
       }
       state_.push_back(std::move(st));
@@ -339,7 +360,7 @@ class Optimizer {
         detail::copy_kernel(st.master, t);
         slots_[q->first].synced_version = slots_[q->first].param.version();
       } else {
-        Tensor b = empty(t.sizes(), DType::Float32);
+        Tensor b = empty(t.sizes(), DType::Float32, slots_[q->first].param.device());
         detail::copy_kernel(b, t);
         st.buffers[q->second] = b;
       }
@@ -365,15 +386,16 @@ class Optimizer {
       Slot& s = slots_[i];
       Tensor g = s.param.grad();
       if (!g.defined()) continue;
-      MIXPREC_CHECK(g.is_floating_point() && g.device() == Device::CPU, name(), ": gradient of parameter ", i, " has dtype ",
-                    g.dtype(), " on ", g.device(), "; expected a floating-point CPU tensor");
+      MIXPREC_CHECK(g.is_floating_point() && g.device() == s.param.device(), name(), ": gradient of parameter ", i, " has dtype ",
+                    g.dtype(), " on ", g.device(), "; expected a floating-point tensor on ", s.param.device());
       if (!g.is_contiguous()) {
         no_grad guard;
         g = g.contiguous();
         s.param.set_grad(g);
       }
-      if (g.dtype() != DType::Float32 && (!s.master_grad.defined() || s.master_grad.sizes() != s.param.sizes()))
-        s.master_grad = empty(s.param.sizes(), DType::Float32);
+      if (g.dtype() != DType::Float32 && (!s.master_grad.defined() || s.master_grad.sizes() != s.param.sizes() ||
+                                          s.master_grad.device() != s.param.device()))
+        s.master_grad = empty(s.param.sizes(), DType::Float32, s.param.device());
       out.push_back({i, s.param, g, g.dtype() != DType::Float32 ? s.master_grad : Tensor()});
     }
     return out;
@@ -489,8 +511,29 @@ class Optimizer {
     return it->second.data<float>();
   }
 
+  // A device parameter's update: step() has filled weights, model and grad and counted the step;
+  // update_device() adds the state (creating it on the device) and calls the device's kernel.
+  struct DeviceUpdate {
+    ParamState* state;
+    DeviceParamUpdate u;
+  };
+
+  // A float32 zero-initialised state buffer of `like`'s shape and device in `st`; `created` says
+  // whether it was missing (or stale: another shape or device).
+  static Tensor device_buffer(ParamState& st, const char* key, const Tensor& like, bool* created = nullptr) {
+    auto it = st.buffers.find(key);
+    const bool fresh = it == st.buffers.end() || it->second.sizes() != like.sizes() || it->second.device() != like.device();
+    if (fresh) it = st.buffers.insert_or_assign(key, zeros(like.sizes(), DType::Float32, like.device())).first;
+    if (created) *created = fresh;
+    return it->second;
+  }
+
   virtual void validate(const ParamGroup& g) const = 0;
   virtual void update(const ParamGroup& g, ParamState& st, const ParamUpdate& u) = 0;
+  virtual void update_device(const ParamGroup& g, std::vector<DeviceUpdate>& ups) {
+    (void)g;
+    fail(name(), ": no update for parameters on ", ups.front().u.weights.device());
+  }
   virtual bool is_state_name(const std::string& key) const = 0;
 
   ParamGroup defaults_;
@@ -533,10 +576,16 @@ class Optimizer {
 
   // Another writer changed the 16-bit parameter: adopt its value wherever it no longer equals
   // the rounded master (elements that still agree keep their extra float32 bits).
+  // On a device the whole parameter is adopted (no per-element compare there).
   void sync_master(std::size_t i) {
     Slot& s = slots_[i];
     Tensor& m = state_[i].master;
     if (!m.defined() || s.param.version() == s.synced_version) return;
+    if (m.device() != Device::CPU) {
+      detail::copy_kernel(m, s.param);
+      s.synced_version = s.param.version();
+      return;
+    }
     float* w = m.data<float>();
     dispatch_floating(s.param.dtype(), "optimizer", [&]<class P>() {
       if constexpr (sizeof(P) == 2) {
@@ -548,6 +597,16 @@ class Optimizer {
       }
     });
     s.synced_version = s.param.version();
+  }
+
+  // Master weights and state follow the parameter to its device (a model moved after its
+  // optimizer was built), as tensors; nothing is lost in the move.
+  void place_state(std::size_t i) {
+    const Device d = slots_[i].param.device();
+    ParamState& st = state_[i];
+    if (st.master.defined() && st.master.device() != d) st.master = st.master.to(d);
+    for (auto& [k, t] : st.buffers)
+      if (t.device() != d) t = t.to(d);
   }
 
   std::vector<ParamGroup> groups_;

@@ -83,6 +83,18 @@ class SGD : public Optimizer {
 
   bool is_state_name(const std::string& key) const override { return key == "momentum_buffer"; }
 
+  void update_device(const ParamGroup& grp, std::vector<DeviceUpdate>& ups) override {
+    const detail::SgdScalars sc = detail::sgd_scalars(grp);
+    std::vector<DeviceParamUpdate> ps;
+    for (auto& [st, u] : ups) {
+      bool first = false;
+      if (sc.use_mom) u.state[0] = device_buffer(*st, "momentum_buffer", u.weights, &first);
+      u.step = first ? 1 : std::max<int64_t>(st->step, 2);
+      ps.push_back(std::move(u));
+    }
+    ::mixprec::detail::device_kernel("SGD", ps.front().weights, &DeviceKernels::sgd)(ps, sc);
+  }
+
   void update(const ParamGroup& grp, ParamState& st, const ParamUpdate& u) override {
     const detail::SgdScalars sc = detail::sgd_scalars(grp);
     bool first = false;

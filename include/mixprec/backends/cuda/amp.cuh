@@ -77,8 +77,8 @@ Packed<Slot> pack(const std::vector<Slot>& slots, const char* op) {
 
 // ---------- unscale + non-finite check ----------
 
-// A gradient to unscale: read from grad (any floating dtype); written unscaled to master (a
-// float32 buffer of the same length) when given, else back into grad in its dtype.
+// A gradient to unscale: read from grad (any floating dtype), written back unscaled in its dtype
+// and, when given, to master (a float32 buffer of the same length), as the CPU's unscale_.
 struct UnscaleSlot {
   void* grad = nullptr;
   float* master = nullptr;
@@ -96,7 +96,7 @@ __global__ void unscale_kernel(const UnscaleSlot* slots, const detail::Chunk* ch
     const float v = detail::load_any(s.grad, s.dtype, i);
     bad |= amp::detail::nonfinite(v);
     if (s.master) s.master[i] = v * inv;
-    else detail::store_any(s.grad, s.dtype, i, v * inv);
+    detail::store_any(s.grad, s.dtype, i, v * inv);
   }
   if (__syncthreads_or(bad) && threadIdx.x == 0) *found_inf = 1.0f;
 }
@@ -224,6 +224,56 @@ inline void fused_sgd(const std::vector<SgdSlot>& slots, const optim::detail::Sg
   bump_steps_kernel<<<grid_for(static_cast<int64_t>(slots.size())), kThreads, 0, current_stream()>>>(p.slots, static_cast<int>(slots.size()),
                                                                                                      found_inf);
   check_launch(op);
+}
+
+// ---------- the device kernel table's optimizer entries (backends/device.hpp) ----------
+
+namespace detail {
+// Each update's counter of steps already applied (its step - 1), as the kernels count.
+inline Tensor step_counters(const std::vector<DeviceParamUpdate>& ps) {
+  std::vector<int64_t> c;
+  for (const DeviceParamUpdate& p : ps) c.push_back(p.step - 1);
+  return to_device(tensor(c));
+}
+inline float* f32(const Tensor& t) { return t.defined() ? t.data<float>() : nullptr; }
+inline uint8_t model_code(const DeviceParamUpdate& p, const char* op) {
+  return storage_code(p.model.defined() ? p.model.dtype() : DType::Float32, op);
+}
+}  // namespace detail
+
+inline void adam_updates(const std::vector<DeviceParamUpdate>& ps, const optim::detail::AdamHyper& h) {
+  const char* op = "gpu::adam_updates";
+  const Tensor steps = detail::step_counters(ps);  // freed after the launch: stream-ordered reuse only
+  std::vector<AdamSlot> slots;
+  for (std::size_t i = 0; i < ps.size(); ++i) {
+    const DeviceParamUpdate& p = ps[i];
+    slots.push_back({detail::f32(p.weights), p.model.defined() ? p.model.data_ptr() : nullptr, p.grad.data_ptr(), detail::f32(p.state[0]),
+                     detail::f32(p.state[1]), detail::f32(p.state[2]), steps.data<int64_t>() + i, p.weights.numel(),
+                     detail::model_code(p, op), detail::storage_code(p.grad.dtype(), op)});
+  }
+  fused_adam(slots, h);
+}
+
+inline void sgd_updates(const std::vector<DeviceParamUpdate>& ps, const optim::detail::SgdScalars& sc) {
+  const char* op = "gpu::sgd_updates";
+  const Tensor steps = detail::step_counters(ps);
+  std::vector<SgdSlot> slots;
+  for (std::size_t i = 0; i < ps.size(); ++i) {
+    const DeviceParamUpdate& p = ps[i];
+    slots.push_back({detail::f32(p.weights), p.model.defined() ? p.model.data_ptr() : nullptr, p.grad.data_ptr(), detail::f32(p.state[0]),
+                     steps.data<int64_t>() + i, p.weights.numel(), detail::model_code(p, op), detail::storage_code(p.grad.dtype(), op)});
+  }
+  fused_sgd(slots, sc);
+}
+
+inline bool unscale_grads(const std::vector<Tensor>& grads, const std::vector<Tensor>& masters, double scale) {
+  const char* op = "gpu::unscale_grads";
+  std::vector<UnscaleSlot> slots;
+  for (std::size_t i = 0; i < grads.size(); ++i)
+    slots.push_back({grads[i].data_ptr(), detail::f32(masters[i]), grads[i].numel(), detail::storage_code(grads[i].dtype(), op)});
+  const Tensor s = to_device(full({}, scale, DType::Float32)), found = to_device(zeros({}));
+  unscale_and_check(slots, s.data<float>(), found.data<float>());
+  return to_host(found).item<float>() != 0.0f;
 }
 
 }  // namespace mixprec::gpu

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <array>
+#include <type_traits>
 
 #include <cuda_runtime.h>
 
@@ -46,6 +47,16 @@ struct StridedLayout {
   int64_t strides[8] = {};
 };
 
+// One element converted as the CPU's copy does: integers and doubles directly (through float
+// they would lose bits past 2^24), 16-bit floats through float.
+template <class To, class From>
+MIXPREC_HOST_DEVICE To convert_value(From v) {
+  if constexpr (std::is_same_v<To, From>) return v;
+  else if constexpr (std::is_arithmetic_v<To> && std::is_arithmetic_v<From>) return static_cast<To>(v);
+  else if constexpr (std::is_arithmetic_v<From>) return To(static_cast<float>(v));
+  else return static_cast<To>(static_cast<float>(v));
+}
+
 template <class To, class From>
 __global__ void gather_kernel(To* __restrict__ dst, const From* __restrict__ src, StridedLayout l, int64_t n) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
@@ -54,7 +65,7 @@ __global__ void gather_kernel(To* __restrict__ dst, const From* __restrict__ src
       off += (rem % l.sizes[d]) * l.strides[d];
       rem /= l.sizes[d];
     }
-    dst[i] = To(static_cast<float>(src[off]));
+    dst[i] = convert_value<To>(src[off]);
   }
 }
 

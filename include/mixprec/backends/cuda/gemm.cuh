@@ -139,7 +139,8 @@ inline void run_gemm(const GemmPlan& p) {
 
 // a[..., M, K] @ b[..., K, N] for CUDA tensors with numpy batch broadcasting, accumulated in
 // float32, written in `out_dtype` (a's dtype by default); optional bias [N] (out_dtype) and
-// tanh-GELU fused into the epilogue. Operands cuBLASLt cannot address are copied first.
+// tanh-GELU fused into the epilogue (a bias selects the Bias epilogue by itself). Operands
+// cuBLASLt cannot address are copied first.
 inline Tensor matmul(const Tensor& a, const Tensor& b, std::optional<DType> out_dtype = std::nullopt, const Tensor& bias = Tensor(),
                      GemmEpilogue epilogue = GemmEpilogue::None, bool allow_tf32 = false) {
   const char* op = "gpu::matmul";
@@ -165,6 +166,8 @@ inline Tensor matmul(const Tensor& a, const Tensor& b, std::optional<DType> out_
   if (bias.defined()) {
     require_cuda_tensor(op, bias);
     bias_c = contiguous(bias, od);
+    if (epilogue == GemmEpilogue::None) epilogue = GemmEpilogue::Bias;
+    if (epilogue == GemmEpilogue::GeluTanh) epilogue = GemmEpilogue::BiasGeluTanh;
   }
   run_gemm(plan_gemm(gemm_request(ae, be, out, bias_c, epilogue, allow_tf32)));
   return out;

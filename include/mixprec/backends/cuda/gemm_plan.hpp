@@ -143,6 +143,8 @@ inline GemmPlan plan_gemm(const GemmRequest& r) {
                 gemm_type_name(r.c_type));
   const bool has_bias = r.epilogue == GemmEpilogue::Bias || r.epilogue == GemmEpilogue::BiasGeluTanh;
   MIXPREC_CHECK(!has_bias || r.bias_address != 0, "gemm plan: the bias epilogue needs a bias pointer");
+  // A bias with an epilogue that adds none would be dropped without a word (the GPU once did).
+  MIXPREC_CHECK(has_bias || r.bias_address == 0, "gemm plan: a bias was given, but the epilogue adds none; use Bias or BiasGeluTanh");
   GemmPlan p;
   const auto [opb, ldb_] = detail::gemm_layout("b", r.b, r.K, r.N);
   const auto [opa, lda_] = detail::gemm_layout("a", r.a, r.M, r.K);

@@ -1,8 +1,10 @@
 #pragma once
 // The CUDA entries of the device kernel table (backends/device.hpp), registered when this header
 // is included: from then on the ops (matmul, linear, conv2d, softmax, batch_norm, the
-// activations, add/mul/div, sum/mean, casts and copies) run CUDA tensors here, with the CPU's
-// autograd, autocast and checks around them. Ops without an entry refuse CUDA tensors by name.
+// activations, add/mul/div, sum/mean, casts and copies; the optimizers' and GradScaler's fused
+// updates) run CUDA tensors here, with the CPU's autograd, autocast and checks around them. Ops
+// without an entry refuse CUDA tensors by name.
+#include "mixprec/backends/cuda/amp.cuh"
 #include "mixprec/backends/cuda/elementwise.cuh"
 #include "mixprec/backends/cuda/gemm.cuh"
 #include "mixprec/backends/cuda/norm.cuh"
@@ -34,7 +36,7 @@ MIXPREC_HOST_DEVICE int64_t offset_of(const StridedLayout& l, int64_t i) {
 template <class To, class From>
 __global__ void copy_kernel(To* __restrict__ dst, StridedLayout ld, const From* __restrict__ src, StridedLayout ls, int64_t n) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    dst[offset_of(ld, i)] = To(static_cast<float>(src[offset_of(ls, i)]));
+    dst[offset_of(ld, i)] = convert_value<To>(src[offset_of(ls, i)]);
 }
 
 template <class T>
@@ -95,11 +97,21 @@ inline void copy(const Tensor& dst, const Tensor& src) {
     return;
   }
   const StridedLayout ld = detail::layout_of(dst, op), ls = detail::broadcast_layout(src, dst.sizes(), op);
-  dispatch_storage(dst.dtype(), op, [&]<class To>() {
-    dispatch_storage(src.dtype(), op, [&]<class From>() {
-      detail::copy_kernel<To, From><<<grid_for(n), kThreads, 0, current_stream()>>>(dst.data<To>(), ld, src.data<From>(), ls, n);
-    });
-  });
+  auto launch = [&]<class To, class From>() {
+    detail::copy_kernel<To, From><<<grid_for(n), kThreads, 0, current_stream()>>>(static_cast<To*>(dst.data_ptr()), ld,
+                                                                                  static_cast<const From*>(src.data_ptr()), ls, n);
+  };
+  const DType d = dst.dtype();
+  if (d == src.dtype() && d != DType::Float32 && d != DType::Float16 && d != DType::BFloat16) {
+    // Integers, bool, float64 to the same dtype: the bits, moved by element size.
+    switch (dst.element_size()) {
+      case 1: launch.template operator()<uint8_t, uint8_t>(); break;
+      case 4: launch.template operator()<uint32_t, uint32_t>(); break;
+      default: launch.template operator()<uint64_t, uint64_t>(); break;
+    }
+  } else {  // conversions between the float kernel types
+    dispatch_storage(d, op, [&]<class To>() { dispatch_storage(src.dtype(), op, [&]<class From>() { launch.template operator()<To, From>(); }); });
+  }
   check_launch(op);
 }
 
@@ -113,8 +125,8 @@ inline void fill(const Tensor& t, double value) {
     return;
   }
   const StridedLayout l = detail::layout_of(t, op);
-  dispatch_storage(t.dtype(), op, [&]<class T>() {
-    detail::fill_kernel<T><<<grid_for(n), kThreads, 0, current_stream()>>>(t.data<T>(), l, T(static_cast<float>(value)), n);
+  dispatch_all(t.dtype(), op, [&]<class T>() {  // every dtype: counters (int64) are filled too
+    detail::fill_kernel<T><<<grid_for(n), kThreads, 0, current_stream()>>>(t.data<T>(), l, convert_value<T>(value), n);
   });
   check_launch(op);
 }
@@ -211,6 +223,9 @@ inline const DeviceKernels& cuda_kernel_table() {
       BatchNormGrads r = gpu::batch_norm_backward(x, g, w, mean, invstd, eps);
       return {r.dx, r.dweight, r.dbias};
     };
+    t.adam = [](const std::vector<DeviceParamUpdate>& ps, const optim::detail::AdamHyper& h) { adam_updates(ps, h); };
+    t.sgd = [](const std::vector<DeviceParamUpdate>& ps, const optim::detail::SgdScalars& sc) { sgd_updates(ps, sc); };
+    t.unscale = [](const std::vector<Tensor>& g, const std::vector<Tensor>& m, double scale) { return unscale_grads(g, m, scale); };
     return t;
   }();
   return k;

@@ -1,0 +1,44 @@
+#!/bin/bash
+# The GPU checks, on a machine with an NVIDIA GPU: the CUDA tests, mixprec_gpu_selftest, one
+# epoch of the ResNet example on the GPU in each precision, and compute-sanitizer's memcheck
+# over the public-op tests.
+#   scripts/gpu_check.sh [BIN_DIR] [DATA_DIR] [OUT_DIR]
+# BIN_DIR holds test_cuda_host, test_cuda_types, test_cuda_device, mixprec_gpu_selftest and
+# mixprec_resnet_cuda (build/release/tests by default); DATA_DIR the Fashion-MNIST .gz files;
+# OUT_DIR receives the log and the examples' CSVs. The CUDA libraries are looked up on the
+# machine (a CUDA toolkit's, or the ones PyTorch's wheels carry) when the loader lacks them.
+set -u
+bin=$(cd "${1:-build/release/tests}" && pwd)
+data=$(cd "${2:-/usr/share/datasets/fashion-mnist}" && pwd)
+out=$(mkdir -p "${3:-results/gpu}" && cd "${3:-results/gpu}" && pwd)
+export OMP_WAIT_POLICY=passive
+exec > >(tee "$out/gpu_check.log") 2>&1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+for lib in libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcudnn.so.9; do
+  ldconfig -p | grep -q "$lib" && continue
+  p=$(find /usr/local /opt /usr/lib -name "$lib" 2>/dev/null | head -1)
+  [ -n "$p" ] && export LD_LIBRARY_PATH="$(dirname "$p")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+done
+failed=0
+run() {
+  local limit=$1
+  shift
+  echo
+  echo "=== $*"
+  local start=$(date +%s%N)
+  timeout -k 5 "$limit" "$@"
+  local rc=$?
+  echo "=== rc=$rc after $((($(date +%s%N) - start) / 1000000)) ms"
+  [ $rc -eq 0 ] || failed=1
+}
+run 60 "$bin/test_cuda_types"
+run 60 "$bin/test_cuda_host"
+run 180 "$bin/test_cuda_device"
+run 180 "$bin/mixprec_gpu_selftest"
+for p in fp32 bf16 fp16; do
+  run 300 "$bin/mixprec_resnet_cuda" --device cuda --precision "$p" --epochs 1 --data-dir "$data" --csv "$out/resnet20_cuda_$p.csv"
+done
+if command -v compute-sanitizer >/dev/null; then
+  run 300 compute-sanitizer --tool memcheck --error-exitcode 9 "$bin/test_cuda_device" --gtest_filter='CudaConv.*:CudaAmp.*:CudaOps.*'
+fi
+exit $failed
