@@ -8,18 +8,19 @@
 # OUT_DIR receives the log and the examples' CSVs. The CUDA libraries are looked up on the
 # machine (a CUDA toolkit's, or the ones PyTorch's wheels carry) when the loader lacks them.
 set -u
-bin=$(cd "${1:-build/release/tests}" && pwd)
-data=$(cd "${2:-/usr/share/datasets/fashion-mnist}" && pwd)
-out=$(mkdir -p "${3:-results/gpu}" && cd "${3:-results/gpu}" && pwd)
+bin=$(cd "${1:-build/release/tests}" && pwd) || exit 2
+data=$(cd "${2:-/usr/share/datasets/fashion-mnist}" && pwd) || exit 2
+out=$(mkdir -p "${3:-results/gpu}" && cd "${3:-results/gpu}" && pwd) || exit 2
 export OMP_WAIT_POLICY=passive
-exec > >(tee "$out/gpu_check.log") 2>&1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+exec 3>&1 4>&2 > >(tee "$out/gpu_check.log") 2>&1
+tee_pid=$!
+failed=0
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || failed=1
 for lib in libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcudnn.so.9; do
   ldconfig -p | grep -q "$lib" && continue
   p=$(find /usr/local /opt /usr/lib -name "$lib" 2>/dev/null | head -1)
   [ -n "$p" ] && export LD_LIBRARY_PATH="$(dirname "$p")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 done
-failed=0
 run() {
   local limit=$1
   shift
@@ -41,4 +42,6 @@ done
 if command -v compute-sanitizer >/dev/null; then
   run 300 compute-sanitizer --tool memcheck --error-exitcode 9 "$bin/test_cuda_device" --gtest_filter='CudaConv.*:CudaAmp.*:CudaOps.*'
 fi
+exec 1>&3 2>&4 3>&- 4>&-  # close the pipe to tee and let it finish the log
+wait "$tee_pid" 2>/dev/null
 exit $failed

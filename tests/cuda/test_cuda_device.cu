@@ -164,6 +164,7 @@ TEST(CudaAmp, UnscaleFindsNonFiniteInOneLaunchAndScaleUpdatesOnDevice) {
   EXPECT_EQ(device_float(found.data<float>()), 0.0f);
   EXPECT_LT(rel_error(down(d32), g32), 1e-7);
   EXPECT_LT(rel_error(down(master), g16.to(DType::Float32)), 1e-3);
+  EXPECT_LT(rel_error(down(d16), g16.to(DType::Float32)), 1e-3);  // the 16-bit gradient is unscaled too
   // One inf anywhere sets the flag; the update then halves the scale on the device.
   Tensor bad = up(full({5}, std::numeric_limits<double>::infinity()));
   mc::unscale_and_check({{bad.data_ptr(), nullptr, 5, uint8_t(DType::Float32)}}, scale.data<float>(), found.data<float>());
@@ -280,10 +281,14 @@ TEST(CudaOps, TrainingStepThroughThePublicOpsMatchesCpu) {
 
 // A whole training step on the GPU: ResNet-20 with GradScaler, clip_grad_norm_ and AdamW or SGD
 // (the fused kernels behind the optimizers), one step skipped for an overflow, against the CPU.
+// Each step's backward runs on both; the GPU then takes the CPU's gradients (scaled), so the
+// unscale, clipping and update are compared exactly (Adam's update would magnify the conv
+// backward's float32 noise in near-zero gradients; that backward is compared on its own above).
 TEST(CudaOps, OptimizerAndGradScalerStepsMatchCpu) {
   MIXPREC_REQUIRE_GPU();
   Generator gd(5);
   const Tensor x = randn({8, 3, 12, 12}, DType::Float32, gd), y = randint(0, 10, {8}, DType::Int64, gd);
+  const Tensor xg = x.to(Device::CUDA), yg = y.to(Device::CUDA);
   for (bool sgd : {false, true}) {
     SCOPED_TRACE(sgd ? "SGD" : "AdamW");
     Generator g1(9), g2(9);
@@ -296,32 +301,37 @@ TEST(CudaOps, OptimizerAndGradScalerStepsMatchCpu) {
     };
     auto oc = make(*cpu), og = make(*gpu);
     amp::GradScaler sc(1024.0, 2.0, 0.5, 2), sg(1024.0, 2.0, 0.5, 2);
+    const auto pc = cpu->parameters(), pg = gpu->parameters();
     for (int it = 0; it < 4; ++it) {
+      oc->zero_grad();
+      og->zero_grad();
+      sc.scale(cross_entropy(cpu->forward(x), y)).backward();
+      sg.scale(cross_entropy(gpu->forward(xg), yg)).backward();
+      for (std::size_t i = 0; i < pc.size(); ++i) {
+        EXPECT_LT(rel_error(pg[i].grad().cpu(), pc[i].grad()), 1e-2) << "parameter " << i << ", iteration " << it;
+        pg[i].grad().copy_(pc[i].grad());
+      }
+      if (it == 1) {  // an overflow in one gradient: the step is skipped, the scale halves
+        Tensor bad = pc.front().grad();
+        bad.data<float>()[0] = std::numeric_limits<float>::infinity();
+        pg.front().grad().copy_(bad);
+      }
       double norms[2];
       int k = 0;
-      for (auto [net, opt, scaler, xin, yin] : {std::tuple{cpu.get(), oc.get(), &sc, x, y},
-                                                std::tuple{gpu.get(), og.get(), &sg, x.to(Device::CUDA), y.to(Device::CUDA)}}) {
-        opt->zero_grad();
-        scaler->scale(cross_entropy(net->forward(xin), yin)).backward();
-        if (it == 1) {  // an overflow in one gradient: the step is skipped, the scale halves
-          Tensor g = net->parameters().front().grad();
-          Tensor bad = g.cpu();
-          bad.data<float>()[0] = std::numeric_limits<float>::infinity();
-          g.copy_(bad);
-        }
+      for (auto [opt, scaler] : {std::pair{oc.get(), &sc}, std::pair{og.get(), &sg}}) {
         scaler->unscale_(*opt);
         if (it != 1) norms[k] = optim::clip_grad_norm_(*opt, 1.0);
         EXPECT_EQ(scaler->step(*opt), it != 1);
         scaler->update();
         ++k;
       }
-      if (it != 1) EXPECT_NEAR(norms[1], norms[0], 1e-4 * norms[0]) << "iteration " << it;
+      if (it != 1) EXPECT_NEAR(norms[1], norms[0], 1e-5 * norms[0]) << "iteration " << it;  // float32 sums on the GPU
       EXPECT_EQ(sg.get_scale(), sc.get_scale()) << "iteration " << it;
     }
-    const auto pc = cpu->parameters(), pg = gpu->parameters();
     for (std::size_t i = 0; i < pc.size(); ++i) {
       EXPECT_EQ(pg[i].device(), Device::CUDA);
-      EXPECT_LT(rel_error(pg[i].cpu(), pc[i].detach()), sgd ? 1e-5 : 1e-3) << "parameter " << i;
+      EXPECT_LT(rel_error(pg[i].cpu(), pc[i].detach()), 1e-5) << "parameter " << i;
+      EXPECT_EQ(og->state(i).step, oc->state(i).step);
     }
   }
 }

@@ -451,6 +451,34 @@ TEST_F(DeviceDispatch, SixteenBitParametersKeepFloat32MastersOnTheDevice) {
   EXPECT_EQ(rel_error(od.master_weight(0).cpu(), oc.master_weight(0)), 0.0);
   EXPECT_EQ(rel_error(pd.cpu().to(DType::Float32), pc.detach().to(DType::Float32)), 0.0);
 
+  // GradScaler with bfloat16 gradients: unscaled into float32 master gradients on the device.
+  amp::GradScaler sc(256.0), sd(256.0);
+  const Tensor g16 = mul(randn({300}), 1e-3).to(DType::BFloat16);
+  for (auto [p, o, s] : {std::tuple{&pc, &oc, &sc}, std::tuple{&pd, &od, &sd}}) {
+    s->scale(zeros({}));  // the scale comes to life at the first scale()
+    p->set_grad(mul(p->device() == Device::CPU ? g16 : g16.to(Device::CUDA), 256.0));
+    EXPECT_TRUE(s->step(*o));
+    s->update();
+  }
+  EXPECT_EQ(rel_error(od.master_weight(0).cpu(), oc.master_weight(0)), 0.0);
+  EXPECT_EQ(rel_error(pd.grad().cpu().to(DType::Float32), pc.grad().to(DType::Float32)), 0.0);  // .grad() unscaled too
+
+  // A bfloat16 parameter moved to the device after a CPU step keeps its master's extra bits.
+  Tensor r = init.clone().requires_grad_(), rref = init.clone().requires_grad_();
+  optim::AdamW om({r}, 1e-3), om_ref({rref}, 1e-3);
+  const Tensor h1 = randn({300}).to(DType::BFloat16), h2 = randn({300}).to(DType::BFloat16);
+  r.set_grad(h1);
+  rref.set_grad(h1);
+  om.step();
+  om_ref.step();
+  nn::detail::restore_in_place(r, r.detach().to(Device::CUDA));  // what Module::to(Device) does
+  r.set_grad(h2.to(Device::CUDA));
+  rref.set_grad(h2);
+  om.step();
+  om_ref.step();
+  EXPECT_EQ(om.master_weight(0).device(), Device::CUDA);
+  EXPECT_EQ(rel_error(om.master_weight(0).cpu(), om_ref.master_weight(0)), 0.0);
+
   // Built on the CPU, then the parameter moves: masters and moments follow it to the device.
   Tensor q = randn({50}).requires_grad_();
   Tensor qref = q.detach().clone().requires_grad_();
@@ -481,11 +509,72 @@ TEST_F(DeviceDispatch, AnOptimizerWithoutADeviceKernelRefusesAndChangesNothing) 
   EXPECT_NE(msg.find("AdamW"), std::string::npos) << msg;
   EXPECT_NE(msg.find("cuda"), std::string::npos) << msg;
   EXPECT_EQ(opt.state(0).step, 0);
+  EXPECT_TRUE(opt.state(0).buffers.empty());
   EXPECT_EQ(rel_error(p.cpu(), init), 0.0);
   set_device_kernels(Device::CUDA, &host_kernels());
   opt.step();  // with the kernel back, the first step is step 1
   EXPECT_EQ(opt.state(0).step, 1);
   EXPECT_GT(rel_error(p.cpu(), init), 0.0);
+
+  // SGD with dampening: a refused step must not leave a momentum buffer behind, or the next
+  // step would not be the buffer's first (buf = g, not (1 - dampening) g).
+  no_adam = host_kernels();
+  no_adam.sgd = nullptr;
+  set_device_kernels(Device::CUDA, &no_adam);
+  Tensor q = init.to(Device::CUDA).requires_grad_();
+  Tensor qc = init.clone().requires_grad_();
+  optim::SGD os({q}, 0.1, 0.9, 0.5), oc({qc}, 0.1, 0.9, 0.5);
+  const Tensor g = randn({8});
+  q.set_grad(g.to(Device::CUDA));
+  qc.set_grad(g);
+  EXPECT_NE(error_of([&] { os.step(); }).find("SGD"), std::string::npos);
+  EXPECT_TRUE(os.state(0).buffers.empty());
+  EXPECT_EQ(os.state(0).step, 0);
+  set_device_kernels(Device::CUDA, &host_kernels());
+  for (int it = 0; it < 2; ++it) {
+    os.step();
+    oc.step();
+  }
+  EXPECT_EQ(rel_error(q.cpu(), qc.detach()), 0.0);
+}
+
+// A model trained on the device saves and resumes: the checkpoint's checksum reads device
+// tensors on the host, and the loaded state goes back to the device.
+TEST_F(DeviceDispatch, CheckpointsOfADeviceModelRoundTrip) {
+  Generator g(31);
+  SmallNet net = SmallNet(g).to(Device::CUDA);
+  std::vector<Tensor> ps;
+  for (Tensor* p : net.params()) ps.push_back(*p);
+  optim::AdamW opt(ps, 1e-2);
+  amp::GradScaler scaler(1024.0);
+  const Tensor x = randn({4, 3, 5, 5}).to(Device::CUDA);
+  Tensor onehot = zeros({4, 5});
+  for (int64_t i = 0; i < 4; ++i) onehot.select(0, i).select(0, i).fill_(1.0);
+  const Tensor oh = onehot.to(Device::CUDA);
+  scaler.scale(net.loss(x, oh)).backward();
+  scaler.step(opt);
+  scaler.update();
+  nn::Module holder("holder");
+  for (std::size_t i = 0; i < ps.size(); ++i) holder.register_parameter("p" + std::to_string(i), ps[i]);
+  const std::string path = ::testing::TempDir() + "device_dispatch_ckpt.safetensors";
+  io::save_checkpoint(path, {&holder, &opt, &scaler, nullptr, {}}, {1, 1});
+  // Fresh device parameters and optimizer, loaded from the file.
+  std::vector<Tensor> qs;
+  nn::Module holder2("holder");
+  for (const Tensor& p : ps) qs.push_back(zeros(p.sizes(), DType::Float32, Device::CUDA).requires_grad_());
+  for (std::size_t i = 0; i < qs.size(); ++i) holder2.register_parameter("p" + std::to_string(i), qs[i]);  // slots: after the last push
+  optim::AdamW opt2(qs, 1e-2);
+  amp::GradScaler scaler2(1.0);
+  io::load_checkpoint(path, {&holder2, &opt2, &scaler2, nullptr, {}});
+  for (std::size_t i = 0; i < ps.size(); ++i) {
+    EXPECT_EQ(qs[i].device(), Device::CUDA);
+    EXPECT_EQ(rel_error(qs[i].cpu(), ps[i].cpu()), 0.0) << "parameter " << i;
+    const Tensor& m2 = opt2.state(i).buffers.at("exp_avg");
+    EXPECT_EQ(m2.device(), Device::CUDA);
+    EXPECT_EQ(rel_error(m2.cpu(), opt.state(i).buffers.at("exp_avg").cpu()), 0.0);
+  }
+  EXPECT_EQ(scaler2.get_scale(), scaler.get_scale());
+  std::remove(path.c_str());
 }
 
 TEST_F(DeviceDispatch, CrossEntropyOnTheDeviceKeepsItsSemantics) {

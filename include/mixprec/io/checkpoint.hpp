@@ -91,7 +91,7 @@ inline std::string checkpoint_checksum(const std::map<std::string, std::string>&
     feed_text(name);
     feed_text(mixprec::name(t.dtype()));
     for (const int64_t d : t.sizes()) feed(&d, sizeof d);
-    const Tensor c = t.contiguous();
+    const Tensor c = t.cpu().contiguous();  // device state (a model trained on CUDA) is read on the host
     feed(c.data_ptr(), static_cast<std::size_t>(c.nbytes()));
   }
   char buf[16];

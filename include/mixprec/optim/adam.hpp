@@ -158,22 +158,34 @@ class Adam : public Optimizer {
   }
 
   void update_device(const ParamGroup& grp, std::vector<DeviceUpdate>& ups) override {
+    const bool amsgrad = *grp.amsgrad;
     std::vector<DeviceParamUpdate> ps;
-    for (auto& [st, u] : ups) {
-      bool fresh_m = false, fresh_v = false, fresh_max = false;
-      Tensor m = device_buffer(*st, "exp_avg", u.weights, &fresh_m), v = device_buffer(*st, "exp_avg_sq", u.weights, &fresh_v);
-      Tensor vmax = *grp.amsgrad ? device_buffer(*st, "max_exp_avg_sq", u.weights, &fresh_max) : Tensor();
-      if (fresh_m || fresh_v) {  // as update(): a missing moment restarts the whole state
-        if (!fresh_m) m.zero_();
-        if (!fresh_v) v.zero_();
-        if (vmax.defined() && !fresh_max) vmax.zero_();
-        st->step = 1;
+    std::vector<bool> fresh;
+    for (DeviceUpdate& d : ups) {
+      const ParamState* st = d.state;
+      DeviceParamUpdate& u = d.u;
+      const Tensor& w = u.weights;
+      Tensor m = device_buffer(*st, "exp_avg", w), v = device_buffer(*st, "exp_avg_sq", w);
+      Tensor vmax = amsgrad ? device_buffer(*st, "max_exp_avg_sq", w) : Tensor();
+      const bool restart = !m.defined() || !v.defined();  // as update(): a missing moment restarts the state
+      if (restart) {
+        m = zeros(w.sizes(), DType::Float32, w.device());
+        v = zeros(w.sizes(), DType::Float32, w.device());
       }
+      if (amsgrad && (restart || !vmax.defined())) vmax = zeros(w.sizes(), DType::Float32, w.device());
       u.state = {m, v, vmax};
-      u.step = st->step;
-      ps.push_back(std::move(u));
+      u.step = restart ? 1 : st->step;
+      fresh.push_back(restart);
+      ps.push_back(u);
     }
     ::mixprec::detail::device_kernel(name(), ps.front().weights, &DeviceKernels::adam)(ps, detail::adam_hyper(grp, decoupled_));
+    for (std::size_t k = 0; k < ups.size(); ++k) {
+      ParamState& st = *ups[k].state;
+      st.buffers["exp_avg"] = ps[k].state[0];
+      st.buffers["exp_avg_sq"] = ps[k].state[1];
+      if (amsgrad) st.buffers["max_exp_avg_sq"] = ps[k].state[2];
+      if (fresh[k]) st.step = 1;
+    }
   }
 
  private:

@@ -160,33 +160,46 @@ class Optimizer {
   virtual const char* name() const = 0;
 
   // One update of every parameter that has a gradient, under no_grad. Parameters on a device
-  // (CUDA) are updated there by the device's fused kernel, one launch per group.
+  // (CUDA) are updated there by the device's fused kernel, one launch per group. Every gradient
+  // is checked before anything changes; if an update throws, the parameters updated before it
+  // keep their update and their step count, the others are untouched.
   void step() {
     no_grad guard;
     check_groups_unchanged();
     for (const ParamGroup& g : groups_) validate(g);  // the user may have edited the groups since
-    std::vector<std::size_t> stepped;
+    for (std::size_t i = 0; i < slots_.size(); ++i) {
+      const Tensor grad = slots_[i].param.grad();
+      if (!grad.defined()) continue;
+      const Tensor& p = slots_[i].param;
+      MIXPREC_CHECK(grad.is_floating_point() && grad.sizes() == p.sizes() && grad.device() == p.device(), name(),
+                    ".step: gradient of parameter ", i, " has dtype ", grad.dtype(), ", shape ", grad.sizes(), " and is on ",
+                    grad.device(), "; expected a floating-point gradient of shape ", p.sizes(), " on ", p.device());
+    }
+    // Whatever was written is marked, also when a later update throws. After all writes:
+    // parameters may share one storage, whose version each write bumps.
+    struct MarkWritten {
+      Optimizer& o;
+      std::vector<std::size_t> stepped;
+      ~MarkWritten() {
+        for (std::size_t i : stepped) o.slots_[i].param.bump_version();
+        for (std::size_t i : stepped) o.slots_[i].synced_version = o.slots_[i].param.version();
+      }
+    } written{*this, {}};
     std::vector<std::vector<DeviceUpdate>> on_device(groups_.size());
     for (std::size_t i = 0; i < slots_.size(); ++i) {
       Slot& s = slots_[i];
-      const Tensor grad = s.param.grad();
-      if (!grad.defined()) continue;
-      MIXPREC_CHECK(grad.is_floating_point() && grad.sizes() == s.param.sizes() && grad.device() == s.param.device(), name(),
-                    ".step: gradient of parameter ", i, " has dtype ", grad.dtype(), ", shape ", grad.sizes(), " and is on ",
-                    grad.device(), "; expected a floating-point gradient of shape ", s.param.sizes(), " on ", s.param.device());
+      Tensor g = s.param.grad();  // kept alive for the update
+      if (!g.defined()) continue;
       ParamState& st = state_[i];
       place_state(i);
       sync_master(i);
-      Tensor g = grad;  // kept alive for the update
       const bool use_master_grad = master_grad_current(i);
       if (s.param.device() != Device::CPU) {
         DeviceParamUpdate d;
         d.weights = st.master.defined() ? st.master : s.param;
         if (st.master.defined()) d.model = s.param;
         d.grad = use_master_grad ? s.master_grad : g.is_contiguous() ? g : g.contiguous();
-        ++st.step;
-        on_device[s.group].push_back({&st, std::move(d)});
-        stepped.push_back(i);
+        on_device[s.group].push_back({&st, i, std::move(d)});
         continue;
       }
       ParamUpdate u;
@@ -209,20 +222,19 @@ class Optimizer {
       }
       ++st.step;
       update(groups_[s.group], st, u);
-      stepped.push_back(i);
+      written.stepped.push_back(i);
     }
     for (std::size_t g = 0; g < groups_.size(); ++g) {
       if (on_device[g].empty()) continue;
+      for (DeviceUpdate& d : on_device[g]) ++d.state->step;
       try {
-        update_device(groups_[g], on_device[g]);
-      } catch (...) {  // refused (no kernel for the device): the step counts are as before
+        update_device(groups_[g], on_device[g]);  // commits its new state only once the kernel ran
+      } catch (...) {
         for (DeviceUpdate& d : on_device[g]) --d.state->step;
         throw;
       }
+      for (const DeviceUpdate& d : on_device[g]) written.stepped.push_back(d.index);
     }
-    // After all writes: parameters may share one storage, whose version each write bumps.
-    for (std::size_t i : stepped) slots_[i].param.bump_version();
-    for (std::size_t i : stepped) slots_[i].synced_version = slots_[i].param.version();
   }
 
   // set_to_none=true drops the gradients (the default, as PyTorch 2.x); false zeroes them in place.
@@ -515,17 +527,16 @@ class Optimizer {
   // update_device() adds the state (creating it on the device) and calls the device's kernel.
   struct DeviceUpdate {
     ParamState* state;
+    std::size_t index;  // the parameter's number
     DeviceParamUpdate u;
   };
 
-  // A float32 zero-initialised state buffer of `like`'s shape and device in `st`; `created` says
-  // whether it was missing (or stale: another shape or device).
-  static Tensor device_buffer(ParamState& st, const char* key, const Tensor& like, bool* created = nullptr) {
-    auto it = st.buffers.find(key);
-    const bool fresh = it == st.buffers.end() || it->second.sizes() != like.sizes() || it->second.device() != like.device();
-    if (fresh) it = st.buffers.insert_or_assign(key, zeros(like.sizes(), DType::Float32, like.device())).first;
-    if (created) *created = fresh;
-    return it->second;
+  // The state buffer `key` of `st` if it fits `like` (shape and device), else undefined. New
+  // buffers go into `st` only after the kernel ran, so a refused step leaves the state as it was.
+  static Tensor device_buffer(const ParamState& st, const char* key, const Tensor& like) {
+    const auto it = st.buffers.find(key);
+    const bool fits = it != st.buffers.end() && it->second.sizes() == like.sizes() && it->second.device() == like.device();
+    return fits ? it->second : Tensor();
   }
 
   virtual void validate(const ParamGroup& g) const = 0;
@@ -575,36 +586,40 @@ class Optimizer {
   }
 
   // Another writer changed the 16-bit parameter: adopt its value wherever it no longer equals
-  // the rounded master (elements that still agree keep their extra float32 bits).
-  // On a device the whole parameter is adopted (no per-element compare there).
+  // the rounded master (elements that still agree keep their extra float32 bits). A master on a
+  // device adopts the whole parameter (no per-element compare there).
   void sync_master(std::size_t i) {
     Slot& s = slots_[i];
     Tensor& m = state_[i].master;
     if (!m.defined() || s.param.version() == s.synced_version) return;
-    if (m.device() != Device::CPU) {
-      detail::copy_kernel(m, s.param);
-      s.synced_version = s.param.version();
-      return;
-    }
-    float* w = m.data<float>();
-    dispatch_floating(s.param.dtype(), "optimizer", [&]<class P>() {
+    if (m.device() != Device::CPU) detail::copy_kernel(m, s.param);
+    else adopt_changed(m, s.param.device() == Device::CPU ? s.param : s.param.cpu());
+    s.synced_version = s.param.version();
+  }
+  // master (float32, CPU) takes p16's value wherever the two no longer agree.
+  static void adopt_changed(Tensor& master, const Tensor& p16) {
+    float* w = master.data<float>();
+    dispatch_floating(p16.dtype(), "optimizer", [&]<class P>() {
       if constexpr (sizeof(P) == 2) {
-        const P* p = s.param.data<P>();
-        cpu::parallel_for(0, m.numel(), detail::kOptimGrain, [&](int64_t b, int64_t e) {
+        const P* p = p16.data<P>();
+        cpu::parallel_for(0, master.numel(), detail::kOptimGrain, [&](int64_t b, int64_t e) {
           for (int64_t k = b; k < e; ++k)
             if (P(w[k]).x != p[k].x) w[k] = static_cast<float>(p[k]);
         });
       }
     });
-    s.synced_version = s.param.version();
   }
 
   // Master weights and state follow the parameter to its device (a model moved after its
-  // optimizer was built), as tensors; nothing is lost in the move.
+  // optimizer was built). A CPU master is synced on the CPU first, element by element, so the
+  // move keeps its extra float32 bits.
   void place_state(std::size_t i) {
     const Device d = slots_[i].param.device();
     ParamState& st = state_[i];
-    if (st.master.defined() && st.master.device() != d) st.master = st.master.to(d);
+    if (st.master.defined() && st.master.device() != d) {
+      if (st.master.device() == Device::CPU) sync_master(i);
+      st.master = st.master.to(d);
+    }
     for (auto& [k, t] : st.buffers)
       if (t.device() != d) t = t.to(d);
   }

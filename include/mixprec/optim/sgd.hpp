@@ -86,13 +86,21 @@ class SGD : public Optimizer {
   void update_device(const ParamGroup& grp, std::vector<DeviceUpdate>& ups) override {
     const detail::SgdScalars sc = detail::sgd_scalars(grp);
     std::vector<DeviceParamUpdate> ps;
-    for (auto& [st, u] : ups) {
-      bool first = false;
-      if (sc.use_mom) u.state[0] = device_buffer(*st, "momentum_buffer", u.weights, &first);
-      u.step = first ? 1 : std::max<int64_t>(st->step, 2);
-      ps.push_back(std::move(u));
+    for (DeviceUpdate& d : ups) {
+      const ParamState* st = d.state;
+      DeviceParamUpdate& u = d.u;
+      if (sc.use_mom) {
+        Tensor buf = device_buffer(*st, "momentum_buffer", u.weights);
+        const bool first = !buf.defined();  // the first step writes the buffer whole
+        if (first) buf = empty(u.weights.sizes(), DType::Float32, u.weights.device());
+        u.state[0] = buf;
+        u.step = first ? 1 : std::max<int64_t>(st->step, 2);
+      }
+      ps.push_back(u);
     }
     ::mixprec::detail::device_kernel("SGD", ps.front().weights, &DeviceKernels::sgd)(ps, sc);
+    if (sc.use_mom)
+      for (std::size_t k = 0; k < ups.size(); ++k) ups[k].state->buffers["momentum_buffer"] = ps[k].state[0];
   }
 
   void update(const ParamGroup& grp, ParamState& st, const ParamUpdate& u) override {

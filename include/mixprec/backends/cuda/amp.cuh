@@ -1,9 +1,12 @@
 #pragma once
 // Fused AMP kernels. Each runs over a list of tensors in ONE launch (a chunk table maps blocks
 // to (tensor, range)), and reads/writes the loss scale, found-inf flag and step counters in
-// device memory, so an iteration never waits for the host: a skipped step is decided on the
-// device. The arithmetic is the CPU's own (amp::detail::update_scale, optim::detail::AdamScalars
-// / SgdScalars, amp::detail::nonfinite), so the CPU tests cover the formulas.
+// device memory, so a caller can keep an iteration off the host: the kernels take the flag and
+// skip on the device. The arithmetic is the CPU's own (amp::detail::update_scale,
+// optim::detail::AdamScalars / SgdScalars, amp::detail::nonfinite), so the CPU tests cover the
+// formulas. The kernel-table entries at the end (what Optimizer::step and GradScaler use) still
+// read the flag back once per unscale_ and upload the step counters, as GradScaler's CPU
+// semantics (found_inf on the host, a step skipped by not calling step()) require.
 #include <vector>
 
 #include "mixprec/amp/grad_scaler.hpp"

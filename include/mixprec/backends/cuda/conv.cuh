@@ -3,6 +3,7 @@
 // NHWC float16/bfloat16 (the tensor-core layout), with float32 accumulation. Each direction's
 // algorithm candidates come from cuDNN's heuristic once per shape and are cached; workspaces
 // come from the caching allocator on the current stream.
+#include <algorithm>
 #include <map>
 #include <mutex>
 #include <sstream>
@@ -108,8 +109,15 @@ inline void* ptr(const Tensor& t) { return t.defined() ? t.data_ptr() : nullptr;
 
 // call(algo, workspace, bytes) with each candidate until one is accepted; the rejected ones
 // before it leave the cache. Any other error, or no candidate left, throws naming the shape.
+// (A descriptor that every algorithm rejects with BAD_PARAM shows as "every candidate ... was
+// rejected".) The list is copied under the lock, and trimmed only if no other thread has.
 template <class Algo, class Call>
-void run_candidates(ConvCandidates<Algo>& cands, const char* api, const ConvShape& s, Call call) {
+void run_candidates(ConvCandidates<Algo>& cached, const char* api, const ConvShape& s, Call call) {
+  ConvCandidates<Algo> cands;
+  {
+    std::lock_guard<std::mutex> lock(conv_cache_mutex());
+    cands = cached;
+  }
   cudnnStatus_t st = CUDNN_STATUS_NOT_SUPPORTED;
   std::size_t i = 0;
   for (; i < cands.size(); ++i) {
@@ -120,7 +128,8 @@ void run_candidates(ConvCandidates<Algo>& cands, const char* api, const ConvShap
   }
   if (i > 0 && i < cands.size() && st == CUDNN_STATUS_SUCCESS) {
     std::lock_guard<std::mutex> lock(conv_cache_mutex());
-    cands.erase(cands.begin(), cands.begin() + static_cast<std::ptrdiff_t>(i));
+    if (cached.size() >= i && std::equal(cands.begin(), cands.begin() + static_cast<std::ptrdiff_t>(i), cached.begin()))
+      cached.erase(cached.begin(), cached.begin() + static_cast<std::ptrdiff_t>(i));
   }
   if (st != CUDNN_STATUS_SUCCESS)
     fail(api, ": cuDNN error ", static_cast<int>(st), " (", cudnnGetErrorString(st), ") for ", describe(s),
