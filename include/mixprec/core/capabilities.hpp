@@ -43,7 +43,7 @@ inline CudaProbe& cuda_probe() {
     }
     r.available = true;
 #else
-    r.reason = "mixprec was built without CUDA (link mixprec::cuda)";
+    r.reason = "this program was built without CUDA (include <mixprec/cuda.hpp> in a file nvcc compiles and link mixprec::cuda)";
 #endif
     return r;
   }();
