@@ -9,6 +9,8 @@
 
 #include <mixprec/cuda.hpp>
 
+#include "ops/op_test_util.hpp"
+
 using namespace mixprec;
 namespace mc = mixprec::gpu;
 
@@ -17,18 +19,6 @@ int failures = 0;
 
 Tensor up(const Tensor& t) { return mc::to_device(t); }
 Tensor down(const Tensor& t) { return mc::to_host(mc::contiguous(t)).to(DType::Float64); }
-
-// Relative norm error of t (on any device) against ref.
-double rel_err(const Tensor& t, const Tensor& ref) {
-  const Tensor a = t.detach().cpu().to(DType::Float64).contiguous(), r = ref.detach().cpu().to(DType::Float64).contiguous();
-  double num = 0, den = 0;
-  for (int64_t i = 0; i < r.numel(); ++i) {
-    const double d = a.data<double>()[i] - r.data<double>()[i];
-    num += d * d;
-    den += r.data<double>()[i] * r.data<double>()[i];
-  }
-  return std::sqrt(num / std::max(den, 1e-300));
-}
 
 void report(const std::string& what, const Tensor& got_cuda, const Tensor& ref, double limit) {
   const Tensor g = down(got_cuda), r = ref.detach().to(DType::Float64).contiguous();
@@ -207,7 +197,7 @@ void resnet20_step() {
   // float32 error (BatchNorm's backward cancels large terms, so both are far above 1e-6).
   const auto pr = ref->parameters(), pc = cpu->parameters(), pg = gpu->parameters();
   for (const auto& [what, i] : {std::pair<const char*, std::size_t>{"first conv", 0}, {"fc", pc.size() - 2}}) {
-    const double cpu_err = rel_err(pc[i].grad(), pr[i].grad());
+    const double cpu_err = mixprec::testing::rel_error(pc[i].grad(), pr[i].grad());
     report(std::string("resnet20 ") + what + " weight grad (fp32) vs float64", pg[i].grad(), pr[i].grad(), 2 * cpu_err + 1e-6);
     std::printf("    (the CPU's float32 gradient: rel err %.3e)\n", cpu_err);
   }
