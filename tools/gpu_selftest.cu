@@ -1,6 +1,7 @@
 // mixprec_gpu_selftest: every CUDA op against the CPU reference (max abs and relative norm
-// errors), GEMM throughput in float32, tf32, bfloat16 and float16, and a ResNet-20 training
-// step (forward, backward and optimizer through the public ops on CUDA tensors) in fp32 and AMP.
+// errors), GEMM throughput in float32, tf32, bfloat16 and float16, and ResNet-20 and GPT-mini
+// training steps (forward, backward and optimizer through the public ops on CUDA tensors) against
+// the CPU, timed in fp32 and AMP.
 // Exit codes: 0 all within tolerance; 1 an op exceeded its tolerance; 77 no usable CUDA device
 // (the reason is printed; ctest reports the test as skipped).
 #include <cstdio>
@@ -77,7 +78,22 @@ void check_ops() {
     report("gelu " + dn, mc::activation(mc::Activation::Gelu, up(z)), gelu(z.to(DType::Float32)), tol(d));
     report("silu " + dn, mc::activation(mc::Activation::Silu, up(z)), silu(z.to(DType::Float32)), tol(d));
     report("sum (CUB) " + dn, mc::sum(up(z)), sum(z.to(DType::Float32)), 1e-5);
+    report("exp " + dn, mc::activation(mc::Activation::Exp, up(z)), exp(z.to(DType::Float32)), tol(d));
+
+    // GPT-mini's ops at its shapes: [batch 32 x 128 tokens, 256].
+    const Tensor h = randn({4096, 256}).to(d), lw = randn({256}), lb = randn({256});
+    const mc::LayerNormResult ln_r = mc::layer_norm(up(h), up(lw), up(lb), 1e-5);
+    report("layer_norm " + dn, ln_r.y, layer_norm(h.to(DType::Float32), {256}, lw, lb), tol(d));
+    const Tensor keep = gt(rand({4096, 256}), 0.1);
+    report("dropout (masked scale) " + dn, mc::masked_scale(up(h), up(keep), 1.0 / 0.9),
+           mul(mul(h.to(DType::Float32), keep.to(DType::Float32)), 1.0 / 0.9), tol(d));
+    const Tensor q = randn({32, 4, 128, 64}).to(d), k = randn({32, 4, 128, 64}).to(d), v = randn({32, 4, 128, 64}).to(d);
+    report("scaled_dot_product_attention causal " + dn, scaled_dot_product_attention(up(q), up(k), up(v), Tensor(), 0.0, true),
+           scaled_dot_product_attention(q.to(DType::Float32), k.to(DType::Float32), v.to(DType::Float32), Tensor(), 0.0, true),
+           d == DType::Float32 ? 1e-5 : 2 * tol(d));
   }
+  const Tensor emb = randn({256, 256}), ids = randint(0, 256, {4096}, DType::Int64);
+  report("embedding float32", mc::embedding(up(emb), up(ids)), embedding(emb, ids), 0.0);
   const Tensor x = randn({16, 8, 10, 10}), w = randn({8}), b = randn({8});
   Tensor rm = zeros({8}), rv = ones({8});
   const Tensor y = batch_norm(x, rm, rv, w, b, true, 0.1, 1e-5);
@@ -174,6 +190,42 @@ void resnet20_layers() {
   std::printf("\n");
 }
 
+// Milliseconds per training step of `loss` (forward, backward, opt's step) in fp32, fp16 autocast
+// with GradScaler, and bf16 autocast, after a warm-up (cuDNN algorithm choice, allocator cache),
+// with the peak device memory of the timed steps.
+template <class Loss>
+void time_steps(optim::Optimizer& opt, Loss&& loss_fn) {
+  struct Mode {
+    const char* name;
+    std::optional<DType> amp;
+  };
+  double fp32_ms = 0;
+  for (const Mode& m : {Mode{"fp32", std::nullopt}, Mode{"fp16 autocast", DType::Float16}, Mode{"bf16 autocast", DType::BFloat16}}) {
+    if (m.amp == DType::BFloat16 && !is_bf16_supported(Device::CUDA)) continue;
+    amp::GradScaler scaler(65536.0, 2.0, 0.5, 2000, m.amp == DType::Float16);  // loss scaling for float16 only
+    int skipped = 0;
+    auto step = [&] {
+      opt.zero_grad();
+      std::optional<autocast> ac;
+      if (m.amp) ac.emplace(Device::CUDA, *m.amp);
+      Tensor loss = loss_fn();
+      ac.reset();
+      scaler.scale(loss).backward();
+      skipped += !scaler.step(opt);
+      scaler.update();
+    };
+    for (int i = 0; i < 3; ++i) step();
+    mc::synchronize();
+    reset_peak_memory_stats(Device::CUDA);
+    skipped = 0;
+    const double per = time_ms(20, step);
+    if (!m.amp) fp32_ms = per;
+    std::printf("  %-14s %8.2f ms/step  %6.2fx fp32  peak %.1f MiB  (%d of 20 steps skipped)\n", m.name, per, fp32_ms / per,
+                double(memory_stats(Device::CUDA).peak_allocated_bytes) / (1 << 20), skipped);
+  }
+  std::printf("\n");
+}
+
 // ResNet-20 at batch 128 on 32x32 inputs: loss and gradients against the CPU model, then
 // milliseconds per training step (forward, backward, SGD with momentum through the fused kernel;
 // under fp16 autocast also GradScaler's unscale and skip check) and peak device memory.
@@ -206,34 +258,39 @@ void resnet20_step() {
   oc.step();
   og.step();
   report("resnet20 SGD step on the same gradients", pg.front(), pc.front(), 1e-6);
-  struct Mode {
-    const char* name;
-    std::optional<DType> amp;
-  };
-  double fp32_ms = 0;
-  for (const Mode& m : {Mode{"fp32", std::nullopt}, Mode{"fp16 autocast", DType::Float16}, Mode{"bf16 autocast", DType::BFloat16}}) {
-    if (m.amp == DType::BFloat16 && !is_bf16_supported(Device::CUDA)) continue;
-    amp::GradScaler scaler(65536.0, 2.0, 0.5, 2000, m.amp == DType::Float16);  // loss scaling for float16 only
-    int skipped = 0;
-    auto step = [&] {
-      og.zero_grad();
-      std::optional<autocast> ac;
-      if (m.amp) ac.emplace(Device::CUDA, *m.amp);
-      Tensor loss = cross_entropy(gpu->forward(xd), yd);
-      ac.reset();
-      scaler.scale(loss).backward();
-      skipped += !scaler.step(og);
-      scaler.update();
-    };
-    for (int i = 0; i < 3; ++i) step();  // warm-up: cuDNN algorithm choice, allocator cache
-    mc::synchronize();
-    reset_peak_memory_stats(Device::CUDA);
-    skipped = 0;
-    const double per = time_ms(20, step);
-    if (!m.amp) fp32_ms = per;
-    std::printf("  %-14s %8.2f ms/step  %6.2fx fp32  peak %.1f MiB  (%d of 20 steps skipped)\n", m.name, per, fp32_ms / per,
-                double(memory_stats(Device::CUDA).peak_allocated_bytes) / (1 << 20), skipped);
-  }
+  time_steps(og, [&] { return cross_entropy(gpu->forward(xd), yd); });
+}
+
+// GPT-mini (4 layers, d_model 256, 4 heads, 128 tokens, byte vocabulary) at batch 32: loss and
+// gradients with dropout 0.1 against the CPU model with the same draws, then milliseconds per
+// AdamW step in fp32 and AMP.
+void gpt_mini_step() {
+  std::printf("GPT-mini training step, batch 32 x 128 tokens (4 layers, d_model 256, 4 heads, AdamW):\n");
+  nn::models::GPTConfig cfg;
+  cfg.vocab = 256, cfg.block_size = 128, cfg.n_layer = 4, cfg.n_head = 4, cfg.d_model = 256, cfg.mlp_hidden = 1024, cfg.dropout = 0.1;
+  Generator g1(7), g2(7), gd(8);
+  nn::models::GPT cpu(cfg, g1), gpu(cfg, g2);
+  gpu.to(Device::CUDA);
+  const Tensor idx = randint(0, 256, {32, 128}, DType::Int64, gd), tgt = randint(0, 256, {32, 128}, DType::Int64, gd);
+  const Tensor idd = idx.to(Device::CUDA), tgd = tgt.to(Device::CUDA);
+  manual_seed(9);
+  const Tensor lc = cpu.loss(idx, tgt);
+  lc.backward();
+  manual_seed(9);
+  const Tensor lg = gpu.loss(idd, tgd);
+  lg.backward();
+  report("gpt-mini loss (fp32, same dropout draws)", lg, lc, 1e-5);
+  const auto pc = cpu.named_parameters(), pg = gpu.named_parameters();
+  for (std::size_t i : {std::size_t{0}, std::size_t{3}, pc.size() - 1})
+    report("gpt-mini grad " + pc[i].first, pg[i].second.grad(), pc[i].second.grad(), 1e-4);
+  // Timed without dropout: its masks are drawn on the host (the CPU's stream) and copied over,
+  // which would time the host's random numbers rather than the GPU.
+  cfg.dropout = 0.0;
+  Generator g3(7);
+  nn::models::GPT timed(cfg, g3);
+  timed.to(Device::CUDA);
+  optim::AdamW og(timed.parameters(), 3e-4);
+  time_steps(og, [&] { return timed.loss(idd, tgd); });
 }
 }  // namespace
 
@@ -248,11 +305,11 @@ int main() {
     gemm_throughput();
     resnet20_layers();
     resnet20_step();
+    gpt_mini_step();
   } catch (const Error& e) {
     std::printf("mixprec_gpu_selftest: %s\n", e.what());
     return 1;
   }
-  // Not yet: the GPT-mini step (layer_norm, embedding, attention and dropout have no CUDA entries).
   std::printf("%s\n", failures ? "SOME OPS EXCEEDED THEIR TOLERANCE" : "all ops within tolerance");
   return failures ? 1 : 0;
 }

@@ -2,6 +2,7 @@
 // bf16 autocast, or fp16 autocast with the GradScaler; prints validation loss, bits per byte
 // and a short generated sample. With --distributed, under `mpirun -np N`, trains data-parallel:
 // every rank draws the same global batch and trains on its slice of it; rank 0 reports.
+// --device cuda trains on the GPU in the build nvcc compiles (mixprec_transformer_cuda).
 #include <cmath>
 #include <cstdio>
 #include <iostream>
@@ -18,7 +19,7 @@ using examples::Precision;
 
 namespace {
 
-double validation_loss(nn::models::GPT& model, const data::TextDataset& text, Precision precision, int64_t seq_len,
+double validation_loss(nn::models::GPT& model, const data::TextDataset& text, Precision precision, Device device, int64_t seq_len,
                        int64_t batch_size, int64_t max_batches) {
   model.eval();
   no_grad ng;
@@ -29,8 +30,8 @@ double validation_loss(nn::models::GPT& model, const data::TextDataset& text, Pr
     auto [x, y] = text.eval_batch(data::Split::Validation, w, batch_size, seq_len);
     Tensor loss;
     {
-      examples::ForwardScope scope(precision);
-      loss = model.loss(x, y);
+      examples::ForwardScope scope(precision, device);
+      loss = model.loss(x.to(device), y.to(device));
     }
     total += loss.item<double>() * static_cast<double>(x.numel());
     count += x.numel();
@@ -44,13 +45,14 @@ int run(int argc, char** argv) {
                     {{"precision", "bf16"}, {"epochs", "1"}, {"steps-per-epoch", "300"}, {"batch-size", "16"}, {"seq-len", "128"},
                      {"lr", "0.001"}, {"limit-batches", "0"}, {"seed", "0"}, {"csv", ""}, {"checkpoint", ""}, {"resume", ""},
                      {"corpus", data::kFortunesDir}, {"layers", "4"}, {"d-model", "256"}, {"heads", "4"}, {"sample-len", "200"},
-                     {"eval-batches", "20"}},
+                     {"eval-batches", "20"}, {"device", "cpu"}},
                     {"synthetic", "distributed"});
   if (cli.help()) {
     cli.usage(std::cout, "mixprec_transformer");
     return 0;
   }
   const Precision precision = examples::parse_precision(cli.str("precision"));
+  const Device device = examples::parse_device(cli.str("device"));
   const int64_t epochs = cli.i64("epochs"), batch_size = cli.i64("batch-size"), seq_len = cli.i64("seq-len");
   const int64_t limit = cli.i64("limit-batches");
   const int64_t steps_per_epoch = limit > 0 ? std::min(limit, cli.i64("steps-per-epoch")) : cli.i64("steps-per-epoch");
@@ -74,21 +76,23 @@ int run(int argc, char** argv) {
   cfg.mlp_hidden = 4 * cfg.d_model;
   Generator init_gen(seed), batch_gen(seed + 1), sample_gen(seed + 2);
   nn::models::GPT model(cfg, init_gen);
+  model.to(device);
   optim::AdamW opt(model.parameters(), cli.f64("lr"), {0.9, 0.95}, 1e-8, 0.1);
   amp::GradScaler scaler(65536.0, 2.0, 0.5, 2000, /*enabled=*/precision == Precision::FP16);
   dist.wrap(model, scaler);
   optim::lr_scheduler::CosineAnnealingWarmupLR sched(opt, std::max<int64_t>(1, epochs * steps_per_epoch / 20), epochs * steps_per_epoch,
                                                      cli.f64("lr") * 0.1);
-  examples::TrainingRun training(cli, dist, {&model, &opt, &scaler, &sched, {&default_generator(), &batch_gen}}, precision);
+  examples::TrainingRun training(cli, dist, {&model, &opt, &scaler, &sched, {&default_generator(), &batch_gen}}, precision,
+                                 device);
   if (training.resume() && dist.is_main())
     std::printf("resumed from %s at epoch %lld\n", cli.str("resume").c_str(), static_cast<long long>(training.state().epoch));
   training.open_csv();
   if (dist.is_main())
-    std::printf("GPT %lld layers d_model %lld on %s (%lld train / %lld validation bytes), %s, %lld parameters, %d processes\n",
+    std::printf("GPT %lld layers d_model %lld on %s (%lld train / %lld validation bytes), %s on %s, %lld parameters, %d processes\n",
                 static_cast<long long>(cfg.n_layer), static_cast<long long>(cfg.d_model),
                 cli.flag("synthetic") ? "synthetic text" : cli.str("corpus").c_str(),
                 static_cast<long long>(text.size(data::Split::Train)), static_cast<long long>(text.size(data::Split::Validation)),
-                cli.str("precision").c_str(), static_cast<long long>(model.num_parameters()), dist.world());
+                cli.str("precision").c_str(), cli.str("device").c_str(), static_cast<long long>(model.num_parameters()), dist.world());
   const int64_t tokens_per_step = batch_size * seq_len * dist.world();
   training.start();
   for (int64_t epoch = training.state().epoch; epoch < epochs; ++epoch) {
@@ -101,8 +105,8 @@ int run(int argc, char** argv) {
       const Tensor y = gy.narrow(0, dist.rank() * batch_size, batch_size).contiguous();
       Tensor loss;
       {
-        examples::ForwardScope scope(precision);
-        loss = model.loss(x, y);
+        examples::ForwardScope scope(precision, device);
+        loss = model.loss(x.to(device), y.to(device));
       }
       opt.zero_grad();
       scaler.scale(loss).backward();
@@ -121,7 +125,7 @@ int run(int argc, char** argv) {
   std::printf("global throughput: %.0f tokens/s (%d processes x batch %lld x %lld tokens, %lld steps in %.1f s)\n",
               training.throughput(tokens_per_step), dist.world(), static_cast<long long>(batch_size), static_cast<long long>(seq_len),
               static_cast<long long>(training.steps_run()), training.seconds());
-  const double vl = validation_loss(model, text, precision, seq_len, batch_size, cli.i64("eval-batches"));
+  const double vl = validation_loss(model, text, precision, device, seq_len, batch_size, cli.i64("eval-batches"));
   std::printf("validation loss: %.4f nats/byte, %.4f bits per byte\n", vl, vl / std::log(2.0));
   training.print_peak_memory();
   const Tensor prompt = data::TextDataset::encode("The ").reshape({1, -1});

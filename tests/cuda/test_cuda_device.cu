@@ -121,24 +121,94 @@ TEST(CudaNorm, SoftmaxAndBatchNormMatchCpu) {
   EXPECT_LT(rel_error(down(mc::batch_norm_inference(up(x), up(w), up(b), grm, grv, 1e-5)), batch_norm(x, rm, rv, w, b, false)), 1e-5);
 }
 
+TEST(CudaNorm, LayerNormMatchesCpu) {
+  MIXPREC_REQUIRE_GPU();
+  for (DType d : {DType::Float32, DType::Float16, DType::BFloat16})
+    for (const auto& [M, D] : {std::pair<int64_t, int64_t>{37, 1}, {37, 7}, {700, 256}, {37, 1000}}) {
+      // D: one value per row, a partial block, several per thread; M = 700: 11 slabs of rows whose
+      // weight and bias gradients meet through atomics.
+      const Tensor x = add(mul(randn({M, D}), 2.0), 3.0).to(d), w = randn({D}), b = randn({D}), dy = randn({M, D}).to(d);
+      Tensor xf = x.to(DType::Float32).detach(), wf = w.clone(), bf = b.clone();
+      for (Tensor* t : {&xf, &wf, &bf}) t->requires_grad_();
+      const Tensor y = layer_norm(xf, {D}, wf, bf);
+      y.backward(dy.to(DType::Float32));
+      const mc::LayerNormResult r = mc::layer_norm(up(x), up(w), up(b), 1e-5);
+      EXPECT_LT(rel_error(down(r.y), y.detach()), tol(d)) << d << " M " << M << " D " << D;
+      const mc::LayerNormGrads g = mc::layer_norm_backward(up(x), up(dy), up(w), r.mean, r.rstd);
+      EXPECT_LT(rel_error(down(g.dx), xf.grad()), 2 * tol(d)) << d << " M " << M << " D " << D;
+      EXPECT_LT(rel_error(down(g.dweight), wf.grad()), 2 * tol(d)) << d << " M " << M << " D " << D;
+      EXPECT_LT(rel_error(down(g.dbias), bf.grad()), 2 * tol(d)) << d << " M " << M << " D " << D;
+    }
+}
+
+TEST(CudaElementwise, EmbeddingAndDropoutMatchCpu) {
+  MIXPREC_REQUIRE_GPU();
+  const Tensor w = randn({50, 24}), idx = randint(0, 50, {300}, DType::Int64);
+  Tensor wf = w.clone();
+  wf.requires_grad_();
+  const Tensor e = embedding(wf, idx, 3);
+  const Tensor g = randn({300, 24});
+  e.backward(g);
+  const Tensor ig = up(idx);
+  EXPECT_EQ(rel_error(down(mc::embedding(up(w), ig)), e.detach()), 0.0);
+  EXPECT_LT(rel_error(down(mc::embedding_backward(up(g), ig, 50, 3)), wf.grad()), 1e-6);
+  for (DType d : {DType::Float32, DType::Float16, DType::BFloat16}) {
+    const Tensor x = randn({1000}).to(d), keep = gt(rand({1000}), 0.4);
+    const Tensor want = mul(mul(x.to(DType::Float32), keep.to(DType::Float32)), 1.0 / 0.6).to(d);
+    EXPECT_EQ(rel_error(down(mc::masked_scale(up(x), up(keep), 1.0 / 0.6)), want.to(DType::Float32)), 0.0) << d;
+  }
+}
+
+// GPT-mini through the public ops (embeddings, layer norms, causal attention, GELU, dropout,
+// tied head, cross entropy) against the CPU, then one AdamW step; the GPU takes the CPU's
+// dropout draws (same seed).
+TEST(CudaOps, GptStepThroughThePublicOpsMatchesCpu) {
+  MIXPREC_REQUIRE_GPU();
+  nn::models::GPTConfig cfg;
+  cfg.vocab = 64, cfg.block_size = 32, cfg.n_layer = 2, cfg.n_head = 4, cfg.d_model = 64, cfg.mlp_hidden = 256, cfg.dropout = 0.1;
+  Generator g1(12), g2(12), gd(13);
+  nn::models::GPT cpu(cfg, g1), gpu(cfg, g2);
+  gpu.to(Device::CUDA);
+  const Tensor idx = randint(0, cfg.vocab, {4, 32}, DType::Int64, gd), tgt = randint(0, cfg.vocab, {4, 32}, DType::Int64, gd);
+  manual_seed(5);
+  const Tensor lc = cpu.loss(idx, tgt);
+  manual_seed(5);
+  const Tensor lg = gpu.loss(idx.to(Device::CUDA), tgt.to(Device::CUDA));
+  EXPECT_LT(rel_error(lg.cpu(), lc), 1e-5);
+  lc.backward();
+  lg.backward();
+  const auto pc = cpu.named_parameters(), pg = gpu.named_parameters();
+  for (std::size_t i = 0; i < pc.size(); ++i) EXPECT_LT(rel_error(pg[i].second.grad().cpu(), pc[i].second.grad()), 1e-4) << pc[i].first;
+  // The update on the same gradients (Adam's first step is about lr * sign(g), so gradients that
+  // are zero up to rounding would make any two runs differ).
+  for (std::size_t i = 0; i < pc.size(); ++i) pg[i].second.grad().copy_(pc[i].second.grad());
+  optim::AdamW oc(cpu.parameters(), 1e-3), og(gpu.parameters(), 1e-3);
+  oc.step();
+  og.step();
+  for (std::size_t i = 0; i < pc.size(); ++i) EXPECT_LT(rel_error(pg[i].second.cpu(), pc[i].second), 1e-6) << pc[i].first;
+}
+
 TEST(CudaElementwise, ActivationsAndReductionsMatchCpu) {
   MIXPREC_REQUIRE_GPU();
   using A = mc::Activation;
   const std::vector<std::pair<A, Tensor (*)(const Tensor&)>> acts = {
       {A::Relu, [](const Tensor& t) { return relu(t); }},       {A::Gelu, [](const Tensor& t) { return gelu(t); }},
       {A::GeluTanh, [](const Tensor& t) { return gelu(t, "tanh"); }}, {A::Silu, [](const Tensor& t) { return silu(t); }},
-      {A::Sigmoid, [](const Tensor& t) { return sigmoid(t); }}, {A::Tanh, [](const Tensor& t) { return mixprec::tanh(t); }}};
+      {A::Sigmoid, [](const Tensor& t) { return sigmoid(t); }}, {A::Tanh, [](const Tensor& t) { return mixprec::tanh(t); }},
+      {A::Exp, [](const Tensor& t) { return exp(t); }},         {A::Log, [](const Tensor& t) { return log(t); }}};
   for (DType d : {DType::Float32, DType::Float16, DType::BFloat16}) {
     const Tensor x = mul(randn({3, 1000}), 3.0).to(d);
+    const Tensor xpos = add(mixprec::abs(x.to(DType::Float32)), 0.1).to(d);  // log's domain
     for (const auto& [a, f] : acts) {
-      Tensor xf = x.to(DType::Float32).detach();  // a fresh leaf: for float32, to() returns x itself
+      const Tensor& in = a == A::Log ? xpos : a == A::Exp ? mul(x.to(DType::Float32), 0.3).to(d) : x;  // exp: no overflow
+      Tensor xf = in.to(DType::Float32).detach();  // a fresh leaf: for float32, to() returns x itself
       xf.requires_grad_();
       const Tensor y = f(xf);
       const Tensor g = randn(y.sizes()).to(d);
       y.backward(g.to(DType::Float32));
-      const Tensor yg = mc::activation(a, up(x));
+      const Tensor yg = mc::activation(a, up(in));
       EXPECT_LT(rel_error(down(yg), y.detach()), tol(d)) << d << " act " << int(a);
-      EXPECT_LT(rel_error(down(mc::activation_backward(a, up(g), up(x), yg)), xf.grad()), 2 * tol(d)) << d << " act " << int(a);
+      EXPECT_LT(rel_error(down(mc::activation_backward(a, up(g), up(in), yg)), xf.grad()), 2 * tol(d)) << d << " act " << int(a);
     }
     EXPECT_LT(rel_error(down(mc::sum(up(x))), mixprec::sum(x.to(DType::Float32))), 1e-5) << d;
     EXPECT_LT(rel_error(down(mc::max_abs(up(x))), mixprec::max(mixprec::abs(x.to(DType::Float32)))), 1e-7) << d;
@@ -228,7 +298,10 @@ TEST(CudaOps, KernelTableIsRegisteredByIncludingCudaHpp) {  // runs without a GP
   for (bool set : {k->to_device != nullptr, k->to_host != nullptr, k->copy != nullptr, k->fill != nullptr, k->binary != nullptr,
                    k->unary != nullptr, k->unary_backward != nullptr, k->sum != nullptr, k->matmul != nullptr, k->softmax != nullptr,
                    k->softmax_backward != nullptr, k->conv_forward != nullptr, k->conv_backward_input != nullptr,
-                   k->conv_backward_weight != nullptr, k->batch_norm != nullptr, k->batch_norm_backward != nullptr, k->adam != nullptr, k->sgd != nullptr, k->unscale != nullptr})
+                   k->conv_backward_weight != nullptr, k->batch_norm != nullptr, k->batch_norm_backward != nullptr,
+                   k->layer_norm != nullptr, k->layer_norm_backward != nullptr, k->embedding != nullptr,
+                   k->embedding_backward != nullptr, k->masked_scale != nullptr, k->adam != nullptr, k->sgd != nullptr,
+                   k->unscale != nullptr})
     EXPECT_TRUE(set);
   if (!cuda_is_available()) {
     try {

@@ -127,15 +127,28 @@ const DeviceKernels& host_kernels() {
         case DeviceUnary::Silu: return dev(silu(h));
         case DeviceUnary::Sigmoid: return dev(sigmoid(h));
         case DeviceUnary::Tanh: return dev(mixprec::tanh(h));
+        case DeviceUnary::Exp: return dev(exp(h));
+        case DeviceUnary::Log: return dev(log(h));
       }
       return Tensor();
     };
-    t.unary_backward = [](DeviceUnary op, const Tensor& g, const Tensor& x, const Tensor&) {
+    t.unary_backward = [](DeviceUnary op, const Tensor& g, const Tensor& x, const Tensor& y) {
       const Kernel k("unary_backward");
-      EXPECT_TRUE(op == DeviceUnary::Relu);  // the only activation the model below uses
-      const Tensor hx = host(x).to(DType::Float32).contiguous(), hg = host(g).to(DType::Float32).contiguous();
+      const Tensor hx = host_copy(host(x).to(DType::Float32)), hy = host_copy(host(y).to(DType::Float32)),
+                   hg = host_copy(host(g).to(DType::Float32));
+      const float *xp = hx.data<float>(), *yp = hy.data<float>(), *gp = hg.data<float>();
       Tensor out = empty(x.sizes(), DType::Float32);
-      for (int64_t i = 0; i < out.numel(); ++i) out.data<float>()[i] = hx.data<float>()[i] > 0 ? hg.data<float>()[i] : 0.0f;
+      for (int64_t i = 0; i < out.numel(); ++i) {
+        const float d = op == DeviceUnary::Relu       ? fn::relu_grad(xp[i])
+                        : op == DeviceUnary::Gelu     ? fn::gelu_grad(xp[i])
+                        : op == DeviceUnary::GeluTanh ? fn::gelu_tanh_grad(xp[i])
+                        : op == DeviceUnary::Silu     ? fn::silu_grad(xp[i])
+                        : op == DeviceUnary::Sigmoid  ? fn::sigmoid_grad_y(yp[i])
+                        : op == DeviceUnary::Tanh     ? fn::tanh_grad_y(yp[i])
+                        : op == DeviceUnary::Exp      ? yp[i]
+                                                      : 1.0f / xp[i];
+        out.data<float>()[i] = gp[i] * d;
+      }
       return dev(out.to(x.dtype()));
     };
     t.sum = [](const Tensor& x, const Shape& dims) {
@@ -193,6 +206,48 @@ const DeviceKernels& host_kernels() {
       const Tensor dx = mul(mul(host(w), host(invstd)).reshape(c),
                             sub(sub(hg, div(db, M).reshape(c)), mul(xhat, div(dw, M).reshape(c))));
       return {dev(dx.to(x.dtype())), dev(dw), dev(db)};
+    };
+    t.layer_norm = [](const Tensor& x, const Tensor& w, const Tensor& b, double eps) -> std::array<Tensor, 3> {
+      const Kernel k("layer_norm");
+      EXPECT_TRUE(!w.defined() || w.dtype() == DType::Float32);
+      no_grad ng;
+      const Tensor hx = host(x), xf = hx.to(DType::Float32);
+      return {dev(layer_norm(hx, {x.size(1)}, host(w), host(b), eps)), dev(mean(xf, {1})), dev(rsqrt(add(var(xf, {1}, 0), eps)))};
+    };
+    t.layer_norm_backward = [](const Tensor& x, const Tensor& g, const Tensor& w, const Tensor& m,
+                               const Tensor& rstd) -> std::array<Tensor, 3> {
+      const Kernel k("layer_norm_backward");
+      no_grad ng;
+      const Tensor hx = host(x).to(DType::Float32), hg = host(g).to(DType::Float32), rs = host(rstd).reshape({-1, 1});
+      const Tensor xhat = mul(sub(hx, host(m).reshape({-1, 1})), rs);
+      const Tensor gw = w.defined() ? mul(hg, host(w)) : hg;
+      const double D = static_cast<double>(x.size(1));
+      const Tensor dx = mul(rs, sub(sub(gw, div(sum(gw, {1}, true), D)), mul(xhat, div(sum(mul(gw, xhat), {1}, true), D))));
+      return {dev(dx.to(x.dtype())), dev(sum(mul(hg, xhat), {0})), dev(sum(hg, {0}))};
+    };
+    t.embedding = [](const Tensor& w, const Tensor& idx) {
+      const Kernel k("embedding");
+      EXPECT_EQ(idx.dtype(), DType::Int64);
+      no_grad ng;
+      return dev(embedding(host(w), host(idx)));
+    };
+    t.embedding_backward = [](const Tensor& g, const Tensor& idx, int64_t V, int64_t pad) {
+      const Kernel k("embedding_backward");
+      EXPECT_EQ(g.dtype(), DType::Float32);
+      const Tensor hg = host(g);
+      const int64_t* ip = host(idx).data<int64_t>();
+      const int64_t D = g.size(1);
+      Tensor acc = zeros({V, D});
+      for (int64_t i = 0; i < idx.numel(); ++i)
+        if (ip[i] != pad)
+          for (int64_t d = 0; d < D; ++d) acc.data<float>()[ip[i] * D + d] += hg.data<float>()[i * D + d];
+      return dev(acc);
+    };
+    t.masked_scale = [](const Tensor& x, const Tensor& keep, double scale) {
+      const Kernel k("masked_scale");
+      EXPECT_EQ(keep.dtype(), DType::Bool);
+      no_grad ng;
+      return dev(mul(mul(host(x).to(DType::Float32), host(keep).to(DType::Float32)), scale).to(x.dtype()));
     };
     // The optimizers' and GradScaler's entries, element by element with the CPU's own scalars
     // (optim::detail::AdamScalars / SgdScalars), as the fused CUDA kernels do.
@@ -365,6 +420,193 @@ TEST_F(DeviceDispatch, ResNet20StepWithCrossEntropyMatchesTheCpu) {
   gpu->to(Device::CPU);
   const auto sc = cpu->state_dict(), sg = gpu->state_dict();
   for (std::size_t i = 0; i < sc.size(); ++i) EXPECT_LT(rel_error(sg[i].second, sc[i].second), 1e-5) << sc[i].first;
+}
+
+// GPT-mini: embeddings, layer norms, causal attention with dropout, GELU, dropout, a tied head
+// and cross entropy, then an AdamW step. The same seed gives the device the CPU's dropout draws.
+TEST_F(DeviceDispatch, GptStepWithDropoutOnTheDeviceMatchesTheCpu) {
+  nn::models::GPTConfig cfg;
+  cfg.vocab = 17, cfg.block_size = 8, cfg.n_layer = 2, cfg.n_head = 2, cfg.d_model = 16, cfg.mlp_hidden = 32, cfg.dropout = 0.1;
+  Generator g1(31), g2(31);
+  nn::models::GPT cpu(cfg, g1), gpu(cfg, g2);
+  gpu.to(Device::CUDA);
+  Generator gd(6);
+  const Tensor idx = randint(0, cfg.vocab, {3, 8}, DType::Int64, gd), tgt = randint(0, cfg.vocab, {3, 8}, DType::Int64, gd);
+  manual_seed(77);
+  const Tensor lc = cpu.loss(idx, tgt);
+  manual_seed(77);
+  const Tensor lg = gpu.loss(idx.to(Device::CUDA), tgt.to(Device::CUDA));
+  EXPECT_EQ(lg.device(), Device::CUDA);
+  EXPECT_LT(rel_error(lg.cpu(), lc), 1e-5);
+  for (const char* k : {"embedding", "layer_norm", "masked_scale", "softmax", "matmul"}) EXPECT_GT(calls()[k], 0) << k;
+  lc.backward();
+  lg.backward();
+  for (const char* k : {"embedding_backward", "layer_norm_backward", "unary_backward"}) EXPECT_GT(calls()[k], 0) << k;
+  const auto pc = cpu.named_parameters(), pg = gpu.named_parameters();
+  ASSERT_EQ(pc.size(), pg.size());
+  for (std::size_t i = 0; i < pc.size(); ++i) {
+    ASSERT_EQ(pg[i].second.grad().device(), Device::CUDA) << pc[i].first;
+    EXPECT_LT(rel_error(pg[i].second.grad().cpu(), pc[i].second.grad()), 1e-4) << pc[i].first;
+  }
+  // The update on the same gradients (Adam's first step is about lr * sign(g), so gradients that
+  // are zero up to rounding would make any two runs differ).
+  for (std::size_t i = 0; i < pc.size(); ++i) pg[i].second.grad().copy_(pc[i].second.grad());
+  optim::AdamW oc(cpu.parameters(), 1e-2), og(gpu.parameters(), 1e-2);
+  oc.step();
+  og.step();
+  for (std::size_t i = 0; i < pc.size(); ++i) EXPECT_LT(rel_error(pg[i].second.cpu(), pc[i].second), 1e-6) << pc[i].first;
+}
+
+TEST_F(DeviceDispatch, GptUnderBFloat16AutocastOnTheDeviceStaysCloseToTheCpu) {
+  nn::models::GPTConfig cfg;
+  cfg.vocab = 17, cfg.block_size = 8, cfg.n_layer = 2, cfg.n_head = 2, cfg.d_model = 16, cfg.mlp_hidden = 32;
+  Generator g1(32), g2(32);
+  nn::models::GPT cpu(cfg, g1), gpu(cfg, g2);
+  gpu.to(Device::CUDA);
+  Generator gd(7);
+  const Tensor idx = randint(0, cfg.vocab, {2, 8}, DType::Int64, gd), tgt = randint(0, cfg.vocab, {2, 8}, DType::Int64, gd);
+  Tensor lc, lg;
+  {
+    autocast ac{Device::CPU, DType::BFloat16};
+    lc = cpu.loss(idx, tgt);
+  }
+  {
+    autocast ac{Device::CUDA, DType::BFloat16};
+    lg = gpu.loss(idx.to(Device::CUDA), tgt.to(Device::CUDA));
+  }
+  EXPECT_EQ(lg.dtype(), DType::Float32);
+  // The device rounds q k^T to bfloat16 before the softmax (the CPU's fused kernel keeps it in
+  // float32): within bfloat16's 1e-2.
+  EXPECT_LT(rel_error(lg.cpu(), lc), 1e-2);
+  lc.backward();
+  lg.backward();
+  const auto pc = cpu.named_parameters(), pg = gpu.named_parameters();
+  for (std::size_t i = 0; i < pc.size(); ++i) {
+    EXPECT_EQ(pg[i].second.grad().dtype(), DType::Float32) << pc[i].first;
+    EXPECT_LT(rel_error(pg[i].second.grad().cpu(), pc[i].second.grad()), 5e-2) << pc[i].first;
+  }
+}
+
+TEST_F(DeviceDispatch, AttentionOnTheDeviceKeepsTheCpuRules) {
+  Generator g(8);
+  const Tensor q = randn({2, 3, 4, 5}, DType::Float32, g), k = randn({2, 3, 6, 5}, DType::Float32, g),
+               v = randn({2, 3, 6, 4}, DType::Float32, g);
+  Tensor bmask = gt(rand({2, 1, 4, 6}, DType::Float32, g), 0.3);
+  bmask.select(0, 1).select(1, 2).fill_(0.0);  // a row with no key: 0 and no gradient
+  const Tensor fmask = mul(randn({4, 6}, DType::Float32, g), 0.5);
+  struct Case {
+    const char* name;
+    Tensor mask;
+    double p;
+    bool causal;
+  };
+  for (const Case& c : {Case{"causal", Tensor(), 0.0, true}, Case{"bool mask, empty row", bmask, 0.0, false},
+                        Case{"float mask with grad", fmask, 0.0, false}, Case{"dropout, causal", Tensor(), 0.3, true},
+                        Case{"dropout, empty row", bmask, 0.25, false}}) {
+    SCOPED_TRACE(c.name);
+    const Tensor qc = q.detach().requires_grad_(), kc = k.detach().requires_grad_(), vc = v.detach().requires_grad_();
+    const Tensor qd = q.to(Device::CUDA).requires_grad_(), kd = k.to(Device::CUDA).requires_grad_(),
+                 vd = v.to(Device::CUDA).requires_grad_();
+    const bool mg = c.mask.defined() && c.mask.is_floating_point();
+    const Tensor mc = mg ? c.mask.detach().requires_grad_() : c.mask, md = mg ? c.mask.detach().requires_grad_() : c.mask;
+    manual_seed(3);
+    const Tensor oc = scaled_dot_product_attention(qc, kc, vc, mc, c.p, c.causal);
+    manual_seed(3);
+    const Tensor od = scaled_dot_product_attention(qd, kd, vd, md, c.p, c.causal);
+    ASSERT_EQ(od.device(), Device::CUDA);
+    EXPECT_LT(rel_error(od.cpu(), oc), 1e-5);
+    const Tensor w = randn(oc.sizes(), DType::Float32, g);
+    sum(mul(oc, w)).backward();
+    sum(mul(od, w.to(Device::CUDA))).backward();
+    EXPECT_LT(rel_error(qd.grad().cpu(), qc.grad()), 1e-5);
+    EXPECT_LT(rel_error(kd.grad().cpu(), kc.grad()), 1e-5);
+    EXPECT_LT(rel_error(vd.grad().cpu(), vc.grad()), 1e-5);
+    if (mg) {
+      EXPECT_LT(rel_error(md.grad(), mc.grad()), 1e-5);
+    }
+  }
+  // A float mask with its gradient may not empty a row on the device: refused, by name.
+  Tensor dead = zeros({4, 6});
+  dead.select(0, 1).fill_(-std::numeric_limits<double>::infinity());
+  const Tensor qd = q.to(Device::CUDA);
+  const std::string msg = error_of([&] {
+    scaled_dot_product_attention(qd, k.to(Device::CUDA), v.to(Device::CUDA), dead.requires_grad_());
+  });
+  EXPECT_NE(msg.find("scaled_dot_product_attention"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("bool mask"), std::string::npos) << msg;
+  const Tensor o = scaled_dot_product_attention(qd, k.to(Device::CUDA), v.to(Device::CUDA), dead.detach());
+  EXPECT_EQ(rel_error(o.cpu().select(2, 1), zeros({2, 3, 4})), 0.0);
+  // Refused calls with dropout leave the generator where it was.
+  for (const auto& f : std::vector<std::function<void()>>{
+           [&] { scaled_dot_product_attention(qd, k, v.to(Device::CUDA), Tensor(), 0.5); },  // key on the CPU
+           [&] { scaled_dot_product_attention(qd, k.to(Device::CUDA), v.to(Device::CUDA), dead.requires_grad_(), 0.5); }}) {
+    manual_seed(12);
+    EXPECT_FALSE(error_of(f).empty());
+    const uint64_t after = default_generator().next_u64();
+    manual_seed(12);
+    EXPECT_EQ(after, default_generator().next_u64());
+  }
+}
+
+TEST_F(DeviceDispatch, LayerNormEmbeddingDropoutAndExpLogOnTheDevice) {
+  Generator g(9);
+  // layer_norm with 16-bit parameters: widened for the kernel, gradients rounded back.
+  for (DType dt : {DType::Float32, DType::BFloat16}) {
+    SCOPED_TRACE(name(dt));
+    const Tensor x = randn({3, 2, 8}, DType::Float32, g).to(dt), w = randn({2, 8}, DType::Float32, g).to(dt),
+                 b = randn({2, 8}, DType::Float32, g).to(dt);
+    const Tensor xc = x.detach().requires_grad_(), wc = w.detach().requires_grad_(), bc = b.detach().requires_grad_();
+    const Tensor xd = x.to(Device::CUDA).requires_grad_(), wd = w.to(Device::CUDA).requires_grad_(),
+                 bd = b.to(Device::CUDA).requires_grad_();
+    const Tensor yc = layer_norm(xc, {2, 8}, wc, bc), yd = layer_norm(xd, {2, 8}, wd, bd);
+    EXPECT_EQ(yd.dtype(), dt);
+    const double tol = dt == DType::Float32 ? 1e-6 : 1e-2;
+    EXPECT_LT(rel_error(yd.cpu(), yc), tol);
+    const Tensor gy = randn({3, 2, 8}, DType::Float32, g).to(dt);
+    sum(mul(yc, gy)).backward();
+    sum(mul(yd, gy.to(Device::CUDA))).backward();
+    EXPECT_EQ(wd.grad().dtype(), dt);
+    for (const auto& [a, c] : {std::pair{xd, xc}, std::pair{wd, wc}, std::pair{bd, bc}}) EXPECT_LT(rel_error(a.grad().cpu(), c.grad()), tol);
+  }
+  // embedding: repeated indices accumulate, padding_idx gets nothing, int32 indices on the device.
+  const Tensor w = randn({6, 4}, DType::Float32, g).requires_grad_();
+  const Tensor wd = w.detach().to(Device::CUDA).requires_grad_();
+  const Tensor idx = tensor(std::vector<int64_t>{1, 5, 1, 0, 5, 5}, {2, 3});
+  const Tensor ec = embedding(w, idx, 5), ed = embedding(wd, idx.to(DType::Int32).to(Device::CUDA), 5);
+  EXPECT_EQ(ed.sizes(), (Shape{2, 3, 4}));
+  EXPECT_EQ(rel_error(ed.cpu(), ec), 0.0);
+  const Tensor ge = randn({2, 3, 4}, DType::Float32, g);
+  sum(mul(ec, ge)).backward();
+  sum(mul(ed, ge.to(Device::CUDA))).backward();
+  EXPECT_LT(rel_error(wd.grad().cpu(), w.grad()), 1e-6);
+  const int before = calls()["embedding"];
+  const std::string msg = error_of([&] { embedding(wd, tensor(std::vector<int64_t>{2, 6}).to(Device::CUDA)); });
+  EXPECT_NE(msg.find("index 6 (at position 1) is out of range"), std::string::npos) << msg;
+  EXPECT_EQ(calls()["embedding"], before);  // checked before any kernel ran
+  // dropout: the CPU's mask for the same generator state, in every floating dtype the device takes.
+  for (DType dt : {DType::Float32, DType::Float16, DType::BFloat16}) {
+    const Tensor x = randn({5, 7}, DType::Float32, g).to(dt);
+    const Tensor xc = x.detach().requires_grad_(), xd = x.to(Device::CUDA).requires_grad_();
+    Generator a(4), b(4);
+    const Tensor yc = dropout(xc, 0.3, true, a), yd = dropout(xd, 0.3, true, b);
+    EXPECT_EQ(rel_error(yd.cpu(), yc), 0.0);
+    sum(yc).backward();
+    sum(yd).backward();
+    EXPECT_EQ(rel_error(xd.grad().cpu(), xc.grad()), 0.0);
+  }
+  {  // float64 is refused on the device before the mask is drawn
+    Generator a(4), b(4);
+    EXPECT_NE(error_of([&] { dropout(randn({3}, DType::Float64).to(Device::CUDA), 0.5, true, a); }).find("float64"), std::string::npos);
+    EXPECT_EQ(a.next_u64(), b.next_u64());
+  }
+  // exp and log, and their gradients.
+  const Tensor x = add(rand({3, 4}, DType::Float32, g), 0.5).requires_grad_();
+  const Tensor xd = x.detach().to(Device::CUDA).requires_grad_();
+  const Tensor yc = add(exp(x), log(x)), yd = add(exp(xd), log(xd));
+  EXPECT_LT(rel_error(yd.cpu(), yc), 1e-6);
+  sum(yc).backward();
+  sum(yd).backward();
+  EXPECT_LT(rel_error(xd.grad().cpu(), x.grad()), 1e-6);
 }
 
 TEST_F(DeviceDispatch, HostCodeCannotTouchDeviceMemory) {
@@ -618,9 +860,9 @@ TEST_F(DeviceDispatch, AutocastOnTheDeviceFollowsThePolicyTable) {
 TEST_F(DeviceDispatch, OpsWithoutADeviceKernelNameThemselves) {
   const Tensor d = randn({2, 3, 4, 4}).to(Device::CUDA);
   for (const auto& [what, f, words] : std::vector<std::tuple<std::string, std::function<void()>, std::vector<std::string>>>{
-           {"layer_norm", [&] { layer_norm(d, {4}); }, {"layer_norm", "cuda", "CPU kernel"}},
+           {"group_norm", [&] { group_norm(d, 1); }, {"group_norm", "cuda", "CPU kernel"}},
            {"max_pool2d", [&] { max_pool2d(d, {2, 2}); }, {"max_pool2d", "cuda"}},
-           {"exp", [&] { exp(d); }, {"exp", "cuda", ".cpu()"}},
+           {"sqrt", [&] { mixprec::sqrt(d); }, {"sqrt", "cuda", ".cpu()"}},
            {"mixed devices", [&] { add(d, randn({2, 3, 4, 4})); }, {"add", "one device", "cpu", "cuda"}},
            {"matmul mixed", [&] { matmul(d, randn({4, 2})); }, {"matmul", "one device"}},
            {"integer add", [&] { add(zeros({2}, DType::Int64, Device::CUDA), zeros({2}, DType::Int64, Device::CUDA)); },

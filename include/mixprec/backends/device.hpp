@@ -21,7 +21,7 @@ struct AdamHyper;   // optim/adam.hpp
 struct SgdScalars;  // optim/sgd.hpp
 }  // namespace optim::detail
 
-enum class DeviceUnary : uint8_t { Relu, Gelu, GeluTanh, Silu, Sigmoid, Tanh };
+enum class DeviceUnary : uint8_t { Relu, Gelu, GeluTanh, Silu, Sigmoid, Tanh, Exp, Log };
 enum class DeviceBinary : uint8_t { Add, Mul, Div };
 
 // One parameter's optimizer update; every tensor on the device, state float32 of its shape.
@@ -64,6 +64,21 @@ struct DeviceKernels {
   // Training mode's {dx, dweight, dbias} from the forward's saved statistics.
   std::array<Tensor, 3> (*batch_norm_backward)(const Tensor& x, const Tensor& grad, const Tensor& weight, const Tensor& save_mean,
                                                const Tensor& save_invstd, double eps) = nullptr;
+  // Layer norm of contiguous x [M, D] over D, with float32 [D] weight and bias (either may be
+  // undefined) and statistics: returns {y, mean [M], 1/std [M]}, the statistics float32.
+  std::array<Tensor, 3> (*layer_norm)(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps) = nullptr;
+  // {dx, dweight, dbias} from the forward's statistics; dweight and dbias float32 [D].
+  std::array<Tensor, 3> (*layer_norm_backward)(const Tensor& x, const Tensor& grad, const Tensor& weight, const Tensor& mean,
+                                               const Tensor& rstd) = nullptr;
+  // Rows of contiguous weight [V, D] at int64 indices [N] (on the device, already range-checked):
+  // [N, D] in weight's dtype.
+  Tensor (*embedding)(const Tensor& weight, const Tensor& indices) = nullptr;
+  // The weight's gradient: grad [N, D] (float32, contiguous) added into row indices[i] of a float32
+  // [V, D] of zeros; the row `padding_idx` (-1: none) gets none.
+  Tensor (*embedding_backward)(const Tensor& grad, const Tensor& indices, int64_t num_weights, int64_t padding_idx) = nullptr;
+  // x * (keep ? scale : 0), computed in float32 and rounded once; keep is bool of x's shape,
+  // contiguous. Dropout's forward and backward.
+  Tensor (*masked_scale)(const Tensor& x, const Tensor& keep, double scale) = nullptr;
   // One optimizer group's updates, all parameters in one launch, with the CPU's arithmetic.
   void (*adam)(const std::vector<DeviceParamUpdate>& params, const optim::detail::AdamHyper& h) = nullptr;
   void (*sgd)(const std::vector<DeviceParamUpdate>& params, const optim::detail::SgdScalars& s) = nullptr;

@@ -221,8 +221,12 @@ inline Tensor dropout(const Tensor& x, double p, bool training, Generator& gen =
   return dispatch(OpId::dropout, [p, training, &gen](const Tensor& x) {
     MIXPREC_CHECK(p >= 0.0 && p <= 1.0, "dropout: probability has to be between 0 and 1, got ", p);
     MIXPREC_CHECK(x.is_floating_point(), "dropout: expected a floating-point tensor, got ", x.dtype(), " of shape ", x.sizes());
-    detail::require_cpu("dropout", x);
     if (!training || p == 0.0) return x;
+    if (x.device() != Device::CPU) {  // refused before the draw, so a refusal leaves the generator as it was
+      (void)detail::device_kernel("dropout", x, &DeviceKernels::masked_scale);
+      MIXPREC_CHECK(x.dtype() != DType::Float64, "dropout: float64 tensors on ", x.device(), " are not supported (shape ", x.sizes(),
+                    "); use float32, float16 or bfloat16");
+    }
     const int64_t n = x.numel();
     Tensor mask = empty(x.sizes(), DType::Bool);
     bool* m = mask.data<bool>();
@@ -237,6 +241,18 @@ inline Tensor dropout(const Tensor& x, double p, bool training, Generator& gen =
     });
     // p == 1 drops everything; a zero scale avoids inf * 0.
     const double scale = p == 1.0 ? 0.0 : 1.0 / (1.0 - p);
+    if (x.device() != Device::CPU) {
+      // The mask is drawn on the host, from the same stream as on the CPU, and copied over: the
+      // device drops exactly the elements the CPU would.
+      const Tensor keep = detail::move_raw(mask, x.device(), "dropout");
+      Tensor y = detail::device_kernel("dropout", x, &DeviceKernels::masked_scale)(detail::contiguous_raw(x), keep, scale);
+      if (autograd::should_record({x}))
+        autograd::record("dropout", {x}, {y}, [keep, scale, dt = x.dtype()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+          const Tensor gg = detail::contiguous_raw(detail::expand_raw(detail::as_dtype_raw(g[0], dt), keep.sizes()));
+          return {detail::device_kernel("dropout_backward", gg, &DeviceKernels::masked_scale)(gg, keep, scale)};
+        });
+      return y;
+    }
     Tensor y = empty(x.sizes(), x.dtype());
     dispatch_floating(x.dtype(), "dropout", [&]<class T>() {
       const auto sc = static_cast<acc_t<T>>(scale);

@@ -6,8 +6,10 @@
 // shared GEMM, and rounded once on store. Dropout uses a counter-based hash of (seed, position),
 // so backward regenerates the same mask without saving it and the result does not depend on
 // how blocks are split across threads.
+#include <algorithm>
 #include <limits>
 
+#include "mixprec/ops/activation.hpp"
 #include "mixprec/ops/shape.hpp"
 
 namespace mixprec {
@@ -297,6 +299,84 @@ SdpaProblem<C> sdpa_problem(const Tensor& q, const Tensor& k, const Tensor& v, c
 }
 }  // namespace detail
 
+namespace detail {
+// scaled_dot_product_attention on a device, composed from routed ops that each have their own
+// backward: (q * scale) k^T in the inputs' dtype (float32 accumulation, rounded on store, as
+// PyTorch's math path under autocast), masked and softmaxed in float32, the probabilities rounded
+// back for the product with v. It holds the [..., L, S] scores where the CPU's fused kernel holds
+// one block. Masks and dropout are built on the host with the CPU's rules and draws (the same
+// keys dropped, rows with no key left giving 0 and no gradient) and copied over. Masking adds
+// -inf where the CPU skips the key, so a non-finite score at a masked position (an input that
+// has already overflowed) makes its row NaN here.
+inline Tensor sdpa_device(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask, const Shape& batch, bool is_causal,
+                          double sc, double dropout_p) {
+  constexpr const char* op = "scaled_dot_product_attention";
+  const Device dev = common_device(op, {&q, &k, &v});
+  MIXPREC_CHECK(!mask.defined() || mask.device() == Device::CPU || mask.device() == dev, op, ": query on ", dev,
+                " and attn_mask on ", mask.device());
+  (void)device_kernel(op, q, &DeviceKernels::softmax);  // no backend: refuse here, by this op's name
+  const int64_t L = q.size(-2), S = k.size(-2), B = numel_of(batch);
+  Shape full = batch;
+  full.push_back(L);
+  full.push_back(S);
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  Tensor additive;  // float32 on the host: 0 or -inf (bool, causal) or the mask's values
+  Tensor live;      // float32 [batch..., L, 1] on the host: 0 for a row with no key left, else 1
+  bool mask_on_graph = false;  // a float mask that needs its gradient goes in through the graph
+  if (is_causal) {
+    additive = empty({L, S}, DType::Float32);
+    float* a = additive.data<float>();
+    for (int64_t i = 0; i < L; ++i)
+      for (int64_t j = 0; j < S; ++j) a[i * S + j] = j <= i ? 0.0f : kNegInf;  // key 0 stays: no row is empty
+  } else if (mask.defined()) {
+    const Tensor mh = expand_raw(move_raw(mask, Device::CPU, op), full);
+    additive = empty(full, DType::Float32);
+    float* a = additive.data<float>();
+    if (mask.dtype() == DType::Bool) {
+      const Tensor mb = contiguous_raw(mh);
+      const bool* m = mb.data<bool>();
+      for (int64_t i = 0; i < additive.numel(); ++i) a[i] = m[i] ? 0.0f : kNegInf;
+    } else {
+      detail::copy_kernel(additive, mh);
+    }
+    bool any_dead = false;
+    live = empty([&] { Shape r = batch; r.push_back(L); r.push_back(1); return r; }(), DType::Float32);
+    float* lv = live.data<float>();
+    for (int64_t r = 0; r < B * L; ++r) {
+      float* row = a + r * S;
+      const bool dead = S > 0 && std::all_of(row, row + S, [](float x) { return x == -std::numeric_limits<float>::infinity(); });
+      lv[r] = dead ? 0.0f : 1.0f;
+      if (dead) std::fill(row, row + S, 0.0f);  // softmax over zeros, then zeroed by `live`
+      any_dead = any_dead || dead;
+    }
+    if (!any_dead) live = Tensor();
+    mask_on_graph = mask.is_floating_point() && autograd::should_record({mask});
+    MIXPREC_CHECK(!(mask_on_graph && any_dead), op, ": on ", dev, ", a float attn_mask that requires grad may not mask every key of "
+                  "a row (shape ", mask.sizes(), "); use a bool mask, or detach it");
+  }
+  // Every refusal is behind us: the op's one draw, where the CPU makes it.
+  const uint64_t seed = dropout_p > 0 ? default_generator().next_u64() : 0;
+  Tensor factor = live;  // what the probabilities are multiplied by: live rows, dropout's keep / (1 - p)
+  if (dropout_p > 0) {
+    const float keep_scale = dropout_p < 1 ? static_cast<float>(1.0 / (1.0 - dropout_p)) : 0.0f;
+    factor = empty(full, DType::Float32);
+    float* f = factor.data<float>();
+    const Tensor lc = live.defined() ? contiguous_raw(live) : Tensor();
+    for (int64_t i = 0; i < factor.numel(); ++i) {
+      const float alive = lc.defined() ? lc.data<float>()[i / std::max<int64_t>(S, 1)] : 1.0f;
+      f[i] = sdpa_dropout_keep(seed, static_cast<uint64_t>(i), dropout_p) ? keep_scale * alive : 0.0f;
+    }
+  }
+  // q is scaled first, so 16-bit scores stay in range where q k^T alone might overflow float16.
+  Tensor scores = cast(matmul(mul(q, sc), k.transpose(-2, -1)), DType::Float32);
+  if (mask_on_graph) scores = add(scores, cast(mask, DType::Float32).to(dev));
+  else if (additive.defined()) scores = add(scores, move_raw(additive, dev, op));
+  Tensor probs = softmax(scores, -1);
+  if (factor.defined()) probs = mul(probs, move_raw(factor, dev, op));
+  return matmul(cast(probs, q.dtype()), v);
+}
+}  // namespace detail
+
 // softmax(q k^T * scale + mask) v over the last two dims, batch dims broadcast, as
 // torch.nn.functional.scaled_dot_product_attention: q [..., L, E], k [..., S, E], v [..., S, Ev]
 // -> [..., L, Ev]. attn_mask is bool (true = take part) or additive float, broadcastable to
@@ -308,10 +388,10 @@ inline Tensor scaled_dot_product_attention(const Tensor& q, const Tensor& k, con
                                            std::optional<double> scale = std::nullopt) {
   return dispatch(OpId::scaled_dot_product_attention, [dropout_p, is_causal, scale](const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask) {
     constexpr const char* op = "scaled_dot_product_attention";
-    for (const Tensor* t : {&q, &k, &v}) {
-      MIXPREC_CHECK(t->defined(), op, ": query, key and value must be defined");
-      detail::require_cpu(op, *t);
-    }
+    for (const Tensor* t : {&q, &k, &v}) MIXPREC_CHECK(t->defined(), op, ": query, key and value must be defined");
+    const bool on_device = q.device() != Device::CPU;
+    if (!on_device)
+      for (const Tensor* t : {&k, &v}) detail::require_cpu(op, *t);
     MIXPREC_CHECK(q.dim() >= 2 && k.dim() >= 2 && v.dim() >= 2, op, ": query, key and value need at least 2 dimensions, got ",
                   q.sizes(), ", ", k.sizes(), " and ", v.sizes());
     MIXPREC_CHECK(q.dtype() == k.dtype() && q.dtype() == v.dtype(), op, ": query, key and value must have one dtype, got ",
@@ -328,7 +408,7 @@ inline Tensor scaled_dot_product_attention(const Tensor& q, const Tensor& k, con
     const Shape batch = broadcast_shapes(broadcast_shapes(qb, kb, op), vb, op);
     const int64_t L = q.size(-2), S = k.size(-2), E = q.size(-1), Ev = v.size(-1);
     if (mask.defined()) {
-      detail::require_cpu(op, mask);
+      if (!on_device) detail::require_cpu(op, mask);
       MIXPREC_CHECK(mask.dtype() == DType::Bool || mask.is_floating_point(), op,
                     ": attn_mask must be bool (true = attend) or floating-point (added to the scores), got ", mask.dtype());
       Shape full = batch;
@@ -343,6 +423,7 @@ inline Tensor scaled_dot_product_attention(const Tensor& q, const Tensor& k, con
                     " (query ", q.sizes(), ", key ", k.sizes(), ")");
     }
     const double sc = scale.value_or(E > 0 ? 1.0 / std::sqrt(static_cast<double>(E)) : 1.0);
+    if (on_device) return detail::sdpa_device(q, k, v, mask, batch, is_causal, sc, dropout_p);
     const uint64_t seed = dropout_p > 0 ? default_generator().next_u64() : 0;
     Shape out_shape = batch;
     out_shape.push_back(L);

@@ -259,10 +259,10 @@ inline Tensor operator-(const Tensor& x) { return neg(x); }
 inline Tensor operator-(double s, const Tensor& a) { return add(neg(a), s); }
 
 inline Tensor exp(const Tensor& x) {
-  return detail::unary_op(OpId::exp, "exp", x, [](auto v) { return std::exp(v); }, [](auto, auto y) { return y; });
+  return detail::unary_op(OpId::exp, "exp", x, [](auto v) { return std::exp(v); }, [](auto, auto y) { return y; }, DeviceUnary::Exp);
 }
 inline Tensor log(const Tensor& x) {
-  return detail::unary_op(OpId::log, "log", x, [](auto v) { return std::log(v); }, [](auto v, auto) { return 1 / v; });
+  return detail::unary_op(OpId::log, "log", x, [](auto v) { return std::log(v); }, [](auto v, auto) { return 1 / v; }, DeviceUnary::Log);
 }
 inline Tensor sqrt(const Tensor& x) {
   return detail::unary_op(OpId::sqrt, "sqrt", x, [](auto v) { return std::sqrt(v); }, [](auto, auto y) { return 1 / (2 * y); });

@@ -165,6 +165,33 @@ inline Tensor batch_norm_device(const Tensor& x, const Tensor& running_mean, con
 }
 }  // namespace detail
 
+namespace detail {
+// layer_norm on a device (arguments already checked): x seen as [M, D]. As batch_norm's, the
+// kernel takes float32 parameters, so 16-bit weights are widened and their gradients rounded back.
+inline Tensor layer_norm_device(const Tensor& x, const Shape& normalized_shape, const Tensor& weight, const Tensor& bias, double eps) {
+  const char* op = "layer_norm";
+  (void)common_device(op, {&x, &weight, &bias});
+  const int64_t D = numel_of(normalized_shape), M = D == 0 ? 0 : x.numel() / D;
+  auto param = [&](const Tensor& t) { return t.defined() ? reshape_raw(as_dtype_raw(t, DType::Float32), {D}) : Tensor(); };
+  const Tensor w32 = param(weight), b32 = param(bias);
+  const auto [y, mean, rstd] = device_kernel(op, x, &DeviceKernels::layer_norm)(reshape_raw(x, {M, D}), w32, b32, eps);
+  const Tensor out = reshape_raw(y, x.sizes());
+  if (autograd::should_record({x, weight, bias}))
+    autograd::record(op, {x, weight, bias}, {out},
+                     [sx = autograd::SavedTensor(x), sw = autograd::SavedTensor(w32), mean, rstd, M, D, normalized_shape,
+                      wd = weight.defined() ? weight.dtype() : DType::Float32, bd = bias.defined() ? bias.dtype() : DType::Float32,
+                      has_w = weight.defined(), has_b = bias.defined()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+                       const Tensor& x = sx.get("layer_norm");
+                       const Tensor gy = reshape_raw(expand_raw(as_dtype_raw(g[0], x.dtype()), x.sizes()), {M, D});
+                       const auto r = device_kernel("layer_norm_backward", x, &DeviceKernels::layer_norm_backward)(
+                           reshape_raw(x, {M, D}), gy, sw.get("layer_norm"), mean, rstd);
+                       return {reshape_raw(r[0], x.sizes()), has_w ? reshape_raw(as_dtype_raw(r[1], wd), normalized_shape) : Tensor(),
+                               has_b ? reshape_raw(as_dtype_raw(r[2], bd), normalized_shape) : Tensor()};
+                     });
+  return out;
+}
+}  // namespace detail
+
 // Batch normalisation of x [N, C, *] per channel. training: normalise with the batch mean and
 // biased variance, and (when given) update running_mean / running_var in place with the
 // unbiased variance: r = (1 - momentum) r + momentum stat, as PyTorch. eval: normalise with the
@@ -303,9 +330,10 @@ inline Tensor layer_norm(const Tensor& x, const Shape& normalized_shape, const T
       if (!p->defined()) continue;
       MIXPREC_CHECK(p->is_floating_point() && p->sizes() == normalized_shape, "layer_norm: ", p == &weight ? "weight" : "bias",
                     " of shape ", p->sizes(), " (", p->dtype(), ") must be floating-point with normalized_shape ", normalized_shape);
-      detail::require_cpu("layer_norm", *p);
     }
-    detail::require_cpu("layer_norm", x);
+    if (x.device() != Device::CPU) return detail::layer_norm_device(x, normalized_shape, weight, bias, eps);
+    for (const Tensor* t : {&x, &weight, &bias})
+      if (t->defined()) detail::require_cpu("layer_norm", *t);
     const int64_t D = numel_of(normalized_shape), M = D == 0 ? 0 : x.numel() / D;
     const Tensor xc = detail::contiguous_raw(x);
     Tensor y = empty(x.sizes(), x.dtype());

@@ -347,11 +347,44 @@ inline Tensor gather(const Tensor& x, int64_t dim, const Tensor& index) {
   }, x, index);
 }
 
+namespace detail {
+inline void embedding_check_indices(const int64_t* ip, int64_t N, const Tensor& weight) {
+  const int64_t V = weight.size(0);
+  for (int64_t i = 0; i < N; ++i)
+    MIXPREC_CHECK(ip[i] >= 0 && ip[i] < V, "embedding: index ", ip[i], " (at position ", i,
+                  ") is out of range for num_embeddings V = ", V, " (weight shape ", weight.sizes(), ")");
+}
+
+// embedding with the weight on a device. The indices are range-checked on the host first, as
+// cross_entropy's targets (device indices are copied back: one sync), so the kernels never see
+// an index out of range.
+inline Tensor embedding_device(const Tensor& weight, const Tensor& indices, int64_t pad) {
+  const char* op = "embedding";
+  const Device dev = weight.device();
+  MIXPREC_CHECK(indices.device() == Device::CPU || indices.device() == dev, op, ": weight on ", dev, " and indices on ",
+                indices.device());
+  const auto gather = device_kernel(op, weight, &DeviceKernels::embedding);  // refuse by name before any copy
+  const int64_t V = weight.size(0), D = weight.size(1), N = indices.numel();
+  const Tensor ih = contiguous_raw(move_raw(indices, Device::CPU, op), DType::Int64);
+  embedding_check_indices(ih.data<int64_t>(), N, weight);
+  const Tensor idx = move_raw(reshape_raw(ih, {N}), dev, op);  // our own copy: the backward needs these very indices
+  Shape shape = indices.sizes();
+  shape.push_back(D);
+  const Tensor out = reshape_raw(gather(contiguous_raw(weight), idx), shape);
+  if (autograd::should_record({weight}))
+    autograd::record(op, {weight}, {out}, [idx, V, D, N, pad, dt = weight.dtype()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+      const Tensor gc = reshape_raw(as_dtype_raw(g[0], DType::Float32), {N, D});
+      return {as_dtype_raw(device_kernel("embedding_backward", gc, &DeviceKernels::embedding_backward)(gc, idx, V, pad), dt)};
+    });
+  return out;
+}
+}  // namespace detail
+
 // Rows of weight [V, D] at `indices` (any shape): output indices.shape + [D]. padding_idx's row
 // gets no gradient (it may be negative, counted from the end, as in PyTorch).
 inline Tensor embedding(const Tensor& weight, const Tensor& indices, std::optional<int64_t> padding_idx = std::nullopt) {
   return dispatch(OpId::embedding, [padding_idx](const Tensor& weight, const Tensor& indices) {
-    detail::require_cpu("embedding", weight);
+    MIXPREC_CHECK(weight.defined() && indices.defined(), "embedding: weight and indices must be defined");
     MIXPREC_CHECK(weight.dim() == 2, "embedding: weight must be 2-D [num_embeddings, embedding_dim], got shape ", weight.sizes());
     const int64_t V = weight.size(0), D = weight.size(1);
     MIXPREC_CHECK(indices.dtype() == DType::Int64 || indices.dtype() == DType::Int32,
@@ -362,13 +395,12 @@ inline Tensor embedding(const Tensor& weight, const Tensor& indices, std::option
                     " is out of range for num_embeddings V = ", V);
       pad = *padding_idx < 0 ? *padding_idx + V : *padding_idx;
     }
+    if (weight.device() != Device::CPU) return detail::embedding_device(weight, indices, pad);
     detail::require_cpu("embedding", indices);
     const Tensor ic = detail::contiguous_raw(indices, DType::Int64);
     const int64_t* ip = ic.data<int64_t>();
     const int64_t N = ic.numel();
-    for (int64_t i = 0; i < N; ++i)
-      MIXPREC_CHECK(ip[i] >= 0 && ip[i] < V, "embedding: index ", ip[i], " (at position ", i,
-                    ") is out of range for num_embeddings V = ", V, " (weight shape ", weight.sizes(), ")");
+    detail::embedding_check_indices(ip, N, weight);
     std::vector<int64_t> idx(ip, ip + N);
     Shape shape = indices.sizes();
     shape.push_back(D);

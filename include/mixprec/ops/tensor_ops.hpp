@@ -125,6 +125,11 @@ inline Tensor contiguous_raw(const Tensor& t, DType d) {
   return out;
 }
 inline Tensor contiguous_raw(const Tensor& t) { return contiguous_raw(t, t.dtype()); }
+// t's values with another shape of the same numel, contiguous, without a graph edge.
+inline Tensor reshape_raw(const Tensor& t, const Shape& shape) {
+  const Tensor c = contiguous_raw(t);
+  return make_view(c, shape, contiguous_strides(shape), c.storage_offset());
+}
 
 // Only floating -> integer conversions pay for this scan.
 inline void check_float_to_integer(const char* op, const Tensor& src, DType to) {

@@ -10,7 +10,7 @@
 
 namespace mixprec::gpu {
 
-enum class Activation : uint8_t { Relu, Gelu, GeluTanh, Silu, Sigmoid, Tanh };
+enum class Activation : uint8_t { Relu, Gelu, GeluTanh, Silu, Sigmoid, Tanh, Exp, Log };
 
 MIXPREC_HOST_DEVICE float activate(Activation a, float v) {
   switch (a) {
@@ -20,6 +20,8 @@ MIXPREC_HOST_DEVICE float activate(Activation a, float v) {
     case Activation::Silu: return fn::silu(v);
     case Activation::Sigmoid: return fn::sigmoid(v);
     case Activation::Tanh: return std::tanh(v);
+    case Activation::Exp: return std::exp(v);
+    case Activation::Log: return std::log(v);
   }
   return v;
 }
@@ -32,6 +34,8 @@ MIXPREC_HOST_DEVICE float activate_grad(Activation a, float x, float y) {
     case Activation::Silu: return fn::silu_grad(x);
     case Activation::Sigmoid: return fn::sigmoid_grad_y(y);
     case Activation::Tanh: return fn::tanh_grad_y(y);
+    case Activation::Exp: return y;
+    case Activation::Log: return 1.0f / x;
   }
   return 0.0f;
 }
@@ -79,6 +83,32 @@ inline Tensor activation_backward(Activation a, const Tensor& grad, const Tensor
   });
   check_launch(op);
   return gx;
+}
+
+template <class T>
+__global__ void masked_scale_kernel(const T* __restrict__ x, const bool* __restrict__ keep, T* __restrict__ y, int64_t n, float scale) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    y[i] = T(static_cast<float>(x[i]) * (keep[i] ? scale : 0.0f));
+}
+
+// x * (keep ? scale : 0) in float, rounded once: dropout's forward and backward, as the CPU's.
+inline Tensor masked_scale(const Tensor& x, const Tensor& keep, double scale) {
+  const char* op = "gpu::dropout";
+  require_cuda_tensor(op, x);
+  require_cuda_tensor(op, keep);
+  MIXPREC_CHECK(keep.dtype() == DType::Bool && keep.sizes() == x.sizes(), op, ": mask ", keep.dtype(), " ", keep.sizes(),
+                " must be bool of the input's shape ", x.sizes());
+  const Tensor xc = contiguous(x), kc = keep.is_contiguous() ? keep : Tensor();
+  MIXPREC_CHECK(kc.defined(), op, ": the mask must be contiguous");
+  Tensor y = empty(x.sizes(), x.dtype(), Device::CUDA);
+  const int64_t n = x.numel();
+  if (n == 0) return y;
+  dispatch_storage(x.dtype(), op, [&]<class T>() {
+    masked_scale_kernel<T><<<grid_for(n), kThreads, 0, current_stream()>>>(xc.data<T>(), kc.data<bool>(), y.data<T>(), n,
+                                                                           static_cast<float>(scale));
+  });
+  check_launch(op);
+  return y;
 }
 
 namespace detail {

@@ -1,11 +1,13 @@
 #pragma once
 // The CUDA entries of the device kernel table (backends/device.hpp), registered when this header
-// is included: from then on the ops (matmul, linear, conv2d, softmax, batch_norm, the
-// activations, add/mul/div, sum/mean, casts and copies; the optimizers' and GradScaler's fused
-// updates) run CUDA tensors here, with the CPU's autograd, autocast and checks around them. Ops
+// is included: from then on the ops (matmul, linear, conv2d, softmax, batch_norm, layer_norm,
+// embedding, dropout, the activations, exp/log, add/mul/div, sum/mean, casts and copies; attention
+// and cross_entropy composed from these; the optimizers' and GradScaler's fused updates) run
+// CUDA tensors here, with the CPU's autograd, autocast and checks around them. Ops
 // without an entry refuse CUDA tensors by name.
 #include "mixprec/backends/cuda/amp.cuh"
 #include "mixprec/backends/cuda/elementwise.cuh"
+#include "mixprec/backends/cuda/embedding.cuh"
 #include "mixprec/backends/cuda/gemm.cuh"
 #include "mixprec/backends/cuda/norm.cuh"
 
@@ -71,6 +73,8 @@ inline Activation activation_of(DeviceUnary u) {
     case DeviceUnary::Silu: return Activation::Silu;
     case DeviceUnary::Sigmoid: return Activation::Sigmoid;
     case DeviceUnary::Tanh: return Activation::Tanh;
+    case DeviceUnary::Exp: return Activation::Exp;
+    case DeviceUnary::Log: return Activation::Log;
   }
   fail("gpu: unknown activation ", static_cast<int>(u));
 }
@@ -223,6 +227,20 @@ inline const DeviceKernels& cuda_kernel_table() {
       BatchNormGrads r = gpu::batch_norm_backward(x, g, w, mean, invstd, eps);
       return {r.dx, r.dweight, r.dbias};
     };
+    t.layer_norm = [](const Tensor& x, const Tensor& w, const Tensor& b, double eps) -> std::array<Tensor, 3> {
+      LayerNormResult r = gpu::layer_norm(x, w, b, eps);
+      return {r.y, r.mean, r.rstd};
+    };
+    t.layer_norm_backward = [](const Tensor& x, const Tensor& g, const Tensor& w, const Tensor& mean,
+                               const Tensor& rstd) -> std::array<Tensor, 3> {
+      LayerNormGrads r = gpu::layer_norm_backward(x, g, w, mean, rstd);
+      return {r.dx, r.dweight, r.dbias};
+    };
+    t.embedding = [](const Tensor& w, const Tensor& idx) { return gpu::embedding(w, idx); };
+    t.embedding_backward = [](const Tensor& g, const Tensor& idx, int64_t V, int64_t pad) {
+      return gpu::embedding_backward(g, idx, V, pad);
+    };
+    t.masked_scale = [](const Tensor& x, const Tensor& keep, double scale) { return gpu::masked_scale(x, keep, scale); };
     t.adam = [](const std::vector<DeviceParamUpdate>& ps, const optim::detail::AdamHyper& h) { adam_updates(ps, h); };
     t.sgd = [](const std::vector<DeviceParamUpdate>& ps, const optim::detail::SgdScalars& sc) { sgd_updates(ps, sc); };
     t.unscale = [](const std::vector<Tensor>& g, const std::vector<Tensor>& m, double scale) { return unscale_grads(g, m, scale); };

@@ -1,6 +1,9 @@
 #pragma once
 // Softmax / log-softmax and batch norm through cuDNN (which computes in float32 for 16-bit
 // storage). Softmax sees the input as [outer, D, inner] with D the reduced dim, as the CPU kernel.
+// Layer norm, which cuDNN's legacy API lacks, is ours: one block per row, float32 statistics.
+#include <cub/block/block_reduce.cuh>
+
 #include "mixprec/backends/cuda/conv.cuh"
 
 namespace mixprec::gpu {
@@ -137,6 +140,160 @@ inline BatchNormGrads batch_norm_backward(const Tensor& x, const Tensor& dy, con
                                               weight.data_ptr(), g.dweight.data_ptr(), g.dbias.data_ptr(), eps, save_mean.data_ptr(),
                                               save_invstd.data_ptr()),
               "cudnnBatchNormalizationBackward");
+  return g;
+}
+
+// Layer norm of x [M, D] (contiguous) over D. weight and bias: float32 [D] or undefined;
+// mean and rstd (1 / sqrt(var + eps), biased variance): float32 [M], for the backward.
+struct LayerNormResult {
+  Tensor y, mean, rstd;
+};
+struct LayerNormGrads {
+  Tensor dx, dweight, dbias;  // dweight, dbias: float32 [D]
+};
+
+namespace detail {
+inline constexpr int kRowThreads = 256;
+
+// The block's sum of v, returned to every thread; the shared storage is free again on return.
+__device__ inline float block_sum(float v) {
+  using Reduce = cub::BlockReduce<float, kRowThreads>;
+  __shared__ typename Reduce::TempStorage tmp;
+  __shared__ float total;
+  const float s = Reduce(tmp).Sum(v);
+  if (threadIdx.x == 0) total = s;
+  __syncthreads();
+  const float out = total;
+  __syncthreads();
+  return out;
+}
+
+// Two passes over the row (mean, then squared deviations), as the CPU, so no cancellation.
+template <class T>
+__global__ void layer_norm_kernel(const T* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b, T* __restrict__ y,
+                                  float* __restrict__ mean, float* __restrict__ rstd, int64_t D, float eps) {
+  const int64_t r = blockIdx.x;
+  const T* xr = x + r * D;
+  T* yr = y + r * D;
+  float s = 0.0f;
+  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) s += static_cast<float>(xr[i]);
+  const float mu = block_sum(s) / static_cast<float>(D);
+  float q = 0.0f;
+  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) {
+    const float d = static_cast<float>(xr[i]) - mu;
+    q += d * d;
+  }
+  const float rs = rsqrtf(block_sum(q) / static_cast<float>(D) + eps);
+  if (threadIdx.x == 0) {
+    mean[r] = mu;
+    rstd[r] = rs;
+  }
+  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) {
+    const float h = (static_cast<float>(xr[i]) - mu) * rs;
+    yr[i] = T((w ? h * w[i] : h) + (b ? b[i] : 0.0f));
+  }
+}
+
+// dx = rstd (g w - mean(g w) - xhat mean(g w xhat)) per row.
+template <class T>
+__global__ void layer_norm_grad_input_kernel(const T* __restrict__ x, const T* __restrict__ g, const float* __restrict__ w,
+                                             const float* __restrict__ mean, const float* __restrict__ rstd, T* __restrict__ dx,
+                                             int64_t D) {
+  const int64_t r = blockIdx.x;
+  const T* xr = x + r * D;
+  const T* gr = g + r * D;
+  const float mu = mean[r], rs = rstd[r];
+  float s1 = 0.0f, s2 = 0.0f;
+  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) {
+    const float gw = w ? static_cast<float>(gr[i]) * w[i] : static_cast<float>(gr[i]);
+    s1 += gw;
+    s2 += gw * (static_cast<float>(xr[i]) - mu) * rs;
+  }
+  const float a1 = block_sum(s1) / static_cast<float>(D), a2 = block_sum(s2) / static_cast<float>(D);
+  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) {
+    const float gw = w ? static_cast<float>(gr[i]) * w[i] : static_cast<float>(gr[i]);
+    const float h = (static_cast<float>(xr[i]) - mu) * rs;
+    dx[r * D + i] = T(rs * (gw - a1 - h * a2));
+  }
+}
+
+// dweight = sum_rows g xhat, dbias = sum_rows g: a thread per column over a slab of rows, the
+// slabs' partial sums added with float32 atomics into zeroed outputs.
+template <class T>
+__global__ void layer_norm_grad_params_kernel(const T* __restrict__ x, const T* __restrict__ g, const float* __restrict__ mean,
+                                              const float* __restrict__ rstd, float* __restrict__ dw, float* __restrict__ db, int64_t M,
+                                              int64_t D, int64_t rows) {
+  const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (c >= D) return;
+  const int64_t r0 = blockIdx.y * rows, r1 = r0 + rows < M ? r0 + rows : M;
+  float sw = 0.0f, sb = 0.0f;
+  for (int64_t r = r0; r < r1; ++r) {
+    const float gv = static_cast<float>(g[r * D + c]);
+    sb += gv;
+    sw += gv * (static_cast<float>(x[r * D + c]) - mean[r]) * rstd[r];
+  }
+  atomicAdd(dw + c, sw);
+  atomicAdd(db + c, sb);
+}
+
+inline void check_ln_param(const char* op, const Tensor& t, int64_t D) {
+  if (!t.defined()) return;
+  require_cuda_tensor(op, t);
+  MIXPREC_CHECK(t.dim() == 1 && t.size(0) == D && t.dtype() == DType::Float32 && t.is_contiguous(), op,
+                ": expected a contiguous float32 [", D, "] tensor, got ", t.dtype(), " ", t.sizes());
+}
+}  // namespace detail
+
+inline LayerNormResult layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps) {
+  const char* op = "gpu::layer_norm";
+  require_cuda_tensor(op, x);
+  MIXPREC_CHECK(x.dim() == 2 && x.is_contiguous(), op, ": expected a contiguous [M, D] tensor, got ", x.sizes());
+  const int64_t M = x.size(0), D = x.size(1);
+  MIXPREC_CHECK(M <= int64_t{0x7fffffff}, op, ": at most 2^31 - 1 rows (one block each), got ", M);
+  detail::check_ln_param(op, weight, D);
+  detail::check_ln_param(op, bias, D);
+  LayerNormResult r{empty(x.sizes(), x.dtype(), Device::CUDA), empty({M}, DType::Float32, Device::CUDA),
+                    empty({M}, DType::Float32, Device::CUDA)};
+  if (M == 0 || D == 0) return r;
+  dispatch_storage(x.dtype(), op, [&]<class T>() {
+    detail::layer_norm_kernel<T><<<static_cast<unsigned>(M), detail::kRowThreads, 0, current_stream()>>>(
+        x.data<T>(), weight.defined() ? weight.data<float>() : nullptr, bias.defined() ? bias.data<float>() : nullptr, r.y.data<T>(),
+        r.mean.data<float>(), r.rstd.data<float>(), D, static_cast<float>(eps));
+  });
+  check_launch(op);
+  return r;
+}
+
+inline LayerNormGrads layer_norm_backward(const Tensor& x, const Tensor& dy, const Tensor& weight, const Tensor& mean,
+                                          const Tensor& rstd) {
+  const char* op = "gpu::layer_norm_backward";
+  require_cuda_tensor(op, x);
+  MIXPREC_CHECK(x.dim() == 2 && x.is_contiguous() && dy.sizes() == x.sizes() && dy.dtype() == x.dtype() && dy.is_contiguous(), op,
+                ": x ", x.dtype(), " ", x.sizes(), " and dy ", dy.dtype(), " ", dy.sizes(), " must be equal-shaped contiguous [M, D]");
+  require_cuda_tensor(op, dy);
+  const int64_t M = x.size(0), D = x.size(1);
+  MIXPREC_CHECK(M <= int64_t{0x7fffffff}, op, ": at most 2^31 - 1 rows (one block each), got ", M);
+  detail::check_ln_param(op, weight, D);
+  for (const Tensor* t : {&mean, &rstd}) {
+    require_cuda_tensor(op, *t);
+    MIXPREC_CHECK(t->dtype() == DType::Float32 && t->numel() == M && t->is_contiguous(), op, ": statistics must be float32 [", M,
+                  "], got ", t->dtype(), " ", t->sizes());
+  }
+  LayerNormGrads g{empty(x.sizes(), x.dtype(), Device::CUDA), empty({D}, DType::Float32, Device::CUDA),
+                   empty({D}, DType::Float32, Device::CUDA)};
+  for (const Tensor* t : {&g.dweight, &g.dbias})
+    if (D > 0) check(cudaMemsetAsync(t->data_ptr(), 0, static_cast<std::size_t>(t->nbytes()), current_stream()), op);
+  if (M == 0 || D == 0) return g;
+  const int64_t rows = std::max<int64_t>(64, (M + 65534) / 65535);
+  const dim3 grid(static_cast<unsigned>((D + kThreads - 1) / kThreads), static_cast<unsigned>((M + rows - 1) / rows));
+  dispatch_storage(x.dtype(), op, [&]<class T>() {
+    detail::layer_norm_grad_input_kernel<T><<<static_cast<unsigned>(M), detail::kRowThreads, 0, current_stream()>>>(
+        x.data<T>(), dy.data<T>(), weight.defined() ? weight.data<float>() : nullptr, mean.data<float>(), rstd.data<float>(),
+        g.dx.data<T>(), D);
+    detail::layer_norm_grad_params_kernel<T><<<grid, kThreads, 0, current_stream()>>>(
+        x.data<T>(), dy.data<T>(), mean.data<float>(), rstd.data<float>(), g.dweight.data<float>(), g.dbias.data<float>(), M, D, rows);
+  });
+  check_launch(op);
   return g;
 }
 

@@ -95,9 +95,10 @@ class GPT : public Module {
                   "), temperature (", temperature, ") and top_k (", top_k, ") must be non-negative");
     no_grad guard;
     const int64_t B = idx.size(0), V = config.vocab;
+    const Device dev = tok_emb->weight.device();  // sampled on the host from the model's logits
     std::vector<std::vector<int64_t>> seqs(static_cast<std::size_t>(B));
     {
-      const Tensor c = idx.to(DType::Int64).contiguous();
+      const Tensor c = idx.cpu().to(DType::Int64).contiguous();
       const int64_t* p = c.data<int64_t>();
       for (int64_t b = 0; b < B; ++b) seqs[b].assign(p + b * idx.size(1), p + (b + 1) * idx.size(1));
     }
@@ -107,13 +108,13 @@ class GPT : public Module {
       std::vector<int64_t> ctx;
       ctx.reserve(static_cast<std::size_t>(B * t));
       for (const auto& s : seqs) ctx.insert(ctx.end(), s.end() - t, s.end());
-      const Tensor logits = forward(tensor(ctx, {B, t})).select(1, -1).to(DType::Float64).contiguous();  // [B, V]
+      const Tensor logits = forward(tensor(ctx, {B, t}).to(dev)).select(1, -1).cpu().to(DType::Float64).contiguous();  // [B, V]
       const double* lp = logits.data<double>();
       for (int64_t b = 0; b < B; ++b) seqs[b].push_back(sample(lp + b * V, temperature, top_k, gen, probs));
     }
     std::vector<int64_t> flat;
     for (const auto& s : seqs) flat.insert(flat.end(), s.begin(), s.end());
-    return tensor(flat, {B, static_cast<int64_t>(seqs[0].size())});
+    return tensor(flat, {B, static_cast<int64_t>(seqs[0].size())}).to(idx.device());
   }
 
   GPTConfig config;
