@@ -1,16 +1,19 @@
 #!/bin/bash
 # The GPU checks, on a machine with an NVIDIA GPU: the CUDA tests, mixprec_gpu_selftest, one
-# epoch of the ResNet example on the GPU in each precision, and compute-sanitizer's memcheck
-# over the public-op tests.
-#   scripts/gpu_check.sh [BIN_DIR] [DATA_DIR] [OUT_DIR]
-# BIN_DIR holds test_cuda_host, test_cuda_types, test_cuda_device, mixprec_gpu_selftest and
-# mixprec_resnet_cuda (build/release/tests by default); DATA_DIR the Fashion-MNIST .gz files;
-# OUT_DIR receives the log and the examples' CSVs. The CUDA libraries are looked up on the
+# epoch of the ResNet example and 300 steps of the transformer example on the GPU in each
+# precision, and compute-sanitizer's memcheck over the kernel and public-op tests.
+#   scripts/gpu_check.sh [BIN_DIR] [DATA_DIR] [OUT_DIR] [CORPUS_DIR]
+# BIN_DIR holds test_cuda_host, test_cuda_types, test_cuda_device, mixprec_gpu_selftest,
+# mixprec_resnet_cuda and mixprec_transformer_cuda (build/release/tests by default); DATA_DIR the
+# Fashion-MNIST .gz files; OUT_DIR receives the log and the examples' CSVs; CORPUS_DIR the
+# fortunes text files (without it, the transformer trains on its synthetic text). The CUDA libraries are looked up on the
 # machine (a CUDA toolkit's, or the ones PyTorch's wheels carry) when the loader lacks them.
 set -u
 bin=$(cd "${1:-build/release/tests}" && pwd) || exit 2
 data=$(cd "${2:-/usr/share/datasets/fashion-mnist}" && pwd) || exit 2
 out=$(mkdir -p "${3:-results/gpu}" && cd "${3:-results/gpu}" && pwd) || exit 2
+corpus=(--synthetic)
+[ -d "${4:-/usr/share/games/fortunes}" ] && corpus=(--corpus "$(cd "${4:-/usr/share/games/fortunes}" && pwd)")
 export OMP_WAIT_POLICY=passive
 exec 3>&1 4>&2 > >(tee "$out/gpu_check.log") 2>&1
 tee_pid=$!
@@ -39,8 +42,11 @@ run 180 "$bin/mixprec_gpu_selftest"
 for p in fp32 bf16 fp16; do
   run 300 "$bin/mixprec_resnet_cuda" --device cuda --precision "$p" --epochs 1 --data-dir "$data" --csv "$out/resnet20_cuda_$p.csv"
 done
+for p in fp32 bf16 fp16; do
+  run 300 "$bin/mixprec_transformer_cuda" --device cuda --precision "$p" "${corpus[@]}" --csv "$out/gpt_mini_cuda_$p.csv"
+done
 if command -v compute-sanitizer >/dev/null; then
-  run 300 compute-sanitizer --tool memcheck --error-exitcode 9 "$bin/test_cuda_device" --gtest_filter='CudaConv.*:CudaAmp.*:CudaOps.*'
+  run 300 compute-sanitizer --tool memcheck --error-exitcode 9 "$bin/test_cuda_device" --gtest_filter='CudaConv.*:CudaNorm.*:CudaElementwise.*:CudaAmp.*:CudaOps.*'
 fi
 exec 1>&3 2>&4 3>&- 4>&-  # close the pipe to tee and let it finish the log
 wait "$tee_pid" 2>/dev/null
