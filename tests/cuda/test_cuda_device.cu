@@ -185,7 +185,8 @@ TEST(CudaOps, GptStepThroughThePublicOpsMatchesCpu) {
   optim::AdamW oc(cpu.parameters(), 1e-3), og(gpu.parameters(), 1e-3);
   oc.step();
   og.step();
-  for (std::size_t i = 0; i < pc.size(); ++i) EXPECT_LT(rel_error(pg[i].second.cpu(), pc[i].second), 1e-6) << pc[i].first;
+  // float32 on both sides, but nvcc fuses multiply-adds into FMAs where the CPU loop may not.
+  for (std::size_t i = 0; i < pc.size(); ++i) EXPECT_LT(rel_error(pg[i].second.cpu(), pc[i].second), 1e-5) << pc[i].first;
 }
 
 TEST(CudaElementwise, ActivationsAndReductionsMatchCpu) {
