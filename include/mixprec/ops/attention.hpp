@@ -340,11 +340,13 @@ inline Tensor sdpa_device(const Tensor& q, const Tensor& k, const Tensor& v, con
       detail::copy_kernel(additive, mh);
     }
     bool any_dead = false;
-    live = empty([&] { Shape r = batch; r.push_back(L); r.push_back(1); return r; }(), DType::Float32);
+    Shape rows = batch;
+    rows.insert(rows.end(), {L, 1});
+    live = empty(rows, DType::Float32);
     float* lv = live.data<float>();
     for (int64_t r = 0; r < B * L; ++r) {
       float* row = a + r * S;
-      const bool dead = S > 0 && std::all_of(row, row + S, [](float x) { return x == -std::numeric_limits<float>::infinity(); });
+      const bool dead = S > 0 && std::all_of(row, row + S, [](float x) { return x == kNegInf; });
       lv[r] = dead ? 0.0f : 1.0f;
       if (dead) std::fill(row, row + S, 0.0f);  // softmax over zeros, then zeroed by `live`
       any_dead = any_dead || dead;
@@ -361,11 +363,11 @@ inline Tensor sdpa_device(const Tensor& q, const Tensor& k, const Tensor& v, con
     const float keep_scale = dropout_p < 1 ? static_cast<float>(1.0 / (1.0 - dropout_p)) : 0.0f;
     factor = empty(full, DType::Float32);
     float* f = factor.data<float>();
-    const Tensor lc = live.defined() ? contiguous_raw(live) : Tensor();
-    for (int64_t i = 0; i < factor.numel(); ++i) {
-      const float alive = lc.defined() ? lc.data<float>()[i / std::max<int64_t>(S, 1)] : 1.0f;
-      f[i] = sdpa_dropout_keep(seed, static_cast<uint64_t>(i), dropout_p) ? keep_scale * alive : 0.0f;
-    }
+    const float* lv = live.defined() ? live.data<float>() : nullptr;  // one value per row of S
+    cpu::parallel_for(0, factor.numel(), kParallelGrain, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i)
+        f[i] = sdpa_dropout_keep(seed, static_cast<uint64_t>(i), dropout_p) ? keep_scale * (lv ? lv[i / S] : 1.0f) : 0.0f;
+    });
   }
   // q is scaled first, so 16-bit scores stay in range where q k^T alone might overflow float16.
   Tensor scores = cast(matmul(mul(q, sc), k.transpose(-2, -1)), DType::Float32);

@@ -96,15 +96,14 @@ inline Tensor masked_scale(const Tensor& x, const Tensor& keep, double scale) {
   const char* op = "gpu::dropout";
   require_cuda_tensor(op, x);
   require_cuda_tensor(op, keep);
-  MIXPREC_CHECK(keep.dtype() == DType::Bool && keep.sizes() == x.sizes(), op, ": mask ", keep.dtype(), " ", keep.sizes(),
-                " must be bool of the input's shape ", x.sizes());
-  const Tensor xc = contiguous(x), kc = keep.is_contiguous() ? keep : Tensor();
-  MIXPREC_CHECK(kc.defined(), op, ": the mask must be contiguous");
+  MIXPREC_CHECK(keep.dtype() == DType::Bool && keep.sizes() == x.sizes() && keep.is_contiguous(), op, ": mask ", keep.dtype(), " ",
+                keep.sizes(), " must be contiguous bool of the input's shape ", x.sizes());
+  const Tensor xc = contiguous(x);
   Tensor y = empty(x.sizes(), x.dtype(), Device::CUDA);
   const int64_t n = x.numel();
   if (n == 0) return y;
   dispatch_storage(x.dtype(), op, [&]<class T>() {
-    masked_scale_kernel<T><<<grid_for(n), kThreads, 0, current_stream()>>>(xc.data<T>(), kc.data<bool>(), y.data<T>(), n,
+    masked_scale_kernel<T><<<grid_for(n), kThreads, 0, current_stream()>>>(xc.data<T>(), keep.data<bool>(), y.data<T>(), n,
                                                                            static_cast<float>(scale));
   });
   check_launch(op);
