@@ -216,6 +216,93 @@ TEST(CudaElementwise, ActivationsAndReductionsMatchCpu) {
   }
 }
 
+// The element-wise loop (loops.cuh): casts, strided and broadcast copies, fills and binary ops
+// against the CPU over the plan's cases -- one dimension, vectors, misaligned views (scalar
+// fallback), broadcast rows/columns/scalars, permutes that coalesce to a few dimensions.
+TEST(CudaLoops, CopiesCastsFillsAndBinaryOpsMatchCpu) {
+  MIXPREC_REQUIRE_GPU();
+  const std::vector<DType> dts = {DType::Float32, DType::Float16, DType::BFloat16};
+  const std::vector<Shape> shapes = {{1}, {7}, {1000003}, {64, 256}, {3, 5, 7}, {2, 3, 8, 16}};
+  for (const Shape& sh : shapes)
+    for (DType from : dts)
+      for (DType to : dts) {
+        SCOPED_TRACE(::testing::Message() << ::testing::PrintToString(sh) << " " << from << " -> " << to);
+        const Tensor x = randn(sh).to(from);
+        const Tensor ref = x.to(to);
+        EXPECT_EQ(rel_error(down(mc::contiguous(up(x), to)), ref.to(DType::Float32)), 0.0);
+        // A view one element in: misaligned for 16-byte vectors, so the scalar path.
+        const Tensor flat = up(x.reshape({-1}));
+        if (flat.numel() > 1) {
+          const Tensor tail = flat.narrow(0, 1, flat.numel() - 1);
+          EXPECT_EQ(rel_error(down(mc::contiguous(tail, to)), ref.reshape({-1}).narrow(0, 1, flat.numel() - 1).to(DType::Float32)), 0.0);
+        }
+      }
+  for (DType d : dts) {
+    SCOPED_TRACE(::testing::Message() << d);
+    // Head split and merge: [B, T, H, E] <-> [B, H, T, E] (inner dim contiguous: vectors).
+    const Tensor x = randn({4, 33, 6, 64}).to(d);
+    EXPECT_EQ(rel_error(down(mc::contiguous(up(x).permute({0, 2, 1, 3}))), x.permute({0, 2, 1, 3}).contiguous().to(DType::Float32)), 0.0);
+    // A transpose (inner stride not 1: scalars) and a 5-D permute.
+    const Tensor t2 = randn({37, 53}).to(d), t5 = randn({2, 3, 4, 5, 6}).to(d);
+    EXPECT_EQ(rel_error(down(mc::contiguous(up(t2).t())), t2.t().contiguous().to(DType::Float32)), 0.0);
+    EXPECT_EQ(rel_error(down(mc::contiguous(up(t5).permute({4, 2, 0, 3, 1}))), t5.permute({4, 2, 0, 3, 1}).contiguous().to(DType::Float32)), 0.0);
+    // copy_ into a strided destination, with a broadcast source and a cast.
+    Tensor dst = up(zeros({8, 16, 12}).to(d));
+    const Tensor row = randn({12});
+    mc::copy(dst.transpose(0, 1), up(row));
+    EXPECT_EQ(rel_error(down(dst), row.to(d).expand({8, 16, 12}).to(DType::Float32)), 0.0);
+    // fill of a strided view leaves the rest alone.
+    Tensor base = up(zeros({10, 20}).to(d));
+    mc::fill(base.narrow(1, 3, 8), 2.5);
+    Tensor expect = zeros({10, 20});
+    expect.narrow(1, 3, 8).fill_(2.5);
+    EXPECT_EQ(rel_error(down(base), expect), 0.0);
+    // Binary ops over broadcasts: rows (bias), columns, scalars, middle dims; and a strided operand.
+    const std::vector<std::pair<Shape, Shape>> pairs = {{{300, 256}, {256}},       {{300, 256}, {300, 1}}, {{300, 256}, {1}},
+                                                        {{8, 1, 128}, {8, 16, 1}}, {{4, 12, 33, 33}, {33, 33}}, {{1001}, {1001}}};
+    for (const auto& [sa, sb] : pairs) {
+      const Tensor a = randn(sa).to(d), b = add(mixprec::abs(randn(sb)), 0.5).to(d);
+      const Tensor af = a.to(DType::Float32), bf = b.to(DType::Float32);
+      EXPECT_LT(rel_error(down(mc::binary(DeviceBinary::Add, up(a), up(b), 0.5)), add(af, bf, 0.5).to(d).to(DType::Float32)), 1e-7) << ::testing::PrintToString(sa) << ::testing::PrintToString(sb);
+      EXPECT_LT(rel_error(down(mc::binary(DeviceBinary::Mul, up(b), up(a), 1.0)), mul(bf, af).to(d).to(DType::Float32)), 1e-7) << ::testing::PrintToString(sa) << ::testing::PrintToString(sb);
+      EXPECT_LT(rel_error(down(mc::binary(DeviceBinary::Div, up(a), up(b), 1.0)), div(af, bf).to(d).to(DType::Float32)), 1e-7) << ::testing::PrintToString(sa) << ::testing::PrintToString(sb);
+    }
+    const Tensor m = randn({64, 48}).to(d), n = randn({48, 64}).to(d);
+    EXPECT_LT(rel_error(down(mc::binary(DeviceBinary::Add, up(m), up(n).t(), 1.0)), add(m.to(DType::Float32), n.to(DType::Float32).t()).to(d).to(DType::Float32)), 1e-7);
+    // Activations read non-contiguous inputs directly.
+    const Tensor xt = randn({40, 72}).to(d);
+    EXPECT_LT(rel_error(down(mc::activation(mc::Activation::Gelu, up(xt).t())), gelu(xt.to(DType::Float32).t()).to(d).to(DType::Float32)), tol(d));
+    // Sums over leading dims (no copy: ones @ x) and over inner or mixed dims.
+    const Tensor s = randn({6, 50, 96}).to(d);
+    const Tensor sf = s.to(DType::Float32);
+    EXPECT_LT(rel_error(down(mc::sum_dims(up(s), {0, 1})), mixprec::sum(sf, {0, 1})), tol(d));
+    EXPECT_LT(rel_error(down(mc::sum_dims(up(s), {2})), mixprec::sum(sf, {2})), tol(d));
+    EXPECT_LT(rel_error(down(mc::sum_dims(up(s), {0, 2})), mixprec::sum(sf, {0, 2})), tol(d));
+  }
+  // Integer and bool copies move bits; int64 fills (optimizer step counters).
+  const Tensor ids = randint(0, 1 << 30, {5, 7}, DType::Int64);
+  const Tensor got = mc::to_host(mc::contiguous(up(ids).t())), want = ids.t().contiguous();
+  EXPECT_TRUE(std::equal(got.data<int64_t>(), got.data<int64_t>() + got.numel(), want.data<int64_t>()));
+  Tensor counters = up(zeros({9}, DType::Int64));
+  mc::fill(counters, 123456789012.0);
+  EXPECT_EQ(mc::to_host(counters).data<int64_t>()[8], 123456789012);
+}
+
+// Offsets past 2^31 elements take the 64-bit loop: a few elements 2^30 apart in a 4 GiB buffer.
+TEST(CudaLoops, OffsetsPast2To31UseTheWideIndex) {
+  MIXPREC_REQUIRE_GPU();
+  const int64_t n = (int64_t{1} << 31) + 64;
+  Tensor big = empty({n}, DType::BFloat16, Device::CUDA);
+  const Tensor sparse = mixprec::detail::make_view(big, {3}, {int64_t{1} << 30}, 32);
+  mc::fill(sparse, 3.0);
+  const Tensor vals = randn({3}).to(DType::BFloat16);
+  mc::copy(sparse, up(vals));
+  EXPECT_EQ(rel_error(down(sparse), vals.to(DType::Float32)), 0.0);
+  Tensor wide = empty({3}, DType::Float32, Device::CUDA);
+  mc::copy(wide, sparse);
+  EXPECT_EQ(rel_error(mc::to_host(wide), vals.to(DType::Float32)), 0.0);
+}
+
 namespace {
 float device_float(const float* p) {
   float v = 0;

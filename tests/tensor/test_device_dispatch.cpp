@@ -116,6 +116,14 @@ const DeviceKernels& host_kernels() {
       const Tensor ha = host(a), hb = host(b);
       return dev(op == DeviceBinary::Add ? add(ha, hb, alpha) : op == DeviceBinary::Mul ? mul(ha, hb) : div(ha, hb));
     };
+    t.binary_scalar = [](DeviceBinary op, const Tensor& a, double sv, double alpha, bool reversed) {
+      const Kernel k("binary_scalar");
+      no_grad ng;
+      const Tensor ha = host(a), hs = scalar_tensor(sv, a.dtype());
+      const Tensor& x = reversed ? hs : ha;
+      const Tensor& y = reversed ? ha : hs;
+      return dev(op == DeviceBinary::Add ? add(x, y, alpha) : op == DeviceBinary::Mul ? mul(x, y) : div(x, y));
+    };
     t.unary = [](DeviceUnary op, const Tensor& x) {
       const Kernel k("unary");
       no_grad ng;
@@ -396,6 +404,31 @@ TEST_F(DeviceDispatch, TrainingStepOnTheDeviceMatchesTheCpu) {
   for (const char* k : {"conv_forward", "conv_backward_input", "conv_backward_weight", "batch_norm", "batch_norm_backward", "unary",
                         "unary_backward", "matmul", "softmax", "softmax_backward", "sum", "binary"})
     EXPECT_GT(calls()[k], 0) << k << " was never routed to the device table";
+}
+
+// add(t, 2.0) and friends on a device pass the scalar to the kernel: nothing is uploaded, the
+// result equals the CPU's (scalar rounded to the tensor's dtype first), and gradients flow.
+TEST_F(DeviceDispatch, HostScalarsGoToTheKernelByValue) {
+  for (DType d : {DType::Float32, DType::BFloat16}) {
+    const Tensor x = add(mixprec::abs(randn({5, 7})), 0.5).to(d);
+    Tensor xd = x.to(Device::CUDA);
+    xd.requires_grad_();
+    calls().clear();
+    const Tensor two = scalar_tensor(2.0), third = scalar_tensor(1.0 / 3.0);
+    const std::vector<std::pair<Tensor, Tensor>> cases = {
+        {add(xd, 0.3), add(x, 0.3)},       {sub(xd, 0.3), sub(x, 0.3)},       {mul(xd, 1.0 / 3.0), mul(x, 1.0 / 3.0)},
+        {div(xd, 3.0), div(x, 3.0)},       {add(two, xd), add(two, x)},       {div(third, xd), div(third, x)},
+        {mul(two, xd), mul(two, x)},       {sub(two, xd), sub(two, x)}};
+    EXPECT_EQ(calls()["to_device"], 0) << d;
+    EXPECT_EQ(calls()["binary"], 0) << d;
+    EXPECT_EQ(calls()["binary_scalar"], static_cast<int>(cases.size())) << d;
+    for (const auto& [got, want] : cases) {
+      EXPECT_EQ(got.dtype(), d);
+      EXPECT_EQ(rel_error(got.cpu(), want), 0.0) << d;
+    }
+    sum(mul(xd, 0.5)).backward();
+    EXPECT_EQ(rel_error(xd.grad().cpu(), full({5, 7}, 0.5, d)), 0.0) << d;
+  }
 }
 
 TEST_F(DeviceDispatch, ResNet20StepWithCrossEntropyMatchesTheCpu) {

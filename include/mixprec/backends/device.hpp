@@ -42,6 +42,10 @@ struct DeviceKernels {
   void (*fill)(const Tensor& t, double value) = nullptr;
   // a + alpha b, a * b, a / b over the broadcast shape; a and b share a floating dtype.
   Tensor (*binary)(DeviceBinary op, const Tensor& a, const Tensor& b, double alpha) = nullptr;
+  // a + alpha s, a * s, a / s (reversed: s + alpha a, s * a, s / a) with a host scalar s passed
+  // to the kernel by value and rounded to a's floating dtype first, as a 0-dim operand would be:
+  // no upload from pageable memory (a sync, and a dangling pointer in a captured graph).
+  Tensor (*binary_scalar)(DeviceBinary op, const Tensor& a, double s, double alpha, bool reversed) = nullptr;
   Tensor (*unary)(DeviceUnary op, const Tensor& x) = nullptr;
   // grad * f'(x, y); all of x's dtype and shape.
   Tensor (*unary_backward)(DeviceUnary op, const Tensor& grad, const Tensor& x, const Tensor& y) = nullptr;

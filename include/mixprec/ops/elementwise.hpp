@@ -70,10 +70,19 @@ Tensor unary_floating_kernel(const char* op, const Tensor& x, F f) {
   return unary_kernel(op, x, f);
 }
 
-// a op b on a device. 0-dim CPU operands (the scalars of add(t, 2.0)) are uploaded, as PyTorch
-// treats CPU scalars; both operands are brought to the promoted dtype first.
+// a op b on a device. A 0-dim CPU operand (the scalar of add(t, 2.0)) that does not change the
+// result's dtype goes to the kernel by value where the backend takes it; otherwise it is
+// uploaded, as PyTorch treats CPU scalars. Both operands are brought to the promoted dtype first.
 inline Tensor device_binary(const char* op, DeviceBinary kind, Tensor a, Tensor b, double alpha = 1.0) {
   const Device d = a.device() != Device::CPU ? a.device() : b.device();
+  auto host_scalar = [](const Tensor& t) { return t.device() == Device::CPU && t.dim() == 0; };
+  if (host_scalar(a) != host_scalar(b)) {
+    const Tensor& t = host_scalar(a) ? b : a;
+    const Tensor& s = host_scalar(a) ? a : b;
+    const DeviceKernels* k = device_kernels(d);
+    if (k && k->binary_scalar && t.is_floating_point() && promote_types(a.dtype(), b.dtype()) == t.dtype())
+      return k->binary_scalar(kind, t, s.item<double>(), alpha, host_scalar(a));
+  }
   auto place = [d](const Tensor& t) { return t.device() == Device::CPU && t.dim() == 0 ? move_raw(t, d) : t; };
   a = place(a);
   b = place(b);

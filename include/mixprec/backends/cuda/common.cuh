@@ -1,7 +1,7 @@
 #pragma once
 // What every mixprec CUDA kernel header shares: the nvcc-only guard, dtype dispatch over the
-// three floating storage types, launch shapes, and the strided gather that makes any CUDA view
-// contiguous (with a dtype cast on the way).
+// three floating storage types, launch shapes, and `contiguous`, which makes any CUDA view
+// contiguous (with a dtype cast on the way) through the element-wise loop (loops.cuh).
 #if !defined(__CUDACC__) || !defined(MIXPREC_CUDA)
 #error "mixprec's .cuh headers need nvcc and MIXPREC_CUDA (link mixprec::cuda); include <mixprec/cuda.hpp>"
 #endif
@@ -13,6 +13,7 @@
 #include <cuda_runtime.h>
 
 #include "mixprec/backends/cuda/copy.hpp"
+#include "mixprec/backends/cuda/loops.cuh"
 #include "mixprec/dtype/bfloat16.hpp"
 #include "mixprec/dtype/half.hpp"
 
@@ -40,13 +41,6 @@ inline unsigned grid_for(int64_t n, int threads = kThreads) {
 }
 inline void check_launch(const char* op) { check(cudaGetLastError(), op); }
 
-// Up to 8 dims: sizes and element strides, passed by value to the gather kernel.
-struct StridedLayout {
-  int nd = 0;
-  int64_t sizes[8] = {};
-  int64_t strides[8] = {};
-};
-
 // One element converted as the CPU's copy does: integers and doubles directly (through float
 // they would lose bits past 2^24), 16-bit floats through float.
 template <class To, class From>
@@ -57,16 +51,27 @@ MIXPREC_HOST_DEVICE To convert_value(From v) {
   else return static_cast<To>(static_cast<float>(v));
 }
 
-template <class To, class From>
-__global__ void gather_kernel(To* __restrict__ dst, const From* __restrict__ src, StridedLayout l, int64_t n) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    int64_t rem = i, off = 0;
-    for (int d = l.nd - 1; d >= 0; --d) {
-      off += (rem % l.sizes[d]) * l.strides[d];
-      rem /= l.sizes[d];
-    }
-    dst[i] = convert_value<To>(src[off]);
+template <class To>
+struct ConvertTo {
+  template <class From>
+  __device__ To operator()(From v) const {
+    return convert_value<To>(v);
   }
+};
+
+// t's element strides seen from `shape` (t broadcast to it): 0 on the dims t repeats.
+inline Shape broadcast_strides(const Tensor& t, const Shape& shape) {
+  const auto off = static_cast<int64_t>(shape.size()) - t.dim();
+  Shape st(shape.size(), 0);
+  for (int64_t i = 0; i < t.dim(); ++i) st[static_cast<std::size_t>(off + i)] = t.size(i) == 1 ? 0 : t.stride(i);
+  return st;
+}
+
+// dst = src converted element-wise; src broadcast to dst's shape, any strides on both sides.
+template <class To, class From>
+void convert_into(const char* op, const Tensor& dst, const Tensor& src) {
+  launch_loop(op, dst.sizes(), ConvertTo<To>{}, LoopTensor<To>{static_cast<To*>(dst.data_ptr()), dst.strides()},
+              LoopTensor<const From>{static_cast<const From*>(src.data_ptr()), broadcast_strides(src, dst.sizes())});
 }
 
 // A contiguous CUDA tensor with t's values in `dtype` (t's own dtype by default).
@@ -74,22 +79,11 @@ inline Tensor contiguous(const Tensor& t, std::optional<DType> dtype = std::null
   require_cuda_tensor("gpu::contiguous", t);
   const DType to = dtype.value_or(t.dtype());
   if (to == t.dtype() && t.is_contiguous()) return t;
-  MIXPREC_CHECK(t.dim() <= 8, "gpu::contiguous: at most 8 dimensions, got shape ", t.sizes());
   Tensor out = empty(t.sizes(), to, Device::CUDA);
-  const int64_t n = t.numel();
-  if (n == 0) return out;
-  StridedLayout l;
-  l.nd = static_cast<int>(t.dim());
-  for (int d = 0; d < l.nd; ++d) {
-    l.sizes[d] = t.size(d);
-    l.strides[d] = t.stride(d);
-  }
+  if (t.numel() == 0) return out;
   dispatch_storage(to, "gpu::contiguous", [&]<class To>() {
-    dispatch_storage(t.dtype(), "gpu::contiguous", [&]<class From>() {
-      gather_kernel<To, From><<<grid_for(n), kThreads, 0, current_stream()>>>(out.data<To>(), t.data<From>(), l, n);
-    });
+    dispatch_storage(t.dtype(), "gpu::contiguous", [&]<class From>() { convert_into<To, From>("gpu::contiguous", out, t); });
   });
-  check_launch("gpu::contiguous");
   return out;
 }
 

@@ -40,33 +40,36 @@ MIXPREC_HOST_DEVICE float activate_grad(Activation a, float x, float y) {
   return 0.0f;
 }
 
-template <class T>
-__global__ void activation_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t n, Activation a) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    y[i] = T(activate(a, static_cast<float>(x[i])));
-}
-template <class T>
-__global__ void activation_grad_kernel(const T* __restrict__ g, const T* __restrict__ x, const T* __restrict__ y, T* __restrict__ gx,
-                                       int64_t n, Activation a) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    gx[i] = T(static_cast<float>(g[i]) * activate_grad(a, static_cast<float>(x[i]), static_cast<float>(y[i])));
-}
+namespace detail {
+struct ActivationFn {
+  Activation a;
+  template <class T>
+  __device__ T operator()(T x) const {
+    return T(activate(a, static_cast<float>(x)));
+  }
+};
+struct ActivationGradFn {
+  Activation a;
+  template <class T>
+  __device__ T operator()(T g, T x, T y) const {
+    return T(static_cast<float>(g) * activate_grad(a, static_cast<float>(x), static_cast<float>(y)));
+  }
+};
+}  // namespace detail
 
+// f(x) into a new contiguous tensor; x may be any view (read through its strides).
 inline Tensor activation(Activation a, const Tensor& x) {
   const char* op = "gpu::activation";
   require_cuda_tensor(op, x);
-  const Tensor xc = contiguous(x);
   Tensor y = empty(x.sizes(), x.dtype(), Device::CUDA);
-  const int64_t n = x.numel();
-  if (n == 0) return y;
+  if (x.numel() == 0) return y;
   dispatch_storage(x.dtype(), op, [&]<class T>() {
-    activation_kernel<T><<<grid_for(n), kThreads, 0, current_stream()>>>(xc.data<T>(), y.data<T>(), n, a);
+    launch_loop(op, x.sizes(), detail::ActivationFn{a}, LoopTensor<T>{y.data<T>(), y.strides()}, LoopTensor<const T>{x.data<T>(), x.strides()});
   });
-  check_launch(op);
   return y;
 }
 
-// grad * f'(x, y), all four of one dtype and shape.
+// grad * f'(x, y), all four of one dtype and shape (any strides).
 inline Tensor activation_backward(Activation a, const Tensor& grad, const Tensor& x, const Tensor& y) {
   const char* op = "gpu::activation_backward";
   for (const Tensor* t : {&grad, &x, &y}) {
@@ -74,14 +77,13 @@ inline Tensor activation_backward(Activation a, const Tensor& grad, const Tensor
     MIXPREC_CHECK(t->sizes() == x.sizes() && t->dtype() == x.dtype(), op, ": expected ", x.dtype(), " ", x.sizes(), ", got ",
                   t->dtype(), " ", t->sizes());
   }
-  const Tensor gc = contiguous(grad), xc = contiguous(x), yc = contiguous(y);
   Tensor gx = empty(x.sizes(), x.dtype(), Device::CUDA);
-  const int64_t n = x.numel();
-  if (n == 0) return gx;
+  if (x.numel() == 0) return gx;
   dispatch_storage(x.dtype(), op, [&]<class T>() {
-    activation_grad_kernel<T><<<grid_for(n), kThreads, 0, current_stream()>>>(gc.data<T>(), xc.data<T>(), yc.data<T>(), gx.data<T>(), n, a);
+    launch_loop(op, x.sizes(), detail::ActivationGradFn{a}, LoopTensor<T>{gx.data<T>(), gx.strides()},
+                LoopTensor<const T>{grad.data<T>(), grad.strides()}, LoopTensor<const T>{x.data<T>(), x.strides()},
+                LoopTensor<const T>{y.data<T>(), y.strides()});
   });
-  check_launch(op);
   return gx;
 }
 

@@ -14,56 +14,34 @@
 namespace mixprec::gpu {
 
 namespace detail {
-inline StridedLayout layout_of(const Shape& sizes, const Shape& strides, const char* op) {
-  MIXPREC_CHECK(sizes.size() <= 8, op, ": CUDA kernels take at most 8 dimensions, got shape ", sizes);
-  StridedLayout l;
-  l.nd = static_cast<int>(sizes.size());
-  for (int d = 0; d < l.nd; ++d) {
-    l.sizes[d] = sizes[static_cast<std::size_t>(d)];
-    l.strides[d] = strides[static_cast<std::size_t>(d)];
-  }
-  return l;
-}
-inline StridedLayout layout_of(const Tensor& t, const char* op) { return layout_of(t.sizes(), t.strides(), op); }
-
-MIXPREC_HOST_DEVICE int64_t offset_of(const StridedLayout& l, int64_t i) {
-  int64_t off = 0;
-  for (int d = l.nd - 1; d >= 0; --d) {
-    off += (i % l.sizes[d]) * l.strides[d];
-    i /= l.sizes[d];
-  }
-  return off;
-}
-
-template <class To, class From>
-__global__ void copy_kernel(To* __restrict__ dst, StridedLayout ld, const From* __restrict__ src, StridedLayout ls, int64_t n) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    dst[offset_of(ld, i)] = convert_value<To>(src[offset_of(ls, i)]);
-}
-
 template <class T>
-__global__ void fill_kernel(T* __restrict__ dst, StridedLayout l, T value, int64_t n) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    dst[offset_of(l, i)] = value;
-}
+struct FillWith {
+  T value;
+  __device__ T operator()() const { return value; }
+};
 
 // Values load into float and round once on store, as the CPU's binary_kernel does.
-template <class T>
-__global__ void binary_kernel(T* __restrict__ out, const T* __restrict__ a, StridedLayout la, const T* __restrict__ b,
-                              StridedLayout lb, int64_t n, DeviceBinary op, float alpha) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const float x = static_cast<float>(a[offset_of(la, i)]), y = static_cast<float>(b[offset_of(lb, i)]);
-    out[i] = T(op == DeviceBinary::Add ? x + alpha * y : op == DeviceBinary::Mul ? x * y : x / y);
+struct BinaryFn {
+  DeviceBinary op;
+  float alpha;
+  template <class T>
+  __device__ T operator()(T a, T b) const {
+    const float x = static_cast<float>(a), y = static_cast<float>(b);
+    return T(op == DeviceBinary::Add ? x + alpha * y : op == DeviceBinary::Mul ? x * y : x / y);
   }
-}
+};
 
-// t viewed with `shape` (stride 0 on broadcast dims).
-inline StridedLayout broadcast_layout(const Tensor& t, const Shape& shape, const char* op) {
-  const auto off = static_cast<int64_t>(shape.size()) - t.dim();
-  Shape st(shape.size(), 0);
-  for (int64_t i = 0; i < t.dim(); ++i) st[static_cast<std::size_t>(off + i)] = t.size(i) == 1 ? 0 : t.stride(i);
-  return layout_of(shape, st, op);
-}
+// The scalar is rounded to T first, as the CPU rounds a 0-dim operand to the tensor's dtype.
+struct BinaryScalarFn {
+  DeviceBinary op;
+  float alpha, s;
+  bool reversed;
+  template <class T>
+  __device__ T operator()(T a) const {
+    const float x = reversed ? s : static_cast<float>(a), y = reversed ? static_cast<float>(a) : s;
+    return T(op == DeviceBinary::Add ? x + alpha * y : op == DeviceBinary::Mul ? x * y : x / y);
+  }
+};
 
 inline Activation activation_of(DeviceUnary u) {
   switch (u) {
@@ -100,23 +78,17 @@ inline void copy(const Tensor& dst, const Tensor& src) {
           op);
     return;
   }
-  const StridedLayout ld = detail::layout_of(dst, op), ls = detail::broadcast_layout(src, dst.sizes(), op);
-  auto launch = [&]<class To, class From>() {
-    detail::copy_kernel<To, From><<<grid_for(n), kThreads, 0, current_stream()>>>(static_cast<To*>(dst.data_ptr()), ld,
-                                                                                  static_cast<const From*>(src.data_ptr()), ls, n);
-  };
   const DType d = dst.dtype();
   if (d == src.dtype() && d != DType::Float32 && d != DType::Float16 && d != DType::BFloat16) {
     // Integers, bool, float64 to the same dtype: the bits, moved by element size.
     switch (dst.element_size()) {
-      case 1: launch.template operator()<uint8_t, uint8_t>(); break;
-      case 4: launch.template operator()<uint32_t, uint32_t>(); break;
-      default: launch.template operator()<uint64_t, uint64_t>(); break;
+      case 1: convert_into<uint8_t, uint8_t>(op, dst, src); break;
+      case 4: convert_into<uint32_t, uint32_t>(op, dst, src); break;
+      default: convert_into<uint64_t, uint64_t>(op, dst, src); break;
     }
   } else {  // conversions between the float kernel types
-    dispatch_storage(d, op, [&]<class To>() { dispatch_storage(src.dtype(), op, [&]<class From>() { launch.template operator()<To, From>(); }); });
+    dispatch_storage(d, op, [&]<class To>() { dispatch_storage(src.dtype(), op, [&]<class From>() { convert_into<To, From>(op, dst, src); }); });
   }
-  check_launch(op);
 }
 
 inline void fill(const Tensor& t, double value) {
@@ -128,11 +100,9 @@ inline void fill(const Tensor& t, double value) {
     check(cudaMemsetAsync(t.data_ptr(), 0, static_cast<std::size_t>(t.nbytes()), current_stream()), op);
     return;
   }
-  const StridedLayout l = detail::layout_of(t, op);
   dispatch_all(t.dtype(), op, [&]<class T>() {  // every dtype: counters (int64) are filled too
-    detail::fill_kernel<T><<<grid_for(n), kThreads, 0, current_stream()>>>(t.data<T>(), l, convert_value<T>(value), n);
+    launch_loop(op, t.sizes(), detail::FillWith<T>{convert_value<T>(value)}, LoopTensor<T>{t.data<T>(), t.strides()});
   });
-  check_launch(op);
 }
 
 inline Tensor binary(DeviceBinary kind, const Tensor& a, const Tensor& b, double alpha) {
@@ -144,17 +114,28 @@ inline Tensor binary(DeviceBinary kind, const Tensor& a, const Tensor& b, double
   Tensor out = empty(shape, a.dtype(), Device::CUDA);
   const int64_t n = out.numel();
   if (n == 0) return out;
-  const StridedLayout la = detail::broadcast_layout(a, shape, op), lb = detail::broadcast_layout(b, shape, op);
   dispatch_storage(a.dtype(), op, [&]<class T>() {
-    detail::binary_kernel<T><<<grid_for(n), kThreads, 0, current_stream()>>>(out.data<T>(), a.data<T>(), la, b.data<T>(), lb, n, kind,
-                                                                             static_cast<float>(alpha));
+    launch_loop(op, shape, detail::BinaryFn{kind, static_cast<float>(alpha)}, LoopTensor<T>{out.data<T>(), out.strides()},
+                LoopTensor<const T>{a.data<T>(), broadcast_strides(a, shape)}, LoopTensor<const T>{b.data<T>(), broadcast_strides(b, shape)});
   });
-  check_launch(op);
   return out;
 }
 
-// Reduced dims moved last and made contiguous, [M, R] @ ones[R, 1] on cuBLASLt: a float32-
-// accumulated row sum with no reduction kernel of its own.
+inline Tensor binary_scalar(DeviceBinary kind, const Tensor& a, double s, double alpha, bool reversed) {
+  const char* op = "gpu::binary_scalar";
+  require_cuda_tensor(op, a);
+  Tensor out = empty(a.sizes(), a.dtype(), Device::CUDA);
+  if (out.numel() == 0) return out;
+  dispatch_storage(a.dtype(), op, [&]<class T>() {
+    const detail::BinaryScalarFn f{kind, static_cast<float>(alpha), static_cast<float>(T(s)), reversed};
+    launch_loop(op, a.sizes(), f, LoopTensor<T>{out.data<T>(), out.strides()}, LoopTensor<const T>{a.data<T>(), a.strides()});
+  });
+  return out;
+}
+
+// Row sums on cuBLASLt, float32-accumulated, with no reduction kernel of its own: reduced dims
+// leading in a contiguous x (bias gradients) as ones[1, R] @ x[R, M] with no copy; otherwise the
+// reduced dims moved last and made contiguous, x'[M, R] @ ones[R, 1].
 inline Tensor sum_dims(const Tensor& x, const Shape& dims) {
   const char* op = "gpu::sum";
   require_cuda_tensor(op, x);
@@ -162,11 +143,14 @@ inline Tensor sum_dims(const Tensor& x, const Shape& dims) {
   for (int64_t d : dims) reduced[static_cast<std::size_t>(x.wrap_dim(d, op))] = true;
   Shape perm, kept;
   int64_t M = 1, R = 1;
+  bool leading = true;  // every reduced dim comes before every kept one
   for (int64_t d = 0; d < x.dim(); ++d)
     if (!reduced[static_cast<std::size_t>(d)]) {
       perm.push_back(d);
       kept.push_back(x.size(d));
       M *= x.size(d);
+    } else if (!perm.empty()) {
+      leading = false;
     }
   for (int64_t d = 0; d < x.dim(); ++d)
     if (reduced[static_cast<std::size_t>(d)]) {
@@ -177,6 +161,12 @@ inline Tensor sum_dims(const Tensor& x, const Shape& dims) {
     Tensor out = empty(kept, x.dtype(), Device::CUDA);
     fill(out, 0.0);
     return out;
+  }
+  if (leading && x.is_contiguous()) {
+    Tensor ones = empty({1, R}, x.dtype(), Device::CUDA);
+    fill(ones, 1.0);
+    const Tensor s = matmul(ones, x.view({R, M}), DType::Float32).view(kept);
+    return s.dtype() == x.dtype() ? s : contiguous(s, x.dtype());
   }
   Shape ps, pst;
   for (int64_t d : perm) {
@@ -199,6 +189,9 @@ inline const DeviceKernels& cuda_kernel_table() {
     t.copy = [](const Tensor& dst, const Tensor& src) { gpu::copy(dst, src); };
     t.fill = [](const Tensor& x, double v) { gpu::fill(x, v); };
     t.binary = [](DeviceBinary k, const Tensor& a, const Tensor& b, double alpha) { return gpu::binary(k, a, b, alpha); };
+    t.binary_scalar = [](DeviceBinary k, const Tensor& a, double s, double alpha, bool reversed) {
+      return gpu::binary_scalar(k, a, s, alpha, reversed);
+    };
     t.unary = [](DeviceUnary u, const Tensor& x) { return activation(activation_of(u), x); };
     t.unary_backward = [](DeviceUnary u, const Tensor& g, const Tensor& x, const Tensor& y) {
       return activation_backward(activation_of(u), g, x, y);
