@@ -32,6 +32,7 @@ exec 3>&1 4>&2 > >(tee "$out/$log") 2>&1
 tee_pid=$!
 failed=0
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || failed=1
+torch_env=(env "LD_LIBRARY_PATH=${LD_LIBRARY_PATH-}")  # PyTorch loads the libraries its wheels carry, as it always does
 for lib in libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcudnn.so.9; do
   ldconfig -p | grep -q "$lib" && continue
   p=$(find /usr/local /opt /usr/lib -name "$lib" 2>/dev/null | head -1)
@@ -77,13 +78,13 @@ if [ "$only" != checks ]; then
   : >"$out/bench.log"
   read -r -a bench_args <<<"${GPU_BENCH_ARGS:-}"
   torch_ok=0
-  python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null && torch_ok=1
+  "${torch_env[@]}" python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null && torch_ok=1
   [ $torch_ok -eq 1 ] || echo "=== python3 has no PyTorch with CUDA: the table has mixprec's column only"
   for round in $(seq "${GPU_BENCH_ROUNDS:-2}"); do
     echo
     echo "=== timing round $round"
     bench 75 "$bin/mixprec_gpu_bench" ${bench_args[@]+"${bench_args[@]}"}
-    [ $torch_ok -eq 1 ] && bench 100 python3 "$repo/benchmarks/peers/torch_gpu.py" ${bench_args[@]+"${bench_args[@]}"}
+    [ $torch_ok -eq 1 ] && bench 100 "${torch_env[@]}" python3 "$repo/benchmarks/peers/torch_gpu.py" ${bench_args[@]+"${bench_args[@]}"}
   done
   echo
   python3 "$repo/benchmarks/peers/gpu_table.py" "$out/bench.log" >"$out/table.md" || failed=1
