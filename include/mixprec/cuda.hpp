@@ -15,12 +15,14 @@
 //   norm.cuh         softmax, log_softmax, batch norm (cuDNN)
 //   elementwise.cuh  activations (mixprec::fn formulas), sum / max_abs (CUB)
 //   amp.cuh          multi-tensor unscale + inf check, on-device scale update, fused Adam(W)/SGD
+//   attention.cuh    fused scaled-dot-product attention forward/backward (flash style, wmma)
 //   kernels.cuh      the ops' CUDA entries (backends/device.hpp): copies, casts, add/mul/div, sum,
 //                    activations, matmul, conv, softmax, batch norm; registered on inclusion
 #include "mixprec/mixprec.hpp"
 
 #if defined(__CUDACC__) && defined(MIXPREC_CUDA)
 #include "mixprec/backends/cuda/amp.cuh"
+#include "mixprec/backends/cuda/attention.cuh"
 #include "mixprec/backends/cuda/conv.cuh"
 #include "mixprec/backends/cuda/elementwise.cuh"
 #include "mixprec/backends/cuda/gemm.cuh"

@@ -278,6 +278,20 @@ TEST(Attention, DropoutIsReproducibleAndMatchesExplicitMask) {
   EXPECT_TRUE(r.ok) << r.message;
 }
 
+// The integer form the CUDA kernel evaluates keeps exactly what sdpa_dropout_keep keeps.
+TEST(Attention, DropoutThresholdIsTheKeepRuleInIntegers) {
+  EXPECT_EQ(detail::sdpa_dropout_threshold(0.0), 0u);
+  EXPECT_EQ(detail::sdpa_dropout_threshold(1.0), uint64_t{1} << 53);
+  EXPECT_EQ(detail::sdpa_dropout_threshold(std::ldexp(12345.0, -53)), 12345u);  // x == p * 2^53 is kept
+  EXPECT_EQ(detail::sdpa_dropout_threshold(std::nextafter(std::ldexp(12345.0, -53), 1.0)), 12346u);
+  for (double p : {1e-12, 0.1, 0.25, 1.0 / 3.0, 0.5, 0.9, 0.999999})
+    for (uint64_t i = 0; i < 20000; ++i) {
+      const uint64_t seed = 0x5eed + static_cast<uint64_t>(p * 1e6);
+      const bool by_int = (detail::sdpa_hash(seed, i) >> 11) >= detail::sdpa_dropout_threshold(p);
+      ASSERT_EQ(by_int, detail::sdpa_dropout_keep(seed, i, p)) << "p " << p << " i " << i;
+    }
+}
+
 TEST(Attention, FullyMaskedRowsGiveZeroAndNoGradient) {
   Tensor q = att_randn({3, 4}, 61), k = att_randn({5, 4}, 62), v = att_randn({5, 2}, 63);
   Tensor keep = ones({3, 5}, kBool);

@@ -257,6 +257,28 @@ const DeviceKernels& host_kernels() {
       no_grad ng;
       return dev(mul(mul(host(x).to(DType::Float32), host(keep).to(DType::Float32)), scale).to(x.dtype()));
     };
+    // Fused attention through the CPU op's own kernels, with the entries' contract checked.
+    t.sdpa_forward = [](const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale, double p,
+                        uint64_t seed) -> std::array<Tensor, 2> {
+      const Kernel kn("sdpa_forward");
+      const Shape batch(q.sizes().begin(), q.sizes().end() - 2);
+      EXPECT_EQ(Shape(k.sizes().begin(), k.sizes().end() - 2), batch);
+      EXPECT_EQ(Shape(v.sizes().begin(), v.sizes().end() - 2), batch);
+      EXPECT_TRUE(q.size(-1) % 8 == 0 && q.size(-1) <= 128 && v.size(-1) == q.size(-1)) << "E " << q.size(-1) << ", Ev " << v.size(-1);
+      const auto [out, lse] = detail::sdpa_cpu_forward(host(q), host(k), host(v), Tensor(), batch, causal, scale, p, seed);
+      EXPECT_EQ(lse.dtype(), DType::Float32);
+      return {dev(out), dev(lse)};
+    };
+    t.sdpa_backward = [](const Tensor& g, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o, const Tensor& lse,
+                         bool causal, double scale, double p, uint64_t seed) -> std::array<Tensor, 3> {
+      const Kernel kn("sdpa_backward");
+      EXPECT_EQ(g.dtype(), q.dtype());
+      EXPECT_EQ(g.sizes(), o.sizes());
+      const Shape batch(q.sizes().begin(), q.sizes().end() - 2);
+      const auto [dq, dk, dv, dm] = detail::sdpa_cpu_backward(host(g), host(q), host(k), host(v), Tensor(), host(o), host(lse), batch,
+                                                              causal, scale, p, seed, false);
+      return {dev(dq.to(q.dtype())), dev(dk.to(q.dtype())), dev(dv.to(q.dtype()))};
+    };
     // The optimizers' and GradScaler's entries, element by element with the CPU's own scalars
     // (optim::detail::AdamScalars / SgdScalars), as the fused CUDA kernels do.
     t.adam = [](const std::vector<DeviceParamUpdate>& ps, const optim::detail::AdamHyper& h) {
@@ -578,6 +600,88 @@ TEST_F(DeviceDispatch, AttentionOnTheDeviceKeepsTheCpuRules) {
     const uint64_t after = default_generator().next_u64();
     manual_seed(12);
     EXPECT_EQ(after, default_generator().next_u64());
+  }
+}
+
+// Calls the fused entries take: one forward and one backward kernel, no composed ops, the CPU's
+// values and dropout draws (the emulated entries are the CPU's kernels, so float32 agrees to
+// rounding), broadcast batch dims summed back, the generator consumed as on the CPU.
+TEST_F(DeviceDispatch, FusedAttentionTakesSupportedCallsWithOneNodeAndTheCpuValues) {
+  Generator g(18);
+  struct Case {
+    const char* name;
+    Shape q, kv;
+    double p;
+    bool causal;
+    DType dtype;
+  };
+  for (const Case& c : {Case{"plain", {2, 3, 5, 8}, {2, 3, 7, 8}, 0.0, false, DType::Float32},
+                        Case{"causal, L > S", {2, 3, 9, 16}, {2, 3, 6, 16}, 0.0, true, DType::Float32},
+                        Case{"dropout, causal", {2, 2, 7, 8}, {2, 2, 7, 8}, 0.2, true, DType::Float32},
+                        Case{"dropout, broadcast k/v", {2, 3, 5, 24}, {1, 3, 6, 24}, 0.3, false, DType::Float32},
+                        Case{"bfloat16, causal", {2, 2, 6, 32}, {2, 2, 6, 32}, 0.1, true, DType::BFloat16},
+                        Case{"no keys", {2, 3, 5, 8}, {2, 3, 0, 8}, 0.0, false, DType::Float32},
+                        Case{"no queries", {2, 3, 0, 8}, {2, 3, 4, 8}, 0.0, true, DType::Float32}}) {
+    SCOPED_TRACE(c.name);
+    calls().clear();
+    const Tensor q = randn(c.q, DType::Float32, g).to(c.dtype), k = randn(c.kv, DType::Float32, g).to(c.dtype),
+                 v = randn(c.kv, DType::Float32, g).to(c.dtype);
+    const Tensor qc = q.detach().requires_grad_(), kc = k.detach().requires_grad_(), vc = v.detach().requires_grad_();
+    const Tensor qd = q.to(Device::CUDA).requires_grad_(), kd = k.to(Device::CUDA).requires_grad_(),
+                 vd = v.to(Device::CUDA).requires_grad_();
+    manual_seed(4);
+    const Tensor oc = scaled_dot_product_attention(qc, kc, vc, Tensor(), c.p, c.causal);
+    const uint64_t next_cpu = default_generator().next_u64();
+    manual_seed(4);
+    const Tensor od = scaled_dot_product_attention(qd, kd, vd, Tensor(), c.p, c.causal);
+    EXPECT_EQ(default_generator().next_u64(), next_cpu);  // one draw, as on the CPU
+    ASSERT_EQ(od.device(), Device::CUDA);
+    EXPECT_EQ(od.dtype(), c.dtype);
+    EXPECT_EQ(calls()["sdpa_forward"], 1);
+    for (const char* composed : {"matmul", "softmax", "binary"}) EXPECT_EQ(calls()[composed], 0) << composed;
+    EXPECT_LT(rel_error(od.cpu(), oc), 1e-6);
+    const Tensor w = randn(oc.sizes(), DType::Float32, g).to(c.dtype);
+    sum(mul(oc, w)).backward();
+    sum(mul(od, w.to(Device::CUDA))).backward();
+    EXPECT_EQ(calls()["sdpa_backward"], 1);
+    EXPECT_EQ(calls()["softmax_backward"], 0);
+    const double tol = c.dtype == DType::Float32 ? 1e-5 : 1e-2;
+    for (const auto& [name, gd, gc] : {std::tuple{"q", qd, qc}, std::tuple{"k", kd, kc}, std::tuple{"v", vd, vc}}) {
+      ASSERT_TRUE(gd.grad().defined()) << name;
+      EXPECT_EQ(gd.grad().device(), Device::CUDA) << name;
+      EXPECT_EQ(gd.grad().sizes(), gc.grad().sizes()) << name;
+      EXPECT_EQ(gd.grad().dtype(), c.dtype) << name;
+      EXPECT_LT(rel_error(gd.grad().cpu(), gc.grad()), tol) << name;
+    }
+  }
+}
+
+// What the fused entries do not take keeps the composed path: masks, head dims that are not a
+// multiple of 8 or above 128, E != Ev.
+TEST_F(DeviceDispatch, AttentionOutsideTheFusedContractIsComposed) {
+  Generator g(19);
+  struct Case {
+    const char* name;
+    Shape q, k, v;
+    bool mask;
+  };
+  for (const Case& c : {Case{"bool mask", {2, 4, 8}, {2, 5, 8}, {2, 5, 8}, true}, Case{"E 12", {2, 4, 12}, {2, 5, 12}, {2, 5, 12}, false},
+                        Case{"E 136", {1, 3, 136}, {1, 4, 136}, {1, 4, 136}, false},
+                        Case{"E 8, Ev 16", {2, 4, 8}, {2, 5, 8}, {2, 5, 16}, false}}) {
+    SCOPED_TRACE(c.name);
+    calls().clear();
+    const Tensor q = randn(c.q, DType::Float32, g), k = randn(c.k, DType::Float32, g), v = randn(c.v, DType::Float32, g);
+    const Tensor mask = c.mask ? gt(rand({4, 5}, DType::Float32, g), 0.2) : Tensor();
+    const Tensor qc = q.detach().requires_grad_(), qd = q.to(Device::CUDA).requires_grad_();
+    const Tensor oc = scaled_dot_product_attention(qc, k, v, mask);
+    const Tensor od = scaled_dot_product_attention(qd, k.to(Device::CUDA), v.to(Device::CUDA), mask);
+    EXPECT_EQ(calls()["sdpa_forward"], 0);
+    EXPECT_GT(calls()["softmax"], 0);
+    EXPECT_LT(rel_error(od.cpu(), oc), 1e-5);
+    sum(oc).backward();
+    sum(od).backward();
+    EXPECT_EQ(calls()["sdpa_backward"], 0);
+    EXPECT_LT(rel_error(qd.grad().cpu(), qc.grad()), 1e-5);
   }
 }
 

@@ -83,6 +83,19 @@ struct DeviceKernels {
   // x * (keep ? scale : 0), computed in float32 and rounded once; keep is bool of x's shape,
   // contiguous. Dropout's forward and backward.
   Tensor (*masked_scale)(const Tensor& x, const Tensor& keep, double scale) = nullptr;
+  // Fused attention, softmax(q k^T * scale) v without the [L, S] scores (no attn_mask; the op keeps
+  // its composed path for masks): q [batch..., L, E], k and v [batch..., S, E] on one batch shape
+  // (broadcast dims expanded, stride 0), one dtype, unit stride along E, and E a multiple of 8 up
+  // to 128 (detail::sdpa_fused_supported). causal keeps key j for query i when j <= i; dropout_p
+  // > 0 drops where !detail::sdpa_dropout_keep(seed, (b L + i) S + j, p), b the flattened batch
+  // index, and scales the rest by 1 / (1 - p). Returns {out [batch..., L, E] in q's dtype,
+  // logsumexp float32 [batch..., L]}, +inf where a row has no key.
+  std::array<Tensor, 2> (*sdpa_forward)(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale,
+                                        double dropout_p, uint64_t seed) = nullptr;
+  // Its gradients from grad (out's shape and dtype), out and logsumexp, with the forward's own
+  // arguments: {dq, dk, dv} in q's dtype and the expanded shapes (broadcasts not yet summed).
+  std::array<Tensor, 3> (*sdpa_backward)(const Tensor& grad, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                                         const Tensor& lse, bool causal, double scale, double dropout_p, uint64_t seed) = nullptr;
   // One optimizer group's updates, all parameters in one launch, with the CPU's arithmetic.
   void (*adam)(const std::vector<DeviceParamUpdate>& params, const optim::detail::AdamHyper& h) = nullptr;
   void (*sgd)(const std::vector<DeviceParamUpdate>& params, const optim::detail::SgdScalars& s) = nullptr;

@@ -18,7 +18,8 @@ namespace detail {
 inline constexpr int64_t kSdpaBlockQ = 64;   // query rows per task: one [64, E] panel of Q
 inline constexpr int64_t kSdpaBlockK = 128;  // keys per step: the score block stays in L2
 
-inline uint64_t sdpa_hash(uint64_t seed, uint64_t i) {
+// Host and device: the CUDA kernel (backends/cuda/attention.cuh) drops the very same elements.
+MIXPREC_HOST_DEVICE uint64_t sdpa_hash(uint64_t seed, uint64_t i) {
   uint64_t z = seed + (i + 1) * 0x9e3779b97f4a7c15ull;
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
   z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
@@ -29,6 +30,9 @@ inline uint64_t sdpa_hash(uint64_t seed, uint64_t i) {
 inline bool sdpa_dropout_keep(uint64_t seed, uint64_t i, double p) {
   return static_cast<double>(sdpa_hash(seed, i) >> 11) * 0x1.0p-53 >= p;
 }
+// The same rule in integers, for kernels: keep iff (hash >> 11) >= this. Exact, since
+// x * 2^-53 >= p  <=>  x >= ceil(p * 2^53) for an integer x, and p * 2^53 is exact in double.
+inline uint64_t sdpa_dropout_threshold(double p) { return p <= 0 ? 0 : static_cast<uint64_t>(std::ceil(std::ldexp(p, 53))); }
 
 // A batch of matrices with unit column stride: element (b, r, c) is at data + off[b] + r * rs + c.
 template <class C>
@@ -300,7 +304,116 @@ SdpaProblem<C> sdpa_problem(const Tensor& q, const Tensor& k, const Tensor& v, c
 }  // namespace detail
 
 namespace detail {
-// scaled_dot_product_attention on a device, composed from routed ops that each have their own
+// The CPU forward: {out [batch..., L, Ev] in q's dtype, row logsumexp [batch..., L] in the
+// accumulation dtype (float32, or float64 for float64)}.
+inline std::array<Tensor, 2> sdpa_cpu_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask, const Shape& batch,
+                                              bool is_causal, double sc, double dropout_p, uint64_t seed) {
+  constexpr const char* op = "scaled_dot_product_attention";
+  const int64_t L = q.size(-2), Ev = v.size(-1);
+  Shape out_shape = batch;
+  out_shape.push_back(L);
+  out_shape.push_back(Ev);
+  Shape lse_shape = batch;
+  lse_shape.push_back(L);
+  const DType T = q.dtype();
+  const DType C = T == DType::Float64 ? DType::Float64 : DType::Float32;
+  Tensor out = empty(out_shape, T);
+  Tensor lse = empty(lse_shape, C);
+  Tensor acc = T == C ? out : empty(out_shape, C);
+  dispatch_floating(C, op, [&]<class CT>() {
+    if constexpr (std::is_same_v<CT, float> || std::is_same_v<CT, double>) {
+      const auto P = sdpa_problem<CT>(q, k, v, mask, batch, is_causal, sc, dropout_p, seed);
+      if (P.B * L > 0) sdpa_forward_kernel<CT>(P, acc.data<CT>(), lse.data<CT>());
+    }
+  });
+  if (!acc.is_same(out)) copy_kernel(out, acc);
+  return {out, lse};
+}
+
+// The CPU backward from sdpa_cpu_forward's out and lse: {dq, dk, dv, dmask (when mask_grad)} in
+// lse's dtype and the full batch shapes (broadcasts not yet summed).
+inline std::array<Tensor, 4> sdpa_cpu_backward(const Tensor& grad, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask,
+                                               const Tensor& out, const Tensor& lse, const Shape& batch, bool is_causal, double sc,
+                                               double dropout_p, uint64_t seed, bool mask_grad) {
+  const DType C = lse.dtype();
+  const int64_t B = numel_of(batch), L = q.size(-2), S = k.size(-2), E = q.size(-1), Ev = v.size(-1);
+  Shape bq = batch, bk = batch, bv = batch, bm = batch;
+  bq.insert(bq.end(), {L, E});
+  bk.insert(bk.end(), {S, E});
+  bv.insert(bv.end(), {S, Ev});
+  bm.insert(bm.end(), {L, S});
+  Tensor dq = zeros(bq, C), dk = zeros(bk, C), dv = zeros(bv, C);
+  Tensor dm = mask_grad ? zeros(bm, C) : Tensor();
+  const Tensor go = contiguous_raw(grad, C);
+  const Tensor o = contiguous_raw(out, C);
+  Tensor D = empty({B, L}, C);
+  dispatch_floating(C, "scaled_dot_product_attention_backward", [&]<class CT>() {
+    if constexpr (std::is_same_v<CT, float> || std::is_same_v<CT, double>) {
+      if (B * L == 0 || S == 0) return;
+      const CT* gp = go.data<CT>();
+      const CT* op_ = o.data<CT>();
+      CT* Dp = D.data<CT>();
+      cpu::parallel_for(0, B * L, std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(Ev, 1)), [&](int64_t b0, int64_t e0) {
+        for (int64_t r = b0; r < e0; ++r) {
+          CT s = 0;
+          for (int64_t c = 0; c < Ev; ++c) s += gp[r * Ev + c] * op_[r * Ev + c];
+          Dp[r] = s;
+        }
+      });
+      const auto P = sdpa_problem<CT>(q, k, v, mask, batch, is_causal, sc, dropout_p, seed);
+      SdpaBackward<CT>{P, gp, lse.data<CT>(), Dp, dq.data<CT>(), dk.data<CT>(), dv.data<CT>(), dm.defined() ? dm.data<CT>() : nullptr}.run();
+    }
+  });
+  return {dq, dk, dv, dm};
+}
+
+// Whether a device's fused attention entries take this call (their contract in
+// backends/device.hpp): no mask, one head dim E == Ev that is a multiple of 8 up to 128, and a
+// dtype the device kernels store. Everything else takes the composed path.
+inline bool sdpa_fused_supported(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask) {
+  const DeviceKernels* kt = device_kernels(q.device());
+  const int64_t E = q.size(-1);
+  const DType d = q.dtype();
+  return kt && kt->sdpa_forward && kt->sdpa_backward && !mask.defined() && k.size(-1) == E && v.size(-1) == E && E > 0 &&
+         E % 8 == 0 && E <= 128 && (d == DType::Float32 || d == DType::Float16 || d == DType::BFloat16);
+}
+
+// The fused path on a device: one kernel each way and one graph node, the seed drawn where the
+// composed path and the CPU draw it.
+inline Tensor sdpa_device_fused(const Tensor& q, const Tensor& k, const Tensor& v, const Shape& batch, bool is_causal, double sc,
+                                double dropout_p) {
+  constexpr const char* op = "scaled_dot_product_attention";
+  const uint64_t seed = dropout_p > 0 ? default_generator().next_u64() : 0;
+  auto expanded = [batch](const Tensor& t) {
+    Shape s = batch;
+    s.push_back(t.size(-2));
+    s.push_back(t.size(-1));
+    return expand_raw(t, s);
+  };
+  const std::array<Tensor, 2> fwd =
+      device_kernel(op, q, &DeviceKernels::sdpa_forward)(expanded(q), expanded(k), expanded(v), is_causal, sc, dropout_p, seed);
+  const Tensor &out = fwd[0], &lse = fwd[1];
+  if (autograd::should_record({q, k, v})) {
+    autograd::record(op, {q, k, v}, {out},
+                     [sq = autograd::SavedTensor(q), sk = autograd::SavedTensor(k), sv = autograd::SavedTensor(v),
+                      so = autograd::SavedTensor(out), lse, expanded, is_causal, sc, dropout_p,
+                      seed](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+                       const Tensor& q = sq.get(op);
+                       const Tensor& k = sk.get(op);
+                       const Tensor& v = sv.get(op);
+                       const Tensor grad = g[0].dtype() == q.dtype() ? g[0] : as_dtype_raw(g[0], q.dtype());
+                       const auto [dq, dk, dv] = device_kernel(op, q, &DeviceKernels::sdpa_backward)(
+                           grad, expanded(q), expanded(k), expanded(v), so.get(op), lse, is_causal, sc, dropout_p, seed);
+                       return {sum_to(dq, q.sizes()), sum_to(dk, k.sizes()), sum_to(dv, v.sizes())};
+                     });
+  }
+  return out;
+}
+}  // namespace detail
+
+namespace detail {
+// scaled_dot_product_attention on a device: the device's fused kernels where they take the call
+// (sdpa_fused_supported), else composed from routed ops that each have their own
 // backward: (q * scale) k^T in the inputs' dtype (float32 accumulation, rounded on store, as
 // PyTorch's math path under autocast), masked and softmaxed in float32, the probabilities rounded
 // back for the product with v. It holds the [..., L, S] scores where the CPU's fused kernel holds
@@ -315,6 +428,7 @@ inline Tensor sdpa_device(const Tensor& q, const Tensor& k, const Tensor& v, con
   MIXPREC_CHECK(!mask.defined() || mask.device() == Device::CPU || mask.device() == dev, op, ": query on ", dev,
                 " and attn_mask on ", mask.device());
   (void)device_kernel(op, q, &DeviceKernels::softmax);  // no backend: refuse here, by this op's name
+  if (sdpa_fused_supported(q, k, v, mask)) return sdpa_device_fused(q, k, v, batch, is_causal, sc, dropout_p);
   const int64_t L = q.size(-2), S = k.size(-2), B = numel_of(batch);
   Shape full = batch;
   full.push_back(L);
@@ -408,7 +522,7 @@ inline Tensor scaled_dot_product_attention(const Tensor& q, const Tensor& k, con
     const Shape qb(q.sizes().begin(), q.sizes().end() - 2), kb(k.sizes().begin(), k.sizes().end() - 2),
         vb(v.sizes().begin(), v.sizes().end() - 2);
     const Shape batch = broadcast_shapes(broadcast_shapes(qb, kb, op), vb, op);
-    const int64_t L = q.size(-2), S = k.size(-2), E = q.size(-1), Ev = v.size(-1);
+    const int64_t L = q.size(-2), S = k.size(-2), E = q.size(-1);
     if (mask.defined()) {
       if (!on_device) detail::require_cpu(op, mask);
       MIXPREC_CHECK(mask.dtype() == DType::Bool || mask.is_floating_point(), op,
@@ -427,23 +541,8 @@ inline Tensor scaled_dot_product_attention(const Tensor& q, const Tensor& k, con
     const double sc = scale.value_or(E > 0 ? 1.0 / std::sqrt(static_cast<double>(E)) : 1.0);
     if (on_device) return detail::sdpa_device(q, k, v, mask, batch, is_causal, sc, dropout_p);
     const uint64_t seed = dropout_p > 0 ? default_generator().next_u64() : 0;
-    Shape out_shape = batch;
-    out_shape.push_back(L);
-    out_shape.push_back(Ev);
-    Shape lse_shape = batch;
-    lse_shape.push_back(L);
-    const DType T = q.dtype();
-    const DType C = T == DType::Float64 ? DType::Float64 : DType::Float32;
-    Tensor out = empty(out_shape, T);
-    Tensor lse = empty(lse_shape, C);
-    Tensor acc = T == C ? out : empty(out_shape, C);
-    dispatch_floating(C, op, [&]<class CT>() {
-      if constexpr (std::is_same_v<CT, float> || std::is_same_v<CT, double>) {
-        const auto P = detail::sdpa_problem<CT>(q, k, v, mask, batch, is_causal, sc, dropout_p, seed);
-        if (P.B * L > 0) detail::sdpa_forward_kernel<CT>(P, acc.data<CT>(), lse.data<CT>());
-      }
-    });
-    if (!acc.is_same(out)) detail::copy_kernel(out, acc);
+    const std::array<Tensor, 2> fwd = detail::sdpa_cpu_forward(q, k, v, mask, batch, is_causal, sc, dropout_p, seed);
+    const Tensor &out = fwd[0], &lse = fwd[1];
     if (autograd::should_record({q, k, v, mask})) {
       autograd::record(op, {q, k, v, mask}, {out},
                        [sq = autograd::SavedTensor(q), sk = autograd::SavedTensor(k), sv = autograd::SavedTensor(v),
@@ -453,38 +552,8 @@ inline Tensor scaled_dot_product_attention(const Tensor& q, const Tensor& k, con
                          const Tensor& k = sk.get(op);
                          const Tensor& v = sv.get(op);
                          const Tensor& mask = sm.get(op);
-                         const Tensor& out = so.get(op);
-                         const DType C = lse.dtype();
-                         const int64_t B = numel_of(batch), L = q.size(-2), S = k.size(-2), E = q.size(-1), Ev = v.size(-1);
-                         Shape bq = batch, bk = batch, bv = batch, bm = batch;
-                         bq.insert(bq.end(), {L, E});
-                         bk.insert(bk.end(), {S, E});
-                         bv.insert(bv.end(), {S, Ev});
-                         bm.insert(bm.end(), {L, S});
-                         Tensor dq = zeros(bq, C), dk = zeros(bk, C), dv = zeros(bv, C);
-                         Tensor dm = mask_grad ? zeros(bm, C) : Tensor();
-                         const Tensor go = detail::contiguous_raw(g[0], C);
-                         const Tensor o = detail::contiguous_raw(out, C);
-                         Tensor D = empty({B, L}, C);
-                         dispatch_floating(C, "scaled_dot_product_attention_backward", [&]<class CT>() {
-                           if constexpr (std::is_same_v<CT, float> || std::is_same_v<CT, double>) {
-                             if (B * L == 0 || S == 0) return;
-                             const CT* gp = go.data<CT>();
-                             const CT* op_ = o.data<CT>();
-                             CT* Dp = D.data<CT>();
-                             cpu::parallel_for(0, B * L, std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(Ev, 1)), [&](int64_t b0, int64_t e0) {
-                               for (int64_t r = b0; r < e0; ++r) {
-                                 CT s = 0;
-                                 for (int64_t c = 0; c < Ev; ++c) s += gp[r * Ev + c] * op_[r * Ev + c];
-                                 Dp[r] = s;
-                               }
-                             });
-                             const auto P = detail::sdpa_problem<CT>(q, k, v, mask, batch, is_causal, sc, dropout_p, seed);
-                             detail::SdpaBackward<CT>{P, gp, lse.data<CT>(), Dp, dq.data<CT>(), dk.data<CT>(), dv.data<CT>(),
-                                                      dm.defined() ? dm.data<CT>() : nullptr}
-                                 .run();
-                           }
-                         });
+                         const auto [dq, dk, dv, dm] = detail::sdpa_cpu_backward(g[0], q, k, v, mask, so.get(op), lse, batch, is_causal,
+                                                                                 sc, dropout_p, seed, mask_grad);
                          auto finish = [](const Tensor& gr, const Tensor& in) {
                            return detail::as_dtype_raw(sum_to(gr, in.sizes()), in.dtype());
                          };

@@ -6,6 +6,7 @@
 // CUDA tensors here, with the CPU's autograd, autocast and checks around them. Ops
 // without an entry refuse CUDA tensors by name.
 #include "mixprec/backends/cuda/amp.cuh"
+#include "mixprec/backends/cuda/attention.cuh"
 #include "mixprec/backends/cuda/elementwise.cuh"
 #include "mixprec/backends/cuda/embedding.cuh"
 #include "mixprec/backends/cuda/gemm.cuh"
@@ -234,6 +235,11 @@ inline const DeviceKernels& cuda_kernel_table() {
       return gpu::embedding_backward(g, idx, V, pad);
     };
     t.masked_scale = [](const Tensor& x, const Tensor& keep, double scale) { return gpu::masked_scale(x, keep, scale); };
+    t.sdpa_forward = [](const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale, double p, uint64_t seed) {
+      return gpu::sdpa_forward(q, k, v, causal, scale, p, seed);
+    };
+    t.sdpa_backward = [](const Tensor& g, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o, const Tensor& lse, bool causal,
+                         double scale, double p, uint64_t seed) { return gpu::sdpa_backward(g, q, k, v, o, lse, causal, scale, p, seed); };
     t.adam = [](const std::vector<DeviceParamUpdate>& ps, const optim::detail::AdamHyper& h) { adam_updates(ps, h); };
     t.sgd = [](const std::vector<DeviceParamUpdate>& ps, const optim::detail::SgdScalars& sc) { sgd_updates(ps, sc); };
     t.unscale = [](const std::vector<Tensor>& g, const std::vector<Tensor>& m, double scale) { return unscale_grads(g, m, scale); };
