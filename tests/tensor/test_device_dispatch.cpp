@@ -7,6 +7,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <mixprec/backends/captured_step.hpp>
 #include <mixprec/mixprec.hpp>
 
 #include "ops/op_test_util.hpp"
@@ -280,11 +281,14 @@ const DeviceKernels& host_kernels() {
       return {dev(dq.to(q.dtype())), dev(dk.to(q.dtype())), dev(dv.to(q.dtype()))};
     };
     // The optimizers' and GradScaler's entries, element by element with the CPU's own scalars
-    // (optim::detail::AdamScalars / SgdScalars), as the fused CUDA kernels do.
-    t.adam = [](const std::vector<DeviceParamUpdate>& ps, const optim::detail::AdamHyper& h) {
+    // (optim::detail::AdamScalars / SgdScalars), as the fused CUDA kernels do; the skip flag and
+    // the step counters are read and written in device memory, as there.
+    t.adam = [](const std::vector<DeviceParamUpdate>& ps, const optim::detail::AdamHyper& h, const Tensor& found_inf) {
       const Kernel k("adam");
+      if (found_inf.defined() && *host(found_inf).data<float>() != 0.0f) return;
       for (const DeviceParamUpdate& p : ps) {
-        const optim::detail::AdamScalars sc = optim::detail::adam_scalars(h, p.step);
+        int64_t* c = host(p.counters).data<int64_t>();
+        const optim::detail::AdamScalars sc = optim::detail::adam_scalars(h, c[0] + 1);
         const Tensor g = host(p.grad).to(DType::Float32).contiguous();
         float* w = host(p.weights).data<float>();
         float* m = host(p.state[0]).data<float>();
@@ -292,21 +296,27 @@ const DeviceKernels& host_kernels() {
         float* vmax = p.state[2].defined() ? host(p.state[2]).data<float>() : nullptr;
         for (int64_t i = 0; i < p.weights.numel(); ++i) sc.step(w[i], g.data<float>()[i], m[i], v[i], vmax ? vmax + i : nullptr);
         if (p.model.defined()) detail::copy_kernel(host(p.model), host(p.weights));
+        ++c[0];
+        ++c[1];
       }
     };
-    t.sgd = [](const std::vector<DeviceParamUpdate>& ps, const optim::detail::SgdScalars& sc) {
+    t.sgd = [](const std::vector<DeviceParamUpdate>& ps, const optim::detail::SgdScalars& sc, const Tensor& found_inf) {
       const Kernel k("sgd");
+      if (found_inf.defined() && *host(found_inf).data<float>() != 0.0f) return;
       for (const DeviceParamUpdate& p : ps) {
+        int64_t* c = host(p.counters).data<int64_t>();
         const Tensor g = host(p.grad).to(DType::Float32).contiguous();
         float* w = host(p.weights).data<float>();
         float* b = p.state[0].defined() ? host(p.state[0]).data<float>() : nullptr;
-        for (int64_t i = 0; i < p.weights.numel(); ++i) sc.step(w[i], g.data<float>()[i], b ? b + i : nullptr, p.step == 1);
+        for (int64_t i = 0; i < p.weights.numel(); ++i) sc.step(w[i], g.data<float>()[i], b ? b + i : nullptr, c[1] == 0);
         if (p.model.defined()) detail::copy_kernel(host(p.model), host(p.weights));
+        ++c[0];
+        ++c[1];
       }
     };
-    t.unscale = [](const std::vector<Tensor>& grads, const std::vector<Tensor>& masters, double scale) {
+    t.unscale = [](const std::vector<Tensor>& grads, const std::vector<Tensor>& masters, const Tensor& scale, const Tensor& found_inf) {
       const Kernel k("unscale");
-      const float inv = static_cast<float>(1.0 / scale);
+      const float inv = static_cast<float>(1.0 / static_cast<double>(*host(scale).data<float>()));
       bool bad = false;
       for (std::size_t i = 0; i < grads.size(); ++i) {
         const Tensor h = host(grads[i]), f = host_copy(h.to(DType::Float32));
@@ -318,7 +328,69 @@ const DeviceKernels& host_kernels() {
         if (masters[i].defined()) detail::copy_kernel(host(masters[i]), f);
         detail::copy_kernel(h, f);
       }
-      return bad;
+      if (bad) *host(found_inf).data<float>() = 1.0f;
+    };
+    t.update_scale = [](const Tensor& scale, const Tensor& tracker, const std::vector<Tensor>& flags, double growth, double backoff,
+                        int64_t interval, const Tensor& skipped) {
+      const Kernel k("update_scale");
+      bool found = false;
+      for (const Tensor& f : flags) found |= *host(f).data<float>() != 0.0f;
+      amp::detail::update_scale(*host(scale).data<float>(), *host(tracker).data<int64_t>(), found, growth, backoff, interval);
+      *host(skipped).data<int64_t>() += found;
+    };
+    t.grad_norm = [](const std::vector<Tensor>& grads) {
+      const Kernel k("grad_norm");
+      double sq = 0;
+      for (const Tensor& g : grads) {
+        const Tensor f = host_copy(host(g).to(DType::Float32));
+        for (int64_t i = 0; i < f.numel(); ++i) sq += static_cast<double>(f.data<float>()[i]) * f.data<float>()[i];
+      }
+      return dev(scalar_tensor(std::sqrt(sq), DType::Float32));
+    };
+    t.clip_grads = [](const std::vector<Tensor>& grads, const Tensor& norm, double max_norm) {
+      const Kernel k("clip_grads");
+      const double coef = max_norm / (static_cast<double>(*host(norm).data<float>()) + 1e-6);
+      if (coef >= 1.0) return;
+      no_grad ng;
+      for (const Tensor& g : grads) detail::copy_kernel(host(g), mul(host(g).to(DType::Float32), static_cast<double>(static_cast<float>(coef))));
+    };
+    t.dropout = [](const Tensor& x, uint64_t seed, double p, double scale, const Tensor& replay) {
+      const Kernel k("dropout");
+      EXPECT_TRUE(x.is_contiguous());
+      if (replay.defined()) seed = detail::dropout_seed(seed, *host(replay).data<int64_t>());
+      const Tensor f = host_copy(host(x).to(DType::Float32));
+      float* v = f.data<float>();
+      for (int64_t i = 0; i < f.numel(); ++i)
+        v[i] = v[i] * (detail::dropout_keep(seed, static_cast<uint64_t>(i), p) ? static_cast<float>(scale) : 0.0f);
+      return dev(f.to(x.dtype()));
+    };
+    t.clamp_indices = [](const Tensor& idx, int64_t V, const Tensor& bad) {
+      const Kernel k("clamp_indices");
+      int64_t* ip = host(idx).data<int64_t>();
+      for (int64_t i = 0; i < idx.numel(); ++i)
+        if (ip[i] < 0 || ip[i] >= V) {
+          ip[i] = 0;
+          *host(bad).data<float>() += 1.0f;
+        }
+    };
+    t.class_weights = [](const Tensor& target, int64_t N, int64_t C, int64_t S, int64_t ignore, double ls, DType dtype,
+                         const Tensor& bad) -> std::array<Tensor, 2> {
+      const Kernel k("class_weights");
+      const Tensor tc = host_copy(host(target));
+      const int64_t* tp = tc.data<int64_t>();
+      Tensor w = zeros({N, C, S}, DType::Float64);
+      double* wp = w.data<double>();
+      double count = 0;
+      for (int64_t r = 0; r < N * S; ++r) {
+        if (tp[r] == ignore) continue;
+        double* row = wp + (r / S) * C * S + r % S;
+        const bool ok = tp[r] >= 0 && tp[r] < C;
+        for (int64_t c = 0; c < C; ++c) row[c * S] = ok ? ls / static_cast<double>(C) : std::numeric_limits<double>::quiet_NaN();
+        if (ok) row[tp[r] * S] += 1.0 - ls;
+        else *host(bad).data<float>() += 1.0f;
+        count += 1;
+      }
+      return {dev(w.to(dtype)), dev(scalar_tensor(count, DType::Float32))};
     };
     return t;
   }();
@@ -334,6 +406,7 @@ class DeviceDispatch : public ::testing::Test {
     calls().clear();
   }
   void TearDown() override {
+    detail::device_checks().clear();  // counts in this test's device memory
     detail::allocator_registry()[static_cast<int>(Device::CUDA)] = prev_alloc_;
     active_allocator() = nullptr;
     set_device_kernels(Device::CUDA, prev_kernels_);
@@ -493,7 +566,7 @@ TEST_F(DeviceDispatch, GptStepWithDropoutOnTheDeviceMatchesTheCpu) {
   const Tensor lg = gpu.loss(idx.to(Device::CUDA), tgt.to(Device::CUDA));
   EXPECT_EQ(lg.device(), Device::CUDA);
   EXPECT_LT(rel_error(lg.cpu(), lc), 1e-5);
-  for (const char* k : {"embedding", "layer_norm", "masked_scale", "softmax", "matmul"}) EXPECT_GT(calls()[k], 0) << k;
+  for (const char* k : {"embedding", "layer_norm", "dropout", "softmax", "matmul"}) EXPECT_GT(calls()[k], 0) << k;
   lc.backward();
   lg.backward();
   for (const char* k : {"embedding_backward", "layer_norm_backward", "unary_backward"}) EXPECT_GT(calls()[k], 0) << k;
@@ -717,9 +790,15 @@ TEST_F(DeviceDispatch, LayerNormEmbeddingDropoutAndExpLogOnTheDevice) {
   sum(mul(ed, ge.to(Device::CUDA))).backward();
   EXPECT_LT(rel_error(wd.grad().cpu(), w.grad()), 1e-6);
   const int before = calls()["embedding"];
-  const std::string msg = error_of([&] { embedding(wd, tensor(std::vector<int64_t>{2, 6}).to(Device::CUDA)); });
+  const std::string msg = error_of([&] { embedding(wd, tensor(std::vector<int64_t>{2, 6})); });
   EXPECT_NE(msg.find("index 6 (at position 1) is out of range"), std::string::npos) << msg;
-  EXPECT_EQ(calls()["embedding"], before);  // checked before any kernel ran
+  EXPECT_EQ(calls()["embedding"], before);  // CPU indices: checked before any kernel ran
+  // Device indices are checked on the device: the next host read reports it, naming the op.
+  const int reads = calls()["to_host"];
+  const Tensor oob = embedding(wd, tensor(std::vector<int64_t>{2, 6}).to(Device::CUDA));
+  EXPECT_EQ(calls()["to_host"], reads);
+  const std::string lazy = error_of([&] { (void)oob.cpu(); });
+  EXPECT_NE(lazy.find("embedding: an index is out of range for num_embeddings V = 6"), std::string::npos) << lazy;
   // dropout: the CPU's mask for the same generator state, in every floating dtype the device takes.
   for (DType dt : {DType::Float32, DType::Float16, DType::BFloat16}) {
     const Tensor x = randn({5, 7}, DType::Float32, g).to(dt);
@@ -798,7 +877,7 @@ TEST_F(DeviceDispatch, OptimizersAndGradScalerStepOnTheDevice) {
       EXPECT_EQ(sd.get_scale(), sc.get_scale()) << "iteration " << it;
     }
     EXPECT_EQ(sd.get_scale(), 1024.0);  // halved at the overflow, doubled after two clean steps
-    EXPECT_EQ(calls()[sgd ? "sgd" : "adam"], 3);
+    EXPECT_EQ(calls()[sgd ? "sgd" : "adam"], 4);  // the overflow's kernel skips on the device flag
     EXPECT_EQ(calls()["unscale"], 4);
     const auto pc = cpu.params(), pd = dev.params();
     for (std::size_t i = 0; i < pc.size(); ++i) {
@@ -1042,6 +1121,283 @@ TEST(DeviceCapabilities, BFloat16AutocastNeedsAmpereOnCuda) {
   EXPECT_TRUE(is_bf16_supported(Device::CUDA));
   EXPECT_NO_THROW(autocast(Device::CUDA, DType::BFloat16));
   probe = saved;
+}
+
+// ---- A training step without host syncs, and its capture (issue 17, parts 4 and 6) ----
+
+// Host reads of device memory (to_host) made while f runs.
+int64_t reads_during(const std::function<void()>& f) {
+  const int before = calls()["to_host"];
+  f();
+  return calls()["to_host"] - before;
+}
+
+// GradScaler on device gradients: scale, unscale_, step and update read nothing back; an
+// overflow skips the whole update on the device (moments and step counts too) and backs the scale
+// off there; what the host asks for afterwards (step's result, found_inf, the scale, the step
+// counts, the skipped steps) is read then, and agrees with the CPU.
+TEST_F(DeviceDispatch, GradScalerAndOptimizersStepWithoutReadingTheDevice) {
+  Generator gx(21);
+  const Tensor x = randn({4, 3, 5, 5}, DType::Float32, gx);
+  Tensor onehot = zeros({4, 5});
+  for (int64_t i = 0; i < 4; ++i) onehot.select(0, i).select(0, (i * 2) % 5).fill_(1.0);
+  for (bool sgd : {false, true}) {
+    SCOPED_TRACE(sgd ? "SGD" : "AdamW");
+    Generator g(22);
+    SmallNet cpu(g);
+    SmallNet dev = cpu.to(Device::CUDA);
+    for (Tensor* p : cpu.params()) p->requires_grad_();
+    auto make = [&](SmallNet& n) -> std::unique_ptr<optim::Optimizer> {
+      std::vector<Tensor> ps;
+      for (Tensor* p : n.params()) ps.push_back(*p);
+      if (sgd) return std::make_unique<optim::SGD>(ps, 0.05, 0.9, 0.5);  // dampening: the first step differs
+      return std::make_unique<optim::AdamW>(ps, 1e-2);
+    };
+    auto oc = make(cpu), od = make(dev);
+    amp::GradScaler sc(1024.0, 2.0, 0.5, 2), sd(1024.0, 2.0, 0.5, 2);
+    const Tensor xd = x.to(Device::CUDA), ohd = onehot.to(Device::CUDA);
+    for (int it = 0; it < 5; ++it) {
+      // it 0: the very first step overflows (SGD's momentum buffer must still start fresh after it).
+      const bool overflow = it == 0 || it == 2;
+      oc->zero_grad();
+      sc.scale(cpu.loss(x, onehot)).backward();
+      if (overflow) cpu.fc_b.grad().data<float>()[1] = std::numeric_limits<float>::quiet_NaN();
+      const bool stepped_cpu = sc.step(*oc);
+      sc.update();
+      amp::StepResult r = true;
+      od->zero_grad();
+      sd.scale(dev.loss(xd, ohd)).backward();
+      if (overflow) {
+        Tensor bad = dev.fc_b.grad().cpu();
+        bad.data<float>()[1] = std::numeric_limits<float>::quiet_NaN();
+        dev.fc_b.grad().copy_(bad);
+      }
+      const int64_t reads = reads_during([&] {
+        r = sd.step(*od);
+        sd.update();
+      });
+      EXPECT_EQ(reads, 0) << "iteration " << it;
+      EXPECT_FALSE(r.known_on_host());
+      EXPECT_EQ(static_cast<bool>(r), stepped_cpu) << "iteration " << it;  // read now, on request
+      EXPECT_EQ(sd.get_scale(), sc.get_scale()) << "iteration " << it;
+      EXPECT_EQ(sd.get_growth_tracker(), sc.get_growth_tracker()) << "iteration " << it;
+    }
+    EXPECT_EQ(sd.skipped_steps(), 2);
+    EXPECT_EQ(sc.skipped_steps(), 2);
+    EXPECT_EQ(sd.device(), Device::CUDA);
+    const auto pc = cpu.params(), pd = dev.params();
+    for (std::size_t i = 0; i < pc.size(); ++i) {
+      EXPECT_LT(rel_error(pd[i]->cpu(), pc[i]->detach()), 1e-5) << "parameter " << i;
+      EXPECT_EQ(od->state(i).step, 3) << "parameter " << i;  // read from the device counters
+      EXPECT_EQ(od->state(i).step, oc->state(i).step);
+    }
+    const optim::StateDict sdc = oc->state_dict(), sdd = od->state_dict();
+    EXPECT_EQ(sdd.scalars, sdc.scalars);
+  }
+}
+
+// A skipped step leaves a fresh parameter's state unborn in effect: the next applied update is
+// step 1, with Adam's first-step bias correction, exactly as if the skipped one never happened.
+TEST_F(DeviceDispatch, ASkippedFirstStepIsNotCounted) {
+  const Tensor init = randn({40}), g1 = randn({40});
+  Tensor pc = init.clone().requires_grad_(), pd = init.to(Device::CUDA).requires_grad_();
+  optim::Adam oc({pc}, 1e-2), od({pd}, 1e-2);
+  const Tensor skip = full({}, 1.0, DType::Float32, Device::CUDA), go = zeros({}, DType::Float32, Device::CUDA);
+  pd.set_grad(randn({40}).to(Device::CUDA));
+  od.step(skip);
+  EXPECT_EQ(od.state(0).step, 0);
+  EXPECT_EQ(rel_error(pd.cpu(), init), 0.0);
+  pc.set_grad(g1);
+  pd.set_grad(g1.to(Device::CUDA));
+  oc.step();
+  od.step(go);
+  EXPECT_EQ(od.state(0).step, 1);
+  EXPECT_EQ(rel_error(pd.cpu(), pc.detach()), 0.0);
+  // A flag on the device cannot skip CPU parameters: refused before anything changes.
+  const std::string msg = error_of([&] { oc.step(skip); });
+  EXPECT_NE(msg.find("found_inf"), std::string::npos) << msg;
+  EXPECT_EQ(oc.state(0).step, 1);
+  // Nor is a flag of the wrong kind taken.
+  EXPECT_NE(error_of([&] { od.step(zeros({2}, DType::Float32, Device::CUDA)); }).find("one float32 value"), std::string::npos);
+  EXPECT_EQ(od.state(0).step, 1);
+  // A loaded state dict takes its step count to the device again.
+  optim::StateDict sd = od.state_dict();
+  sd.scalars["state.0.step"] = 7;
+  od.load_state_dict(sd);
+  pd.set_grad(g1.to(Device::CUDA));
+  od.step(go);
+  EXPECT_EQ(od.state(0).step, 8);
+}
+
+// clip_grad_norm_ on device gradients: the norm stays a device tensor (read when converted), the
+// gradients are scaled by a factor computed there, and the result is the CPU's.
+TEST_F(DeviceDispatch, ClipGradNormKeepsTheNormOnTheDevice) {
+  const Tensor a = mul(randn({30}), 3.0), b = mul(randn({4, 5}), 3.0);
+  Tensor pa = zeros({30}).requires_grad_(), pb = zeros({4, 5}).requires_grad_();
+  Tensor qa = zeros({30}, DType::Float32, Device::CUDA).requires_grad_(), qb = zeros({4, 5}, DType::Float32, Device::CUDA).requires_grad_();
+  pa.set_grad(a.clone());
+  pb.set_grad(b.clone());
+  qa.set_grad(a.to(Device::CUDA));
+  qb.set_grad(b.to(Device::CUDA));
+  const double nc = optim::clip_grad_norm_({pa, pb}, 1.0);
+  optim::GradNorm nd = 0.0;
+  EXPECT_EQ(reads_during([&] { nd = optim::clip_grad_norm_({qa, qb}, 1.0); }), 0);
+  ASSERT_TRUE(nd.tensor().defined());
+  EXPECT_EQ(nd.tensor().device(), Device::CUDA);
+  EXPECT_NEAR(static_cast<double>(nd), nc, 1e-6 * nc);
+  EXPECT_LT(rel_error(qa.grad().cpu(), pa.grad()), 1e-6);
+  EXPECT_LT(rel_error(qb.grad().cpu(), pb.grad()), 1e-6);
+  // Below max_norm nothing changes.
+  const Tensor before = qa.grad().cpu();
+  (void)optim::clip_grad_norm_({qa, qb}, 1e6);
+  EXPECT_EQ(rel_error(qa.grad().cpu(), before), 0.0);
+}
+
+// Device targets are not read back: an out-of-range one makes its row NaN, and the next host
+// read reports it as an Error naming cross_entropy, once; CPU targets are still refused at once.
+TEST_F(DeviceDispatch, CrossEntropyChecksDeviceTargetsLazily) {
+  const Tensor x = randn({3, 4});
+  const Tensor t = tensor(std::vector<int64_t>{1, -100, 3});
+  const Tensor xd = x.to(Device::CUDA), td = t.to(Device::CUDA);
+  Tensor lg;
+  EXPECT_EQ(reads_during([&] { lg = cross_entropy(xd, td, Reduction::Mean, -100, 0.1); }), 0);
+  EXPECT_LT(rel_error(lg.cpu(), cross_entropy(x, t, Reduction::Mean, -100, 0.1)), 1e-6);
+  const Tensor bad = tensor(std::vector<int64_t>{1, 7, 3}).to(Device::CUDA);
+  Tensor lb;
+  EXPECT_EQ(reads_during([&] { lb = cross_entropy(xd, bad, Reduction::None); }), 0);
+  const std::string msg = error_of([&] { (void)lb.cpu(); });
+  EXPECT_NE(msg.find("cross_entropy"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("out of range [0, 4)"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("cuda: 1 since the last host read"), std::string::npos) << msg;
+  const Tensor rows = lb.cpu();  // reported once
+  EXPECT_TRUE(std::isnan(rows.data<float>()[1]));
+  EXPECT_FALSE(std::isnan(rows.data<float>()[0]));
+  EXPECT_NE(error_of([&] { cross_entropy(xd, tensor(std::vector<int64_t>{1, 4, 0})); }).find("target value 4 is out of range"),
+            std::string::npos);
+}
+
+// The CPU and the device drop the same elements: keep(i) = dropout_keep(one draw, i, p).
+TEST_F(DeviceDispatch, DropoutDrawsItsMaskFromOneSeedOnEitherSide) {
+  const Tensor x = ones({1000});
+  Generator a(8), b(8), c(8);
+  const Tensor yc = dropout(x, 0.3, true, a);
+  Tensor yd;
+  EXPECT_EQ(reads_during([&] { yd = dropout(x.to(Device::CUDA), 0.3, true, b); }), 0);
+  EXPECT_EQ(calls()["to_device"], 1);  // x only: no mask travels
+  const uint64_t seed = c.next_u64();
+  const float* v = yc.data<float>();
+  for (int64_t i = 0; i < 1000; ++i) EXPECT_EQ(v[i] != 0.0f, detail::dropout_keep(seed, static_cast<uint64_t>(i), 0.3)) << i;
+  EXPECT_EQ(rel_error(yd.cpu(), yc), 0.0);
+  EXPECT_EQ(a.next_u64(), b.next_u64());  // one draw each
+}
+
+// A DeviceGraph for the emulated device: it counts what CapturedStep asks of it. Its "kernels"
+// are host code that runs at once, so it cannot record; the replays of a real CUDA graph are
+// tested on the GPU (tests/cuda/test_cuda_step.cu). What is tested here is CapturedStep's own
+// bookkeeping.
+struct EmulatedGraph final : DeviceGraph {
+  static inline int begun = 0, ended = 0, replayed = 0;
+  Tensor counter = zeros({}, DType::Int64, Device::CUDA);
+  void begin_capture() override { ++begun; }
+  void end_capture() override { ++ended; }
+  void replay() override {
+    ++replayed;
+    const Kernel k("replay");
+    ++*host(counter).data<int64_t>();
+  }
+  Tensor replay_counter() const override { return counter; }
+};
+
+TEST_F(DeviceDispatch, CapturedStepKeepsStaticBuffersAndRefusesHostWorkWhileCapturing) {
+  DeviceKernels with_graphs = host_kernels();
+  with_graphs.make_graph = []() -> std::unique_ptr<DeviceGraph> { return std::make_unique<EmulatedGraph>(); };
+  set_device_kernels(Device::CUDA, &with_graphs);
+  EmulatedGraph::begun = EmulatedGraph::ended = EmulatedGraph::replayed = 0;
+  Tensor w = randn({3}).to(Device::CUDA).requires_grad_();
+  std::vector<int> depth;
+  std::vector<bool> counter_set;
+  std::function<void()> inside = [] {};
+  CapturedStep step(
+      [&](const std::vector<Tensor>& in) {
+        depth.push_back(detail::capture_state().depth);
+        counter_set.push_back(detail::capture_state().replay_counter.defined());
+        inside();
+        return sum(mul(mul(in[0], w), 2.0));  // a CPU scalar operand goes over as a fill argument
+      },
+      Device::CUDA, 1);
+  const Tensor x1 = randn({3}), x2 = randn({3});
+  Tensor l1 = step({x1});  // warm-up: eager
+  EXPECT_FALSE(step.captured());
+  const void* buffer = step.static_inputs()[0].data_ptr();
+  EXPECT_EQ(rel_error(step.static_inputs()[0].cpu(), x1), 0.0);
+  EXPECT_LT(rel_error(l1.cpu(), sum(mul(mul(x1, w.detach().cpu()), 2.0))), 1e-6);
+  Tensor l2 = step({x2});  // captured, then replayed
+  EXPECT_TRUE(step.captured());
+  EXPECT_EQ(EmulatedGraph::begun, 1);
+  EXPECT_EQ(EmulatedGraph::ended, 1);
+  EXPECT_EQ(EmulatedGraph::replayed, 1);
+  EXPECT_EQ(depth, (std::vector<int>{0, 1}));
+  EXPECT_EQ(counter_set, (std::vector<bool>{false, true}));
+  Tensor l3 = step({x1.to(Device::CUDA)});  // replay only: the function does not run again
+  EXPECT_EQ(depth.size(), 2u);
+  EXPECT_EQ(EmulatedGraph::replayed, 2);
+  EXPECT_EQ(step.replays(), 2);
+  EXPECT_TRUE(l3.is_same(l2));  // the static output
+  EXPECT_EQ(step.static_inputs()[0].data_ptr(), buffer);
+  EXPECT_EQ(rel_error(step.static_inputs()[0].cpu(), x1), 0.0);
+  // Inputs of another shape, dtype or number are refused before the buffers change.
+  for (const auto& bad : std::vector<std::vector<Tensor>>{{randn({4})}, {randn({3}).to(DType::BFloat16)}, {x1, x2}}) {
+    const std::string msg = error_of([&] { step(bad); });
+    EXPECT_NE(msg.find("CapturedStep"), std::string::npos) << msg;
+  }
+  EXPECT_EQ(rel_error(step.static_inputs()[0].cpu(), x1), 0.0);
+  EXPECT_EQ(EmulatedGraph::replayed, 2);
+
+  // While capturing, a host read or an upload is refused by name, and the capture is closed.
+  for (const auto& [what, f] : std::vector<std::pair<std::string, std::function<void()>>>{
+           {"reads back", [&] { (void)sum(w.detach()).item<float>(); }},
+           {"uploads", [&] { (void)randn({4}).to(Device::CUDA); }}}) {
+    SCOPED_TRACE(what);
+    CapturedStep s2([&](const std::vector<Tensor>& in) { inside(); return sum(mul(in[0], w)); }, Device::CUDA, 0);
+    inside = f;
+    const int ended = EmulatedGraph::ended;
+    const std::string msg = error_of([&] { s2({x1}); });
+    EXPECT_NE(msg.find(what), std::string::npos) << msg;
+    EXPECT_NE(msg.find("CapturedStep is being captured"), std::string::npos) << msg;
+    EXPECT_EQ(EmulatedGraph::ended, ended + 1);
+    EXPECT_FALSE(s2.captured());
+    EXPECT_EQ(detail::capture_state().depth, 0);
+    EXPECT_FALSE(detail::capture_state().replay_counter.defined());
+    inside = [] {};
+    EXPECT_NO_THROW(s2({x1}));  // the next call captures again
+    EXPECT_TRUE(s2.captured());
+  }
+  set_device_kernels(Device::CUDA, &host_kernels());
+}
+
+// Errors counted inside a captured step (cross_entropy targets) are reported after a replay too,
+// and dropout inside the graph mixes the replay counter into its seed.
+TEST_F(DeviceDispatch, CapturedStepReportsDeviceErrorsAfterReplays) {
+  DeviceKernels with_graphs = host_kernels();
+  with_graphs.make_graph = []() -> std::unique_ptr<DeviceGraph> { return std::make_unique<EmulatedGraph>(); };
+  set_device_kernels(Device::CUDA, &with_graphs);
+  const Tensor x = randn({2, 3}).to(Device::CUDA);
+  std::vector<bool> replay_seen;
+  CapturedStep step(
+      [&](const std::vector<Tensor>& in) {
+        const Tensor d = dropout(x, 0.5, true);
+        replay_seen.push_back(detail::capture_state().replay_counter.defined());
+        return add(cross_entropy(x, in[0]), mul(sum(d), 0.0));
+      },
+      Device::CUDA, 0);
+  const Tensor ok = tensor(std::vector<int64_t>{0, 2});
+  (void)step({ok});  // captured and replayed: the emulated kernels ran at capture, with good targets
+  EXPECT_EQ(replay_seen, std::vector<bool>{true});
+  EXPECT_NO_THROW((void)step.loss().cpu());
+  (void)step({ok});
+  EXPECT_NO_THROW((void)step.loss().cpu());
+  EXPECT_TRUE(detail::device_checks().empty());
+  set_device_kernels(Device::CUDA, &host_kernels());
 }
 
 }  // namespace device_dispatch_test

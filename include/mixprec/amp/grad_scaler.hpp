@@ -18,6 +18,17 @@
 // as in PyTorch. (PyTorch refuses float16 gradients here -- "Attempting to unscale FP16
 // gradients." -- because it would unscale them in float16; the float32 buffer removes that
 // reason, so mixprec accepts them.)
+//
+// On a device (CUDA) nothing in scale/unscale_/step/update waits for the device, as PyTorch's
+// fused optimizers: the scale and growth tracker are device tensors (created at the first scale()
+// of a device tensor, or the first unscale_ of device gradients), unscale_ writes a device
+// found-inf flag, step() hands it to the optimizer, whose fused kernel skips the whole update
+// (state and step counts too) when it is set, and update() runs the scale rule in a kernel. So
+// the iteration can be captured in a CUDA graph (CapturedStep) and stays valid on replay. What
+// the host cannot know without waiting is read when asked for, and only then: step()'s result
+// (StepResult converts to bool by reading the flag), found_inf(), get_scale(),
+// get_growth_tracker(), skipped_steps(), state_dict(). A found-inf reducer (data parallel) is a
+// host function, so with one installed unscale_ reads the flag once.
 #include <atomic>
 #include <bit>
 #include <functional>
@@ -29,6 +40,24 @@
 #include "mixprec/optim/optimizer.hpp"
 
 namespace mixprec::amp {
+
+// GradScaler::step's result: whether the optimizer stepped. On the CPU that is known at once; on
+// a device the step was decided there, and converting to bool reads the flag (waits for the
+// device) -- so code that ignores the result never waits.
+class StepResult {
+ public:
+  StepResult(bool stepped) : stepped_(stepped) {}  // NOLINT: a bool is a known result
+  explicit StepResult(Tensor found_inf) : found_inf_(std::move(found_inf)) {}
+  operator bool() const { return stepped(); }  // NOLINT: `if (scaler.step(opt))` as before
+  bool stepped() const { return found_inf_.defined() ? found_inf_.item<float>() == 0.0f : stepped_; }
+  bool known_on_host() const { return !found_inf_.defined(); }
+  // The device flag (float32 [], non-zero: skipped); undefined on the CPU.
+  const Tensor& found_inf() const { return found_inf_; }
+
+ private:
+  bool stepped_ = true;
+  Tensor found_inf_;
+};
 
 namespace detail {
 
@@ -129,7 +158,7 @@ class GradScaler {
   Tensor scale(const Tensor& outputs) {
     if (!enabled_) return outputs;
     lazy_init();
-    return mul(outputs, scalar_tensor(scale_, DType::Float32));
+    return mul(outputs, scale_on(outputs.device()));
   }
   std::vector<Tensor> scale(const std::vector<Tensor>& outputs) {
     if (!enabled_) return outputs;
@@ -146,25 +175,35 @@ class GradScaler {
     PerOptimizer& st = states_[&optimizer];
     MIXPREC_CHECK(st.stage != OptState::UNSCALED, "unscale_() has already been called on this optimizer since the last update().");
     MIXPREC_CHECK(st.stage != OptState::STEPPED, "unscale_() is being called after step().");
-    // FP32 division can be imprecise for certain compile options, so the reciprocal is taken in FP64.
-    const float inv = static_cast<float>(1.0 / static_cast<double>(scale_));
     no_grad guard;
     std::vector<optim::Optimizer::GradSlot> slots = optimizer.grad_slots();
     const Device dev = slots.empty() ? Device::CPU : slots.front().grad.device();
     for (const auto& s : slots)
       MIXPREC_CHECK(s.grad.device() == dev, "GradScaler.unscale_: the optimizer's gradients are on ", dev, " and ", s.grad.device(),
                     "; unscale them with one GradScaler call per device's optimizer");
+    st.found_dev = Tensor();
     if (dev == Device::CPU) {
+      // FP32 division can be imprecise for certain compile options, so the reciprocal is taken in FP64.
+      const float s = device_ == Device::CPU ? scale_ : scale_dev_.item<float>();
+      const float inv = static_cast<float>(1.0 / static_cast<double>(s));
       st.found_inf = detail::unscale_and_check(slots, inv);
-    } else {  // one fused launch over all gradients, one flag read back
+      if (found_inf_reducer_) st.found_inf = found_inf_reducer_(st.found_inf);
+    } else {  // one fused launch over all gradients; the flag stays on the device
       std::vector<Tensor> grads, masters;
       for (const auto& s : slots) {
         grads.push_back(s.grad);
         masters.push_back(s.master_grad);
       }
-      st.found_inf = ::mixprec::detail::device_kernel("GradScaler.unscale_", grads.front(), &DeviceKernels::unscale)(grads, masters, scale_);
+      const char* op = "GradScaler.unscale_";
+      const auto kernel = ::mixprec::detail::device_kernel(op, grads.front(), &DeviceKernels::unscale);
+      const Tensor scale = scale_on(dev);
+      st.found_dev = zeros({}, DType::Float32, dev);
+      kernel(grads, masters, scale, st.found_dev);
+      if (found_inf_reducer_) {  // a host function: the one read-back this path makes
+        const bool found = found_inf_reducer_(st.found_dev.item<float>() != 0.0f);
+        ::mixprec::detail::device_kernel(op, st.found_dev, &DeviceKernels::fill)(st.found_dev, found ? 1.0 : 0.0);
+      }
     }
-    if (found_inf_reducer_) st.found_inf = found_inf_reducer_(st.found_inf);
     for (const auto& s : slots) {
       s.grad.bump_version();
       if (s.master_grad.defined()) optimizer.mark_master_grad_current(s.index);
@@ -174,8 +213,9 @@ class GradScaler {
   }
 
   // Unscales (unless unscale_ was called) and runs optimizer.step() unless a gradient was
-  // inf/NaN. Returns whether the optimizer stepped.
-  bool step(optim::Optimizer& optimizer) {
+  // inf/NaN. Returns whether the optimizer stepped; with device gradients the optimizer's kernels
+  // skip on the device flag, and the result reads it only when converted to bool (StepResult).
+  StepResult step(optim::Optimizer& optimizer) {
     if (!enabled_) {
       optimizer.step();
       return true;
@@ -185,9 +225,13 @@ class GradScaler {
     MIXPREC_CHECK(st.stage != OptState::STEPPED, "step() has already been called since the last update().");
     if (st.stage == OptState::READY) unscale_(optimizer);
     MIXPREC_CHECK(st.recorded, "No inf checks were recorded for this optimizer.");
+    st.stage = OptState::STEPPED;
+    if (st.found_dev.defined()) {
+      optimizer.step(st.found_dev);
+      return StepResult(st.found_dev);
+    }
     const bool stepped = !st.found_inf;
     if (stepped) optimizer.step();
-    st.stage = OptState::STEPPED;
     return stepped;
   }
 
@@ -202,7 +246,18 @@ class GradScaler {
       found |= st.recorded && st.found_inf;
     }
     MIXPREC_CHECK(any_recorded, "No inf checks were recorded prior to update.");
-    detail::update_scale(scale_, growth_tracker_, found, growth_factor_, backoff_factor_, growth_interval_);
+    if (device_ == Device::CPU) {
+      detail::update_scale(scale_, growth_tracker_, found, growth_factor_, backoff_factor_, growth_interval_);
+      skipped_ += found;
+    } else {  // every optimizer's flag, as a device tensor (an optimizer unscaled on the CPU gets one filled)
+      std::vector<Tensor> flags;
+      for (const auto& [opt, st] : states_) {
+        if (!st.recorded) continue;
+        flags.push_back(st.found_dev.defined() ? st.found_dev : full({}, st.found_inf ? 1.0 : 0.0, DType::Float32, device_));
+      }
+      ::mixprec::detail::device_kernel("GradScaler.update", scale_dev_, &DeviceKernels::update_scale)(
+          scale_dev_, tracker_dev_, flags, growth_factor_, backoff_factor_, growth_interval_, skipped_dev_);
+    }
     states_.clear();
   }
   // Sets the scale (stored as float32) and starts a new iteration.
@@ -210,12 +265,27 @@ class GradScaler {
     if (!enabled_) return;
     check_scale_growth_tracker("update");
     scale_ = static_cast<float>(new_scale);
+    if (device_ != Device::CPU) fill_device(scale_dev_, scale_);
     states_.clear();
   }
 
-  // The current scale; 1.0 when disabled.
-  double get_scale() const { return enabled_ ? (initialized_ ? static_cast<double>(scale_) : init_scale_) : 1.0; }
-  int64_t get_growth_tracker() const { return enabled_ ? (initialized_ ? growth_tracker_ : init_growth_tracker_) : 0; }
+  // The current scale; 1.0 when disabled. A scale on a device is read from there (waits for it).
+  double get_scale() const {
+    if (!enabled_) return 1.0;
+    if (!initialized_) return init_scale_;
+    return device_ == Device::CPU ? static_cast<double>(scale_) : static_cast<double>(scale_dev_.item<float>());
+  }
+  int64_t get_growth_tracker() const {
+    if (!enabled_) return 0;
+    if (!initialized_) return init_growth_tracker_;
+    return device_ == Device::CPU ? growth_tracker_ : tracker_dev_.item<int64_t>();
+  }
+  // Iterations whose update() backed off because a gradient was inf/NaN (their steps were skipped).
+  int64_t skipped_steps() const { return device_ == Device::CPU ? skipped_ : skipped_ + skipped_dev_.item<int64_t>(); }
+  // Where the scale lives: the CPU, or the device of the first scaled or unscaled device tensor.
+  Device device() const { return device_; }
+  // The device scale (float32 []) and growth tracker (int64 []); undefined while on the CPU.
+  const Tensor& scale_tensor() const { return scale_dev_; }
   double get_growth_factor() const { return growth_factor_; }
   void set_growth_factor(double f) { growth_factor_ = f; }
   double get_backoff_factor() const { return backoff_factor_; }
@@ -234,9 +304,11 @@ class GradScaler {
     auto it = states_.find(&optimizer);
     return it == states_.end() ? OptState::READY : it->second.stage;
   }
+  // A device flag is read from the device (waits for it).
   bool found_inf(const optim::Optimizer& optimizer) const {
     auto it = states_.find(&optimizer);
-    return it != states_.end() && it->second.found_inf;
+    if (it == states_.end()) return false;
+    return it->second.found_dev.defined() ? it->second.found_dev.item<float>() != 0.0f : it->second.found_inf;
   }
 
   // Keys: scale, growth_factor, backoff_factor, growth_interval, _growth_tracker; empty when disabled.
@@ -272,6 +344,10 @@ class GradScaler {
     if (initialized_) {
       scale_ = static_cast<float>(init_scale_);
       growth_tracker_ = init_growth_tracker_;
+      if (device_ != Device::CPU) {
+        fill_device(scale_dev_, scale_);
+        fill_device(tracker_dev_, static_cast<double>(growth_tracker_));
+      }
     }
   }
 
@@ -279,8 +355,27 @@ class GradScaler {
   struct PerOptimizer {
     OptState stage = OptState::READY;
     bool found_inf = false;
+    Tensor found_dev;       // device gradients: the flag, float32 [] on their device (found_inf unused)
     bool recorded = false;  // unscale_ saw at least one gradient
   };
+
+  static void fill_device(const Tensor& t, double v) {
+    ::mixprec::detail::device_kernel("GradScaler", t, &DeviceKernels::fill)(t, v);
+  }
+  // The scale as a float32 [] tensor on `d`. The first device asked for takes the scale there
+  // (fill kernels: nothing is uploaded); a CPU caller of a device scale reads it back.
+  Tensor scale_on(Device d) {
+    if (device_ == Device::CPU && d != Device::CPU) {
+      scale_dev_ = full({}, scale_, DType::Float32, d);
+      tracker_dev_ = full({}, static_cast<double>(growth_tracker_), DType::Int64, d);
+      skipped_dev_ = zeros({}, DType::Int64, d);
+      device_ = d;
+    }
+    if (d == device_) return device_ == Device::CPU ? scalar_tensor(scale_, DType::Float32) : scale_dev_;
+    MIXPREC_CHECK(d == Device::CPU, "GradScaler: the scale lives on ", device_, "; tensors on ", d,
+                  " need a GradScaler of their own");
+    return scalar_tensor(scale_dev_.item<float>(), DType::Float32);
+  }
 
   // As PyTorch, the scale comes to life at the first scale() call.
   void lazy_init() {
@@ -304,6 +399,9 @@ class GradScaler {
   bool initialized_ = false;
   float scale_ = 0.0f;  // float32, as PyTorch's scale tensor
   int64_t growth_tracker_ = 0;
+  int64_t skipped_ = 0;
+  Device device_ = Device::CPU;
+  Tensor scale_dev_, tracker_dev_, skipped_dev_;  // on device_ when that is not the CPU
   std::unordered_map<const optim::Optimizer*, PerOptimizer> states_;
   std::function<bool(bool)> found_inf_reducer_;
 };

@@ -6,6 +6,8 @@
 // no entry for the device throws, naming itself and the device.
 #include <array>
 #include <initializer_list>
+#include <memory>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -30,7 +32,24 @@ struct DeviceParamUpdate {
   Tensor model;    // the 16-bit parameter that receives the rounded weights; undefined for float32
   Tensor grad;     // contiguous, any floating dtype
   std::array<Tensor, 3> state;  // Adam: exp_avg, exp_avg_sq, max_exp_avg_sq (amsgrad); SGD: momentum_buffer
-  int64_t step = 1;  // this update's number (Adam's bias correction); SGD: 1 when the momentum buffer is new
+  // int64 [2] on the device: updates applied to the parameter (Adam's bias correction uses it + 1)
+  // and updates applied to the current state buffers (SGD's first step when 0). The kernel adds 1
+  // to both after the update, unless found_inf skipped it: the count lives where the skip is known.
+  Tensor counters;
+};
+
+// A recorded sequence of device work replayed without the host (CUDA graphs; CapturedStep in
+// backends/captured_step.hpp). Between begin_capture and end_capture the calling thread's device
+// work is recorded, not run, and its allocations come from a pool that lives as long as the graph.
+class DeviceGraph {
+ public:
+  virtual ~DeviceGraph() = default;
+  virtual void begin_capture() = 0;
+  virtual void end_capture() = 0;
+  virtual void replay() = 0;
+  // Replays so far: a device int64 [] that each replay adds 1 to first, so that random numbers
+  // drawn inside the graph (dropout) differ between replays.
+  virtual Tensor replay_counter() const = 0;
 };
 
 struct DeviceKernels {
@@ -96,13 +115,42 @@ struct DeviceKernels {
   // arguments: {dq, dk, dv} in q's dtype and the expanded shapes (broadcasts not yet summed).
   std::array<Tensor, 3> (*sdpa_backward)(const Tensor& grad, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
                                          const Tensor& lse, bool causal, double scale, double dropout_p, uint64_t seed) = nullptr;
-  // One optimizer group's updates, all parameters in one launch, with the CPU's arithmetic.
-  void (*adam)(const std::vector<DeviceParamUpdate>& params, const optim::detail::AdamHyper& h) = nullptr;
-  void (*sgd)(const std::vector<DeviceParamUpdate>& params, const optim::detail::SgdScalars& s) = nullptr;
-  // GradScaler's unscale: every gradient times float(1 / double(scale)), in one launch; returns
-  // whether any was inf/NaN (the one read back to the host). Where masters[i] is defined
-  // (float32, grads[i]'s shape) the unscaled value goes there and, rounded, back into grads[i].
-  bool (*unscale)(const std::vector<Tensor>& grads, const std::vector<Tensor>& masters, double scale) = nullptr;
+  // One optimizer group's updates, all parameters in one launch, with the CPU's arithmetic; the
+  // whole update (counters included) is skipped on the device when found_inf (float32 [], may be
+  // undefined) is non-zero.
+  void (*adam)(const std::vector<DeviceParamUpdate>& params, const optim::detail::AdamHyper& h, const Tensor& found_inf) = nullptr;
+  void (*sgd)(const std::vector<DeviceParamUpdate>& params, const optim::detail::SgdScalars& s, const Tensor& found_inf) = nullptr;
+  // GradScaler's unscale: every gradient times float(1 / double(*scale)) (scale float32 [] on the
+  // device), in one launch; found_inf (float32 []) is set to 1 if any value was inf/NaN and is
+  // never cleared here. Where masters[i] is defined (float32, grads[i]'s shape) the unscaled
+  // value goes there and, rounded, back into grads[i]. Nothing is read back to the host.
+  void (*unscale)(const std::vector<Tensor>& grads, const std::vector<Tensor>& masters, const Tensor& scale,
+                  const Tensor& found_inf) = nullptr;
+  // GradScaler::update() on the device (amp::detail::update_scale): found if any of found_infs is
+  // non-zero; scale float32 [], growth_tracker and skipped (steps skipped so far) int64 [].
+  void (*update_scale)(const Tensor& scale, const Tensor& growth_tracker, const std::vector<Tensor>& found_infs, double growth_factor,
+                       double backoff_factor, int64_t growth_interval, const Tensor& skipped) = nullptr;
+  // clip_grad_norm_: the 2-norm of all grads as one vector (float32 [] on the device, summed in a
+  // fixed order), and every grad times max_norm / (norm + 1e-6) where that is below 1 (or NaN),
+  // the factor computed on the device from `norm`.
+  Tensor (*grad_norm)(const std::vector<Tensor>& grads) = nullptr;
+  void (*clip_grads)(const std::vector<Tensor>& grads, const Tensor& norm, double max_norm) = nullptr;
+  // Dropout's forward and backward: x * (keep(i) ? scale : 0) with keep(i) = detail::dropout_keep(
+  // seed, i, p) over x's elements in order (x contiguous); when replay_counter (int64 []) is
+  // defined, the seed is first mixed with its value (detail::dropout_seed), read on the device.
+  Tensor (*dropout)(const Tensor& x, uint64_t seed, double p, double scale, const Tensor& replay_counter) = nullptr;
+  // cross_entropy's row weights from int64 targets [R] (rows r = n * S + s): w [N, C, S] in
+  // `dtype` with ls / C per class plus 1 - ls at the target, zero rows where the target is
+  // ignore_index; count (float32 []) = rows not ignored. A target outside [0, C) makes its row NaN
+  // and adds 1 to bad (float32 []), which the next host read reports (detail::DeviceChecks).
+  std::array<Tensor, 2> (*class_weights)(const Tensor& target, int64_t N, int64_t C, int64_t S, int64_t ignore_index, double ls,
+                                         DType dtype, const Tensor& bad) = nullptr;
+  // Embedding indices (int64 [N], contiguous) checked on the device: each outside [0, V) adds 1 to
+  // bad (float32 []) and is replaced by 0, so the gathers stay in bounds until the next host read
+  // reports the error.
+  void (*clamp_indices)(const Tensor& indices, int64_t V, const Tensor& bad) = nullptr;
+  // A new, empty graph of this device (CapturedStep).
+  std::unique_ptr<DeviceGraph> (*make_graph)() = nullptr;
 };
 
 namespace detail {
@@ -142,6 +190,66 @@ inline Device common_device(const char* op, std::initializer_list<const Tensor*>
                   first->sizes(), ") and ", t->device(), " (shape ", t->sizes(), ")");
   }
   return first ? first->device() : Device::CPU;
+}
+
+// ---- Capture state and lazily reported device errors (CapturedStep, cross_entropy) ----
+
+// Set by CapturedStep while a graph records on this thread. Host reads and uploads are refused
+// then: recorded once, they would not run again on replay, and on CUDA they would break the capture.
+struct CaptureState {
+  int depth = 0;
+  Tensor replay_counter;  // the graph's (DeviceGraph::replay_counter): dropout mixes it into its seed
+};
+inline CaptureState& capture_state() {
+  thread_local CaptureState s;
+  return s;
+}
+inline bool capturing() { return capture_state().depth > 0; }
+inline void refuse_during_capture(const std::string& op, const Tensor& t, const char* what) {
+  MIXPREC_CHECK(!capturing(), op, ": ", what, " a tensor of shape ", t.sizes(), " on ", t.device(),
+                " while a CapturedStep is being captured; a captured step must stay on the device (read values "
+                "after the step, e.g. its loss(); give inputs to the step, which copies them into its static buffers)");
+}
+
+// An error found by a kernel (a cross_entropy target out of range) is counted on the device in a
+// float32 [] and reported as a mixprec::Error naming the op at the next host read of any device
+// tensor -- as CUDA reports a kernel's fault at the next synchronising call, but recoverable, and
+// without the read-back per call that checking on the host would cost.
+struct DeviceCheck {
+  Tensor count;
+  std::string what;
+};
+inline std::vector<DeviceCheck>& device_checks() {
+  thread_local std::vector<DeviceCheck> v;
+  return v;
+}
+// `count` is read at the next report; with `copy` (a graph's buffer, rewritten by the next
+// replay) its value now is kept instead. Counts of the same error add up on the device.
+inline void add_device_check(const Tensor& count, std::string what, bool copy = false) {
+  const DeviceKernels* k = device_kernels(count.device());
+  MIXPREC_CHECK(k && k->copy && k->binary, what, ": no ", count.device(), " kernels to count device errors with");
+  for (DeviceCheck& c : device_checks())
+    if (c.what == what && c.count.device() == count.device()) {
+      c.count = k->binary(DeviceBinary::Add, c.count, count, 1.0);
+      return;
+    }
+  Tensor mine = count;
+  if (copy) {
+    mine = empty(count.sizes(), count.dtype(), count.device());
+    k->copy(mine, count);
+  }
+  device_checks().push_back({mine, std::move(what)});
+}
+// Reads the pending counts (one small read each) and throws for the first that is non-zero.
+inline void report_device_checks() {
+  if (device_checks().empty() || capturing()) return;
+  std::vector<DeviceCheck> pending;
+  pending.swap(device_checks());
+  for (const DeviceCheck& c : pending) {
+    const Tensor h = device_kernels(c.count.device())->to_host(c.count);
+    const float n = *static_cast<const float*>(h.data_ptr());
+    MIXPREC_CHECK(n == 0.0f, c.what, " (counted on ", c.count.device(), ": ", n, " since the last host read)");
+  }
 }
 }  // namespace detail
 

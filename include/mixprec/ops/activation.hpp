@@ -204,9 +204,25 @@ Tensor act_softmax_op(OpId id, const char* name, const Tensor& x, int64_t dim) {
   }, x);
 }
 
-// Mask chunks have a fixed size, each with its own stream seeded from one draw of the caller's
-// generator: the mask depends only on the seed, never on the thread count.
-inline constexpr int64_t kActDropoutChunk = int64_t{1} << 16;
+// Dropout's keep decision for element i of a call: a counter-based hash of (seed, i), with one
+// draw of the caller's generator as the seed. Any device and any split of the work draws the
+// same mask, and backward regenerates it instead of storing it on a device. The rule (splitmix64
+// of seed + (i + 1) * golden ratio; the top 53 bits as a uniform in [0, 1), as Generator::uniform)
+// is scaled_dot_product_attention's dropout rule (ops/attention.hpp).
+MIXPREC_HOST_DEVICE uint64_t dropout_hash(uint64_t seed, uint64_t i) {
+  uint64_t z = seed + (i + 1) * 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+MIXPREC_HOST_DEVICE bool dropout_keep(uint64_t seed, uint64_t i, double p) {
+  return static_cast<double>(dropout_hash(seed, i) >> 11) * 0x1.0p-53 >= p;
+}
+// The seed a call inside a captured graph uses on replay r: its capture-time draw mixed with r
+// (read on the device), so that every replay drops different elements.
+MIXPREC_HOST_DEVICE uint64_t dropout_seed(uint64_t seed, int64_t replay) {
+  return dropout_hash(seed, ~static_cast<uint64_t>(replay));
+}
 }  // namespace detail
 
 // Softmax along `dim`, computed in float (double for double) and rounded once on store.
@@ -222,37 +238,32 @@ inline Tensor dropout(const Tensor& x, double p, bool training, Generator& gen =
     MIXPREC_CHECK(p >= 0.0 && p <= 1.0, "dropout: probability has to be between 0 and 1, got ", p);
     MIXPREC_CHECK(x.is_floating_point(), "dropout: expected a floating-point tensor, got ", x.dtype(), " of shape ", x.sizes());
     if (!training || p == 0.0) return x;
-    if (x.device() != Device::CPU) {  // refused before the draw, so a refusal leaves the generator as it was
-      (void)detail::device_kernel("dropout", x, &DeviceKernels::masked_scale);
+    // p == 1 drops everything; a zero scale avoids inf * 0.
+    const double scale = p == 1.0 ? 0.0 : 1.0 / (1.0 - p);
+    if (x.device() != Device::CPU) {
+      // The keep decisions are made in the kernel from the seed (no mask travels); the backward
+      // regenerates them. Refused before the draw, so a refusal leaves the generator as it was.
+      const auto kernel = detail::device_kernel("dropout", x, &DeviceKernels::dropout);
       MIXPREC_CHECK(x.dtype() != DType::Float64, "dropout: float64 tensors on ", x.device(), " are not supported (shape ", x.sizes(),
                     "); use float32, float16 or bfloat16");
+      const uint64_t seed = gen.next_u64();
+      const Tensor replay = detail::capture_state().replay_counter;  // inside a captured graph: new masks each replay
+      Tensor y = kernel(detail::contiguous_raw(x), seed, p, scale, replay);
+      if (autograd::should_record({x}))
+        autograd::record("dropout", {x}, {y},
+                         [seed, p, scale, replay, shape = x.sizes(), dt = x.dtype()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+                           const Tensor gg = detail::contiguous_raw(detail::expand_raw(detail::as_dtype_raw(g[0], dt), shape));
+                           return {detail::device_kernel("dropout_backward", gg, &DeviceKernels::dropout)(gg, seed, p, scale, replay)};
+                         });
+      return y;
     }
     const int64_t n = x.numel();
     Tensor mask = empty(x.sizes(), DType::Bool);
     bool* m = mask.data<bool>();
     const uint64_t seed = gen.next_u64();
-    const int64_t chunks = (n + detail::kActDropoutChunk - 1) / detail::kActDropoutChunk;
-    cpu::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
-      for (int64_t c = b; c < e; ++c) {
-        Generator local(seed ^ (static_cast<uint64_t>(c) * 0x9e3779b97f4a7c15ull));
-        for (int64_t i = c * detail::kActDropoutChunk, end = std::min(n, i + detail::kActDropoutChunk); i < end; ++i)
-          m[i] = local.uniform() >= p;
-      }
+    cpu::parallel_for(0, n, kParallelGrain, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) m[i] = detail::dropout_keep(seed, static_cast<uint64_t>(i), p);
     });
-    // p == 1 drops everything; a zero scale avoids inf * 0.
-    const double scale = p == 1.0 ? 0.0 : 1.0 / (1.0 - p);
-    if (x.device() != Device::CPU) {
-      // The mask is drawn on the host, from the same stream as on the CPU, and copied over: the
-      // device drops exactly the elements the CPU would.
-      const Tensor keep = detail::move_raw(mask, x.device(), "dropout");
-      Tensor y = detail::device_kernel("dropout", x, &DeviceKernels::masked_scale)(detail::contiguous_raw(x), keep, scale);
-      if (autograd::should_record({x}))
-        autograd::record("dropout", {x}, {y}, [keep, scale, dt = x.dtype()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
-          const Tensor gg = detail::contiguous_raw(detail::expand_raw(detail::as_dtype_raw(g[0], dt), keep.sizes()));
-          return {detail::device_kernel("dropout_backward", gg, &DeviceKernels::masked_scale)(gg, keep, scale)};
-        });
-      return y;
-    }
     Tensor y = empty(x.sizes(), x.dtype());
     dispatch_floating(x.dtype(), "dropout", [&]<class T>() {
       const auto sc = static_cast<acc_t<T>>(scale);

@@ -126,35 +126,35 @@ A loss_sigmoid(A x) {
   return e / (A(1) + e);
 }
 // cross_entropy on a device, composed from routed ops: -sum_c(w_c log_softmax(x)_c) per row,
-// with the row weights w (one-hot mixed with label smoothing, zero for ignored rows) built on
-// the host from the class indices, which are checked there (device targets are copied back,
-// one sync). Computed in float32 for 16-bit logits, as on the CPU.
+// with the row weights w (one-hot mixed with label smoothing, zero for ignored rows) and the count
+// of rows built on the device from the class indices (DeviceKernels::class_weights), so nothing
+// waits for the device. Targets given on the CPU are checked there first (an Error at once);
+// device targets out of range make their rows' losses NaN and are reported, naming this op, at
+// the next host read (detail::report_device_checks). Computed in float32 for 16-bit logits, as
+// on the CPU.
 inline Tensor cross_entropy_device(const Tensor& x, const Tensor& target, const LossClassLayout& lay, Reduction reduction,
                                    int64_t ignore_index, double ls) {
   const char* op = "cross_entropy";
   const Device dev = x.device();
   (void)device_kernel(op, x, &DeviceKernels::softmax);  // no backend: refuse here, by this op's name
+  const auto weights = device_kernel(op, x, &DeviceKernels::class_weights);
   MIXPREC_CHECK(target.device() == Device::CPU || target.device() == dev, op, ": input on ", dev, " and target on ", target.device());
-  const int64_t N = lay.N, C = lay.C, S = lay.S, R = N * S;
-  const Tensor tc = contiguous_raw(move_raw(target, Device::CPU, op));
-  const int64_t* tp = tc.data<int64_t>();
-  const int64_t count = loss_check_targets(op, tp, R, C, ignore_index);
+  const int64_t N = lay.N, C = lay.C, S = lay.S;
+  if (target.device() == Device::CPU) {
+    const Tensor tc = contiguous_raw(target);
+    (void)loss_check_targets(op, tc.data<int64_t>(), N * S, C, ignore_index);
+  }
+  const Tensor td = contiguous_raw(move_raw(target, dev, op));
   const DType ad = loss_acc_dtype(x.dtype());
-  Tensor w = zeros(x.sizes(), ad);  // [N, C, d...] or [C]
-  dispatch_floating(ad, op, [&]<class A>() {
-    A* wp = w.data<A>();
-    for (int64_t r = 0; r < R; ++r) {
-      if (tp[r] == ignore_index) continue;
-      A* row = wp + (r / S) * C * S + r % S;
-      for (int64_t c = 0; c < C; ++c) row[c * S] = static_cast<A>(ls / static_cast<double>(C));
-      row[tp[r] * S] += static_cast<A>(1.0 - ls);
-    }
-  });
-  const Tensor logp = log_softmax(cast(x, ad), x.dim() == 1 ? 0 : 1);
-  const Tensor per_row = mul(sum(mul(logp, move_raw(w, dev)), {x.dim() == 1 ? 0 : 1}), -1.0);
+  const Tensor bad = zeros({}, DType::Float32, dev);
+  const auto [w, count] = weights(td, N, C, S, ignore_index, ls, ad, bad);
+  add_device_check(bad, std::string(op) + ": a target value is out of range [0, " + std::to_string(C) + "); its row's loss is NaN");
+  const int64_t cdim = x.dim() == 1 ? 0 : 1;
+  const Tensor logp = log_softmax(cast(x, ad), cdim);
+  const Tensor per_row = mul(sum(mul(logp, reshape_raw(w, x.sizes())), {cdim}), -1.0);
   const Tensor out = reduction == Reduction::None  ? per_row
                      : reduction == Reduction::Sum ? sum(per_row)
-                                                   : div(sum(per_row), static_cast<double>(count));
+                                                   : div(sum(per_row), cast(count, ad));
   return cast(out, x.dtype());  // the input's dtype, as on the CPU
 }
 

@@ -355,9 +355,11 @@ inline void embedding_check_indices(const int64_t* ip, int64_t N, const Tensor& 
                   ") is out of range for num_embeddings V = ", V, " (weight shape ", weight.sizes(), ")");
 }
 
-// embedding with the weight on a device. The indices are range-checked on the host first, as
-// cross_entropy's targets (device indices are copied back: one sync), so the kernels never see
-// an index out of range.
+// embedding with the weight on a device. CPU indices are range-checked on the host first (an
+// Error at once). Contiguous int64 indices on the device stay there, checked by a kernel
+// (DeviceKernels::clamp_indices) whose count the next host read reports, as cross_entropy's
+// targets, so a training step never waits for the host; other device indices are copied back.
+// Either way the kernels never see an index out of range.
 inline Tensor embedding_device(const Tensor& weight, const Tensor& indices, int64_t pad) {
   const char* op = "embedding";
   const Device dev = weight.device();
@@ -365,9 +367,20 @@ inline Tensor embedding_device(const Tensor& weight, const Tensor& indices, int6
                 indices.device());
   const auto gather = device_kernel(op, weight, &DeviceKernels::embedding);  // refuse by name before any copy
   const int64_t V = weight.size(0), D = weight.size(1), N = indices.numel();
-  const Tensor ih = contiguous_raw(move_raw(indices, Device::CPU, op), DType::Int64);
-  embedding_check_indices(ih.data<int64_t>(), N, weight);
-  const Tensor idx = move_raw(reshape_raw(ih, {N}), dev, op);  // our own copy: the backward needs these very indices
+  const DeviceKernels* k = device_kernels(dev);
+  Tensor idx;  // our own copy: the backward needs these very indices
+  if (indices.device() == dev && indices.dtype() == DType::Int64 && indices.is_contiguous() && k->clamp_indices && k->copy) {
+    idx = empty({N}, DType::Int64, dev);
+    if (N > 0) k->copy(idx, reshape_raw(indices, {N}));
+    const Tensor bad = zeros({}, DType::Float32, dev);
+    k->clamp_indices(idx, V, bad);
+    add_device_check(bad, std::string(op) + ": an index is out of range for num_embeddings V = " + std::to_string(V) +
+                              " (weight shape [" + std::to_string(V) + ", " + std::to_string(D) + "]); it read row 0");
+  } else {
+    const Tensor ih = contiguous_raw(move_raw(indices, Device::CPU, op), DType::Int64);
+    embedding_check_indices(ih.data<int64_t>(), N, weight);
+    idx = move_raw(reshape_raw(ih, {N}), dev, op);
+  }
   Shape shape = indices.sizes();
   shape.push_back(D);
   const Tensor out = reshape_raw(gather(contiguous_raw(weight), idx), shape);

@@ -30,7 +30,13 @@ inline bool on_cpu(std::initializer_list<const Tensor*> ts) {
 inline Tensor move_raw(const Tensor& t, Device d, const char* op = nullptr) {
   if (t.device() == d) return t;
   const std::string name = op ? std::string(op) : "to(" + std::string(mixprec::name(d)) + ")";
-  if (d == Device::CPU) return device_kernel(name.c_str(), t, &DeviceKernels::to_host)(t);
+  if (d == Device::CPU) {
+    const auto to_host = device_kernel(name.c_str(), t, &DeviceKernels::to_host);
+    refuse_during_capture(name, t, "reads back");
+    Tensor out = to_host(t);
+    report_device_checks();  // errors kernels found since the last read (backends/device.hpp)
+    return out;
+  }
   MIXPREC_CHECK(t.device() == Device::CPU, name, ": cannot move a tensor of shape ", t.sizes(), " from ", t.device(), " to ", d,
                 " directly; go through the CPU");
   const DeviceKernels* k = device_kernels(d);
@@ -39,6 +45,14 @@ inline Tensor move_raw(const Tensor& t, Device d, const char* op = nullptr) {
   MIXPREC_CHECK(k != nullptr && k->to_device != nullptr, name, ": cannot move a tensor of shape ", t.sizes(), " to ", d, ": no ", d,
                 " kernels are compiled into this program (include <mixprec/cuda.hpp> in a translation unit compiled by nvcc and "
                 "link mixprec::cuda)");
+  // One value (a scalar operand) travels as a fill kernel's argument: no upload from pageable
+  // memory, and a captured graph replays it.
+  if (t.numel() == 1 && k->fill && t.dtype() != DType::Int64 && t.dtype() != DType::Float64) {
+    Tensor out = empty(t.sizes(), t.dtype(), d);
+    k->fill(out, t.item<double>());
+    return out;
+  }
+  refuse_during_capture(name, t, "uploads");
   return k->to_device(t);
 }
 

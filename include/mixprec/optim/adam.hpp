@@ -157,34 +157,32 @@ class Adam : public Optimizer {
     });
   }
 
-  void update_device(const ParamGroup& grp, std::vector<DeviceUpdate>& ups) override {
+  void update_device(const ParamGroup& grp, std::vector<DeviceUpdate>& ups, const Tensor& found_inf) override {
+    const auto kernel = ::mixprec::detail::device_kernel(name(), ups.front().u.weights, &DeviceKernels::adam);  // before any change
     const bool amsgrad = *grp.amsgrad;
     std::vector<DeviceParamUpdate> ps;
-    std::vector<bool> fresh;
     for (DeviceUpdate& d : ups) {
       const ParamState* st = d.state;
       DeviceParamUpdate& u = d.u;
       const Tensor& w = u.weights;
       Tensor m = device_buffer(*st, "exp_avg", w), v = device_buffer(*st, "exp_avg_sq", w);
       Tensor vmax = amsgrad ? device_buffer(*st, "max_exp_avg_sq", w) : Tensor();
-      const bool restart = !m.defined() || !v.defined();  // as update(): a missing moment restarts the state
-      if (restart) {
+      d.restart = !m.defined() || !v.defined();  // as update(): a missing moment restarts the state
+      if (d.restart) {
         m = zeros(w.sizes(), DType::Float32, w.device());
         v = zeros(w.sizes(), DType::Float32, w.device());
+        set_counters(u, 0);  // this update is step 1, whenever it is not skipped
       }
-      if (amsgrad && (restart || !vmax.defined())) vmax = zeros(w.sizes(), DType::Float32, w.device());
+      if (amsgrad && (d.restart || !vmax.defined())) vmax = zeros(w.sizes(), DType::Float32, w.device());
       u.state = {m, v, vmax};
-      u.step = restart ? 1 : st->step;
-      fresh.push_back(restart);
       ps.push_back(u);
     }
-    ::mixprec::detail::device_kernel(name(), ps.front().weights, &DeviceKernels::adam)(ps, detail::adam_hyper(grp, decoupled_));
+    kernel(ps, detail::adam_hyper(grp, decoupled_), found_inf);
     for (std::size_t k = 0; k < ups.size(); ++k) {
       ParamState& st = *ups[k].state;
       st.buffers["exp_avg"] = ps[k].state[0];
       st.buffers["exp_avg_sq"] = ps[k].state[1];
       if (amsgrad) st.buffers["max_exp_avg_sq"] = ps[k].state[2];
-      if (fresh[k]) st.step = 1;
     }
   }
 

@@ -1,7 +1,9 @@
 #pragma once
 // torch.nn.utils.clip_grad_norm_ / clip_grad_value_. The norm accumulates in double over the
-// gradients' values read as float, whatever their dtype; on a device (the 2-norm only), in
-// float32 there, read back once.
+// gradients' values read as float, whatever their dtype. On a device (the 2-norm only) it is
+// computed there (DeviceKernels::grad_norm) and the gradients are scaled by a factor the device
+// computes from it, so nothing waits for the device: the result is a GradNorm holding the norm
+// as a device tensor, read back only when converted to double.
 //
 // With mixed precision use the Optimizer& overloads after GradScaler::unscale_: they work on the
 // float32 gradients step() will use (the master-gradient buffers of 16-bit parameters, which
@@ -11,6 +13,22 @@
 #include "mixprec/optim/optimizer.hpp"
 
 namespace mixprec::optim {
+
+// The total norm clip_grad_norm_ returns: a number on the CPU; on a device a float32 [] tensor
+// there, which converting to double reads (and waits for).
+class GradNorm {
+ public:
+  GradNorm(double v) : value_(v) {}  // NOLINT: a host norm
+  explicit GradNorm(Tensor t) : tensor_(std::move(t)) {}
+  operator double() const { return value(); }  // NOLINT: `double n = clip_grad_norm_(...)` as before
+  double value() const { return tensor_.defined() ? static_cast<double>(tensor_.item<float>()) : value_; }
+  // The device norm; undefined for a norm computed on the CPU.
+  const Tensor& tensor() const { return tensor_; }
+
+ private:
+  double value_ = 0.0;
+  Tensor tensor_;
+};
 
 namespace detail {
 
@@ -104,42 +122,44 @@ inline void clamp_grad_(Tensor& g, double clip) {
 }
 
 // Norm, then scale every gradient by max_norm / (norm + 1e-6) when that is below 1 (or NaN).
-// Returns the norm and whether the gradients were scaled.
-inline std::pair<double, bool> clip_norm_impl(std::vector<Tensor>& grads, double max_norm, double norm_type,
-                                              bool error_if_nonfinite) {
+// Returns the norm and whether the gradients may have been scaled.
+inline std::pair<GradNorm, bool> clip_norm_impl(std::vector<Tensor>& grads, double max_norm, double norm_type,
+                                                bool error_if_nonfinite) {
   MIXPREC_CHECK(!std::isnan(norm_type), "clip_grad_norm_: norm_type is NaN");
-  if (grads.empty()) return {0.0, false};
+  if (grads.empty()) return {GradNorm(0.0), false};
   const Device dev = grads.front().device();
   for (const Tensor& g : grads)
     MIXPREC_CHECK(g.is_floating_point() && g.device() == dev, "clip_grad_norm_: gradient of shape ", g.sizes(), " has dtype ", g.dtype(),
                   " on ", g.device(), "; expected floating-point gradients all on ", dev);
+  if (dev != Device::CPU) {  // on the device: one norm launch and one scaling launch, no read-back
+    MIXPREC_CHECK(norm_type == 2.0, "clip_grad_norm_: gradients on ", dev, " take norm_type 2 only, got ", norm_type);
+    const auto norm_kernel = ::mixprec::detail::device_kernel("clip_grad_norm_", grads.front(), &DeviceKernels::grad_norm);
+    const auto clip_kernel = ::mixprec::detail::device_kernel("clip_grad_norm_", grads.front(), &DeviceKernels::clip_grads);
+    const Tensor norm = norm_kernel(grads);
+    if (error_if_nonfinite) {  // a host decision: reads the norm back
+      const double v = norm.item<float>();
+      MIXPREC_CHECK(std::isfinite(v), "clip_grad_norm_: The total norm of order ", norm_type, " for gradients from `parameters` is "
+                    "non-finite (", v, "), so it cannot be clipped. To disable this error and scale the gradients by the non-finite "
+                    "norm anyway, set `error_if_nonfinite=False`");
+    }
+    clip_kernel(grads, norm, max_norm);
+    for (Tensor& g : grads) g.bump_version();
+    return {GradNorm(norm), true};
+  }
   double norm = 0;
-  if (dev == Device::CPU) {
+  {
     NormAcc total{norm_type, NormAcc::init(norm_type)};
     for (Tensor& g : grads) accumulate_norm(g, total);
     norm = total.finish();
-  } else {  // on the device in float32 through the ops; one value read back
-    MIXPREC_CHECK(norm_type == 2.0, "clip_grad_norm_: gradients on ", dev, " take norm_type 2 only, got ", norm_type);
-    no_grad guard;
-    Tensor sq;
-    for (const Tensor& g : grads) {
-      const Tensor f = g.to(DType::Float32), s = sum(mul(f, f));
-      sq = sq.defined() ? add(sq, s) : s;
-    }
-    norm = std::sqrt(static_cast<double>(sq.item<float>()));
   }
   MIXPREC_CHECK(!error_if_nonfinite || std::isfinite(norm), "clip_grad_norm_: The total norm of order ", norm_type,
                 " for gradients from `parameters` is non-finite (", norm, "), so it cannot be clipped. To disable this error and scale "
                 "the gradients by the non-finite norm anyway, set `error_if_nonfinite=False`");
   const double coef = max_norm / (norm + 1e-6);
   // Multiplying by the clamped 1.0 would change nothing; skipping it keeps master gradients current.
-  if (coef >= 1.0) return {norm, false};
-  no_grad guard;
-  for (Tensor& g : grads) {
-    if (dev == Device::CPU) scale_grad_(g, static_cast<float>(coef));
-    else g.copy_(mul(g, static_cast<double>(static_cast<float>(coef))));
-  }
-  return {norm, true};
+  if (coef >= 1.0) return {GradNorm(norm), false};
+  for (Tensor& g : grads) scale_grad_(g, static_cast<float>(coef));
+  return {GradNorm(norm), true};
 }
 
 inline std::vector<Tensor> grads_of(const std::vector<Tensor>& params) {
@@ -160,14 +180,14 @@ inline std::vector<Tensor> grads_of(const std::vector<Tensor>& params) {
 }  // namespace detail
 
 // Returns the total norm of all gradients (as one vector); clips them in place to max_norm.
-inline double clip_grad_norm_(const std::vector<Tensor>& parameters, double max_norm, double norm_type = 2.0,
+inline GradNorm clip_grad_norm_(const std::vector<Tensor>& parameters, double max_norm, double norm_type = 2.0,
                               bool error_if_nonfinite = false) {
   std::vector<Tensor> grads = detail::grads_of(parameters);
   return detail::clip_norm_impl(grads, max_norm, norm_type, error_if_nonfinite).first;
 }
 
 // The same over the float32 gradients `optimizer` will step with (see the top of this file).
-inline double clip_grad_norm_(Optimizer& optimizer, double max_norm, double norm_type = 2.0, bool error_if_nonfinite = false) {
+inline GradNorm clip_grad_norm_(Optimizer& optimizer, double max_norm, double norm_type = 2.0, bool error_if_nonfinite = false) {
   std::vector<Tensor> grads;
   for (auto& [p, g] : optimizer.fp32_grads()) grads.push_back(g);
   const auto [norm, scaled] = detail::clip_norm_impl(grads, max_norm, norm_type, error_if_nonfinite);

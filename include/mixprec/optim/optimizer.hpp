@@ -79,9 +79,14 @@ struct StateDict {
 };
 
 struct ParamState {
-  int64_t step = 0;                       // updates applied to this parameter
+  int64_t step = 0;                       // updates applied to this parameter (see step_known)
   std::map<std::string, Tensor> buffers;  // float32, contiguous, the parameter's shape
   Tensor master;                          // float32 master weights of a 16-bit parameter
+  // A device parameter's counts live on the device (DeviceParamUpdate::counters), where a step
+  // skipped on a device flag (GradScaler) is known. `step` is then a copy that Optimizer::state()
+  // and state_dict() refresh (a read from the device) when step_known is false.
+  Tensor counters;
+  bool step_known = true;
 };
 
 namespace detail {
@@ -163,8 +168,19 @@ class Optimizer {
   // (CUDA) are updated there by the device's fused kernel, one launch per group. Every gradient
   // is checked before anything changes; if an update throws, the parameters updated before it
   // keep their update and their step count, the others are untouched.
-  void step() {
+  //
+  // found_inf (GradScaler::step on a device): a float32 [] on the parameters' device; where it is
+  // non-zero the kernels skip the whole update, state and step counts included, decided on the
+  // device without a read-back. Every parameter with a gradient must then be on that device.
+  void step(const Tensor& found_inf = Tensor()) {
     no_grad guard;
+    if (found_inf.defined())
+      for (std::size_t i = 0; i < slots_.size(); ++i)
+        MIXPREC_CHECK(!slots_[i].param.grad().defined() || slots_[i].param.device() == found_inf.device(), name(),
+                      ".step: a found_inf flag on ", found_inf.device(), " skips updates there, but parameter ", i, " (shape ",
+                      slots_[i].param.sizes(), ") is on ", slots_[i].param.device());
+    MIXPREC_CHECK(!found_inf.defined() || (found_inf.dtype() == DType::Float32 && found_inf.numel() == 1), name(),
+                  ".step: found_inf must be one float32 value, got ", found_inf.dtype(), " of shape ", found_inf.sizes());
     check_groups_unchanged();
     for (const ParamGroup& g : groups_) validate(g);  // the user may have edited the groups since
     for (std::size_t i = 0; i < slots_.size(); ++i) {
@@ -199,6 +215,8 @@ class Optimizer {
         d.weights = st.master.defined() ? st.master : s.param;
         if (st.master.defined()) d.model = s.param;
         d.grad = use_master_grad ? s.master_grad : g.is_contiguous() ? g : g.contiguous();
+        ensure_counters(st, s.param);
+        d.counters = st.counters;
         on_device[s.group].push_back({&st, i, std::move(d)});
         continue;
       }
@@ -226,14 +244,13 @@ class Optimizer {
     }
     for (std::size_t g = 0; g < groups_.size(); ++g) {
       if (on_device[g].empty()) continue;
-      for (DeviceUpdate& d : on_device[g]) ++d.state->step;
-      try {
-        update_device(groups_[g], on_device[g]);  // commits its new state only once the kernel ran
-      } catch (...) {
-        for (DeviceUpdate& d : on_device[g]) --d.state->step;
-        throw;
+      update_device(groups_[g], on_device[g], found_inf);  // commits its new state only once the kernel ran
+      for (const DeviceUpdate& d : on_device[g]) {
+        written.stepped.push_back(d.index);
+        ParamState& st = *d.state;
+        if (found_inf.defined()) st.step_known = false;  // the device knows whether it stepped
+        else if (st.step_known) st.step = d.restart ? 1 : st.step + 1;
       }
-      for (const DeviceUpdate& d : on_device[g]) written.stepped.push_back(d.index);
     }
   }
 
@@ -289,7 +306,11 @@ class Optimizer {
   std::size_t num_params() const { return slots_.size(); }
   // Parameter `index` in the state-dict numbering (groups in order, then position).
   const Tensor& param(std::size_t index) const { return slots_.at(index).param; }
-  const ParamState& state(std::size_t index) const { return state_.at(index); }
+  // A device parameter's step count is read from the device here when a device flag decided it.
+  const ParamState& state(std::size_t index) const {
+    refresh_step(const_cast<ParamState&>(state_.at(index)));
+    return state_.at(index);
+  }
   // The float32 master weights of a 16-bit parameter; undefined for a float32 parameter.
   const Tensor& master_weight(std::size_t index) const { return state_.at(index).master; }
 
@@ -305,7 +326,7 @@ class Optimizer {
     }
     for (std::size_t i = 0; i < state_.size(); ++i) {
       const std::string pre = "state." + std::to_string(i) + ".";
-      const ParamState& st = state_[i];
+      const ParamState& st = state(i);
       if (st.step > 0) sd.scalars[pre + "step"] = static_cast<double>(st.step);
       for (const auto& [k, t] : st.buffers) sd.tensors.emplace_back(pre + k, t);
       if (st.master.defined()) sd.tensors.emplace_back(pre + "master_weight", st.master);
@@ -360,6 +381,8 @@ class Optimizer {
     for (ParamState& st : state_) {
       st.step = 0;
       st.buffers.clear();
+      st.counters = Tensor();  // made again from `step` at the next device update
+      st.step_known = true;
     }
     for (const auto& [k, v] : sd.scalars)
       if (auto q = detail::split_key(k, "state.")) state_[q->first].step = static_cast<int64_t>(v);
@@ -523,13 +546,22 @@ class Optimizer {
     return it->second.data<float>();
   }
 
-  // A device parameter's update: step() has filled weights, model and grad and counted the step;
-  // update_device() adds the state (creating it on the device) and calls the device's kernel.
+  // A device parameter's update: step() has filled weights, model, grad and counters;
+  // update_device() adds the state (creating it on the device) and calls the device's kernel,
+  // which counts the step on the device unless found_inf skips it.
   struct DeviceUpdate {
     ParamState* state;
     std::size_t index;  // the parameter's number
     DeviceParamUpdate u;
+    bool restart = false;  // update_device restarted the state: this is step 1
   };
+
+  // Sets both device counters of `u` to `value` (a fill kernel: no upload, nothing read back).
+  void set_counters(const DeviceParamUpdate& u, int64_t value, bool both = true) const {
+    const auto fill = ::mixprec::detail::device_kernel(name(), u.counters, &DeviceKernels::fill);
+    if (both) fill(u.counters, static_cast<double>(value));
+    else fill(u.counters.select(0, 1), static_cast<double>(value));
+  }
 
   // The state buffer `key` of `st` if it fits `like` (shape and device), else undefined. New
   // buffers go into `st` only after the kernel ran, so a refused step leaves the state as it was.
@@ -541,8 +573,9 @@ class Optimizer {
 
   virtual void validate(const ParamGroup& g) const = 0;
   virtual void update(const ParamGroup& g, ParamState& st, const ParamUpdate& u) = 0;
-  virtual void update_device(const ParamGroup& g, std::vector<DeviceUpdate>& ups) {
+  virtual void update_device(const ParamGroup& g, std::vector<DeviceUpdate>& ups, const Tensor& found_inf) {
     (void)g;
+    (void)found_inf;
     fail(name(), ": no update for parameters on ", ups.front().u.weights.device());
   }
   virtual bool is_state_name(const std::string& key) const = 0;
@@ -610,12 +643,34 @@ class Optimizer {
     });
   }
 
+  static void refresh_step(ParamState& st) {
+    if (st.step_known || !st.counters.defined()) return;
+    st.step = st.counters.select(0, 0).item<int64_t>();
+    st.step_known = true;
+  }
+
+  // The device counters of `st` on p's device, made from the host's count when missing (after a
+  // load_state_dict, or the first device update) with fill kernels.
+  void ensure_counters(ParamState& st, const Tensor& p) {
+    if (st.counters.defined() && st.counters.device() == p.device()) return;
+    refresh_step(st);
+    const auto fill = ::mixprec::detail::device_kernel(name(), p, &DeviceKernels::fill);
+    Tensor c = empty({2}, DType::Int64, p.device());
+    fill(c.select(0, 0), static_cast<double>(st.step));
+    fill(c.select(0, 1), st.buffers.empty() ? 0.0 : static_cast<double>(std::max<int64_t>(st.step, 1)));
+    st.counters = c;
+  }
+
   // Master weights and state follow the parameter to its device (a model moved after its
   // optimizer was built). A CPU master is synced on the CPU first, element by element, so the
   // move keeps its extra float32 bits.
   void place_state(std::size_t i) {
     const Device d = slots_[i].param.device();
     ParamState& st = state_[i];
+    if (st.counters.defined() && st.counters.device() != d) {
+      refresh_step(st);
+      st.counters = Tensor();
+    }
     if (st.master.defined() && st.master.device() != d) {
       if (st.master.device() == Device::CPU) sync_master(i);
       st.master = st.master.to(d);

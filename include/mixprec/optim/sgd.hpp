@@ -83,7 +83,8 @@ class SGD : public Optimizer {
 
   bool is_state_name(const std::string& key) const override { return key == "momentum_buffer"; }
 
-  void update_device(const ParamGroup& grp, std::vector<DeviceUpdate>& ups) override {
+  void update_device(const ParamGroup& grp, std::vector<DeviceUpdate>& ups, const Tensor& found_inf) override {
+    const auto kernel = ::mixprec::detail::device_kernel("SGD", ups.front().u.weights, &DeviceKernels::sgd);  // before any change
     const detail::SgdScalars sc = detail::sgd_scalars(grp);
     std::vector<DeviceParamUpdate> ps;
     for (DeviceUpdate& d : ups) {
@@ -91,14 +92,15 @@ class SGD : public Optimizer {
       DeviceParamUpdate& u = d.u;
       if (sc.use_mom) {
         Tensor buf = device_buffer(*st, "momentum_buffer", u.weights);
-        const bool first = !buf.defined();  // the first step writes the buffer whole
-        if (first) buf = empty(u.weights.sizes(), DType::Float32, u.weights.device());
+        if (!buf.defined()) {  // the buffer's first applied update writes it whole: counted on the device
+          buf = empty(u.weights.sizes(), DType::Float32, u.weights.device());
+          set_counters(u, 0, false);
+        }
         u.state[0] = buf;
-        u.step = first ? 1 : std::max<int64_t>(st->step, 2);
       }
       ps.push_back(u);
     }
-    ::mixprec::detail::device_kernel("SGD", ps.front().weights, &DeviceKernels::sgd)(ps, sc);
+    kernel(ps, sc, found_inf);
     if (sc.use_mom)
       for (std::size_t k = 0; k < ups.size(); ++k) ups[k].state->buffers["momentum_buffer"] = ps[k].state[0];
   }

@@ -1,12 +1,15 @@
 #pragma once
-// Fused AMP kernels. Each runs over a list of tensors in ONE launch (a chunk table maps blocks
-// to (tensor, range)), and reads/writes the loss scale, found-inf flag and step counters in
-// device memory, so a caller can keep an iteration off the host: the kernels take the flag and
-// skip on the device. The arithmetic is the CPU's own (amp::detail::update_scale,
-// optim::detail::AdamScalars / SgdScalars, amp::detail::nonfinite), so the CPU tests cover the
-// formulas. The kernel-table entries at the end (what Optimizer::step and GradScaler use) still
-// read the flag back once per unscale_ and upload the step counters, as GradScaler's CPU
-// semantics (found_inf on the host, a step skipped by not calling step()) require.
+// Fused AMP kernels: unscale + inf check, the scale update, Adam(W)/SGD, the gradient norm and
+// clipping. Each runs over a list of tensors with few launches: the tensors' pointers travel in
+// the kernel's arguments (a SlotBatch of up to ~4 KB, as PyTorch's multi_tensor_apply), never
+// through a table uploaded from host memory, so a launch is one driver call and can be captured
+// in a CUDA graph. The loss scale, found-inf flag, step counters and gradient norm are read and
+// written in device memory: GradScaler, the optimizers and clip_grad_norm_ keep a whole
+// iteration off the host -- the kernels take the flag and skip on the device. The arithmetic is
+// the CPU's own (amp::detail::update_scale, optim::detail::AdamScalars / SgdScalars,
+// amp::detail::nonfinite), so the CPU tests cover the formulas.
+//   defines: unscale_and_check, update_scale, fused_adam, fused_sgd, grad_norm, clip_grads, and
+//            the kernel-table entries adam_updates, sgd_updates, unscale_grads, update_scale_on
 #include <vector>
 
 #include "mixprec/amp/grad_scaler.hpp"
@@ -19,10 +22,65 @@ namespace mixprec::gpu {
 namespace detail {
 inline constexpr int64_t kChunk = 64 * 1024;  // elements per block: big enough to amortise, small enough to balance
 
-struct Chunk {
-  int32_t slot;
-  int64_t begin, end;
+// Up to N tensors' slots in one launch's arguments. Block b works on chunk b - first_chunk[k] of
+// slot k, where first_chunk[k] <= b < first_chunk[k + 1].
+template <class Slot, int N>
+struct SlotBatch {
+  Slot slot[N];
+  int64_t first_chunk[N + 1];
+  int count;
 };
+// As many slots as fit the 4 KB of kernel arguments every CUDA version takes.
+template <class Slot>
+inline constexpr int kSlotsPerLaunch = static_cast<int>((4000 - 64) / (sizeof(Slot) + sizeof(int64_t)));
+template <class Slot>
+using BatchOf = SlotBatch<Slot, kSlotsPerLaunch<Slot>>;
+
+// This block's slot and the first element of its chunk (the chunk ends kChunk later or at n).
+struct ChunkRange {
+  int slot;
+  int64_t begin;
+};
+template <class Slot, int N>
+__device__ __forceinline__ ChunkRange chunk_of(const SlotBatch<Slot, N>& b) {
+  const int64_t block = blockIdx.x;
+  int k = 0;
+  while (k + 1 < b.count && b.first_chunk[k + 1] <= block) ++k;
+  return {k, (block - b.first_chunk[k]) * kChunk};
+}
+
+// f(batch, blocks, first_block) per batch of the non-empty slots, in order.
+template <class Slot, class F>
+void for_batches(const std::vector<Slot>& slots, F&& launch) {
+  constexpr int N = kSlotsPerLaunch<Slot>;
+  static_assert(sizeof(SlotBatch<Slot, N>) <= 4000, "kernel arguments over 4 KB");
+  SlotBatch<Slot, N> b{};
+  int64_t blocks = 0, first = 0;
+  auto flush = [&] {
+    if (b.count == 0) return;
+    b.first_chunk[b.count] = blocks;
+    MIXPREC_CHECK(blocks < 0x7fffffff, "gpu: too many blocks for one launch");
+    launch(b, static_cast<unsigned>(blocks), first);
+    first += blocks;
+    b = SlotBatch<Slot, N>{};
+    blocks = 0;
+  };
+  for (const Slot& s : slots) {
+    if (s.n == 0) continue;
+    if (b.count == N) flush();
+    b.slot[b.count] = s;
+    b.first_chunk[b.count] = blocks;
+    blocks += (s.n + kChunk - 1) / kChunk;
+    ++b.count;
+  }
+  flush();
+}
+template <class Slot>
+int64_t total_chunks(const std::vector<Slot>& slots) {
+  int64_t c = 0;
+  for (const Slot& s : slots) c += (s.n + kChunk - 1) / kChunk;
+  return c;
+}
 
 template <class T>
 __device__ __forceinline__ float load_as_float(const void* p, int64_t i) {
@@ -47,35 +105,7 @@ inline uint8_t storage_code(DType d, const char* op) {
   MIXPREC_CHECK(d == DType::Float32 || d == DType::Float16 || d == DType::BFloat16, op, ": expected float32/float16/bfloat16, got ", d);
   return static_cast<uint8_t>(d);
 }
-
-// Uploads slots and their chunk table in one buffer (on the current stream; the pageable source
-// is staged before cudaMemcpyAsync returns). Returns the buffer, device pointers and chunk count.
-template <class Slot>
-struct Packed {
-  Tensor buffer;
-  const Slot* slots = nullptr;
-  const Chunk* chunks = nullptr;
-  unsigned count = 0;
-};
-template <class Slot>
-Packed<Slot> pack(const std::vector<Slot>& slots, const char* op) {
-  std::vector<Chunk> chunks;
-  for (std::size_t i = 0; i < slots.size(); ++i)
-    for (int64_t b = 0; b < slots[i].n; b += kChunk) chunks.push_back({static_cast<int32_t>(i), b, std::min(slots[i].n, b + kChunk)});
-  Packed<Slot> p;
-  p.count = static_cast<unsigned>(chunks.size());
-  if (chunks.empty()) return p;
-  MIXPREC_CHECK(chunks.size() < 0x7fffffffu, op, ": too many chunks");
-  const std::size_t slot_bytes = (slots.size() * sizeof(Slot) + 15) / 16 * 16;
-  std::vector<unsigned char> host(slot_bytes + chunks.size() * sizeof(Chunk));
-  std::memcpy(host.data(), slots.data(), slots.size() * sizeof(Slot));
-  std::memcpy(host.data() + slot_bytes, chunks.data(), chunks.size() * sizeof(Chunk));
-  p.buffer = empty({static_cast<int64_t>(host.size())}, DType::UInt8, Device::CUDA);
-  check(cudaMemcpyAsync(p.buffer.data_ptr(), host.data(), host.size(), cudaMemcpyHostToDevice, current_stream()), op);
-  p.slots = static_cast<const Slot*>(p.buffer.data_ptr());
-  p.chunks = reinterpret_cast<const Chunk*>(static_cast<const unsigned char*>(p.buffer.data_ptr()) + slot_bytes);
-  return p;
-}
+__device__ __forceinline__ bool skipped(const float* found_inf) { return found_inf && *found_inf != 0.0f; }
 }  // namespace detail
 
 // ---------- unscale + non-finite check ----------
@@ -89,13 +119,14 @@ struct UnscaleSlot {
   uint8_t dtype = static_cast<uint8_t>(DType::Float32);
 };
 
-__global__ void unscale_kernel(const UnscaleSlot* slots, const detail::Chunk* chunks, const float* scale, float* found_inf) {
-  const detail::Chunk c = chunks[blockIdx.x];
-  const UnscaleSlot s = slots[c.slot];
+__global__ void unscale_kernel(const __grid_constant__ detail::BatchOf<UnscaleSlot> b, const float* scale, float* found_inf) {
+  const detail::ChunkRange c = detail::chunk_of(b);
+  const UnscaleSlot& s = b.slot[c.slot];
+  const int64_t end = c.begin + detail::kChunk < s.n ? c.begin + detail::kChunk : s.n;
   // As the CPU: the inverse in double, rounded once to float32.
   const float inv = static_cast<float>(1.0 / static_cast<double>(*scale));
   int bad = 0;
-  for (int64_t i = c.begin + threadIdx.x; i < c.end; i += blockDim.x) {
+  for (int64_t i = c.begin + threadIdx.x; i < end; i += blockDim.x) {
     const float v = detail::load_any(s.grad, s.dtype, i);
     bad |= amp::detail::nonfinite(v);
     if (s.master) s.master[i] = v * inv;
@@ -108,24 +139,44 @@ __global__ void unscale_kernel(const UnscaleSlot* slots, const detail::Chunk* ch
 // (it is never cleared here: zero it once per iteration). scale and found_inf are device floats.
 inline void unscale_and_check(const std::vector<UnscaleSlot>& slots, const float* scale, float* found_inf) {
   const char* op = "gpu::unscale_and_check";
-  const auto p = detail::pack(slots, op);
-  if (p.count == 0) return;
-  unscale_kernel<<<p.count, kThreads, 0, current_stream()>>>(p.slots, p.chunks, scale, found_inf);
-  check_launch(op);
+  for (const UnscaleSlot& s : slots) detail::storage_code(static_cast<DType>(s.dtype), op);
+  detail::for_batches(slots, [&](const auto& b, unsigned blocks, int64_t) {
+    unscale_kernel<<<blocks, kThreads, 0, current_stream()>>>(b, scale, found_inf);
+    check_launch(op);
+  });
 }
 
 // ---------- the scale update ----------
 
-__global__ void update_scale_kernel(float* scale, int64_t* growth_tracker, const float* found_inf, double growth, double backoff,
-                                    int64_t interval) {
-  amp::detail::update_scale(*scale, *growth_tracker, *found_inf != 0.0f, growth, backoff, interval);
+// The found-inf flags of the optimizers stepped this iteration (GradScaler keeps one per optimizer).
+struct FoundInfList {
+  static constexpr int kMax = 64;
+  const float* flag[kMax];
+  int count;
+};
+
+__global__ void update_scale_kernel(float* scale, int64_t* growth_tracker, FoundInfList flags, double growth, double backoff,
+                                    int64_t interval, int64_t* skipped) {
+  bool found = false;
+  for (int i = 0; i < flags.count; ++i) found |= *flags.flag[i] != 0.0f;
+  amp::detail::update_scale(*scale, *growth_tracker, found, growth, backoff, interval);
+  if (skipped && found) ++*skipped;
 }
 
-// GradScaler::update() on device values: no host sync.
+// GradScaler::update() on device values: no host sync. `skipped` (optional) counts backed-off steps.
+inline void update_scale(float* scale, int64_t* growth_tracker, const std::vector<const float*>& found_infs, double growth_factor,
+                         double backoff_factor, int64_t growth_interval, int64_t* skipped = nullptr) {
+  const char* op = "gpu::update_scale";
+  MIXPREC_CHECK(static_cast<int>(found_infs.size()) <= FoundInfList::kMax, op, ": at most ", FoundInfList::kMax,
+                " optimizers per GradScaler on CUDA, got ", found_infs.size());
+  FoundInfList l{};
+  for (const float* f : found_infs) l.flag[l.count++] = f;
+  update_scale_kernel<<<1, 1, 0, current_stream()>>>(scale, growth_tracker, l, growth_factor, backoff_factor, growth_interval, skipped);
+  check_launch(op);
+}
 inline void update_scale(float* scale, int64_t* growth_tracker, const float* found_inf, double growth_factor, double backoff_factor,
                          int64_t growth_interval) {
-  update_scale_kernel<<<1, 1, 0, current_stream()>>>(scale, growth_tracker, found_inf, growth_factor, backoff_factor, growth_interval);
-  check_launch("gpu::update_scale");
+  update_scale(scale, growth_tracker, std::vector<const float*>{found_inf}, growth_factor, backoff_factor, growth_interval);
 }
 
 // ---------- fused optimizers ----------
@@ -144,6 +195,7 @@ struct AdamSlot {
   int64_t n = 0;
   uint8_t model_dtype = static_cast<uint8_t>(DType::Float32);
   uint8_t grad_dtype = static_cast<uint8_t>(DType::Float32);
+  int64_t* buffer_steps = nullptr;  // optional: updates applied to these moments, advanced with step
 };
 
 struct SgdSlot {
@@ -155,15 +207,19 @@ struct SgdSlot {
   int64_t n = 0;
   uint8_t model_dtype = static_cast<uint8_t>(DType::Float32);
   uint8_t grad_dtype = static_cast<uint8_t>(DType::Float32);
+  // Updates applied to momentum_buffer (0: the next one writes it whole, as torch's first step);
+  // null: *step is used.
+  int64_t* buffer_steps = nullptr;
 };
 
-__global__ void adam_kernel(const AdamSlot* slots, const detail::Chunk* chunks, optim::detail::AdamHyper h, const float* found_inf) {
-  if (found_inf && *found_inf != 0.0f) return;  // GradScaler skips the step, decided on device
-  const detail::Chunk c = chunks[blockIdx.x];
-  const AdamSlot s = slots[c.slot];
+__global__ void adam_kernel(const __grid_constant__ detail::BatchOf<AdamSlot> b, optim::detail::AdamHyper h, const float* found_inf) {
+  if (detail::skipped(found_inf)) return;  // GradScaler skips the step, decided on device
+  const detail::ChunkRange c = detail::chunk_of(b);
+  const AdamSlot& s = b.slot[c.slot];
+  const int64_t end = c.begin + detail::kChunk < s.n ? c.begin + detail::kChunk : s.n;
   // Bias corrections from the device step counter (two pow per thread: noise next to 64K elements).
   const optim::detail::AdamScalars sc = optim::detail::adam_scalars(h, *s.step + 1);
-  for (int64_t i = c.begin + threadIdx.x; i < c.end; i += blockDim.x) {
+  for (int64_t i = c.begin + threadIdx.x; i < end; i += blockDim.x) {
     float w = s.master[i];
     sc.step(w, detail::load_any(s.grad, s.grad_dtype, i), s.exp_avg[i], s.exp_avg_sq[i], s.max_exp_avg_sq ? s.max_exp_avg_sq + i : nullptr);
     s.master[i] = w;
@@ -171,12 +227,13 @@ __global__ void adam_kernel(const AdamSlot* slots, const detail::Chunk* chunks, 
   }
 }
 
-__global__ void sgd_kernel(const SgdSlot* slots, const detail::Chunk* chunks, optim::detail::SgdScalars sc, const float* found_inf) {
-  if (found_inf && *found_inf != 0.0f) return;
-  const detail::Chunk c = chunks[blockIdx.x];
-  const SgdSlot s = slots[c.slot];
-  const bool first = *s.step == 0;
-  for (int64_t i = c.begin + threadIdx.x; i < c.end; i += blockDim.x) {
+__global__ void sgd_kernel(const __grid_constant__ detail::BatchOf<SgdSlot> b, optim::detail::SgdScalars sc, const float* found_inf) {
+  if (detail::skipped(found_inf)) return;
+  const detail::ChunkRange c = detail::chunk_of(b);
+  const SgdSlot& s = b.slot[c.slot];
+  const int64_t end = c.begin + detail::kChunk < s.n ? c.begin + detail::kChunk : s.n;
+  const bool first = *(s.buffer_steps ? s.buffer_steps : s.step) == 0;
+  for (int64_t i = c.begin + threadIdx.x; i < end; i += blockDim.x) {
     float w = s.master[i];
     sc.step(w, detail::load_any(s.grad, s.grad_dtype, i), s.momentum_buffer ? s.momentum_buffer + i : nullptr, first);
     s.master[i] = w;
@@ -185,10 +242,13 @@ __global__ void sgd_kernel(const SgdSlot* slots, const detail::Chunk* chunks, op
 }
 
 // After the update (stream order): every counter + 1, unless the step was skipped.
-template <class Slot>
-__global__ void bump_steps_kernel(const Slot* slots, int n, const float* found_inf) {
-  if (found_inf && *found_inf != 0.0f) return;
-  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) ++*slots[i].step;
+template <class Batch>
+__global__ void bump_steps_kernel(const __grid_constant__ Batch b, const float* found_inf) {
+  if (detail::skipped(found_inf)) return;
+  const int i = static_cast<int>(threadIdx.x);
+  if (i >= b.count) return;
+  ++*b.slot[i].step;
+  if (b.slot[i].buffer_steps) ++*b.slot[i].buffer_steps;
 }
 
 namespace detail {
@@ -202,81 +262,194 @@ void check_slots(const std::vector<Slot>& slots, const char* op) {
 }
 }  // namespace detail
 
-// AdamW (h.decoupled) or Adam over all slots in one launch; skipped on device when *found_inf.
+// AdamW (h.decoupled) or Adam over all slots; skipped on device when *found_inf.
 // Momenta must start at zero with *step == 0, as torch.optim's lazy state.
 inline void fused_adam(const std::vector<AdamSlot>& slots, const optim::detail::AdamHyper& h, const float* found_inf = nullptr) {
   const char* op = "gpu::fused_adam";
   detail::check_slots(slots, op);
   for (const AdamSlot& s : slots)
     MIXPREC_CHECK(s.exp_avg && s.exp_avg_sq && (!h.amsgrad || s.max_exp_avg_sq), op, ": a slot lacks its moment buffers");
-  const auto p = detail::pack(slots, op);
-  if (p.count == 0) return;
-  adam_kernel<<<p.count, kThreads, 0, current_stream()>>>(p.slots, p.chunks, h, found_inf);
-  bump_steps_kernel<<<grid_for(static_cast<int64_t>(slots.size())), kThreads, 0, current_stream()>>>(p.slots, static_cast<int>(slots.size()),
-                                                                                                       found_inf);
-  check_launch(op);
+  detail::for_batches(slots, [&](const auto& b, unsigned blocks, int64_t) {
+    adam_kernel<<<blocks, kThreads, 0, current_stream()>>>(b, h, found_inf);
+    bump_steps_kernel<<<1, detail::kSlotsPerLaunch<AdamSlot>, 0, current_stream()>>>(b, found_inf);
+    check_launch(op);
+  });
 }
 
 inline void fused_sgd(const std::vector<SgdSlot>& slots, const optim::detail::SgdScalars& sc, const float* found_inf = nullptr) {
   const char* op = "gpu::fused_sgd";
   detail::check_slots(slots, op);
   for (const SgdSlot& s : slots) MIXPREC_CHECK(!sc.use_mom || s.momentum_buffer, op, ": momentum needs a momentum buffer per slot");
-  const auto p = detail::pack(slots, op);
-  if (p.count == 0) return;
-  sgd_kernel<<<p.count, kThreads, 0, current_stream()>>>(p.slots, p.chunks, sc, found_inf);
-  bump_steps_kernel<<<grid_for(static_cast<int64_t>(slots.size())), kThreads, 0, current_stream()>>>(p.slots, static_cast<int>(slots.size()),
-                                                                                                     found_inf);
-  check_launch(op);
+  detail::for_batches(slots, [&](const auto& b, unsigned blocks, int64_t) {
+    sgd_kernel<<<blocks, kThreads, 0, current_stream()>>>(b, sc, found_inf);
+    bump_steps_kernel<<<1, detail::kSlotsPerLaunch<SgdSlot>, 0, current_stream()>>>(b, found_inf);
+    check_launch(op);
+  });
 }
 
-// ---------- the device kernel table's optimizer entries (backends/device.hpp) ----------
+// ---------- gradient norm and clipping ----------
+
+struct NormSlot {
+  const void* data = nullptr;
+  int64_t n = 0;
+  uint8_t dtype = static_cast<uint8_t>(DType::Float32);
+};
+struct ScaleSlot {
+  void* data = nullptr;
+  int64_t n = 0;
+  uint8_t dtype = static_cast<uint8_t>(DType::Float32);
+};
+
+// partial[first + block] = the block's sum of squares (float accumulation, tree-reduced in double).
+__global__ void sum_squares_kernel(const __grid_constant__ detail::BatchOf<NormSlot> b, double* partial, int64_t first) {
+  __shared__ double red[kThreads];
+  const detail::ChunkRange c = detail::chunk_of(b);
+  const NormSlot& s = b.slot[c.slot];
+  const int64_t end = c.begin + detail::kChunk < s.n ? c.begin + detail::kChunk : s.n;
+  double acc = 0;
+  for (int64_t i = c.begin + threadIdx.x; i < end; i += blockDim.x) {
+    const float v = detail::load_any(s.data, s.dtype, i);
+    acc += static_cast<double>(v) * v;
+  }
+  red[threadIdx.x] = acc;
+  __syncthreads();
+  for (int w = kThreads / 2; w > 0; w /= 2) {
+    if (static_cast<int>(threadIdx.x) < w) red[threadIdx.x] += red[threadIdx.x + w];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) partial[first + blockIdx.x] = red[0];
+}
+
+// *norm = sqrt(sum of partial[0, n)), summed in a fixed order (the same result on every run).
+__global__ void finish_norm_kernel(const double* partial, int64_t n, float* norm) {
+  __shared__ double red[kThreads];
+  double acc = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) acc += partial[i];
+  red[threadIdx.x] = acc;
+  __syncthreads();
+  for (int w = kThreads / 2; w > 0; w /= 2) {
+    if (static_cast<int>(threadIdx.x) < w) red[threadIdx.x] += red[threadIdx.x + w];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) *norm = static_cast<float>(::sqrt(red[0]));
+}
+
+// clip_grad_norm_'s factor max_norm / (norm + 1e-6) in double, as the CPU; applied (rounded to
+// float32) only below 1 or when NaN, as the CPU's `coef >= 1` early return.
+__global__ void clip_kernel(const __grid_constant__ detail::BatchOf<ScaleSlot> b, const float* norm, double max_norm) {
+  const double coef = max_norm / (static_cast<double>(*norm) + 1e-6);
+  if (coef >= 1.0) return;
+  const float f = static_cast<float>(coef);
+  const detail::ChunkRange c = detail::chunk_of(b);
+  const ScaleSlot& s = b.slot[c.slot];
+  const int64_t end = c.begin + detail::kChunk < s.n ? c.begin + detail::kChunk : s.n;
+  for (int64_t i = c.begin + threadIdx.x; i < end; i += blockDim.x)
+    detail::store_any(s.data, s.dtype, i, detail::load_any(s.data, s.dtype, i) * f);
+}
+
+// The 2-norm of all `grads` as one vector: a float32 [] CUDA tensor, nothing read back.
+inline Tensor grad_norm(const std::vector<Tensor>& grads) {
+  const char* op = "clip_grad_norm_";
+  std::vector<NormSlot> slots;
+  for (const Tensor& g : grads) {
+    require_cuda_tensor(op, g);
+    MIXPREC_CHECK(g.is_contiguous(), op, ": gradient of shape ", g.sizes(), " is not contiguous");
+    slots.push_back({g.data_ptr(), g.numel(), detail::storage_code(g.dtype(), op)});
+  }
+  const int64_t chunks = detail::total_chunks(slots);
+  Tensor partial = empty({std::max<int64_t>(chunks, 1)}, DType::Float64, Device::CUDA);
+  Tensor norm = empty({}, DType::Float32, Device::CUDA);
+  detail::for_batches(slots, [&](const auto& b, unsigned blocks, int64_t first) {
+    sum_squares_kernel<<<blocks, kThreads, 0, current_stream()>>>(b, partial.data<double>(), first);
+    check_launch(op);
+  });
+  finish_norm_kernel<<<1, kThreads, 0, current_stream()>>>(partial.data<double>(), chunks, norm.data<float>());
+  check_launch(op);
+  return norm;
+}
+
+inline void clip_grads(const std::vector<Tensor>& grads, const Tensor& norm, double max_norm) {
+  const char* op = "clip_grad_norm_";
+  require_cuda_tensor(op, norm);
+  MIXPREC_CHECK(norm.dtype() == DType::Float32 && norm.numel() == 1, op, ": the norm must be one float32 value");
+  std::vector<ScaleSlot> slots;
+  for (const Tensor& g : grads) {
+    require_cuda_tensor(op, g);
+    MIXPREC_CHECK(g.is_contiguous(), op, ": gradient of shape ", g.sizes(), " is not contiguous");
+    slots.push_back({g.data_ptr(), g.numel(), detail::storage_code(g.dtype(), op)});
+  }
+  detail::for_batches(slots, [&](const auto& b, unsigned blocks, int64_t) {
+    clip_kernel<<<blocks, kThreads, 0, current_stream()>>>(b, norm.data<float>(), max_norm);
+    check_launch(op);
+  });
+}
+
+// ---------- the device kernel table's entries (backends/device.hpp) ----------
 
 namespace detail {
-// Each update's counter of steps already applied (its step - 1), as the kernels count.
-inline Tensor step_counters(const std::vector<DeviceParamUpdate>& ps) {
-  std::vector<int64_t> c;
-  for (const DeviceParamUpdate& p : ps) c.push_back(p.step - 1);
-  return to_device(tensor(c));
-}
 inline float* f32(const Tensor& t) { return t.defined() ? t.data<float>() : nullptr; }
 inline uint8_t model_code(const DeviceParamUpdate& p, const char* op) {
   return storage_code(p.model.defined() ? p.model.dtype() : DType::Float32, op);
 }
+inline const float* flag_ptr(const Tensor& found_inf, const char* op) {
+  if (!found_inf.defined()) return nullptr;
+  require_cuda_tensor(op, found_inf);
+  MIXPREC_CHECK(found_inf.dtype() == DType::Float32 && found_inf.numel() == 1, op, ": found_inf must be one float32 value");
+  return found_inf.data<float>();
+}
+// counters: int64 [2] on the device (DeviceParamUpdate::counters).
+inline int64_t* counter(const DeviceParamUpdate& p, int k, const char* op) {
+  MIXPREC_CHECK(p.counters.defined() && p.counters.device() == Device::CUDA && p.counters.dtype() == DType::Int64 &&
+                    p.counters.numel() == 2 && p.counters.is_contiguous(),
+                op, ": each update needs its int64 [2] step counters on cuda");
+  return p.counters.data<int64_t>() + k;
+}
 }  // namespace detail
 
-inline void adam_updates(const std::vector<DeviceParamUpdate>& ps, const optim::detail::AdamHyper& h) {
+inline void adam_updates(const std::vector<DeviceParamUpdate>& ps, const optim::detail::AdamHyper& h, const Tensor& found_inf) {
   const char* op = "gpu::adam_updates";
-  const Tensor steps = detail::step_counters(ps);  // freed after the launch: stream-ordered reuse only
   std::vector<AdamSlot> slots;
-  for (std::size_t i = 0; i < ps.size(); ++i) {
-    const DeviceParamUpdate& p = ps[i];
+  for (const DeviceParamUpdate& p : ps)
     slots.push_back({detail::f32(p.weights), p.model.defined() ? p.model.data_ptr() : nullptr, p.grad.data_ptr(), detail::f32(p.state[0]),
-                     detail::f32(p.state[1]), detail::f32(p.state[2]), steps.data<int64_t>() + i, p.weights.numel(),
-                     detail::model_code(p, op), detail::storage_code(p.grad.dtype(), op)});
-  }
-  fused_adam(slots, h);
+                     detail::f32(p.state[1]), detail::f32(p.state[2]), detail::counter(p, 0, op), p.weights.numel(),
+                     detail::model_code(p, op), detail::storage_code(p.grad.dtype(), op), detail::counter(p, 1, op)});
+  fused_adam(slots, h, detail::flag_ptr(found_inf, op));
 }
 
-inline void sgd_updates(const std::vector<DeviceParamUpdate>& ps, const optim::detail::SgdScalars& sc) {
+inline void sgd_updates(const std::vector<DeviceParamUpdate>& ps, const optim::detail::SgdScalars& sc, const Tensor& found_inf) {
   const char* op = "gpu::sgd_updates";
-  const Tensor steps = detail::step_counters(ps);
   std::vector<SgdSlot> slots;
-  for (std::size_t i = 0; i < ps.size(); ++i) {
-    const DeviceParamUpdate& p = ps[i];
+  for (const DeviceParamUpdate& p : ps)
     slots.push_back({detail::f32(p.weights), p.model.defined() ? p.model.data_ptr() : nullptr, p.grad.data_ptr(), detail::f32(p.state[0]),
-                     steps.data<int64_t>() + i, p.weights.numel(), detail::model_code(p, op), detail::storage_code(p.grad.dtype(), op)});
-  }
-  fused_sgd(slots, sc);
+                     detail::counter(p, 0, op), p.weights.numel(), detail::model_code(p, op), detail::storage_code(p.grad.dtype(), op),
+                     detail::counter(p, 1, op)});
+  fused_sgd(slots, sc, detail::flag_ptr(found_inf, op));
 }
 
-inline bool unscale_grads(const std::vector<Tensor>& grads, const std::vector<Tensor>& masters, double scale) {
+inline void unscale_grads(const std::vector<Tensor>& grads, const std::vector<Tensor>& masters, const Tensor& scale, const Tensor& found_inf) {
   const char* op = "gpu::unscale_grads";
+  require_cuda_tensor(op, scale);
+  MIXPREC_CHECK(scale.dtype() == DType::Float32 && scale.numel() == 1, op, ": the scale must be one float32 value");
   std::vector<UnscaleSlot> slots;
   for (std::size_t i = 0; i < grads.size(); ++i)
     slots.push_back({grads[i].data_ptr(), detail::f32(masters[i]), grads[i].numel(), detail::storage_code(grads[i].dtype(), op)});
-  const Tensor s = to_device(full({}, scale, DType::Float32)), found = to_device(zeros({}));
-  unscale_and_check(slots, s.data<float>(), found.data<float>());
-  return to_host(found).item<float>() != 0.0f;
+  float* found = const_cast<float*>(detail::flag_ptr(found_inf, op));
+  MIXPREC_CHECK(found != nullptr, op, ": needs a found_inf flag");
+  unscale_and_check(slots, scale.data<float>(), found);
+}
+
+inline void update_scale_on(const Tensor& scale, const Tensor& tracker, const std::vector<Tensor>& found_infs, double growth,
+                            double backoff, int64_t interval, const Tensor& skipped) {
+  const char* op = "GradScaler.update";
+  for (const Tensor* t : {&scale, &tracker, &skipped}) require_cuda_tensor(op, *t);
+  MIXPREC_CHECK(scale.dtype() == DType::Float32 && tracker.dtype() == DType::Int64 && skipped.dtype() == DType::Int64, op,
+                ": expected a float32 scale and int64 counters");
+  std::vector<const float*> flags;
+  for (const Tensor& f : found_infs) {
+    MIXPREC_CHECK(f.defined(), op, ": an undefined found_inf flag");
+    flags.push_back(detail::flag_ptr(f, op));
+  }
+  update_scale(scale.data<float>(), tracker.data<int64_t>(), flags, growth, backoff, interval, skipped.data<int64_t>());
 }
 
 }  // namespace mixprec::gpu

@@ -11,6 +11,8 @@
 #include "mixprec/backends/cuda/embedding.cuh"
 #include "mixprec/backends/cuda/gemm.cuh"
 #include "mixprec/backends/cuda/norm.cuh"
+#include "mixprec/backends/cuda/training.cuh"
+#include "mixprec/backends/cuda/graph.cuh"
 
 namespace mixprec::gpu {
 
@@ -240,9 +242,21 @@ inline const DeviceKernels& cuda_kernel_table() {
     };
     t.sdpa_backward = [](const Tensor& g, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o, const Tensor& lse, bool causal,
                          double scale, double p, uint64_t seed) { return gpu::sdpa_backward(g, q, k, v, o, lse, causal, scale, p, seed); };
-    t.adam = [](const std::vector<DeviceParamUpdate>& ps, const optim::detail::AdamHyper& h) { adam_updates(ps, h); };
-    t.sgd = [](const std::vector<DeviceParamUpdate>& ps, const optim::detail::SgdScalars& sc) { sgd_updates(ps, sc); };
-    t.unscale = [](const std::vector<Tensor>& g, const std::vector<Tensor>& m, double scale) { return unscale_grads(g, m, scale); };
+    // The training step without host syncs (amp.cuh, training.cuh) and its capture (graph.cuh).
+    t.adam = [](const std::vector<DeviceParamUpdate>& ps, const optim::detail::AdamHyper& h, const Tensor& f) { adam_updates(ps, h, f); };
+    t.sgd = [](const std::vector<DeviceParamUpdate>& ps, const optim::detail::SgdScalars& sc, const Tensor& f) { sgd_updates(ps, sc, f); };
+    t.unscale = [](const std::vector<Tensor>& g, const std::vector<Tensor>& m, const Tensor& s, const Tensor& f) { unscale_grads(g, m, s, f); };
+    t.update_scale = [](const Tensor& s, const Tensor& tr, const std::vector<Tensor>& f, double g, double b, int64_t i, const Tensor& sk) {
+      update_scale_on(s, tr, f, g, b, i, sk);
+    };
+    t.grad_norm = [](const std::vector<Tensor>& g) { return gpu::grad_norm(g); };
+    t.clip_grads = [](const std::vector<Tensor>& g, const Tensor& n, double m) { gpu::clip_grads(g, n, m); };
+    t.dropout = [](const Tensor& x, uint64_t seed, double p, double s, const Tensor& r) { return dropout_apply(x, seed, p, s, r); };
+    t.class_weights = [](const Tensor& tg, int64_t N, int64_t C, int64_t S, int64_t ig, double ls, DType d, const Tensor& bad) {
+      return gpu::class_weights(tg, N, C, S, ig, ls, d, bad);
+    };
+    t.clamp_indices = [](const Tensor& idx, int64_t V, const Tensor& bad) { gpu::clamp_indices(idx, V, bad); };
+    t.make_graph = []() -> std::unique_ptr<DeviceGraph> { return std::make_unique<CudaGraph>(); };
     return t;
   }();
   return k;
