@@ -267,6 +267,15 @@ TEST(CudaLoops, CopiesCastsFillsAndBinaryOpsMatchCpu) {
       EXPECT_LT(rel_error(down(mc::binary(DeviceBinary::Mul, up(b), up(a), 1.0)), mul(bf, af).to(d).to(DType::Float32)), 1e-7) << ::testing::PrintToString(sa) << ::testing::PrintToString(sb);
       EXPECT_LT(rel_error(down(mc::binary(DeviceBinary::Div, up(a), up(b), 1.0)), div(af, bf).to(d).to(DType::Float32)), 1e-7) << ::testing::PrintToString(sa) << ::testing::PrintToString(sb);
     }
+    // Mixed dtypes: float32 with a 16-bit operand in one pass, float32 out.
+    if (d != DType::Float32) {
+      const Tensor f = randn({300, 256}), h = randn({256}).to(d);
+      EXPECT_EQ(rel_error(down(mc::binary(DeviceBinary::Add, up(f), up(h), 1.0)), add(f, h.to(DType::Float32))), 0.0);
+      EXPECT_EQ(rel_error(down(mc::binary(DeviceBinary::Mul, up(h), up(f), 1.0)), mul(h.to(DType::Float32), f)), 0.0);
+      const DType other = d == DType::BFloat16 ? DType::Float16 : DType::BFloat16;
+      const Tensor o = randn({256}).to(other);
+      EXPECT_LT(rel_error(down(mc::binary(DeviceBinary::Add, up(h), up(o), 1.0)), add(h.to(DType::Float32), o.to(DType::Float32))), 1e-7);
+    }
     const Tensor m = randn({64, 48}).to(d), n = randn({48, 64}).to(d);
     EXPECT_LT(rel_error(down(mc::binary(DeviceBinary::Add, up(m), up(n).t(), 1.0)), add(m.to(DType::Float32), n.to(DType::Float32).t()).to(d).to(DType::Float32)), 1e-7);
     // Activations read non-contiguous inputs directly.

@@ -59,7 +59,8 @@ struct DeviceKernels {
   // dst = src on this device: src broadcast to dst's shape, converted to dst's dtype; any strides.
   void (*copy)(const Tensor& dst, const Tensor& src) = nullptr;
   void (*fill)(const Tensor& t, double value) = nullptr;
-  // a + alpha b, a * b, a / b over the broadcast shape; a and b share a floating dtype.
+  // a + alpha b, a * b, a / b over the broadcast shape, in promote_types(a, b); a and b floating
+  // (of one dtype or two: a kernel widens as it reads, saving a cast pass).
   Tensor (*binary)(DeviceBinary op, const Tensor& a, const Tensor& b, double alpha) = nullptr;
   // a + alpha s, a * s, a / s (reversed: s + alpha a, s * a, s / a) with a host scalar s passed
   // to the kernel by value and rounded to a's floating dtype first, as a 0-dim operand would be:

@@ -89,7 +89,9 @@ inline Tensor device_binary(const char* op, DeviceBinary kind, Tensor a, Tensor 
   common_device(op, {&a, &b});
   const DType ct = promote_types(a.dtype(), b.dtype());
   MIXPREC_CHECK(is_floating_point(ct), op, ": ", d, " kernels take floating-point operands, got ", a.dtype(), " and ", b.dtype());
-  return device_kernel(op, a, &DeviceKernels::binary)(kind, as_dtype_raw(a, ct), as_dtype_raw(b, ct), alpha);
+  // Two floating dtypes go to the kernel as they are: it widens while it reads.
+  auto raw = [ct](const Tensor& t) { return t.is_floating_point() ? t : as_dtype_raw(t, ct); };
+  return device_kernel(op, a, &DeviceKernels::binary)(kind, raw(a), raw(b), alpha);
 }
 
 // Gradient for an input of a broadcasting op: reduce to its shape, return in its dtype.

@@ -23,14 +23,15 @@ struct FillWith {
   __device__ T operator()() const { return value; }
 };
 
-// Values load into float and round once on store, as the CPU's binary_kernel does.
+// Values load into float and round once on store, as the CPU's binary_kernel does; operands of
+// two dtypes (a 16-bit branch added to a float32 residual stream) are widened in the same pass.
 struct BinaryFn {
   DeviceBinary op;
   float alpha;
-  template <class T>
-  __device__ T operator()(T a, T b) const {
+  template <class A, class B>
+  __device__ float operator()(A a, B b) const {
     const float x = static_cast<float>(a), y = static_cast<float>(b);
-    return T(op == DeviceBinary::Add ? x + alpha * y : op == DeviceBinary::Mul ? x * y : x / y);
+    return op == DeviceBinary::Add ? x + alpha * y : op == DeviceBinary::Mul ? x * y : x / y;
   }
 };
 
@@ -112,15 +113,24 @@ inline Tensor binary(DeviceBinary kind, const Tensor& a, const Tensor& b, double
   const char* op = "gpu::binary";
   require_cuda_tensor(op, a);
   require_cuda_tensor(op, b);
-  MIXPREC_CHECK(a.dtype() == b.dtype(), op, ": operands must share a dtype, got ", a.dtype(), " and ", b.dtype());
+  const DType ct = promote_types(a.dtype(), b.dtype());
   const Shape shape = broadcast_shapes(a.sizes(), b.sizes(), op);
-  Tensor out = empty(shape, a.dtype(), Device::CUDA);
-  const int64_t n = out.numel();
-  if (n == 0) return out;
-  dispatch_storage(a.dtype(), op, [&]<class T>() {
-    launch_loop(op, shape, detail::BinaryFn{kind, static_cast<float>(alpha)}, LoopTensor<T>{out.data<T>(), out.strides()},
-                LoopTensor<const T>{a.data<T>(), broadcast_strides(a, shape)}, LoopTensor<const T>{b.data<T>(), broadcast_strides(b, shape)});
-  });
+  Tensor out = empty(shape, ct, Device::CUDA);
+  if (out.numel() == 0) return out;
+  const detail::BinaryFn f{kind, static_cast<float>(alpha)};
+  auto run = [&]<class O, class A, class B>() {
+    launch_loop(op, shape, f, LoopTensor<O>{out.data<O>(), out.strides()}, LoopTensor<const A>{a.data<A>(), broadcast_strides(a, shape)},
+                LoopTensor<const B>{b.data<B>(), broadcast_strides(b, shape)});
+  };
+  if (a.dtype() == b.dtype()) {
+    dispatch_storage(ct, op, [&]<class T>() { run.template operator()<T, T, T>(); });
+  } else if (ct == DType::Float32 && b.dtype() != DType::Float32) {  // float32 with a 16-bit operand: one pass
+    dispatch_storage(b.dtype(), op, [&]<class B>() { run.template operator()<float, float, B>(); });
+  } else if (ct == DType::Float32 && a.dtype() != DType::Float32) {
+    dispatch_storage(a.dtype(), op, [&]<class A>() { run.template operator()<float, A, float>(); });
+  } else {  // float16 with bfloat16: both widened first
+    return binary(kind, contiguous(a, ct), contiguous(b, ct), alpha);
+  }
   return out;
 }
 
