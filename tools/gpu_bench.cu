@@ -41,6 +41,8 @@ struct Options {
   int windows = 3;
   int warmup = 3;
   int64_t bw_rows = 8192, bw_cols = 4096;  // 32 M elements: 128 MB in float32, 64 MB in bfloat16
+  // Workloads also timed as a CapturedStep (one CUDA graph per step), printed as precision "<p>-graph".
+  std::vector<std::string> graph_workloads{"resnet20", "gptmini"};
 };
 
 std::vector<std::string> split(const std::string& s) {
@@ -59,7 +61,8 @@ void usage() {
       "usage: mixprec_gpu_bench [--workloads gpt12,gpt2l,resnet20,gptmini,bandwidth] [--precisions fp32,bf16,fp16]\n"
       "                         [--steps N (per timed window; default per workload: gpt12 5, gpt2l 10, resnet20 20, gptmini 20)]\n"
       "                         [--windows W (default 3; the median is printed)] [--warmup K (default 3)]\n"
-      "                         [--bw-rows R --bw-cols C (bandwidth tensors, default 8192 x 4096)]\n");
+      "                         [--bw-rows R --bw-cols C (bandwidth tensors, default 8192 x 4096)]\n"
+      "                         [--graph resnet20,gptmini (also timed as a CapturedStep: precision <p>-graph; 'none' for none)]\n");
 }
 
 // Milliseconds per call of f over `iters` calls, timed with CUDA events on the current stream
@@ -102,7 +105,7 @@ template <class Loss>
 void time_precision(const Options& o, const std::string& workload, const std::string& p, int steps, std::optional<DType> amp,
                     optim::Optimizer& opt, double clip, Loss& loss_fn) {
   amp::GradScaler scaler(65536.0, 2.0, 0.5, 2000, amp == DType::Float16);  // loss scaling for float16 only
-  auto step = [&] {
+  auto step = [&]() -> Tensor {
     opt.zero_grad();
     Tensor loss;
     {
@@ -117,18 +120,27 @@ void time_precision(const Options& o, const std::string& workload, const std::st
     }
     (void)scaler.step(opt);  // its result is not read: reading it may wait for the device
     scaler.update();
+    return loss;
   };
-  for (int i = 0; i < o.warmup; ++i) step();
-  mc::synchronize();
-  reset_peak_memory_stats(Device::CUDA);
   // Every skipped step halves the scale and none grows it within 2000 steps: the skipped steps
   // are counted from the scale before and after, without a host synchronisation inside the steps.
-  const double scale_before = scaler.get_scale();
-  const double ms = median_ms(o.windows, steps, step);
-  const double scale_after = scaler.get_scale();
-  const int skipped = scale_after > 0 ? static_cast<int>(std::lround(std::log2(scale_before / scale_after))) : -1;
-  std::printf("BENCH mixprec %s %s ms_per_step=%.3f peak_mib=%.1f skipped=%d steps=%d\n", workload.c_str(), p.c_str(), ms,
-              double(memory_stats(Device::CUDA).peak_allocated_bytes) / (1 << 20), skipped, o.windows * steps);
+  auto timed = [&](const std::string& label, auto&& one) {
+    for (int i = 0; i < o.warmup; ++i) one();
+    mc::synchronize();
+    reset_peak_memory_stats(Device::CUDA);
+    const double scale_before = scaler.get_scale();
+    const double ms = median_ms(o.windows, steps, one);
+    const double scale_after = scaler.get_scale();
+    const int skipped = scale_after > 0 ? static_cast<int>(std::lround(std::log2(scale_before / scale_after))) : -1;
+    std::printf("BENCH mixprec %s %s ms_per_step=%.3f peak_mib=%.1f skipped=%d steps=%d\n", workload.c_str(), label.c_str(), ms,
+                double(memory_stats(Device::CUDA).peak_allocated_bytes) / (1 << 20), skipped, o.windows * steps);
+  };
+  timed(p, [&] { (void)step(); });
+  if (std::find(o.graph_workloads.begin(), o.graph_workloads.end(), workload) != o.graph_workloads.end()) {
+    // The same step recorded once into a CUDA graph (after one eager warm-up call) and replayed.
+    CapturedStep captured([&](const std::vector<Tensor>&) { return step(); });
+    timed(p + "-graph", [&] { (void)captured({}); });
+  }
 }
 
 // Each precision in turn on one model and optimizer (in the order given, as torch_gpu.py does).
@@ -272,6 +284,9 @@ int main(int argc, char** argv) {
       o.bw_rows = std::atoll(value().c_str());
     } else if (a == "--bw-cols") {
       o.bw_cols = std::atoll(value().c_str());
+    } else if (a == "--graph") {
+      const std::string v = value();
+      o.graph_workloads = v == "none" ? std::vector<std::string>{} : split(v);
     } else {
       std::fprintf(stderr, "mixprec_gpu_bench: unknown argument %s\n", a.c_str());
       usage();

@@ -132,10 +132,14 @@ def targets(runs):
     if ours is not None and fp32 is not None:
         out.append(f"- gpt12 bf16 >= 4x our own fp32: {fp32 / ours:.2f}x: {verdict(fp32 / ours >= 4.0)}")
     for w in ("resnet20", "gptmini"):
-        v = ms("mixprec", w, "bf16")
+        v = ms("mixprec", w, "bf16-graph")
         if v is not None:
-            out.append(f"- {w} bf16 <= 2 ms/step (the issue asks it of the captured step; this is the eager step): "
-                       f"{v:.2f}: {verdict(v <= 2.0)}")
+            out.append(f"- {w} bf16 with the captured step (CapturedStep) <= 2 ms/step: {v:.2f}: {verdict(v <= 2.0)}")
+        else:
+            v = ms("mixprec", w, "bf16")
+            if v is not None:
+                out.append(f"- {w} bf16 <= 2 ms/step (the issue asks it of the captured step, not timed here; this is the "
+                           f"eager step): {v:.2f}: {verdict(v <= 2.0)}")
     pcts = [(k[1][3:], k[2], med(runs, k, "pct_of_copy")) for k in runs
             if k[0] == "mixprec" and k[1].startswith("bw_") and k[1] != "bw_memcpy"]
     pcts = [x for x in pcts if x[2] is not None]
@@ -151,6 +155,8 @@ SAMPLE = """\
 # round 1
 BENCH mixprec gpt12 fp32 ms_per_step=146.000 peak_mib=7434.0 skipped=0 steps=15
 BENCH mixprec gpt12 bf16 ms_per_step=80.000 peak_mib=6040.0 skipped=0 steps=15
+BENCH mixprec resnet20 bf16 ms_per_step=4.000 peak_mib=150.0 skipped=0 steps=60
+BENCH mixprec resnet20 bf16-graph ms_per_step=1.500 peak_mib=150.0 skipped=0 steps=60
 BENCH torch gpt12 bf16 ms_per_step=30.200 peak_mib=3968.0 skipped=0 steps=15
 BENCH torch-tuned gpt12 fp32 ms_per_step=104.000 peak_mib=5843.0 skipped=0 steps=15
 BENCH torch-tuned gpt12 bf16 ms_per_step=19.300 peak_mib=3968.0 skipped=0 steps=15
@@ -176,6 +182,8 @@ def self_test():
         "- gpt12 bf16 >= 1.2x PyTorch eager's tokens/s: 0.36x (85.00 vs 30.30 ms/step): NOT met",
         "- gpt12 bf16 >= 4x our own fp32: 1.72x: NOT met",
         "- element-wise and cast kernels >= 70% of copy bandwidth: 0 of 1 (lowest: cast_f32_bf16 float32 62%): NOT met",
+        "- resnet20 bf16 with the captured step (CapturedStep) <= 2 ms/step: 1.50: met",
+        "| resnet20 | bf16-graph | 1.50 | — | — | — | — | — | — | 150 | — | — |",
     ]
     missing = [e for e in expect if e not in t]
     if missing or "| gpt2l |" in t:  # no lines, no row
