@@ -95,3 +95,73 @@ TEST(CudnnDescriptors, BadGeometryIsAMixprecError) {
   s.dtype = DType::Float64;
   EXPECT_THROW(make_conv_descriptors(s), Error);
 }
+
+// The convolution plan cache's key is the whole ConvShape.
+TEST(CudnnPlans, ShapeKeySeesEveryField) {
+  ConvShape a;
+  a.N = 8, a.C = 16, a.H = 32, a.W = 32, a.O = 32, a.KH = 3, a.KW = 3, a.PH = 1, a.PW = 1;
+  ConvShape b = a;
+  EXPECT_EQ(a, b);
+  EXPECT_EQ(ConvShapeHash{}(a), ConvShapeHash{}(b));
+  const std::vector<void (*)(ConvShape&)> edits = {
+      [](ConvShape& s) { s.N = 4; },  [](ConvShape& s) { s.SH = 2; },          [](ConvShape& s) { s.G = 2; },
+      [](ConvShape& s) { s.DW = 2; }, [](ConvShape& s) { s.dtype = DType::BFloat16; }, [](ConvShape& s) { s.layout = ConvLayout::NHWC; },
+      [](ConvShape& s) { s.allow_tf32 = true; }};
+  for (auto edit : edits) {
+    ConvShape c = a;
+    edit(c);
+    EXPECT_FALSE(c == a);
+  }
+}
+
+// Find's records become the candidates a call tries, in Find's order (fastest first), each with
+// the math type it was measured with; float32 without tf32 never runs tensor-core math.
+TEST(CudnnPlans, CandidatesKeepFindsOrderAndMathType) {
+  auto perf = [](cudnnConvolutionFwdAlgo_t algo, cudnnStatus_t st, size_t mem, cudnnMathType_t math) {
+    cudnnConvolutionFwdAlgoPerf_t p{};
+    p.algo = algo;
+    p.status = st;
+    p.memory = mem;
+    p.mathType = math;
+    return p;
+  };
+  const cudnnConvolutionFwdAlgoPerf_t found[] = {
+      perf(CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM, CUDNN_STATUS_SUCCESS, 1024, CUDNN_TENSOR_OP_MATH),
+      perf(CUDNN_CONVOLUTION_FWD_ALGO_FFT, CUDNN_STATUS_SUCCESS, size_t{1} << 31, CUDNN_DEFAULT_MATH),  // over the limit
+      perf(CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD, CUDNN_STATUS_NOT_SUPPORTED, 0, CUDNN_DEFAULT_MATH),     // did not run
+      perf(CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM, CUDNN_STATUS_SUCCESS, 0, CUDNN_DEFAULT_MATH),
+      perf(CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM, CUDNN_STATUS_SUCCESS, 0, CUDNN_DEFAULT_MATH),  // a repeat
+      perf(CUDNN_CONVOLUTION_FWD_ALGO_GEMM, CUDNN_STATUS_SUCCESS, 64, CUDNN_FMA_MATH),
+  };
+  ConvShape s;
+  s.dtype = DType::BFloat16;
+  auto c = conv_candidates(found, 6, s, size_t{1} << 30);
+  ASSERT_EQ(c.size(), 3u);
+  EXPECT_EQ(c[0].algo, CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM);
+  EXPECT_EQ(c[0].math, CUDNN_TENSOR_OP_MATH);  // tensor cores, applied to the descriptor before the call
+  EXPECT_EQ(c[0].workspace, 1024u);
+  EXPECT_EQ(c[1].algo, CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM);
+  EXPECT_EQ(c[1].math, CUDNN_DEFAULT_MATH);
+  EXPECT_EQ(c[2].algo, CUDNN_CONVOLUTION_FWD_ALGO_GEMM);
+  // A smaller workspace bound drops what does not fit.
+  c = conv_candidates(found, 6, s, 512);
+  ASSERT_EQ(c.size(), 2u);
+  EXPECT_EQ(c[0].algo, CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM);
+  // float32 without tf32: the tensor-core record is dropped, the rest run under FMA math.
+  s.dtype = DType::Float32;
+  c = conv_candidates(found, 6, s, size_t{1} << 30);
+  ASSERT_EQ(c.size(), 2u);
+  for (const auto& k : c) EXPECT_EQ(k.math, CUDNN_FMA_MATH);
+  EXPECT_EQ(conv_math_type(s, CUDNN_TENSOR_OP_MATH), CUDNN_FMA_MATH);
+  s.allow_tf32 = true;
+  EXPECT_EQ(conv_candidates(found, 6, s, size_t{1} << 30).size(), 3u);
+  EXPECT_EQ(conv_math_type(s, CUDNN_TENSOR_OP_MATH), CUDNN_TENSOR_OP_MATH);
+  // The math type set on a real descriptor is the one a call runs with.
+  const ConvDescriptors d = make_conv_descriptors(s);
+  for (cudnnMathType_t m : {CUDNN_TENSOR_OP_MATH, CUDNN_FMA_MATH, CUDNN_DEFAULT_MATH}) {
+    check_cudnn(cudnnSetConvolutionMathType(d.conv.get(), m), "cudnnSetConvolutionMathType");
+    cudnnMathType_t got{};
+    check_cudnn(cudnnGetConvolutionMathType(d.conv.get(), &got), "cudnnGetConvolutionMathType");
+    EXPECT_EQ(got, m);
+  }
+}

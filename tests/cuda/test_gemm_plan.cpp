@@ -32,6 +32,7 @@ void store(uintptr_t base, GemmType t, int64_t i, float v) {
 // What cublasLtMatmul computes for the plan: D = epilogue(op(A) op(B) + bias), column-major,
 // float32 accumulation (double here, as the more precise reference).
 void run_plan(const GemmPlan& p) {
+  std::vector<double> bias_grad(p.epilogue == GemmEpilogue::DGeluTanhBgrad ? static_cast<std::size_t>(p.m) : 0, 0.0);
   for (int64_t b = 0; b < p.batch; ++b)
     for (int64_t j = 0; j < p.n; ++j)
       for (int64_t i = 0; i < p.m; ++i) {
@@ -41,11 +42,19 @@ void run_plan(const GemmPlan& p) {
           const int64_t ib = b * p.stride_b + (p.transb == GemmOp::N ? l + j * p.ldb : j + l * p.ldb);
           acc += double(load(p.a_address, p.ab_type, ia)) * double(load(p.b_address, p.ab_type, ib));
         }
-        if (p.bias_length) acc += load(p.bias_address, p.c_type, i);
-        if (p.epilogue == GemmEpilogue::GeluTanh || p.epilogue == GemmEpilogue::BiasGeluTanh)
+        if (p.bias_length && p.epilogue != GemmEpilogue::DGeluTanhBgrad) acc += load(p.bias_address, p.c_type, i);
+        if (p.epilogue == GemmEpilogue::BiasGeluTanhAux) store(p.aux_address, p.c_type, i + j * p.aux_ld, static_cast<float>(acc));
+        if (p.epilogue == GemmEpilogue::GeluTanh || p.epilogue == GemmEpilogue::BiasGeluTanh || p.epilogue == GemmEpilogue::BiasGeluTanhAux)
           acc = 0.5 * acc * (1 + std::tanh(0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)));
+        if (p.epilogue == GemmEpilogue::DGeluTanhBgrad) {  // times gelu'(aux); the bias gradient sums the result
+          const double u = load(p.aux_address, p.c_type, i + j * p.aux_ld), c = 0.7978845608028654;
+          const double t = std::tanh(c * (u + 0.044715 * u * u * u));
+          acc *= 0.5 * (1 + t) + 0.5 * u * (1 - t * t) * c * (1 + 3 * 0.044715 * u * u);
+          bias_grad[static_cast<std::size_t>(i)] += acc;
+        }
         store(p.c_address, p.c_type, b * p.stride_c + i + j * p.ldc, static_cast<float>(acc));
       }
+  for (std::size_t i = 0; i < bias_grad.size(); ++i) store(p.bias_address, p.c_type, static_cast<int64_t>(i), static_cast<float>(bias_grad[i]));
 }
 
 Shape out_shape(const Tensor& a, const Tensor& b) {
@@ -233,4 +242,90 @@ TEST(GemmPlan, RefusesWhatCuBLASCannotTake) {
   // Broadcast over one batch dim only: no single stride either.
   EXPECT_NE(message([&] { gemm_request(randn({2, 1, 4, 4}).expand({2, 3, 4, 4}), randn({2, 3, 4, 4}), o3); }).find("do not collapse"),
             std::string::npos);
+}
+
+// The plan cache's key: what cuBLASLt's descriptors, layouts and algorithm depend on, and nothing
+// that changes from call to call (addresses), so a training step's repeated GEMMs all hit.
+TEST(GemmPlanCache, KeyIgnoresAddressesAndSeesEverythingElse) {
+  auto plan = [](const Tensor& a, const Tensor& b, GemmEpilogue e = GemmEpilogue::None, const Tensor& bias = Tensor()) {
+    const Tensor out = empty({a.size(0), b.size(1)}, a.dtype());
+    return plan_gemm(gemm_request(a, b, out, bias, e));
+  };
+  const Tensor a1 = randn({64, 32}), b1_ = randn({32, 48}), a2 = randn({64, 32}), b2_ = randn({32, 48});  // alive: distinct addresses
+  const GemmPlan p1 = plan(a1, b1_), p2 = plan(a2, b2_);
+  ASSERT_NE(p1.a_address, p2.a_address);
+  EXPECT_EQ(plan_key(p1), plan_key(p2));
+  EXPECT_EQ(GemmPlanKeyHash{}(plan_key(p1)), GemmPlanKeyHash{}(plan_key(p2)));
+  // Bias pointers differ per call and are set per call; the epilogue is in the key.
+  const GemmPlan b1 = plan(randn({64, 32}), randn({32, 48}), GemmEpilogue::Bias, randn({48}));
+  const GemmPlan b2 = plan(randn({64, 32}), randn({32, 48}), GemmEpilogue::Bias, randn({48}));
+  EXPECT_EQ(plan_key(b1), plan_key(b2));
+  EXPECT_FALSE(plan_key(b1) == plan_key(p1));
+  const std::vector<GemmPlan> differ = {
+      plan(randn({64, 32}), randn({32, 40})),                                  // n
+      plan(randn({64, 32}), randn({48, 32}).t()),                              // op T
+      plan(randn({64, 32}).to(DType::BFloat16), randn({32, 48}).to(DType::BFloat16)),  // dtype
+      plan(randn({64, 33}).slice(1, 0, 32), randn({32, 48})),                  // leading dimension (and alignment)
+      plan(randn({64, 32}), randn({32, 48}), GemmEpilogue::GeluTanh),          // epilogue
+  };
+  for (const GemmPlan& q : differ) EXPECT_FALSE(plan_key(q) == plan_key(p1));
+  // Same shapes, a pointer that loses 16-byte alignment: another algorithm may be needed.
+  const Tensor big = randn({64 * 32 + 1});
+  GemmPlan shifted = plan(big.slice(0, 1, 64 * 32 + 1).view({64, 32}), randn({32, 48}));
+  EXPECT_LT(shifted.align_b, 16);
+  EXPECT_FALSE(plan_key(shifted) == plan_key(p1));
+}
+
+TEST(GemmPlanCache, BuildsOncePerKeyAndStartsOverWhenFull) {
+  PlanCache<GemmPlanKey, int, GemmPlanKeyHash> cache(3);
+  int built = 0;
+  auto make = [&] { return ++built; };
+  auto key = [](int64_t m) {
+    GemmPlanKey k;
+    k.m = m;
+    return k;
+  };
+  EXPECT_EQ(cache.get(key(1), make), 1);
+  EXPECT_EQ(cache.get(key(1), make), 1);  // a hit: nothing built
+  EXPECT_EQ(cache.get(key(2), make), 2);
+  EXPECT_EQ(built, 2);
+  EXPECT_EQ(cache.hits(), 1);
+  EXPECT_EQ(cache.misses(), 2);
+  cache.get(key(3), make);
+  EXPECT_EQ(cache.size(), 3u);
+  cache.get(key(4), make);  // over capacity: starts over with the new key only
+  EXPECT_EQ(cache.size(), 1u);
+  EXPECT_EQ(cache.get(key(4), make), 4);
+  EXPECT_EQ(cache.get(key(1), make), 5);  // rebuilt
+  // A make that throws (no algorithm) leaves no entry behind.
+  EXPECT_THROW(cache.get(key(9), [&]() -> int { throw Error("no algorithm"); }), Error);
+  EXPECT_EQ(cache.get(key(9), make), 6);
+}
+
+// A training MLP's two fused GEMMs, run as planned: forward y = gelu(x w1^T + b1) with the GELU's
+// input kept in aux; backward dpre = (g w2) * gelu'(aux) with b1's gradient summed in the epilogue.
+// Against the CPU ops and their autograd.
+TEST(GemmPlan, GeluAuxEpiloguesMatchTheCpuMlp) {
+  const int64_t M = 6, K = 5, H = 16, D = 4;
+  const Tensor x = randn({M, K}), w1 = randn({H, K}), b1 = randn({H}), g = randn({M, D}), w2 = randn({D, H});
+  const Tensor y = empty({M, H}), pre = empty({M, H});
+  run_plan(plan_gemm(gemm_request(x, w1.t(), y, b1, GemmEpilogue::BiasGeluTanhAux, false, pre)));
+  const Tensor ref_pre = linear(x, w1, b1);
+  EXPECT_LT(mixprec::testing::rel_error(pre, ref_pre), 1e-6);
+  EXPECT_LT(mixprec::testing::rel_error(y, gelu(ref_pre, "tanh")), 1e-6);
+  Tensor p = ref_pre.detach();
+  p.requires_grad_();
+  gelu(p, "tanh").backward(matmul(g, w2));
+  const Tensor dpre = empty({M, H}), db = empty({H});
+  run_plan(plan_gemm(gemm_request(g, w2, dpre, db, GemmEpilogue::DGeluTanhBgrad, false, pre)));
+  EXPECT_LT(mixprec::testing::rel_error(dpre, p.grad()), 1e-6);
+  EXPECT_LT(mixprec::testing::rel_error(db, sum(p.grad(), {0})), 1e-6);
+  // cuBLASLt's rules for the aux matrix are checked here, before any call.
+  auto message = [](const std::function<void()>& f) { return mixprec::testing::error_of(f); };
+  const Tensor y12 = empty({M, 12}), pre12 = empty({M, 12});
+  EXPECT_NE(message([&] { plan_gemm(gemm_request(x, randn({12, K}).t(), y12, randn({12}), GemmEpilogue::BiasGeluTanhAux, false, pre12)); })
+                .find("divisible by 8"),
+            std::string::npos);
+  EXPECT_NE(message([&] { plan_gemm(gemm_request(x, w1.t(), y, b1, GemmEpilogue::BiasGeluTanhAux)); }).find("aux"), std::string::npos);
+  EXPECT_NE(message([&] { plan_gemm(gemm_request(x, w1.t(), y, b1, GemmEpilogue::Bias, false, pre)); }).find("aux"), std::string::npos);
 }

@@ -428,3 +428,23 @@ TEST(Normalization, AutocastPolicies) {
   EXPECT_EQ(layer_norm(x, {3}).dtype(), kFloat32);
   EXPECT_EQ(group_norm(x, 3).dtype(), kFloat32);
 }
+
+// A one-element row: x - mean(x) is exactly 0, so y is exactly bias and dx exactly 0 (y does not
+// depend on x), whatever x's size and dtype. The CUDA kernel is held to the same (CudaNorm.*).
+TEST(LayerNorm, OneElementRowsGiveExactlyBiasAndZeroInputGradient) {
+  Generator g(13);
+  for (DType d : {kFloat32, kBFloat16, kFloat16, kFloat64}) {
+    Tensor x = add(mul(randn({37, 1}, kFloat32, g), 1e3), 7.0).to(d), w = randn({1}, kFloat32, g).to(d), b = randn({1}, kFloat32, g).to(d);
+    for (Tensor* t : {&x, &w, &b}) t->requires_grad_();
+    const Tensor y = layer_norm(x, {1}, w, b);
+    const Tensor dy = randn({37, 1}, kFloat32, g).to(d);
+    y.backward(dy);
+    const auto yv = mixprec::testing::to_doubles(y), bv = mixprec::testing::to_doubles(b);
+    for (double v : yv) ASSERT_EQ(v, bv[0]) << name(d);
+    for (double v : mixprec::testing::to_doubles(x.grad())) ASSERT_EQ(v, 0.0) << name(d);
+    EXPECT_EQ(mixprec::testing::to_doubles(w.grad())[0], 0.0) << name(d);  // sum of dy * xhat, xhat == 0
+    double sum_dy = 0;
+    for (double v : mixprec::testing::to_doubles(dy)) sum_dy += v;
+    EXPECT_NEAR(mixprec::testing::to_doubles(b.grad())[0], sum_dy, 1e-2 * (1 + std::abs(sum_dy))) << name(d);
+  }
+}

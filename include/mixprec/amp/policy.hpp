@@ -12,6 +12,9 @@
 //    and running statistics, accumulates its statistics in double and writes its output in the
 //    input dtype. Upcasting it would save a float32 copy of every activation for backward.
 //    layer_norm and group_norm stay in float32, as PyTorch's lists have them.
+//  - layer_norm on CUDA reads its input as it is and writes the autocast dtype, its statistics and
+//    arithmetic float32 (ops/normalization.hpp, layer_norm_fuses_cast): the upcast copy before it
+//    and the downcast copy its consumer (a linear) would make are gone. PyTorch returns float32.
 //  - binary_cross_entropy is banned under float16 autocast on every device (PyTorch bans it on
 //    CUDA, where float16 is the default); under bfloat16 it runs in float32, as on PyTorch's CPU.
 //  - maximum/minimum and the comparisons promote (PyTorch's TensorIterator promotes them too).

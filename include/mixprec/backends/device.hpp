@@ -94,6 +94,15 @@ struct DeviceKernels {
   // {dx, dweight, dbias} from the forward's statistics; dweight and dbias float32 [D].
   std::array<Tensor, 3> (*layer_norm_backward)(const Tensor& x, const Tensor& grad, const Tensor& weight, const Tensor& mean,
                                                const Tensor& rstd) = nullptr;
+  // As layer_norm, but y written in `out` whatever x's dtype (autocast: no cast copies around the
+  // norm). A backend with this entry takes a layer_norm_backward grad in y's dtype, dx in x's.
+  std::array<Tensor, 3> (*layer_norm_to)(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps, DType out) = nullptr;
+  // A training MLP's two GEMMs with the tanh GELU in their epilogues (mlp_gelu_tanh, ops/linalg.hpp):
+  // linear_gelu: x [M, K], w1 [H, K], b1 [H] -> {gelu(x w1^T + b1), its input pre}; linear_dgelu:
+  // g [M, D], w2 [D, H], pre -> {(g w2) * gelu'(pre), that summed over rows (b1's gradient)}. One dtype;
+  // both results undefined where the backend has no fused kernel for the operands.
+  std::array<Tensor, 2> (*linear_gelu)(const Tensor& x, const Tensor& w1, const Tensor& b1) = nullptr;
+  std::array<Tensor, 2> (*linear_dgelu)(const Tensor& g, const Tensor& w2, const Tensor& pre) = nullptr;
   // Rows of contiguous weight [V, D] at int64 indices [N] (on the device, already range-checked):
   // [N, D] in weight's dtype.
   Tensor (*embedding)(const Tensor& weight, const Tensor& indices) = nullptr;

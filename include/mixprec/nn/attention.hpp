@@ -2,6 +2,7 @@
 // MultiheadAttention (batch-first) and a pre-norm TransformerBlock.
 #include <cmath>
 #include <limits>
+#include <string>
 
 #include "mixprec/nn/activation.hpp"
 #include "mixprec/nn/container.hpp"
@@ -120,11 +121,12 @@ class MultiheadAttention : public Module {
 };
 
 // Pre-norm transformer block: x = x + drop(attn(ln1(x))); x = x + mlp(ln2(x)), with
-// mlp = Linear(d, hidden) - GELU - Linear(hidden, d) - Dropout. mlp_hidden 0 means 4 * d_model.
+// mlp = Linear(d, hidden) - GELU(gelu_approximate) - Linear(hidden, d) - Dropout. mlp_hidden 0
+// means 4 * d_model. With the tanh GELU on a device the three run as mlp_gelu_tanh (GEMM epilogues).
 class TransformerBlock : public Module {
  public:
   TransformerBlock(int64_t d_model, int64_t n_head, int64_t mlp_hidden = 0, double dropout = 0.0, bool causal = false,
-                   Generator& gen = default_generator())
+                   Generator& gen = default_generator(), const std::string& gelu_approximate = "none")
       : Module("TransformerBlock"), causal(causal) {
     MIXPREC_CHECK(mlp_hidden >= 0, "TransformerBlock: mlp_hidden must be non-negative, got ", mlp_hidden);
     const int64_t hidden = mlp_hidden == 0 ? 4 * d_model : mlp_hidden;
@@ -132,9 +134,11 @@ class TransformerBlock : public Module {
     attn = std::make_shared<MultiheadAttention>(d_model, n_head, dropout, true, gen);
     drop = std::make_shared<Dropout>(dropout);
     ln2 = std::make_shared<LayerNorm>(d_model);
-    mlp = std::make_shared<Sequential>(std::initializer_list<std::shared_ptr<Module>>{
-        std::make_shared<Linear>(d_model, hidden, true, gen), std::make_shared<GELU>(), std::make_shared<Linear>(hidden, d_model, true, gen),
-        std::make_shared<Dropout>(dropout)});
+    fc1 = std::make_shared<Linear>(d_model, hidden, true, gen);
+    act = std::make_shared<GELU>(gelu_approximate);
+    fc2 = std::make_shared<Linear>(hidden, d_model, true, gen);
+    mlp_drop = std::make_shared<Dropout>(dropout);
+    mlp = std::make_shared<Sequential>(std::initializer_list<std::shared_ptr<Module>>{fc1, act, fc2, mlp_drop});
     register_module("ln1", ln1);
     register_module("attn", attn);
     register_module("drop", drop);
@@ -147,7 +151,10 @@ class TransformerBlock : public Module {
   Tensor forward(const Tensor& x, const Tensor& attn_mask) {
     const Tensor h = ln1->forward(x);
     const Tensor a = mixprec::add(x, drop->forward(attn->forward(h, h, h, attn_mask, causal)));
-    return mixprec::add(a, mlp->forward(ln2->forward(a)));
+    const Tensor n = ln2->forward(a);
+    if (act->approximate == "tanh" && n.device() != Device::CPU)
+      return mixprec::add(a, mlp_drop->forward(mixprec::mlp_gelu_tanh(n, fc1->weight, fc1->bias, fc2->weight, fc2->bias)));
+    return mixprec::add(a, mlp->forward(n));
   }
   std::string extra_repr() const override { return std::string("causal=") + detail::py_bool(causal); }
 
@@ -155,7 +162,10 @@ class TransformerBlock : public Module {
   std::shared_ptr<LayerNorm> ln1, ln2;
   std::shared_ptr<MultiheadAttention> attn;
   std::shared_ptr<Dropout> drop;
-  std::shared_ptr<Sequential> mlp;
+  std::shared_ptr<Sequential> mlp;  // fc1, act, fc2, mlp_drop (the names state dicts use: mlp.0 ... mlp.3)
+  std::shared_ptr<Linear> fc1, fc2;
+  std::shared_ptr<GELU> act;
+  std::shared_ptr<Dropout> mlp_drop;
 };
 
 }  // namespace mixprec::nn

@@ -168,27 +168,46 @@ inline Tensor batch_norm_device(const Tensor& x, const Tensor& running_mean, con
 namespace detail {
 // layer_norm on a device (arguments already checked): x seen as [M, D]. As batch_norm's, the
 // kernel takes float32 parameters, so 16-bit weights are widened and their gradients rounded back.
-inline Tensor layer_norm_device(const Tensor& x, const Shape& normalized_shape, const Tensor& weight, const Tensor& bias, double eps) {
+// `out`: y's dtype when it is not x's (layer_norm_fuses_cast), through the table's layer_norm_to;
+// the backward then hands the kernel the gradient in y's dtype, not a copy cast to x's.
+inline Tensor layer_norm_device(const Tensor& x, const Shape& normalized_shape, const Tensor& weight, const Tensor& bias, double eps,
+                                std::optional<DType> out = std::nullopt) {
   const char* op = "layer_norm";
   (void)common_device(op, {&x, &weight, &bias});
   const int64_t D = numel_of(normalized_shape), M = D == 0 ? 0 : x.numel() / D;
   auto param = [&](const Tensor& t) { return t.defined() ? reshape_raw(as_dtype_raw(t, DType::Float32), {D}) : Tensor(); };
   const Tensor w32 = param(weight), b32 = param(bias);
-  const auto [y, mean, rstd] = device_kernel(op, x, &DeviceKernels::layer_norm)(reshape_raw(x, {M, D}), w32, b32, eps);
-  const Tensor out = reshape_raw(y, x.sizes());
+  const bool mixed = out && *out != x.dtype();
+  const auto [y, mean, rstd] = mixed ? device_kernel(op, x, &DeviceKernels::layer_norm_to)(reshape_raw(x, {M, D}), w32, b32, eps, *out)
+                                     : device_kernel(op, x, &DeviceKernels::layer_norm)(reshape_raw(x, {M, D}), w32, b32, eps);
+  const Tensor result = reshape_raw(y, x.sizes());
   if (autograd::should_record({x, weight, bias}))
-    autograd::record(op, {x, weight, bias}, {out},
+    autograd::record(op, {x, weight, bias}, {result},
                      [sx = autograd::SavedTensor(x), sw = autograd::SavedTensor(w32), mean, rstd, M, D, normalized_shape,
-                      wd = weight.defined() ? weight.dtype() : DType::Float32, bd = bias.defined() ? bias.dtype() : DType::Float32,
-                      has_w = weight.defined(), has_b = bias.defined()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+                      gd = mixed ? *out : x.dtype(), wd = weight.defined() ? weight.dtype() : DType::Float32,
+                      bd = bias.defined() ? bias.dtype() : DType::Float32, has_w = weight.defined(),
+                      has_b = bias.defined()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
                        const Tensor& x = sx.get("layer_norm");
-                       const Tensor gy = reshape_raw(expand_raw(as_dtype_raw(g[0], x.dtype()), x.sizes()), {M, D});
+                       const Tensor gy = reshape_raw(contiguous_raw(expand_raw(as_dtype_raw(g[0], gd), x.sizes())), {M, D});
                        const auto r = device_kernel("layer_norm_backward", x, &DeviceKernels::layer_norm_backward)(
                            reshape_raw(x, {M, D}), gy, sw.get("layer_norm"), mean, rstd);
                        return {reshape_raw(r[0], x.sizes()), has_w ? reshape_raw(as_dtype_raw(r[1], wd), normalized_shape) : Tensor(),
                                has_b ? reshape_raw(as_dtype_raw(r[2], bd), normalized_shape) : Tensor()};
                      });
-  return out;
+  return result;
+}
+
+// Under autocast on a device whose backend writes layer norms in any dtype (CUDA), layer_norm reads
+// its input as it is and writes the autocast dtype, its arithmetic float32: the float32 policy's
+// upcast copy of a 16-bit input and the downcast copy its consumer (a linear, in every model here)
+// would make are both gone. A deviation from PyTorch, whose output is float32 here; on the CPU the
+// policy is unchanged.
+inline bool layer_norm_fuses_cast(const Tensor& x) {
+  if (!x.defined() || x.device() == Device::CPU || amp::detail::state().suppressed > 0 || !autocast::is_enabled(x.device()))
+    return false;
+  if (x.dtype() != DType::Float32 && !is_low_precision(x.dtype())) return false;
+  const DeviceKernels* k = device_kernels(x.device());
+  return k != nullptr && k->layer_norm_to != nullptr;
 }
 }  // namespace detail
 
@@ -318,7 +337,8 @@ inline Tensor batch_norm(const Tensor& x, const Tensor& running_mean, const Tens
 // that shape.
 inline Tensor layer_norm(const Tensor& x, const Shape& normalized_shape, const Tensor& weight = Tensor(), const Tensor& bias = Tensor(),
                          double eps = 1e-5) {
-  return dispatch(OpId::layer_norm, [normalized_shape, eps](const Tensor& x, const Tensor& weight, const Tensor& bias) {
+  std::optional<DType> out_dtype;  // set: a device kernel writes y in this dtype (layer_norm_fuses_cast)
+  auto impl = [normalized_shape, eps, &out_dtype](const Tensor& x, const Tensor& weight, const Tensor& bias) {
     const int64_t k = static_cast<int64_t>(normalized_shape.size());
     MIXPREC_CHECK(x.defined() && x.is_floating_point(), "layer_norm: expected a floating-point input, got ",
                   x.defined() ? name(x.dtype()) : "undefined");
@@ -331,7 +351,7 @@ inline Tensor layer_norm(const Tensor& x, const Shape& normalized_shape, const T
       MIXPREC_CHECK(p->is_floating_point() && p->sizes() == normalized_shape, "layer_norm: ", p == &weight ? "weight" : "bias",
                     " of shape ", p->sizes(), " (", p->dtype(), ") must be floating-point with normalized_shape ", normalized_shape);
     }
-    if (x.device() != Device::CPU) return detail::layer_norm_device(x, normalized_shape, weight, bias, eps);
+    if (x.device() != Device::CPU) return detail::layer_norm_device(x, normalized_shape, weight, bias, eps, out_dtype);
     for (const Tensor* t : {&x, &weight, &bias})
       if (t->defined()) detail::require_cpu("layer_norm", *t);
     const int64_t D = numel_of(normalized_shape), M = D == 0 ? 0 : x.numel() / D;
@@ -430,7 +450,16 @@ inline Tensor layer_norm(const Tensor& x, const Shape& normalized_shape, const T
                                  has_b ? detail::norm_from_vec(gb, normalized_shape, bd) : Tensor()};
                        });
     return y;
-  }, x, weight, bias);
+  };
+  if (detail::layer_norm_fuses_cast(x)) {  // the body below dispatch, with autocast's own bookkeeping
+    out_dtype = autocast::dtype(x.device());
+    amp::detail::Suppress inner;
+    Tensor y = impl(x, weight, bias);
+    amp::detail::trace_record(OpId::layer_norm, y);
+    anomaly::detail::check_forward(OpId::layer_norm, out_dtype, y, x, weight, bias);
+    return y;
+  }
+  return dispatch(OpId::layer_norm, impl, x, weight, bias);
 }
 
 // Normalises x [N, C, *] over each of num_groups groups of C / num_groups channels (and all

@@ -3,7 +3,10 @@
 // checks descriptors without a GPU. The CPU tests build them for a grid of shapes and compare
 // cuDNN's output shape with the CPU conv2d's; conv.cuh runs the kernels with the same objects.
 #include <array>
+#include <cstddef>
+#include <functional>
 #include <utility>
+#include <vector>
 
 #include <cudnn.h>
 
@@ -28,6 +31,16 @@ struct ConvShape {
   DType dtype = DType::Float32;
   ConvLayout layout = ConvLayout::NCHW;
   bool allow_tf32 = false;  // float32 only: let cuDNN round inputs to tf32 on tensor cores
+  bool operator==(const ConvShape&) const = default;  // the per-shape cache's key
+};
+
+struct ConvShapeHash {
+  std::size_t operator()(const ConvShape& s) const {
+    std::size_t h = 0;
+    for (int64_t v : {s.N, s.C, s.H, s.W, s.O, s.KH, s.KW, s.SH, s.SW, s.PH, s.PW, s.DH, s.DW, s.G})
+      h ^= std::hash<int64_t>{}(v) + 0x9e3779b97f4a7c15ULL + (h << 6) + (h >> 2);
+    return h ^ (static_cast<std::size_t>(s.dtype) << 3 | static_cast<std::size_t>(s.layout) << 1 | static_cast<std::size_t>(s.allow_tf32));
+  }
 };
 
 inline cudnnDataType_t cudnn_data_type(DType d, const char* op) {
@@ -124,6 +137,44 @@ inline ConvDescriptors make_conv_descriptors(const ConvShape& s) {
   d.y_shape = {n, c, h, w};
   d.y = make_tensor_descriptor(n, c, h, w, s.dtype, s.layout);
   return d;
+}
+
+// The math type a call runs an algorithm with. cuDNN documents that the mathType an algorithm
+// was found with must be set on the convolution descriptor before the call (tensor-core
+// algorithms are refused, or silently not used, under another); float32 without tf32 stays
+// CUDNN_FMA_MATH whatever was found, since DEFAULT_MATH lets Ampere and newer round to tf32.
+inline cudnnMathType_t conv_math_type(const ConvShape& s, cudnnMathType_t found) {
+  return s.dtype == DType::Float32 && !s.allow_tf32 ? CUDNN_FMA_MATH : found;
+}
+
+// One algorithm a direction's call may run: cuDNN's enum, its workspace and its math type.
+template <class Algo>
+struct ConvCandidate {
+  Algo algo;
+  std::size_t workspace;
+  cudnnMathType_t math;
+  bool operator==(const ConvCandidate&) const = default;
+};
+template <class Algo>
+using ConvCandidates = std::vector<ConvCandidate<Algo>>;
+
+// cudnnFind*AlgorithmEx's (or the _v7 heuristic's) records, best first, as the candidates a call
+// tries in order: those that ran, fit `workspace_limit` bytes and are allowed the shape's math.
+// One algorithm found with two math types stays as two candidates; exact repeats are dropped.
+template <class Perf>
+auto conv_candidates(const Perf* perf, int n, const ConvShape& s, std::size_t workspace_limit) {
+  ConvCandidates<decltype(perf[0].algo)> out;
+  for (int i = 0; i < n; ++i) {
+    if (perf[i].status != CUDNN_STATUS_SUCCESS || perf[i].memory > workspace_limit) continue;
+    // float32 without tf32: an algorithm measured on tensor cores is not the one this call runs.
+    if (s.dtype == DType::Float32 && !s.allow_tf32 && perf[i].mathType != CUDNN_FMA_MATH && perf[i].mathType != CUDNN_DEFAULT_MATH)
+      continue;
+    const ConvCandidate<decltype(perf[0].algo)> c{perf[i].algo, perf[i].memory, conv_math_type(s, perf[i].mathType)};
+    bool seen = false;
+    for (const auto& o : out) seen = seen || o == c;
+    if (!seen) out.push_back(c);
+  }
+  return out;
 }
 
 }  // namespace mixprec::gpu

@@ -1,7 +1,8 @@
 #pragma once
 // GEMM through cuBLASLt: executes a GemmPlan (gemm_plan.hpp, tested on the CPU) with float32
 // accumulation (CUBLAS_COMPUTE_32F; 16-bit inputs run on tensor cores), bias/GELU epilogues and a
-// workspace from the caching allocator. The plan's alignments go to cuBLASLt as the minimum
+// workspace from the caching allocator. Descriptors, layouts and the heuristic's algorithm are
+// cached per plan key (shapes, strides, dtypes, epilogue, alignments) on each host thread. The plan's alignments go to cuBLASLt as the minimum
 // pointer alignment, so unaligned operands get a slower but valid algorithm.
 #include <memory>
 
@@ -43,6 +44,8 @@ inline cublasLtEpilogue_t cublaslt_epilogue(GemmEpilogue e) {
     case GemmEpilogue::Bias: return CUBLASLT_EPILOGUE_BIAS;
     case GemmEpilogue::GeluTanh: return CUBLASLT_EPILOGUE_GELU;
     case GemmEpilogue::BiasGeluTanh: return CUBLASLT_EPILOGUE_GELU_BIAS;
+    case GemmEpilogue::BiasGeluTanhAux: return CUBLASLT_EPILOGUE_GELU_AUX_BIAS;
+    case GemmEpilogue::DGeluTanhBgrad: return CUBLASLT_EPILOGUE_DGELU_BGRAD;
   }
   return CUBLASLT_EPILOGUE_DEFAULT;
 }
@@ -78,6 +81,78 @@ inline LtLayout matrix_layout(GemmType t, GemmOp o, int64_t rows, int64_t cols, 
 }
 }  // namespace detail
 
+namespace detail {
+// A plan's cuBLASLt objects and the heuristic's algorithm: built once per GemmPlanKey, so a
+// repeated GEMM creates no descriptor and queries no heuristic.
+struct LtPlan {
+  LtDesc desc;
+  LtLayout a, b, c;
+  cublasLtMatmulAlgo_t algo{};
+  std::size_t workspace = 0;
+  bool found = false;  // the heuristic had an algorithm (a miss is cached too: no repeated query)
+};
+
+inline LtPlan build_lt_plan(const GemmPlan& p) {
+  LtPlan lt;
+  cublasLtMatmulDesc_t desc_raw = nullptr;
+  check_cublas(cublasLtMatmulDescCreate(&desc_raw, cublas_compute(p.compute), CUDA_R_32F), "cublasLtMatmulDescCreate");
+  lt.desc.reset(desc_raw);
+  const cublasOperation_t ta = cublas_op(p.transa), tb = cublas_op(p.transb);
+  set_attr(cublasLtMatmulDescSetAttribute, desc_raw, CUBLASLT_MATMUL_DESC_TRANSA, ta, "transa");
+  set_attr(cublasLtMatmulDescSetAttribute, desc_raw, CUBLASLT_MATMUL_DESC_TRANSB, tb, "transb");
+  const cublasLtEpilogue_t epi = cublaslt_epilogue(p.epilogue);
+  set_attr(cublasLtMatmulDescSetAttribute, desc_raw, CUBLASLT_MATMUL_DESC_EPILOGUE, epi, "epilogue");
+  if (p.bias_address) {  // the heuristic sees a bias pointer of this call's; later calls set their own
+    const void* bias = reinterpret_cast<const void*>(p.bias_address);
+    set_attr(cublasLtMatmulDescSetAttribute, desc_raw, CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias, "bias pointer");
+  }
+  if (p.aux_address) {  // the GELU's input, in C's type, laid out as C
+    const void* aux = reinterpret_cast<const void*>(p.aux_address);
+    const int64_t ld = p.aux_ld;
+    const int32_t type = static_cast<int32_t>(cuda_data_type(p.c_type));
+    set_attr(cublasLtMatmulDescSetAttribute, desc_raw, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, aux, "aux pointer");
+    set_attr(cublasLtMatmulDescSetAttribute, desc_raw, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, ld, "aux ld");
+    set_attr(cublasLtMatmulDescSetAttribute, desc_raw, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_DATA_TYPE, type, "aux data type");
+  }
+  lt.a = matrix_layout(p.ab_type, p.transa, p.m, p.k, p.lda, p.batch, p.stride_a);
+  lt.b = matrix_layout(p.ab_type, p.transb, p.k, p.n, p.ldb, p.batch, p.stride_b);
+  lt.c = matrix_layout(p.c_type, GemmOp::N, p.m, p.n, p.ldc, p.batch, p.stride_c);
+
+  cublasLtMatmulPreference_t pref_raw = nullptr;
+  check_cublas(cublasLtMatmulPreferenceCreate(&pref_raw), "cublasLtMatmulPreferenceCreate");
+  const LtPref pref(pref_raw);
+  set_attr(cublasLtMatmulPreferenceSetAttribute, pref_raw, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, kGemmWorkspaceBytes, "workspace");
+  const uint32_t aa = static_cast<uint32_t>(p.align_a), ab = static_cast<uint32_t>(p.align_b), ac = static_cast<uint32_t>(p.align_c);
+  set_attr(cublasLtMatmulPreferenceSetAttribute, pref_raw, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, aa, "align A");
+  set_attr(cublasLtMatmulPreferenceSetAttribute, pref_raw, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, ab, "align B");
+  set_attr(cublasLtMatmulPreferenceSetAttribute, pref_raw, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, ac, "align C");
+  set_attr(cublasLtMatmulPreferenceSetAttribute, pref_raw, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, ac, "align D");
+
+  cublasLtMatmulHeuristicResult_t result{};
+  int found = 0;
+  check_cublas(cublasLtMatmulAlgoGetHeuristic(cublaslt_handle(), desc_raw, lt.a.get(), lt.b.get(), lt.c.get(), lt.c.get(), pref_raw, 1,
+                                              &result, &found),
+               "cublasLtMatmulAlgoGetHeuristic");
+  lt.found = found > 0;
+  lt.algo = result.algo;
+  lt.workspace = result.workspaceSize;
+  return lt;
+}
+
+inline PlanCache<GemmPlanKey, LtPlan, GemmPlanKeyHash>& lt_plans() {
+  thread_local PlanCache<GemmPlanKey, LtPlan, GemmPlanKeyHash> cache;
+  return cache;
+}
+inline LtPlan& lt_plan(const GemmPlan& p) { return lt_plans().get(plan_key(p), [&] { return build_lt_plan(p); }); }
+}  // namespace detail
+
+// Whether cuBLASLt has an algorithm for the plan (an epilogue may have none for some shapes or
+// types); asked once per key.
+inline bool gemm_has_algorithm(const GemmPlan& p) { return p.m == 0 || p.n == 0 || (p.k > 0 && detail::lt_plan(p).found); }
+
+// This thread's GEMM plan cache: {hits, misses} (a miss builds descriptors and asks the heuristic).
+inline std::pair<int64_t, int64_t> gemm_plan_cache_stats() { return {detail::lt_plans().hits(), detail::lt_plans().misses()}; }
+
 // Runs the plan on the current stream. All addresses must be device memory.
 inline void run_gemm(const GemmPlan& p) {
   const char* op = "cuda gemm";
@@ -93,47 +168,24 @@ inline void run_gemm(const GemmPlan& p) {
             op);
     return;
   }
-  cublasLtMatmulDesc_t desc_raw = nullptr;
-  check_cublas(cublasLtMatmulDescCreate(&desc_raw, cublas_compute(p.compute), CUDA_R_32F), "cublasLtMatmulDescCreate");
-  const detail::LtDesc desc(desc_raw);
-  const cublasOperation_t ta = cublas_op(p.transa), tb = cublas_op(p.transb);
-  detail::set_attr(cublasLtMatmulDescSetAttribute, desc_raw, CUBLASLT_MATMUL_DESC_TRANSA, ta, "transa");
-  detail::set_attr(cublasLtMatmulDescSetAttribute, desc_raw, CUBLASLT_MATMUL_DESC_TRANSB, tb, "transb");
-  const cublasLtEpilogue_t epi = cublaslt_epilogue(p.epilogue);
-  detail::set_attr(cublasLtMatmulDescSetAttribute, desc_raw, CUBLASLT_MATMUL_DESC_EPILOGUE, epi, "epilogue");
-  if (p.bias_address) {
-    const void* bias = reinterpret_cast<const void*>(p.bias_address);
-    detail::set_attr(cublasLtMatmulDescSetAttribute, desc_raw, CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias, "bias pointer");
-  }
-  const auto la = detail::matrix_layout(p.ab_type, p.transa, p.m, p.k, p.lda, p.batch, p.stride_a);
-  const auto lb = detail::matrix_layout(p.ab_type, p.transb, p.k, p.n, p.ldb, p.batch, p.stride_b);
-  const auto lc = detail::matrix_layout(p.c_type, GemmOp::N, p.m, p.n, p.ldc, p.batch, p.stride_c);
-
-  cublasLtMatmulPreference_t pref_raw = nullptr;
-  check_cublas(cublasLtMatmulPreferenceCreate(&pref_raw), "cublasLtMatmulPreferenceCreate");
-  const detail::LtPref pref(pref_raw);
-  detail::set_attr(cublasLtMatmulPreferenceSetAttribute, pref_raw, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, kGemmWorkspaceBytes,
-                   "workspace");
-  const uint32_t aa = static_cast<uint32_t>(p.align_a), ab = static_cast<uint32_t>(p.align_b), ac = static_cast<uint32_t>(p.align_c);
-  detail::set_attr(cublasLtMatmulPreferenceSetAttribute, pref_raw, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, aa, "align A");
-  detail::set_attr(cublasLtMatmulPreferenceSetAttribute, pref_raw, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, ab, "align B");
-  detail::set_attr(cublasLtMatmulPreferenceSetAttribute, pref_raw, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, ac, "align C");
-  detail::set_attr(cublasLtMatmulPreferenceSetAttribute, pref_raw, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, ac, "align D");
-
-  cublasLtMatmulHeuristicResult_t result{};
-  int found = 0;
-  check_cublas(cublasLtMatmulAlgoGetHeuristic(cublaslt_handle(), desc_raw, la.get(), lb.get(), lc.get(), lc.get(), pref_raw, 1, &result,
-                                              &found),
-               "cublasLtMatmulAlgoGetHeuristic");
-  MIXPREC_CHECK(found > 0, op, ": cuBLASLt has no algorithm for m=", p.m, " n=", p.n, " k=", p.k, " ", gemm_type_name(p.ab_type),
-                " -> ", gemm_type_name(p.c_type), " with alignments ", p.align_a, "/", p.align_b, "/", p.align_c, " bytes");
+  detail::LtPlan& lt = detail::lt_plan(p);
+  MIXPREC_CHECK(lt.found, op, ": cuBLASLt has no algorithm for m=", p.m, " n=", p.n, " k=", p.k, " ", gemm_type_name(p.ab_type), " -> ",
+                gemm_type_name(p.c_type), " with alignments ", p.align_a, "/", p.align_b, "/", p.align_c, " bytes and epilogue ",
+                static_cast<int>(p.epilogue));
+  // Bias and aux pointers are the per-call attributes of a cached descriptor (this thread's own).
+  const void* bias = reinterpret_cast<const void*>(p.bias_address);
+  if (p.bias_address)
+    detail::set_attr(cublasLtMatmulDescSetAttribute, lt.desc.get(), CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias, "bias pointer");
+  const void* aux = reinterpret_cast<const void*>(p.aux_address);
+  if (p.aux_address)
+    detail::set_attr(cublasLtMatmulDescSetAttribute, lt.desc.get(), CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, aux, "aux pointer");
   Tensor workspace;
-  if (result.workspaceSize > 0) workspace = empty({static_cast<int64_t>(result.workspaceSize)}, DType::UInt8, Device::CUDA);
+  if (lt.workspace > 0) workspace = empty({static_cast<int64_t>(lt.workspace)}, DType::UInt8, Device::CUDA);
   const float alpha = 1.0f, beta = 0.0f;
   void* c = reinterpret_cast<void*>(p.c_address);
-  check_cublas(cublasLtMatmul(cublaslt_handle(), desc_raw, &alpha, reinterpret_cast<const void*>(p.a_address), la.get(),
-                              reinterpret_cast<const void*>(p.b_address), lb.get(), &beta, c, lc.get(), c, lc.get(), &result.algo,
-                              workspace.defined() ? workspace.data_ptr() : nullptr, result.workspaceSize, current_stream()),
+  check_cublas(cublasLtMatmul(cublaslt_handle(), lt.desc.get(), &alpha, reinterpret_cast<const void*>(p.a_address), lt.a.get(),
+                              reinterpret_cast<const void*>(p.b_address), lt.b.get(), &beta, c, lt.c.get(), c, lt.c.get(), &lt.algo,
+                              workspace.defined() ? workspace.data_ptr() : nullptr, lt.workspace, current_stream()),
                "cublasLtMatmul");
 }
 
@@ -182,6 +234,51 @@ inline Tensor linear(const Tensor& x, const Tensor& w, const Tensor& b = Tensor(
   Shape os(x.sizes().begin(), x.sizes().end() - 1);
   os.push_back(w.size(0));
   return y.view(os);
+}
+
+// A training MLP's first linear, y = gelu_tanh(x W^T + b), from one GEMM that also writes the
+// GELU's input pre = x W^T + b for the backward (GELU_AUX_BIAS). x [M, K], w [H, K], b [H], one
+// dtype; H a multiple of 8 (mlp_gelu_fusable). Both tensors undefined where cuBLASLt has no such
+// algorithm: the caller then runs the unfused ops.
+struct LinearGeluResult {
+  Tensor y, pre;
+};
+inline LinearGeluResult linear_gelu_aux(const Tensor& x, const Tensor& w, const Tensor& b) {
+  const char* op = "gpu::linear_gelu_aux";
+  for (const Tensor* t : {&x, &w, &b}) require_cuda_tensor(op, *t);
+  MIXPREC_CHECK(x.dim() == 2 && w.dim() == 2 && b.dim() == 1 && x.size(1) == w.size(1) && b.size(0) == w.size(0) &&
+                    x.dtype() == w.dtype() && b.dtype() == w.dtype(),
+                op, ": expected x [M, K], w [H, K], b [H] of one dtype, got ", x.sizes(), " ", x.dtype(), ", ", w.sizes(), " ", w.dtype(),
+                ", ", b.sizes(), " ", b.dtype());
+  const Tensor xc = gemm_operand_ok(x, {x.size(0), w.size(0)}) ? x : contiguous(x);
+  LinearGeluResult r{empty({x.size(0), w.size(0)}, x.dtype(), Device::CUDA), empty({x.size(0), w.size(0)}, x.dtype(), Device::CUDA)};
+  const GemmPlan p = plan_gemm(gemm_request(xc, w.t(), r.y, contiguous(b), GemmEpilogue::BiasGeluTanhAux, false, r.pre));
+  if (!gemm_has_algorithm(p)) return {};
+  run_gemm(p);
+  return r;
+}
+
+// Its backward through the second linear: dpre = (g W2) * gelu'(pre), and db = dpre summed over
+// rows (the first linear's bias gradient), from one GEMM (DGELU_BGRAD). g [M, D] (the second
+// linear's output gradient), w2 [D, H], pre [M, H] from linear_gelu_aux; db [H] in g's dtype.
+// Undefined where cuBLASLt has no such algorithm, as linear_gelu_aux.
+struct LinearDGeluResult {
+  Tensor dpre, dbias;
+};
+inline LinearDGeluResult linear_dgelu_bgrad(const Tensor& g, const Tensor& w2, const Tensor& pre) {
+  const char* op = "gpu::linear_dgelu_bgrad";
+  for (const Tensor* t : {&g, &w2, &pre}) require_cuda_tensor(op, *t);
+  MIXPREC_CHECK(g.dim() == 2 && w2.dim() == 2 && pre.dim() == 2 && g.size(1) == w2.size(0) && pre.size(0) == g.size(0) &&
+                    pre.size(1) == w2.size(1) && g.dtype() == w2.dtype() && pre.dtype() == w2.dtype() && pre.is_contiguous(),
+                op, ": expected g [M, D], w2 [D, H], contiguous pre [M, H] of one dtype, got ", g.sizes(), " ", g.dtype(), ", ",
+                w2.sizes(), " ", w2.dtype(), ", ", pre.sizes(), " ", pre.dtype());
+  const Shape os{g.size(0), w2.size(1)};
+  const Tensor gc = gemm_operand_ok(g, os) ? g : contiguous(g), wc = gemm_operand_ok(w2, os) ? w2 : contiguous(w2);
+  LinearDGeluResult r{empty(os, g.dtype(), Device::CUDA), empty({w2.size(1)}, g.dtype(), Device::CUDA)};
+  const GemmPlan p = plan_gemm(gemm_request(gc, wc, r.dpre, r.dbias, GemmEpilogue::DGeluTanhBgrad, false, pre));
+  if (!gemm_has_algorithm(p)) return {};
+  run_gemm(p);
+  return r;
 }
 
 }  // namespace mixprec::gpu

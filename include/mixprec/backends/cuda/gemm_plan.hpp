@@ -11,9 +11,11 @@
 // of the row-major C: exactly linear's bias.
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 
+#include "mixprec/backends/cuda/plan_cache.hpp"
 #include "mixprec/core/error.hpp"
 #include "mixprec/tensor/tensor.hpp"
 
@@ -24,8 +26,18 @@ enum class GemmType : uint8_t { F32, F16, BF16 };
 // F32FastTF32: CUBLAS_COMPUTE_32F_FAST_TF32, float32 inputs rounded to tf32 on tensor cores.
 enum class GemmCompute : uint8_t { F32, F32FastTF32 };
 enum class GemmOp : uint8_t { N, T };
-// cuBLASLt's GELU epilogue is the tanh approximation (gelu(x, "tanh")).
-enum class GemmEpilogue : uint8_t { None, Bias, GeluTanh, BiasGeluTanh };
+// cuBLASLt's GELU epilogue is the tanh approximation (gelu(x, "tanh")). The two with an aux
+// matrix (row-major like C, row stride aux_ld) serve a training MLP:
+//   BiasGeluTanhAux: C = gelu(A B + bias), aux = A B + bias (the GELU's input, for the backward);
+//   DGeluTanhBgrad:  C = (A B) * gelu'(aux), and bias (an output here) = C summed over its rows,
+//                    i.e. the hidden gradient through the GELU and the first linear's bias gradient.
+enum class GemmEpilogue : uint8_t { None, Bias, GeluTanh, BiasGeluTanh, BiasGeluTanhAux, DGeluTanhBgrad };
+
+inline bool gemm_epilogue_has_bias(GemmEpilogue e) {
+  return e == GemmEpilogue::Bias || e == GemmEpilogue::BiasGeluTanh || e == GemmEpilogue::BiasGeluTanhAux ||
+         e == GemmEpilogue::DGeluTanhBgrad;
+}
+inline bool gemm_epilogue_has_aux(GemmEpilogue e) { return e == GemmEpilogue::BiasGeluTanhAux || e == GemmEpilogue::DGeluTanhBgrad; }
 
 inline int64_t gemm_type_size(GemmType t) { return t == GemmType::F32 ? 4 : 2; }
 inline const char* gemm_type_name(GemmType t) { return t == GemmType::F32 ? "float32" : t == GemmType::F16 ? "float16" : "bfloat16"; }
@@ -56,7 +68,9 @@ struct GemmRequest {
   int64_t ldc = 0, c_batch_stride = 0;
   GemmType c_type = GemmType::F32;
   GemmEpilogue epilogue = GemmEpilogue::None;
-  uintptr_t bias_address = 0;  // [N] in c_type, when the epilogue has a bias
+  uintptr_t bias_address = 0;  // [N] in c_type, when the epilogue has a bias (DGeluTanhBgrad: written)
+  uintptr_t aux_address = 0;   // [M, N] in c_type, row stride aux_ld, when the epilogue has an aux matrix
+  int64_t aux_ld = 0;
   bool allow_tf32 = false;     // float32 inputs only, as torch.backends.cuda.matmul.allow_tf32
 };
 
@@ -70,6 +84,8 @@ struct GemmPlan {
   GemmCompute compute = GemmCompute::F32;
   GemmEpilogue epilogue = GemmEpilogue::None;
   int64_t bias_length = 0;  // = m
+  uintptr_t aux_address = 0;  // column-major like C: aux_ld >= m, a multiple of 8 (cuBLASLt's rule)
+  int64_t aux_ld = 0;
   // Byte alignment of each matrix (largest power of two <= 16 dividing its address, leading
   // dimension and batch stride in bytes): handed to cuBLASLt as the minimum alignment, so the
   // algorithm it picks is valid for these pointers even when they are not 16-byte aligned.
@@ -141,10 +157,15 @@ inline GemmPlan plan_gemm(const GemmRequest& r) {
                 gemm_type_name(r.a.type));
   MIXPREC_CHECK(r.a.type != GemmType::F32 || r.c_type == GemmType::F32, "gemm plan: float32 inputs need a float32 output, got ",
                 gemm_type_name(r.c_type));
-  const bool has_bias = r.epilogue == GemmEpilogue::Bias || r.epilogue == GemmEpilogue::BiasGeluTanh;
+  const bool has_bias = gemm_epilogue_has_bias(r.epilogue), has_aux = gemm_epilogue_has_aux(r.epilogue);
   MIXPREC_CHECK(!has_bias || r.bias_address != 0, "gemm plan: the bias epilogue needs a bias pointer");
   // A bias with an epilogue that adds none would be dropped without a word (the GPU once did).
   MIXPREC_CHECK(has_bias || r.bias_address == 0, "gemm plan: a bias was given, but the epilogue adds none; use Bias or BiasGeluTanh");
+  MIXPREC_CHECK(has_aux == (r.aux_address != 0), "gemm plan: the GELU aux epilogues need an aux matrix, and only they take one");
+  if (has_aux)
+    MIXPREC_CHECK(r.batch == 1 && r.aux_ld >= std::max<int64_t>(r.N, 1) && r.aux_ld % 8 == 0 && r.aux_address % 16 == 0,
+                  "gemm plan: a GELU aux matrix must be unbatched, 16-byte aligned, with a row stride >= N = ", r.N,
+                  " divisible by 8 (cuBLASLt's rule), got batch ", r.batch, ", row stride ", r.aux_ld);
   GemmPlan p;
   const auto [opb, ldb_] = detail::gemm_layout("b", r.b, r.K, r.N);
   const auto [opa, lda_] = detail::gemm_layout("a", r.a, r.M, r.K);
@@ -169,6 +190,8 @@ inline GemmPlan plan_gemm(const GemmRequest& r) {
   p.epilogue = r.epilogue;
   p.bias_address = has_bias ? r.bias_address : 0;
   p.bias_length = has_bias ? p.m : 0;
+  p.aux_address = r.aux_address;
+  p.aux_ld = has_aux ? r.aux_ld : 0;
   const int64_t ea = gemm_type_size(p.ab_type), ec = gemm_type_size(p.c_type);
   p.align_a = detail::gemm_alignment(p.a_address, ea, p.lda, p.stride_a);
   p.align_b = detail::gemm_alignment(p.b_address, ea, p.ldb, p.stride_b);
@@ -180,11 +203,45 @@ inline GemmPlan plan_gemm(const GemmRequest& r) {
   return p;
 }
 
+// What the cuBLASLt objects of a call depend on: the plan without its addresses. Two calls with
+// equal keys can share one matmul descriptor, three layouts and the heuristic's algorithm (which
+// the alignments make valid for every pointer with at least those alignments); only the bias
+// pointer is set per call.
+struct GemmPlanKey {
+  GemmOp transa = GemmOp::N, transb = GemmOp::N;
+  int64_t m = 0, n = 0, k = 0, lda = 0, ldb = 0, ldc = 0, batch = 1, stride_a = 0, stride_b = 0, stride_c = 0;
+  GemmType ab_type = GemmType::F32, c_type = GemmType::F32;
+  GemmCompute compute = GemmCompute::F32;
+  GemmEpilogue epilogue = GemmEpilogue::None;
+  int align_a = 16, align_b = 16, align_c = 16;
+  int64_t aux_ld = 0;
+  bool operator==(const GemmPlanKey&) const = default;
+};
+
+inline GemmPlanKey plan_key(const GemmPlan& p) {
+  return {p.transa, p.transb, p.m,       p.n,       p.k,       p.lda,     p.ldb,      p.ldc,     p.batch,   p.stride_a,
+          p.stride_b, p.stride_c, p.ab_type, p.c_type, p.compute, p.epilogue, p.align_a, p.align_b, p.align_c, p.aux_ld};
+}
+
+struct GemmPlanKeyHash {
+  std::size_t operator()(const GemmPlanKey& k) const {
+    std::size_t h = 0;
+    auto mix = [&h](uint64_t v) { h ^= std::hash<uint64_t>{}(v) + 0x9e3779b97f4a7c15ULL + (h << 6) + (h >> 2); };
+    for (int64_t v : {k.m, k.n, k.k, k.lda, k.ldb, k.ldc, k.batch, k.stride_a, k.stride_b, k.stride_c, k.aux_ld})
+      mix(static_cast<uint64_t>(v));
+    mix(static_cast<uint64_t>(k.transa) | static_cast<uint64_t>(k.transb) << 2 | static_cast<uint64_t>(k.ab_type) << 4 |
+        static_cast<uint64_t>(k.c_type) << 6 | static_cast<uint64_t>(k.compute) << 8 | static_cast<uint64_t>(k.epilogue) << 10 |
+        static_cast<uint64_t>(k.align_a) << 16 | static_cast<uint64_t>(k.align_b) << 24 | static_cast<uint64_t>(k.align_c) << 32);
+    return h;
+  }
+};
+
 // The request for out[batch..., M, N] = a[batch..., M, K] @ b[batch..., K, N] (+ bias [N]),
 // where a and b already have out's batch dims (broadcast ones with stride 0) and out is
 // contiguous. The batch dims of each operand must collapse to one stride; callers copy otherwise.
+// aux (the GELU aux epilogues): a contiguous [M, N] matrix of out's dtype.
 inline GemmRequest gemm_request(const Tensor& a, const Tensor& b, const Tensor& out, const Tensor& bias = Tensor(),
-                                GemmEpilogue epilogue = GemmEpilogue::None, bool allow_tf32 = false) {
+                                GemmEpilogue epilogue = GemmEpilogue::None, bool allow_tf32 = false, const Tensor& aux = Tensor()) {
   const char* op = "cuda gemm";
   MIXPREC_CHECK(a.dim() >= 2 && a.dim() == b.dim() && a.dim() == out.dim(), op, ": expected operands of equal rank >= 2, got ",
                 a.sizes(), ", ", b.sizes(), " and ", out.sizes());
@@ -227,6 +284,13 @@ inline GemmRequest gemm_request(const Tensor& a, const Tensor& b, const Tensor& 
                   ": bias must be a contiguous [", r.N, "] tensor of the output dtype ", out.dtype(), ", got ", bias.sizes(), " ",
                   bias.dtype());
     r.bias_address = reinterpret_cast<uintptr_t>(bias.data_ptr());
+  }
+  if (aux.defined()) {
+    MIXPREC_CHECK(aux.dim() == 2 && aux.size(0) == r.M && aux.size(1) == r.N && aux.dtype() == out.dtype() && aux.is_contiguous(), op,
+                  ": aux must be a contiguous [", r.M, ", ", r.N, "] tensor of the output dtype ", out.dtype(), ", got ", aux.sizes(),
+                  " ", aux.dtype());
+    r.aux_address = reinterpret_cast<uintptr_t>(aux.data_ptr());
+    r.aux_ld = std::max<int64_t>(r.N, 1);
   }
   r.allow_tf32 = allow_tf32;
   return r;

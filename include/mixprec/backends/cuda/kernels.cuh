@@ -242,6 +242,18 @@ inline const DeviceKernels& cuda_kernel_table() {
       LayerNormGrads r = gpu::layer_norm_backward(x, g, w, mean, rstd);
       return {r.dx, r.dweight, r.dbias};
     };
+    t.layer_norm_to = [](const Tensor& x, const Tensor& w, const Tensor& b, double eps, DType out) -> std::array<Tensor, 3> {
+      LayerNormResult r = gpu::layer_norm(x, w, b, eps, out);
+      return {r.y, r.mean, r.rstd};
+    };
+    t.linear_gelu = [](const Tensor& x, const Tensor& w1, const Tensor& b1) -> std::array<Tensor, 2> {
+      LinearGeluResult r = linear_gelu_aux(x, w1, b1);
+      return {r.y, r.pre};
+    };
+    t.linear_dgelu = [](const Tensor& g, const Tensor& w2, const Tensor& pre) -> std::array<Tensor, 2> {
+      LinearDGeluResult r = linear_dgelu_bgrad(g, w2, pre);
+      return {r.dpre, r.dbias};
+    };
     t.embedding = [](const Tensor& w, const Tensor& idx) { return gpu::embedding(w, idx); };
     t.embedding_backward = [](const Tensor& g, const Tensor& idx, int64_t V, int64_t pad) {
       return gpu::embedding_backward(g, idx, V, pad);

@@ -1,7 +1,11 @@
 #pragma once
 // Softmax / log-softmax and batch norm through cuDNN (which computes in float32 for 16-bit
 // storage). Softmax sees the input as [outer, D, inner] with D the reduced dim, as the CPU kernel.
-// Layer norm, which cuDNN's legacy API lacks, is ours: one block per row, float32 statistics.
+// Layer norm, which cuDNN's legacy API lacks, is ours: one block per row, float32 statistics,
+// input and output dtypes chosen apart (no cast copies around it under autocast).
+#include <initializer_list>
+#include <optional>
+
 #include <cub/block/block_reduce.cuh>
 
 #include "mixprec/backends/cuda/conv.cuh"
@@ -143,13 +147,17 @@ inline BatchNormGrads batch_norm_backward(const Tensor& x, const Tensor& dy, con
   return g;
 }
 
-// Layer norm of x [M, D] (contiguous) over D. weight and bias: float32 [D] or undefined;
-// mean and rstd (1 / sqrt(var + eps), biased variance): float32 [M], for the backward.
+// Layer norm of x [M, D] (contiguous) over D, reading x in its dtype and writing y in `out`
+// (x's by default): under autocast a 16-bit or float32 activation is normalised and rounded to the
+// autocast dtype in this one kernel, where a float32 policy would add an upcast copy before it and
+// the consuming GEMM a downcast copy after it. Statistics and arithmetic are float32. weight and
+// bias: float32 [D] or undefined; mean and rstd (1 / sqrt(var + eps), biased variance): float32
+// [M], for the backward.
 struct LayerNormResult {
   Tensor y, mean, rstd;
 };
 struct LayerNormGrads {
-  Tensor dx, dweight, dbias;  // dweight, dbias: float32 [D]
+  Tensor dx, dweight, dbias;  // dx in x's dtype; dweight, dbias: float32 [D]
 };
 
 namespace detail {
@@ -168,59 +176,112 @@ __device__ inline float block_sum(float v) {
   return out;
 }
 
-// Two passes over the row (mean, then squared deviations), as the CPU, so no cancellation.
-template <class T>
-__global__ void layer_norm_kernel(const T* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b, T* __restrict__ y,
+// Rows move as Pack<T, V> (loops.cuh): V consecutive elements in one load or store, 16 bytes for
+// 8 16-bit or 4 float32 values.
+
+// Elements per Pack for a row kernel reading A and writing B: the widest that keeps each access
+// <= 16 bytes, divides D and fits the pointers' alignment (1 when nothing wider does).
+template <class A, class B>
+inline int row_vector_width(int64_t D, std::initializer_list<const void*> ptrs) {
+  int v = static_cast<int>(16 / std::max(sizeof(A), sizeof(B)));
+  auto fits = [&](int w) {
+    if (D % w != 0) return false;
+    for (const void* p : ptrs)
+      if (reinterpret_cast<uintptr_t>(p) % (static_cast<uintptr_t>(w) * std::max(sizeof(A), sizeof(B))) != 0) return false;
+    return true;
+  };
+  while (v > 1 && !fits(v)) v /= 2;
+  return v;
+}
+
+// Two passes over the row (mean, then squared deviations), as the CPU, so no cancellation; the
+// row is re-read from L1/L2, not from memory. A one-element row has mean == x exactly (a sum of x
+// and zeros, divided by 1), so x - mean is 0 and y is exactly bias, as on the CPU.
+template <class Tx, class Ty, int V>
+__global__ void layer_norm_kernel(const Tx* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b, Ty* __restrict__ y,
                                   float* __restrict__ mean, float* __restrict__ rstd, int64_t D, float eps) {
-  const int64_t r = blockIdx.x;
-  const T* xr = x + r * D;
-  T* yr = y + r * D;
+  const int64_t r = blockIdx.x, P = D / V;
+  const auto* xr = reinterpret_cast<const Pack<Tx, V>*>(x + r * D);
+  auto* yr = reinterpret_cast<Pack<Ty, V>*>(y + r * D);
   float s = 0.0f;
-  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) s += static_cast<float>(xr[i]);
+  for (int64_t i = threadIdx.x; i < P; i += blockDim.x) {
+    const Pack<Tx, V> p = xr[i];
+#pragma unroll
+    for (int k = 0; k < V; ++k) s += static_cast<float>(p.v[k]);
+  }
   const float mu = block_sum(s) / static_cast<float>(D);
   float q = 0.0f;
-  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) {
-    const float d = static_cast<float>(xr[i]) - mu;
-    q += d * d;
+  for (int64_t i = threadIdx.x; i < P; i += blockDim.x) {
+    const Pack<Tx, V> p = xr[i];
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const float d = static_cast<float>(p.v[k]) - mu;
+      q += d * d;
+    }
   }
   const float rs = rsqrtf(block_sum(q) / static_cast<float>(D) + eps);
   if (threadIdx.x == 0) {
     mean[r] = mu;
     rstd[r] = rs;
   }
-  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) {
-    const float h = (static_cast<float>(xr[i]) - mu) * rs;
-    yr[i] = T((w ? h * w[i] : h) + (b ? b[i] : 0.0f));
+  for (int64_t i = threadIdx.x; i < P; i += blockDim.x) {
+    const Pack<Tx, V> p = xr[i];
+    Pack<Ty, V> o;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const int64_t c = i * V + k;
+      const float h = (static_cast<float>(p.v[k]) - mu) * rs;
+      o.v[k] = Ty((w ? h * w[c] : h) + (b ? b[c] : 0.0f));
+    }
+    yr[i] = o;
   }
 }
 
-// dx = rstd (g w - mean(g w) - xhat mean(g w xhat)) per row.
-template <class T>
-__global__ void layer_norm_grad_input_kernel(const T* __restrict__ x, const T* __restrict__ g, const float* __restrict__ w,
-                                             const float* __restrict__ mean, const float* __restrict__ rstd, T* __restrict__ dx,
+// dx = rstd (g w - mean(g w) - xhat mean(g w xhat)) per row; g in y's dtype, dx in x's. g w is
+// rounded once (__fmul_rn: never contracted into an FMA), so in a one-element row g w - mean(g w)
+// is exactly 0, as is dx, which the CPU computes: an FMA there left the product's rounding error
+// (times rstd = 1/sqrt(eps)) as dx.
+template <class Tx, class Tg, int V>
+__global__ void layer_norm_grad_input_kernel(const Tx* __restrict__ x, const Tg* __restrict__ g, const float* __restrict__ w,
+                                             const float* __restrict__ mean, const float* __restrict__ rstd, Tx* __restrict__ dx,
                                              int64_t D) {
-  const int64_t r = blockIdx.x;
-  const T* xr = x + r * D;
-  const T* gr = g + r * D;
+  const int64_t r = blockIdx.x, P = D / V;
+  const auto* xr = reinterpret_cast<const Pack<Tx, V>*>(x + r * D);
+  const auto* gr = reinterpret_cast<const Pack<Tg, V>*>(g + r * D);
+  auto* dr = reinterpret_cast<Pack<Tx, V>*>(dx + r * D);
   const float mu = mean[r], rs = rstd[r];
   float s1 = 0.0f, s2 = 0.0f;
-  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) {
-    const float gw = w ? static_cast<float>(gr[i]) * w[i] : static_cast<float>(gr[i]);
-    s1 += gw;
-    s2 += gw * (static_cast<float>(xr[i]) - mu) * rs;
+  for (int64_t i = threadIdx.x; i < P; i += blockDim.x) {
+    const Pack<Tx, V> px = xr[i];
+    const Pack<Tg, V> pg = gr[i];
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const float gv = static_cast<float>(pg.v[k]);
+      const float gw = w ? __fmul_rn(gv, w[i * V + k]) : gv;
+      s1 += gw;
+      s2 += gw * ((static_cast<float>(px.v[k]) - mu) * rs);
+    }
   }
   const float a1 = block_sum(s1) / static_cast<float>(D), a2 = block_sum(s2) / static_cast<float>(D);
-  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) {
-    const float gw = w ? static_cast<float>(gr[i]) * w[i] : static_cast<float>(gr[i]);
-    const float h = (static_cast<float>(xr[i]) - mu) * rs;
-    dx[r * D + i] = T(rs * (gw - a1 - h * a2));
+  for (int64_t i = threadIdx.x; i < P; i += blockDim.x) {
+    const Pack<Tx, V> px = xr[i];
+    const Pack<Tg, V> pg = gr[i];
+    Pack<Tx, V> o;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const float gv = static_cast<float>(pg.v[k]);
+      const float gw = w ? __fmul_rn(gv, w[i * V + k]) : gv;
+      const float h = (static_cast<float>(px.v[k]) - mu) * rs;
+      o.v[k] = Tx(rs * ((gw - a1) - h * a2));
+    }
+    dr[i] = o;
   }
 }
 
 // dweight = sum_rows g xhat, dbias = sum_rows g: a thread per column over a slab of rows, the
 // slabs' partial sums added with float32 atomics into zeroed outputs.
-template <class T>
-__global__ void layer_norm_grad_params_kernel(const T* __restrict__ x, const T* __restrict__ g, const float* __restrict__ mean,
+template <class Tx, class Tg>
+__global__ void layer_norm_grad_params_kernel(const Tx* __restrict__ x, const Tg* __restrict__ g, const float* __restrict__ mean,
                                               const float* __restrict__ rstd, float* __restrict__ dw, float* __restrict__ db, int64_t M,
                                               int64_t D, int64_t rows) {
   const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
@@ -230,7 +291,7 @@ __global__ void layer_norm_grad_params_kernel(const T* __restrict__ x, const T* 
   for (int64_t r = r0; r < r1; ++r) {
     const float gv = static_cast<float>(g[r * D + c]);
     sb += gv;
-    sw += gv * (static_cast<float>(x[r * D + c]) - mean[r]) * rstd[r];
+    sw += gv * ((static_cast<float>(x[r * D + c]) - mean[r]) * rstd[r]);
   }
   atomicAdd(dw + c, sw);
   atomicAdd(db + c, sb);
@@ -242,9 +303,21 @@ inline void check_ln_param(const char* op, const Tensor& t, int64_t D) {
   MIXPREC_CHECK(t.dim() == 1 && t.size(0) == D && t.dtype() == DType::Float32 && t.is_contiguous(), op,
                 ": expected a contiguous float32 [", D, "] tensor, got ", t.dtype(), " ", t.sizes());
 }
+
+// f.template operator()<V>() for the vector widths the row kernels are built with.
+template <class F>
+void dispatch_width(int v, F&& f) {
+  switch (v) {
+    case 8: f.template operator()<8>(); break;
+    case 4: f.template operator()<4>(); break;
+    case 2: f.template operator()<2>(); break;
+    default: f.template operator()<1>(); break;
+  }
+}
 }  // namespace detail
 
-inline LayerNormResult layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps) {
+inline LayerNormResult layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps,
+                                  std::optional<DType> out_dtype = std::nullopt) {
   const char* op = "gpu::layer_norm";
   require_cuda_tensor(op, x);
   MIXPREC_CHECK(x.dim() == 2 && x.is_contiguous(), op, ": expected a contiguous [M, D] tensor, got ", x.sizes());
@@ -252,25 +325,31 @@ inline LayerNormResult layer_norm(const Tensor& x, const Tensor& weight, const T
   MIXPREC_CHECK(M <= int64_t{0x7fffffff}, op, ": at most 2^31 - 1 rows (one block each), got ", M);
   detail::check_ln_param(op, weight, D);
   detail::check_ln_param(op, bias, D);
-  LayerNormResult r{empty(x.sizes(), x.dtype(), Device::CUDA), empty({M}, DType::Float32, Device::CUDA),
-                    empty({M}, DType::Float32, Device::CUDA)};
+  const DType od = out_dtype.value_or(x.dtype());
+  LayerNormResult r{empty(x.sizes(), od, Device::CUDA), empty({M}, DType::Float32, Device::CUDA), empty({M}, DType::Float32, Device::CUDA)};
   if (M == 0 || D == 0) return r;
-  dispatch_storage(x.dtype(), op, [&]<class T>() {
-    detail::layer_norm_kernel<T><<<static_cast<unsigned>(M), detail::kRowThreads, 0, current_stream()>>>(
-        x.data<T>(), weight.defined() ? weight.data<float>() : nullptr, bias.defined() ? bias.data<float>() : nullptr, r.y.data<T>(),
-        r.mean.data<float>(), r.rstd.data<float>(), D, static_cast<float>(eps));
+  dispatch_storage(x.dtype(), op, [&]<class Tx>() {
+    dispatch_storage(od, op, [&]<class Ty>() {
+      const int v = detail::row_vector_width<Tx, Ty>(D, {x.data_ptr(), r.y.data_ptr()});
+      detail::dispatch_width(v, [&]<int V>() {
+        detail::layer_norm_kernel<Tx, Ty, V><<<static_cast<unsigned>(M), detail::kRowThreads, 0, current_stream()>>>(
+            x.data<Tx>(), weight.defined() ? weight.data<float>() : nullptr, bias.defined() ? bias.data<float>() : nullptr,
+            r.y.data<Ty>(), r.mean.data<float>(), r.rstd.data<float>(), D, static_cast<float>(eps));
+      });
+    });
   });
   check_launch(op);
   return r;
 }
 
+// dy in y's dtype, which may differ from x's (layer_norm's out_dtype); dx comes in x's.
 inline LayerNormGrads layer_norm_backward(const Tensor& x, const Tensor& dy, const Tensor& weight, const Tensor& mean,
                                           const Tensor& rstd) {
   const char* op = "gpu::layer_norm_backward";
   require_cuda_tensor(op, x);
-  MIXPREC_CHECK(x.dim() == 2 && x.is_contiguous() && dy.sizes() == x.sizes() && dy.dtype() == x.dtype() && dy.is_contiguous(), op,
-                ": x ", x.dtype(), " ", x.sizes(), " and dy ", dy.dtype(), " ", dy.sizes(), " must be equal-shaped contiguous [M, D]");
   require_cuda_tensor(op, dy);
+  MIXPREC_CHECK(x.dim() == 2 && x.is_contiguous() && dy.sizes() == x.sizes() && dy.is_contiguous(), op, ": x ", x.dtype(), " ",
+                x.sizes(), " and dy ", dy.dtype(), " ", dy.sizes(), " must be equal-shaped contiguous [M, D]");
   const int64_t M = x.size(0), D = x.size(1);
   MIXPREC_CHECK(M <= int64_t{0x7fffffff}, op, ": at most 2^31 - 1 rows (one block each), got ", M);
   detail::check_ln_param(op, weight, D);
@@ -286,12 +365,18 @@ inline LayerNormGrads layer_norm_backward(const Tensor& x, const Tensor& dy, con
   if (M == 0 || D == 0) return g;
   const int64_t rows = std::max<int64_t>(64, (M + 65534) / 65535);
   const dim3 grid(static_cast<unsigned>((D + kThreads - 1) / kThreads), static_cast<unsigned>((M + rows - 1) / rows));
-  dispatch_storage(x.dtype(), op, [&]<class T>() {
-    detail::layer_norm_grad_input_kernel<T><<<static_cast<unsigned>(M), detail::kRowThreads, 0, current_stream()>>>(
-        x.data<T>(), dy.data<T>(), weight.defined() ? weight.data<float>() : nullptr, mean.data<float>(), rstd.data<float>(),
-        g.dx.data<T>(), D);
-    detail::layer_norm_grad_params_kernel<T><<<grid, kThreads, 0, current_stream()>>>(
-        x.data<T>(), dy.data<T>(), mean.data<float>(), rstd.data<float>(), g.dweight.data<float>(), g.dbias.data<float>(), M, D, rows);
+  dispatch_storage(x.dtype(), op, [&]<class Tx>() {
+    dispatch_storage(dy.dtype(), op, [&]<class Tg>() {
+      const int v = detail::row_vector_width<Tx, Tg>(D, {x.data_ptr(), dy.data_ptr(), g.dx.data_ptr()});
+      detail::dispatch_width(v, [&]<int V>() {
+        detail::layer_norm_grad_input_kernel<Tx, Tg, V><<<static_cast<unsigned>(M), detail::kRowThreads, 0, current_stream()>>>(
+            x.data<Tx>(), dy.data<Tg>(), weight.defined() ? weight.data<float>() : nullptr, mean.data<float>(), rstd.data<float>(),
+            g.dx.data<Tx>(), D);
+      });
+      detail::layer_norm_grad_params_kernel<Tx, Tg><<<grid, kThreads, 0, current_stream()>>>(
+          x.data<Tx>(), dy.data<Tg>(), mean.data<float>(), rstd.data<float>(), g.dweight.data<float>(), g.dbias.data<float>(), M, D,
+          rows);
+    });
   });
   check_launch(op);
   return g;

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <functional>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "mixprec/nn/attention.hpp"
@@ -26,6 +27,9 @@ struct GPTConfig {
   int64_t mlp_hidden = 1024;
   double dropout = 0.0;
   bool tie_weights = true;
+  // The MLP's GELU: "none" (erf, as PyTorch's nn.GELU) or "tanh" (GPT-2's), which on CUDA runs
+  // inside the MLP's GEMM epilogues (mlp_gelu_tanh).
+  std::string gelu_approximate = "none";
 };
 
 class GPT : public Module {
@@ -38,7 +42,8 @@ class GPT : public Module {
     drop = std::make_shared<Dropout>(config.dropout);
     blocks = std::make_shared<Sequential>();
     for (int64_t i = 0; i < config.n_layer; ++i)
-      blocks->push_back(std::make_shared<TransformerBlock>(config.d_model, config.n_head, config.mlp_hidden, config.dropout, true, gen));
+      blocks->push_back(std::make_shared<TransformerBlock>(config.d_model, config.n_head, config.mlp_hidden, config.dropout, true, gen,
+                                                           config.gelu_approximate));
     ln_f = std::make_shared<LayerNorm>(config.d_model);
     head = std::make_shared<Linear>(config.d_model, config.vocab, false, gen);
     register_module("tok_emb", tok_emb);
