@@ -119,6 +119,7 @@ struct UnscaleSlot {
   uint8_t dtype = static_cast<uint8_t>(DType::Float32);
 };
 
+template <int = 0>  // a template, so that several units including this header link
 __global__ void unscale_kernel(const __grid_constant__ detail::BatchOf<UnscaleSlot> b, const float* scale, float* found_inf) {
   const detail::ChunkRange c = detail::chunk_of(b);
   const UnscaleSlot& s = b.slot[c.slot];
@@ -155,6 +156,7 @@ struct FoundInfList {
   int count;
 };
 
+template <int = 0>  // a template, so that several units including this header link
 __global__ void update_scale_kernel(float* scale, int64_t* growth_tracker, FoundInfList flags, double growth, double backoff,
                                     int64_t interval, int64_t* skipped) {
   bool found = false;
@@ -212,6 +214,7 @@ struct SgdSlot {
   int64_t* buffer_steps = nullptr;
 };
 
+template <int = 0>  // a template, so that several units including this header link
 __global__ void adam_kernel(const __grid_constant__ detail::BatchOf<AdamSlot> b, optim::detail::AdamHyper h, const float* found_inf) {
   if (detail::skipped(found_inf)) return;  // GradScaler skips the step, decided on device
   const detail::ChunkRange c = detail::chunk_of(b);
@@ -227,6 +230,7 @@ __global__ void adam_kernel(const __grid_constant__ detail::BatchOf<AdamSlot> b,
   }
 }
 
+template <int = 0>  // a template, so that several units including this header link
 __global__ void sgd_kernel(const __grid_constant__ detail::BatchOf<SgdSlot> b, optim::detail::SgdScalars sc, const float* found_inf) {
   if (detail::skipped(found_inf)) return;
   const detail::ChunkRange c = detail::chunk_of(b);
@@ -301,6 +305,7 @@ struct ScaleSlot {
 };
 
 // partial[first + block] = the block's sum of squares (float accumulation, tree-reduced in double).
+template <int = 0>  // a template, so that several units including this header link
 __global__ void sum_squares_kernel(const __grid_constant__ detail::BatchOf<NormSlot> b, double* partial, int64_t first) {
   __shared__ double red[kThreads];
   const detail::ChunkRange c = detail::chunk_of(b);
@@ -321,6 +326,7 @@ __global__ void sum_squares_kernel(const __grid_constant__ detail::BatchOf<NormS
 }
 
 // *norm = sqrt(sum of partial[0, n)), summed in a fixed order (the same result on every run).
+template <int = 0>  // a template, so that several units including this header link
 __global__ void finish_norm_kernel(const double* partial, int64_t n, float* norm) {
   __shared__ double red[kThreads];
   double acc = 0;
@@ -336,6 +342,7 @@ __global__ void finish_norm_kernel(const double* partial, int64_t n, float* norm
 
 // clip_grad_norm_'s factor max_norm / (norm + 1e-6) in double, as the CPU; applied (rounded to
 // float32) only below 1 or when NaN, as the CPU's `coef >= 1` early return.
+template <int = 0>  // a template, so that several units including this header link
 __global__ void clip_kernel(const __grid_constant__ detail::BatchOf<ScaleSlot> b, const float* norm, double max_norm) {
   const double coef = max_norm / (static_cast<double>(*norm) + 1e-6);
   if (coef >= 1.0) return;

@@ -13,6 +13,7 @@ __global__ void embedding_kernel(const T* __restrict__ w, const int64_t* __restr
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     out[i] = w[idx[i / D] * D + i % D];
 }
+template <int = 0>  // a template, so that several units including this header link
 __global__ void embedding_backward_kernel(const float* __restrict__ g, const int64_t* __restrict__ idx, float* __restrict__ acc,
                                           int64_t n, int64_t D, int64_t pad) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {

@@ -13,6 +13,7 @@
 namespace mixprec::gpu {
 
 namespace detail {
+template <int = 0>  // a template, so that several units including this header link
 __global__ void bump_replay_kernel(int64_t* counter) { ++*counter; }
 
 inline CachingAllocator& cuda_caching_allocator() {

@@ -40,6 +40,7 @@ __global__ void class_weights_kernel(A* __restrict__ w, float* count, float* bad
   if (counted) atomicAdd(count, static_cast<float>(counted));
   if (wrong) atomicAdd(bad, static_cast<float>(wrong));
 }
+template <int = 0>  // a template, so that several units including this header link
 __global__ void clamp_indices_kernel(int64_t* idx, int64_t n, int64_t V, float* bad) {
   int wrong = 0;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
