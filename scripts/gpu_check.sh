@@ -4,7 +4,7 @@
 # precision, compute-sanitizer's memcheck over the kernel and public-op tests, then the timing
 # table: mixprec_gpu_bench and PyTorch's peer (benchmarks/peers/torch_gpu.py) alternately.
 #   scripts/gpu_check.sh [BIN_DIR] [DATA_DIR] [OUT_DIR] [CORPUS_DIR]
-# BIN_DIR holds test_cuda_host, test_cuda_types, test_cuda_device, mixprec_gpu_selftest,
+# BIN_DIR holds test_cuda_host, test_cuda_types, test_cuda_device, test_cuda_plans, mixprec_gpu_selftest,
 # mixprec_gpu_bench, mixprec_resnet_cuda and mixprec_transformer_cuda (build/release/tests by
 # default); DATA_DIR the Fashion-MNIST .gz files; OUT_DIR receives the log (gpu_check.log, or
 # gpu_check_bench.log with GPU_CHECK_ONLY=bench), the examples' CSVs,
@@ -13,7 +13,8 @@
 # machine (a CUDA toolkit's, or the ones PyTorch's wheels carry) when the loader lacks them.
 # Environment: GPU_CHECK_ONLY=checks (no timing) or bench (the timing table alone, about 2.5 min);
 # GPU_BENCH_ROUNDS (2) alternated rounds of the two sides; GPU_BENCH_ARGS, arguments for both
-# (e.g. "--workloads gpt12,resnet20 --precisions bf16").
+# (e.g. "--workloads gpt12,resnet20 --precisions bf16"); GPU_CHECK_EXAMPLES=0 and
+# GPU_CHECK_MEMCHECK=0 leave out the examples and compute-sanitizer (a short lease).
 set -u
 only=${GPU_CHECK_ONLY:-all}
 case $only in all | checks | bench) ;; *) echo "GPU_CHECK_ONLY must be all, checks or bench, not '$only'" >&2; exit 2 ;; esac
@@ -61,14 +62,15 @@ if [ "$only" != bench ]; then
   run 60 "$bin/test_cuda_types"
   run 60 "$bin/test_cuda_host"
   run 180 "$bin/test_cuda_device"
+  run 120 "$bin/test_cuda_plans"
   run 180 "$bin/mixprec_gpu_selftest"
-  for p in fp32 bf16 fp16; do
+  [ "${GPU_CHECK_EXAMPLES:-1}" = 0 ] || for p in fp32 bf16 fp16; do
     run 300 "$bin/mixprec_resnet_cuda" --device cuda --precision "$p" --epochs 1 --data-dir "$data" --csv "$out/resnet20_cuda_$p.csv"
   done
-  for p in fp32 bf16 fp16; do
+  [ "${GPU_CHECK_EXAMPLES:-1}" = 0 ] || for p in fp32 bf16 fp16; do
     run 300 "$bin/mixprec_transformer_cuda" --device cuda --precision "$p" "${corpus[@]}" --csv "$out/gpt_mini_cuda_$p.csv"
   done
-  if command -v compute-sanitizer >/dev/null; then
+  if [ "${GPU_CHECK_MEMCHECK:-1}" != 0 ] && command -v compute-sanitizer >/dev/null; then
     run 300 compute-sanitizer --tool memcheck --error-exitcode 9 "$bin/test_cuda_device" --gtest_filter='CudaConv.*:CudaNorm.*:CudaElementwise.*:CudaAmp.*:CudaOps.*'
   fi
 fi
