@@ -383,6 +383,11 @@ inline bool sdpa_fused_supported(const Tensor& q, const Tensor& k, const Tensor&
 inline Tensor sdpa_device_fused(const Tensor& q, const Tensor& k, const Tensor& v, const Shape& batch, bool is_causal, double sc,
                                 double dropout_p) {
   constexpr const char* op = "scaled_dot_product_attention";
+  // A captured graph would replay the seed recorded here, one dropout mask for every replay (the
+  // kernels do not mix in the replay counter yet): refused before the draw, as the composed path
+  // refuses its host-built mask.
+  MIXPREC_CHECK(!(dropout_p > 0 && capturing()), op, ": dropout_p ", dropout_p, " on query ", q.sizes(),
+                " inside a CapturedStep is not supported yet; use dropout_p = 0 in the captured step");
   const uint64_t seed = dropout_p > 0 ? default_generator().next_u64() : 0;
   auto expanded = [batch](const Tensor& t) {
     Shape s = batch;
