@@ -3,6 +3,7 @@
 // CI logs and redirected output stay readable.
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <string>
@@ -15,6 +16,12 @@ class Progress {
       : label_(std::move(label)), total_(total_steps), items_(items_per_step), tty_(isatty(fileno(stdout)) != 0),
         start_(std::chrono::steady_clock::now()) {}
 
+  // Whether update(step, ...) may show anything (the logged steps, and on a terminal the bar's
+  // hundred updates an epoch): the caller reads the loss, a device sync on a GPU, only then.
+  // It depends on the step alone, so it is the same on every rank.
+  bool wants(int64_t step) const {
+    return step == total_ || step % log_every() == 0 || step % std::max<int64_t>(1, total_ / 100) == 0;
+  }
   // Call after each step; `scale` <= 0 hides the loss-scale column (bf16/fp32 runs).
   void update(int64_t step, double loss, double scale = 0) {
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();

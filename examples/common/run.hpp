@@ -55,6 +55,9 @@ class TrainingRun {
   void end_step(int64_t epoch, int64_t i, const mixprec::Tensor& loss) {
     ++state_.step;
     ++steps_run_;
+    // The loss is read (on a GPU: the host waits for the step) only when it is shown or logged;
+    // the decision is the same on every rank, since reading it is a collective.
+    if (cli_.str("csv").empty() && !progress_->wants(i)) return;
     const double l = dist_.mean(loss.item<double>());
     const mixprec::amp::GradScaler& scaler = *parts_.scaler;
     if (dist_.is_main()) progress_->update(i, l, precision_ == Precision::FP16 ? scaler.get_scale() : 0.0);
