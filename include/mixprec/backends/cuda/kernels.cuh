@@ -1,8 +1,9 @@
 #pragma once
 // The CUDA entries of the device kernel table (backends/device.hpp), registered when this header
-// is included: from then on the ops (matmul, linear, conv2d, softmax, batch_norm, layer_norm,
-// embedding, dropout, the activations, exp/log, add/mul/div, sum/mean, casts and copies; attention
-// and cross_entropy composed from these; the optimizers' and GradScaler's fused updates) run
+// is included: from then on the ops (matmul, linear and its GELU epilogues, conv2d, softmax,
+// batch_norm, layer_norm, embedding, dropout, the activations, exp/log, add/mul/div, sum/mean,
+// casts and copies, fused attention; attention with a mask and cross_entropy composed from
+// these; the optimizers' and GradScaler's fused updates, and the graphs of CapturedStep) run
 // CUDA tensors here, with the CPU's autograd, autocast and checks around them. Ops
 // without an entry refuse CUDA tensors by name.
 #include "mixprec/backends/cuda/amp.cuh"
