@@ -5,6 +5,7 @@
 // Every test needs a GPU and skips with the reason where there is none.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstdio>
 
 #include <mixprec/cuda.hpp>
@@ -49,10 +50,27 @@ Result on_gpu(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& d
   return {down(o), down(qd.grad()), down(kd.grad()), down(vd.grad())};
 }
 
+// ||a - ref|| / max(||ref||, floor).
+double error_against(const Tensor& a, const Tensor& ref, double floor) {
+  const Tensor da = a.to(DType::Float64).contiguous(), dr = ref.to(DType::Float64).contiguous();
+  double num = 0, den = 0;
+  for (int64_t i = 0; i < dr.numel(); ++i) {
+    const double x = da.data<double>()[i], r = dr.data<double>()[i];
+    if (std::isnan(x) || std::isnan(r)) return INFINITY;
+    num += (x - r) * (x - r);
+    den += r * r;
+  }
+  return std::sqrt(num) / std::max(std::sqrt(den), floor);
+}
+
+// dq and dk are judged against at least dv's size: where a row sees one key (L = 1, causal) the
+// softmax is constant, dq and dk are zero in exact arithmetic and both sides hold rounding noise
+// (the GPU's D = rowsum(dO o O) reads O rounded to the output dtype, as FlashAttention's does).
 void expect_close(const Result& g, const Result& c, DType d, const std::string& what) {
+  const double scale = std::sqrt(mixprec::sum(mul(c.dv, c.dv)).item<double>());
   EXPECT_LT(rel_error(g.out, c.out), tol(d)) << what << " out";
-  EXPECT_LT(rel_error(g.dq, c.dq), tol(d)) << what << " dq";
-  EXPECT_LT(rel_error(g.dk, c.dk), tol(d)) << what << " dk";
+  EXPECT_LT(error_against(g.dq, c.dq, scale), tol(d)) << what << " dq";
+  EXPECT_LT(error_against(g.dk, c.dk, scale), tol(d)) << what << " dk";
   EXPECT_LT(rel_error(g.dv, c.dv), tol(d)) << what << " dv";
 }
 

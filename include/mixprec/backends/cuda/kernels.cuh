@@ -125,9 +125,9 @@ inline Tensor binary(DeviceBinary kind, const Tensor& a, const Tensor& b, double
   };
   if (a.dtype() == b.dtype()) {
     dispatch_storage(ct, op, [&]<class T>() { run.template operator()<T, T, T>(); });
-  } else if (ct == DType::Float32 && b.dtype() != DType::Float32) {  // float32 with a 16-bit operand: one pass
+  } else if (a.dtype() == DType::Float32) {  // float32 with a 16-bit operand: one pass
     dispatch_storage(b.dtype(), op, [&]<class B>() { run.template operator()<float, float, B>(); });
-  } else if (ct == DType::Float32 && a.dtype() != DType::Float32) {
+  } else if (b.dtype() == DType::Float32) {
     dispatch_storage(a.dtype(), op, [&]<class A>() { run.template operator()<float, A, float>(); });
   } else {  // float16 with bfloat16: both widened first
     return binary(kind, contiguous(a, ct), contiguous(b, ct), alpha);
@@ -175,6 +175,10 @@ inline Tensor sum_dims(const Tensor& x, const Shape& dims) {
     Tensor out = empty(kept, x.dtype(), Device::CUDA);
     fill(out, 0.0);
     return out;
+  }
+  if (M == 1) {  // everything: CUB's tree reduction (a GEMV with one output would run on one SM)
+    const Tensor s = gpu::sum(x).view(kept);
+    return s.dtype() == x.dtype() ? s : contiguous(s, x.dtype());
   }
   if (leading && x.is_contiguous()) {
     Tensor ones = empty({1, R}, x.dtype(), Device::CUDA);

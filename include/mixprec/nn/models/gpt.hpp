@@ -74,7 +74,7 @@ class GPT : public Module {
     const int64_t T = idx.size(1);
     MIXPREC_CHECK(T >= 1 && T <= config.block_size, "GPT: sequence length ", T, " must be in [1, block_size = ", config.block_size,
                   "]");
-    Tensor x = mixprec::add(tok_emb->forward(idx), pos_emb->forward(arange(T)));
+    Tensor x = mixprec::add(tok_emb->forward(idx), pos_emb->forward(positions(T, pos_emb->weight.device())));
     x = blocks->forward(drop->forward(x));
     return head->forward(ln_f->forward(x));
   }
@@ -130,6 +130,14 @@ class GPT : public Module {
   std::shared_ptr<Linear> head;
 
  private:
+  // 0..T-1 on `device`, made once per (T, device) and kept: a step on a GPU then uploads nothing
+  // (a CapturedStep may not), and the positions are not a buffer (no checkpoint entry).
+  const Tensor& positions(int64_t T, Device device) {
+    if (!positions_.defined() || positions_.size(0) != T || positions_.device() != device) positions_ = arange(T).to(device);
+    return positions_;
+  }
+
+  Tensor positions_;
   int64_t sample(const double* logits, double temperature, int64_t top_k, Generator& gen, std::vector<double>& probs) const {
     const int64_t V = config.vocab;
     if (temperature == 0.0) return std::max_element(logits, logits + V) - logits;
