@@ -222,7 +222,6 @@ TEST(CudaStep, DeviceErrorsInsideTheGraphAreReportedAfterTheReplay) {
   EXPECT_TRUE(std::isfinite(step({good}).item<float>()));
 }
 
-}  // namespace cuda_step_test
 
 // Eager against captured on small models, one ingredient added at a time (plain SGD on an MLP;
 // momentum, Nesterov and weight decay; GradScaler + clip; a convolution; batch norm): which
@@ -280,3 +279,5 @@ TEST(CudaStep, CapturedIngredientsTrainAsEager) {
     expect_same_training(runs[0], runs[1], 1e-5, c.what);
   }
 }
+
+}  // namespace cuda_step_test
