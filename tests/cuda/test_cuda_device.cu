@@ -290,7 +290,7 @@ TEST(CudaLoops, CopiesCastsFillsAndBinaryOpsMatchCpu) {
   }
   // Integer and bool copies move bits; int64 fills (optimizer step counters).
   const Tensor ids = randint(0, 1 << 30, {5, 7}, DType::Int64);
-  const Tensor got = mc::to_host(mc::contiguous(up(ids).t())), want = ids.t().contiguous();
+  const Tensor got = mc::to_host(up(ids).t().contiguous()), want = ids.t().contiguous();  // the public op: copy moves int64 bits
   EXPECT_TRUE(std::equal(got.data<int64_t>(), got.data<int64_t>() + got.numel(), want.data<int64_t>()));
   Tensor counters = up(zeros({9}, DType::Int64));
   mc::fill(counters, 123456789012.0);

@@ -54,16 +54,27 @@ void train(TrainRun& r, StepFn&& step_fn, const std::vector<std::vector<Tensor>>
   }
 }
 
-void expect_same_training(const TrainRun& eager, const TrainRun& graph, double tol, const char* what) {
+// With `again` (a second eager run of the same steps), each parameter may differ from the eager
+// run by up to tol plus three times the two eager runs' own difference: cuDNN's benchmarked
+// algorithms and attention's dQ accumulate with atomics, so runs are not bit-reproducible, and
+// a few steps of SGD/AdamW amplify that noise (a bias whose gradient is zero in exact arithmetic,
+// as attention's key bias, moves by +-lr on noise alone). A captured step that computed anything
+// else would be far outside that band; CapturedIngredientsTrainAsEager checks the bitwise case.
+void expect_same_training(const TrainRun& eager, const TrainRun& graph, double tol, const char* what, const TrainRun* again = nullptr) {
   ASSERT_EQ(eager.params.size(), graph.params.size());
+  double worst = 0, worst_noise = 0;
   for (std::size_t i = 0; i < eager.params.size(); ++i) {
-    EXPECT_LT(rel_error(graph.params[i].cpu().to(DType::Float32), eager.params[i].cpu().to(DType::Float32)), tol)
-        << what << ": parameter " << i;
+    const double err = rel_error(graph.params[i].cpu().to(DType::Float32), eager.params[i].cpu().to(DType::Float32));
+    const double noise = again ? rel_error(again->params[i].cpu().to(DType::Float32), eager.params[i].cpu().to(DType::Float32)) : 0.0;
+    worst = std::max(worst, err);
+    worst_noise = std::max(worst_noise, noise);
+    EXPECT_LT(err, tol + 3 * noise) << what << ": parameter " << i << " (eager against eager: " << noise << ")";
     EXPECT_EQ(graph.opt->state(i).step, eager.opt->state(i).step) << what << ": parameter " << i;
   }
   EXPECT_EQ(graph.scaler->get_scale(), eager.scaler->get_scale()) << what;
   EXPECT_EQ(graph.scaler->skipped_steps(), eager.scaler->skipped_steps()) << what;
-  std::printf("[ %s ] eager %.3f ms/step, captured %.3f ms/step\n", what, eager.ms_per_step, graph.ms_per_step);
+  std::printf("[ %s ] eager %.3f ms/step, captured %.3f ms/step; largest parameter difference captured/eager %.3e, eager/eager %.3e\n",
+              what, eager.ms_per_step, graph.ms_per_step, worst, worst_noise);
 }
 
 std::vector<std::vector<Tensor>> image_batches(int64_t n, Generator& g) {
@@ -81,8 +92,8 @@ TEST(CudaStep, CapturedResNet20TrainsAsEager) {
   const auto batches = image_batches(32, gd);
   for (bool fp16 : {false, true}) {
     SCOPED_TRACE(fp16 ? "float16 autocast" : "float32");
-    TrainRun runs[2];
-    for (int k = 0; k < 2; ++k) {
+    TrainRun runs[3];  // eager, captured, eager again (the noise band)
+    for (int k = 0; k < 3; ++k) {
       Generator g(42);
       auto model = nn::models::resnet20(10, 3, false, g);
       model->to(Device::CUDA);
@@ -108,7 +119,7 @@ TEST(CudaStep, CapturedResNet20TrainsAsEager) {
       train(r, step, batches, 12, /*capture=*/k == 1);
     }
     if (fp16) EXPECT_GT(runs[0].scaler->skipped_steps(), 0) << "the float16 run was meant to overflow";
-    expect_same_training(runs[0], runs[1], fp16 ? 1e-3 : 1e-4, fp16 ? "ResNet-20 fp16" : "ResNet-20 fp32");
+    expect_same_training(runs[0], runs[1], fp16 ? 1e-3 : 1e-4, fp16 ? "ResNet-20 fp16" : "ResNet-20 fp32", &runs[2]);
   }
 }
 
@@ -124,8 +135,8 @@ TEST(CudaStep, CapturedGptMiniTrainsAsEager) {
     batches.push_back({randint(0, cfg.vocab, {32, 128}, DType::Int64, gd), randint(0, cfg.vocab, {32, 128}, DType::Int64, gd)});
   for (DType dt : {DType::BFloat16, DType::Float16}) {
     SCOPED_TRACE(name(dt));
-    TrainRun runs[2];
-    for (int k = 0; k < 2; ++k) {
+    TrainRun runs[3];  // eager, captured, eager again (the noise band)
+    for (int k = 0; k < 3; ++k) {
       Generator g(52);
       auto model = std::make_shared<nn::models::GPT>(cfg, g);
       model->to(Device::CUDA);
@@ -151,7 +162,7 @@ TEST(CudaStep, CapturedGptMiniTrainsAsEager) {
     if (dt == DType::Float16) EXPECT_GT(runs[0].scaler->skipped_steps(), 0) << "the float16 run was meant to overflow";
     // AdamW normalises each gradient: last-bit differences of the atomics in the embedding
     // backward show a little more than in SGD.
-    expect_same_training(runs[0], runs[1], 2e-3, dt == DType::Float16 ? "GPT-mini fp16" : "GPT-mini bf16");
+    expect_same_training(runs[0], runs[1], 2e-3, dt == DType::Float16 ? "GPT-mini fp16" : "GPT-mini bf16", &runs[2]);
   }
 }
 

@@ -248,8 +248,9 @@ class Optimizer {
       for (const DeviceUpdate& d : on_device[g]) {
         written.stepped.push_back(d.index);
         ParamState& st = *d.state;
-        if (found_inf.defined()) st.step_known = false;  // the device knows whether it stepped
-        else if (st.step_known) st.step = d.restart ? 1 : st.step + 1;
+        // The device's counters are the count: the kernel advances them unless found_inf skipped
+        // the step, and a captured step's replays advance them with no host code running.
+        st.step_known = false;
       }
     }
   }
