@@ -18,18 +18,11 @@ namespace detail {
 inline constexpr int64_t kSdpaBlockQ = 64;   // query rows per task: one [64, E] panel of Q
 inline constexpr int64_t kSdpaBlockK = 128;  // keys per step: the score block stays in L2
 
-// Host and device: the CUDA kernel (backends/cuda/attention.cuh) drops the very same elements.
-MIXPREC_HOST_DEVICE uint64_t sdpa_hash(uint64_t seed, uint64_t i) {
-  uint64_t z = seed + (i + 1) * 0x9e3779b97f4a7c15ull;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
-// Whether dropout keeps element `i` of the flattened [B, L, S] probabilities, for drop
-// probability p (the uniform draw is the hash's top 53 bits, as Generator::uniform).
-inline bool sdpa_dropout_keep(uint64_t seed, uint64_t i, double p) {
-  return static_cast<double>(sdpa_hash(seed, i) >> 11) * 0x1.0p-53 >= p;
-}
+// Attention's dropout is dropout's rule (ops/activation.hpp), on host and device alike: the CUDA
+// kernel (backends/cuda/attention.cuh) drops the very same elements of the flattened [B, L, S]
+// probabilities.
+MIXPREC_HOST_DEVICE uint64_t sdpa_hash(uint64_t seed, uint64_t i) { return dropout_hash(seed, i); }
+inline bool sdpa_dropout_keep(uint64_t seed, uint64_t i, double p) { return dropout_keep(seed, i, p); }
 // The same rule in integers, for kernels: keep iff (hash >> 11) >= this. Exact, since
 // x * 2^-53 >= p  <=>  x >= ceil(p * 2^53) for an integer x, and p * 2^53 is exact in double.
 inline uint64_t sdpa_dropout_threshold(double p) { return p <= 0 ? 0 : static_cast<uint64_t>(std::ceil(std::ldexp(p, 53))); }
