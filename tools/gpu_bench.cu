@@ -65,29 +65,12 @@ void usage() {
       "                         [--graph resnet20,gptmini (also timed as a CapturedStep: precision <p>-graph; 'none' for none)]\n");
 }
 
-// Milliseconds per call of f over `iters` calls, timed with CUDA events on the current stream
-// (host time between launches counts: a step that waits on the host is slower on the device too).
-template <class F>
-double time_ms(int iters, F&& f) {
-  cudaEvent_t start, stop;
-  mc::check(cudaEventCreate(&start), "cudaEventCreate");
-  mc::check(cudaEventCreate(&stop), "cudaEventCreate");
-  mc::check(cudaEventRecord(start, mc::current_stream()), "cudaEventRecord");
-  for (int i = 0; i < iters; ++i) f();
-  mc::check(cudaEventRecord(stop, mc::current_stream()), "cudaEventRecord");
-  mc::check(cudaEventSynchronize(stop), "cudaEventSynchronize");
-  float ms = 0;
-  mc::check(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime");
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  return double(ms) / iters;
-}
 
 // The median of `windows` windows of `iters` calls each, in ms per call.
 template <class F>
 double median_ms(int windows, int iters, F&& f) {
   std::vector<double> w;
-  for (int i = 0; i < windows; ++i) w.push_back(time_ms(iters, f));
+  for (int i = 0; i < windows; ++i) w.push_back(mc::time_ms(iters, f));
   std::sort(w.begin(), w.end());
   return w.size() % 2 ? w[w.size() / 2] : 0.5 * (w[w.size() / 2 - 1] + w[w.size() / 2]);
 }

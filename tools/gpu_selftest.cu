@@ -117,22 +117,6 @@ void check_ops() {
   report("fused AdamW, bfloat16 model copy", copy, p.detach(), 1e-2);
   std::printf("\n");
 }
-// Milliseconds per call of f over `iters` calls, timed with CUDA events on the current stream.
-template <class F>
-double time_ms(int iters, F&& f) {
-  cudaEvent_t start, stop;
-  mc::check(cudaEventCreate(&start), "cudaEventCreate");
-  mc::check(cudaEventCreate(&stop), "cudaEventCreate");
-  mc::check(cudaEventRecord(start, mc::current_stream()), "cudaEventRecord");
-  for (int i = 0; i < iters; ++i) f();
-  mc::check(cudaEventRecord(stop, mc::current_stream()), "cudaEventRecord");
-  mc::check(cudaEventSynchronize(stop), "cudaEventSynchronize");
-  float ms = 0;
-  mc::check(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime");
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  return double(ms) / iters;
-}
 
 // Square n x n x n GEMMs: TFLOP/s from CUDA events over `iters` runs after a warm-up.
 void gemm_throughput() {
@@ -149,7 +133,7 @@ void gemm_throughput() {
       Tensor out = empty({n, n}, mode.dtype, Device::CUDA);
       const mc::GemmPlan plan = mc::plan_gemm(mc::gemm_request(a, b, out, Tensor(), mc::GemmEpilogue::None, mode.tf32));
       mc::run_gemm(plan);
-      const double ms = time_ms(20, [&] { mc::run_gemm(plan); });
+      const double ms = mc::time_ms(20, [&] { mc::run_gemm(plan); });
       const double tflops = 2.0 * double(n) * double(n) * double(n) / (ms * 1e-3) / 1e12;
       std::printf("  n=%-5lld %-9s %8.1f TFLOP/s  (tensor-core aligned: %s)\n", static_cast<long long>(n), mode.name, tflops,
                   plan.tensor_core_aligned ? "yes" : "no");
@@ -218,7 +202,7 @@ void time_steps(optim::Optimizer& opt, Loss&& loss_fn) {
     mc::synchronize();
     reset_peak_memory_stats(Device::CUDA);
     skipped = 0;
-    const double per = time_ms(20, step);
+    const double per = mc::time_ms(20, step);
     if (!m.amp) fp32_ms = per;
     std::printf("  %-14s %8.2f ms/step  %6.2fx fp32  peak %.1f MiB  (%d of 20 steps skipped)\n", m.name, per, fp32_ms / per,
                 double(memory_stats(Device::CUDA).peak_allocated_bytes) / (1 << 20), skipped);

@@ -171,19 +171,7 @@ TEST(CudaAttention, GptShapesMatchCpuAndTimeFusedAgainstComposed) {
       if (backward) o.backward(gd);
     };
     for (int i = 0; i < 3; ++i) step();
-    cudaEvent_t start, stop;
-    mc::check(cudaEventCreate(&start), "event");
-    mc::check(cudaEventCreate(&stop), "event");
-    constexpr int n = 20;
-    mc::check(cudaEventRecord(start, mc::current_stream()), "event");
-    for (int i = 0; i < n; ++i) step();
-    mc::check(cudaEventRecord(stop, mc::current_stream()), "event");
-    mc::check(cudaEventSynchronize(stop), "event");
-    float ms = 0;
-    mc::check(cudaEventElapsedTime(&ms, start, stop), "event");
-    cudaEventDestroy(start);
-    cudaEventDestroy(stop);
-    return ms / n;
+    return mc::time_ms(20, step);
   };
   const double fused_fwd = time_ms(false), fused = time_ms(true);
   // The composed path: the same table without the fused entries.

@@ -43,4 +43,28 @@ class StreamGuard {
 
 inline void synchronize() { check(cudaStreamSynchronize(current_stream()), "gpu::synchronize"); }
 
+// Milliseconds per call of f over `iters` calls, timed with CUDA events on the current stream
+// (host time between launches counts: a step that waits on the host is slower on the device too).
+template <class F>
+double time_ms(int iters, F&& f) {
+  cudaEvent_t start = nullptr, stop = nullptr;
+  check(cudaEventCreate(&start), "gpu::time_ms");
+  check(cudaEventCreate(&stop), "gpu::time_ms");
+  float ms = 0;
+  try {
+    check(cudaEventRecord(start, current_stream()), "gpu::time_ms");
+    for (int i = 0; i < iters; ++i) f();
+    check(cudaEventRecord(stop, current_stream()), "gpu::time_ms");
+    check(cudaEventSynchronize(stop), "gpu::time_ms");
+    check(cudaEventElapsedTime(&ms, start, stop), "gpu::time_ms");
+  } catch (...) {
+    cudaEventDestroy(start);
+    cudaEventDestroy(stop);
+    throw;
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  return iters > 0 ? double(ms) / iters : 0.0;
+}
+
 }  // namespace mixprec::gpu
