@@ -85,48 +85,28 @@ inline void copy_kernel(const Tensor& dst, const Tensor& src) {
     return;
   }
   if (dst.numel() == 0) return;
-  if (dst.is_contiguous() && src.is_contiguous() && dst.sizes() == src.sizes()) {
-    if (dst.dtype() == src.dtype()) {
-      std::memcpy(dst.data_ptr(), src.data_ptr(), static_cast<std::size_t>(dst.nbytes()));
-      return;
-    }
+  // src as a view of dst's sizes: stride 0 along broadcast dims.
+  const Tensor s = dst.sizes() == src.sizes() ? src : detail::make_view(src, dst.sizes(), [&] {
+    Shape st(dst.dim(), 0);
+    const int64_t off = dst.dim() - src.dim();
+    for (int64_t i = 0; i < src.dim(); ++i) st[off + i] = src.size(i) == 1 ? 0 : src.stride(i);
+    return st;
+  }(), src.storage_offset());
+  if (dst.dtype() == src.dtype()) return cpu::copy(dst, s);
+  if (dst.is_contiguous() && s.is_contiguous()) {
     dispatch_all(dst.dtype(), "copy_", [&]<class To>() {
       dispatch_all(src.dtype(), "copy_", [&]<class From>() {
-        const int64_t n = dst.numel();
-        cpu::parallel_for(0, n, 1 << 20, [&](int64_t b, int64_t e) {
-          convert(src.data<From>() + b, dst.data<To>() + b, e - b);
-        });
+        cpu::parallel_for(0, dst.numel(), 1 << 20, [&](int64_t b, int64_t e) { convert(s.data<From>() + b, dst.data<To>() + b, e - b); });
       });
     });
     return;
   }
   dispatch_all(dst.dtype(), "copy_", [&]<class To>() {
     dispatch_all(src.dtype(), "copy_", [&]<class From>() {
-      // Through a contiguous temporary when dst is strided: map() writes contiguous outputs.
-      Tensor out = dst.is_contiguous() ? dst : empty(dst.sizes(), dst.dtype());
-      const Tensor s = detail::make_view(src, dst.sizes(), [&] {
-        Shape st(dst.dim(), 0);
-        const int64_t off = dst.dim() - src.dim();
-        for (int64_t i = 0; i < src.dim(); ++i) st[off + i] = src.size(i) == 1 ? 0 : src.stride(i);
-        return st;
-      }(), src.storage_offset());
-      cpu::map<To, From>(out, [](auto v) {
+      cpu::map<To, From>(dst, [](auto v) {
         if constexpr (std::is_same_v<To, bool>) return v != 0;
         else return v;
       }, s);
-      if (!out.is_same(dst)) {
-        To* d = dst.data<To>();
-        const To* o = out.data<To>();
-        const Shape& sz = dst.sizes();
-        const Shape& st = dst.strides();
-        Shape idx(sz.size(), 0);
-        for (int64_t i = 0, n = dst.numel(); i < n; ++i) {
-          int64_t off = 0;
-          for (std::size_t k = 0; k < sz.size(); ++k) off += idx[k] * st[k];
-          d[off] = o[i];
-          for (int64_t k = static_cast<int64_t>(sz.size()) - 1; k >= 0 && ++idx[k] == sz[k]; --k) idx[k] = 0;
-        }
-      }
     });
   });
 }

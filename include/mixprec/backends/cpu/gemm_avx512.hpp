@@ -31,7 +31,7 @@ inline constexpr int64_t kKC = 256;           // B micro-panel kKC x kNR floats 
 inline constexpr int64_t kMC = 144;           // A block kMC x kKC floats = 144 KiB: L2
 inline constexpr int64_t kNC = 2048;          // B block kKC x kNC floats = 2 MiB: L3
 
-inline bool available() { return detail::simd_path_supported(SimdPath::AVX512) && cpu_features().fma; }
+inline bool available() { return mixprec::detail::simd_path_supported(SimdPath::AVX512) && cpu_features().fma; }
 inline bool bf16_dot_available() { return available() && cpu_features().avx512_bf16; }
 
 // Strided read-only matrix view: element (r, c) at p[r * s0 + c * s1].
