@@ -1,7 +1,7 @@
 #pragma once
-// The one dispatch point every op passes through: op id -> autocast policy -> kernel.
-// Autocast (amp/autocast.hpp) and the precision trace hook in here, so no op has to know
-// about them.
+// Op ids and names: the key of the autocast policy table (op_list.def, amp/policy.hpp) and of the
+// precision trace. The dispatch itself (op id -> autocast policy -> kernel) is amp/autocast.hpp's
+// dispatch(), which every op body calls.
 #include <cstdint>
 #include <string_view>
 
@@ -23,17 +23,5 @@ inline constexpr std::string_view kOpNames[] = {
 };
 
 constexpr std::string_view op_name(OpId id) { return kOpNames[static_cast<int>(id)]; }
-
-namespace detail {
-// Set by amp/autocast.hpp; a plain function pointer keeps this header free of amp.
-struct DispatchHooks {
-  // Returns true when autocast is active on some device for this thread.
-  bool (*autocast_active)() = nullptr;
-};
-inline DispatchHooks& dispatch_hooks() {
-  static DispatchHooks h;
-  return h;
-}
-}  // namespace detail
 
 }  // namespace mixprec
