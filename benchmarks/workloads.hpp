@@ -34,6 +34,32 @@ inline const char* precision_name(Precision p) {
 inline constexpr int64_t kResNetBatch = 128, kResNetImage = 28, kResNetClasses = 10;
 inline constexpr int64_t kGptBatch = 16, kGptSeq = 128;
 
+// Multiply-add FLOPs (2 per MAC) of one training step's GEMMs and convolutions: the forward's,
+// times 3 (the backward computes an input and a weight gradient of each). Element-wise work is
+// not counted, so FLOPs / (step time x the measured GEMM rate) is the fraction of the machine's
+// matrix throughput the step achieves -- its distance from the floor.
+inline double flops_per_step(Workload w) {
+  double fwd = 0;
+  if (w == Workload::ResNet20) {
+    auto conv = [&](double cin, double cout, double k, double hw_out) { fwd += 2 * cin * cout * k * k * hw_out * kResNetBatch; };
+    const double s1 = kResNetImage * kResNetImage, s2 = s1 / 4, s3 = s1 / 16;
+    conv(1, 16, 3, s1);                    // stem
+    for (int i = 0; i < 6; ++i) conv(16, 16, 3, s1);  // stage 1: 3 blocks of two 3x3 convs
+    conv(16, 32, 3, s2), conv(16, 32, 1, s2);          // stage 2: strided conv + 1x1 projection
+    for (int i = 0; i < 5; ++i) conv(32, 32, 3, s2);
+    conv(32, 64, 3, s3), conv(32, 64, 1, s3);          // stage 3
+    for (int i = 0; i < 5; ++i) conv(64, 64, 3, s3);
+    fwd += 2.0 * kResNetBatch * 64 * kResNetClasses;   // classifier
+  } else {
+    const nn::models::GPTConfig c;
+    const double tokens = kGptBatch * kGptSeq, d = c.d_model;
+    const double per_layer = 2 * tokens * d * (3 * d + d + 2 * c.mlp_hidden)  // qkv, out projection, MLP
+                             + 4 * tokens * kGptSeq * d;                       // scores and weighted values
+    fwd = c.n_layer * per_layer + 2 * tokens * d * c.vocab;                     // tied head
+  }
+  return 3 * fwd;
+}
+
 // One model, its optimizer and scaler, and a fixed batch; step() is one full training step.
 class TrainingWorkload {
  public:

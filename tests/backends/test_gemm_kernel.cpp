@@ -159,3 +159,26 @@ TEST(GemmAvx512, MatmulAndLinearOn16BitTensorsMatchFloat64) {
     EXPECT_LT(rel_error(linear(x, w, bias), linear(x.to(DType::Float64), w.to(DType::Float64), bias.to(DType::Float64))), tol) << dt;
   }
 }
+
+// A 16-bit linear whose rows span several of matmul's row blocks: every element is the kernel's
+// float32 result (bias included) rounded once, exactly as computing all of C and then casting.
+TEST(GemmAvx512, SixteenBitLinearRoundsEachRowBlockLikeOneWholeProduct) {
+  if (!cpu::gemm_16bit_available()) GTEST_SKIP() << "no 16-bit GEMM kernel on this CPU";
+  for (DType dt : {DType::BFloat16, DType::Float16}) {
+    const int64_t M = 1100, N = 300, K = 70;  // rows per block: 2^17 / 300 = 436, so three blocks
+    const Tensor x = randn({M, K}).to(dt), w = randn({N, K}).to(dt), bias = randn({N}).to(dt);
+    const Tensor got = linear(x, w, bias);
+    ASSERT_EQ(got.dtype(), dt);
+    dispatch_floating(dt, "test", [&]<class T>() {
+      if constexpr (!std::is_same_v<T, float> && !std::is_same_v<T, double>) {
+        std::vector<float> c(static_cast<std::size_t>(M * N));
+        const Tensor b32 = bias.to(DType::Float32);
+        for (int64_t i = 0; i < M; ++i) std::copy(b32.data<float>(), b32.data<float>() + N, c.begin() + i * N);
+        cpu::gemm_16bit<T>(x.data<T>(), K, 1, w.data<T>(), 1, K, c.data(), M, N, K, true);
+        for (int64_t i = 0; i < M * N; ++i)
+          ASSERT_EQ(got.data<T>()[i].x, T(c[static_cast<std::size_t>(i)]).x) << dt << " element " << i;
+      }
+    });
+    EXPECT_LT(rel_error(got, linear(x.to(DType::Float64), w.to(DType::Float64), bias.to(DType::Float64))), mixprec::testing::low_tolerance(dt)) << dt;
+  }
+}

@@ -32,11 +32,6 @@ inline Tensor matmul_kernel(const char* op, Tensor a, Tensor b, const Tensor& bi
   Shape out_shape = batch;
   out_shape.push_back(M);
   out_shape.push_back(N);
-  Tensor out = empty(out_shape, low ? DType::Float32 : a.dtype());
-  if (bias.defined()) copy_kernel(out, as_dtype_raw(bias, out.dtype()));
-  const bool acc = bias.defined();
-  if (out.numel() == 0) return low ? as_dtype_raw(out, out_dtype) : out;
-
   auto prep = [&](Tensor t, int64_t r, int64_t c) {
     if (!cpu::gemm_compatible(t.stride(-2), t.stride(-1), r, c)) t = t.contiguous();
     Shape s = batch;
@@ -44,8 +39,33 @@ inline Tensor matmul_kernel(const char* op, Tensor a, Tensor b, const Tensor& bi
     s.push_back(c);
     return expand_raw(t, s);
   };
-  const Tensor A = prep(a, M, K), B = prep(b, K, N);
   const int64_t nb = numel_of(batch);
+  const bool acc = bias.defined();
+  // One 16-bit product (linear): float32 accumulators for a block of rows at a time, in a scratch
+  // that stays in cache, each tile rounded into the result as it finishes -- no float32 copy of
+  // the whole result (its memory, and one more pass over it).
+  if (direct16 && nb == 1 && M * N > 0 && (!acc || bias.dim() <= 1)) {
+    Tensor out = empty(out_shape, out_dtype);
+    const Tensor A = prep(a, M, K), B = prep(b, K, N);
+    const int64_t rows = std::min(M, std::max<int64_t>(48, (int64_t{1} << 17) / N));  // <= 512 KiB of float32
+    const Tensor scratch = empty({rows, N}, DType::Float32);
+    const Tensor bias32 = acc ? as_dtype_raw(bias, DType::Float32) : Tensor();
+    dispatch_floating(a.dtype(), op, [&]<class T>() {
+      if constexpr (!std::is_same_v<T, acc_t<T>>) {
+        for (int64_t r0 = 0; r0 < M; r0 += rows) {
+          const Tensor c = scratch.narrow(0, 0, std::min(rows, M - r0));
+          if (acc) copy_kernel(c, bias32);
+          cpu::gemm_16bit<T>(A.data<T>() + r0 * A.stride(-2), A.stride(-2), A.stride(-1), B.data<T>(), B.stride(-2), B.stride(-1),
+                             c.data<float>(), c.size(0), N, K, acc, out.data<T>() + r0 * N);
+        }
+      }
+    });
+    return out;
+  }
+  Tensor out = empty(out_shape, low ? DType::Float32 : a.dtype());
+  if (acc) copy_kernel(out, as_dtype_raw(bias, out.dtype()));
+  if (out.numel() == 0) return low ? as_dtype_raw(out, out_dtype) : out;
+  const Tensor A = prep(a, M, K), B = prep(b, K, N);
   dispatch_floating(a.dtype(), op, [&]<class T>() {
     const T* pa = A.data<T>();
     const T* pb = B.data<T>();

@@ -51,21 +51,23 @@ inline bool gemm_16bit_available() {
 }
 
 // C[M,N] float32 (row-major, contiguous) (+)= A[M,K] * B[K,N] for bfloat16 or half A and B,
-// accumulated in float32. Requires gemm_16bit_available().
+// accumulated in float32; round_to (optional, [M,N]) also receives C rounded to T, each thread's
+// tile as soon as it is final (no second pass over C). Requires gemm_16bit_available().
 template <class T>
 void gemm_16bit(const T* a, int64_t as0, int64_t as1, const T* b, int64_t bs0, int64_t bs1, float* c, int64_t M, int64_t N,
-                int64_t K, bool accumulate) {
+                int64_t K, bool accumulate, T* round_to = nullptr) {
   static_assert(std::is_same_v<T, bfloat16> || std::is_same_v<T, half>);
   MIXPREC_CHECK(gemm_16bit_available(), "gemm_16bit: needs an AVX-512 CPU (widen to float32 and call gemm instead)");
   if (K == 0) {
     if (!accumulate) std::fill(c, c + M * N, 0.0f);
+    if (round_to) convert(c, round_to, M * N);
     return;
   }
 #if defined(MIXPREC_X86_SIMD)
   if constexpr (std::is_same_v<T, bfloat16>) {
-    if (avx512::bf16_dot_available()) return avx512::gemm_dpbf16({a, as0, as1}, {b, bs0, bs1}, c, N, M, N, K, accumulate);
+    if (avx512::bf16_dot_available()) return avx512::gemm_dpbf16({a, as0, as1}, {b, bs0, bs1}, c, N, M, N, K, accumulate, round_to);
   }
-  avx512::gemm<T>({a, as0, as1}, {b, bs0, bs1}, c, N, M, N, K, accumulate);
+  avx512::gemm<T>({a, as0, as1}, {b, bs0, bs1}, c, N, M, N, K, accumulate, round_to);
 #endif
 }
 

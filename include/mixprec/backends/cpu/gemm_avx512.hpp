@@ -326,20 +326,35 @@ void parallel_tiles(int64_t M, int64_t N, int64_t K, F&& tile) {
 }  // namespace detail
 
 #if defined(MIXPREC_X86_SIMD)
-// C[M, N] (row-major, leading dimension ldc, float32) (=|+=) A[M, K] * B[K, N]. Requires available().
+namespace detail {
+// A thread's finished tile of C rounded into the 16-bit result (same layout) while it is in cache.
 template <class T>
-void gemm(View<T> a, View<T> b, float* c, int64_t ldc, int64_t M, int64_t N, int64_t K, bool accumulate) {
+void round_tile(const float* c, T* round_to, int64_t ldc, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  if constexpr (!std::is_same_v<T, float>) {
+    if (round_to)
+      for (int64_t m = m0; m < m1; ++m) convert(c + m * ldc + n0, round_to + m * ldc + n0, n1 - n0);
+  }
+}
+}  // namespace detail
+
+// C[M, N] (row-major, leading dimension ldc, float32) (=|+=) A[M, K] * B[K, N]. Requires available().
+// For 16-bit T, round_to (optional, C's layout) receives C rounded, tile by tile as each finishes.
+template <class T>
+void gemm(View<T> a, View<T> b, float* c, int64_t ldc, int64_t M, int64_t N, int64_t K, bool accumulate, T* round_to = nullptr) {
   detail::parallel_tiles(M, N, K, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
     detail::gemm_serial<T>(View<T>{&a.at(m0, 0), a.s0, a.s1}, View<T>{&b.at(0, n0), b.s0, b.s1}, c + m0 * ldc + n0, ldc, m1 - m0,
                            n1 - n0, K, accumulate);
+    detail::round_tile(c, round_to, ldc, m0, m1, n0, n1);
   });
 }
 
 // The same with vdpbf16ps on bfloat16 pairs. Requires bf16_dot_available().
-inline void gemm_dpbf16(View<bfloat16> a, View<bfloat16> b, float* c, int64_t ldc, int64_t M, int64_t N, int64_t K, bool accumulate) {
+inline void gemm_dpbf16(View<bfloat16> a, View<bfloat16> b, float* c, int64_t ldc, int64_t M, int64_t N, int64_t K, bool accumulate,
+                        bfloat16* round_to = nullptr) {
   detail::parallel_tiles(M, N, K, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
     detail::gemm_serial_dpbf16(View<bfloat16>{&a.at(m0, 0), a.s0, a.s1}, View<bfloat16>{&b.at(0, n0), b.s0, b.s1}, c + m0 * ldc + n0,
                                ldc, m1 - m0, n1 - n0, K, accumulate);
+    detail::round_tile(c, round_to, ldc, m0, m1, n0, n1);
   });
 }
 #endif
