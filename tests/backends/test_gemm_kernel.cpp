@@ -165,7 +165,7 @@ TEST(GemmAvx512, MatmulAndLinearOn16BitTensorsMatchFloat64) {
 TEST(GemmAvx512, SixteenBitLinearRoundsEachRowBlockLikeOneWholeProduct) {
   if (!cpu::gemm_16bit_available()) GTEST_SKIP() << "no 16-bit GEMM kernel on this CPU";
   for (DType dt : {DType::BFloat16, DType::Float16}) {
-    const int64_t M = 1100, N = 300, K = 70;  // rows per block: 2^17 / 300 = 436, so three blocks
+    const int64_t M = 4000, N = 300, K = 70;  // rows per block: 2^19 / 300 = 1747, so three blocks
     const Tensor x = randn({M, K}).to(dt), w = randn({N, K}).to(dt), bias = randn({N}).to(dt);
     const Tensor got = linear(x, w, bias);
     ASSERT_EQ(got.dtype(), dt);

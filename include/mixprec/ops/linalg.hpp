@@ -47,7 +47,8 @@ inline Tensor matmul_kernel(const char* op, Tensor a, Tensor b, const Tensor& bi
   if (direct16 && nb == 1 && M * N > 0 && (!acc || bias.dim() <= 1)) {
     Tensor out = empty(out_shape, out_dtype);
     const Tensor A = prep(a, M, K), B = prep(b, K, N);
-    const int64_t rows = std::min(M, std::max<int64_t>(48, (int64_t{1} << 17) / N));  // <= 512 KiB of float32
+    // <= 2 MiB of float32 (in L3, each thread's half near L2); B is packed again per block, so not smaller.
+    const int64_t rows = std::min(M, std::max<int64_t>(48, (int64_t{1} << 19) / N));
     const Tensor scratch = empty({rows, N}, DType::Float32);
     const Tensor bias32 = acc ? as_dtype_raw(bias, DType::Float32) : Tensor();
     dispatch_floating(a.dtype(), op, [&]<class T>() {
