@@ -6,10 +6,9 @@
 // tensor is one run; [N,C,H,W] + [1,C,1,1] is runs of H*W against a stride-0 bias), then each
 // run is cut into chunks of kMapChunk: 16-bit inputs widen to float32 with the SIMD converters,
 // the functor runs over plain float arrays in a loop compiled for AVX-512 or AVX2 (picked at run
-// time), and the results round once on store. So one generic functor -- relu, its backward, an
-// add, a cast -- becomes vector code on whatever CPU the program lands on. The vector loops are
-// compiled with fp-contract=off: a*b+c is not fused into an FMA, so results are bit-identical on
-// every path and CPU (the portable one has no FMA to fuse with).
+// time by cpu::simd), and the results round once on store. So one generic functor -- relu, its
+// backward, an add, a cast -- becomes vector code on whatever CPU the program lands on, with the
+// same bits on every path (simd.hpp).
 #include <algorithm>
 #include <array>
 #include <cstring>
@@ -17,13 +16,9 @@
 #include <type_traits>
 
 #include "mixprec/backends/cpu/parallel.hpp"
+#include "mixprec/backends/cpu/simd.hpp"
 #include "mixprec/dtype/convert.hpp"
 #include "mixprec/tensor/tensor.hpp"
-
-#if defined(MIXPREC_X86_SIMD)
-#define MIXPREC_TARGET_MAP512 __attribute__((target("avx512f,avx512bw,avx512vl,f16c"), optimize("fp-contract=off")))
-#define MIXPREC_TARGET_MAP256 __attribute__((target("avx2,f16c"), optimize("fp-contract=off")))
-#endif
 
 namespace mixprec::cpu {
 
@@ -122,53 +117,6 @@ void store_run(Out* p, int64_t s, const R* buf, int64_t n) {
   for (int64_t i = 0; i < n; ++i) p[i * s] = static_cast<Out>(buf[i]);
 }
 
-// f() compiled once per instruction set; the caller's loops must be inlined into it, so f is a
-// lambda marked MIXPREC_SIMD_BODY (always_inline: otherwise GCC may call it, compiled for SSE2).
-#define MIXPREC_SIMD_BODY __attribute__((always_inline))
-template <class F>
-void simd_portable(const F& f) {
-  f();
-}
-#if defined(MIXPREC_X86_SIMD)
-template <class F>
-MIXPREC_TARGET_MAP512 void simd_avx512(const F& f) {
-  f();
-}
-template <class F>
-MIXPREC_TARGET_MAP256 void simd_avx2(const F& f) {
-  f();
-}
-#endif
-
-// The instruction set these loops use in this process (fixed at first use, as convert_path()).
-inline SimdPath simd_path() {
-  static const SimdPath p = [] {
-#if defined(MIXPREC_X86_SIMD)
-    if (mixprec::detail::simd_path_supported(SimdPath::AVX512)) return SimdPath::AVX512;
-    if (mixprec::detail::simd_path_supported(SimdPath::AVX2)) return SimdPath::AVX2;
-#endif
-    return SimdPath::Scalar;
-  }();
-  return p;
-}
-
-}  // namespace detail
-
-// Runs f, a MIXPREC_SIMD_BODY lambda, with its loops compiled for the best instruction set of
-// this CPU (AVX-512, AVX2 or portable).
-template <class F>
-void simd(const F& f) {
-#if defined(MIXPREC_X86_SIMD)
-  switch (detail::simd_path()) {
-    case SimdPath::AVX512: return detail::simd_avx512(f);
-    case SimdPath::AVX2: return detail::simd_avx2(f);
-    case SimdPath::Scalar: break;
-  }
-#endif
-  detail::simd_portable(f);
-}
-
-namespace detail {
 // o[i] = f(a[i]...) over one chunk, vectorised.
 template <class R, class F, class... A>
 void map_chunk(R* o, int64_t n, const F& f, const A*... a) {
