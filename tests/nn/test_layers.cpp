@@ -2,7 +2,9 @@
 // functional ops or plain-loop references, BatchNorm/Dropout modes, attention.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <optional>
 
 #include <mixprec/mixprec.hpp>
 
@@ -415,6 +417,67 @@ TEST(NnLayers, MultiheadAttentionGradcheck) {
       },
       {x, w});
   EXPECT_TRUE(r.ok) << r.message;
+}
+
+// Self-attention takes the packed path (heads read from the one qkv projection by strides, its
+// gradient written in one piece); distinct key and value tensors take the head-view path. The two
+// agree in float32 and under bfloat16 autocast, outputs and every gradient, dropout's draws
+// included. float32: the projections' backward sums in another order, so 1e-5; bfloat16: the
+// head-view path rounds each of dq, dk, dv's input gradients to bfloat16 before summing, so 1e-2.
+TEST(NnLayers, MultiheadAttentionPackedPathMatchesHeadViews) {
+  Generator g(18);
+  const int64_t B = 3, L = 37, E = 24, H = 4;
+  nn::MultiheadAttention mha(E, H, 0.2, true, g);
+  nn::init::uniform_(mha.in_proj_bias, -0.5, 0.5, g);
+  nn::init::uniform_(mha.out_proj->bias, -0.5, 0.5, g);
+  const Tensor x0 = randn({B, L, E}, kFloat32, g), w = randn({B, L, E}, kFloat32, g);
+  for (bool bf16 : {false, true})
+    for (bool causal : {false, true}) {
+      auto run = [&](bool packed) {
+        mha.zero_grad();
+        Tensor x = x0.detach();
+        x.requires_grad_();
+        Tensor y;
+        {
+          std::optional<autocast> ac;
+          if (bf16) ac.emplace(Device::CPU, kBFloat16);
+          manual_seed(3);
+          y = packed ? mha.forward(x, x, x, Tensor(), causal) : mha.forward(x, x.view(x.sizes()), x.view(x.sizes()), Tensor(), causal);
+        }
+        sum(mul(y.to(kFloat32), w)).backward();
+        std::vector<Tensor> r{y.detach(), x.grad()};
+        for (const auto& [n, p] : mha.named_parameters()) r.push_back(p.grad());
+        return r;
+      };
+      const auto packed = run(true), views = run(false);
+      for (std::size_t i = 0; i < packed.size(); ++i)
+        EXPECT_LT(nl_rel(nl_vals(packed[i]), nl_vals(views[i])), bf16 ? 1e-2 : 1e-5) << "bf16 " << bf16 << " causal " << causal << " tensor " << i;
+    }
+}
+
+// The self-attention graph holds no head split or merge: no views or copies between the packed
+// projection and the output projection, only the attention node itself.
+TEST(NnLayers, MultiheadAttentionSelfAttentionHasNoHeadViewsOrCopies) {
+  Generator g(19);
+  nn::MultiheadAttention mha(32, 4, 0.0, true, g);
+  Tensor x = randn({2, 16, 32}, kFloat32, g);
+  Tensor y;
+  {
+    autocast ac(Device::CPU, kBFloat16);
+    y = mha.forward(x, x, x, Tensor(), true);
+  }
+  std::vector<std::string> names;
+  std::vector<std::shared_ptr<autograd::Node>> todo{y.grad_fn()};
+  while (!todo.empty()) {
+    const auto n = todo.back();
+    todo.pop_back();
+    if (!n) continue;
+    names.push_back(n->name());
+    for (const auto& e : n->next_edges) todo.push_back(e.fn);
+  }
+  EXPECT_NE(std::find(names.begin(), names.end(), "scaled_dot_product_attention_packed"), names.end());
+  for (const char* bad : {"permute", "slice", "select", "view", "clone", "contiguous"})
+    EXPECT_EQ(std::find(names.begin(), names.end(), bad), names.end()) << bad;
 }
 
 TEST(NnLayers, TransformerBlockIsPreNormComposition) {

@@ -2,9 +2,11 @@
 
 #include <mixprec/mixprec.hpp>
 
+#include <array>
 #include <cmath>
 #include <functional>
 #include <limits>
+#include <string>
 #include <vector>
 
 using namespace mixprec;
@@ -317,20 +319,23 @@ TEST(Attention, FullyMaskedRowsGiveZeroAndNoGradient) {
 
 TEST(Attention, NaNPropagatesInsteadOfBeingMaskedAway) {
   // A NaN score (e.g. an fp16 overflow upstream) must show up in the output so that overflow
-  // checks see it, whichever key block it falls in.
+  // checks see it, whichever key block it falls in; bfloat16 has its own row loops.
   const int64_t L = 4, S = 300, E = 3;
-  Tensor q = att_randn({L, E}, 64, kFloat32, false), k = att_randn({S, E}, 65, kFloat32, false), v = att_randn({S, 2}, 66, kFloat32, false);
-  for (int64_t key : {0, 150, 299}) {
-    Tensor kn = k.clone();
-    kn.select(0, key).fill_(std::nanf(""));
-    const auto o = att_values(scaled_dot_product_attention(q, kn, v));
-    for (double x : o) EXPECT_TRUE(std::isnan(x)) << "NaN key " << key;
+  for (DType dt : {kFloat32, kBFloat16}) {
+    Tensor q = att_randn({L, E}, 64, kFloat32, false).to(dt), k = att_randn({S, E}, 65, kFloat32, false).to(dt),
+           v = att_randn({S, 2}, 66, kFloat32, false).to(dt);
+    for (int64_t key : {0, 150, 299}) {
+      Tensor kn = k.clone();
+      kn.select(0, key).fill_(std::nanf(""));
+      const auto o = att_values(scaled_dot_product_attention(q, kn, v));
+      for (double x : o) EXPECT_TRUE(std::isnan(x)) << name(dt) << " NaN key " << key;
+    }
+    Tensor qn = q.clone();
+    qn.select(0, 1).fill_(std::nanf(""));
+    const auto o = att_values(scaled_dot_product_attention(qn, k, v, Tensor(), 0.0, true));
+    for (int64_t i = 0; i < L; ++i)
+      for (int64_t c = 0; c < 2; ++c) EXPECT_EQ(std::isnan(o[i * 2 + c]), i == 1) << name(dt) << " " << i;
   }
-  Tensor qn = q.clone();
-  qn.select(0, 1).fill_(std::nanf(""));
-  const auto o = att_values(scaled_dot_product_attention(qn, k, v, Tensor(), 0.0, true));
-  for (int64_t i = 0; i < L; ++i)
-    for (int64_t c = 0; c < 2; ++c) EXPECT_EQ(std::isnan(o[i * 2 + c]), i == 1) << i;
 }
 
 TEST(Attention, AutocastRunsInLowPrecisionWithFloat32Grads) {
@@ -379,5 +384,188 @@ TEST(Attention, Errors) {
     FAIL() << "no error";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("is_causal"), std::string::npos) << e.what();
+  }
+}
+
+namespace {
+// q, k, v as GPT's attention holds them: heads of a packed [B, L, 3, H, D] projection,
+// permuted to [B, H, L, D] (no copy: unit stride along D only).
+std::array<Tensor, 3> att_packed_heads(const Tensor& qkv, int64_t H) {
+  const int64_t B = qkv.size(0), L = qkv.size(1), D = qkv.size(2) / (3 * H);
+  const Tensor x = qkv.reshape({B, L, 3, H, D}).permute({2, 0, 3, 1, 4});
+  return {x.select(0, 0), x.select(0, 1), x.select(0, 2)};
+}
+
+// Bitwise equality of two tensors' values (NaN compares unequal: it must not appear).
+void att_expect_same(const Tensor& a, const Tensor& b, const std::string& what) {
+  EXPECT_EQ(a.sizes(), b.sizes()) << what;
+  EXPECT_TRUE(att_values(a) == att_values(b)) << what << ": rel err " << att_rel_err(a, b);
+}
+
+// The masks both entries take: a bool [L, L], an additive [B, H, L, L] that needs its gradient.
+struct AttCase {
+  const char* name;
+  Tensor mask;
+  bool causal;
+  double p;
+};
+std::vector<AttCase> att_cases(int64_t B, int64_t H, int64_t L, int64_t S, DType mask_dtype) {
+  Generator g(123);
+  Tensor keep = gt(rand({L, S}, kFloat32, g), 0.25);
+  Tensor bias = randn({B, H, L, S}, kFloat32, g).to(mask_dtype);
+  bias.requires_grad_();
+  return {AttCase{"plain", Tensor(), false, 0.0}, AttCase{"causal", Tensor(), true, 0.0}, AttCase{"bool mask", keep, false, 0.0},
+          AttCase{"float mask", bias, false, 0.0}, AttCase{"causal dropout", Tensor(), true, 0.3}};
+}
+}  // namespace
+
+// Heads read by strides from a packed projection give what contiguous copies give, bit for bit:
+// the kernel's arithmetic does not depend on the layout. Odd sizes, several key blocks, both
+// backward schedules (B * H = 2 is below or at the thread count on small machines; 12 above).
+TEST(Attention, StridedViewsMatchContiguousBitwise) {
+  for (DType dt : {kFloat32, kFloat64, kBFloat16})
+    for (auto [B, H] : {std::pair<int64_t, int64_t>{1, 1}, std::pair<int64_t, int64_t>{3, 4}}) {
+      const int64_t L = 131, D = 7;
+      for (const AttCase& c : att_cases(B, H, L, L, dt == kFloat64 ? kFloat64 : kFloat32)) {
+        Tensor qkv = att_randn({B, L, 3 * H * D}, 200, kFloat32, false).to(dt).detach();
+        qkv.requires_grad_();
+        const auto views = att_packed_heads(qkv.detach(), H);
+        EXPECT_FALSE(views[0].is_contiguous());
+        std::vector<Tensor> in;
+        for (const Tensor& v : views) in.push_back(v.contiguous().detach().requires_grad_());
+        if (c.mask.defined() && c.mask.requires_grad()) in.push_back(c.mask);
+        auto run = [&](const std::array<Tensor, 3>& h) {
+          manual_seed(9);
+          return scaled_dot_product_attention(h[0], h[1], h[2], c.mask, c.p, c.causal);
+        };
+        const auto ref = att_run([&](const std::vector<Tensor>& x) { return run({x[0], x[1], x[2]}); }, in);
+        Tensor dmask_ref = c.mask.requires_grad() ? c.mask.grad() : Tensor();
+        std::vector<Tensor> packed_in{qkv};
+        if (c.mask.defined() && c.mask.requires_grad()) packed_in.push_back(c.mask);
+        const auto got = att_run([&](const std::vector<Tensor>& x) { return run(att_packed_heads(x[0], H)); }, packed_in);
+        const std::string what = std::string(name(dt)) + " " + c.name + " B*H " + std::to_string(B * H);
+        att_expect_same(got[0], ref[0], what + " out");
+        const auto dv = att_packed_heads(got[1], H);
+        for (int i = 0; i < 3; ++i) att_expect_same(dv[static_cast<std::size_t>(i)], ref[static_cast<std::size_t>(i) + 1], what + " grad " + std::to_string(i));
+        if (dmask_ref.defined()) att_expect_same(got[2], dmask_ref, what + " mask grad");
+      }
+    }
+}
+
+// The packed entry is the public op on head views with the heads merged, exactly; its gradient is
+// one contiguous [B, L, 3E] tensor.
+TEST(Attention, PackedMatchesHeadViewsBitwise) {
+  for (DType dt : {kFloat32, kFloat64, kBFloat16})
+    for (auto [B, H] : {std::pair<int64_t, int64_t>{1, 1}, std::pair<int64_t, int64_t>{2, 3}}) {
+      const int64_t L = 67, D = 5, E = H * D;
+      for (const AttCase& c : att_cases(B, H, L, L, dt == kFloat64 ? kFloat64 : kFloat32)) {
+        Tensor qkv = att_randn({B, L, 3 * E}, 300, kFloat32, false).to(dt).detach();
+        qkv.requires_grad_();
+        std::vector<Tensor> in{qkv};
+        if (c.mask.defined() && c.mask.requires_grad()) in.push_back(c.mask);
+        const auto ref = att_run([&](const std::vector<Tensor>& x) {
+          manual_seed(9);
+          const auto h = att_packed_heads(x[0], H);
+          return scaled_dot_product_attention(h[0], h[1], h[2], c.mask, c.p, c.causal).transpose(1, 2).reshape({B, L, E});
+        }, in);
+        const auto got = att_run([&](const std::vector<Tensor>& x) {
+          manual_seed(9);
+          return scaled_dot_product_attention_packed(x[0], H, c.mask, c.p, c.causal);
+        }, in);
+        const std::string what = std::string(name(dt)) + " " + c.name + " B*H " + std::to_string(B * H);
+        EXPECT_TRUE(got[0].is_contiguous()) << what;
+        EXPECT_TRUE(got[1].is_contiguous()) << what;
+        EXPECT_EQ(got[1].dtype(), dt) << what;
+        for (std::size_t i = 0; i < got.size(); ++i) att_expect_same(got[i], ref[i], what + " tensor " + std::to_string(i));
+      }
+    }
+}
+
+// Each kernel against a float64 composition of the same input values: relative norm error of the
+// output and every gradient. float32 computes exactly what float64 does in float32 arithmetic:
+// ~1e-7 per rounding (measured 2-4e-7), so 2e-6. bfloat16 rounds P and dS to bfloat16 (8
+// significant bits, relative error up to 2^-9 = 2e-3 per element) for their products, and every
+// result once on store: measured 2-3e-3, so 1e-2. A NaN fails (comparisons with
+// NaN are false). Odd L, S, E, Ev; S spans two key blocks; dropout against the explicit mask.
+TEST(Attention, KernelsMatchFloat64Reference) {
+  if (!cpu::gemm_16bit_available()) GTEST_LOG_(INFO) << "no AVX-512: bfloat16 is widened to float32 here";
+  for (const Shape& batch : {Shape{1}, Shape{2, 3}}) {
+    const int64_t L = 67, S = 131, E = 33, Ev = 19, B = numel_of(batch);
+    Shape qs = batch, ks = batch, vs = batch, ms = batch;
+    qs.insert(qs.end(), {L, E});
+    ks.insert(ks.end(), {S, E});
+    vs.insert(vs.end(), {S, Ev});
+    ms.insert(ms.end(), {L, S});
+    Generator g(400);
+    const Tensor keep = gt(rand({L, S}, kFloat32, g), 0.25);
+    const Tensor bias = randn(ms, kFloat32, g);
+    const double p = 0.3;
+    Generator mirror(77);
+    const uint64_t seed = mirror.next_u64();
+    Tensor drop = empty(ms, kFloat64);
+    for (int64_t i = 0; i < B * L * S; ++i) drop.data<double>()[i] = detail::sdpa_dropout_keep(seed, static_cast<uint64_t>(i), p) ? 1.0 / (1.0 - p) : 0.0;
+    for (auto [dt, tol] : {std::pair{kFloat32, 2e-6}, std::pair{kBFloat16, 1e-2}}) {
+      // Inputs representable in dt, so that the reference sees the kernel's very values.
+      auto input = [&](const Shape& s, uint64_t sd) { return att_randn(s, sd, kFloat32, false).to(dt).detach(); };
+      Tensor q = input(qs, 401), k = input(ks, 402), v = input(vs, 403);
+      const Tensor bmask = bias.to(dt);
+      struct Case {
+        const char* name;
+        Tensor mask;
+        bool causal;
+        bool dropout;
+      };
+      for (const Case& c : {Case{"plain", Tensor(), false, false}, Case{"causal", Tensor(), true, false}, Case{"bool", keep, false, false},
+                            Case{"float", bmask, false, false}, Case{"dropout", Tensor(), false, true}}) {
+        std::vector<Tensor> in{q.requires_grad_(), k.requires_grad_(), v.requires_grad_()};
+        const auto got = att_run([&](const std::vector<Tensor>& x) {
+          manual_seed(77);
+          return scaled_dot_product_attention(x[0], x[1], x[2], c.mask, c.dropout ? p : 0.0, c.causal);
+        }, in);
+        std::vector<Tensor> in64;
+        for (const Tensor& t : in) in64.push_back(t.detach().to(kFloat64).requires_grad_());
+        const Tensor m64 = c.mask.defined() && c.mask.is_floating_point() ? c.mask.to(kFloat64) : c.mask;
+        const auto ref = att_run([&](const std::vector<Tensor>& x) {
+          return att_reference(x[0], x[1], x[2], m64, c.causal, std::nullopt, c.dropout ? drop : Tensor());
+        }, in64);
+        for (std::size_t i = 0; i < got.size(); ++i) {
+          EXPECT_EQ(got[i].dtype(), dt);
+          EXPECT_LT(att_rel_err(got[i], ref[i]), tol) << name(dt) << " " << c.name << " batch " << batch.size() << " tensor " << i;
+        }
+      }
+    }
+  }
+}
+
+// The packed entry allocates its output and logsumexp and nothing else in forward (no head
+// copies, no widened inputs, no merge), under bfloat16 autocast as GPT runs it.
+TEST(Attention, PackedForwardAllocatesNoHeadCopies) {
+  const int64_t B = 2, L = 40, H = 4, D = 16, E = H * D;
+  Tensor x = att_randn({B, L, 3 * E}, 500, kFloat32);
+  Tensor out;
+  {
+    autocast ac(Device::CPU, kBFloat16);
+    Tensor qkv = x.to(kBFloat16);  // as the projection's output is
+    const int64_t before = memory_stats().num_allocs;
+    out = scaled_dot_product_attention_packed(qkv, H, Tensor(), 0.0, true);
+    EXPECT_EQ(memory_stats().num_allocs - before, 2) << "output and logsumexp only";
+  }
+  EXPECT_EQ(out.dtype(), kBFloat16);
+  EXPECT_EQ(out.sizes(), (Shape{B, L, E}));
+  EXPECT_TRUE(out.is_contiguous());
+}
+
+TEST(Attention, PackedErrors) {
+  Tensor qkv = ones({2, 5, 12});
+  EXPECT_THROW(scaled_dot_product_attention_packed(ones({2, 5, 13}), 2), Error);         // 3E not a multiple of 3 heads
+  EXPECT_THROW(scaled_dot_product_attention_packed(ones({5, 12}), 2), Error);            // rank
+  EXPECT_THROW(scaled_dot_product_attention_packed(qkv, 0), Error);                      // heads
+  EXPECT_THROW(scaled_dot_product_attention_packed(qkv, 2, ones({4, 5}, kBool)), Error);  // mask shape
+  EXPECT_THROW(scaled_dot_product_attention_packed(qkv, 2, ones({5, 5}, kBool), 0.0, true), Error);
+  try {
+    scaled_dot_product_attention_packed(ones({2, 5, 13}), 2);
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("scaled_dot_product_attention_packed"), std::string::npos) << e.what();
   }
 }

@@ -72,18 +72,6 @@ class MultiheadAttention : public Module {
     MIXPREC_CHECK(key.size(0) == B && value.size(0) == B && value.size(1) == S, "MultiheadAttention: query ", query.sizes(), ", key ",
                   key.sizes(), " and value ", value.sizes(), " disagree on batch or sequence length");
 
-    Tensor q, k, v;
-    if (query.is_same(key) && key.is_same(value)) {  // self-attention: one GEMM for all three
-      const std::vector<Tensor> qkv = mixprec::chunk(mixprec::linear(query, in_proj_weight, in_proj_bias), 3, -1);
-      q = qkv[0], k = qkv[1], v = qkv[2];
-    } else {
-      auto proj = [&](const Tensor& x, int64_t i) {
-        return mixprec::linear(x, in_proj_weight.narrow(0, i * E, E), in_proj_bias.defined() ? in_proj_bias.narrow(0, i * E, E) : Tensor());
-      };
-      q = proj(query, 0), k = proj(key, 1), v = proj(value, 2);
-    }
-    auto heads = [&](const Tensor& t, int64_t n) { return t.reshape({B, n, H, D}).transpose(1, 2); };  // [B, H, n, D]
-
     Tensor mask;  // broadcastable to [B, H, L, S]
     if (attn_mask.defined()) {
       const bool per_head = attn_mask.dim() == 3 && attn_mask.size(0) == B * H && attn_mask.size(1) == L && attn_mask.size(2) == S;
@@ -104,9 +92,22 @@ class MultiheadAttention : public Module {
       mask = mixprec::add(mask, detail::mha_causal_mask(L, S));
       causal = false;
     }
-    const Tensor o = mixprec::scaled_dot_product_attention(heads(q, L), heads(k, S), heads(v, S), mask,
-                                                           is_training() ? dropout : 0.0, causal);
-    return out_proj->forward(o.transpose(1, 2).reshape({B, L, E}));
+    const double p = is_training() ? dropout : 0.0;
+    Tensor o;  // [B, L, E], heads merged
+    if (query.is_same(key) && key.is_same(value)) {
+      // Self-attention: one GEMM for all three projections, whose output the attention reads by
+      // strides and whose gradient it writes in one piece (no head split or merge copies).
+      o = mixprec::scaled_dot_product_attention_packed(mixprec::linear(query, in_proj_weight, in_proj_bias), H, mask, p, causal);
+    } else {
+      auto proj = [&](const Tensor& x, int64_t i) {
+        return mixprec::linear(x, in_proj_weight.narrow(0, i * E, E), in_proj_bias.defined() ? in_proj_bias.narrow(0, i * E, E) : Tensor());
+      };
+      auto heads = [&](const Tensor& t, int64_t n) { return t.reshape({B, n, H, D}).transpose(1, 2); };  // [B, H, n, D] views
+      o = mixprec::scaled_dot_product_attention(heads(proj(query, 0), L), heads(proj(key, 1), S), heads(proj(value, 2), S), mask, p, causal)
+              .transpose(1, 2)
+              .reshape({B, L, E});
+    }
+    return out_proj->forward(o);
   }
 
   std::string extra_repr() const override {

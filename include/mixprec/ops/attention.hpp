@@ -2,13 +2,20 @@
 // scaled_dot_product_attention, fused and memory-lean (FlashAttention-2 style on the CPU):
 // queries are processed in blocks with an online softmax, so the [L, S] probability matrix is
 // never stored; backward recomputes each block's probabilities from the saved row logsumexp.
-// Everything is computed in acc_t (float for 16-bit inputs, double for double) through the
-// shared GEMM, and rounded once on store. Dropout uses a counter-based hash of (seed, position),
-// so backward regenerates the same mask without saving it and the result does not depend on
-// how blocks are split across threads.
+// The CPU kernel reads q, k, v and writes its results through strides (unit stride along the
+// head dim only), so heads split off a packed projection, and merged back, cost no copies
+// (scaled_dot_product_attention_packed). Scores, softmax statistics and gradient accumulators
+// are in acc_t (float32; float64 for float64). bfloat16 inputs are read as they are: the
+// products run on the 16-bit GEMM (vdpbf16ps where the CPU has it), with the probabilities P and
+// their gradients dS rounded to bfloat16 for the products that take them, as FlashAttention does
+// on tensor cores. float16 is widened to float32: its GEMM runs float32 FMAs anyway, and P or dS
+// rounded to float16 would lose small values to subnormals. Results are rounded once on store.
+// Dropout uses a counter-based hash of (seed, position), so backward regenerates the same mask
+// without saving it and the result does not depend on how blocks are split across threads.
 #include <algorithm>
 #include <limits>
 
+#include "mixprec/backends/cpu/gemm.hpp"
 #include "mixprec/ops/activation.hpp"
 #include "mixprec/ops/shape.hpp"
 
@@ -27,13 +34,18 @@ inline bool sdpa_dropout_keep(uint64_t seed, uint64_t i, double p) { return drop
 // x * 2^-53 >= p  <=>  x >= ceil(p * 2^53) for an integer x, and p * 2^53 is exact in double.
 inline uint64_t sdpa_dropout_threshold(double p) { return p <= 0 ? 0 : static_cast<uint64_t>(std::ceil(std::ldexp(p, 53))); }
 
-// A batch of matrices with unit column stride: element (b, r, c) is at data + off[b] + r * rs + c.
-template <class C>
+// What the CPU kernel accumulates in for element type T: double for double, else float.
+template <class T>
+using sdpa_acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// A batch of matrices with unit column stride: element (b, r, c) is at row(b, r)[c].
+template <class T>
 struct SdpaMat {
-  Tensor keep;  // owns the (possibly converted) data
-  const C* data = nullptr;
+  Tensor keep;  // owns the data (a converted copy where an input could not be read in place)
+  T* data = nullptr;
   std::vector<int64_t> off;
   int64_t rs = 0;
+  T* row(int64_t b, int64_t r) const { return data + off[static_cast<std::size_t>(b)] + r * rs; }
 };
 
 // Offsets of each flattened batch index of `t` (already expanded to batch + 2 matrix dims).
@@ -51,27 +63,151 @@ inline std::vector<int64_t> sdpa_batch_offsets(const Tensor& t, const Shape& bat
   return off;
 }
 
-template <class C>
-SdpaMat<C> sdpa_mat(const Tensor& t, const Shape& batch) {
+// Whether the kernel can address t's matrices as they are: unit stride along the last dim,
+// rows that do not overlap.
+inline bool sdpa_layout_ok(const Tensor& t) {
   const int64_t rows = t.size(-2), cols = t.size(-1);
-  const bool usable = t.dtype() == dtype_of<C> && (t.stride(-1) == 1 || cols <= 1) &&
-                      (rows <= 1 || t.stride(-2) >= std::max<int64_t>(cols, 1));
-  SdpaMat<C> m;
-  m.keep = usable ? t : contiguous_raw(t, dtype_of<C>);
+  return (t.stride(-1) == 1 || cols <= 1) && (rows <= 1 || t.stride(-2) >= std::max<int64_t>(cols, 1));
+}
+
+// t's matrices, broadcast to the batch (t already has sdpa_layout_ok and T's dtype).
+template <class T>
+SdpaMat<T> sdpa_view(const Tensor& t, const Shape& batch) {
   Shape full = batch;
-  full.push_back(rows);
-  full.push_back(cols);
-  const Tensor e = expand_raw(m.keep, full);
-  m.data = m.keep.template data<C>();
+  full.push_back(t.size(-2));
+  full.push_back(t.size(-1));
+  const Tensor e = expand_raw(t, full);
+  SdpaMat<T> m;
+  m.keep = t;
+  m.data = t.template data<std::remove_const_t<T>>();
   m.off = sdpa_batch_offsets(e, batch);
   m.rs = e.stride(-2);
   return m;
 }
 
-template <class C>
+// An input: read in place where the layout allows (a head of a packed projection is a strided
+// view), else a contiguous copy in T.
+template <class T>
+SdpaMat<const T> sdpa_mat(const Tensor& t, const Shape& batch) {
+  const bool in_place = t.dtype() == dtype_of<T> && sdpa_layout_ok(t);
+  return sdpa_view<const T>(in_place ? t : contiguous_raw(t, dtype_of<T>), batch);
+}
+
+// c (+)= a b on the kernel's element type: the float / double GEMM, or bfloat16 read directly
+// with float32 accumulation (sdpa_dispatch picks bfloat16 only where cpu::gemm_16bit runs).
+template <class T, class C>
+void sdpa_gemm(const T* a, int64_t as0, int64_t as1, const T* b, int64_t bs0, int64_t bs1, C* c, int64_t M, int64_t N, int64_t K,
+               bool accumulate) {
+  if constexpr (std::is_same_v<T, C>) cpu::gemm<C>(a, as0, as1, b, bs0, bs1, c, M, N, K, accumulate);
+  else cpu::gemm_16bit<T>(a, as0, as1, b, bs0, bs1, c, M, N, K, accumulate);
+}
+
+// dst[0, n) = src[0, n), rounded once where T is narrower than C.
+template <class T, class C>
+void sdpa_store(const C* src, T* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, C>) std::copy(src, src + n, dst);
+  else convert(src, dst, n);
+}
+
+// The kernels' row loops. The bfloat16 kernel runs only where cpu::gemm_16bit_available() (an
+// AVX-512 CPU with FMA), so its loops take 16 lanes at a time with no dispatch of their own;
+// float32 and float64 keep the plain loops and std::exp, and with them their exact results.
+#if defined(MIXPREC_X86_SIMD)
+// exp(x) = 2^n e^r with x = n ln2 + r, |r| <= ln2 / 2, and Cephes' degree-5 polynomial for e^r:
+// about 1 ulp, far below bfloat16's rounding. -inf gives 0, +inf gives inf, NaN stays NaN (the
+// clamps pass a NaN second operand through).
+MIXPREC_TARGET_GEMM512 inline __m512 sdpa_exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_set1_ps(88.8f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(y, n);
+}
+MIXPREC_TARGET_GEMM512 inline float sdpa_row_max16(const float* row, int64_t n) {
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 mx = ninf;
+  __mmask16 nan = 0;
+  for (int64_t c = 0; c < n; c += 16) {
+    const __m512 x = _mm512_mask_loadu_ps(ninf, cpu::avx512::detail::lanes(n - c), row + c);
+    nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    mx = _mm512_max_ps(mx, x);
+  }
+  return nan ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(mx);
+}
+MIXPREC_TARGET_GEMM512 inline float sdpa_exp_sum16(float* row, int64_t n, float m) {
+  const __m512 mv = _mm512_set1_ps(m);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t c = 0; c < n; c += 16) {
+    const __mmask16 k = cpu::avx512::detail::lanes(n - c);
+    const __m512 e = sdpa_exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, row + c), mv));
+    sum = _mm512_mask_add_ps(sum, k, sum, e);
+    _mm512_mask_storeu_ps(row + c, k, e);
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+MIXPREC_TARGET_GEMM512 inline void sdpa_scale16(float* row, int64_t n, float a) {
+  const __m512 av = _mm512_set1_ps(a);
+  for (int64_t c = 0; c < n; c += 16) {
+    const __mmask16 k = cpu::avx512::detail::lanes(n - c);
+    _mm512_mask_storeu_ps(row + c, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, row + c), av));
+  }
+}
+// dp[c] = s[c] * (dp[c] - d) * scale: dS from dP, scaled for the products that take it.
+MIXPREC_TARGET_GEMM512 inline void sdpa_ds16(const float* s, float* dp, int64_t n, float d, float scale) {
+  const __m512 dv = _mm512_set1_ps(d), sv = _mm512_set1_ps(scale);
+  for (int64_t c = 0; c < n; c += 16) {
+    const __mmask16 k = cpu::avx512::detail::lanes(n - c);
+    const __m512 ds = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, s + c), _mm512_sub_ps(_mm512_maskz_loadu_ps(k, dp + c), dv));
+    _mm512_mask_storeu_ps(dp + c, k, _mm512_mul_ps(ds, sv));
+  }
+}
+#endif
+
+// NaN-propagating row max: a NaN score must reach the output (overflow checks rely on it), not
+// be skipped as if the row were masked.
+template <class T, class C>
+C sdpa_row_max(const C* row, int64_t n) {
+#if defined(MIXPREC_X86_SIMD)
+  if constexpr (!std::is_same_v<T, C>) return sdpa_row_max16(row, n);
+#endif
+  auto nanmax = [](C a, C b) { return a != a || a > b ? a : b; };
+  C mx = -std::numeric_limits<C>::infinity();
+  for (int64_t c = 0; c < n; ++c) mx = nanmax(mx, row[c]);
+  return mx;
+}
+// row[c] = exp(row[c] - m); returns their sum.
+template <class T, class C>
+C sdpa_exp_sum(C* row, int64_t n, C m) {
+#if defined(MIXPREC_X86_SIMD)
+  if constexpr (!std::is_same_v<T, C>) return sdpa_exp_sum16(row, n, m);
+#endif
+  C sum = 0;
+  for (int64_t c = 0; c < n; ++c) {
+    const C e = std::exp(row[c] - m);
+    sum += e;
+    row[c] = e;
+  }
+  return sum;
+}
+template <class T, class C>
+void sdpa_scale_row(C* row, int64_t n, C a) {
+#if defined(MIXPREC_X86_SIMD)
+  if constexpr (!std::is_same_v<T, C>) return sdpa_scale16(row, n, a);
+#endif
+  for (int64_t c = 0; c < n; ++c) row[c] *= a;
+}
+
+template <class T>
 struct SdpaProblem {
+  using C = sdpa_acc_t<T>;
+  // bfloat16: P and dS are rounded to T for the products that take them.
+  static constexpr bool kNarrow = !std::is_same_v<T, C>;
   int64_t B = 0, L = 0, S = 0, E = 0, Ev = 0;
-  SdpaMat<C> q, k, v;
+  SdpaMat<const T> q, k, v;
   // Mask: bool (true = keep) or additive, element (b, i, j) at moff[b] + i * mr + j * mc.
   Tensor mask_keep;
   const bool* mb = nullptr;
@@ -92,7 +228,7 @@ struct SdpaProblem {
 
   // s[r * nk + c] = scaled, masked logit of query i0 + r and key j0 + c (-inf when masked).
   void logits(int64_t b, int64_t i0, int64_t nq, int64_t j0, int64_t nk, C* s) const {
-    cpu::gemm<C>(q.data + q.off[b] + i0 * q.rs, q.rs, 1, k.data + k.off[b] + j0 * k.rs, 1, k.rs, s, nq, nk, E, false);
+    sdpa_gemm<T, C>(q.row(b, i0), q.rs, 1, k.row(b, j0), 1, k.rs, s, nq, nk, E, false);
     constexpr C ninf = -std::numeric_limits<C>::infinity();
     for (int64_t r = 0; r < nq; ++r) {
       C* row = s + r * nk;
@@ -104,7 +240,7 @@ struct SdpaProblem {
         const C* m = mf + moff[b] + i * mr + j0 * mc;
         for (int64_t c = 0; c < nk; ++c) row[c] = row[c] * scale + m[c * mc];
       } else {
-        for (int64_t c = 0; c < nk; ++c) row[c] *= scale;
+        sdpa_scale_row<T>(row, nk, scale);
       }
       if (causal)
         for (int64_t c = std::max<int64_t>(0, i - j0 + 1); c < nk; ++c) row[c] = ninf;
@@ -112,26 +248,29 @@ struct SdpaProblem {
   }
 };
 
-// Runs f(task, scratch) for tasks [0, n), dealt round-robin to threads: causal blocks grow
-// with the row index, and round-robin keeps the threads' shares even.
-template <class C, class F>
-void sdpa_for_tasks(int64_t n, double flops_per_task, std::size_t scratch, F f) {
+// Runs f(task, scratch, narrow scratch) for tasks [0, n), dealt round-robin to threads: causal
+// blocks grow with the row index, and round-robin keeps the threads' shares even.
+template <class C, class T, class F>
+void sdpa_for_tasks(int64_t n, double flops_per_task, std::size_t scratch, std::size_t narrow_scratch, F f) {
   const bool small = flops_per_task * static_cast<double>(n) < 2e5;
   const int64_t nt = small ? 1 : std::min<int64_t>(cpu::num_threads(), n);
   cpu::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
     std::vector<C> buf(scratch);
+    std::vector<T> nbuf(narrow_scratch);
     for (int64_t slot = b; slot < e; ++slot)
-      for (int64_t t = slot; t < n; t += nt) f(t, buf.data());
+      for (int64_t t = slot; t < n; t += nt) f(t, buf.data(), nbuf.data());
   });
 }
 
-template <class C>
-void sdpa_forward_kernel(const SdpaProblem<C>& P, C* out, C* lse) {
+template <class T>
+void sdpa_forward_kernel(const SdpaProblem<T>& P, const SdpaMat<T>& out, sdpa_acc_t<T>* lse) {
+  using C = sdpa_acc_t<T>;
   constexpr int64_t BQ = kSdpaBlockQ, BK = kSdpaBlockK;
   const int64_t nqb = (P.L + BQ - 1) / BQ;
   const std::size_t scratch = static_cast<std::size_t>(BQ * BK + BQ * P.Ev + 2 * BQ);
+  const std::size_t narrow = SdpaProblem<T>::kNarrow ? static_cast<std::size_t>(BQ * BK) : 0;
   const double flops = 2.0 * static_cast<double>(BQ * P.S * (P.E + P.Ev));
-  sdpa_for_tasks<C>(P.B * nqb, flops, scratch, [&](int64_t t, C* buf) {
+  sdpa_for_tasks<C, T>(P.B * nqb, flops, scratch, narrow, [&](int64_t t, C* buf, T* pn) {
     const int64_t b = t / nqb, i0 = (t % nqb) * BQ, nq = std::min(BQ, P.L - i0);
     C* s = buf;
     C* o = s + BQ * BK;
@@ -147,62 +286,60 @@ void sdpa_forward_kernel(const SdpaProblem<C>& P, C* out, C* lse) {
       P.logits(b, i0, nq, j0, nk, s);
       for (int64_t r = 0; r < nq; ++r) {
         C* row = s + r * nk;
-        // NaN-propagating max: a NaN score must reach the output (overflow checks rely on it),
-        // not be skipped as if the row were masked.
-        auto nanmax = [](C a, C b) { return a != a || a > b ? a : b; };
-        C mx = ninf;
-        for (int64_t c = 0; c < nk; ++c) mx = nanmax(mx, row[c]);
-        const C mnew = nanmax(m[r], mx);
+        const C mx = sdpa_row_max<T>(row, nk);
+        const C mnew = m[r] != m[r] || m[r] > mx ? m[r] : mx;  // NaN-propagating, as sdpa_row_max
         if (mnew == ninf) {  // everything so far is masked: contributes nothing
           std::fill(row, row + nk, C(0));
           continue;
         }
         const C alpha = std::exp(m[r] - mnew);
-        C sum = 0;
-        for (int64_t c = 0; c < nk; ++c) {
-          const C e = std::exp(row[c] - mnew);
-          sum += e;
-          row[c] = e;
-        }
+        const C sum = sdpa_exp_sum<T>(row, nk, mnew);
         if (P.p > 0)
           for (int64_t c = 0; c < nk; ++c) row[c] = P.keep(b, i0 + r, j0 + c) ? row[c] * P.keep_scale : C(0);
         l[r] = l[r] * alpha + sum;
-        if (alpha != C(1))
-          for (int64_t c = 0; c < P.Ev; ++c) o[r * P.Ev + c] *= alpha;
+        if (alpha != C(1)) sdpa_scale_row<T>(o + r * P.Ev, P.Ev, alpha);
         m[r] = mnew;
       }
-      cpu::gemm<C>(s, nk, 1, P.v.data + P.v.off[b] + j0 * P.v.rs, P.v.rs, 1, o, nq, P.Ev, nk, true);
+      if constexpr (SdpaProblem<T>::kNarrow) {
+        sdpa_store(s, pn, nq * nk);
+        sdpa_gemm<T, C>(pn, nk, 1, P.v.row(b, j0), P.v.rs, 1, o, nq, P.Ev, nk, true);
+      } else {
+        sdpa_gemm<T, C>(s, nk, 1, P.v.row(b, j0), P.v.rs, 1, o, nq, P.Ev, nk, true);
+      }
     }
     for (int64_t r = 0; r < nq; ++r) {
-      const int64_t row = b * P.L + i0 + r;
       // A fully masked row attends to nothing: output 0, and lse = +inf makes its
       // recomputed probabilities 0 in backward.
       const C inv = l[r] > 0 ? C(1) / l[r] : C(0);
-      for (int64_t c = 0; c < P.Ev; ++c) out[row * P.Ev + c] = o[r * P.Ev + c] * inv;
-      lse[row] = l[r] > 0 ? m[r] + std::log(l[r]) : std::numeric_limits<C>::infinity();
+      C* orow = o + r * P.Ev;
+      sdpa_scale_row<T>(orow, P.Ev, inv);
+      sdpa_store(orow, out.row(b, i0 + r), P.Ev);
+      lse[b * P.L + i0 + r] = l[r] > 0 ? m[r] + std::log(l[r]) : std::numeric_limits<C>::infinity();
     }
   });
 }
 
-// Gradients of one (query block, key block) pair. dq/dk/dv/dm are [B, L|S, ...] buffers; a
-// caller passes want_dq / want_dkv so that no two threads write the same rows.
-template <class C>
+// Backward, FlashAttention-2 style: each task accumulates its gradient rows in float scratch
+// and stores them once, rounded, into the caller's (possibly strided) gradient tensors.
+template <class T>
 struct SdpaBackward {
-  const SdpaProblem<C>& P;
-  const C* dout;  // [B, L, Ev] contiguous
-  const C* lse;   // [B, L]
-  const C* D;     // [B, L]: rowsum(dout * out)
-  C *dq, *dk, *dv, *dm;
+  using C = sdpa_acc_t<T>;
+  const SdpaProblem<T>& P;
+  SdpaMat<const T> dout;  // [B, L, Ev]
+  const C* lse;           // [B, L]
+  const C* D;             // [B, L]: rowsum(dout * out)
+  C* dm;                  // [B, L, S] mask gradient, or null
 
-  void block(int64_t b, int64_t i0, int64_t nq, int64_t j0, int64_t nk, bool want_dq, bool want_dkv, C* s, C* dp) const {
+  // One (query block, key block) pair into accumulators: dq_acc holds query rows i0.. (E wide),
+  // dk_acc and dv_acc key rows j0.. (E and Ev wide); a null one is not wanted, and callers pick
+  // them so that no two threads write the same rows. dm is written with dk / dv: once per pair.
+  void block(int64_t b, int64_t i0, int64_t nq, int64_t j0, int64_t nk, C* dq_acc, C* dk_acc, C* dv_acc, C* s, C* dp, T* pn) const {
+    constexpr bool narrow = SdpaProblem<T>::kNarrow;
     P.logits(b, i0, nq, j0, nk, s);
-    for (int64_t r = 0; r < nq; ++r) {
-      const C z = lse[b * P.L + i0 + r];
-      for (int64_t c = 0; c < nk; ++c) s[r * nk + c] = std::exp(s[r * nk + c] - z);
-    }
-    const C* go = dout + (b * P.L + i0) * P.Ev;
+    for (int64_t r = 0; r < nq; ++r) sdpa_exp_sum<T>(s + r * nk, nk, lse[b * P.L + i0 + r]);
+    const T* go = dout.row(b, i0);
     const bool drop = P.p > 0;
-    if (want_dkv) {
+    if (dv_acc) {
       const C* pd = s;
       if (drop) {
         for (int64_t r = 0; r < nq; ++r)
@@ -210,71 +347,120 @@ struct SdpaBackward {
             dp[r * nk + c] = P.keep(b, i0 + r, j0 + c) ? s[r * nk + c] * P.keep_scale : C(0);
         pd = dp;
       }
-      cpu::gemm<C>(pd, 1, nk, go, P.Ev, 1, dv + (b * P.S + j0) * P.Ev, nk, P.Ev, nq, true);
+      if constexpr (narrow) {
+        sdpa_store(pd, pn, nq * nk);
+        sdpa_gemm<T, C>(pn, 1, nk, go, dout.rs, 1, dv_acc, nk, P.Ev, nq, true);
+      } else {
+        sdpa_gemm<T, C>(pd, 1, nk, go, dout.rs, 1, dv_acc, nk, P.Ev, nq, true);
+      }
     }
-    cpu::gemm<C>(go, P.Ev, 1, P.v.data + P.v.off[b] + j0 * P.v.rs, 1, P.v.rs, dp, nq, nk, P.Ev, false);
+    sdpa_gemm<T, C>(go, dout.rs, 1, P.v.row(b, j0), 1, P.v.rs, dp, nq, nk, P.Ev, false);
     for (int64_t r = 0; r < nq; ++r) {
       const int64_t i = i0 + r;
       const C Di = D[b * P.L + i];
+#if defined(MIXPREC_X86_SIMD)
+      if constexpr (narrow) {
+        if (!drop && !(dm && dk_acc)) {
+          sdpa_ds16(s + r * nk, dp + r * nk, nk, Di, P.scale);
+          continue;
+        }
+      }
+#endif
       for (int64_t c = 0; c < nk; ++c) {
         C d = dp[r * nk + c];
         if (drop) d = P.keep(b, i, j0 + c) ? d * P.keep_scale : C(0);
         const C ds = s[r * nk + c] * (d - Di);
-        if (dm && want_dkv) dm[(b * P.L + i) * P.S + j0 + c] = ds;
+        if (dm && dk_acc) dm[(b * P.L + i) * P.S + j0 + c] = ds;
         dp[r * nk + c] = ds * P.scale;
       }
     }
-    if (want_dq) cpu::gemm<C>(dp, nk, 1, P.k.data + P.k.off[b] + j0 * P.k.rs, P.k.rs, 1, dq + (b * P.L + i0) * P.E, nq, P.E, nk, true);
-    if (want_dkv) cpu::gemm<C>(dp, 1, nk, P.q.data + P.q.off[b] + i0 * P.q.rs, P.q.rs, 1, dk + (b * P.S + j0) * P.E, nk, P.E, nq, true);
+    const T* ds = nullptr;
+    if constexpr (narrow) {
+      sdpa_store(dp, pn, nq * nk);
+      ds = pn;
+    } else {
+      ds = dp;
+    }
+    if (dq_acc) sdpa_gemm<T, C>(ds, nk, 1, P.k.row(b, j0), P.k.rs, 1, dq_acc, nq, P.E, nk, true);
+    if (dk_acc) sdpa_gemm<T, C>(ds, 1, nk, P.q.row(b, i0), P.q.rs, 1, dk_acc, nk, P.E, nq, true);
   }
 
-  void run() const {
+  // Writes every row of dq, dk, dv (G: T, or C where the caller still sums over broadcast dims).
+  template <class G>
+  void run(const SdpaMat<G>& dq, const SdpaMat<G>& dk, const SdpaMat<G>& dv) const {
     constexpr int64_t BQ = kSdpaBlockQ, BK = kSdpaBlockK;
-    const int64_t nqb = (P.L + BQ - 1) / BQ, nkb = (P.S + BK - 1) / BK;
-    const std::size_t scratch = static_cast<std::size_t>(2 * BQ * BK);
-    const double block_flops = 2.0 * static_cast<double>(BQ * BK * (2 * P.E + 3 * P.Ev));
+    const int64_t L = P.L, S = P.S, E = P.E, Ev = P.Ev;
+    const int64_t nqb = (L + BQ - 1) / BQ, nkb = (S + BK - 1) / BK;
+    const int64_t blocks = 2 * BQ * BK;  // s and dp
+    const std::size_t narrow = SdpaProblem<T>::kNarrow ? static_cast<std::size_t>(BQ * BK) : 0;
+    const double block_flops = 2.0 * static_cast<double>(BQ * BK * (2 * E + 3 * Ev));
+    auto store = [](const C* acc, const SdpaMat<G>& g, int64_t b, int64_t r0, int64_t rows, int64_t w) {
+      for (int64_t r = 0; r < rows; ++r) sdpa_store(acc + r * w, g.row(b, r0 + r), w);
+    };
     if (P.B >= cpu::num_threads()) {
-      // One batch entry per task: every buffer row is written by one thread.
-      sdpa_for_tasks<C>(P.B, block_flops * static_cast<double>(nqb * nkb), scratch, [&](int64_t b, C* buf) {
-        for (int64_t kb = 0; kb < nkb; ++kb)
-          for (int64_t qb = 0; qb < nqb; ++qb) {
-            const int64_t i0 = qb * BQ, nq = std::min(BQ, P.L - i0), j0 = kb * BK;
-            if (P.key_end(i0 + nq) <= j0) continue;
-            block(b, i0, nq, j0, std::min(BK, P.key_end(i0 + nq) - j0), true, true, buf, buf + BQ * BK);
-          }
-      });
+      // One batch entry per task, its gradients accumulated in the task's scratch.
+      const int64_t acc = L * E + S * (E + Ev);
+      sdpa_for_tasks<C, T>(P.B, block_flops * static_cast<double>(nqb * nkb), static_cast<std::size_t>(blocks + acc), narrow,
+                           [&](int64_t b, C* buf, T* pn) {
+                             C* dqa = buf + blocks;
+                             C* dka = dqa + L * E;
+                             C* dva = dka + S * E;
+                             std::fill(dqa, dqa + acc, C(0));
+                             for (int64_t kb = 0; kb < nkb; ++kb)
+                               for (int64_t qb = 0; qb < nqb; ++qb) {
+                                 const int64_t i0 = qb * BQ, nq = std::min(BQ, L - i0), j0 = kb * BK;
+                                 if (P.key_end(i0 + nq) <= j0) continue;
+                                 block(b, i0, nq, j0, std::min(BK, P.key_end(i0 + nq) - j0), dqa + i0 * E, dka + j0 * E,
+                                       dva + j0 * Ev, buf, buf + BQ * BK, pn);
+                               }
+                             store(dqa, dq, b, 0, L, E);
+                             store(dka, dk, b, 0, S, E);
+                             store(dva, dv, b, 0, S, Ev);
+                           });
       return;
     }
     // Few batch entries: split over key blocks for dK/dV, then over query blocks for dQ
     // (recomputing the scores once more beats serialising on a shared dQ).
-    sdpa_for_tasks<C>(P.B * nkb, block_flops * static_cast<double>(nqb), scratch, [&](int64_t t, C* buf) {
-      const int64_t b = t / nkb, j0 = (t % nkb) * BK;
-      for (int64_t qb = 0; qb < nqb; ++qb) {
-        const int64_t i0 = qb * BQ, nq = std::min(BQ, P.L - i0);
-        if (P.key_end(i0 + nq) <= j0) continue;
-        block(b, i0, nq, j0, std::min(BK, P.key_end(i0 + nq) - j0), false, true, buf, buf + BQ * BK);
-      }
-    });
-    sdpa_for_tasks<C>(P.B * nqb, block_flops * static_cast<double>(nkb), scratch, [&](int64_t t, C* buf) {
-      const int64_t b = t / nqb, i0 = (t % nqb) * BQ, nq = std::min(BQ, P.L - i0);
-      const int64_t kend = P.key_end(i0 + nq);
-      for (int64_t j0 = 0; j0 < kend; j0 += BK) block(b, i0, nq, j0, std::min(BK, kend - j0), true, false, buf, buf + BQ * BK);
-    });
+    sdpa_for_tasks<C, T>(P.B * nkb, block_flops * static_cast<double>(nqb), static_cast<std::size_t>(blocks + BK * (E + Ev)), narrow,
+                         [&](int64_t t, C* buf, T* pn) {
+                           const int64_t b = t / nkb, j0 = (t % nkb) * BK, rows = std::min(BK, S - j0);
+                           C* dka = buf + blocks;
+                           C* dva = dka + BK * E;
+                           std::fill(dka, dka + BK * (E + Ev), C(0));
+                           for (int64_t qb = 0; qb < nqb; ++qb) {
+                             const int64_t i0 = qb * BQ, nq = std::min(BQ, L - i0);
+                             if (P.key_end(i0 + nq) <= j0) continue;
+                             block(b, i0, nq, j0, std::min(BK, P.key_end(i0 + nq) - j0), nullptr, dka, dva, buf, buf + BQ * BK, pn);
+                           }
+                           store(dka, dk, b, j0, rows, E);
+                           store(dva, dv, b, j0, rows, Ev);
+                         });
+    sdpa_for_tasks<C, T>(P.B * nqb, block_flops * static_cast<double>(nkb), static_cast<std::size_t>(blocks + BQ * E), narrow,
+                         [&](int64_t t, C* buf, T* pn) {
+                           const int64_t b = t / nqb, i0 = (t % nqb) * BQ, nq = std::min(BQ, L - i0);
+                           C* dqa = buf + blocks;
+                           std::fill(dqa, dqa + BQ * E, C(0));
+                           const int64_t kend = P.key_end(i0 + nq);
+                           for (int64_t j0 = 0; j0 < kend; j0 += BK)
+                             block(b, i0, nq, j0, std::min(BK, kend - j0), dqa, nullptr, nullptr, buf, buf + BQ * BK, pn);
+                           store(dqa, dq, b, i0, nq, E);
+                         });
   }
 };
 
-template <class C>
-SdpaProblem<C> sdpa_problem(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask, const Shape& batch,
+template <class T>
+SdpaProblem<T> sdpa_problem(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask, const Shape& batch,
                             bool causal, double scale, double p, uint64_t seed) {
-  SdpaProblem<C> P;
+  using C = sdpa_acc_t<T>;
+  SdpaProblem<T> P;
   P.B = numel_of(batch);
   P.L = q.size(-2);
   P.S = k.size(-2);
   P.E = q.size(-1);
   P.Ev = v.size(-1);
-  P.q = sdpa_mat<C>(q, batch);
-  P.k = sdpa_mat<C>(k, batch);
-  P.v = sdpa_mat<C>(v, batch);
+  P.q = sdpa_mat<T>(q, batch);
+  P.k = sdpa_mat<T>(k, batch);
+  P.v = sdpa_mat<T>(v, batch);
   P.causal = causal;
   P.scale = static_cast<C>(scale);
   P.p = p;
@@ -294,70 +480,127 @@ SdpaProblem<C> sdpa_problem(const Tensor& q, const Tensor& k, const Tensor& v, c
   }
   return P;
 }
+
+// Runs f.template operator()<T>() with T the element type the CPU kernel computes on for a
+// floating dtype: bfloat16 stays bfloat16 where cpu::gemm_16bit runs; float16, and bfloat16
+// without AVX-512, are widened to float32 (see the top of this file).
+template <class F>
+void sdpa_dispatch(DType d, F&& f) {
+  if (d == DType::Float64) f.template operator()<double>();
+  else if (d == DType::BFloat16 && cpu::gemm_16bit_available()) f.template operator()<bfloat16>();
+  else f.template operator()<float>();
+}
+
+// A tensor the CPU kernel writes must cover the batch's full shape with rows it can address.
+inline void sdpa_check_target(const char* what, const Tensor& t, const Shape& batch, int64_t rows, int64_t cols) {
+  Shape full = batch;
+  full.push_back(rows);
+  full.push_back(cols);
+  MIXPREC_CHECK(t.defined() && t.device() == Device::CPU && t.sizes() == full && sdpa_layout_ok(t), "scaled_dot_product_attention: ",
+                what, " must be a CPU tensor of shape ", full, " with unit stride along its last dim, got ",
+                t.defined() ? t.sizes() : Shape{}, " with strides ", t.defined() ? t.strides() : Shape{});
+}
 }  // namespace detail
 
 namespace detail {
-// The CPU forward: {out [batch..., L, Ev] in q's dtype, row logsumexp [batch..., L] in the
-// accumulation dtype (float32, or float64 for float64)}.
-inline std::array<Tensor, 2> sdpa_cpu_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask, const Shape& batch,
-                                              bool is_causal, double sc, double dropout_p, uint64_t seed) {
-  constexpr const char* op = "scaled_dot_product_attention";
-  const int64_t L = q.size(-2), Ev = v.size(-1);
-  Shape out_shape = batch;
-  out_shape.push_back(L);
-  out_shape.push_back(Ev);
+// The CPU forward: writes the attention into `out` ([batch..., L, Ev] in q's dtype, unit stride
+// along Ev, any strides elsewhere: the caller picks the layout, e.g. heads merged) and returns
+// the row logsumexp [batch..., L] in the accumulation dtype (float32, or float64 for float64).
+inline Tensor sdpa_cpu_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask, const Shape& batch, bool is_causal,
+                               double sc, double dropout_p, uint64_t seed, const Tensor& out) {
+  const int64_t L = q.size(-2);
+  sdpa_check_target("the output", out, batch, L, v.size(-1));
+  MIXPREC_CHECK(out.dtype() == q.dtype(), "scaled_dot_product_attention: the output must be ", q.dtype(), ", got ", out.dtype());
   Shape lse_shape = batch;
   lse_shape.push_back(L);
-  const DType T = q.dtype();
-  const DType C = T == DType::Float64 ? DType::Float64 : DType::Float32;
-  Tensor out = empty(out_shape, T);
-  Tensor lse = empty(lse_shape, C);
-  Tensor acc = T == C ? out : empty(out_shape, C);
-  dispatch_floating(C, op, [&]<class CT>() {
-    if constexpr (std::is_same_v<CT, float> || std::is_same_v<CT, double>) {
-      const auto P = sdpa_problem<CT>(q, k, v, mask, batch, is_causal, sc, dropout_p, seed);
-      if (P.B * L > 0) sdpa_forward_kernel<CT>(P, acc.data<CT>(), lse.data<CT>());
-    }
+  Tensor lse = empty(lse_shape, q.dtype() == DType::Float64 ? DType::Float64 : DType::Float32);
+  sdpa_dispatch(q.dtype(), [&]<class T>() {
+    const auto P = sdpa_problem<T>(q, k, v, mask, batch, is_causal, sc, dropout_p, seed);
+    if (P.B * L == 0) return;
+    const Tensor dst = out.dtype() == dtype_of<T> ? out : empty(out.sizes(), dtype_of<T>);  // widened inputs: staged
+    sdpa_forward_kernel<T>(P, sdpa_view<T>(dst, batch), lse.data<sdpa_acc_t<T>>());
+    if (!dst.is_same(out)) copy_kernel(out, dst);
   });
-  if (!acc.is_same(out)) copy_kernel(out, acc);
-  return {out, lse};
+  return lse;
 }
 
-// The CPU backward from sdpa_cpu_forward's out and lse: {dq, dk, dv, dmask (when mask_grad)} in
-// lse's dtype and the full batch shapes (broadcasts not yet summed).
+// The CPU backward from sdpa_cpu_forward's out and lse: writes the gradients into dq, dk, dv
+// (the full batch shapes, unit stride along the last dim, one dtype: the inputs', or the
+// accumulation dtype where the caller still sums over broadcast dims) and, when defined, the
+// mask gradient into dm (zeros of [batch..., L, S] in the accumulation dtype, contiguous).
+inline void sdpa_cpu_backward(const Tensor& grad, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask, const Tensor& out,
+                              const Tensor& lse, const Shape& batch, bool is_causal, double sc, double dropout_p, uint64_t seed,
+                              const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& dm) {
+  const int64_t B = numel_of(batch), L = q.size(-2), S = k.size(-2), E = q.size(-1), Ev = v.size(-1);
+  sdpa_check_target("dq", dq, batch, L, E);
+  sdpa_check_target("dk", dk, batch, S, E);
+  sdpa_check_target("dv", dv, batch, S, Ev);
+  MIXPREC_CHECK(dk.dtype() == dq.dtype() && dv.dtype() == dq.dtype(), "scaled_dot_product_attention: dq, dk and dv must share a dtype, got ",
+                dq.dtype(), ", ", dk.dtype(), " and ", dv.dtype());
+  sdpa_dispatch(q.dtype(), [&]<class T>() {
+    using C = sdpa_acc_t<T>;
+    MIXPREC_CHECK(lse.dtype() == dtype_of<C> && !(dm.defined() && (dm.dtype() != dtype_of<C> || !dm.is_contiguous())),
+                  "scaled_dot_product_attention: logsumexp and mask gradient must be contiguous ", dtype_of<C>);
+    const auto P = sdpa_problem<T>(q, k, v, mask, batch, is_causal, sc, dropout_p, seed);
+    const SdpaMat<const T> go = sdpa_mat<T>(grad, batch), o = sdpa_mat<T>(out, batch);
+    Tensor D = empty({B, L}, dtype_of<C>);
+    C* Dp = D.data<C>();
+    cpu::parallel_for(0, B * L, std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(Ev, 1)), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* g = go.row(r / L, r % L);
+        const T* y = o.row(r / L, r % L);
+        C s = 0;
+        for (int64_t c = 0; c < Ev; ++c) s += static_cast<C>(g[c]) * static_cast<C>(y[c]);
+        Dp[r] = s;
+      }
+    });
+    const SdpaBackward<T> bw{P, go, lse.data<C>(), Dp, dm.defined() ? dm.data<C>() : nullptr};
+    auto run = [&]<class G>(const Tensor& gq, const Tensor& gk, const Tensor& gv) {
+      bw.template run<G>(sdpa_view<G>(gq, batch), sdpa_view<G>(gk, batch), sdpa_view<G>(gv, batch));
+    };
+    if (dq.dtype() == dtype_of<T>) {
+      run.template operator()<T>(dq, dk, dv);
+    } else if (dq.dtype() == dtype_of<C>) {
+      run.template operator()<C>(dq, dk, dv);
+    } else {  // widened inputs: staged in C, then rounded into the caller's tensors
+      const Tensor sq = empty(dq.sizes(), dtype_of<C>), sk = empty(dk.sizes(), dtype_of<C>), sv = empty(dv.sizes(), dtype_of<C>);
+      run.template operator()<C>(sq, sk, sv);
+      copy_kernel(dq, sq);
+      copy_kernel(dk, sk);
+      copy_kernel(dv, sv);
+    }
+  });
+}
+
+// The same two, allocating, for callers that want plain tensors (a device's test entries):
+// {out [batch..., L, Ev] contiguous in q's dtype, lse}, and {dq, dk, dv, dmask (when mask_grad)}
+// in lse's dtype and the full batch shapes.
+inline std::array<Tensor, 2> sdpa_cpu_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask, const Shape& batch,
+                                              bool is_causal, double sc, double dropout_p, uint64_t seed) {
+  Shape s = batch;
+  s.insert(s.end(), {q.size(-2), v.size(-1)});
+  const Tensor out = empty(s, q.dtype());
+  return {out, sdpa_cpu_forward(q, k, v, mask, batch, is_causal, sc, dropout_p, seed, out)};
+}
 inline std::array<Tensor, 4> sdpa_cpu_backward(const Tensor& grad, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask,
                                                const Tensor& out, const Tensor& lse, const Shape& batch, bool is_causal, double sc,
                                                double dropout_p, uint64_t seed, bool mask_grad) {
-  const DType C = lse.dtype();
-  const int64_t B = numel_of(batch), L = q.size(-2), S = k.size(-2), E = q.size(-1), Ev = v.size(-1);
-  Shape bq = batch, bk = batch, bv = batch, bm = batch;
-  bq.insert(bq.end(), {L, E});
-  bk.insert(bk.end(), {S, E});
-  bv.insert(bv.end(), {S, Ev});
-  bm.insert(bm.end(), {L, S});
-  Tensor dq = zeros(bq, C), dk = zeros(bk, C), dv = zeros(bv, C);
-  Tensor dm = mask_grad ? zeros(bm, C) : Tensor();
-  const Tensor go = contiguous_raw(grad, C);
-  const Tensor o = contiguous_raw(out, C);
-  Tensor D = empty({B, L}, C);
-  dispatch_floating(C, "scaled_dot_product_attention_backward", [&]<class CT>() {
-    if constexpr (std::is_same_v<CT, float> || std::is_same_v<CT, double>) {
-      if (B * L == 0 || S == 0) return;
-      const CT* gp = go.data<CT>();
-      const CT* op_ = o.data<CT>();
-      CT* Dp = D.data<CT>();
-      cpu::parallel_for(0, B * L, std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(Ev, 1)), [&](int64_t b0, int64_t e0) {
-        for (int64_t r = b0; r < e0; ++r) {
-          CT s = 0;
-          for (int64_t c = 0; c < Ev; ++c) s += gp[r * Ev + c] * op_[r * Ev + c];
-          Dp[r] = s;
-        }
-      });
-      const auto P = sdpa_problem<CT>(q, k, v, mask, batch, is_causal, sc, dropout_p, seed);
-      SdpaBackward<CT>{P, gp, lse.data<CT>(), Dp, dq.data<CT>(), dk.data<CT>(), dv.data<CT>(), dm.defined() ? dm.data<CT>() : nullptr}.run();
-    }
-  });
+  auto full = [&batch](int64_t rows, int64_t cols) {
+    Shape s = batch;
+    s.insert(s.end(), {rows, cols});
+    return s;
+  };
+  const int64_t L = q.size(-2), S = k.size(-2);
+  const Tensor dq = empty(full(L, q.size(-1)), lse.dtype()), dk = empty(full(S, k.size(-1)), lse.dtype()),
+               dv = empty(full(S, v.size(-1)), lse.dtype()), dm = mask_grad ? zeros(full(L, S), lse.dtype()) : Tensor();
+  sdpa_cpu_backward(grad, q, k, v, mask, out, lse, batch, is_causal, sc, dropout_p, seed, dq, dk, dv, dm);
   return {dq, dk, dv, dm};
+}
+
+// [B, H, n, D] heads of columns [off, off + H * D) of t [B, n, *] (unit stride along its last
+// dim), by strides alone: how the packed entry splits q, k, v and merges the output.
+inline Tensor sdpa_heads(const Tensor& t, int64_t H, int64_t D, int64_t off) {
+  return make_view(t, {t.size(0), H, t.size(1), D}, {t.stride(0), D, t.stride(1), 1}, t.storage_offset() + off);
 }
 
 // Whether a device's fused attention entries take this call (their contract in
@@ -491,67 +734,92 @@ inline Tensor sdpa_device(const Tensor& q, const Tensor& k, const Tensor& v, con
 }
 }  // namespace detail
 
+namespace detail {
+// The checks both entries make, by `op`'s name; returns the broadcast batch shape.
+inline Shape sdpa_check(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask, double dropout_p,
+                        bool is_causal) {
+  for (const Tensor* t : {&q, &k, &v}) MIXPREC_CHECK(t->defined(), op, ": query, key and value must be defined");
+  const bool on_device = q.device() != Device::CPU;
+  if (!on_device)
+    for (const Tensor* t : {&k, &v}) require_cpu(op, *t);
+  MIXPREC_CHECK(q.dim() >= 2 && k.dim() >= 2 && v.dim() >= 2, op, ": query, key and value need at least 2 dimensions, got ",
+                q.sizes(), ", ", k.sizes(), " and ", v.sizes());
+  MIXPREC_CHECK(q.dtype() == k.dtype() && q.dtype() == v.dtype(), op, ": query, key and value must have one dtype, got ",
+                q.dtype(), ", ", k.dtype(), " and ", v.dtype());
+  MIXPREC_CHECK(q.is_floating_point(), op, ": expected floating-point inputs, got ", q.dtype());
+  MIXPREC_CHECK(q.size(-1) == k.size(-1), op, ": query [..., L, E] ", q.sizes(), " and key [..., S, E] ", k.sizes(),
+                " disagree on E");
+  MIXPREC_CHECK(k.size(-2) == v.size(-2), op, ": key [..., S, E] ", k.sizes(), " and value [..., S, Ev] ", v.sizes(),
+                " disagree on S");
+  MIXPREC_CHECK(dropout_p >= 0 && dropout_p <= 1, op, ": dropout_p must be in [0, 1], got ", dropout_p);
+  MIXPREC_CHECK(!(mask.defined() && is_causal), op, ": specify either attn_mask or is_causal, not both");
+  const Shape qb(q.sizes().begin(), q.sizes().end() - 2), kb(k.sizes().begin(), k.sizes().end() - 2),
+      vb(v.sizes().begin(), v.sizes().end() - 2);
+  const Shape batch = broadcast_shapes(broadcast_shapes(qb, kb, op), vb, op);
+  if (mask.defined()) {
+    if (!on_device) require_cpu(op, mask);
+    MIXPREC_CHECK(mask.dtype() == DType::Bool || mask.is_floating_point(), op,
+                  ": attn_mask must be bool (true = attend) or floating-point (added to the scores), got ", mask.dtype());
+    Shape full = batch;
+    full.push_back(q.size(-2));
+    full.push_back(k.size(-2));
+    bool ok = mask.dim() <= static_cast<int64_t>(full.size());
+    for (int64_t i = 0; ok && i < mask.dim(); ++i) {
+      const int64_t m = mask.size(mask.dim() - 1 - i);
+      ok = m == 1 || m == full[full.size() - 1 - static_cast<std::size_t>(i)];
+    }
+    MIXPREC_CHECK(ok, op, ": attn_mask of shape ", mask.sizes(), " does not broadcast to the attention shape ", full, " (query ",
+                  q.sizes(), ", key ", k.sizes(), ")");
+  }
+  return batch;
+}
+
+inline double sdpa_scale(std::optional<double> scale, int64_t E) {
+  return scale.value_or(E > 0 ? 1.0 / std::sqrt(static_cast<double>(E)) : 1.0);
+}
+}  // namespace detail
+
 // softmax(q k^T * scale + mask) v over the last two dims, batch dims broadcast, as
 // torch.nn.functional.scaled_dot_product_attention: q [..., L, E], k [..., S, E], v [..., S, Ev]
 // -> [..., L, Ev]. attn_mask is bool (true = take part) or additive float, broadcastable to
 // [..., L, S]; is_causal keeps key j for query i when j <= i (top-left aligned when L != S).
 // scale defaults to 1/sqrt(E). Rows with every key masked give 0 (and no gradient), as
-// PyTorch's math backend since 2.5.
+// PyTorch's math backend since 2.5. On the CPU, q, k and v with unit stride along their last dim
+// are read in place, whatever their other strides.
 inline Tensor scaled_dot_product_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& attn_mask = Tensor(),
                                            double dropout_p = 0.0, bool is_causal = false,
                                            std::optional<double> scale = std::nullopt) {
   return dispatch(OpId::scaled_dot_product_attention, [dropout_p, is_causal, scale](const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask) {
     constexpr const char* op = "scaled_dot_product_attention";
-    for (const Tensor* t : {&q, &k, &v}) MIXPREC_CHECK(t->defined(), op, ": query, key and value must be defined");
-    const bool on_device = q.device() != Device::CPU;
-    if (!on_device)
-      for (const Tensor* t : {&k, &v}) detail::require_cpu(op, *t);
-    MIXPREC_CHECK(q.dim() >= 2 && k.dim() >= 2 && v.dim() >= 2, op, ": query, key and value need at least 2 dimensions, got ",
-                  q.sizes(), ", ", k.sizes(), " and ", v.sizes());
-    MIXPREC_CHECK(q.dtype() == k.dtype() && q.dtype() == v.dtype(), op, ": query, key and value must have one dtype, got ",
-                  q.dtype(), ", ", k.dtype(), " and ", v.dtype());
-    MIXPREC_CHECK(q.is_floating_point(), op, ": expected floating-point inputs, got ", q.dtype());
-    MIXPREC_CHECK(q.size(-1) == k.size(-1), op, ": query [..., L, E] ", q.sizes(), " and key [..., S, E] ", k.sizes(),
-                  " disagree on E");
-    MIXPREC_CHECK(k.size(-2) == v.size(-2), op, ": key [..., S, E] ", k.sizes(), " and value [..., S, Ev] ", v.sizes(),
-                  " disagree on S");
-    MIXPREC_CHECK(dropout_p >= 0 && dropout_p <= 1, op, ": dropout_p must be in [0, 1], got ", dropout_p);
-    MIXPREC_CHECK(!(mask.defined() && is_causal), op, ": specify either attn_mask or is_causal, not both");
-    const Shape qb(q.sizes().begin(), q.sizes().end() - 2), kb(k.sizes().begin(), k.sizes().end() - 2),
-        vb(v.sizes().begin(), v.sizes().end() - 2);
-    const Shape batch = broadcast_shapes(broadcast_shapes(qb, kb, op), vb, op);
-    const int64_t L = q.size(-2), S = k.size(-2), E = q.size(-1);
-    if (mask.defined()) {
-      if (!on_device) detail::require_cpu(op, mask);
-      MIXPREC_CHECK(mask.dtype() == DType::Bool || mask.is_floating_point(), op,
-                    ": attn_mask must be bool (true = attend) or floating-point (added to the scores), got ", mask.dtype());
-      Shape full = batch;
-      full.push_back(L);
-      full.push_back(S);
-      bool ok = mask.dim() <= static_cast<int64_t>(full.size());
-      for (int64_t i = 0; ok && i < mask.dim(); ++i) {
-        const int64_t m = mask.size(mask.dim() - 1 - i);
-        ok = m == 1 || m == full[full.size() - 1 - static_cast<std::size_t>(i)];
-      }
-      MIXPREC_CHECK(ok, op, ": attn_mask of shape ", mask.sizes(), " does not broadcast to the attention shape ", full,
-                    " (query ", q.sizes(), ", key ", k.sizes(), ")");
-    }
-    const double sc = scale.value_or(E > 0 ? 1.0 / std::sqrt(static_cast<double>(E)) : 1.0);
-    if (on_device) return detail::sdpa_device(q, k, v, mask, batch, is_causal, sc, dropout_p);
+    const Shape batch = detail::sdpa_check(op, q, k, v, mask, dropout_p, is_causal);
+    const double sc = detail::sdpa_scale(scale, q.size(-1));
+    if (q.device() != Device::CPU) return detail::sdpa_device(q, k, v, mask, batch, is_causal, sc, dropout_p);
     const uint64_t seed = dropout_p > 0 ? default_generator().next_u64() : 0;
+    auto full = [batch](const Tensor& t, int64_t rows) {  // copied: backward runs after this frame
+      Shape s = batch;
+      s.insert(s.end(), {rows, t.size(-1)});
+      return s;
+    };
     const std::array<Tensor, 2> fwd = detail::sdpa_cpu_forward(q, k, v, mask, batch, is_causal, sc, dropout_p, seed);
     const Tensor &out = fwd[0], &lse = fwd[1];
     if (autograd::should_record({q, k, v, mask})) {
       autograd::record(op, {q, k, v, mask}, {out},
                        [sq = autograd::SavedTensor(q), sk = autograd::SavedTensor(k), sv = autograd::SavedTensor(v),
-                        sm = autograd::SavedTensor(mask), so = autograd::SavedTensor(out), lse, batch, is_causal, sc, dropout_p, seed,
+                        sm = autograd::SavedTensor(mask), so = autograd::SavedTensor(out), lse, batch, full, is_causal, sc, dropout_p, seed,
                         mask_grad = mask.defined() && mask.is_floating_point() && mask.requires_grad()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
                          const Tensor& q = sq.get(op);
                          const Tensor& k = sk.get(op);
                          const Tensor& v = sv.get(op);
                          const Tensor& mask = sm.get(op);
-                         const auto [dq, dk, dv, dm] = detail::sdpa_cpu_backward(g[0], q, k, v, mask, so.get(op), lse, batch, is_causal,
-                                                                                 sc, dropout_p, seed, mask_grad);
+                         const int64_t L = q.size(-2), S = k.size(-2);
+                         // The inputs' dtype, unless a broadcast batch dim is still to be summed (in the accumulation dtype).
+                         const bool broadcast = q.sizes() != full(q, L) || k.sizes() != full(k, S) || v.sizes() != full(v, S);
+                         const DType gd = broadcast ? lse.dtype() : q.dtype();
+                         const Tensor dq = empty(full(q, L), gd), dk = empty(full(k, S), gd), dv = empty(full(v, S), gd);
+                         Shape ms = batch;
+                         ms.insert(ms.end(), {L, S});
+                         const Tensor dm = mask_grad ? zeros(ms, lse.dtype()) : Tensor();
+                         detail::sdpa_cpu_backward(g[0], q, k, v, mask, so.get(op), lse, batch, is_causal, sc, dropout_p, seed, dq, dk, dv, dm);
                          auto finish = [](const Tensor& gr, const Tensor& in) {
                            return detail::as_dtype_raw(sum_to(gr, in.sizes()), in.dtype());
                          };
@@ -560,6 +828,58 @@ inline Tensor scaled_dot_product_attention(const Tensor& q, const Tensor& k, con
     }
     return out;
   }, q, k, v, attn_mask);
+}
+
+// Multi-head self-attention on a packed projection, the way nn::MultiheadAttention runs it: qkv
+// [B, L, 3E] holds q, k and v side by side, each num_heads heads of E / num_heads; the result is
+// scaled_dot_product_attention of those heads ([B, heads, L, E / heads]) with the heads merged
+// back, [B, L, E]. On the CPU the heads are strided views of qkv and the kernel writes the
+// merged layout, so nothing is split, transposed or copied either way, and backward writes dq, dk
+// and dv side by side into the one [B, L, 3E] gradient the projection wants. attn_mask
+// broadcasts to [B, heads, L, L]; dropout, causal and scale as scaled_dot_product_attention
+// (the same values, and the same dropout draws).
+inline Tensor scaled_dot_product_attention_packed(const Tensor& qkv, int64_t num_heads, const Tensor& attn_mask = Tensor(),
+                                                  double dropout_p = 0.0, bool is_causal = false,
+                                                  std::optional<double> scale = std::nullopt) {
+  return dispatch(OpId::scaled_dot_product_attention, [num_heads, dropout_p, is_causal, scale](const Tensor& qkv, const Tensor& mask) {
+    constexpr const char* op = "scaled_dot_product_attention_packed";
+    MIXPREC_CHECK(qkv.defined() && qkv.dim() == 3 && num_heads > 0 && qkv.size(2) % (3 * num_heads) == 0, op,
+                  ": expected qkv of shape [batch, seq, 3 * heads * head_dim] for ", num_heads, " heads, got ",
+                  qkv.defined() ? qkv.sizes() : Shape{});
+    const int64_t B = qkv.size(0), L = qkv.size(1), E = qkv.size(2) / 3, H = num_heads, D = E / H;
+    if (qkv.device() != Device::CPU) {
+      // The device kernels take strided batch dims with unit stride along D: the same head
+      // views, through the graph; the merge is a copy there.
+      auto heads = [&](int64_t i) { return qkv.narrow(2, i * E, E).reshape({B, L, H, D}).transpose(1, 2); };
+      return scaled_dot_product_attention(heads(0), heads(1), heads(2), mask, dropout_p, is_causal, scale).transpose(1, 2).reshape({B, L, E});
+    }
+    const Tensor x = qkv.stride(2) == 1 ? qkv : detail::contiguous_raw(qkv);
+    const Tensor q = detail::sdpa_heads(x, H, D, 0), k = detail::sdpa_heads(x, H, D, E), v = detail::sdpa_heads(x, H, D, 2 * E);
+    const Shape batch = detail::sdpa_check(op, q, k, v, mask, dropout_p, is_causal);
+    const double sc = detail::sdpa_scale(scale, D);
+    const uint64_t seed = dropout_p > 0 ? default_generator().next_u64() : 0;
+    const Tensor out = empty({B, L, E}, qkv.dtype());
+    const Tensor lse = detail::sdpa_cpu_forward(q, k, v, mask, batch, is_causal, sc, dropout_p, seed, detail::sdpa_heads(out, H, D, 0));
+    if (autograd::should_record({qkv, mask})) {
+      autograd::record(op, {qkv, mask}, {out},
+                       [sx = autograd::SavedTensor(x), sm = autograd::SavedTensor(mask), so = autograd::SavedTensor(out), lse, batch, H, D,
+                        E, is_causal, sc, dropout_p, seed,
+                        mask_grad = mask.defined() && mask.is_floating_point() && mask.requires_grad()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+                         const Tensor& x = sx.get(op);
+                         const Tensor& mask = sm.get(op);
+                         const Tensor go = g[0].stride(2) == 1 ? g[0] : detail::contiguous_raw(g[0]);
+                         auto heads = [&](const Tensor& t, int64_t i) { return detail::sdpa_heads(t, H, D, i * E); };
+                         const Tensor dx = empty(x.sizes(), x.dtype());  // dq, dk, dv side by side
+                         Shape ms = batch;
+                         ms.insert(ms.end(), {x.size(1), x.size(1)});
+                         const Tensor dm = mask_grad ? zeros(ms, lse.dtype()) : Tensor();
+                         detail::sdpa_cpu_backward(heads(go, 0), heads(x, 0), heads(x, 1), heads(x, 2), mask, heads(so.get(op), 0), lse,
+                                                   batch, is_causal, sc, dropout_p, seed, heads(dx, 0), heads(dx, 1), heads(dx, 2), dm);
+                         return {dx, mask_grad ? detail::as_dtype_raw(sum_to(dm, mask.sizes()), mask.dtype()) : Tensor()};
+                       });
+    }
+    return out;
+  }, qkv, attn_mask);
 }
 
 }  // namespace mixprec
