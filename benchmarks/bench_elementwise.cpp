@@ -1,10 +1,13 @@
 // Memory-bound passes in GB/s (bytes read + bytes written, per second, 10^9), next to a plain
 // memcpy moving the same float32 tensor: dtype casts, element-wise ops in float32 and bfloat16,
-// and GradScaler's fused unscale + inf/NaN check. The argument is the element count in Ki
+// GradScaler's fused unscale + inf/NaN check, bfloat16 softmax and layer_norm over rows of 256,
+// and the GELU formulas alone over float arrays (libm's erf against cpu::vec's, portable and
+// in the AVX-512 loop), which shows what cpu::map gains once it runs them vectorised. The argument is the element count in Ki
 // (1024) elements: 256 Ki (1 MiB of float32, cache-resident) and 16 Mi (64 MiB, DRAM).
 // Ops allocate their output each iteration, as in training (the caching allocator reuses it).
 #include <benchmark/benchmark.h>
 
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -44,7 +47,7 @@ void BM_Cast(benchmark::State& st, DType from, DType to) {
   set_traffic(st, static_cast<double>(n) * (itemsize(from) + itemsize(to)));
 }
 
-enum class Op { Add, Mul, Relu, Gelu };
+enum class Op { Add, Mul, Relu, Gelu, Softmax, LayerNorm };
 
 void BM_Elementwise(benchmark::State& st, Op op, DType dt) {
   const int64_t n = elements(st);
@@ -56,11 +59,47 @@ void BM_Elementwise(benchmark::State& st, Op op, DType dt) {
       case Op::Mul: y = mul(a, b); break;
       case Op::Relu: y = relu(a); break;
       case Op::Gelu: y = gelu(a); break;
+      case Op::Softmax: y = softmax(a.view({-1, 256}), 1); break;
+      case Op::LayerNorm: y = layer_norm(a.view({-1, 256}), {256}); break;
     }
     benchmark::DoNotOptimize(y.data_ptr());
   }
   const int inputs = op == Op::Add || op == Op::Mul ? 2 : 1;
   set_traffic(st, static_cast<double>(n) * itemsize(dt) * (inputs + 1));
+}
+
+// GELU forward or backward (the derivative) over n floats, 8 B per element: the float64-exact
+// libm formula (std::erf / std::exp per element, as before cpu::vec), fn:: with cpu::vec as
+// portable code, and fn:: inside cpu::vec::vectorized (AVX-512 where the CPU has it).
+enum class GeluImpl { Libm, Portable, Vectorized };
+void BM_GeluFormula(benchmark::State& st, GeluImpl impl, bool backward) {
+  const int64_t n = elements(st);
+  const Tensor xt = randn({n});
+  const float* x = xt.data<float>();
+  std::vector<float> out(static_cast<std::size_t>(n));
+  float* y = out.data();
+  auto libm = [](float v) { return 0.5f * v * (1 + std::erf(v * 0.70710678f)); };
+  auto libm_grad = [](float v) {
+    return 0.5f * (1 + std::erf(v * 0.70710678f)) + v * 0.39894228f * std::exp(-0.5f * v * v);
+  };
+  for (auto _ : st) {
+    switch (impl) {
+      case GeluImpl::Libm:
+        for (int64_t i = 0; i < n; ++i) y[i] = backward ? libm_grad(x[i]) : libm(x[i]);
+        break;
+      case GeluImpl::Portable:
+        if (backward) for (int64_t i = 0; i < n; ++i) y[i] = fn::gelu_grad(x[i]);
+        else for (int64_t i = 0; i < n; ++i) y[i] = fn::gelu(x[i]);
+        break;
+      case GeluImpl::Vectorized:
+        if (backward) cpu::vec::vectorized([&]() MIXPREC_ALWAYS_INLINE { for (int64_t i = 0; i < n; ++i) y[i] = fn::gelu_grad(x[i]); });
+        else cpu::vec::vectorized([&]() MIXPREC_ALWAYS_INLINE { for (int64_t i = 0; i < n; ++i) y[i] = fn::gelu(x[i]); });
+        break;
+    }
+    benchmark::DoNotOptimize(y);
+    benchmark::ClobberMemory();
+  }
+  set_traffic(st, 8.0 * static_cast<double>(n));
 }
 
 // GradScaler::unscale_ over 64 gradients of n/64 elements. Two scalers (scale 0.5 and 2) take
@@ -102,6 +141,7 @@ namespace be = mixprec_bench_elementwise;
 // BENCHMARK_CAPTURE pastes the function name into an identifier: it must be unqualified.
 using be::BM_Cast;
 using be::BM_Elementwise;
+using be::BM_GeluFormula;
 using be::BM_GradScalerUnscale;
 using be::BM_Memcpy;
 BENCHMARK(BM_Memcpy)->Apply(be::sizes);
@@ -116,6 +156,14 @@ MIXPREC_ELEMENTWISE(Add, add);
 MIXPREC_ELEMENTWISE(Mul, mul);
 MIXPREC_ELEMENTWISE(Relu, relu);
 MIXPREC_ELEMENTWISE(Gelu, gelu);
+MIXPREC_ELEMENTWISE(Softmax, softmax);
+MIXPREC_ELEMENTWISE(LayerNorm, layer_norm);
+BENCHMARK_CAPTURE(BM_GeluFormula, fwd_libm, be::GeluImpl::Libm, false)->Apply(be::sizes);
+BENCHMARK_CAPTURE(BM_GeluFormula, fwd_portable, be::GeluImpl::Portable, false)->Apply(be::sizes);
+BENCHMARK_CAPTURE(BM_GeluFormula, fwd_vectorized, be::GeluImpl::Vectorized, false)->Apply(be::sizes);
+BENCHMARK_CAPTURE(BM_GeluFormula, bwd_libm, be::GeluImpl::Libm, true)->Apply(be::sizes);
+BENCHMARK_CAPTURE(BM_GeluFormula, bwd_portable, be::GeluImpl::Portable, true)->Apply(be::sizes);
+BENCHMARK_CAPTURE(BM_GeluFormula, bwd_vectorized, be::GeluImpl::Vectorized, true)->Apply(be::sizes);
 BENCHMARK_CAPTURE(BM_GradScalerUnscale, f32_grads, DType::Float32)->Apply(be::sizes);
 BENCHMARK_CAPTURE(BM_GradScalerUnscale, f16_grads, DType::Float16)->Apply(be::sizes);
 }  // namespace

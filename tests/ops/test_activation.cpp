@@ -4,6 +4,7 @@
 
 #include "ops/op_test_util.hpp"
 
+#include <bit>
 #include <cmath>
 #include <functional>
 #include <limits>
@@ -460,4 +461,177 @@ TEST(ElementwiseActivations, SixteenBitMatchesFloat32) {
       EXPECT_LT(mixprec::testing::rel_error(x16.grad(), x32.grad()), tol * 2) << u.name << " grad " << name(d);
     }
   }
+}
+
+// ---------------- cpu::vec: the float32 exp / erf / tanh behind the activations ----------------
+
+namespace {
+// |got - ref| in units of float32's spacing at ref (subnormal spacing below 2^-126); 0 when
+// both are NaN or the same infinity, infinity when only one is.
+double actt_ulps(float got, double ref) {
+  if (std::isnan(ref) || std::isnan(got)) return std::isnan(ref) && std::isnan(got) ? 0 : INFINITY;
+  const float rf = static_cast<float>(ref);
+  if (std::isinf(rf) || std::isinf(got)) return got == rf ? 0 : INFINITY;
+  int e = 0;
+  std::frexp(ref, &e);
+  return std::fabs(static_cast<double>(got) - ref) / std::ldexp(1.0, std::max(e - 24, -149));
+}
+struct ActtVecFn {
+  const char* name;
+  float (*f)(float);
+  double (*ref)(double);
+  double max_ulp;
+};
+std::vector<ActtVecFn> actt_vec_fns() {
+  return {{"exp", [](float v) { return cpu::vec::exp(v); }, [](double v) { return std::exp(v); }, 1.0},
+          {"erf", [](float v) { return cpu::vec::erf(v); }, [](double v) { return std::erf(v); }, 2.0},
+          {"tanh", [](float v) { return cpu::vec::tanh(v); }, [](double v) { return std::tanh(v); }, 2.0}};
+}
+// Every 4093rd float32 bit pattern (all signs, exponents, NaNs and infinities), then every float
+// in [-1, 1] at stride 1021 and around the functions' branch points.
+std::vector<float> actt_sweep() {
+  std::vector<float> xs;
+  for (uint64_t b = 0; b < (uint64_t{1} << 32); b += 4093) xs.push_back(std::bit_cast<float>(static_cast<uint32_t>(b)));
+  for (uint32_t b = 1; b < std::bit_cast<uint32_t>(1.0f); b += 1021) {
+    xs.push_back(std::bit_cast<float>(b));
+    xs.push_back(-std::bit_cast<float>(b));
+  }
+  for (float c : {0.625f, 0.927734375f, 3.92f, 88.7228f, -87.33f, -103.97f, -104.0f})
+    for (float s : {1.0f, -1.0f}) {
+      float v = s * c;
+      for (int i = 0; i < 2000; ++i) v = std::nextafter(v, -INFINITY);
+      for (int i = 0; i < 4000; ++i, v = std::nextafter(v, INFINITY)) xs.push_back(v);
+    }
+  for (float v : {0.0f, -0.0f, INFINITY, -INFINITY, NAN, 1e-45f, -1e-45f, 1e-38f, 3e38f, -3e38f}) xs.push_back(v);
+  return xs;
+}
+}  // namespace
+
+// The bounds documented in vec_math.hpp, on the portable path and on the vectorised one (the
+// same function inlined into cpu::vec::vectorized's AVX-512 loop where the CPU has it); both
+// paths must also give the same bits.
+TEST(VecMath, UlpErrorBoundsOverADenseSweep) {
+  const std::vector<float> xs = actt_sweep();
+  std::vector<float> ys(xs.size()), yv(xs.size());
+  for (const auto& fn : actt_vec_fns()) {
+    for (std::size_t i = 0; i < xs.size(); ++i) ys[i] = fn.f(xs[i]);
+    const float* x = xs.data();
+    float* y = yv.data();
+    const int64_t n = static_cast<int64_t>(xs.size());
+    if (fn.name[1] == 'x')
+      cpu::vec::vectorized([&]() MIXPREC_ALWAYS_INLINE { for (int64_t i = 0; i < n; ++i) y[i] = cpu::vec::exp(x[i]); });
+    else if (fn.name[0] == 'e')
+      cpu::vec::vectorized([&]() MIXPREC_ALWAYS_INLINE { for (int64_t i = 0; i < n; ++i) y[i] = cpu::vec::erf(x[i]); });
+    else
+      cpu::vec::vectorized([&]() MIXPREC_ALWAYS_INLINE { for (int64_t i = 0; i < n; ++i) y[i] = cpu::vec::tanh(x[i]); });
+    double worst = 0;
+    float at = 0;
+    int64_t differ = 0;
+    for (std::size_t i = 0; i < xs.size(); ++i) {
+      const double e = actt_ulps(ys[i], fn.ref(xs[i]));
+      if (e > worst) worst = e, at = xs[i];
+      differ += std::bit_cast<uint32_t>(ys[i]) != std::bit_cast<uint32_t>(yv[i]);
+    }
+    EXPECT_LE(worst, fn.max_ulp) << fn.name << " at " << at;
+    EXPECT_EQ(differ, 0) << fn.name << ": the vectorised path differs from the portable one";
+  }
+}
+
+TEST(VecMath, SpecialValues) {
+  EXPECT_EQ(cpu::vec::exp(INFINITY), INFINITY);
+  EXPECT_EQ(cpu::vec::exp(89.0f), INFINITY);
+  EXPECT_EQ(cpu::vec::exp(1e30f), INFINITY);
+  EXPECT_EQ(std::bit_cast<uint32_t>(cpu::vec::exp(-INFINITY)), 0u);  // +0, as masked softmax logits need
+  EXPECT_EQ(std::bit_cast<uint32_t>(cpu::vec::exp(-1e30f)), 0u);
+  EXPECT_EQ(cpu::vec::exp(-0.0f), 1.0f);
+  EXPECT_GT(cpu::vec::exp(-103.0f), 0.0f);  // subnormal, not flushed
+  EXPECT_LT(cpu::vec::exp(-103.0f), std::numeric_limits<float>::min());
+  for (float v : {INFINITY, 4.0f, 1e30f}) {
+    EXPECT_EQ(cpu::vec::erf(v), 1.0f) << v;
+    EXPECT_EQ(cpu::vec::erf(-v), -1.0f) << v;
+  }
+  for (float v : {INFINITY, 9.1f, 1e30f}) {
+    EXPECT_EQ(cpu::vec::tanh(v), 1.0f) << v;
+    EXPECT_EQ(cpu::vec::tanh(-v), -1.0f) << v;
+  }
+  for (float v : {0.0f, -0.0f, 1e-45f, -3e-40f}) {  // odd functions keep zeros and subnormals exact
+    EXPECT_EQ(std::bit_cast<uint32_t>(cpu::vec::tanh(v)), std::bit_cast<uint32_t>(v)) << v;
+    EXPECT_EQ(std::signbit(cpu::vec::erf(v)), std::signbit(v)) << v;
+  }
+  for (const auto& fn : actt_vec_fns()) EXPECT_TRUE(std::isnan(fn.f(NAN))) << fn.name;
+}
+
+// The activations in float32 and 16-bit against float64 over wide inputs, with the non-finite
+// and subnormal values giving what the float64 formula gives (NaN where it is NaN).
+TEST(ElementwiseActivations, WideRangeAndSpecialValuesMatchFloat64) {
+  std::vector<double> xs;
+  for (int i = -400; i <= 400; ++i) xs.push_back(i * 0.05);
+  for (double v : std::initializer_list<double>{30.0, -30.0, 90.0, -90.0, 1e4, -1e4, 1e-40, -1e-40, 0.0, INFINITY, -INFINITY, NAN}) xs.push_back(v);
+  const Tensor x = actt_from(xs, {static_cast<int64_t>(xs.size())});
+  const auto xv = mixprec::testing::to_doubles(x);  // the float32 values
+  for (const auto& u : actt_unaries()) {
+    for (auto [d, tol] : {std::pair{kFloat32, 1e-6}, std::pair{kBFloat16, 1e-2}, std::pair{kFloat16, 2e-3}}) {
+      const Tensor xd = x.to(d);
+      const auto xdv = mixprec::testing::to_doubles(xd);
+      const auto yv = mixprec::testing::to_doubles(u.op(xd).to(kFloat32));
+      std::vector<double> got, ref;
+      for (std::size_t i = 0; i < xdv.size(); ++i) {
+        if (std::isnan(xdv[i])) {  // every activation propagates NaN (relu's reference would not)
+          EXPECT_TRUE(std::isnan(yv[i])) << u.name << " " << name(d);
+          continue;
+        }
+        const double r = static_cast<double>(static_cast<float>(u.ref(xdv[i])));
+        if (!std::isfinite(r) || !std::isfinite(yv[i])) {
+          // bf16/half overflow of a finite float result is not a mismatch.
+          const bool same = (std::isnan(r) && std::isnan(yv[i])) || r == yv[i] || (d != kFloat32 && std::isinf(yv[i]) && std::isfinite(r));
+          EXPECT_TRUE(same) << u.name << " " << name(d) << " at " << xdv[i] << ": " << yv[i] << " vs " << r;
+          continue;
+        }
+        got.push_back(yv[i]);
+        ref.push_back(u.ref(xdv[i]));
+      }
+      EXPECT_LT(mixprec::testing::rel_error(actt_from(got, {static_cast<int64_t>(got.size())}, kFloat64), ref), tol) << u.name << " " << name(d);
+    }
+  }
+}
+
+// Softmax reads and writes 16-bit directly with float32 math: against float64 on rows with
+// large logits and masked -inf, and a NaN logit makes its row NaN.
+TEST(Softmax, SixteenBitAgainstFloat64WithMasksAndNaN) {
+  Generator g(40);
+  const int64_t R = 6, D = 203;  // odd length: vector body and tail
+  std::vector<double> xs = mixprec::testing::to_doubles(mul(randn({R, D}, kFloat32, g), 8.0));
+  for (int64_t i = 0; i < D; i += 3) xs[1 * D + i] = -INFINITY;
+  xs[2 * D + 5] = 1e4;
+  for (auto [d, tol] : {std::pair{kFloat32, 1e-6}, std::pair{kBFloat16, 1e-2}, std::pair{kFloat16, 2e-3}}) {
+    const Tensor x = actt_from(xs, {R, D}, d);
+    const auto xv = mixprec::testing::to_doubles(x);
+    for (bool log : {false, true}) {
+      const Tensor y = log ? log_softmax(x, 1) : softmax(x, 1);
+      EXPECT_EQ(y.dtype(), d);
+      const auto ref = actt_naive_softmax(xv, {R, D}, 1, log);
+      if (log) {  // compare the finite entries (masked ones are -inf in both)
+        const auto yv = mixprec::testing::to_doubles(y);
+        std::vector<double> got, want;
+        for (std::size_t i = 0; i < ref.size(); ++i) {
+          if (std::isinf(ref[i])) {
+            EXPECT_EQ(yv[i], ref[i]);
+            continue;
+          }
+          got.push_back(yv[i]);
+          want.push_back(ref[i]);
+        }
+        EXPECT_LT(mixprec::testing::rel_error(actt_from(got, {static_cast<int64_t>(got.size())}, kFloat64), want), tol) << name(d);
+      } else {
+        EXPECT_LT(mixprec::testing::rel_error(y, ref), tol) << name(d);
+        const auto yv = mixprec::testing::to_doubles(y);
+        for (int64_t i = 0; i < D; i += 3) EXPECT_EQ(yv[1 * D + i], 0.0);  // exact zeros
+      }
+    }
+  }
+  std::vector<double> xn = xs;
+  xn[3 * D + 7] = NAN;
+  const auto yn = mixprec::testing::to_doubles(softmax(actt_from(xn, {R, D}, kBFloat16), 1));
+  for (int64_t i = 0; i < D; ++i) EXPECT_TRUE(std::isnan(yn[3 * D + i])) << i;
+  EXPECT_FALSE(std::isnan(yn[4 * D]));
 }

@@ -179,3 +179,44 @@ TEST(Elementwise, NaNPropagates) {
   EXPECT_TRUE(std::isnan(float(relu(a.to(kBFloat16)).data<bfloat16>()[0])));
   EXPECT_TRUE(std::isnan(sum(a).item<float>()));
 }
+
+// A unary op's backward keeps alive only the tensor its derivative reads: the output for relu,
+// sigmoid, tanh, exp, sqrt and rsqrt, the input for gelu, silu, log and abs. The op's input here
+// is an intermediate (x * 2, whose own backward saves only x and the scalar), so it is freed
+// when its handle goes unless the op saved it.
+TEST(Elementwise, UnaryOpsSaveOnlyTheTensorTheirGradientReads) {
+  using Op = std::function<Tensor(const Tensor&)>;
+  const std::vector<std::pair<const char*, Op>> from_y = {
+      {"relu", [](const Tensor& t) { return relu(t); }},       {"sigmoid", [](const Tensor& t) { return sigmoid(t); }},
+      {"tanh", [](const Tensor& t) { return mixprec::tanh(t); }}, {"exp", [](const Tensor& t) { return mixprec::exp(t); }},
+      {"sqrt", [](const Tensor& t) { return mixprec::sqrt(t); }}, {"rsqrt", [](const Tensor& t) { return rsqrt(t); }}};
+  const std::vector<std::pair<const char*, Op>> from_x = {
+      {"gelu", [](const Tensor& t) { return gelu(t); }},          {"gelu_tanh", [](const Tensor& t) { return gelu(t, "tanh"); }},
+      {"silu", [](const Tensor& t) { return silu(t); }},          {"log", [](const Tensor& t) { return mixprec::log(t); }},
+      {"abs", [](const Tensor& t) { return mixprec::abs(t); }}};
+  for (DType d : {kFloat32, kBFloat16}) {
+    const Tensor x = add(abs(randn({4096})), 0.5).to(d).requires_grad_();
+    const int64_t bytes = x.nbytes();
+    for (bool keeps_y : {true, false}) {
+      for (const auto& [name_, op] : keeps_y ? from_y : from_x) {
+        const int64_t before = memory_stats().allocated_bytes;
+        Tensor y;
+        {
+          const Tensor h = mul(x, 2.0);
+          y = op(h);
+        }
+        // Live now: y, and h only when the op saved its input (plus mul's 0-dim scalar).
+        const int64_t live = memory_stats().allocated_bytes - before;
+        EXPECT_LT(live, (keeps_y ? 1 : 2) * bytes + 64) << name_ << " " << name(d);
+        EXPECT_GE(live, (keeps_y ? 1 : 2) * bytes) << name_ << " " << name(d);
+        // The gradient is still right: d op(2x)/dx = 2 op'(2x).
+        sum(y).backward();
+        Tensor x64 = x.detach().to(kFloat64).requires_grad_();
+        sum(op(mul(x64, 2.0))).backward();
+        // bf16: tanh's 1 - y^2 from a saved y near 1 cancels (as it did when x was saved too).
+        EXPECT_LT(mixprec::testing::rel_error(x.grad(), x64.grad()), d == kFloat32 ? 1e-6 : 3e-2) << name_ << " " << name(d);
+        x.set_grad(Tensor());
+      }
+    }
+  }
+}

@@ -310,6 +310,43 @@ TEST(LayerNorm, SixteenBitMatchesFloat32) {
   }
 }
 
+// Float32 accumulation (16-bit rows read and written directly) against the float64 path, forward
+// and backward, at the row lengths of a transformer (odd ones too, for the vector tail).
+TEST(LayerNorm, Float32AccumulationAgainstFloat64) {
+  Generator g(13);
+  for (int64_t D : {256, 77}) {
+    const Tensor x = add(mul(randn({33, D}, kFloat32, g), 2.0), 0.5), w = randn({D}, kFloat32, g), b = randn({D}, kFloat32, g);
+    const Tensor up = randn({33, D}, kFloat32, g);
+    for (auto [d, tol] : {std::pair{kFloat32, 1e-6}, std::pair{kBFloat16, 1e-2}, std::pair{kFloat16, 2e-3}}) {
+      const Tensor xd = x.to(d);  // the reference sees the same rounded input
+      Tensor x64 = nrmt_leaf(xd.to(kFloat64)), w64 = nrmt_leaf(w.to(kFloat64)), b64 = nrmt_leaf(b.to(kFloat64));
+      const Tensor y64 = layer_norm(x64, {D}, w64, b64);
+      sum(mul(y64, up.to(kFloat64))).backward();
+      Tensor xl = nrmt_leaf(xd.clone()), wl = nrmt_leaf(w.clone()), bl = nrmt_leaf(b.clone());
+      const Tensor y = layer_norm(xl, {D}, wl, bl);
+      EXPECT_EQ(y.dtype(), d);
+      // 16-bit outputs carry their own rounding (2^-9 relative for bf16); float32 is near exact.
+      EXPECT_LT(mixprec::testing::rel_error(y, y64), tol) << name(d) << " D " << D;
+      sum(mul(y, up.to(d))).backward();
+      EXPECT_LT(mixprec::testing::rel_error(xl.grad(), x64.grad()), 3 * tol) << name(d) << " D " << D;
+      EXPECT_LT(mixprec::testing::rel_error(wl.grad(), w64.grad()), 3 * tol) << name(d) << " D " << D;
+      EXPECT_LT(mixprec::testing::rel_error(bl.grad(), b64.grad()), 3 * tol) << name(d) << " D " << D;
+    }
+  }
+}
+
+// A NaN makes its own row NaN (and only that row), so the references' NaN check fails on it.
+TEST(LayerNorm, NaNPropagatesWithinItsRow) {
+  std::vector<double> xs(4 * 40);
+  for (std::size_t i = 0; i < xs.size(); ++i) xs[i] = std::sin(static_cast<double>(i));
+  xs[1 * 40 + 3] = NAN;
+  for (DType d : {kFloat32, kBFloat16}) {
+    const auto y = mixprec::testing::to_doubles(layer_norm(nrmt_from(xs, {4, 40}, d), {40}));
+    for (int64_t r = 0; r < 4; ++r)
+      for (int64_t i = 0; i < 40; ++i) EXPECT_EQ(std::isnan(y[r * 40 + i]), r == 1) << name(d) << " row " << r;
+  }
+}
+
 TEST(LayerNorm, Errors) {
   EXPECT_THROW(layer_norm(randn({3, 4}), {5}), mixprec::Error);
   EXPECT_THROW(layer_norm(randn({3, 4}), {3}), mixprec::Error);

@@ -2,11 +2,11 @@
 // softmax / log_softmax, dropout and prelu (relu, gelu, silu, sigmoid and tanh live in
 // elementwise.hpp). Softmax-style kernels see the input as [outer, D, inner] with the reduced dim
 // in the middle: inner == 1 is the contiguous fast path, otherwise columns are processed in
-// blocks so each pass over D streams contiguous memory.
+// blocks so each pass over D streams contiguous memory. The math is float32 (double for double)
+// with cpu::vec::exp; on the fast path 16-bit rows convert with SIMD and every pass is a loop
+// cpu::vec::vectorized compiles for AVX-512 where the CPU has it.
 #include <limits>
 #include <vector>
-
-#include <Eigen/Core>
 
 #include "mixprec/ops/linalg.hpp"
 
@@ -27,38 +27,34 @@ inline ActSoftmaxDims act_softmax_dims(const Tensor& x, int64_t d) {
 
 inline constexpr int64_t kActColumnBlock = 256;
 
-template <class A>
-using ActArray = Eigen::Map<Eigen::Array<A, Eigen::Dynamic, 1>>;
-template <class A>
-using ActConstArray = Eigen::Map<const Eigen::Array<A, Eigen::Dynamic, 1>>;
-
-// out = exp(in) over a contiguous run (in and out must not alias). Eigen's exp is vectorised
-// (std::exp is a scalar call and would dominate softmax / cross-entropy time), but it clamps
-// very negative inputs instead of flushing them: exp(-inf) comes out as a denormal, not 0.
-// Below `lo` the true result is denormal or zero anyway, so those inputs (masked logits) are
-// redone with std::exp; a vectorised min per chunk keeps the check cheap.
+// out = exp(in) over a contiguous run (fn::exp: cpu::vec's vectorised exp for float, which gives
+// exact zeros for masked -inf logits; std::exp for double).
 template <class A>
 void act_exp(const A* in, A* out, int64_t n) {
-  constexpr A lo = std::is_same_v<A, float> ? A(-87) : A(-708);
-  constexpr int64_t kChunk = 256;
-  for (int64_t b = 0; b < n; b += kChunk) {
-    const int64_t len = std::min(kChunk, n - b);
-    ActArray<A>(out + b, len) = ActConstArray<A>(in + b, len).exp();
-    if (ActConstArray<A>(in + b, len).minCoeff() < lo)
-      for (int64_t i = b; i < b + len; ++i)
-        if (in[i] < lo) out[i] = std::exp(in[i]);
-  }
+  cpu::vec::vectorized([&]() MIXPREC_ALWAYS_INLINE {
+    for (int64_t i = 0; i < n; ++i) out[i] = fn::exp(in[i]);
+  });
 }
 
-// A contiguous row in A: the data itself when T == A, else converted into `buf`.
-template <class T, class A>
-const A* act_load_row(const T* p, int64_t n, std::vector<A>& buf) {
-  if constexpr (std::is_same_v<T, A>) {
-    return p;
-  } else {
-    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<A>(p[i]);
-    return buf.data();
-  }
+// softmax / log_softmax of one contiguous row of D values in A, into y (which may be x); ex is
+// scratch. One pass for the max, one for exp and its sum, one to scale or shift.
+template <bool Log, class A>
+void act_softmax_row(const A* x, A* y, A* ex, int64_t D) {
+  cpu::vec::vectorized([&]() MIXPREC_ALWAYS_INLINE {
+    const A m = cpu::vec::reduce<A>(D, -std::numeric_limits<A>::infinity(), [&](A a, int64_t i) { return cpu::vec::max_of(a, x[i]); },
+                              [](A a, A b) { return cpu::vec::max_of(a, b); });
+    const A sum = cpu::vec::reduce<A>(D, A(0), [&](A a, int64_t i) {
+      ex[i] = fn::exp(x[i] - m);
+      return a + ex[i];
+    }, [](A a, A b) { return a + b; });
+    if constexpr (Log) {
+      const A lse = m + std::log(sum);
+      for (int64_t i = 0; i < D; ++i) y[i] = x[i] - lse;
+    } else {
+      const A inv = A(1) / sum;
+      for (int64_t i = 0; i < D; ++i) y[i] = ex[i] * inv;
+    }
+  });
 }
 
 // y = softmax or log_softmax of x along D; max subtraction keeps exp in range.
@@ -68,23 +64,11 @@ void act_softmax_forward(const T* x, T* y, const ActSoftmaxDims& s) {
   const int64_t D = s.D;
   if (s.inner == 1) {
     cpu::parallel_for(0, s.outer, std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(D, 1)), [&](int64_t b, int64_t e) {
-      std::vector<A> in(std::is_same_v<T, A> ? 0 : static_cast<std::size_t>(D)), sh(static_cast<std::size_t>(D)),
-          ex(static_cast<std::size_t>(D));
+      std::vector<A> in(std::is_same_v<T, A> ? 0 : static_cast<std::size_t>(D)), out(in.size()), ex(static_cast<std::size_t>(D));
       for (int64_t r = b; r < e; ++r) {
-        const A* xr = act_load_row(x + r * D, D, in);
-        T* yr = y + r * D;
-        A m = -std::numeric_limits<A>::infinity();
-        for (int64_t i = 0; i < D; ++i) m = std::max(m, xr[i]);
-        for (int64_t i = 0; i < D; ++i) sh[i] = xr[i] - m;
-        act_exp(sh.data(), ex.data(), D);
-        const A sum = ActConstArray<A>(ex.data(), D).sum();
-        if constexpr (Log) {
-          const A lse = m + std::log(sum);
-          for (int64_t i = 0; i < D; ++i) yr[i] = static_cast<T>(xr[i] - lse);
-        } else {
-          const A inv = A(1) / sum;
-          for (int64_t i = 0; i < D; ++i) yr[i] = static_cast<T>(ex[i] * inv);
-        }
+        A* yr = std::is_same_v<T, A> ? reinterpret_cast<A*>(y + r * D) : out.data();
+        act_softmax_row<Log>(cpu::vec::load_row(x + r * D, D, in), yr, ex.data(), D);
+        cpu::vec::store_row(yr, y + r * D, D);
       }
     });
     return;
@@ -128,23 +112,26 @@ void act_softmax_backward(const T* g, const T* y, T* gx, const ActSoftmaxDims& s
   using A = acc_t<T>;
   const int64_t D = s.D;
   auto term = [](A gv, A yv) { return Log ? gv : gv * yv; };
-  auto grad = [](A gv, A yv, A sum) { return Log ? gv - std::exp(yv) * sum : yv * (gv - sum); };
+  auto grad = [](A gv, A yv, A sum) { return Log ? gv - fn::exp(yv) * sum : yv * (gv - sum); };
   if (s.inner == 1) {
     cpu::parallel_for(0, s.outer, std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(D, 1)), [&](int64_t b, int64_t e) {
       const std::size_t n16 = std::is_same_v<T, A> ? 0 : static_cast<std::size_t>(D);
-      std::vector<A> gbuf(n16), ybuf(n16), ex(Log ? static_cast<std::size_t>(D) : 0);
+      std::vector<A> gbuf(n16), ybuf(n16), obuf(n16);
       for (int64_t r = b; r < e; ++r) {
-        const A* gr = act_load_row(g + r * D, D, gbuf);
-        const A* yr = act_load_row(y + r * D, D, ybuf);
-        T* o = gx + r * D;
-        if constexpr (Log) {
-          const A sum = ActConstArray<A>(gr, D).sum();
-          act_exp(yr, ex.data(), D);
-          for (int64_t i = 0; i < D; ++i) o[i] = static_cast<T>(gr[i] - ex[i] * sum);
-        } else {
-          const A sum = (ActConstArray<A>(gr, D) * ActConstArray<A>(yr, D)).sum();
-          for (int64_t i = 0; i < D; ++i) o[i] = static_cast<T>(yr[i] * (gr[i] - sum));
-        }
+        const A* gr = cpu::vec::load_row(g + r * D, D, gbuf);
+        const A* yr = cpu::vec::load_row(y + r * D, D, ybuf);
+        A* o = std::is_same_v<T, A> ? reinterpret_cast<A*>(gx + r * D) : obuf.data();
+        cpu::vec::vectorized([&]() MIXPREC_ALWAYS_INLINE {
+          auto plus = [](A a, A b) { return a + b; };
+          if constexpr (Log) {
+            const A sum = cpu::vec::reduce<A>(D, A(0), [&](A a, int64_t i) { return a + gr[i]; }, plus);
+            for (int64_t i = 0; i < D; ++i) o[i] = gr[i] - fn::exp(yr[i]) * sum;
+          } else {
+            const A sum = cpu::vec::reduce<A>(D, A(0), [&](A a, int64_t i) { return a + gr[i] * yr[i]; }, plus);
+            for (int64_t i = 0; i < D; ++i) o[i] = yr[i] * (gr[i] - sum);
+          }
+        });
+        cpu::vec::store_row(o, gx + r * D, D);
       }
     });
     return;

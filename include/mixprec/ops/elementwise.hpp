@@ -4,6 +4,7 @@
 #include <cmath>
 #include <numbers>
 
+#include "mixprec/backends/cpu/vec_math.hpp"
 #include "mixprec/core/config.hpp"
 #include "mixprec/ops/tensor_ops.hpp"
 
@@ -188,10 +189,14 @@ inline Tensor operator*(double s, const Tensor& a) { return mul(a, s); }
 
 // ---------- unary ----------
 namespace detail {
-// A unary op whose backward is grad * dfdx(x, y) computed element-wise from the saved input x and
-// output y in one fused pass. `dev` names the same function for device kernels, where one exists.
-template <class Fwd, class Dfdx>
-Tensor unary_op(OpId id, const char* name, const Tensor& x, Fwd fwd, Dfdx dfdx, std::optional<DeviceUnary> dev = std::nullopt) {
+// What a unary op's derivative is a function of; autograd keeps only that tensor alive.
+enum class GradFrom : uint8_t { Input, Output };
+
+// A unary op whose backward is grad * df(v) computed element-wise in one fused pass, v being the
+// saved input x or output y as `from` says. `dev` names the same function for device kernels,
+// where one exists.
+template <class Fwd, class Df>
+Tensor unary_op(OpId id, const char* name, const Tensor& x, Fwd fwd, GradFrom from, Df df, std::optional<DeviceUnary> dev = std::nullopt) {
   return dispatch(id, [=](const Tensor& x) {
     if (x.device() != Device::CPU) {
       MIXPREC_CHECK(dev.has_value(), name, ": tensor of shape ", x.sizes(), " is on ", x.device(), ", and ", name,
@@ -200,25 +205,25 @@ Tensor unary_op(OpId id, const char* name, const Tensor& x, Fwd fwd, Dfdx dfdx, 
       Tensor y = device_kernel(name, x, &DeviceKernels::unary)(*dev, x);
       if (autograd::should_record({x}))
         autograd::record(name, {x}, {y},
-                         [sx = autograd::SavedTensor(x), sy = autograd::SavedTensor(y), name, dev](const std::vector<Tensor>& g) -> std::vector<Tensor> {
-                           const Tensor& x = sx.get(name);
-                           const Tensor gx = expand_raw(as_dtype_raw(g[0], x.dtype()), x.sizes());
-                           return {device_kernel(name, x, &DeviceKernels::unary_backward)(*dev, gx, x, sy.get(name))};
+                         [sv = autograd::SavedTensor(from == GradFrom::Input ? x : y), name, dev](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+                           const Tensor& v = sv.get(name);
+                           const Tensor gv = expand_raw(as_dtype_raw(g[0], v.dtype()), v.sizes());
+                           // The kernel takes (x, y) and reads only the one its formula uses,
+                           // which is the saved one (relu's y > 0 is x > 0).
+                           return {device_kernel(name, v, &DeviceKernels::unary_backward)(*dev, gv, v, v)};
                          });
       return y;
     }
     Tensor y = unary_floating_kernel(name, x, fwd);
     if (autograd::should_record({x})) {
       autograd::record(name, {x}, {y},
-                       [sx = autograd::SavedTensor(x), sy = autograd::SavedTensor(y), name, dfdx](const std::vector<Tensor>& g) -> std::vector<Tensor> {
-                         const Tensor& x = sx.get(name);
-                         const Tensor& y = sy.get(name);
-                         // grad * f'(x, y): x and y share a dtype; grad may differ (promote).
-                         Tensor xy = as_dtype_raw(g[0], x.dtype());
-                         Tensor out = empty(x.sizes(), x.dtype());
-                         dispatch_floating(x.dtype(), name, [&]<class T>() {
-                           cpu::map<T, T, T, T>(out, [&](auto gg, auto xx, auto yy) { return gg * dfdx(xx, yy); },
-                                                 expand_raw(xy, x.sizes()), x, y);
+                       [sv = autograd::SavedTensor(from == GradFrom::Input ? x : y), name, df](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+                         const Tensor& v = sv.get(name);
+                         // grad * f'(v): v has x's dtype; grad may differ (promote).
+                         const Tensor gv = as_dtype_raw(g[0], v.dtype());
+                         Tensor out = empty(v.sizes(), v.dtype());
+                         dispatch_floating(v.dtype(), name, [&]<class T>() {
+                           cpu::map<T, T, T>(out, [&](auto gg, auto vv) { return gg * df(vv); }, expand_raw(gv, v.sizes()), v);
                          });
                          return {out};
                        });
@@ -232,28 +237,53 @@ Tensor unary_op(OpId id, const char* name, const Tensor& x, Fwd fwd, Dfdx dfdx, 
 // the CPU tests cover the formulas the GPU runs. T is the accumulation type (float or double);
 // *_grad take the input v, *_grad_y the output y, whichever the formula is cheaper from.
 namespace fn {
+// exp, erf and tanh for the formulas below: on the CPU, float takes cpu::vec's branch-free
+// versions (libm's are calls, which keep the element-wise loops scalar); double (the gradchecks)
+// and device code keep the standard functions.
+template <class T> MIXPREC_HOST_DEVICE T exp(T v) {
+#if !defined(__CUDA_ARCH__)
+  if constexpr (std::is_same_v<T, float>) return cpu::vec::exp(v);
+  else
+#endif
+    return std::exp(v);
+}
+template <class T> MIXPREC_HOST_DEVICE T erf(T v) {
+#if !defined(__CUDA_ARCH__)
+  if constexpr (std::is_same_v<T, float>) return cpu::vec::erf(v);
+  else
+#endif
+    return std::erf(v);
+}
+template <class T> MIXPREC_HOST_DEVICE T tanh(T v) {
+#if !defined(__CUDA_ARCH__)
+  if constexpr (std::is_same_v<T, float>) return cpu::vec::tanh(v);
+  else
+#endif
+    return std::tanh(v);
+}
+
 template <class T> MIXPREC_HOST_DEVICE T relu(T v) { return v > 0 || v != v ? v : T(0); }  // NaN propagates
-template <class T> MIXPREC_HOST_DEVICE T relu_grad(T v) { return static_cast<T>(v > 0); }
-template <class T> MIXPREC_HOST_DEVICE T sigmoid(T v) { return 1 / (1 + std::exp(-v)); }
+template <class T> MIXPREC_HOST_DEVICE T relu_grad(T v) { return static_cast<T>(v > 0); }  // from x or y alike
+template <class T> MIXPREC_HOST_DEVICE T sigmoid(T v) { return 1 / (1 + fn::exp(-v)); }
 template <class T> MIXPREC_HOST_DEVICE T sigmoid_grad_y(T y) { return y * (1 - y); }
 template <class T> MIXPREC_HOST_DEVICE T tanh_grad_y(T y) { return 1 - y * y; }
-template <class T> MIXPREC_HOST_DEVICE T silu(T v) { return v / (1 + std::exp(-v)); }
+template <class T> MIXPREC_HOST_DEVICE T silu(T v) { return v / (1 + fn::exp(-v)); }
 template <class T> MIXPREC_HOST_DEVICE T silu_grad(T v) {
-  const T s = 1 / (1 + std::exp(-v));
+  const T s = 1 / (1 + fn::exp(-v));
   return s * (1 + v * (1 - s));
 }
-template <class T> MIXPREC_HOST_DEVICE T gelu(T v) { return T(0.5) * v * (1 + std::erf(v * T(0.70710678118654752440))); }
+template <class T> MIXPREC_HOST_DEVICE T gelu(T v) { return T(0.5) * v * (1 + fn::erf(v * T(0.70710678118654752440))); }
 template <class T> MIXPREC_HOST_DEVICE T gelu_grad(T v) {
-  return T(0.5) * (1 + std::erf(v * T(0.70710678118654752440))) + v * T(0.39894228040143267794) * std::exp(T(-0.5) * v * v);
+  return T(0.5) * (1 + fn::erf(v * T(0.70710678118654752440))) + v * T(0.39894228040143267794) * fn::exp(T(-0.5) * v * v);
 }
 // gelu(x, "tanh"), also cuBLASLt's GELU epilogue.
 template <class T> MIXPREC_HOST_DEVICE T gelu_tanh(T v) {
   const T k = T(0.7978845608028654), c = T(0.044715);
-  return T(0.5) * v * (1 + std::tanh(k * (v + c * v * v * v)));
+  return T(0.5) * v * (1 + fn::tanh(k * (v + c * v * v * v)));
 }
 template <class T> MIXPREC_HOST_DEVICE T gelu_tanh_grad(T v) {
   const T k = T(0.7978845608028654), c = T(0.044715);
-  const T t = std::tanh(k * (v + c * v * v * v));
+  const T t = fn::tanh(k * (v + c * v * v * v));
   return T(0.5) * (1 + t) + T(0.5) * v * (1 - t * t) * k * (1 + 3 * c * v * v);
 }
 }  // namespace fn
@@ -270,47 +300,50 @@ inline Tensor operator-(const Tensor& x) { return neg(x); }
 inline Tensor operator-(double s, const Tensor& a) { return add(neg(a), s); }
 
 inline Tensor exp(const Tensor& x) {
-  return detail::unary_op(OpId::exp, "exp", x, [](auto v) { return std::exp(v); }, [](auto, auto y) { return y; }, DeviceUnary::Exp);
+  return detail::unary_op(OpId::exp, "exp", x, [](auto v) { return fn::exp(v); }, detail::GradFrom::Output, [](auto y) { return y; },
+                          DeviceUnary::Exp);
 }
 inline Tensor log(const Tensor& x) {
-  return detail::unary_op(OpId::log, "log", x, [](auto v) { return std::log(v); }, [](auto v, auto) { return 1 / v; }, DeviceUnary::Log);
+  return detail::unary_op(OpId::log, "log", x, [](auto v) { return std::log(v); }, detail::GradFrom::Input, [](auto v) { return 1 / v; },
+                          DeviceUnary::Log);
 }
 inline Tensor sqrt(const Tensor& x) {
-  return detail::unary_op(OpId::sqrt, "sqrt", x, [](auto v) { return std::sqrt(v); }, [](auto, auto y) { return 1 / (2 * y); });
+  return detail::unary_op(OpId::sqrt, "sqrt", x, [](auto v) { return std::sqrt(v); }, detail::GradFrom::Output,
+                          [](auto y) { return 1 / (2 * y); });
 }
 inline Tensor rsqrt(const Tensor& x) {
-  return detail::unary_op(OpId::rsqrt, "rsqrt", x, [](auto v) { return 1 / std::sqrt(v); },
-                          [](auto, auto y) { return decltype(y)(-0.5) * y * y * y; });
+  return detail::unary_op(OpId::rsqrt, "rsqrt", x, [](auto v) { return 1 / std::sqrt(v); }, detail::GradFrom::Output,
+                          [](auto y) { return decltype(y)(-0.5) * y * y * y; });
 }
 inline Tensor abs(const Tensor& x) {
-  return detail::unary_op(OpId::abs, "abs", x, [](auto v) { return std::abs(v); },
-                          [](auto v, auto) { return static_cast<decltype(v)>((v > 0) - (v < 0)); });
+  return detail::unary_op(OpId::abs, "abs", x, [](auto v) { return std::abs(v); }, detail::GradFrom::Input,
+                          [](auto v) { return static_cast<decltype(v)>((v > 0) - (v < 0)); });
 }
 inline Tensor relu(const Tensor& x) {
-  return detail::unary_op(OpId::relu, "relu", x, [](auto v) { return fn::relu(v); }, [](auto v, auto) { return fn::relu_grad(v); },
-                          DeviceUnary::Relu);
+  return detail::unary_op(OpId::relu, "relu", x, [](auto v) { return fn::relu(v); }, detail::GradFrom::Output,
+                          [](auto y) { return fn::relu_grad(y); }, DeviceUnary::Relu);
 }
 inline Tensor sigmoid(const Tensor& x) {
-  return detail::unary_op(OpId::sigmoid, "sigmoid", x, [](auto v) { return fn::sigmoid(v); },
-                          [](auto, auto y) { return fn::sigmoid_grad_y(y); }, DeviceUnary::Sigmoid);
+  return detail::unary_op(OpId::sigmoid, "sigmoid", x, [](auto v) { return fn::sigmoid(v); }, detail::GradFrom::Output,
+                          [](auto y) { return fn::sigmoid_grad_y(y); }, DeviceUnary::Sigmoid);
 }
 inline Tensor tanh(const Tensor& x) {
-  return detail::unary_op(OpId::tanh, "tanh", x, [](auto v) { return std::tanh(v); }, [](auto, auto y) { return fn::tanh_grad_y(y); },
-                          DeviceUnary::Tanh);
+  return detail::unary_op(OpId::tanh, "tanh", x, [](auto v) { return fn::tanh(v); }, detail::GradFrom::Output,
+                          [](auto y) { return fn::tanh_grad_y(y); }, DeviceUnary::Tanh);
 }
 inline Tensor silu(const Tensor& x) {
-  return detail::unary_op(OpId::silu, "silu", x, [](auto v) { return fn::silu(v); }, [](auto v, auto) { return fn::silu_grad(v); },
-                          DeviceUnary::Silu);
+  return detail::unary_op(OpId::silu, "silu", x, [](auto v) { return fn::silu(v); }, detail::GradFrom::Input,
+                          [](auto v) { return fn::silu_grad(v); }, DeviceUnary::Silu);
 }
 // approximate: "none" (exact, erf) or "tanh", as torch.nn.functional.gelu.
 inline Tensor gelu(const Tensor& x, std::string_view approximate = "none") {
   if (approximate == "tanh") {
-    return detail::unary_op(OpId::gelu, "gelu", x, [](auto v) { return fn::gelu_tanh(v); },
-                            [](auto v, auto) { return fn::gelu_tanh_grad(v); }, DeviceUnary::GeluTanh);
+    return detail::unary_op(OpId::gelu, "gelu", x, [](auto v) { return fn::gelu_tanh(v); }, detail::GradFrom::Input,
+                            [](auto v) { return fn::gelu_tanh_grad(v); }, DeviceUnary::GeluTanh);
   }
   MIXPREC_CHECK(approximate == "none", "gelu: approximate must be \"none\" or \"tanh\", got \"", approximate, "\"");
-  return detail::unary_op(OpId::gelu, "gelu", x, [](auto v) { return fn::gelu(v); }, [](auto v, auto) { return fn::gelu_grad(v); },
-                          DeviceUnary::Gelu);
+  return detail::unary_op(OpId::gelu, "gelu", x, [](auto v) { return fn::gelu(v); }, detail::GradFrom::Input,
+                          [](auto v) { return fn::gelu_grad(v); }, DeviceUnary::Gelu);
 }
 
 inline Tensor pow(const Tensor& x, double e) {

@@ -191,15 +191,15 @@ inline Tensor cross_entropy(const Tensor& logits, const Tensor& target, Reductio
           for (int64_t r = b; r < e; ++r) {
             // The row of C logits, contiguous in A (classes are strided by S for spatial inputs).
             const T* row = xp + (r / S) * C * S + r % S;
-            const A* v = S == 1 ? detail::act_load_row(row, C, in) : in.data();
+            const A* v = S == 1 ? cpu::vec::load_row(row, C, in) : in.data();
             if (S != 1)
               for (int64_t c = 0; c < C; ++c) in[c] = static_cast<A>(row[c * S]);
             A m = -std::numeric_limits<A>::infinity();
             for (int64_t c = 0; c < C; ++c) m = std::max(m, v[c]);
             for (int64_t c = 0; c < C; ++c) sh[c] = v[c] - m;
             detail::act_exp(sh.data(), ex.data(), C);
-            const A se = detail::ActConstArray<A>(ex.data(), C).sum();
-            const A sx = ls > 0 ? detail::ActConstArray<A>(v, C).sum() : A(0);
+            const A se = cpu::vec::sum(ex.data(), C);
+            const A sx = ls > 0 ? cpu::vec::sum(v, C) : A(0);
             const A l = m + std::log(se);
             ep[r] = l;
             const int64_t t = tp[r];

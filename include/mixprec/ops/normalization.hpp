@@ -1,10 +1,12 @@
 #pragma once
-// batch_norm, layer_norm, group_norm. Statistics accumulate in double (8 independent partial
-// sums, so the loop pipelines without -ffast-math); the normalisation itself runs in acc_t<T>
+// batch_norm, layer_norm, group_norm. batch/group norm statistics accumulate in double (8
+// independent partial sums, so the loop pipelines without -ffast-math), layer_norm's in acc_t<T>
+// (see ln_forward_row); the normalisation itself runs in acc_t<T>
 // and rounds once on store. Mean and 1/std are saved for backward, which uses the closed-form
 // gradients (one pass for the sums, one to write dx).
 #include <cmath>
 
+#include "mixprec/backends/cpu/vec_math.hpp"
 #include "mixprec/ops/linalg.hpp"
 
 namespace mixprec {
@@ -162,6 +164,58 @@ inline Tensor batch_norm_device(const Tensor& x, const Tensor& running_mean, con
                        return {r[0], Tensor(), Tensor(), has_w ? as_dtype_raw(r[1], wd) : Tensor(), has_b ? as_dtype_raw(r[2], bd) : Tensor()};
                      });
   return y;
+}
+}  // namespace detail
+
+namespace detail {
+// layer_norm's CPU rows accumulate in acc_t<T> (float32 for 16-bit and float32 input: 16-lane
+// partial sums and a two-pass variance keep the error near float rounding at these row lengths)
+// so that every pass is a loop cpu::vec::vectorized runs with AVX-512; 16-bit rows convert with
+// SIMD on the way in and out. Missing weight / bias are ones / zeros, keeping the loops uniform.
+template <class A>
+std::vector<A> ln_params(const std::vector<double>& v, int64_t D, double absent) {
+  if (v.empty()) return std::vector<A>(static_cast<std::size_t>(D), static_cast<A>(absent));
+  return std::vector<A>(v.begin(), v.end());
+}
+// y = (x - mean) rstd w + b over one row; returns the row's mean and rstd. The mean is a float
+// sum's m0 plus the mean of x - m0 (c, nearly exact: x - m0 loses nothing for x near m0), so
+// centring keeps its digits when |mean| >> std; mean = m0 + c is kept in double for backward.
+template <class A>
+std::pair<double, double> ln_forward_row(const A* x, A* y, const A* w, const A* b, int64_t D, A eps) {
+  std::pair<double, double> stats;
+  cpu::vec::vectorized([&]() MIXPREC_ALWAYS_INLINE {
+    auto plus = [](A p, A q) { return p + q; };
+    const A n = static_cast<A>(D);
+    const A m0 = cpu::vec::reduce<A>(D, A(0), [&](A a, int64_t i) { return a + x[i]; }, plus) / n;
+    const A c = cpu::vec::reduce<A>(D, A(0), [&](A a, int64_t i) { return a + (x[i] - m0); }, plus) / n;
+    const A var = cpu::vec::reduce<A>(D, A(0), [&](A a, int64_t i) {
+      const A d = (x[i] - m0) - c;
+      return a + d * d;
+    }, plus) / n;
+    const A rs = A(1) / std::sqrt(var + eps);
+    for (int64_t i = 0; i < D; ++i) y[i] = ((x[i] - m0) - c) * rs * w[i] + b[i];
+    stats = {static_cast<double>(m0) + static_cast<double>(c), static_cast<double>(rs)};
+  });
+  return stats;
+}
+// dx over one row from the closed form dx = rstd (g w - mean(g w) - xhat mean(g w xhat)), and
+// the row's share of the weight and bias gradients added to gw, gb.
+template <class A>
+void ln_backward_row(const A* x, const A* g, A* dx, const A* w, A* gw, A* gb, int64_t D, double mean, double rstd) {
+  const NormCenter<A> center(mean);
+  const A hi = center.hi, lo = center.lo, rs = static_cast<A>(rstd);
+  cpu::vec::vectorized([&]() MIXPREC_ALWAYS_INLINE {
+    auto plus = [](A p, A q) { return p + q; };
+    const A n = static_cast<A>(D);
+    const A s1 = cpu::vec::reduce<A>(D, A(0), [&](A a, int64_t i) { return a + g[i] * w[i]; }, plus) / n;
+    const A s2 = cpu::vec::reduce<A>(D, A(0), [&](A a, int64_t i) { return a + g[i] * w[i] * (((x[i] - hi) - lo) * rs); }, plus) / n;
+    for (int64_t i = 0; i < D; ++i) {
+      const A h = ((x[i] - hi) - lo) * rs;
+      dx[i] = rs * (g[i] * w[i] - s1 - h * s2);
+      gw[i] += g[i] * h;
+      gb[i] += g[i];
+    }
+  });
 }
 }  // namespace detail
 
@@ -361,29 +415,19 @@ inline Tensor layer_norm(const Tensor& x, const Shape& normalized_shape, const T
     const std::vector<double> wv = detail::norm_to_vec(weight), bv = detail::norm_to_vec(bias);
     dispatch_floating(x.dtype(), "layer_norm", [&]<class T>() {
       using A = acc_t<T>;
-      const std::vector<A> w(wv.begin(), wv.end()), b(bv.begin(), bv.end());
+      const std::vector<A> w = detail::ln_params<A>(wv, D, 1), b = detail::ln_params<A>(bv, D, 0);
       const T* xp = xc.data<T>();
       T* yp = y.data<T>();
       double* mp = mean_t.data<double>();
       double* rp = rstd_t.data<double>();
       cpu::parallel_for(0, M, std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(D, 1)), [&](int64_t rb, int64_t re) {
+        const std::size_t n16 = std::is_same_v<T, A> ? 0 : static_cast<std::size_t>(D);
+        std::vector<A> xbuf(n16), ybuf(n16);
         for (int64_t r = rb; r < re; ++r) {
-          const T* xr = xp + r * D;
-          T* yr = yp + r * D;
-          const double mu = detail::norm_sum(xr, D) / static_cast<double>(D);
-          const double rs = 1.0 / std::sqrt(detail::norm_sqdev(xr, D, mu) / static_cast<double>(D) + eps);
-          mp[r] = mu;
-          rp[r] = rs;
-          const detail::NormCenter<A> center(mu);
-          const A ar = static_cast<A>(rs);
-          if (w.empty() && b.empty()) {
-            detail::norm_affine_run(xr, yr, D, mu, rs, 0.0);
-          } else {
-            for (int64_t i = 0; i < D; ++i) {
-              const A h = center(static_cast<A>(xr[i])) * ar;
-              yr[i] = static_cast<T>((w.empty() ? h : h * w[i]) + (b.empty() ? A(0) : b[i]));
-            }
-          }
+          const A* xr = cpu::vec::load_row(xp + r * D, D, xbuf);
+          A* yr = std::is_same_v<T, A> ? reinterpret_cast<A*>(yp + r * D) : ybuf.data();
+          std::tie(mp[r], rp[r]) = detail::ln_forward_row(xr, yr, w.data(), b.data(), D, static_cast<A>(eps));
+          cpu::vec::store_row(yr, yp + r * D, D);
         }
       });
     });
@@ -397,46 +441,31 @@ inline Tensor layer_norm(const Tensor& x, const Shape& normalized_shape, const T
                          const Tensor gc = detail::contiguous_raw(detail::expand_raw(detail::as_dtype_raw(g[0], x.dtype()), x.sizes()));
                          Tensor gx = empty(x.sizes(), x.dtype());
                          std::vector<double> gw(static_cast<std::size_t>(D), 0.0), gb(static_cast<std::size_t>(D), 0.0);
-                         const double* mp = mean_t.data<double>();
-                         const double* rp = rstd_t.data<double>();
                          dispatch_floating(x.dtype(), "layer_norm_backward", [&]<class T>() {
                            using A = acc_t<T>;
-                           const std::vector<A> w(wv.begin(), wv.end());
+                           const std::vector<A> w = detail::ln_params<A>(wv, D, 1);
+                           const double* mp = mean_t.data<double>();
+                           const double* rp = rstd_t.data<double>();
                            const T* xp = xc.data<T>();
                            const T* gp = gc.data<T>();
                            T* o = gx.data<T>();
                            // Row ranges in fixed chunks, each with private weight/bias partial sums.
                            const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(cpu::num_threads(), M));
-                           std::vector<std::vector<double>> pw(static_cast<std::size_t>(chunks)), pb(static_cast<std::size_t>(chunks));
+                           std::vector<std::vector<A>> pw(static_cast<std::size_t>(chunks)), pb(static_cast<std::size_t>(chunks));
                            cpu::parallel_for(0, chunks, 1, [&](int64_t kb, int64_t ke) {
+                             const std::size_t n16 = std::is_same_v<T, A> ? 0 : static_cast<std::size_t>(D);
+                             std::vector<A> xbuf(n16), gbuf(n16), obuf(n16);
                              for (int64_t kc = kb; kc < ke; ++kc) {
                                auto& aw = pw[kc];
                                auto& ab = pb[kc];
-                               if (has_w) aw.assign(static_cast<std::size_t>(D), 0.0);
-                               if (has_b) ab.assign(static_cast<std::size_t>(D), 0.0);
+                               aw.assign(static_cast<std::size_t>(D), A(0));
+                               ab.assign(static_cast<std::size_t>(D), A(0));
                                for (int64_t r = M * kc / chunks, re = M * (kc + 1) / chunks; r < re; ++r) {
-                                 const T* xr = xp + r * D;
-                                 const T* gr = gp + r * D;
-                                 T* orow = o + r * D;
-                                 const detail::NormCenter<A> center(mp[r]);
-                                 const A rs = static_cast<A>(rp[r]);
-                                 double s1 = 0, s2 = 0;  // sum(g w), sum(g w xhat)
-                                 for (int64_t i = 0; i < D; ++i) {
-                                   const A gv = static_cast<A>(gr[i]);
-                                   const A h = center(static_cast<A>(xr[i])) * rs;
-                                   const A gw_ = w.empty() ? gv : gv * w[i];
-                                   s1 += gw_;
-                                   s2 += gw_ * h;
-                                   if (has_w) aw[i] += gv * h;
-                                   if (has_b) ab[i] += gv;
-                                 }
-                                 const A a1 = static_cast<A>(s1 / static_cast<double>(D)), a2 = static_cast<A>(s2 / static_cast<double>(D));
-                                 for (int64_t i = 0; i < D; ++i) {
-                                   const A gv = static_cast<A>(gr[i]);
-                                   const A h = center(static_cast<A>(xr[i])) * rs;
-                                   const A gw_ = w.empty() ? gv : gv * w[i];
-                                   orow[i] = static_cast<T>(rs * (gw_ - a1 - h * a2));
-                                 }
+                                 const A* xr = cpu::vec::load_row(xp + r * D, D, xbuf);
+                                 const A* gr = cpu::vec::load_row(gp + r * D, D, gbuf);
+                                 A* orow = std::is_same_v<T, A> ? reinterpret_cast<A*>(o + r * D) : obuf.data();
+                                 detail::ln_backward_row(xr, gr, orow, w.data(), aw.data(), ab.data(), D, mp[r], rp[r]);
+                                 cpu::vec::store_row(orow, o + r * D, D);
                                }
                              }
                            });
