@@ -70,7 +70,7 @@ void BM_Elementwise(benchmark::State& st, Op op, DType dt) {
 
 // GELU forward or backward (the derivative) over n floats, 8 B per element: the float64-exact
 // libm formula (std::erf / std::exp per element, as before cpu::vec), fn:: with cpu::vec as
-// portable code, and fn:: inside cpu::vec::vectorized (AVX-512 where the CPU has it).
+// portable code, and fn:: inside cpu::simd (AVX-512 where the CPU has it).
 enum class GeluImpl { Libm, Portable, Vectorized };
 void BM_GeluFormula(benchmark::State& st, GeluImpl impl, bool backward) {
   const int64_t n = elements(st);
@@ -92,8 +92,8 @@ void BM_GeluFormula(benchmark::State& st, GeluImpl impl, bool backward) {
         else for (int64_t i = 0; i < n; ++i) y[i] = fn::gelu(x[i]);
         break;
       case GeluImpl::Vectorized:
-        if (backward) cpu::vec::vectorized([&]() MIXPREC_ALWAYS_INLINE { for (int64_t i = 0; i < n; ++i) y[i] = fn::gelu_grad(x[i]); });
-        else cpu::vec::vectorized([&]() MIXPREC_ALWAYS_INLINE { for (int64_t i = 0; i < n; ++i) y[i] = fn::gelu(x[i]); });
+        if (backward) cpu::simd([&]() MIXPREC_SIMD_BODY { for (int64_t i = 0; i < n; ++i) y[i] = fn::gelu_grad(x[i]); });
+        else cpu::simd([&]() MIXPREC_SIMD_BODY { for (int64_t i = 0; i < n; ++i) y[i] = fn::gelu(x[i]); });
         break;
     }
     benchmark::DoNotOptimize(y);

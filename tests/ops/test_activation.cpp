@@ -508,7 +508,7 @@ std::vector<float> actt_sweep() {
 }  // namespace
 
 // The bounds documented in vec_math.hpp, on the portable path and on the vectorised one (the
-// same function inlined into cpu::vec::vectorized's AVX-512 loop where the CPU has it); both
+// same function inlined into cpu::simd's AVX-512 loop where the CPU has it); both
 // paths must also give the same bits.
 TEST(VecMath, UlpErrorBoundsOverADenseSweep) {
   const std::vector<float> xs = actt_sweep();
@@ -519,11 +519,11 @@ TEST(VecMath, UlpErrorBoundsOverADenseSweep) {
     float* y = yv.data();
     const int64_t n = static_cast<int64_t>(xs.size());
     if (fn.name[1] == 'x')
-      cpu::vec::vectorized([&]() MIXPREC_ALWAYS_INLINE { for (int64_t i = 0; i < n; ++i) y[i] = cpu::vec::exp(x[i]); });
+      cpu::simd([&]() MIXPREC_SIMD_BODY { for (int64_t i = 0; i < n; ++i) y[i] = cpu::vec::exp(x[i]); });
     else if (fn.name[0] == 'e')
-      cpu::vec::vectorized([&]() MIXPREC_ALWAYS_INLINE { for (int64_t i = 0; i < n; ++i) y[i] = cpu::vec::erf(x[i]); });
+      cpu::simd([&]() MIXPREC_SIMD_BODY { for (int64_t i = 0; i < n; ++i) y[i] = cpu::vec::erf(x[i]); });
     else
-      cpu::vec::vectorized([&]() MIXPREC_ALWAYS_INLINE { for (int64_t i = 0; i < n; ++i) y[i] = cpu::vec::tanh(x[i]); });
+      cpu::simd([&]() MIXPREC_SIMD_BODY { for (int64_t i = 0; i < n; ++i) y[i] = cpu::vec::tanh(x[i]); });
     double worst = 0;
     float at = 0;
     int64_t differ = 0;

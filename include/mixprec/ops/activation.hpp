@@ -4,7 +4,7 @@
 // in the middle: inner == 1 is the contiguous fast path, otherwise columns are processed in
 // blocks so each pass over D streams contiguous memory. The math is float32 (double for double)
 // with cpu::vec::exp; on the fast path 16-bit rows convert with SIMD and every pass is a loop
-// cpu::vec::vectorized compiles for AVX-512 where the CPU has it.
+// cpu::simd compiles for AVX-512 where the CPU has it.
 #include <limits>
 #include <vector>
 
@@ -31,7 +31,7 @@ inline constexpr int64_t kActColumnBlock = 256;
 // exact zeros for masked -inf logits; std::exp for double).
 template <class A>
 void act_exp(const A* in, A* out, int64_t n) {
-  cpu::vec::vectorized([&]() MIXPREC_ALWAYS_INLINE {
+  cpu::simd([&]() MIXPREC_SIMD_BODY {
     for (int64_t i = 0; i < n; ++i) out[i] = fn::exp(in[i]);
   });
 }
@@ -40,7 +40,7 @@ void act_exp(const A* in, A* out, int64_t n) {
 // scratch. One pass for the max, one for exp and its sum, one to scale or shift.
 template <bool Log, class A>
 void act_softmax_row(const A* x, A* y, A* ex, int64_t D) {
-  cpu::vec::vectorized([&]() MIXPREC_ALWAYS_INLINE {
+  cpu::simd([&]() MIXPREC_SIMD_BODY {
     const A m = cpu::vec::reduce<A>(D, -std::numeric_limits<A>::infinity(), [&](A a, int64_t i) { return cpu::vec::max_of(a, x[i]); },
                               [](A a, A b) { return cpu::vec::max_of(a, b); });
     const A sum = cpu::vec::reduce<A>(D, A(0), [&](A a, int64_t i) {
@@ -121,7 +121,7 @@ void act_softmax_backward(const T* g, const T* y, T* gx, const ActSoftmaxDims& s
         const A* gr = cpu::vec::load_row(g + r * D, D, gbuf);
         const A* yr = cpu::vec::load_row(y + r * D, D, ybuf);
         A* o = std::is_same_v<T, A> ? reinterpret_cast<A*>(gx + r * D) : obuf.data();
-        cpu::vec::vectorized([&]() MIXPREC_ALWAYS_INLINE {
+        cpu::simd([&]() MIXPREC_SIMD_BODY {
           auto plus = [](A a, A b) { return a + b; };
           if constexpr (Log) {
             const A sum = cpu::vec::reduce<A>(D, A(0), [&](A a, int64_t i) { return a + gr[i]; }, plus);

@@ -170,7 +170,7 @@ inline Tensor batch_norm_device(const Tensor& x, const Tensor& running_mean, con
 namespace detail {
 // layer_norm's CPU rows accumulate in acc_t<T> (float32 for 16-bit and float32 input: 16-lane
 // partial sums and a two-pass variance keep the error near float rounding at these row lengths)
-// so that every pass is a loop cpu::vec::vectorized runs with AVX-512; 16-bit rows convert with
+// so that every pass is a loop cpu::simd runs with AVX-512; 16-bit rows convert with
 // SIMD on the way in and out. Missing weight / bias are ones / zeros, keeping the loops uniform.
 template <class A>
 std::vector<A> ln_params(const std::vector<double>& v, int64_t D, double absent) {
@@ -183,7 +183,7 @@ std::vector<A> ln_params(const std::vector<double>& v, int64_t D, double absent)
 template <class A>
 std::pair<double, double> ln_forward_row(const A* x, A* y, const A* w, const A* b, int64_t D, A eps) {
   std::pair<double, double> stats;
-  cpu::vec::vectorized([&]() MIXPREC_ALWAYS_INLINE {
+  cpu::simd([&]() MIXPREC_SIMD_BODY {
     auto plus = [](A p, A q) { return p + q; };
     const A n = static_cast<A>(D);
     const A m0 = cpu::vec::reduce<A>(D, A(0), [&](A a, int64_t i) { return a + x[i]; }, plus) / n;
@@ -204,7 +204,7 @@ template <class A>
 void ln_backward_row(const A* x, const A* g, A* dx, const A* w, A* gw, A* gb, int64_t D, double mean, double rstd) {
   const NormCenter<A> center(mean);
   const A hi = center.hi, lo = center.lo, rs = static_cast<A>(rstd);
-  cpu::vec::vectorized([&]() MIXPREC_ALWAYS_INLINE {
+  cpu::simd([&]() MIXPREC_SIMD_BODY {
     auto plus = [](A p, A q) { return p + q; };
     const A n = static_cast<A>(D);
     const A s1 = cpu::vec::reduce<A>(D, A(0), [&](A a, int64_t i) { return a + g[i] * w[i]; }, plus) / n;

@@ -1,7 +1,7 @@
 #pragma once
 // Branch-free float32 exp, erf and tanh for the CPU element-wise kernels. libm's expf/erff/tanhf
 // are calls, so a loop over them stays scalar; these are plain arithmetic, bit casts and selects,
-// so GCC inlines them into AVX-512 loops (cpu::map's, vectorized() below) and vectorises them
+// so GCC inlines them into the AVX-512/AVX2 loops of cpu::map and cpu::simd (simd.hpp) and vectorises them
 // (16 lanes), and the same code is the portable path. No FMA is assumed (the vector loops are
 // compiled with fp-contract=off so every CPU gets the same bits): the polynomials are accurate
 // without one.
@@ -24,17 +24,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "mixprec/backends/cpu/simd.hpp"
 #include "mixprec/dtype/convert.hpp"
-
-#if defined(MIXPREC_X86_SIMD)
-// The vector loops' target: as cpu::map's, without FMA contraction so every path gives the same bits.
-#define MIXPREC_TARGET_VEC512 __attribute__((target("avx512f,avx512bw,avx512vl,f16c"), optimize("fp-contract=off")))
-#endif
-#if defined(__GNUC__) || defined(__clang__)
-#define MIXPREC_ALWAYS_INLINE __attribute__((always_inline))
-#else
-#define MIXPREC_ALWAYS_INLINE
-#endif
 
 namespace mixprec::cpu::vec {
 
@@ -99,32 +90,11 @@ inline float tanh(float x) {
   return a < 0.625f ? small : large;
 }
 
-namespace detail {
-#if defined(MIXPREC_X86_SIMD)
-template <class F>
-MIXPREC_TARGET_VEC512 void run_avx512(F& f) {
-  f();
-}
-#endif
-}  // namespace detail
-
-// Runs f() compiled for AVX-512 when the CPU has it, else as plain code. f must be a lambda
-// declared MIXPREC_ALWAYS_INLINE: only code inlined into the AVX-512 function is compiled for
-// it, so its loops (and the functions above, inlined into them) vectorise with 16 float lanes.
-template <class F>
-void vectorized(F&& f) {
-#if defined(MIXPREC_X86_SIMD)
-  static const bool avx512 = mixprec::detail::simd_path_supported(SimdPath::AVX512);
-  if (avx512) return detail::run_avx512(f);
-#endif
-  f();
-}
-
 // Reduction over n elements with 16 independent partials, so it vectorises without -ffast-math
 // (which reordering one running sum or max would need); step(acc, i) folds element i into a
 // partial, combine folds the partials at the end.
 template <class A, class Step, class Combine>
-MIXPREC_ALWAYS_INLINE inline A reduce(int64_t n, A init, Step step, Combine combine) {
+MIXPREC_SIMD_BODY inline A reduce(int64_t n, A init, Step step, Combine combine) {
   constexpr int64_t kLanes = 16;
   A acc[kLanes];
   for (int64_t k = 0; k < kLanes; ++k) acc[k] = init;
@@ -142,7 +112,7 @@ A sum(const A* p, int64_t n) {
 }
 // The larger of a and b, ignoring a NaN b (as std::max(a, b)); a select, so it vectorises.
 template <class A>
-MIXPREC_ALWAYS_INLINE inline A max_of(A a, A b) {
+MIXPREC_SIMD_BODY inline A max_of(A a, A b) {
   return b > a ? b : a;
 }
 
