@@ -10,6 +10,7 @@
 #include <cstring>
 #include <mutex>
 
+#include "mixprec/backends/cpu/conv.hpp"
 #include "mixprec/ops/linalg.hpp"
 
 namespace mixprec {
@@ -91,15 +92,39 @@ inline std::pair<int64_t, int64_t> conv_valid_range(int64_t off, int64_t S, int6
 }
 
 // With unit strides and OW == W (3x3 pad 1: most layers), row r of one sample's columns is its
-// input plane shifted by a constant offset: one copy of the valid span, then the few elements
-// that wrapped around a row edge are zeroed, instead of a short copy per output row.
+// input plane shifted by a constant offset: one copy (or add) over the valid span, the few
+// elements that wrapped around a row edge zeroed, instead of a short copy per output row
+// (measured: per-row AVX-512 masked copies are no faster at W = 14-28, per-row adds slower).
 inline bool conv_shifted_planes(const ConvGeom& g) { return g.SH == 1 && g.SW == 1 && g.OW == g.W; }
+
+// p[oh * OW + ow] = 0 for oh in [hlo, hhi) and ow outside [lo, hi): a column or two, so the
+// loops run down columns; along rows the compiler would call memset for every element or two.
+template <class S>
+void conv_zero_edges(S* p, int64_t OW, int64_t hlo, int64_t hhi, int64_t lo, int64_t hi) {
+  for (int64_t ow = 0; ow < lo; ++ow)
+    for (int64_t oh = hlo; oh < hhi; ++oh) p[oh * OW + ow] = S(0);
+  for (int64_t ow = hi; ow < OW; ++ow)
+    for (int64_t oh = hlo; oh < hhi; ++oh) p[oh * OW + ow] = S(0);
+}
+
+// dst[i] = src[2 i] for i < n through the AVX-512 kernel of S's width.
+template <class S>
+void conv_gather_even(const S* src, S* dst, int64_t n) {
+  if constexpr (sizeof(S) == 2)
+    cpu::conv_kernels::gather_even(reinterpret_cast<const uint16_t*>(src), reinterpret_cast<uint16_t*>(dst), n);
+  else if constexpr (std::is_same_v<S, float>)
+    cpu::conv_kernels::gather_even(src, dst, n);
+  else
+    for (int64_t i = 0; i < n; ++i) dst[i] = src[2 * i];
+}
 
 // col[r, b*L + l] for group grp of nb samples; x points at the chunk's first sample [nb, C, H, W].
 template <class S>
 void im2col(const ConvGeom& g, const S* x, int64_t nb, int64_t grp, S* col, bool par) {
   const int64_t L = g.L(), cols = nb * L, K = g.K(), KK = g.KH * g.KW;
   const bool shifted = conv_shifted_planes(g);
+  // Stride-2 rows of 16- or 32-bit elements: AVX-512 gathers (backends/cpu/conv.hpp).
+  const bool vec_even = g.SW == 2 && sizeof(S) <= 4 && cpu::conv_kernels::available();
   maybe_parallel(par, K, cols, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t c = r / KK, i = (r / g.KW) % g.KH, j = r % g.KW;
@@ -119,10 +144,7 @@ void im2col(const ConvGeom& g, const S* x, int64_t nb, int64_t grp, S* col, bool
         if (shifted) {
           const int64_t first = hlo * g.OW + lo, last = (hhi - 1) * g.OW + hi, shift = hoff * g.W + woff;
           std::memcpy(dst + first, src + first + shift, static_cast<std::size_t>(last - first) * sizeof(S));
-          for (int64_t oh = hlo; oh < hhi; ++oh) {
-            std::fill(dst + oh * g.OW, dst + oh * g.OW + lo, S(0));
-            std::fill(dst + oh * g.OW + hi, dst + (oh + 1) * g.OW, S(0));
-          }
+          conv_zero_edges(dst, g.OW, hlo, hhi, lo, hi);
           continue;
         }
         for (int64_t oh = hlo; oh < hhi; ++oh) {
@@ -130,6 +152,7 @@ void im2col(const ConvGeom& g, const S* x, int64_t nb, int64_t grp, S* col, bool
           const S* row = src + (oh * g.SH + hoff) * g.W + woff;
           std::fill(d, d + lo, S(0));
           if (g.SW == 1) std::memcpy(d + lo, row + lo, static_cast<std::size_t>(hi - lo) * sizeof(S));
+          else if (vec_even) conv_gather_even(row + 2 * lo, d + lo, hi - lo);
           else
             for (int64_t ow = lo; ow < hi; ++ow) d[ow] = row[ow * g.SW];
           std::fill(d + hi, d + g.OW, S(0));
@@ -144,7 +167,8 @@ void im2col(const ConvGeom& g, const S* x, int64_t nb, int64_t grp, S* col, bool
 template <class A>
 void col2im(const ConvGeom& g, A* col, int64_t nb, int64_t grp, A* img, bool par) {
   const int64_t L = g.L(), cols = nb * L, KK = g.KH * g.KW;
-  const bool shifted = conv_shifted_planes(g);
+  // float32 adds take the AVX-512 kernel (backends/cpu/conv.hpp) where the CPU has it.
+  const bool shifted = conv_shifted_planes(g), vec_add = std::is_same_v<A, float> && cpu::conv_kernels::available();
   maybe_parallel(par, g.Cg(), cols * KK, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c)
       for (int64_t i = 0; i < g.KH; ++i)
@@ -159,19 +183,27 @@ void col2im(const ConvGeom& g, A* col, int64_t nb, int64_t grp, A* img, bool par
             A* src = col + r * cols + b * L;
             if (shifted) {
               // Zero the wrapped-around elements, then one add over the shifted span.
-              for (int64_t oh = hlo; oh < hhi; ++oh) {
-                std::fill(src + oh * g.OW, src + oh * g.OW + lo, A(0));
-                std::fill(src + oh * g.OW + hi, src + (oh + 1) * g.OW, A(0));
-              }
+              conv_zero_edges(src, g.OW, hlo, hhi, lo, hi);
               const int64_t first = hlo * g.OW + lo, last = (hhi - 1) * g.OW + hi;
               A* d = dst + first + hoff * g.W + woff;
               const A* s = src + first;
+              if constexpr (std::is_same_v<A, float>)
+                if (vec_add) {
+                  cpu::conv_kernels::add(s, d, last - first);
+                  continue;
+                }
               for (int64_t k = 0; k < last - first; ++k) d[k] += s[k];
               continue;
             }
             for (int64_t oh = hlo; oh < hhi; ++oh) {
               const A* s = src + oh * g.OW;
               A* row = dst + (oh * g.SH + hoff) * g.W + woff;
+              if constexpr (std::is_same_v<A, float>)
+                if (vec_add && g.SW <= 2) {
+                  if (g.SW == 1) cpu::conv_kernels::add(s + lo, row + lo, hi - lo);
+                  else cpu::conv_kernels::add_even(s + lo, row + 2 * lo, hi - lo);
+                  continue;
+                }
               if (g.SW == 1)
                 for (int64_t ow = lo; ow < hi; ++ow) row[ow] += s[ow];
               else
@@ -315,6 +347,8 @@ void conv_backward_weight_kernel(const ConvGeom& g, const T* x, const T* y, acc_
   const ConvChunks ch = plan_conv_chunks(g);
   const int64_t K = g.K(), L = g.L(), Og = g.Og();
   const bool skip_cols = g.pointwise() && ch.nb == 1;
+  // bfloat16 with vdpbf16ps: the columns are read in place of transposed (backends/cpu/conv.hpp).
+  [[maybe_unused]] const bool abt = std::is_same_v<S, bfloat16> && cpu::avx512::bf16_dot_available();
   std::mutex merge;
   for_conv_chunks(ch, [&](int64_t c0, int64_t c1, bool par) {
     Tensor tx, tg, tc, tw;
@@ -338,6 +372,13 @@ void conv_backward_weight_kernel(const ConvGeom& g, const T* x, const T* y, acc_
           im2col(g, xs, nb, grp, col, par);
           B = col;
         }
+#if defined(MIXPREC_X86_SIMD)
+        if constexpr (std::is_same_v<S, bfloat16>)
+          if (abt) {
+            cpu::conv_kernels::gemm_abt_bf16(gy + grp * Og * ld, ld, B, cols, acc + grp * Og * K, K, Og, K, cols);
+            continue;
+          }
+#endif
         conv_gemm<S>(gy + grp * Og * ld, ld, 1, B, 1, cols, acc + grp * Og * K, Og, K, cols, true);
       }
     }
