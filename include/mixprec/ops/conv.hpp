@@ -123,8 +123,9 @@ template <class S>
 void im2col(const ConvGeom& g, const S* x, int64_t nb, int64_t grp, S* col, bool par) {
   const int64_t L = g.L(), cols = nb * L, K = g.K(), KK = g.KH * g.KW;
   const bool shifted = conv_shifted_planes(g);
-  // Stride-2 rows of 16- or 32-bit elements: AVX-512 gathers (backends/cpu/conv.hpp).
-  const bool vec_even = g.SW == 2 && sizeof(S) <= 4 && cpu::conv_kernels::available();
+  // Stride-2 rows of 16- or 32-bit elements: AVX-512 gathers (backends/cpu/conv.hpp); measured
+  // no faster than the scalar loop for rows under 8 outputs (ResNet-20's 14 -> 7 layer).
+  const bool vec_even = g.SW == 2 && g.OW >= 8 && sizeof(S) <= 4 && cpu::conv_kernels::available();
   maybe_parallel(par, K, cols, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t c = r / KK, i = (r / g.KW) % g.KH, j = r % g.KW;
