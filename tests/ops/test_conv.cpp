@@ -228,6 +228,55 @@ TEST(Conv2d, LowPrecisionMatchesFloat32) {
   }
 }
 
+// Every kernel against the float64 definition on the same rounded operands: float32, and 16-bit
+// both read directly (gemm_16bit, where the CPU has it) and widened to float32 (the fallback,
+// called by name since the choice is made once per process). ResNet-like layers with shifted
+// planes (3x3 pad 1, dilated, rectangular), stride 2, 1x1 stride-2 projections, a 1-channel stem,
+// channels not a multiple of 16, groups, batch 1.
+TEST(Conv2d, EveryKernelMatchesFloat64Reference) {
+  const std::vector<ConvtCfg> cfgs = {
+      {1, 17, 9, 9, 19, 3, 3, {1, 1}, {1, 1}, {1, 1}, 1},  {3, 16, 14, 14, 32, 3, 3, {2, 2}, {1, 1}, {1, 1}, 1},
+      {2, 16, 8, 8, 32, 1, 1, {2, 2}, {0, 0}, {1, 1}, 1},  {4, 1, 28, 28, 16, 3, 3, {1, 1}, {1, 1}, {1, 1}, 1},
+      {2, 5, 6, 11, 7, 3, 3, {1, 1}, {1, 1}, {1, 1}, 1},   {2, 4, 9, 9, 5, 3, 3, {1, 1}, {2, 2}, {2, 2}, 1},
+      {3, 6, 7, 7, 9, 3, 3, {1, 1}, {1, 1}, {1, 1}, 3},    {2, 3, 8, 8, 4, 5, 5, {1, 1}, {2, 2}, {1, 1}, 1},
+      {64, 3, 5, 5, 4, 3, 3, {1, 1}, {1, 1}, {1, 1}, 1},
+  };
+  for (const auto& c : cfgs) {
+    const int64_t OH = convt_out(c.H, c.KH, c.stride[0], c.padding[0], c.dilation[0]);
+    const int64_t OW = convt_out(c.W, c.KW, c.stride[1], c.padding[1], c.dilation[1]);
+    detail::ConvGeom g;
+    g.N = c.N, g.C = c.C, g.H = c.H, g.W = c.W, g.O = c.O, g.OH = OH, g.OW = OW, g.KH = c.KH, g.KW = c.KW, g.G = c.groups;
+    g.SH = c.stride[0], g.SW = c.stride[1], g.PH = c.padding[0], g.PW = c.padding[1], g.DH = c.dilation[0], g.DW = c.dilation[1];
+    for (auto [dt, tol] : {std::pair{kFloat32, 1e-6}, std::pair{kBFloat16, 1e-2}, std::pair{kFloat16, 1e-3}}) {
+      const Tensor x = convt_rand({c.N, c.C, c.H, c.W}, dt), w = convt_rand({c.O, c.C / c.groups, c.KH, c.KW}, dt),
+                   b = convt_rand({c.O}, dt), gy = convt_rand({c.N, c.O, OH, OW}, dt);
+      const auto xv = mixprec::testing::to_doubles(x), wv = mixprec::testing::to_doubles(w), bv = mixprec::testing::to_doubles(b);
+      std::vector<double> gx, gw, gb;
+      convt_ref_backward(c, xv, wv, mixprec::testing::to_doubles(gy), gx, gw, gb);
+      const auto yref = convt_ref_forward(c, xv, wv, &bv);
+      const std::string where = std::string(name(dt)) + " N=" + std::to_string(c.N) + " C=" + std::to_string(c.C) +
+                                " H=" + std::to_string(c.H) + " k=" + std::to_string(c.KH) + " groups=" + std::to_string(c.groups);
+      EXPECT_LT(mixprec::testing::rel_error(detail::conv_forward(g, x, w, b), yref), tol) << where;
+      EXPECT_LT(mixprec::testing::rel_error(detail::conv_backward_input(g, gy, w), gx), tol) << where;
+      EXPECT_LT(mixprec::testing::rel_error(detail::conv_backward_weight(g, x, gy, kFloat32), gw), tol) << where;
+      if (dt == kFloat32) continue;
+      dispatch_floating(dt, "test", [&]<class T>() {
+        if constexpr (detail::conv_reads_16bit<T>) {
+          // The widened fallback, whatever this CPU picks for the public path.
+          const Tensor w32 = w.to(kFloat32), b32 = b.to(kFloat32);
+          Tensor y = empty({c.N, c.O, OH, OW}, dt), gxl = empty(x.sizes(), dt), gwl = zeros(w.sizes(), kFloat32);
+          detail::conv_forward_kernel<T, float>(g, x.data<T>(), w32.data<float>(), b32.data<float>(), y.data<T>());
+          detail::conv_backward_input_kernel<T, float>(g, gy.data<T>(), w32.data<float>(), nullptr, gxl.data<T>());
+          detail::conv_backward_weight_kernel<T, float>(g, x.data<T>(), gy.data<T>(), gwl.data<float>());
+          EXPECT_LT(mixprec::testing::rel_error(y, yref), tol) << "widened " << where;
+          EXPECT_LT(mixprec::testing::rel_error(gxl, gx), tol) << "widened " << where;
+          EXPECT_LT(mixprec::testing::rel_error(gwl, gw), tol) << "widened " << where;
+        }
+      });
+    }
+  }
+}
+
 TEST(Conv2d, AutocastRunsInLowerPrecision) {
   Tensor x = convt_rand({2, 3, 8, 8}), w = convt_rand({4, 3, 3, 3}).requires_grad_(), b = convt_rand({4}).requires_grad_();
   Tensor y;

@@ -192,6 +192,47 @@ TEST(BatchNorm, SixteenBitInputWithFloat32Buffers) {
   }
 }
 
+// The float32 kernels (float32 and 16-bit inputs: blocked float32 sums) against float64 on the
+// same rounded inputs, forward and backward, at runs shorter and longer than a block.
+TEST(BatchNorm, Float32KernelsMatchFloat64Reference) {
+  Generator g(9);
+  for (const Shape& s : {Shape{3, 5, 23, 31}, Shape{1, 4, 600}, Shape{128, 3, 7}, Shape{5, 17}}) {
+    const int64_t N = s[0], C = s[1], S = nrmt_inner(s);
+    const double M = static_cast<double>(N * S);
+    for (auto [d, tol] : {std::pair{kFloat32, 1e-6}, std::pair{kBFloat16, 1e-2}, std::pair{kFloat16, 1e-3}}) {
+      Tensor x = nrmt_leaf(add(mul(randn(s, kFloat32, g), 2.0), 1.5).to(d));
+      Tensor w = nrmt_leaf(randn({C}, kFloat32, g)), b = nrmt_leaf(randn({C}, kFloat32, g));
+      const Tensor gy = randn(s, kFloat32, g).to(d);
+      const Tensor y = batch_norm(x, Tensor(), Tensor(), w, b, true);
+      y.backward(gy);
+      auto grp = [](int64_t, int64_t c) { return c; };
+      const auto xv = mixprec::testing::to_doubles(x), gv = mixprec::testing::to_doubles(gy), wv = mixprec::testing::to_doubles(w);
+      const NrmtStats st = nrmt_group_stats(xv, N, C, S, C, grp);
+      EXPECT_LT(mixprec::testing::rel_error(y, nrmt_apply(xv, N, C, S, st, grp, wv, mixprec::testing::to_doubles(b), 1e-5)), tol)
+          << name(d) << " " << s.size();
+      // dx = w rstd (g - mean(g) - xhat mean(g xhat)), dw = sum g xhat, db = sum g.
+      std::vector<double> gx(xv.size()), gw(C, 0.0), gb(C, 0.0);
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t i = 0; i < S; ++i) {
+            const int64_t k = (n * C + c) * S + i;
+            gb[c] += gv[k];
+            gw[c] += gv[k] * (xv[k] - st.mean[c]) / std::sqrt(st.var[c] + 1e-5);
+          }
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t i = 0; i < S; ++i) {
+            const int64_t k = (n * C + c) * S + i;
+            const double rstd = 1.0 / std::sqrt(st.var[c] + 1e-5), xhat = (xv[k] - st.mean[c]) * rstd;
+            gx[k] = wv[c] * rstd * (gv[k] - gb[c] / M - xhat * gw[c] / M);
+          }
+      EXPECT_LT(mixprec::testing::rel_error(x.grad(), gx), tol) << name(d) << " " << s.size();
+      EXPECT_LT(mixprec::testing::rel_error(w.grad(), gw), tol) << name(d) << " " << s.size();
+      EXPECT_LT(mixprec::testing::rel_error(b.grad(), gb), tol) << name(d) << " " << s.size();
+    }
+  }
+}
+
 TEST(BatchNorm, RunningStatUpdateDoesNotDisturbAutograd) {
   Generator g(7);
   Tensor x = nrmt_leaf(randn({4, 3, 5}, kFloat32, g));

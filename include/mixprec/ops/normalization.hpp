@@ -265,6 +265,132 @@ inline bool layer_norm_fuses_cast(const Tensor& x) {
 }
 }  // namespace detail
 
+namespace detail {
+// batch_norm's float32 path (float32 and 16-bit inputs): runs are read in blocks of kBnBlock
+// widened by the vectorised convert, summed in kBnLanes float32 partial sums (a loop the
+// compiler vectorises without -ffast-math), and the block results combined in double, so the
+// rounding error is that of one block-long float32 sum. double inputs keep the norm_* helpers.
+inline constexpr int64_t kBnBlock = 512;
+inline constexpr int kBnLanes = 16;
+
+template <class T>
+inline constexpr bool bn_float32_path = std::is_same_v<acc_t<T>, float>;
+
+// p[0, n) as float32: p itself for float, else widened into buf.
+template <class T>
+const float* bn_load(const T* p, float* buf, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) return p;
+  else {
+    convert(p, buf, n);
+    return buf;
+  }
+}
+
+inline float bn_lanes_total(const float (&a)[kBnLanes]) {
+  float s = 0;
+  for (float v : a) s += v;
+  return s;
+}
+
+// Running (count, mean, sum of squared deviations) of one channel, merged block by block
+// (Chan et al.), so the variance never subtracts two large sums.
+struct BnMoments {
+  double n = 0, mean = 0, m2 = 0;
+  void merge(double nb, double mb, double m2b) {
+    const double tot = n + nb, d = mb - mean;
+    mean += d * nb / tot;
+    m2 += m2b + d * d * n * nb / tot;
+    n = tot;
+  }
+};
+
+// Adds a run of n values to the moments.
+template <class T>
+void bn_moments_run(const T* x, int64_t n, BnMoments& mom) {
+  alignas(64) float buf[kBnBlock];
+  for (int64_t i0 = 0; i0 < n; i0 += kBnBlock) {
+    const int64_t m = std::min(kBnBlock, n - i0);
+    const float* v = bn_load(x + i0, buf, m);
+    // Deviations from a pivot (the block's first value) are small where |mean| >> std, so their
+    // float32 sum keeps the mean's low digits.
+    const float p = v[0];
+    float a[kBnLanes] = {};
+    int64_t i = 0;
+    for (; i + kBnLanes <= m; i += kBnLanes)
+      for (int k = 0; k < kBnLanes; ++k) a[k] += v[i + k] - p;
+    for (; i < m; ++i) a[i % kBnLanes] += v[i] - p;
+    const float dm = bn_lanes_total(a) / static_cast<float>(m);  // block mean - p
+    float q[kBnLanes] = {};
+    for (i = 0; i + kBnLanes <= m; i += kBnLanes)
+      for (int k = 0; k < kBnLanes; ++k) {
+        const float d = (v[i + k] - p) - dm;
+        q[k] += d * d;
+      }
+    for (; i < m; ++i) q[i % kBnLanes] += ((v[i] - p) - dm) * ((v[i] - p) - dm);
+    mom.merge(static_cast<double>(m), static_cast<double>(p) + static_cast<double>(dm), static_cast<double>(bn_lanes_total(q)));
+  }
+}
+
+// y = f(x) element-wise over a run in float32, x and y of type T (rounded once on store).
+template <class T, class F>
+void bn_map_run(const T* x, T* y, int64_t n, F f) {
+  alignas(64) float buf[kBnBlock];
+  for (int64_t i0 = 0; i0 < n; i0 += kBnBlock) {
+    const int64_t m = std::min(kBnBlock, n - i0);
+    const float* v = bn_load(x + i0, buf, m);
+    if constexpr (std::is_same_v<T, float>) {
+      for (int64_t i = 0; i < m; ++i) y[i0 + i] = f(v[i]);
+    } else {
+      for (int64_t i = 0; i < m; ++i) buf[i] = f(v[i]);
+      convert(buf, y + i0, m);
+    }
+  }
+}
+
+// (sum g, sum g * (x - mean)) over a run, float32 within blocks.
+template <class T>
+std::pair<double, double> bn_grad_sums_run(const T* g, const T* x, int64_t n, const NormCenter<float>& center) {
+  alignas(64) float gb[kBnBlock], xb[kBnBlock];
+  double sg = 0, sgx = 0;
+  for (int64_t i0 = 0; i0 < n; i0 += kBnBlock) {
+    const int64_t m = std::min(kBnBlock, n - i0);
+    const float* gv = bn_load(g + i0, gb, m);
+    const float* xv = bn_load(x + i0, xb, m);
+    float a[kBnLanes] = {}, b[kBnLanes] = {};
+    int64_t i = 0;
+    for (; i + kBnLanes <= m; i += kBnLanes)
+      for (int k = 0; k < kBnLanes; ++k) {
+        a[k] += gv[i + k];
+        b[k] += gv[i + k] * center(xv[i + k]);
+      }
+    for (; i < m; ++i) {
+      a[i % kBnLanes] += gv[i];
+      b[i % kBnLanes] += gv[i] * center(xv[i]);
+    }
+    sg += static_cast<double>(bn_lanes_total(a));
+    sgx += static_cast<double>(bn_lanes_total(b));
+  }
+  return {sg, sgx};
+}
+
+// dx = kk g + a1 (x - mean) + a0 over a run (norm_input_grad_run's training form), float32.
+template <class T>
+void bn_input_grad_run(const T* g, const T* x, T* gx, int64_t n, const NormCenter<float>& center, float kk, float a1, float a0) {
+  alignas(64) float gb[kBnBlock], xb[kBnBlock];
+  for (int64_t i0 = 0; i0 < n; i0 += kBnBlock) {
+    const int64_t m = std::min(kBnBlock, n - i0);
+    const float* gv = bn_load(g + i0, gb, m);
+    const float* xv = bn_load(x + i0, xb, m);
+    if constexpr (std::is_same_v<T, float>) {
+      for (int64_t i = 0; i < m; ++i) gx[i0 + i] = kk * gv[i] + a1 * center(xv[i]) + a0;
+    } else {
+      for (int64_t i = 0; i < m; ++i) xb[i] = kk * gv[i] + a1 * center(xv[i]) + a0;
+      convert(xb, gx + i0, m);
+    }
+  }
+}
+}  // namespace detail
+
 // Batch normalisation of x [N, C, *] per channel. training: normalise with the batch mean and
 // biased variance, and (when given) update running_mean / running_var in place with the
 // unbiased variance: r = (1 - momentum) r + momentum stat, as PyTorch. eval: normalise with the
@@ -303,13 +429,20 @@ inline Tensor batch_norm(const Tensor& x, const Tensor& running_mean, const Tens
       if (training) {
         cpu::parallel_for(0, C, std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(M, 1)), [&](int64_t cb, int64_t ce) {
           for (int64_t c = cb; c < ce; ++c) {
-            double s = 0;
-            for (int64_t n = 0; n < N; ++n) s += detail::norm_sum(xp + (n * C + c) * S, S);
-            const double mu = s / static_cast<double>(M);
-            double ss = 0;
-            for (int64_t n = 0; n < N; ++n) ss += detail::norm_sqdev(xp + (n * C + c) * S, S, mu);
-            mean[c] = mu;
-            var[c] = ss / static_cast<double>(M);
+            if constexpr (detail::bn_float32_path<T>) {
+              detail::BnMoments mom;
+              for (int64_t n = 0; n < N; ++n) detail::bn_moments_run(xp + (n * C + c) * S, S, mom);
+              mean[c] = mom.mean;
+              var[c] = mom.m2 / static_cast<double>(M);
+            } else {
+              double s = 0;
+              for (int64_t n = 0; n < N; ++n) s += detail::norm_sum(xp + (n * C + c) * S, S);
+              const double mu = s / static_cast<double>(M);
+              double ss = 0;
+              for (int64_t n = 0; n < N; ++n) ss += detail::norm_sqdev(xp + (n * C + c) * S, S, mu);
+              mean[c] = mu;
+              var[c] = ss / static_cast<double>(M);
+            }
             rstd[c] = 1.0 / std::sqrt(var[c] + eps);
           }
         });
@@ -323,8 +456,14 @@ inline Tensor batch_norm(const Tensor& x, const Tensor& running_mean, const Tens
       cpu::parallel_for(0, N * C, std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(S, 1)), [&](int64_t rb, int64_t re) {
         for (int64_t r = rb; r < re; ++r) {
           const int64_t c = r % C;
-          const double scale = rstd[c] * (w.empty() ? 1.0 : w[c]);
-          detail::norm_affine_run(xp + r * S, yp + r * S, S, mean[c], scale, b.empty() ? 0.0 : b[c]);
+          const double scale = rstd[c] * (w.empty() ? 1.0 : w[c]), shift = b.empty() ? 0.0 : b[c];
+          if constexpr (detail::bn_float32_path<T>) {
+            const detail::NormCenter<float> center(mean[c]);
+            const float sc = static_cast<float>(scale), sh = static_cast<float>(shift);
+            detail::bn_map_run(xp + r * S, yp + r * S, S, [&](float v) { return center(v) * sc + sh; });
+          } else {
+            detail::norm_affine_run(xp + r * S, yp + r * S, S, mean[c], scale, shift);
+          }
         }
       });
       if (training && running_mean.defined()) {
@@ -364,18 +503,28 @@ inline Tensor batch_norm(const Tensor& x, const Tensor& running_mean, const Tens
                            cpu::parallel_for(0, C, std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(M, 1)), [&](int64_t cb, int64_t ce) {
                              for (int64_t c = cb; c < ce; ++c) {
                                double sg = 0, sgx = 0;
+                               const detail::NormCenter<float> center(mean[c]);
                                for (int64_t n = 0; n < N; ++n) {
-                                 const auto [a, bb] = detail::norm_grad_sums(gp + (n * C + c) * S, xp + (n * C + c) * S, S, mean[c]);
-                                 sg += a;
-                                 sgx += bb;
+                                 const int64_t off = (n * C + c) * S;
+                                 std::pair<double, double> s;
+                                 if constexpr (detail::bn_float32_path<T>) s = detail::bn_grad_sums_run(gp + off, xp + off, S, center);
+                                 else s = detail::norm_grad_sums(gp + off, xp + off, S, mean[c]);
+                                 sg += s.first;
+                                 sgx += s.second;
                                }
                                gb[c] = sg;
                                gw[c] = sgx * rstd[c];
                                const double wc = w.empty() ? 1.0 : w[c];
+                               // norm_input_grad_run's coefficients, in float32.
+                               const double k = wc * rstd[c], Md = static_cast<double>(M);
+                               const float kk = static_cast<float>(k), a1 = training ? static_cast<float>(-k * rstd[c] * rstd[c] * sgx / Md) : 0.0f,
+                                           a0 = training ? static_cast<float>(-k * sg / Md) : 0.0f;
                                for (int64_t n = 0; n < N; ++n) {
                                  const int64_t off = (n * C + c) * S;
-                                 detail::norm_input_grad_run(gp + off, xp + off, o + off, S, mean[c], rstd[c], wc, sg, sgx,
-                                                             static_cast<double>(M), training);
+                                 if constexpr (detail::bn_float32_path<T>)
+                                   detail::bn_input_grad_run(gp + off, xp + off, o + off, S, center, kk, a1, a0);
+                                 else
+                                   detail::norm_input_grad_run(gp + off, xp + off, o + off, S, mean[c], rstd[c], wc, sg, sgx, Md, training);
                                }
                              }
                            });
