@@ -51,7 +51,7 @@ run_torch() {
     --warmup "$WARMUP" --threads "$THREADS" | grep '^RESULT' >>"$RAW"
 }
 # The op-layer GEMM's rate per precision: the table reports each step's FLOPs against it.
-for p in fp32 bf16 fp16; do "$OURS" --workload gemm --precision $p --steps 5 --threads "$THREADS" | grep '^RESULT' >>"$RAW"; done
+for p in fp32 bf16 fp16; do "$OURS" --workload gemm --precision $p --steps 20 --threads "$THREADS" | grep '^RESULT' >>"$RAW"; done
 for ((r = 1; r <= ROUNDS; r++)); do
   echo "round $r/$ROUNDS" >&2
   for w in resnet20 gpt-mini; do

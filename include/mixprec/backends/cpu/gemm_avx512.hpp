@@ -142,11 +142,34 @@ inline void pack_a_row(const bfloat16* row, int64_t s1, int64_t kc, uint32_t* ou
 
 // A[i0:i0+mc, k0:k0+kc] -> panels of kMR rows, zero-padded past mc, for either kernel: float32
 // (P = float, each panel kc x kMR) or bfloat16 pairs (P = uint32_t, each ceil(kc/2) x kMR).
+// A stored by columns (a.s0 == 1, as g^T in a linear layer's weight gradient): a panel's kMR
+// rows at one k are adjacent, so each k (each pair of k's) is one or two masked vector loads,
+// not kMR strided gathers. Lanes past h (the panel's rows) are zero, as the padding wants.
+template <class T, class P>
+MIXPREC_TARGET_GEMM512 void pack_a_by_columns(View<T> a, int64_t i0, int64_t h, int64_t k0, int64_t kc, P* out) {
+  const __mmask16 m = lanes(h), panel = lanes(kMR);
+  if constexpr (std::is_same_v<P, uint32_t>) {  // bfloat16 pairs: (A[i][2p], A[i][2p + 1])
+    for (int64_t p = 0; 2 * p < kc; ++p) {
+      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, &a.at(i0, k0 + 2 * p)));
+      const __m512i hi = 2 * p + 1 < kc ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, &a.at(i0, k0 + 2 * p + 1)))
+                                        : _mm512_setzero_si512();
+      _mm512_mask_storeu_epi32(out + p * kMR, panel, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+  } else {
+    for (int64_t k = 0; k < kc; ++k) _mm512_mask_storeu_ps(out + k * kMR, panel, load16(&a.at(i0, k0 + k), m));
+  }
+}
+
 template <class T, class P>
 MIXPREC_TARGET_GEMM512 void pack_a(View<T> a, int64_t i0, int64_t mc, int64_t k0, int64_t kc, P* out) {
   const int64_t depth = std::is_same_v<P, uint32_t> ? (kc + 1) / 2 : kc;
+  const bool by_columns = a.s0 == 1 && a.s1 != 1;
   for (int64_t ip = 0; ip < mc; ip += kMR, out += depth * kMR) {
     const int64_t h = std::min(kMR, mc - ip);
+    if (by_columns) {
+      pack_a_by_columns(a, i0 + ip, h, k0, kc, out);
+      continue;
+    }
     for (int64_t i = 0; i < kMR; ++i) {
       if (i >= h) {
         for (int64_t k = 0; k < depth; ++k) out[k * kMR + i] = 0;
