@@ -53,3 +53,5 @@
 #include "mixprec/data/text.hpp"
 #include "mixprec/io/safetensors.hpp"
 #include "mixprec/io/checkpoint.hpp"
+// Last: the CPU backend's kernel table, built on the op layer above (backends/cpu/kernels.hpp).
+#include "mixprec/backends/cpu/kernels.hpp"

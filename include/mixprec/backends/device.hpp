@@ -1,9 +1,10 @@
 #pragma once
-// Kernels for tensors that live off the CPU: one table per device, filled by that device's
-// backend (CUDA's in backends/cuda/kernels.cuh, registered when a translation unit compiled by
-// nvcc includes mixprec/cuda.hpp). Ops call through it at their kernel level, below autograd and
-// autocast, so the graph, the dtype policies and the argument checks are the CPU's own. An op with
-// no entry for the device throws, naming itself and the device.
+// Kernels, one table per device, filled by that device's backend: the CPU's in
+// backends/cpu/kernels.hpp (registered by mixprec/mixprec.hpp), CUDA's in backends/cuda/kernels.cuh
+// (registered when a translation unit compiled by nvcc includes mixprec/cuda.hpp). Ops call through
+// it at their kernel level, below autograd and autocast, so the graph, the dtype policies and the
+// argument checks are the same on every device. An op with no entry for the device throws, naming
+// itself and the device.
 #include <array>
 #include <initializer_list>
 #include <memory>
@@ -183,8 +184,9 @@ Fn device_kernel(const char* op, const Tensor& t, Fn DeviceKernels::*entry) {
   const Device d = t.device();
   const DeviceKernels* k = device_kernels(d);
   MIXPREC_CHECK(k != nullptr, op, ": tensor of shape ", t.sizes(), " is on ", d, ", but no ", d,
-                " kernels are compiled into this program (include <mixprec/cuda.hpp> in a translation unit compiled by nvcc "
-                "and link mixprec::cuda)");
+                d == Device::CPU ? " kernels are registered (include <mixprec/mixprec.hpp>, which registers the CPU backend)"
+                                 : " kernels are compiled into this program (include <mixprec/cuda.hpp> in a translation unit "
+                                   "compiled by nvcc and link mixprec::cuda)");
   MIXPREC_CHECK(k->*entry != nullptr, op, ": tensor of shape ", t.sizes(), " is on ", d, ", and ", op, " has no ", d,
                 " kernel yet; move it to the CPU with .cpu()");
   return k->*entry;

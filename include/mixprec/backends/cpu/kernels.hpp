@@ -1,0 +1,30 @@
+#pragma once
+// The CPU backend's kernel table: the same DeviceKernels that the CUDA backend fills
+// (backends/device.hpp), filled here from the kernels in backends/cpu/. An op body holds its
+// argument checks, its autocast policy and its autograd, and reaches its kernel through
+// detail::device_kernel(op, tensor, &DeviceKernels::entry) whatever the device: the CPU is one
+// backend among others, and a test can swap its table like any other.
+//
+// Why it is included last (by mixprec/mixprec.hpp): the CPU kernels, like CUDA's, build on the op
+// layer's helpers (contiguous_raw, ConvGeom, the optimizer hyper-parameters), so the table is
+// assembled after the op layer, and registered at static initialisation of every program that
+// includes mixprec.hpp -- before any global of the program's own translation unit that uses ops.
+//
+// Each area fills its entries from its own header (one place per kernel family):
+#include "mixprec/backends/device.hpp"
+
+namespace mixprec::cpu::detail {
+
+inline const DeviceKernels& cpu_kernel_table() {
+  static const DeviceKernels k = [] {
+    DeviceKernels t;
+    // Host <-> device transfers (to_device, to_host) and graphs (make_graph) have no CPU meaning.
+
+    return t;
+  }();
+  return k;
+}
+
+inline const bool kCpuKernelsRegistered = (set_device_kernels(Device::CPU, &cpu_kernel_table()), true);
+
+}  // namespace mixprec::cpu::detail
