@@ -8,7 +8,7 @@ packages=(
   zlib1g-dev              # gzip IDX files
   libgtest-dev            # tests
   libbenchmark-dev        # benchmarks/
-  libdnnl-dev             # benchmarks/: oneDNN's sgemm as the float32 GEMM yardstick
+  libdnnl-dev             # mixprec::onednn (CPU convolutions, optional); benchmarks' GEMM yardstick
   dataset-fashion-mnist   # examples/resnet
   fortunes                # examples/transformer
   python3                 # scripts

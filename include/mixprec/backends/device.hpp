@@ -77,7 +77,11 @@ struct DeviceKernels {
   Tensor (*matmul)(const Tensor& a, const Tensor& b, const Tensor& bias) = nullptr;
   Tensor (*softmax)(const Tensor& x, int64_t dim, bool log) = nullptr;
   Tensor (*softmax_backward)(const Tensor& y, const Tensor& grad, int64_t dim, bool log) = nullptr;
-  // NCHW convolution; x, w, gy contiguous and of one dtype; b (optional) [O].
+  // NCHW convolution; x, w, gy contiguous and of one dtype; b (optional) [O]. With
+  // conv_channels_last, x and gy may instead be channels-last (MemoryFormat::ChannelsLast), and y
+  // (forward) and gx (input-backward) are returned in the layout of x and gy respectively. The
+  // weight gradient is returned contiguous, in x's dtype or wider (the op rounds it).
+  bool conv_channels_last = false;
   Tensor (*conv_forward)(const detail::ConvGeom& g, const Tensor& x, const Tensor& w, const Tensor& b) = nullptr;
   Tensor (*conv_backward_input)(const detail::ConvGeom& g, const Tensor& gy, const Tensor& w) = nullptr;
   Tensor (*conv_backward_weight)(const detail::ConvGeom& g, const Tensor& x, const Tensor& gy) = nullptr;
@@ -188,7 +192,7 @@ Fn device_kernel(const char* op, const Tensor& t, Fn DeviceKernels::*entry) {
                                  : " kernels are compiled into this program (include <mixprec/cuda.hpp> in a translation unit "
                                    "compiled by nvcc and link mixprec::cuda)");
   MIXPREC_CHECK(k->*entry != nullptr, op, ": tensor of shape ", t.sizes(), " is on ", d, ", and ", op, " has no ", d,
-                " kernel yet; move it to the CPU with .cpu()");
+                d == Device::CPU ? " kernel in the table registered for the CPU" : " kernel yet; move it to the CPU with .cpu()");
   return k->*entry;
 }
 

@@ -287,6 +287,15 @@ inline Tensor Tensor::clone() const {
   return out;
 }
 inline Tensor Tensor::contiguous() const { return is_contiguous() ? *this : clone(); }
+inline Tensor Tensor::contiguous(MemoryFormat f) const {
+  if (f == MemoryFormat::Contiguous) return contiguous();
+  if (is_contiguous(f)) return *this;
+  Tensor out = empty(sizes(), dtype(), device(), f);  // checks the 4 dims
+  detail::copy_kernel(out, *this);
+  if (autograd::should_record({*this}))
+    autograd::record("contiguous", {*this}, {out}, [](const std::vector<Tensor>& g) -> std::vector<Tensor> { return {g[0]}; });
+  return out;
+}
 
 // ---------- views ----------
 namespace detail {

@@ -39,6 +39,19 @@ inline Shape contiguous_strides(const Shape& s) {
   return st;
 }
 
+// How a 4-D [N, C, H, W] tensor is laid out (torch.memory_format). ChannelsLast stores it as
+// [N, H, W, C]: the layout in which oneDNN's CPU convolutions (and tensor-core convolutions) run
+// without reorders; convolutions return it for such an input and element-wise ops keep it, so a
+// network converted once at its input stays in it.
+enum class MemoryFormat : uint8_t { Contiguous, ChannelsLast };
+
+// [N, C, H, W] stored as [N, H, W, C] (PyTorch's strides, size-0 dims counted as 1).
+inline Shape channels_last_strides(const Shape& s) {
+  MIXPREC_CHECK(s.size() == 4, "channels_last: expected a 4-D shape [N, C, H, W], got ", s);
+  const int64_t C = std::max<int64_t>(s[1], 1), W = std::max<int64_t>(s[3], 1), H = std::max<int64_t>(s[2], 1);
+  return {H * W * C, 1, W * C, C};
+}
+
 struct TensorImpl {
   std::shared_ptr<StorageImpl> storage;
   int64_t offset = 0;  // in elements
@@ -110,6 +123,17 @@ class Tensor {
     }
     return true;
   }
+  // The layout by exact strides: ChannelsLast only where the strides are channels_last_strides()
+  // (then also for C = 1, where both layouts hold the same bytes: the strides say which the
+  // producer chose, and so which one the next convolution returns).
+  bool is_contiguous(MemoryFormat f) const {
+    if (f == MemoryFormat::Contiguous) return is_contiguous();
+    return dim() == 4 && strides() == channels_last_strides(sizes());
+  }
+  MemoryFormat suggest_memory_format() const {
+    return is_contiguous(MemoryFormat::ChannelsLast) && strides() != contiguous_strides(sizes()) ? MemoryFormat::ChannelsLast
+                                                                                                 : MemoryFormat::Contiguous;
+  }
   const std::shared_ptr<StorageImpl>& storage() const { return checked().storage; }
   uint64_t version() const { return storage()->version; }
   void bump_version() const { ++storage()->version; }
@@ -166,6 +190,7 @@ class Tensor {
   Tensor unsqueeze(int64_t dim) const;
   Tensor squeeze(int64_t dim) const;
   Tensor contiguous() const;
+  Tensor contiguous(MemoryFormat f) const;  // a copy in layout f unless already in it (autograd as clone)
   Tensor clone() const;
   Tensor to(DType d) const;
   Tensor to(Device d) const;
@@ -215,6 +240,12 @@ inline Tensor empty(const Shape& shape, DType dtype = DType::Float32, Device dev
   impl->strides = contiguous_strides(shape);
   impl->dtype = dtype;
   return Tensor(std::move(impl));
+}
+
+inline Tensor empty(const Shape& shape, DType dtype, Device device, MemoryFormat f) {
+  Tensor t = empty(shape, dtype, device);
+  if (f == MemoryFormat::ChannelsLast) t.impl()->strides = channels_last_strides(shape);
+  return t;
 }
 
 inline Tensor empty_like(const Tensor& t) { return empty(t.sizes(), t.dtype(), t.device()); }

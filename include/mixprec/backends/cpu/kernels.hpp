@@ -11,14 +11,18 @@
 // includes mixprec.hpp -- before any global of the program's own translation unit that uses ops.
 //
 // Each area fills its entries from its own header (one place per kernel family):
+#include "mixprec/backends/cpu/batch_norm_nhwc.hpp"
+#include "mixprec/backends/cpu/conv.hpp"
 #include "mixprec/backends/device.hpp"
 
-namespace mixprec::cpu::detail {
+namespace mixprec::cpu {
+namespace detail {
 
 inline const DeviceKernels& cpu_kernel_table() {
   static const DeviceKernels k = [] {
     DeviceKernels t;
     // Host <-> device transfers (to_device, to_host) and graphs (make_graph) have no CPU meaning.
+    fill_conv_kernels(t);
 
     return t;
   }();
@@ -27,4 +31,5 @@ inline const DeviceKernels& cpu_kernel_table() {
 
 inline const bool kCpuKernelsRegistered = (set_device_kernels(Device::CPU, &cpu_kernel_table()), true);
 
-}  // namespace mixprec::cpu::detail
+}  // namespace detail
+}  // namespace mixprec::cpu
