@@ -67,7 +67,9 @@ class TrainingWorkload {
     Generator gen(seed);
     if (w == Workload::ResNet20) {
       model_ = nn::models::make_resnet("resnet20", kResNetClasses, 1, false, gen);
-      inputs_ = randn({kResNetBatch, 1, kResNetImage, kResNetImage}, DType::Float32, gen);
+      // Channels-last, as a user converts the input once: every conv, batch norm and element-wise
+      // op then keeps that layout, in which the CPU's convolutions run on oneDNN (when linked).
+      inputs_ = randn({kResNetBatch, 1, kResNetImage, kResNetImage}, DType::Float32, gen).contiguous(MemoryFormat::ChannelsLast);
       targets_ = randint(0, kResNetClasses, {kResNetBatch}, DType::Int64, gen);
     } else {
       gpt_ = std::make_shared<nn::models::GPT>(nn::models::GPTConfig{}, gen);  // the defaults are GPT-mini

@@ -2,6 +2,8 @@
 // autocast with the GradScaler; prints test accuracy and peak tensor memory. With --distributed,
 // under `mpirun -np N`, trains data-parallel: each rank a shard of every epoch, rank 0 reports.
 // --device cuda trains on the GPU in the build nvcc compiles (mixprec_resnet_cuda).
+// Batches go in channels-last (MemoryFormat::ChannelsLast): the network then stays in that
+// layout, where the CPU's convolutions run on oneDNN when mixprec::onednn is linked.
 #include <cstdio>
 #include <iostream>
 
@@ -31,7 +33,7 @@ double evaluate(nn::Module& model, const data::FashionMnist& test, Precision pre
     Tensor logits;
     {
       examples::ForwardScope scope(precision, device);
-      logits = model.forward(b.inputs.to(device));
+      logits = model.forward(b.inputs.to(device).contiguous(MemoryFormat::ChannelsLast));
     }
     const Tensor pred = argmax(logits.cpu(), 1);
     correct += sum(eq(pred, b.targets)).item<int64_t>();
@@ -105,7 +107,7 @@ int run(int argc, char** argv) {
       {
         examples::ForwardScope scope(precision, device);
         dist.sync_buffers();
-        loss = cross_entropy(model->forward(b.inputs.to(device)), b.targets.to(device));
+        loss = cross_entropy(model->forward(b.inputs.to(device).contiguous(MemoryFormat::ChannelsLast)), b.targets.to(device));
       }
       opt.zero_grad();
       scaler.scale(loss).backward();
