@@ -210,7 +210,7 @@ class CpuAutocast {
 };
 
 struct Args {
-  std::string workload = "resnet20", precision = "fp32";
+  std::string workload = "resnet20", precision = "fp32", memory_format = "contiguous";
   int64_t steps = 10, warmup = 2, threads = 2, seed = 0;
 };
 
@@ -220,7 +220,9 @@ Args parse(int argc, char** argv) {
     std::string k = argv[i], v;
     if (k == "--help" || k == "-h") {
       std::printf("usage: torch_workloads [--workload resnet20|gpt-mini] [--precision fp32|bf16] [--steps N] [--warmup W] "
-                  "[--threads T] [--seed S]\n");
+                  "[--threads T] [--seed S] [--memory-format contiguous|channels_last]\n"
+                  "  --memory-format channels_last: ResNet-20's input and conv weights channels-last, as\n"
+                  "    model.to(memory_format=torch.channels_last) (default contiguous: PyTorch's default)\n");
       std::exit(0);
     }
     if (k.rfind("--", 0) != 0) throw std::invalid_argument("unexpected argument '" + k + "' (flags look like --name value)");
@@ -233,10 +235,13 @@ Args parse(int argc, char** argv) {
     else if (k == "--warmup") a.warmup = std::stoll(v);
     else if (k == "--threads") a.threads = std::stoll(v);
     else if (k == "--seed") a.seed = std::stoll(v);
+    else if (k == "--memory-format") a.memory_format = v;
     else throw std::invalid_argument("unknown flag " + k + " (see --help)");
   }
   if (a.workload != "resnet20" && a.workload != "gpt-mini")
     throw std::invalid_argument("--workload must be resnet20 or gpt-mini, got '" + a.workload + "'");
+  if (a.memory_format != "contiguous" && a.memory_format != "channels_last")
+    throw std::invalid_argument("--memory-format must be contiguous or channels_last, got '" + a.memory_format + "'");
   if (a.precision != "fp32" && a.precision != "bf16")
     throw std::invalid_argument("--precision must be fp32 or bf16 (LibTorch 1.13's CPU autocast has no float16), got '" + a.precision + "'");
   // The first step creates AdamW's state, so the last of >= 2 warm-up steps shows the steady peak.
@@ -260,6 +265,12 @@ int run(int argc, char** argv) {
     ResNet20 net(1, 10);
     x = torch::randn({128, 1, 28, 28});
     y = torch::randint(0, 10, {128}, torch::kLong);
+    if (a.memory_format == "channels_last") {
+      x = x.contiguous(at::MemoryFormat::ChannelsLast);
+      torch::NoGradGuard ng;
+      for (auto& p : net->parameters())
+        if (p.dim() == 4) p.set_data(p.contiguous(at::MemoryFormat::ChannelsLast));
+    }
     forward_loss = [net, &x, &y]() mutable { return torch::cross_entropy_loss(net->forward(x), y); };
     model = net.ptr();
   } else {

@@ -248,6 +248,10 @@ inline Tensor empty(const Shape& shape, DType dtype, Device device, MemoryFormat
   return t;
 }
 
+// A new tensor of t's shape in t's layout (ChannelsLast kept, anything else contiguous): how
+// element-wise results and casts are allocated, so that a channels-last network stays in it.
+inline Tensor empty_like_layout(const Tensor& t, DType dtype) { return empty(t.sizes(), dtype, t.device(), t.suggest_memory_format()); }
+
 inline Tensor empty_like(const Tensor& t) { return empty(t.sizes(), t.dtype(), t.device()); }
 inline Tensor empty_like(const Tensor& t, DType dtype) { return empty(t.sizes(), dtype, t.device()); }
 
