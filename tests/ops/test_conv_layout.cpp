@@ -195,7 +195,7 @@ TEST(ConvLayout, CpuTableRoutesConvolutions) {
   ASSERT_NE(cpu_table->conv_forward, nullptr);
   ASSERT_NE(cpu_table->conv_backward_input, nullptr);
   ASSERT_NE(cpu_table->conv_backward_weight, nullptr);
-  EXPECT_TRUE(cpu_table->conv_channels_last);
+  EXPECT_TRUE(cpu_table->channels_last);
   DeviceKernels counting = *cpu_table;
   counting.conv_forward = [](const detail::ConvGeom& g, const Tensor& x, const Tensor& w, const Tensor& b) {
     ++g_conv_calls[0];

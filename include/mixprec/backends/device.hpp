@@ -77,11 +77,12 @@ struct DeviceKernels {
   Tensor (*matmul)(const Tensor& a, const Tensor& b, const Tensor& bias) = nullptr;
   Tensor (*softmax)(const Tensor& x, int64_t dim, bool log) = nullptr;
   Tensor (*softmax_backward)(const Tensor& y, const Tensor& grad, int64_t dim, bool log) = nullptr;
-  // NCHW convolution; x, w, gy contiguous and of one dtype; b (optional) [O]. With
-  // conv_channels_last, x and gy may instead be channels-last (MemoryFormat::ChannelsLast), and y
-  // (forward) and gx (input-backward) are returned in the layout of x and gy respectively. The
-  // weight gradient is returned contiguous, in x's dtype or wider (the op rounds it).
-  bool conv_channels_last = false;
+  // Whether this backend's conv_* and batch_norm* entries also take channels-last activations
+  // (MemoryFormat::ChannelsLast): then x and gy come as they are, in either layout, and y and gx
+  // are returned in the layout of the activation they came from; else everything is NCHW-contiguous.
+  bool channels_last = false;
+  // NCHW convolution; x, w, gy of one dtype, w contiguous; b (optional) [O]. The weight gradient
+  // is returned contiguous, in x's dtype or wider (the op rounds it).
   Tensor (*conv_forward)(const detail::ConvGeom& g, const Tensor& x, const Tensor& w, const Tensor& b) = nullptr;
   Tensor (*conv_backward_input)(const detail::ConvGeom& g, const Tensor& gy, const Tensor& w) = nullptr;
   Tensor (*conv_backward_weight)(const detail::ConvGeom& g, const Tensor& x, const Tensor& gy) = nullptr;

@@ -50,14 +50,15 @@ inline std::pair<int64_t, int64_t> conv_valid_range(int64_t off, int64_t S, int6
   return {std::min(lo, OW), std::max(std::min(lo, OW), hi)};
 }
 
-// The conv kernels of x's device (backends/cpu/conv.hpp, backends/cuda/conv.cuh). A backend
-// with conv_channels_last takes channels-last activations as they are and returns its results in
-// the layout of its activation input; others get NCHW-contiguous tensors.
-inline MemoryFormat conv_layout(const Tensor& t) {
+// The layout in which t's device's kernels take an activation: a backend with channels_last
+// (its conv and batch-norm entries) takes channels-last tensors as they are and returns results
+// in the layout of its activation input; others get NCHW-contiguous tensors.
+inline MemoryFormat kernel_layout(const Tensor& t) {
   const DeviceKernels* k = device_kernels(t.device());
-  return k && k->conv_channels_last ? t.suggest_memory_format() : MemoryFormat::Contiguous;
+  return k && k->channels_last ? t.suggest_memory_format() : MemoryFormat::Contiguous;
 }
-inline Tensor conv_operand(const Tensor& t, MemoryFormat f) {
+// t in layout f (no autograd): t itself when it already is.
+inline Tensor layout_raw(const Tensor& t, MemoryFormat f) {
   if (f == MemoryFormat::Contiguous) return contiguous_raw(t);
   if (t.is_contiguous(f)) return t;
   Tensor out = empty(t.sizes(), t.dtype(), t.device(), f);
@@ -67,14 +68,14 @@ inline Tensor conv_operand(const Tensor& t, MemoryFormat f) {
 
 // y [N, O, OH, OW] in x's dtype and layout.
 inline Tensor conv_forward(const ConvGeom& g, const Tensor& x, const Tensor& w, const Tensor& b) {
-  const MemoryFormat f = conv_layout(x);
-  return device_kernel("conv2d", x, &DeviceKernels::conv_forward)(g, conv_operand(x, f), contiguous_raw(w), b);
+  const MemoryFormat f = kernel_layout(x);
+  return device_kernel("conv2d", x, &DeviceKernels::conv_forward)(g, layout_raw(x, f), contiguous_raw(w), b);
 }
 
 // x [N, C, H, W] in y's dtype and layout; b (optional, conv_transpose2d's) is added per channel C.
 inline Tensor conv_backward_input(const ConvGeom& g, const Tensor& y, const Tensor& w, const Tensor& b = Tensor()) {
-  const MemoryFormat f = conv_layout(y);
-  Tensor x = device_kernel("conv2d_backward", y, &DeviceKernels::conv_backward_input)(g, conv_operand(y, f), contiguous_raw(w));
+  const MemoryFormat f = kernel_layout(y);
+  Tensor x = device_kernel("conv2d_backward", y, &DeviceKernels::conv_backward_input)(g, layout_raw(y, f), contiguous_raw(w));
   if (!b.defined()) return x;
   return device_kernel("conv_transpose2d", x, &DeviceKernels::binary)(
       DeviceBinary::Add, x, make_view(b, {1, g.C, 1, 1}, {0, b.stride(0), 0, 0}, b.storage_offset()), 1.0);
@@ -82,8 +83,8 @@ inline Tensor conv_backward_input(const ConvGeom& g, const Tensor& y, const Tens
 
 // Gradient of the weight [O, C/G, KH, KW] in `dtype`; x and y in one layout.
 inline Tensor conv_backward_weight(const ConvGeom& g, const Tensor& x, const Tensor& y, DType dtype) {
-  const MemoryFormat f = conv_layout(x);
-  return as_dtype_raw(device_kernel("conv2d_backward", x, &DeviceKernels::conv_backward_weight)(g, conv_operand(x, f), conv_operand(y, f)),
+  const MemoryFormat f = kernel_layout(x);
+  return as_dtype_raw(device_kernel("conv2d_backward", x, &DeviceKernels::conv_backward_weight)(g, layout_raw(x, f), layout_raw(y, f)),
                       dtype);
 }
 
@@ -117,7 +118,7 @@ inline Tensor conv2d_nchw(const char* op, const Tensor& x, const Tensor& w, cons
   g.SH = stride[0], g.SW = stride[1], g.PH = padding[0], g.PW = padding[1], g.DH = dilation[0], g.DW = dilation[1], g.G = groups;
   g.OH = (g.H + 2 * g.PH - g.DH * (g.KH - 1) - 1) / g.SH + 1;
   g.OW = (g.W + 2 * g.PW - g.DW * (g.KW - 1) - 1) / g.SW + 1;
-  const Tensor xc = conv_operand(x, conv_layout(x));
+  const Tensor xc = layout_raw(x, kernel_layout(x));
   Tensor y = conv_forward(g, xc, w, b);
   if (autograd::should_record({x, w, b})) {
     const bool need_x = autograd::tensor_requires_grad(x), need_w = autograd::tensor_requires_grad(w),
@@ -126,7 +127,7 @@ inline Tensor conv2d_nchw(const char* op, const Tensor& x, const Tensor& w, cons
                      [op, g, need_x, need_w, need_b, sx = autograd::SavedTensor(xc), sw = autograd::SavedTensor(w)](const std::vector<Tensor>& grads) -> std::vector<Tensor> {
                        const Tensor& x = sx.get(op);
                        const Tensor& w = sw.get(op);
-                       const Tensor gy = conv_operand(as_dtype_raw(grads[0], x.dtype()), conv_layout(x));
+                       const Tensor gy = layout_raw(as_dtype_raw(grads[0], x.dtype()), kernel_layout(x));
                        Tensor gx = need_x ? conv_backward_input(g, gy, w) : Tensor();
                        Tensor gw = need_w ? conv_backward_weight(g, x, gy, w.dtype()) : Tensor();
                        Tensor gb = need_b ? conv_bias_grad(gy, w.dtype()) : Tensor();
@@ -224,7 +225,7 @@ inline Tensor conv_transpose2d(const Tensor& input, const Tensor& weight, const 
     g.W = (g.OW - 1) * g.SW - 2 * g.PW + g.DW * (g.KW - 1) + output_padding[1] + 1;
     MIXPREC_CHECK(g.H > 0 && g.W > 0, op, ": input ", x_in.sizes(), " with weight ", w.sizes(), ", stride ", stride, ", padding ",
                   padding, " and dilation ", dilation, " gives a non-positive output size (", g.H, " x ", g.W, ")");
-    const Tensor xc = detail::conv_operand(x, detail::conv_layout(x));
+    const Tensor xc = detail::layout_raw(x, detail::kernel_layout(x));
     Tensor y = detail::conv_backward_input(g, xc, w, b);
     if (autograd::should_record({x, w, b})) {
       const bool need_x = autograd::tensor_requires_grad(x), need_w = autograd::tensor_requires_grad(w),
@@ -233,7 +234,7 @@ inline Tensor conv_transpose2d(const Tensor& input, const Tensor& weight, const 
                        [op, g, need_x, need_w, need_b, sx = autograd::SavedTensor(xc), sw = autograd::SavedTensor(w)](const std::vector<Tensor>& grads) -> std::vector<Tensor> {
                          const Tensor& x = sx.get(op);
                          const Tensor& w = sw.get(op);
-                         const Tensor gy = detail::conv_operand(detail::as_dtype_raw(grads[0], x.dtype()), detail::conv_layout(x));
+                         const Tensor gy = detail::layout_raw(detail::as_dtype_raw(grads[0], x.dtype()), detail::kernel_layout(x));
                          Tensor gx = need_x ? detail::conv_forward(g, gy, w, Tensor()) : Tensor();
                          Tensor gw = need_w ? detail::conv_backward_weight(g, gy, x, w.dtype()) : Tensor();
                          Tensor gb = need_b ? detail::conv_bias_grad(gy, w.dtype()) : Tensor();

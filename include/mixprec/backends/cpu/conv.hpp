@@ -600,7 +600,7 @@ inline Tensor conv_backward_weight(const mixprec::detail::ConvGeom& g, const Ten
 }
 
 inline void fill_conv_kernels(DeviceKernels& t) {
-  t.conv_channels_last = true;
+  t.channels_last = true;
   t.conv_forward = conv_forward;
   t.conv_backward_input = conv_backward_input;
   t.conv_backward_weight = conv_backward_weight;
