@@ -14,6 +14,7 @@
 #include <cstring>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include "mixprec/backends/cpu/parallel.hpp"
 #include "mixprec/backends/cpu/simd.hpp"
@@ -37,10 +38,24 @@ struct LoopDims {
   std::array<Shape, K> strides;
 };
 
+// The dims are first put in the order of operand 0's strides, largest first (stable, so a
+// row-major output keeps its order): a channels-last output [N, C, H, W] is walked as
+// [N, H, W, C], its runs are unit-stride and, with operands of the same layout, merge into one.
 template <std::size_t K>
 LoopDims<K> coalesce(const Shape& sizes, const std::array<const Shape*, K>& st) {
   LoopDims<K> d;
-  for (std::size_t i = 0; i < sizes.size(); ++i) {
+  std::array<std::size_t, 8> small{};
+  std::vector<std::size_t> big;
+  std::size_t* order = small.data();
+  if (sizes.size() > small.size()) {
+    big.resize(sizes.size());
+    order = big.data();
+  }
+  for (std::size_t i = 0; i < sizes.size(); ++i) order[i] = i;
+  const Shape& s0 = *st[0];
+  std::stable_sort(order, order + sizes.size(), [&](std::size_t a, std::size_t b) { return s0[a] > s0[b]; });
+  for (std::size_t oi = 0; oi < sizes.size(); ++oi) {
+    const std::size_t i = order[oi];
     if (sizes[i] == 1) continue;
     bool merge = !d.sizes.empty();
     for (std::size_t k = 0; k < K && merge; ++k) merge = d.strides[k].back() == (*st[k])[i] * sizes[i];
