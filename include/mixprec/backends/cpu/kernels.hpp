@@ -12,6 +12,8 @@
 //
 // Each area fills its entries from its own header (one place per kernel family):
 #include "mixprec/backends/device.hpp"
+#include "mixprec/backends/cpu/norm.hpp"
+#include "mixprec/backends/cpu/training.hpp"
 
 namespace mixprec::cpu::detail {
 
@@ -19,6 +21,8 @@ inline const DeviceKernels& cpu_kernel_table() {
   static const DeviceKernels k = [] {
     DeviceKernels t;
     // Host <-> device transfers (to_device, to_host) and graphs (make_graph) have no CPU meaning.
+    fill_norm_kernels(t);
+    fill_training_kernels(t);
 
     return t;
   }();
