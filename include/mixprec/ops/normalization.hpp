@@ -127,12 +127,10 @@ void norm_input_grad_run(const T* g, const T* x, T* gx, int64_t n, double mean, 
 }
 }  // namespace detail
 
-
-
 namespace detail {
 // The dtype batch_norm and layer_norm hand their parameters to the kernels in: float32, as cuDNN
 // takes them, or float64 for a float64 input (the CPU's float64 kernels read doubles; CUDA takes no
-// float64 input).
+// float64 input). A float64 parameter of a narrower input is rounded to float32 on every device.
 inline DType norm_param_dtype(const Tensor& x) { return x.dtype() == DType::Float64 ? DType::Float64 : DType::Float32; }
 
 // Under autocast on a device whose backend writes layer norms in any dtype (CUDA), layer_norm reads
@@ -148,7 +146,6 @@ inline bool layer_norm_fuses_cast(const Tensor& x) {
   return k != nullptr && k->layer_norm_to != nullptr;
 }
 }  // namespace detail
-
 
 // Batch normalisation of x [N, C, *] per channel. training: normalise with the batch mean and
 // biased variance, and (when given) update running_mean / running_var in place with the
