@@ -10,7 +10,8 @@
 //
 // Unscaling is one fused pass over all of an optimizer's gradients that multiplies by
 // inv_scale = float(1 / double(scale)) and checks for inf/NaN in the same loop, without
-// allocating per tensor. Float32 gradients are unscaled in place. Gradients of any other dtype
+// allocating per tensor: the gradients' device's unscale kernel (the CPU's in
+// backends/cpu/training.hpp), as update() runs the device's update_scale kernel on the scale. Float32 gradients are unscaled in place. Gradients of any other dtype
 // (float16/bfloat16 gradients of 16-bit parameters) are unscaled into the optimizer's float32
 // master-gradient buffer, which step() then uses: a small gradient that would underflow once
 // unscaled in float16 keeps its value in float32. The rounded unscaled value is also stored
@@ -29,7 +30,11 @@
 // (StepResult converts to bool by reading the flag), found_inf(), get_scale(),
 // get_growth_tracker(), skipped_steps(), state_dict(). A found-inf reducer (data parallel) is a
 // host function, so with one installed unscale_ reads the flag once.
-#include <atomic>
+//
+// On the CPU the same kernels run through the CPU's table, on a flag and a scale in host memory:
+// reading them costs nothing, so there step() decides on the host and does not call the
+// optimizer for a skipped step (its state is left untouched, none created), and the scale,
+// growth tracker and skip count are plain members that update()'s kernel writes in place.
 #include <bit>
 #include <functional>
 #include <limits>
@@ -82,59 +87,6 @@ MIXPREC_HOST_DEVICE void update_scale(float& scale, int64_t& growth_tracker, boo
   }
 }
 
-// Unscales elements [lo, hi) of one gradient; returns whether any input was inf/NaN.
-inline bool unscale_range(const optim::Optimizer::GradSlot& s, int64_t lo, int64_t hi, float inv) {
-  uint32_t bad = 0;
-  if (!s.master_grad.defined()) {
-    float* g = s.grad.data<float>();
-    if (inv == 1.0f) {
-      MIXPREC_OPTIM_SIMD_OR(bad)
-      for (int64_t i = lo; i < hi; ++i) bad |= nonfinite(g[i]);
-    } else {
-      MIXPREC_OPTIM_SIMD_OR(bad)
-      for (int64_t i = lo; i < hi; ++i) {
-        const float v = g[i];
-        bad |= nonfinite(v);
-        g[i] = v * inv;
-      }
-    }
-    return bad != 0;
-  }
-  float* m = s.master_grad.data<float>();
-  for (int64_t b = lo; b < hi; b += optim::detail::kOptimBlock) {
-    const int64_t n = std::min(optim::detail::kOptimBlock, hi - b);
-    optim::detail::load_float(s.grad.data_ptr(), s.grad.dtype(), b, m + b, n);
-    float* mb = m + b;
-    MIXPREC_OPTIM_SIMD_OR(bad)
-    for (int64_t i = 0; i < n; ++i) {
-      const float v = mb[i];
-      bad |= nonfinite(v);
-      mb[i] = v * inv;  // exact when inv is 1
-    }
-    optim::detail::store_float(mb, s.grad.data_ptr(), s.grad.dtype(), b, n);
-  }
-  return bad != 0;
-}
-
-// All gradients of `slots` as one index space, split across threads regardless of tensor
-// boundaries, so many small gradients cost one parallel region rather than one each.
-inline bool unscale_and_check(const std::vector<optim::Optimizer::GradSlot>& slots, float inv) {
-  std::vector<int64_t> start(slots.size() + 1, 0);
-  for (std::size_t i = 0; i < slots.size(); ++i) start[i + 1] = start[i] + slots[i].grad.numel();
-  std::atomic<bool> found{false};
-  cpu::parallel_for(0, start.back(), kParallelGrain, [&](int64_t b, int64_t e) {
-    bool bad = false;
-    std::size_t k = static_cast<std::size_t>(std::upper_bound(start.begin(), start.end(), b) - start.begin()) - 1;
-    for (int64_t pos = b; pos < e; ++k) {
-      const int64_t end = std::min(e, start[k + 1]);
-      if (end > pos) bad |= unscale_range(slots[k], pos - start[k], end - start[k], inv);
-      pos = std::max(pos, end);
-    }
-    if (bad) found.store(true, std::memory_order_relaxed);
-  });
-  return found.load();
-}
-
 }  // namespace detail
 
 class GradScaler {
@@ -181,14 +133,12 @@ class GradScaler {
     for (const auto& s : slots)
       MIXPREC_CHECK(s.grad.device() == dev, "GradScaler.unscale_: the optimizer's gradients are on ", dev, " and ", s.grad.device(),
                     "; unscale them with one GradScaler call per device's optimizer");
-    st.found_dev = Tensor();
-    if (dev == Device::CPU) {
-      // FP32 division can be imprecise for certain compile options, so the reciprocal is taken in FP64.
-      const float s = device_ == Device::CPU ? scale_ : scale_dev_.item<float>();
-      const float inv = static_cast<float>(1.0 / static_cast<double>(s));
-      st.found_inf = detail::unscale_and_check(slots, inv);
-      if (found_inf_reducer_) st.found_inf = found_inf_reducer_(st.found_inf);
-    } else {  // one fused launch over all gradients; the flag stays on the device
+    st.flag = Tensor();
+    st.found_inf = false;
+    if (slots.empty()) {
+      // Nothing to unscale, but a reducer is a collective (data parallel): this rank still joins it.
+      if (found_inf_reducer_) st.found_inf = found_inf_reducer_(false);
+    } else {  // one fused call over all gradients; on a device the flag stays there
       std::vector<Tensor> grads, masters;
       for (const auto& s : slots) {
         grads.push_back(s.grad);
@@ -197,12 +147,13 @@ class GradScaler {
       const char* op = "GradScaler.unscale_";
       const auto kernel = ::mixprec::detail::device_kernel(op, grads.front(), &DeviceKernels::unscale);
       const Tensor scale = scale_on(dev);
-      st.found_dev = zeros({}, DType::Float32, dev);
-      kernel(grads, masters, scale, st.found_dev);
-      if (found_inf_reducer_) {  // a host function: the one read-back this path makes
-        const bool found = found_inf_reducer_(st.found_dev.item<float>() != 0.0f);
-        ::mixprec::detail::device_kernel(op, st.found_dev, &DeviceKernels::fill)(st.found_dev, found ? 1.0 : 0.0);
+      st.flag = zeros({}, DType::Float32, dev);
+      kernel(grads, masters, scale, st.flag);
+      if (found_inf_reducer_) {  // a host function: the one read-back this makes on a device
+        const bool found = found_inf_reducer_(st.flag.item<float>() != 0.0f);
+        st.flag.fill_(found ? 1.0 : 0.0);
       }
+      if (dev == Device::CPU) st.found_inf = *st.flag.data<float>() != 0.0f;  // host memory: known at once
     }
     for (const auto& s : slots) {
       s.grad.bump_version();
@@ -226,10 +177,11 @@ class GradScaler {
     if (st.stage == OptState::READY) unscale_(optimizer);
     MIXPREC_CHECK(st.recorded, "No inf checks were recorded for this optimizer.");
     st.stage = OptState::STEPPED;
-    if (st.found_dev.defined()) {
-      optimizer.step(st.found_dev);
-      return StepResult(st.found_dev);
+    if (st.flag.defined() && st.flag.device() != Device::CPU) {
+      optimizer.step(st.flag);
+      return StepResult(st.flag);
     }
+    // The CPU's flag is read here (host memory): a skipped step does not call the optimizer.
     const bool stepped = !st.found_inf;
     if (stepped) optimizer.step();
     return stepped;
@@ -240,22 +192,23 @@ class GradScaler {
   void update() {
     if (!enabled_) return;
     check_scale_growth_tracker("update");
-    bool any_recorded = false, found = false;
-    for (const auto& [opt, st] : states_) {
-      any_recorded |= st.recorded;
-      found |= st.recorded && st.found_inf;
-    }
+    bool any_recorded = false;
+    for (const auto& [opt, st] : states_) any_recorded |= st.recorded;
     MIXPREC_CHECK(any_recorded, "No inf checks were recorded prior to update.");
-    if (device_ == Device::CPU) {
-      detail::update_scale(scale_, growth_tracker_, found, growth_factor_, backoff_factor_, growth_interval_);
-      skipped_ += found;
-    } else {  // every optimizer's flag, as a device tensor (an optimizer unscaled on the CPU gets one filled)
-      std::vector<Tensor> flags;
-      for (const auto& [opt, st] : states_) {
-        if (!st.recorded) continue;
-        flags.push_back(st.found_dev.defined() ? st.found_dev : full({}, st.found_inf ? 1.0 : 0.0, DType::Float32, device_));
-      }
-      ::mixprec::detail::device_kernel("GradScaler.update", scale_dev_, &DeviceKernels::update_scale)(
+    // Every optimizer's flag on the scale's device (a flag on the CPU is copied as a fill).
+    std::vector<Tensor> flags;
+    for (const auto& [opt, st] : states_) {
+      if (!st.recorded) continue;
+      flags.push_back(st.flag.device() == device_ ? st.flag : full({}, st.found_inf ? 1.0 : 0.0, DType::Float32, device_));
+    }
+    const char* op = "GradScaler.update";
+    if (device_ == Device::CPU) {  // the members themselves, viewed as tensors for the CPU's kernel
+      const Tensor scale = from_blob(&scale_, {}, DType::Float32), tracker = from_blob(&growth_tracker_, {}, DType::Int64),
+                   skipped = from_blob(&skipped_, {}, DType::Int64);
+      ::mixprec::detail::device_kernel(op, scale, &DeviceKernels::update_scale)(scale, tracker, flags, growth_factor_, backoff_factor_,
+                                                                               growth_interval_, skipped);
+    } else {
+      ::mixprec::detail::device_kernel(op, scale_dev_, &DeviceKernels::update_scale)(
           scale_dev_, tracker_dev_, flags, growth_factor_, backoff_factor_, growth_interval_, skipped_dev_);
     }
     states_.clear();
@@ -308,7 +261,8 @@ class GradScaler {
   bool found_inf(const optim::Optimizer& optimizer) const {
     auto it = states_.find(&optimizer);
     if (it == states_.end()) return false;
-    return it->second.found_dev.defined() ? it->second.found_dev.item<float>() != 0.0f : it->second.found_inf;
+    const PerOptimizer& st = it->second;
+    return st.flag.defined() && st.flag.device() != Device::CPU ? st.flag.item<float>() != 0.0f : st.found_inf;
   }
 
   // Keys: scale, growth_factor, backoff_factor, growth_interval, _growth_tracker; empty when disabled.
@@ -354,9 +308,9 @@ class GradScaler {
  private:
   struct PerOptimizer {
     OptState stage = OptState::READY;
-    bool found_inf = false;
-    Tensor found_dev;       // device gradients: the flag, float32 [] on their device (found_inf unused)
-    bool recorded = false;  // unscale_ saw at least one gradient
+    bool found_inf = false;  // the flag's value, where it is on the CPU (read at once: host memory)
+    Tensor flag;             // float32 [] on the gradients' device, set by their unscale kernel
+    bool recorded = false;   // unscale_ saw at least one gradient
   };
 
   static void fill_device(const Tensor& t, double v) {

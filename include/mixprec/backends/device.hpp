@@ -88,20 +88,33 @@ struct DeviceKernels {
   Tensor (*conv_backward_weight)(const detail::ConvGeom& g, const Tensor& x, const Tensor& gy) = nullptr;
   // Batch norm of contiguous x [N, C, H, W] with float32 [C] weight, bias and running statistics.
   // training: batch statistics, running ones updated in place, returns {y, saved mean, saved
-  // 1/std}; eval: running statistics, returns {y, {}, {}}.
+  // 1/std}; eval: running statistics, returns {y, {}, {}}. The op bumps the running statistics'
+  // versions. CPU: also x [N, C, *] of any floating dtype (float64 x takes float64 parameters),
+  // running statistics of any floating dtype and stride, and eval mode's statistics returned too
+  // (for batch_norm_backward_eval); the saved statistics are float64 [C].
   std::array<Tensor, 3> (*batch_norm)(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& running_mean,
                                       const Tensor& running_var, bool training, double momentum, double eps) = nullptr;
-  // Training mode's {dx, dweight, dbias} from the forward's saved statistics.
+  // Training mode's {dx, dweight, dbias} from the forward's saved statistics. CPU: dweight and
+  // dbias float64 (summed in double; the op rounds them once into the parameters' dtypes).
   std::array<Tensor, 3> (*batch_norm_backward)(const Tensor& x, const Tensor& grad, const Tensor& weight, const Tensor& save_mean,
                                                const Tensor& save_invstd, double eps) = nullptr;
+  // Eval mode's {dx, dweight, dbias}: the running statistics (batch_norm's eval-mode mean and
+  // 1/std) are constants, so dx = grad weight / std. CPU only so far: without it the op refuses
+  // backward in eval mode on the device.
+  std::array<Tensor, 3> (*batch_norm_backward_eval)(const Tensor& x, const Tensor& grad, const Tensor& weight, const Tensor& mean,
+                                                    const Tensor& invstd) = nullptr;
   // Layer norm of contiguous x [M, D] over D, with float32 [D] weight and bias (either may be
   // undefined) and statistics: returns {y, mean [M], 1/std [M]}, the statistics float32.
+  // CPU: also float64 x (with float64 parameters, rows in double); statistics float64.
   std::array<Tensor, 3> (*layer_norm)(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps) = nullptr;
-  // {dx, dweight, dbias} from the forward's statistics; dweight and dbias float32 [D].
+  // {dx, dweight, dbias} from the forward's statistics; dweight and dbias float32 [D]. CPU:
+  // dweight and dbias float64 (summed in double; the op rounds them once).
   std::array<Tensor, 3> (*layer_norm_backward)(const Tensor& x, const Tensor& grad, const Tensor& weight, const Tensor& mean,
                                                const Tensor& rstd) = nullptr;
   // As layer_norm, but y written in `out` whatever x's dtype (autocast: no cast copies around the
   // norm). A backend with this entry takes a layer_norm_backward grad in y's dtype, dx in x's.
+  // The op uses it under autocast on devices other than the CPU (layer_norm_fuses_cast), where
+  // the CPU keeps PyTorch's float32 policy; the CPU's entry is there for direct callers.
   std::array<Tensor, 3> (*layer_norm_to)(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps, DType out) = nullptr;
   // A training MLP's two GEMMs with the tanh GELU in their epilogues (mlp_gelu_tanh, ops/linalg.hpp):
   // linear_gelu: x [M, K], w1 [H, K], b1 [H] -> {gelu(x w1^T + b1), its input pre}; linear_dgelu:

@@ -1,12 +1,14 @@
 #pragma once
-// batch_norm, layer_norm, group_norm. batch/group norm statistics accumulate in double (8
-// independent partial sums, so the loop pipelines without -ffast-math), layer_norm's in acc_t<T>
-// (see ln_forward_row); the normalisation itself runs in acc_t<T>
-// and rounds once on store. Mean and 1/std are saved for backward, which uses the closed-form
-// gradients (one pass for the sums, one to write dx).
+// batch_norm, layer_norm, group_norm. batch_norm and layer_norm reach their kernels through the
+// device's kernel table on every device (the CPU's in backends/cpu/norm.hpp, CUDA's in
+// backends/cuda/norm.cuh); their bodies here hold the checks, the autocast policy and autograd.
+// group_norm (no table entry) keeps its CPU kernel here: statistics accumulate in double (8
+// independent partial sums, so the loop pipelines without -ffast-math), the normalisation runs in
+// acc_t<T> and rounds once on store. Mean and 1/std are saved for backward, which uses the
+// closed-form gradients (one pass for the sums, one to write dx); the double helpers below are
+// shared with the CPU's float64 batch norm.
 #include <cmath>
 
-#include "mixprec/backends/cpu/vec_math.hpp"
 #include "mixprec/ops/linalg.hpp"
 
 namespace mixprec {
@@ -126,130 +128,10 @@ void norm_input_grad_run(const T* g, const T* x, T* gx, int64_t n, double mean, 
 }  // namespace detail
 
 namespace detail {
-// batch_norm on a device (arguments already checked): the kernel takes float32 [C] parameters
-// and statistics, as cuDNN does, so 16-bit weights are widened and their gradients rounded back.
-inline Tensor batch_norm_device(const Tensor& x, const Tensor& running_mean, const Tensor& running_var, const Tensor& weight,
-                                const Tensor& bias, bool training, double momentum, double eps) {
-  const char* op = "batch_norm";
-  const Device d = x.device();
-  const int64_t C = x.size(1);
-  MIXPREC_CHECK(x.dim() == 4, op, ": on ", d, " the input must be [N, C, H, W], got shape ", x.sizes());
-  for (const Tensor* r : {&running_mean, &running_var})
-    MIXPREC_CHECK(!r->defined() || (r->dtype() == DType::Float32 && r->is_contiguous()), op, ": on ", d,
-                  " the running statistics must be contiguous float32 (they are updated in place), got ", r->dtype(), " ", r->sizes());
-  auto param = [&](const Tensor& t, double fill) {
-    return t.defined() ? contiguous_raw(t, DType::Float32) : full({C}, fill, DType::Float32, d);
-  };
-  const Tensor w32 = param(weight, 1.0), b32 = param(bias, 0.0);
-  // Statistics are still computed without running buffers, into scratch ones.
-  const Tensor rm = running_mean.defined() ? running_mean : zeros({C}, DType::Float32, d);
-  const Tensor rv = running_var.defined() ? running_var : ones({C}, DType::Float32, d);
-  const auto [y, save_mean, save_invstd] =
-      device_kernel(op, x, &DeviceKernels::batch_norm)(contiguous_raw(x), w32, b32, rm, rv, training, momentum, eps);
-  if (training) {
-    if (running_mean.defined()) running_mean.bump_version();
-    if (running_var.defined()) running_var.bump_version();
-  }
-  if (autograd::should_record({x, weight, bias}))
-    autograd::record(op, {x, running_mean, running_var, weight, bias}, {y},
-                     [sx = autograd::SavedTensor(x), sw = autograd::SavedTensor(w32), save_mean, save_invstd, training, eps,
-                      wd = weight.defined() ? weight.dtype() : DType::Float32, bd = bias.defined() ? bias.dtype() : DType::Float32,
-                      has_w = weight.defined(), has_b = bias.defined()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
-                       const Tensor& x = sx.get("batch_norm");
-                       MIXPREC_CHECK(training, "batch_norm: backward in eval mode has no ", x.device(),
-                                     " kernel yet; run the frozen layers under no_grad or on the CPU");
-                       const Tensor gy = contiguous_raw(expand_raw(as_dtype_raw(g[0], x.dtype()), x.sizes()));
-                       const auto r = device_kernel("batch_norm_backward", x, &DeviceKernels::batch_norm_backward)(
-                           contiguous_raw(x), gy, sw.get("batch_norm"), save_mean, save_invstd, eps);
-                       return {r[0], Tensor(), Tensor(), has_w ? as_dtype_raw(r[1], wd) : Tensor(), has_b ? as_dtype_raw(r[2], bd) : Tensor()};
-                     });
-  return y;
-}
-}  // namespace detail
-
-namespace detail {
-// layer_norm's CPU rows accumulate in acc_t<T> (float32 for 16-bit and float32 input: 16-lane
-// partial sums and a two-pass variance keep the error near float rounding at these row lengths)
-// so that every pass is a loop cpu::simd runs with AVX-512; 16-bit rows convert with
-// SIMD on the way in and out. Missing weight / bias are ones / zeros, keeping the loops uniform.
-template <class A>
-std::vector<A> ln_params(const std::vector<double>& v, int64_t D, double absent) {
-  if (v.empty()) return std::vector<A>(static_cast<std::size_t>(D), static_cast<A>(absent));
-  return std::vector<A>(v.begin(), v.end());
-}
-// y = (x - mean) rstd w + b over one row; returns the row's mean and rstd. The mean is a float
-// sum's m0 plus the mean of x - m0 (c, nearly exact: x - m0 loses nothing for x near m0), so
-// centring keeps its digits when |mean| >> std; mean = m0 + c is kept in double for backward.
-template <class A>
-std::pair<double, double> ln_forward_row(const A* x, A* y, const A* w, const A* b, int64_t D, A eps) {
-  std::pair<double, double> stats;
-  cpu::simd([&]() MIXPREC_SIMD_BODY {
-    auto plus = [](A p, A q) { return p + q; };
-    const A n = static_cast<A>(D);
-    const A m0 = cpu::vec::reduce<A>(D, A(0), [&](A a, int64_t i) { return a + x[i]; }, plus) / n;
-    const A c = cpu::vec::reduce<A>(D, A(0), [&](A a, int64_t i) { return a + (x[i] - m0); }, plus) / n;
-    const A var = cpu::vec::reduce<A>(D, A(0), [&](A a, int64_t i) {
-      const A d = (x[i] - m0) - c;
-      return a + d * d;
-    }, plus) / n;
-    const A rs = A(1) / std::sqrt(var + eps);
-    for (int64_t i = 0; i < D; ++i) y[i] = ((x[i] - m0) - c) * rs * w[i] + b[i];
-    stats = {static_cast<double>(m0) + static_cast<double>(c), static_cast<double>(rs)};
-  });
-  return stats;
-}
-// dx over one row from the closed form dx = rstd (g w - mean(g w) - xhat mean(g w xhat)), and
-// the row's share of the weight and bias gradients added to gw, gb.
-template <class A>
-void ln_backward_row(const A* x, const A* g, A* dx, const A* w, A* gw, A* gb, int64_t D, double mean, double rstd) {
-  const NormCenter<A> center(mean);
-  const A hi = center.hi, lo = center.lo, rs = static_cast<A>(rstd);
-  cpu::simd([&]() MIXPREC_SIMD_BODY {
-    auto plus = [](A p, A q) { return p + q; };
-    const A n = static_cast<A>(D);
-    const A s1 = cpu::vec::reduce<A>(D, A(0), [&](A a, int64_t i) { return a + g[i] * w[i]; }, plus) / n;
-    const A s2 = cpu::vec::reduce<A>(D, A(0), [&](A a, int64_t i) { return a + g[i] * w[i] * (((x[i] - hi) - lo) * rs); }, plus) / n;
-    for (int64_t i = 0; i < D; ++i) {
-      const A h = ((x[i] - hi) - lo) * rs;
-      dx[i] = rs * (g[i] * w[i] - s1 - h * s2);
-      gw[i] += g[i] * h;
-      gb[i] += g[i];
-    }
-  });
-}
-}  // namespace detail
-
-namespace detail {
-// layer_norm on a device (arguments already checked): x seen as [M, D]. As batch_norm's, the
-// kernel takes float32 parameters, so 16-bit weights are widened and their gradients rounded back.
-// `out`: y's dtype when it is not x's (layer_norm_fuses_cast), through the table's layer_norm_to;
-// the backward then hands the kernel the gradient in y's dtype, not a copy cast to x's.
-inline Tensor layer_norm_device(const Tensor& x, const Shape& normalized_shape, const Tensor& weight, const Tensor& bias, double eps,
-                                std::optional<DType> out = std::nullopt) {
-  const char* op = "layer_norm";
-  (void)common_device(op, {&x, &weight, &bias});
-  const int64_t D = numel_of(normalized_shape), M = D == 0 ? 0 : x.numel() / D;
-  auto param = [&](const Tensor& t) { return t.defined() ? reshape_raw(as_dtype_raw(t, DType::Float32), {D}) : Tensor(); };
-  const Tensor w32 = param(weight), b32 = param(bias);
-  const bool mixed = out && *out != x.dtype();
-  const auto [y, mean, rstd] = mixed ? device_kernel(op, x, &DeviceKernels::layer_norm_to)(reshape_raw(x, {M, D}), w32, b32, eps, *out)
-                                     : device_kernel(op, x, &DeviceKernels::layer_norm)(reshape_raw(x, {M, D}), w32, b32, eps);
-  const Tensor result = reshape_raw(y, x.sizes());
-  if (autograd::should_record({x, weight, bias}))
-    autograd::record(op, {x, weight, bias}, {result},
-                     [sx = autograd::SavedTensor(x), sw = autograd::SavedTensor(w32), mean, rstd, M, D, normalized_shape,
-                      gd = mixed ? *out : x.dtype(), wd = weight.defined() ? weight.dtype() : DType::Float32,
-                      bd = bias.defined() ? bias.dtype() : DType::Float32, has_w = weight.defined(),
-                      has_b = bias.defined()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
-                       const Tensor& x = sx.get("layer_norm");
-                       const Tensor gy = reshape_raw(contiguous_raw(expand_raw(as_dtype_raw(g[0], gd), x.sizes())), {M, D});
-                       const auto r = device_kernel("layer_norm_backward", x, &DeviceKernels::layer_norm_backward)(
-                           reshape_raw(x, {M, D}), gy, sw.get("layer_norm"), mean, rstd);
-                       return {reshape_raw(r[0], x.sizes()), has_w ? reshape_raw(as_dtype_raw(r[1], wd), normalized_shape) : Tensor(),
-                               has_b ? reshape_raw(as_dtype_raw(r[2], bd), normalized_shape) : Tensor()};
-                     });
-  return result;
-}
+// The dtype batch_norm and layer_norm hand their parameters to the kernels in: float32, as cuDNN
+// takes them, or float64 for a float64 input (the CPU's float64 kernels read doubles; CUDA takes no
+// float64 input). A float64 parameter of a narrower input is rounded to float32 on every device.
+inline DType norm_param_dtype(const Tensor& x) { return x.dtype() == DType::Float64 ? DType::Float64 : DType::Float32; }
 
 // Under autocast on a device whose backend writes layer norms in any dtype (CUDA), layer_norm reads
 // its input as it is and writes the autocast dtype, its arithmetic float32: the float32 policy's
@@ -262,132 +144,6 @@ inline bool layer_norm_fuses_cast(const Tensor& x) {
   if (x.dtype() != DType::Float32 && !is_low_precision(x.dtype())) return false;
   const DeviceKernels* k = device_kernels(x.device());
   return k != nullptr && k->layer_norm_to != nullptr;
-}
-}  // namespace detail
-
-namespace detail {
-// batch_norm's float32 path (float32 and 16-bit inputs): runs are read in blocks of kBnBlock
-// widened by the vectorised convert, summed in kBnLanes float32 partial sums (a loop the
-// compiler vectorises without -ffast-math), and the block results combined in double, so the
-// rounding error is that of one block-long float32 sum. double inputs keep the norm_* helpers.
-inline constexpr int64_t kBnBlock = 512;
-inline constexpr int kBnLanes = 16;
-
-template <class T>
-inline constexpr bool bn_float32_path = std::is_same_v<acc_t<T>, float>;
-
-// p[0, n) as float32: p itself for float, else widened into buf.
-template <class T>
-const float* bn_load(const T* p, float* buf, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) return p;
-  else {
-    convert(p, buf, n);
-    return buf;
-  }
-}
-
-inline float bn_lanes_total(const float (&a)[kBnLanes]) {
-  float s = 0;
-  for (float v : a) s += v;
-  return s;
-}
-
-// Running (count, mean, sum of squared deviations) of one channel, merged block by block
-// (Chan et al.), so the variance never subtracts two large sums.
-struct BnMoments {
-  double n = 0, mean = 0, m2 = 0;
-  void merge(double nb, double mb, double m2b) {
-    const double tot = n + nb, d = mb - mean;
-    mean += d * nb / tot;
-    m2 += m2b + d * d * n * nb / tot;
-    n = tot;
-  }
-};
-
-// Adds a run of n values to the moments.
-template <class T>
-void bn_moments_run(const T* x, int64_t n, BnMoments& mom) {
-  alignas(64) float buf[kBnBlock];
-  for (int64_t i0 = 0; i0 < n; i0 += kBnBlock) {
-    const int64_t m = std::min(kBnBlock, n - i0);
-    const float* v = bn_load(x + i0, buf, m);
-    // Deviations from a pivot (the block's first value) are small where |mean| >> std, so their
-    // float32 sum keeps the mean's low digits.
-    const float p = v[0];
-    float a[kBnLanes] = {};
-    int64_t i = 0;
-    for (; i + kBnLanes <= m; i += kBnLanes)
-      for (int k = 0; k < kBnLanes; ++k) a[k] += v[i + k] - p;
-    for (; i < m; ++i) a[i % kBnLanes] += v[i] - p;
-    const float dm = bn_lanes_total(a) / static_cast<float>(m);  // block mean - p
-    float q[kBnLanes] = {};
-    for (i = 0; i + kBnLanes <= m; i += kBnLanes)
-      for (int k = 0; k < kBnLanes; ++k) {
-        const float d = (v[i + k] - p) - dm;
-        q[k] += d * d;
-      }
-    for (; i < m; ++i) q[i % kBnLanes] += ((v[i] - p) - dm) * ((v[i] - p) - dm);
-    mom.merge(static_cast<double>(m), static_cast<double>(p) + static_cast<double>(dm), static_cast<double>(bn_lanes_total(q)));
-  }
-}
-
-// y = f(x) element-wise over a run in float32, x and y of type T (rounded once on store).
-template <class T, class F>
-void bn_map_run(const T* x, T* y, int64_t n, F f) {
-  alignas(64) float buf[kBnBlock];
-  for (int64_t i0 = 0; i0 < n; i0 += kBnBlock) {
-    const int64_t m = std::min(kBnBlock, n - i0);
-    const float* v = bn_load(x + i0, buf, m);
-    if constexpr (std::is_same_v<T, float>) {
-      for (int64_t i = 0; i < m; ++i) y[i0 + i] = f(v[i]);
-    } else {
-      for (int64_t i = 0; i < m; ++i) buf[i] = f(v[i]);
-      convert(buf, y + i0, m);
-    }
-  }
-}
-
-// (sum g, sum g * (x - mean)) over a run, float32 within blocks.
-template <class T>
-std::pair<double, double> bn_grad_sums_run(const T* g, const T* x, int64_t n, const NormCenter<float>& center) {
-  alignas(64) float gb[kBnBlock], xb[kBnBlock];
-  double sg = 0, sgx = 0;
-  for (int64_t i0 = 0; i0 < n; i0 += kBnBlock) {
-    const int64_t m = std::min(kBnBlock, n - i0);
-    const float* gv = bn_load(g + i0, gb, m);
-    const float* xv = bn_load(x + i0, xb, m);
-    float a[kBnLanes] = {}, b[kBnLanes] = {};
-    int64_t i = 0;
-    for (; i + kBnLanes <= m; i += kBnLanes)
-      for (int k = 0; k < kBnLanes; ++k) {
-        a[k] += gv[i + k];
-        b[k] += gv[i + k] * center(xv[i + k]);
-      }
-    for (; i < m; ++i) {
-      a[i % kBnLanes] += gv[i];
-      b[i % kBnLanes] += gv[i] * center(xv[i]);
-    }
-    sg += static_cast<double>(bn_lanes_total(a));
-    sgx += static_cast<double>(bn_lanes_total(b));
-  }
-  return {sg, sgx};
-}
-
-// dx = kk g + a1 (x - mean) + a0 over a run (norm_input_grad_run's training form), float32.
-template <class T>
-void bn_input_grad_run(const T* g, const T* x, T* gx, int64_t n, const NormCenter<float>& center, float kk, float a1, float a0) {
-  alignas(64) float gb[kBnBlock], xb[kBnBlock];
-  for (int64_t i0 = 0; i0 < n; i0 += kBnBlock) {
-    const int64_t m = std::min(kBnBlock, n - i0);
-    const float* gv = bn_load(g + i0, gb, m);
-    const float* xv = bn_load(x + i0, xb, m);
-    if constexpr (std::is_same_v<T, float>) {
-      for (int64_t i = 0; i < m; ++i) gx[i0 + i] = kk * gv[i] + a1 * center(xv[i]) + a0;
-    } else {
-      for (int64_t i = 0; i < m; ++i) xb[i] = kk * gv[i] + a1 * center(xv[i]) + a0;
-      convert(xb, gx + i0, m);
-    }
-  }
 }
 }  // namespace detail
 
@@ -416,121 +172,47 @@ inline Tensor batch_norm(const Tensor& x, const Tensor& running_mean, const Tens
     MIXPREC_CHECK(training || running_mean.defined(), "batch_norm: running_mean and running_var are required in eval mode (input shape ",
                   x.sizes(), ")");
     MIXPREC_CHECK(!training || M > 1, "batch_norm: expected more than 1 value per channel when training, got input shape ", x.sizes());
-    if (x.device() != Device::CPU) return detail::batch_norm_device(x, running_mean, running_var, weight, bias, training, momentum, eps);
-
-    const Tensor xc = detail::contiguous_raw(x);
-    std::vector<double> mean(static_cast<std::size_t>(C)), rstd(static_cast<std::size_t>(C));
-    const std::vector<double> w = detail::norm_to_vec(weight), b = detail::norm_to_vec(bias);
-    Tensor y = empty(x.sizes(), x.dtype());
-    dispatch_floating(x.dtype(), "batch_norm", [&]<class T>() {
-      const T* xp = xc.data<T>();
-      T* yp = y.data<T>();
-      std::vector<double> var(training ? static_cast<std::size_t>(C) : 0);
-      if (training) {
-        cpu::parallel_for(0, C, std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(M, 1)), [&](int64_t cb, int64_t ce) {
-          for (int64_t c = cb; c < ce; ++c) {
-            if constexpr (detail::bn_float32_path<T>) {
-              detail::BnMoments mom;
-              for (int64_t n = 0; n < N; ++n) detail::bn_moments_run(xp + (n * C + c) * S, S, mom);
-              mean[c] = mom.mean;
-              var[c] = mom.m2 / static_cast<double>(M);
-            } else {
-              double s = 0;
-              for (int64_t n = 0; n < N; ++n) s += detail::norm_sum(xp + (n * C + c) * S, S);
-              const double mu = s / static_cast<double>(M);
-              double ss = 0;
-              for (int64_t n = 0; n < N; ++n) ss += detail::norm_sqdev(xp + (n * C + c) * S, S, mu);
-              mean[c] = mu;
-              var[c] = ss / static_cast<double>(M);
-            }
-            rstd[c] = 1.0 / std::sqrt(var[c] + eps);
-          }
-        });
-      } else {
-        const std::vector<double> rm = detail::norm_to_vec(running_mean), rv = detail::norm_to_vec(running_var);
-        for (int64_t c = 0; c < C; ++c) {
-          mean[c] = rm[c];
-          rstd[c] = 1.0 / std::sqrt(rv[c] + eps);
-        }
-      }
-      cpu::parallel_for(0, N * C, std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(S, 1)), [&](int64_t rb, int64_t re) {
-        for (int64_t r = rb; r < re; ++r) {
-          const int64_t c = r % C;
-          const double scale = rstd[c] * (w.empty() ? 1.0 : w[c]), shift = b.empty() ? 0.0 : b[c];
-          if constexpr (detail::bn_float32_path<T>) {
-            const detail::NormCenter<float> center(mean[c]);
-            const float sc = static_cast<float>(scale), sh = static_cast<float>(shift);
-            detail::bn_map_run(xp + r * S, yp + r * S, S, [&](float v) { return center(v) * sc + sh; });
-          } else {
-            detail::norm_affine_run(xp + r * S, yp + r * S, S, mean[c], scale, shift);
-          }
-        }
-      });
-      if (training && running_mean.defined()) {
-        // A buffer update, not a differentiable op: write the storage directly (the version bump
-        // still flags any graph that saved the old values).
-        const double unbias = static_cast<double>(M) / static_cast<double>(M - 1);
-        auto update = [&](const Tensor& buf, auto stat) {
-          dispatch_floating(buf.dtype(), "batch_norm", [&]<class R>() {
-            R* p = buf.data<R>();
-            const int64_t st = buf.stride(0);
-            for (int64_t c = 0; c < C; ++c) {
-              const double old = static_cast<double>(static_cast<acc_t<R>>(p[c * st]));
-              p[c * st] = static_cast<R>(static_cast<acc_t<R>>((1.0 - momentum) * old + momentum * stat(c)));
-            }
-          });
-          buf.bump_version();
-        };
-        update(running_mean, [&](int64_t c) { return mean[c]; });
-        update(running_var, [&](int64_t c) { return var[c] * unbias; });
-      }
-    });
-
+    // The CPU kernel also takes [N, C, *] and running statistics of any floating dtype and stride
+    // (device.hpp); a device's kernel takes NCHW and updates float32 buffers in place.
+    if (x.device() != Device::CPU) {
+      MIXPREC_CHECK(x.dim() == 4, "batch_norm: on ", x.device(), " the input must be [N, C, H, W], got shape ", x.sizes());
+      for (const Tensor* r : {&running_mean, &running_var})
+        MIXPREC_CHECK(!r->defined() || (r->dtype() == DType::Float32 && r->is_contiguous()), "batch_norm: on ", x.device(),
+                      " the running statistics must be contiguous float32 (they are updated in place), got ", r->dtype(), " ",
+                      r->sizes());
+    }
+    const auto kernel = detail::device_kernel("batch_norm", x, &DeviceKernels::batch_norm);
+    const Device d = x.device();
+    // The kernels take [C] parameters in float32, as cuDNN does (float64 for a float64 input, whose
+    // CPU kernel reads them as doubles): 16-bit weights are widened and their gradients rounded back.
+    const DType pd = detail::norm_param_dtype(x);
+    auto param = [&](const Tensor& t, double fill) { return t.defined() ? detail::contiguous_raw(t, pd) : full({C}, fill, pd, d); };
+    const Tensor w = param(weight, 1.0), b = param(bias, 0.0);
+    // Statistics are still computed without running buffers, into scratch ones.
+    const Tensor rm = running_mean.defined() ? running_mean : zeros({C}, DType::Float32, d);
+    const Tensor rv = running_var.defined() ? running_var : ones({C}, DType::Float32, d);
+    const auto [y, save_mean, save_invstd] = kernel(detail::contiguous_raw(x), w, b, rm, rv, training, momentum, eps);
+    if (training) {  // buffer updates, not differentiable ops; the version bump flags any graph that saved the old values
+      if (running_mean.defined()) running_mean.bump_version();
+      if (running_var.defined()) running_var.bump_version();
+    }
     if (autograd::should_record({x, weight, bias}))
       autograd::record("batch_norm", {x, running_mean, running_var, weight, bias}, {y},
-                       [sx = autograd::SavedTensor(x), w, mean, rstd, training, N, C, S, M, wd = weight.defined() ? weight.dtype() : DType::Float32,
-                        bd = bias.defined() ? bias.dtype() : DType::Float32, has_w = weight.defined(),
-                        has_b = bias.defined()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+                       [sx = autograd::SavedTensor(x), sw = autograd::SavedTensor(w), save_mean, save_invstd, training, eps,
+                        wd = weight.defined() ? weight.dtype() : DType::Float32, bd = bias.defined() ? bias.dtype() : DType::Float32,
+                        has_w = weight.defined(), has_b = bias.defined()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
                          const Tensor& x = sx.get("batch_norm");
-                         const Tensor xc = detail::contiguous_raw(x);
-                         const Tensor gc = detail::contiguous_raw(detail::expand_raw(detail::as_dtype_raw(g[0], x.dtype()), x.sizes()));
-                         Tensor gx = empty(x.sizes(), x.dtype());
-                         std::vector<double> gw(static_cast<std::size_t>(C)), gb(static_cast<std::size_t>(C));
-                         dispatch_floating(x.dtype(), "batch_norm_backward", [&]<class T>() {
-                           const T* xp = xc.data<T>();
-                           const T* gp = gc.data<T>();
-                           T* o = gx.data<T>();
-                           cpu::parallel_for(0, C, std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(M, 1)), [&](int64_t cb, int64_t ce) {
-                             for (int64_t c = cb; c < ce; ++c) {
-                               double sg = 0, sgx = 0;
-                               const detail::NormCenter<float> center(mean[c]);
-                               for (int64_t n = 0; n < N; ++n) {
-                                 const int64_t off = (n * C + c) * S;
-                                 std::pair<double, double> s;
-                                 if constexpr (detail::bn_float32_path<T>) s = detail::bn_grad_sums_run(gp + off, xp + off, S, center);
-                                 else s = detail::norm_grad_sums(gp + off, xp + off, S, mean[c]);
-                                 sg += s.first;
-                                 sgx += s.second;
-                               }
-                               gb[c] = sg;
-                               gw[c] = sgx * rstd[c];
-                               const double wc = w.empty() ? 1.0 : w[c];
-                               // norm_input_grad_run's coefficients, in float32.
-                               const double k = wc * rstd[c], Md = static_cast<double>(M);
-                               const float kk = static_cast<float>(k), a1 = training ? static_cast<float>(-k * rstd[c] * rstd[c] * sgx / Md) : 0.0f,
-                                           a0 = training ? static_cast<float>(-k * sg / Md) : 0.0f;
-                               for (int64_t n = 0; n < N; ++n) {
-                                 const int64_t off = (n * C + c) * S;
-                                 if constexpr (detail::bn_float32_path<T>)
-                                   detail::bn_input_grad_run(gp + off, xp + off, o + off, S, center, kk, a1, a0);
-                                 else
-                                   detail::norm_input_grad_run(gp + off, xp + off, o + off, S, mean[c], rstd[c], wc, sg, sgx, Md, training);
-                               }
-                             }
-                           });
-                         });
-                         return {gx, Tensor(), Tensor(), has_w ? detail::norm_from_vec(gw, {C}, wd) : Tensor(),
-                                 has_b ? detail::norm_from_vec(gb, {C}, bd) : Tensor()};
+                         // Eval mode's gradient has its own entry (the statistics are constants); CUDA has none yet.
+                         const DeviceKernels* k = device_kernels(x.device());
+                         MIXPREC_CHECK(training || (k != nullptr && k->batch_norm_backward_eval != nullptr), "batch_norm: backward in eval mode has no ",
+                                       x.device(), " kernel yet; run the frozen layers under no_grad or on the CPU");
+                         const Tensor gy = detail::contiguous_raw(detail::expand_raw(detail::as_dtype_raw(g[0], x.dtype()), x.sizes()));
+                         const Tensor w = sw.get("batch_norm");
+                         const auto r = training ? detail::device_kernel("batch_norm_backward", x, &DeviceKernels::batch_norm_backward)(
+                                                       detail::contiguous_raw(x), gy, w, save_mean, save_invstd, eps)
+                                                 : k->batch_norm_backward_eval(detail::contiguous_raw(x), gy, w, save_mean, save_invstd);
+                         return {r[0], Tensor(), Tensor(), has_w ? detail::as_dtype_raw(r[1], wd) : Tensor(),
+                                 has_b ? detail::as_dtype_raw(r[2], bd) : Tensor()};
                        });
     return y;
   }, x, weight, bias);
@@ -554,78 +236,35 @@ inline Tensor layer_norm(const Tensor& x, const Shape& normalized_shape, const T
       MIXPREC_CHECK(p->is_floating_point() && p->sizes() == normalized_shape, "layer_norm: ", p == &weight ? "weight" : "bias",
                     " of shape ", p->sizes(), " (", p->dtype(), ") must be floating-point with normalized_shape ", normalized_shape);
     }
-    if (x.device() != Device::CPU) return detail::layer_norm_device(x, normalized_shape, weight, bias, eps, out_dtype);
-    for (const Tensor* t : {&x, &weight, &bias})
-      if (t->defined()) detail::require_cpu("layer_norm", *t);
+    const char* op = "layer_norm";
+    (void)detail::common_device(op, {&x, &weight, &bias});
     const int64_t D = numel_of(normalized_shape), M = D == 0 ? 0 : x.numel() / D;
-    const Tensor xc = detail::contiguous_raw(x);
-    Tensor y = empty(x.sizes(), x.dtype());
-    Tensor mean_t = empty({M}, DType::Float64), rstd_t = empty({M}, DType::Float64);
-    const std::vector<double> wv = detail::norm_to_vec(weight), bv = detail::norm_to_vec(bias);
-    dispatch_floating(x.dtype(), "layer_norm", [&]<class T>() {
-      using A = acc_t<T>;
-      const std::vector<A> w = detail::ln_params<A>(wv, D, 1), b = detail::ln_params<A>(bv, D, 0);
-      const T* xp = xc.data<T>();
-      T* yp = y.data<T>();
-      double* mp = mean_t.data<double>();
-      double* rp = rstd_t.data<double>();
-      cpu::parallel_for(0, M, std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(D, 1)), [&](int64_t rb, int64_t re) {
-        const std::size_t n16 = std::is_same_v<T, A> ? 0 : static_cast<std::size_t>(D);
-        std::vector<A> xbuf(n16), ybuf(n16);
-        for (int64_t r = rb; r < re; ++r) {
-          const A* xr = cpu::vec::load_row(xp + r * D, D, xbuf);
-          A* yr = std::is_same_v<T, A> ? reinterpret_cast<A*>(yp + r * D) : ybuf.data();
-          std::tie(mp[r], rp[r]) = detail::ln_forward_row(xr, yr, w.data(), b.data(), D, static_cast<A>(eps));
-          cpu::vec::store_row(yr, yp + r * D, D);
-        }
-      });
-    });
+    // The kernels take [D] parameters in float32 (float64 for a float64 input, whose CPU kernel
+    // reads them as doubles): 16-bit weights are widened and their gradients rounded back.
+    const DType pd = detail::norm_param_dtype(x);
+    auto param = [&](const Tensor& t) { return t.defined() ? detail::reshape_raw(detail::as_dtype_raw(t, pd), {D}) : Tensor(); };
+    const Tensor w = param(weight), b = param(bias);
+    // out_dtype: y's dtype when it is not x's (layer_norm_fuses_cast), through the table's
+    // layer_norm_to; the backward then hands the kernel the gradient in y's dtype, not a copy cast to x's.
+    const bool mixed = out_dtype && *out_dtype != x.dtype();
+    const Tensor x2 = detail::reshape_raw(x, {M, D});
+    const auto [y2, mean, rstd] = mixed ? detail::device_kernel(op, x, &DeviceKernels::layer_norm_to)(x2, w, b, eps, *out_dtype)
+                                        : detail::device_kernel(op, x, &DeviceKernels::layer_norm)(x2, w, b, eps);
+    const Tensor y = detail::reshape_raw(y2, x.sizes());
     if (autograd::should_record({x, weight, bias}))
-      autograd::record("layer_norm", {x, weight, bias}, {y},
-                       [sx = autograd::SavedTensor(x), wv, mean_t, rstd_t, M, D, wd = weight.defined() ? weight.dtype() : DType::Float32,
-                        bd = bias.defined() ? bias.dtype() : DType::Float32, has_w = weight.defined(), has_b = bias.defined(),
-                        normalized_shape](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+      autograd::record(op, {x, weight, bias}, {y},
+                       [sx = autograd::SavedTensor(x), sw = autograd::SavedTensor(w), mean, rstd, M, D, normalized_shape,
+                        gd = mixed ? *out_dtype : x.dtype(), wd = weight.defined() ? weight.dtype() : DType::Float32,
+                        bd = bias.defined() ? bias.dtype() : DType::Float32, has_w = weight.defined(),
+                        has_b = bias.defined()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
                          const Tensor& x = sx.get("layer_norm");
-                         const Tensor xc = detail::contiguous_raw(x);
-                         const Tensor gc = detail::contiguous_raw(detail::expand_raw(detail::as_dtype_raw(g[0], x.dtype()), x.sizes()));
-                         Tensor gx = empty(x.sizes(), x.dtype());
-                         std::vector<double> gw(static_cast<std::size_t>(D), 0.0), gb(static_cast<std::size_t>(D), 0.0);
-                         dispatch_floating(x.dtype(), "layer_norm_backward", [&]<class T>() {
-                           using A = acc_t<T>;
-                           const std::vector<A> w = detail::ln_params<A>(wv, D, 1);
-                           const double* mp = mean_t.data<double>();
-                           const double* rp = rstd_t.data<double>();
-                           const T* xp = xc.data<T>();
-                           const T* gp = gc.data<T>();
-                           T* o = gx.data<T>();
-                           // Row ranges in fixed chunks, each with private weight/bias partial sums.
-                           const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(cpu::num_threads(), M));
-                           std::vector<std::vector<A>> pw(static_cast<std::size_t>(chunks)), pb(static_cast<std::size_t>(chunks));
-                           cpu::parallel_for(0, chunks, 1, [&](int64_t kb, int64_t ke) {
-                             const std::size_t n16 = std::is_same_v<T, A> ? 0 : static_cast<std::size_t>(D);
-                             std::vector<A> xbuf(n16), gbuf(n16), obuf(n16);
-                             for (int64_t kc = kb; kc < ke; ++kc) {
-                               auto& aw = pw[kc];
-                               auto& ab = pb[kc];
-                               aw.assign(static_cast<std::size_t>(D), A(0));
-                               ab.assign(static_cast<std::size_t>(D), A(0));
-                               for (int64_t r = M * kc / chunks, re = M * (kc + 1) / chunks; r < re; ++r) {
-                                 const A* xr = cpu::vec::load_row(xp + r * D, D, xbuf);
-                                 const A* gr = cpu::vec::load_row(gp + r * D, D, gbuf);
-                                 A* orow = std::is_same_v<T, A> ? reinterpret_cast<A*>(o + r * D) : obuf.data();
-                                 detail::ln_backward_row(xr, gr, orow, w.data(), aw.data(), ab.data(), D, mp[r], rp[r]);
-                                 cpu::vec::store_row(orow, o + r * D, D);
-                               }
-                             }
-                           });
-                           for (int64_t kc = 0; kc < chunks; ++kc)
-                             for (int64_t i = 0; i < D; ++i) {
-                               if (has_w) gw[i] += pw[kc][i];
-                               if (has_b) gb[i] += pb[kc][i];
-                             }
-                         });
-                         return {gx, has_w ? detail::norm_from_vec(gw, normalized_shape, wd) : Tensor(),
-                                 has_b ? detail::norm_from_vec(gb, normalized_shape, bd) : Tensor()};
+                         const Tensor gy =
+                             detail::reshape_raw(detail::contiguous_raw(detail::expand_raw(detail::as_dtype_raw(g[0], gd), x.sizes())), {M, D});
+                         const auto r = detail::device_kernel("layer_norm_backward", x, &DeviceKernels::layer_norm_backward)(
+                             detail::reshape_raw(x, {M, D}), gy, sw.get("layer_norm"), mean, rstd);
+                         return {detail::reshape_raw(r[0], x.sizes()),
+                                 has_w ? detail::reshape_raw(detail::as_dtype_raw(r[1], wd), normalized_shape) : Tensor(),
+                                 has_b ? detail::reshape_raw(detail::as_dtype_raw(r[2], bd), normalized_shape) : Tensor()};
                        });
     return y;
   };

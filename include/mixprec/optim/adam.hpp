@@ -12,8 +12,9 @@ namespace mixprec::optim {
 
 namespace detail {
 // One step's scalars in float32 and the per-element arithmetic, one member per PyTorch op. The
-// CPU update calls them one op at a time over a block (each loop vectorises); the fused CUDA
-// kernel (backends/cuda/amp.cuh) calls step() per element: the same roundings in both.
+// CPU kernel (backends/cpu/training.hpp) calls them one op at a time over a block (each loop
+// vectorises); the fused CUDA kernel (backends/cuda/amp.cuh) calls step() per element: the same
+// roundings in both.
 struct AdamScalars {
   float decay = 1, wd = 0, w1 = 0, one_minus_w1 = 1, b2 = 0, w2 = 1, neg_step_size = 0, bc2_sqrt = 1, eps = 0;
   bool decoupled = false, use_wd = false, lerp_low = true, amsgrad = false;
@@ -105,69 +106,18 @@ class Adam : public Optimizer {
     return key == "exp_avg" || key == "exp_avg_sq" || key == "max_exp_avg_sq";
   }
 
-  void update(const ParamGroup& grp, ParamState& st, const ParamUpdate& u) override {
-    const bool amsgrad = *grp.amsgrad;
-    bool fresh_m = false, fresh_v = false, fresh_max = false;
-    float* m = buffer(st, "exp_avg", u, &fresh_m);
-    float* v = buffer(st, "exp_avg_sq", u, &fresh_v);
-    float* vmax = amsgrad ? buffer(st, "max_exp_avg_sq", u, &fresh_max) : nullptr;
-    const bool fresh = fresh_m || fresh_v;
-    if (fresh) {
-      // A missing moment restarts the whole state, as PyTorch's lazy state init.
-      std::fill(m, m + u.n, 0.0f);
-      std::fill(v, v + u.n, 0.0f);
-      st.step = 1;
-    }
-    if (vmax && (fresh || fresh_max)) std::fill(vmax, vmax + u.n, 0.0f);
-
-    const detail::AdamScalars sc = detail::adam_scalars(detail::adam_hyper(grp, decoupled_), st.step);
-    // One pass per PyTorch op over a cache-resident block, each branch-free so it vectorises.
-    for_blocks(u, [&](float* w, const float* g, int64_t off, int64_t n) {
-      float gbuf[detail::kOptimBlock], sbuf[detail::kOptimBlock];
-      float* mb = m + off;
-      float* vb = v + off;
-      const float* gp = g;
-      if (sc.use_wd && sc.decoupled) {
-        MIXPREC_OPTIM_SIMD
-        for (int64_t i = 0; i < n; ++i) w[i] = sc.decayed(w[i]);
-      } else if (sc.use_wd) {
-        MIXPREC_OPTIM_SIMD
-        for (int64_t i = 0; i < n; ++i) gbuf[i] = sc.l2(g[i], w[i]);
-        gp = gbuf;
-      }
-      if (sc.lerp_low) {
-        MIXPREC_OPTIM_SIMD
-        for (int64_t i = 0; i < n; ++i) mb[i] = sc.exp_avg_low(mb[i], gp[i]);
-      } else {
-        MIXPREC_OPTIM_SIMD
-        for (int64_t i = 0; i < n; ++i) mb[i] = sc.exp_avg_high(mb[i], gp[i]);
-      }
-      MIXPREC_OPTIM_SIMD
-      for (int64_t i = 0; i < n; ++i) vb[i] = sc.exp_avg_sq(vb[i], gp[i]);
-      const float* s = vb;
-      if (vmax) {
-        float* xb = vmax + off;
-        MIXPREC_OPTIM_SIMD
-        for (int64_t i = 0; i < n; ++i) xb[i] = sc.max_exp_avg_sq(xb[i], vb[i]);
-        s = xb;
-      }
-      detail::sqrt_block(s, sbuf, n);
-      MIXPREC_OPTIM_SIMD
-      for (int64_t i = 0; i < n; ++i) w[i] = sc.param(w[i], mb[i], sbuf[i]);
-    });
-  }
-
-  void update_device(const ParamGroup& grp, std::vector<DeviceUpdate>& ups, const Tensor& found_inf) override {
+  // The group's updates through the device's adam kernel (the CPU's too), which skips on found_inf.
+  void update(const ParamGroup& grp, std::vector<PendingUpdate>& ups, const Tensor& found_inf) override {
     const auto kernel = ::mixprec::detail::device_kernel(name(), ups.front().u.weights, &DeviceKernels::adam);  // before any change
     const bool amsgrad = *grp.amsgrad;
     std::vector<DeviceParamUpdate> ps;
-    for (DeviceUpdate& d : ups) {
+    for (PendingUpdate& d : ups) {
       const ParamState* st = d.state;
       DeviceParamUpdate& u = d.u;
       const Tensor& w = u.weights;
-      Tensor m = device_buffer(*st, "exp_avg", w), v = device_buffer(*st, "exp_avg_sq", w);
-      Tensor vmax = amsgrad ? device_buffer(*st, "max_exp_avg_sq", w) : Tensor();
-      d.restart = !m.defined() || !v.defined();  // as update(): a missing moment restarts the state
+      Tensor m = state_buffer(*st, "exp_avg", w), v = state_buffer(*st, "exp_avg_sq", w);
+      Tensor vmax = amsgrad ? state_buffer(*st, "max_exp_avg_sq", w) : Tensor();
+      d.restart = !m.defined() || !v.defined();  // a missing moment restarts the state, as PyTorch's lazy init
       if (d.restart) {
         m = zeros(w.sizes(), DType::Float32, w.device());
         v = zeros(w.sizes(), DType::Float32, w.device());

@@ -1,9 +1,9 @@
 #pragma once
-// torch.nn.utils.clip_grad_norm_ / clip_grad_value_. The norm accumulates in double over the
-// gradients' values read as float, whatever their dtype. On a device (the 2-norm only) it is
-// computed there (DeviceKernels::grad_norm) and the gradients are scaled by a factor the device
-// computes from it, so nothing waits for the device: the result is a GradNorm holding the norm
-// as a device tensor, read back only when converted to double.
+// torch.nn.utils.clip_grad_norm_ / clip_grad_value_. On the CPU the norm accumulates in double over
+// the gradients' values read as float, whatever their dtype. The 2-norm is the device's kernel
+// (DeviceKernels::grad_norm, the CPU's too) and the gradients are scaled by the device's
+// clip_grads from it; on a device (the 2-norm only) nothing waits for the device: the result is
+// a GradNorm holding the norm as a device tensor, read back only when converted to double.
 //
 // With mixed precision use the Optimizer& overloads after GradScaler::unscale_: they work on the
 // float32 gradients step() will use (the master-gradient buffers of 16-bit parameters, which
@@ -92,17 +92,6 @@ inline void accumulate_norm(const Tensor& g, NormAcc& total) {
   });
 }
 
-// g *= coef, computed in float and rounded once into g's dtype.
-inline void scale_grad_(Tensor& g, float coef) {
-  dispatch_floating(g.dtype(), "clip_grad_norm_", [&]<class T>() {
-    T* p = g.data<T>();
-    cpu::parallel_for(0, g.numel(), kOptimGrain, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) p[i] = static_cast<T>(static_cast<acc_t<T>>(p[i]) * coef);
-    });
-  });
-  g.bump_version();
-}
-
 inline void clamp_grad_(Tensor& g, double clip) {
   MIXPREC_CHECK(g.device() == Device::CPU, "clip_grad_value_: gradient of shape ", g.sizes(), " is on ", g.device(),
                 "; clip_grad_value_ has no device kernel yet (clip_grad_norm_ has)");
@@ -122,7 +111,11 @@ inline void clamp_grad_(Tensor& g, double clip) {
 }
 
 // Norm, then scale every gradient by max_norm / (norm + 1e-6) when that is below 1 (or NaN).
-// Returns the norm and whether the gradients may have been scaled.
+// Returns the norm and whether the gradients may have been scaled. The 2-norm and the scaling
+// are the device's kernels (grad_norm, clip_grads; the CPU's in backends/cpu/training.hpp); other
+// norms are accumulated here, on the CPU only. A norm in host memory (the CPU's) is read at once:
+// that costs nothing, keeps GradNorm a plain number there, and skips the scaling call when the
+// factor is >= 1 (nothing would change, and master gradients stay current).
 inline std::pair<GradNorm, bool> clip_norm_impl(std::vector<Tensor>& grads, double max_norm, double norm_type,
                                                 bool error_if_nonfinite) {
   MIXPREC_CHECK(!std::isnan(norm_type), "clip_grad_norm_: norm_type is NaN");
@@ -131,35 +124,26 @@ inline std::pair<GradNorm, bool> clip_norm_impl(std::vector<Tensor>& grads, doub
   for (const Tensor& g : grads)
     MIXPREC_CHECK(g.is_floating_point() && g.device() == dev, "clip_grad_norm_: gradient of shape ", g.sizes(), " has dtype ", g.dtype(),
                   " on ", g.device(), "; expected floating-point gradients all on ", dev);
-  if (dev != Device::CPU) {  // on the device: one norm launch and one scaling launch, no read-back
-    MIXPREC_CHECK(norm_type == 2.0, "clip_grad_norm_: gradients on ", dev, " take norm_type 2 only, got ", norm_type);
-    const auto norm_kernel = ::mixprec::detail::device_kernel("clip_grad_norm_", grads.front(), &DeviceKernels::grad_norm);
-    const auto clip_kernel = ::mixprec::detail::device_kernel("clip_grad_norm_", grads.front(), &DeviceKernels::clip_grads);
-    const Tensor norm = norm_kernel(grads);
-    if (error_if_nonfinite) {  // a host decision: reads the norm back
-      const double v = norm.item<float>();
-      MIXPREC_CHECK(std::isfinite(v), "clip_grad_norm_: The total norm of order ", norm_type, " for gradients from `parameters` is "
-                    "non-finite (", v, "), so it cannot be clipped. To disable this error and scale the gradients by the non-finite "
-                    "norm anyway, set `error_if_nonfinite=False`");
-    }
-    clip_kernel(grads, norm, max_norm);
-    for (Tensor& g : grads) g.bump_version();
-    return {GradNorm(norm), true};
-  }
-  double norm = 0;
-  {
+  MIXPREC_CHECK(norm_type == 2.0 || dev == Device::CPU, "clip_grad_norm_: gradients on ", dev, " take norm_type 2 only, got ", norm_type);
+  const auto clip_kernel = ::mixprec::detail::device_kernel("clip_grad_norm_", grads.front(), &DeviceKernels::clip_grads);
+  Tensor norm;
+  if (norm_type == 2.0) {
+    norm = ::mixprec::detail::device_kernel("clip_grad_norm_", grads.front(), &DeviceKernels::grad_norm)(grads);
+  } else {
     NormAcc total{norm_type, NormAcc::init(norm_type)};
     for (Tensor& g : grads) accumulate_norm(g, total);
-    norm = total.finish();
+    norm = scalar_tensor(total.finish(), DType::Float64);
   }
-  MIXPREC_CHECK(!error_if_nonfinite || std::isfinite(norm), "clip_grad_norm_: The total norm of order ", norm_type,
-                " for gradients from `parameters` is non-finite (", norm, "), so it cannot be clipped. To disable this error and scale "
+  const bool on_host = norm.device() == Device::CPU;
+  double v = 0;
+  if (on_host || error_if_nonfinite) v = norm.item<double>();  // on a device, a host decision: reads the norm back
+  MIXPREC_CHECK(!error_if_nonfinite || std::isfinite(v), "clip_grad_norm_: The total norm of order ", norm_type,
+                " for gradients from `parameters` is non-finite (", v, "), so it cannot be clipped. To disable this error and scale "
                 "the gradients by the non-finite norm anyway, set `error_if_nonfinite=False`");
-  const double coef = max_norm / (norm + 1e-6);
-  // Multiplying by the clamped 1.0 would change nothing; skipping it keeps master gradients current.
-  if (coef >= 1.0) return {GradNorm(norm), false};
-  for (Tensor& g : grads) scale_grad_(g, static_cast<float>(coef));
-  return {GradNorm(norm), true};
+  if (on_host && max_norm / (v + 1e-6) >= 1.0) return {GradNorm(v), false};
+  clip_kernel(grads, norm, max_norm);
+  for (Tensor& g : grads) g.bump_version();
+  return {on_host ? GradNorm(v) : GradNorm(norm), true};
 }
 
 inline std::vector<Tensor> grads_of(const std::vector<Tensor>& params) {

@@ -82,9 +82,9 @@ struct ParamState {
   int64_t step = 0;                       // updates applied to this parameter (see step_known)
   std::map<std::string, Tensor> buffers;  // float32, contiguous, the parameter's shape
   Tensor master;                          // float32 master weights of a 16-bit parameter
-  // A device parameter's counts live on the device (DeviceParamUpdate::counters), where a step
-  // skipped on a device flag (GradScaler) is known. `step` is then a copy that Optimizer::state()
-  // and state_dict() refresh (a read from the device) when step_known is false.
+  // The counts live with the parameter (DeviceParamUpdate::counters), where the kernel knows
+  // whether a device flag (GradScaler) skipped the step. `step` is a copy that Optimizer::state()
+  // and state_dict() refresh (a read, from the device for a device parameter) when step_known is false.
   Tensor counters;
   bool step_known = true;
 };
@@ -164,10 +164,10 @@ class Optimizer {
 
   virtual const char* name() const = 0;
 
-  // One update of every parameter that has a gradient, under no_grad. Parameters on a device
-  // (CUDA) are updated there by the device's fused kernel, one launch per group. Every gradient
-  // is checked before anything changes; if an update throws, the parameters updated before it
-  // keep their update and their step count, the others are untouched.
+  // One update of every parameter that has a gradient, under no_grad, by the kernel of the
+  // parameters' device (the CPU's in backends/cpu/training.hpp, CUDA's fused one), one call per
+  // group and device. Every gradient is checked before anything changes; if an update throws, the
+  // groups updated before it keep their update and their step count, the others are untouched.
   //
   // found_inf (GradScaler::step on a device): a float32 [] on the parameters' device; where it is
   // non-zero the kernels skip the whole update, state and step counts included, decided on the
@@ -201,56 +201,38 @@ class Optimizer {
         for (std::size_t i : stepped) o.slots_[i].synced_version = o.slots_[i].param.version();
       }
     } written{*this, {}};
-    std::vector<std::vector<DeviceUpdate>> on_device(groups_.size());
+    // Per group, the parameters of each device (a group normally lives on one).
+    std::vector<std::vector<PendingUpdate>> pending(groups_.size());
     for (std::size_t i = 0; i < slots_.size(); ++i) {
       Slot& s = slots_[i];
-      Tensor g = s.param.grad();  // kept alive for the update
+      const Tensor g = s.param.grad();
       if (!g.defined()) continue;
       ParamState& st = state_[i];
       place_state(i);
       sync_master(i);
-      const bool use_master_grad = master_grad_current(i);
-      if (s.param.device() != Device::CPU) {
-        DeviceParamUpdate d;
-        d.weights = st.master.defined() ? st.master : s.param;
-        if (st.master.defined()) d.model = s.param;
-        d.grad = use_master_grad ? s.master_grad : g.is_contiguous() ? g : g.contiguous();
-        ensure_counters(st, s.param);
-        d.counters = st.counters;
-        on_device[s.group].push_back({&st, i, std::move(d)});
-        continue;
-      }
-      ParamUpdate u;
-      u.n = s.param.numel();
-      u.shape = &s.param.sizes();
-      if (use_master_grad) {
-        u.grad = s.master_grad.data_ptr();
-        u.grad_dtype = DType::Float32;
-      } else {
-        if (!g.is_contiguous()) g = g.contiguous();
-        u.grad = g.data_ptr();
-        u.grad_dtype = g.dtype();
-      }
-      if (st.master.defined()) {
-        u.w = st.master.data<float>();
-        u.param16 = s.param.data_ptr();
-        u.param_dtype = s.param.dtype();
-      } else {
-        u.w = s.param.data<float>();
-      }
-      ++st.step;
-      update(groups_[s.group], st, u);
-      written.stepped.push_back(i);
+      DeviceParamUpdate d;
+      d.weights = st.master.defined() ? st.master : s.param;
+      if (st.master.defined()) d.model = s.param;
+      d.grad = master_grad_current(i) ? s.master_grad : g.is_contiguous() ? g : g.contiguous();
+      ensure_counters(st, s.param);
+      d.counters = st.counters;
+      pending[s.group].push_back({&st, i, std::move(d)});
     }
     for (std::size_t g = 0; g < groups_.size(); ++g) {
-      if (on_device[g].empty()) continue;
-      update_device(groups_[g], on_device[g], found_inf);  // commits its new state only once the kernel ran
-      for (const DeviceUpdate& d : on_device[g]) {
-        written.stepped.push_back(d.index);
-        ParamState& st = *d.state;
-        // The device's counters are the count: the kernel advances them unless found_inf skipped
-        // the step, and a captured step's replays advance them with no host code running.
-        st.step_known = false;
+      std::vector<PendingUpdate>& ups = pending[g];
+      while (!ups.empty()) {
+        // One kernel call per device: the first parameter's device, then any others.
+        const Device dev = ups.front().u.weights.device();
+        std::vector<PendingUpdate> here, rest;
+        for (PendingUpdate& d : ups) (d.u.weights.device() == dev ? here : rest).push_back(std::move(d));
+        update(groups_[g], here, found_inf);  // commits its new state only once the kernel ran
+        for (const PendingUpdate& d : here) {
+          written.stepped.push_back(d.index);
+          // The counters are the count: the kernel advances them unless found_inf skipped the
+          // step, and a captured step's replays advance them with no host code running.
+          d.state->step_known = false;
+        }
+        ups = std::move(rest);
       }
     }
   }
@@ -307,7 +289,7 @@ class Optimizer {
   std::size_t num_params() const { return slots_.size(); }
   // Parameter `index` in the state-dict numbering (groups in order, then position).
   const Tensor& param(std::size_t index) const { return slots_.at(index).param; }
-  // A device parameter's step count is read from the device here when a device flag decided it.
+  // The step count is read from the parameter's counters here (from the device for a device parameter).
   const ParamState& state(std::size_t index) const {
     refresh_step(const_cast<ParamState&>(state_.at(index)));
     return state_.at(index);
@@ -500,85 +482,33 @@ class Optimizer {
     for (ParamGroup& g : groups) add_param_group(std::move(g));
   }
 
-  // What one parameter's update sees.
-  struct ParamUpdate {
-    float* w = nullptr;  // float32 weights, updated in place: the master copy or the parameter itself
-    int64_t n = 0;
-    const Shape* shape = nullptr;  // the parameter's
-    const void* grad = nullptr;  // contiguous gradient of any floating dtype
-    DType grad_dtype = DType::Float32;
-    void* param16 = nullptr;  // the 16-bit parameter to store rounded weights into, if any
-    DType param_dtype = DType::Float32;
-  };
-
-  // f(float* w, const float* g, int64_t offset, int64_t n) over consecutive blocks (parallel over
-  // large tensors); offset indexes the float32 state buffers. The 16-bit parameter is written
-  // after each block while it is still in cache.
-  template <class F>
-  static void for_blocks(const ParamUpdate& u, F&& f) {
-    cpu::parallel_for(0, u.n, detail::kOptimGrain, [&](int64_t b, int64_t e) {
-      float gbuf[detail::kOptimBlock];
-      for (int64_t s = b; s < e; s += detail::kOptimBlock) {
-        const int64_t m = std::min(detail::kOptimBlock, e - s);
-        const float* g;
-        if (u.grad_dtype == DType::Float32) {
-          g = static_cast<const float*>(u.grad) + s;
-        } else {
-          detail::load_float(u.grad, u.grad_dtype, s, gbuf, m);
-          g = gbuf;
-        }
-        f(u.w + s, g, s, m);
-        if (u.param16) detail::store_float(u.w + s, u.param16, u.param_dtype, s, m);
-      }
-    });
-  }
-
-  // A float32 buffer of the parameter's shape in `st`, created (uninitialised) when missing;
-  // `created` tells the caller to initialise it.
-  static float* buffer(ParamState& st, const char* key, const ParamUpdate& u, bool* created = nullptr) {
-    auto it = st.buffers.find(key);
-    if (it == st.buffers.end() || it->second.numel() != u.n) {
-      Tensor t = empty(*u.shape, DType::Float32);
-      it = st.buffers.insert_or_assign(key, t).first;
-      if (created) *created = true;
-    } else if (created) {
-      *created = false;
-    }
-    return it->second.data<float>();
-  }
-
-  // A device parameter's update: step() has filled weights, model, grad and counters;
-  // update_device() adds the state (creating it on the device) and calls the device's kernel,
-  // which counts the step on the device unless found_inf skips it.
-  struct DeviceUpdate {
+  // One parameter's update: step() has filled weights, model, grad and counters; update() adds
+  // the state (creating it on the parameter's device) and calls the device's kernel, which counts
+  // the step in the counters unless found_inf skips it.
+  struct PendingUpdate {
     ParamState* state;
     std::size_t index;  // the parameter's number
     DeviceParamUpdate u;
-    bool restart = false;  // update_device restarted the state: this is step 1
+    bool restart = false;  // update() restarted the state: this is step 1
   };
 
-  // Sets both device counters of `u` to `value` (a fill kernel: no upload, nothing read back).
-  void set_counters(const DeviceParamUpdate& u, int64_t value, bool both = true) const {
-    const auto fill = ::mixprec::detail::device_kernel(name(), u.counters, &DeviceKernels::fill);
-    if (both) fill(u.counters, static_cast<double>(value));
-    else fill(u.counters.select(0, 1), static_cast<double>(value));
+  // Sets both counters of `u` (or only the second) to `value`: a fill, nothing read back.
+  static void set_counters(const DeviceParamUpdate& u, int64_t value, bool both = true) {
+    Tensor c = both ? u.counters : u.counters.select(0, 1);
+    c.fill_(static_cast<double>(value));
   }
 
   // The state buffer `key` of `st` if it fits `like` (shape and device), else undefined. New
   // buffers go into `st` only after the kernel ran, so a refused step leaves the state as it was.
-  static Tensor device_buffer(const ParamState& st, const char* key, const Tensor& like) {
+  static Tensor state_buffer(const ParamState& st, const char* key, const Tensor& like) {
     const auto it = st.buffers.find(key);
     const bool fits = it != st.buffers.end() && it->second.sizes() == like.sizes() && it->second.device() == like.device();
     return fits ? it->second : Tensor();
   }
 
   virtual void validate(const ParamGroup& g) const = 0;
-  virtual void update(const ParamGroup& g, ParamState& st, const ParamUpdate& u) = 0;
-  virtual void update_device(const ParamGroup& g, std::vector<DeviceUpdate>& ups, const Tensor& found_inf) {
-    (void)g;
-    (void)found_inf;
-    fail(name(), ": no update for parameters on ", ups.front().u.weights.device());
-  }
+  // The updates of group g's parameters on one device, through that device's kernel.
+  virtual void update(const ParamGroup& g, std::vector<PendingUpdate>& ups, const Tensor& found_inf) = 0;
   virtual bool is_state_name(const std::string& key) const = 0;
 
   ParamGroup defaults_;
@@ -650,15 +580,14 @@ class Optimizer {
     st.step_known = true;
   }
 
-  // The device counters of `st` on p's device, made from the host's count when missing (after a
-  // load_state_dict, or the first device update) with fill kernels.
-  void ensure_counters(ParamState& st, const Tensor& p) {
+  // The counters of `st` on p's device, made from the host's count when missing (after a
+  // load_state_dict, or the first update) with fills: nothing is uploaded.
+  static void ensure_counters(ParamState& st, const Tensor& p) {
     if (st.counters.defined() && st.counters.device() == p.device()) return;
     refresh_step(st);
-    const auto fill = ::mixprec::detail::device_kernel(name(), p, &DeviceKernels::fill);
     Tensor c = empty({2}, DType::Int64, p.device());
-    fill(c.select(0, 0), static_cast<double>(st.step));
-    fill(c.select(0, 1), st.buffers.empty() ? 0.0 : static_cast<double>(std::max<int64_t>(st.step, 1)));
+    c.select(0, 0).fill_(static_cast<double>(st.step));
+    c.select(0, 1).fill_(st.buffers.empty() ? 0.0 : static_cast<double>(std::max<int64_t>(st.step, 1)));
     st.counters = c;
   }
 

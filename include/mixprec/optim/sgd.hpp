@@ -9,7 +9,8 @@ namespace mixprec::optim {
 
 namespace detail {
 // The step's scalars in float32 and the per-element arithmetic, one member per PyTorch op: the
-// CPU loops below call them per block, the fused CUDA kernel (backends/cuda/amp.cuh) per element.
+// CPU kernel (backends/cpu/training.hpp) calls them per block, the fused CUDA kernel
+// (backends/cuda/amp.cuh) per element.
 struct SgdScalars {
   float wd = 0, mom = 0, damp1 = 1, neg_lr = 0;
   bool use_wd = false, use_mom = false, nesterov = false;
@@ -83,16 +84,16 @@ class SGD : public Optimizer {
 
   bool is_state_name(const std::string& key) const override { return key == "momentum_buffer"; }
 
-  void update_device(const ParamGroup& grp, std::vector<DeviceUpdate>& ups, const Tensor& found_inf) override {
+  void update(const ParamGroup& grp, std::vector<PendingUpdate>& ups, const Tensor& found_inf) override {
     const auto kernel = ::mixprec::detail::device_kernel("SGD", ups.front().u.weights, &DeviceKernels::sgd);  // before any change
     const detail::SgdScalars sc = detail::sgd_scalars(grp);
     std::vector<DeviceParamUpdate> ps;
-    for (DeviceUpdate& d : ups) {
+    for (PendingUpdate& d : ups) {
       const ParamState* st = d.state;
       DeviceParamUpdate& u = d.u;
       if (sc.use_mom) {
-        Tensor buf = device_buffer(*st, "momentum_buffer", u.weights);
-        if (!buf.defined()) {  // the buffer's first applied update writes it whole: counted on the device
+        Tensor buf = state_buffer(*st, "momentum_buffer", u.weights);
+        if (!buf.defined()) {  // the buffer's first applied update writes it whole: counted by the kernel
           buf = empty(u.weights.sizes(), DType::Float32, u.weights.device());
           set_counters(u, 0, false);
         }
@@ -103,41 +104,6 @@ class SGD : public Optimizer {
     kernel(ps, sc, found_inf);
     if (sc.use_mom)
       for (std::size_t k = 0; k < ups.size(); ++k) ups[k].state->buffers["momentum_buffer"] = ps[k].state[0];
-  }
-
-  void update(const ParamGroup& grp, ParamState& st, const ParamUpdate& u) override {
-    const detail::SgdScalars sc = detail::sgd_scalars(grp);
-    bool first = false;
-    float* buf = sc.use_mom ? buffer(st, "momentum_buffer", u, &first) : nullptr;
-    // Branch-free loops per case, so each one vectorises.
-    for_blocks(u, [&](float* w, const float* g, int64_t off, int64_t n) {
-      float dbuf[detail::kOptimBlock];
-      const float* d = g;
-      if (sc.use_wd) {
-        MIXPREC_OPTIM_SIMD
-        for (int64_t i = 0; i < n; ++i) dbuf[i] = sc.l2(g[i], w[i]);
-        d = dbuf;
-      }
-      if (!sc.use_mom) {
-        MIXPREC_OPTIM_SIMD
-        for (int64_t i = 0; i < n; ++i) w[i] = sc.param(w[i], d[i]);
-        return;
-      }
-      float* b = buf + off;
-      if (first) {
-        std::copy(d, d + n, b);
-      } else {
-        MIXPREC_OPTIM_SIMD
-        for (int64_t i = 0; i < n; ++i) b[i] = sc.momentum(b[i], d[i]);
-      }
-      if (sc.nesterov) {
-        MIXPREC_OPTIM_SIMD
-        for (int64_t i = 0; i < n; ++i) w[i] = sc.param(w[i], sc.nesterov_dir(d[i], b[i]));
-      } else {
-        MIXPREC_OPTIM_SIMD
-        for (int64_t i = 0; i < n; ++i) w[i] = sc.param(w[i], b[i]);
-      }
-    });
   }
 };
 

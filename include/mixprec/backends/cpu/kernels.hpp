@@ -11,8 +11,9 @@
 // includes mixprec.hpp -- before any global of the program's own translation unit that uses ops.
 //
 // Each area fills its entries from its own header (one place per kernel family):
-#include "mixprec/backends/cpu/batch_norm_nhwc.hpp"
 #include "mixprec/backends/cpu/conv.hpp"
+#include "mixprec/backends/cpu/norm.hpp"
+#include "mixprec/backends/cpu/training.hpp"
 #include "mixprec/backends/device.hpp"
 
 namespace mixprec::cpu {
@@ -23,6 +24,8 @@ inline const DeviceKernels& cpu_kernel_table() {
     DeviceKernels t;
     // Host <-> device transfers (to_device, to_host) and graphs (make_graph) have no CPU meaning.
     fill_conv_kernels(t);
+    fill_norm_kernels(t);
+    fill_training_kernels(t);
 
     return t;
   }();

@@ -1,0 +1,444 @@
+#pragma once
+// The CPU's batch norm and layer norm kernels, the CPU backend's entries batch_norm,
+// batch_norm_backward, batch_norm_backward_eval, layer_norm, layer_norm_backward and layer_norm_to
+// (backends/device.hpp). ops/normalization.hpp keeps the checks, the autocast policy and autograd
+// for every device; group_norm (no entry) and the double-precision helpers it shares with the
+// float64 paths here (norm_sum, NormCenter, ...) stay there.
+//
+// What the CPU does beyond the entries' common contract (written in device.hpp): any floating
+// dtype (float64 rows accumulate in double), batch norm over [N, C, *] with running statistics of
+// any floating dtype and stride, statistics saved in float64, and parameter gradients summed in
+// double and returned float64, so that the op's one rounding into the parameter's dtype is the
+// only one.
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+#include "mixprec/backends/cpu/vec_math.hpp"
+#include "mixprec/backends/device.hpp"
+#include "mixprec/ops/normalization.hpp"
+
+namespace mixprec::cpu {
+
+namespace norm_detail {
+using mixprec::detail::NormCenter;
+
+// batch_norm's float32 path (float32 and 16-bit inputs): runs are read in blocks of kBnBlock
+// widened by the vectorised convert, summed in kBnLanes float32 partial sums (a loop the
+// compiler vectorises without -ffast-math), and the block results combined in double, so the
+// rounding error is that of one block-long float32 sum. double inputs keep the norm_* helpers.
+inline constexpr int64_t kBnBlock = 512;
+inline constexpr int kBnLanes = 16;
+
+template <class T>
+inline constexpr bool bn_float32_path = std::is_same_v<acc_t<T>, float>;
+
+// p[0, n) as float32: p itself for float, else widened into buf.
+template <class T>
+const float* bn_load(const T* p, float* buf, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) return p;
+  else {
+    convert(p, buf, n);
+    return buf;
+  }
+}
+
+inline float bn_lanes_total(const float (&a)[kBnLanes]) {
+  float s = 0;
+  for (float v : a) s += v;
+  return s;
+}
+
+// Running (count, mean, sum of squared deviations) of one channel, merged block by block
+// (Chan et al.), so the variance never subtracts two large sums.
+struct BnMoments {
+  double n = 0, mean = 0, m2 = 0;
+  void merge(double nb, double mb, double m2b) {
+    const double tot = n + nb, d = mb - mean;
+    mean += d * nb / tot;
+    m2 += m2b + d * d * n * nb / tot;
+    n = tot;
+  }
+};
+
+// Adds a run of n values to the moments.
+template <class T>
+void bn_moments_run(const T* x, int64_t n, BnMoments& mom) {
+  alignas(64) float buf[kBnBlock];
+  for (int64_t i0 = 0; i0 < n; i0 += kBnBlock) {
+    const int64_t m = std::min(kBnBlock, n - i0);
+    const float* v = bn_load(x + i0, buf, m);
+    // Deviations from a pivot (the block's first value) are small where |mean| >> std, so their
+    // float32 sum keeps the mean's low digits.
+    const float p = v[0];
+    float a[kBnLanes] = {};
+    int64_t i = 0;
+    for (; i + kBnLanes <= m; i += kBnLanes)
+      for (int k = 0; k < kBnLanes; ++k) a[k] += v[i + k] - p;
+    for (; i < m; ++i) a[i % kBnLanes] += v[i] - p;
+    const float dm = bn_lanes_total(a) / static_cast<float>(m);  // block mean - p
+    float q[kBnLanes] = {};
+    for (i = 0; i + kBnLanes <= m; i += kBnLanes)
+      for (int k = 0; k < kBnLanes; ++k) {
+        const float d = (v[i + k] - p) - dm;
+        q[k] += d * d;
+      }
+    for (; i < m; ++i) q[i % kBnLanes] += ((v[i] - p) - dm) * ((v[i] - p) - dm);
+    mom.merge(static_cast<double>(m), static_cast<double>(p) + static_cast<double>(dm), static_cast<double>(bn_lanes_total(q)));
+  }
+}
+
+// y = f(x) element-wise over a run in float32, x and y of type T (rounded once on store).
+template <class T, class F>
+void bn_map_run(const T* x, T* y, int64_t n, F f) {
+  alignas(64) float buf[kBnBlock];
+  for (int64_t i0 = 0; i0 < n; i0 += kBnBlock) {
+    const int64_t m = std::min(kBnBlock, n - i0);
+    const float* v = bn_load(x + i0, buf, m);
+    if constexpr (std::is_same_v<T, float>) {
+      for (int64_t i = 0; i < m; ++i) y[i0 + i] = f(v[i]);
+    } else {
+      for (int64_t i = 0; i < m; ++i) buf[i] = f(v[i]);
+      convert(buf, y + i0, m);
+    }
+  }
+}
+
+// (sum g, sum g * (x - mean)) over a run, float32 within blocks.
+template <class T>
+std::pair<double, double> bn_grad_sums_run(const T* g, const T* x, int64_t n, const NormCenter<float>& center) {
+  alignas(64) float gb[kBnBlock], xb[kBnBlock];
+  double sg = 0, sgx = 0;
+  for (int64_t i0 = 0; i0 < n; i0 += kBnBlock) {
+    const int64_t m = std::min(kBnBlock, n - i0);
+    const float* gv = bn_load(g + i0, gb, m);
+    const float* xv = bn_load(x + i0, xb, m);
+    float a[kBnLanes] = {}, b[kBnLanes] = {};
+    int64_t i = 0;
+    for (; i + kBnLanes <= m; i += kBnLanes)
+      for (int k = 0; k < kBnLanes; ++k) {
+        a[k] += gv[i + k];
+        b[k] += gv[i + k] * center(xv[i + k]);
+      }
+    for (; i < m; ++i) {
+      a[i % kBnLanes] += gv[i];
+      b[i % kBnLanes] += gv[i] * center(xv[i]);
+    }
+    sg += static_cast<double>(bn_lanes_total(a));
+    sgx += static_cast<double>(bn_lanes_total(b));
+  }
+  return {sg, sgx};
+}
+
+// dx = kk g + a1 (x - mean) + a0 over a run (norm_input_grad_run's training form), float32.
+template <class T>
+void bn_input_grad_run(const T* g, const T* x, T* gx, int64_t n, const NormCenter<float>& center, float kk, float a1, float a0) {
+  alignas(64) float gb[kBnBlock], xb[kBnBlock];
+  for (int64_t i0 = 0; i0 < n; i0 += kBnBlock) {
+    const int64_t m = std::min(kBnBlock, n - i0);
+    const float* gv = bn_load(g + i0, gb, m);
+    const float* xv = bn_load(x + i0, xb, m);
+    if constexpr (std::is_same_v<T, float>) {
+      for (int64_t i = 0; i < m; ++i) gx[i0 + i] = kk * gv[i] + a1 * center(xv[i]) + a0;
+    } else {
+      for (int64_t i = 0; i < m; ++i) xb[i] = kk * gv[i] + a1 * center(xv[i]) + a0;
+      convert(xb, gx + i0, m);
+    }
+  }
+}
+
+// layer_norm's CPU rows accumulate in acc_t<T> (float32 for 16-bit and float32 input: 16-lane
+// partial sums and a two-pass variance keep the error near float rounding at these row lengths)
+// so that every pass is a loop cpu::simd runs with AVX-512; 16-bit rows convert with
+// SIMD on the way in and out. Missing weight / bias are ones / zeros, keeping the loops uniform.
+template <class A>
+std::vector<A> ln_params(const Tensor& p, int64_t D, double absent) {
+  if (!p.defined()) return std::vector<A>(static_cast<std::size_t>(D), static_cast<A>(absent));
+  const std::vector<double> v = mixprec::detail::norm_to_vec(p);
+  return std::vector<A>(v.begin(), v.end());
+}
+// y = (x - mean) rstd w + b over one row; returns the row's mean and rstd. The mean is a float
+// sum's m0 plus the mean of x - m0 (c, nearly exact: x - m0 loses nothing for x near m0), so
+// centring keeps its digits when |mean| >> std; mean = m0 + c is kept in double for backward.
+template <class A>
+std::pair<double, double> ln_forward_row(const A* x, A* y, const A* w, const A* b, int64_t D, A eps) {
+  std::pair<double, double> stats;
+  cpu::simd([&]() MIXPREC_SIMD_BODY {
+    auto plus = [](A p, A q) { return p + q; };
+    const A n = static_cast<A>(D);
+    const A m0 = cpu::vec::reduce<A>(D, A(0), [&](A a, int64_t i) { return a + x[i]; }, plus) / n;
+    const A c = cpu::vec::reduce<A>(D, A(0), [&](A a, int64_t i) { return a + (x[i] - m0); }, plus) / n;
+    const A var = cpu::vec::reduce<A>(D, A(0), [&](A a, int64_t i) {
+      const A d = (x[i] - m0) - c;
+      return a + d * d;
+    }, plus) / n;
+    const A rs = A(1) / std::sqrt(var + eps);
+    for (int64_t i = 0; i < D; ++i) y[i] = ((x[i] - m0) - c) * rs * w[i] + b[i];
+    stats = {static_cast<double>(m0) + static_cast<double>(c), static_cast<double>(rs)};
+  });
+  return stats;
+}
+// dx over one row from the closed form dx = rstd (g w - mean(g w) - xhat mean(g w xhat)), and
+// the row's share of the weight and bias gradients added to gw, gb.
+template <class A>
+void ln_backward_row(const A* x, const A* g, A* dx, const A* w, A* gw, A* gb, int64_t D, double mean, double rstd) {
+  const NormCenter<A> center(mean);
+  const A hi = center.hi, lo = center.lo, rs = static_cast<A>(rstd);
+  cpu::simd([&]() MIXPREC_SIMD_BODY {
+    auto plus = [](A p, A q) { return p + q; };
+    const A n = static_cast<A>(D);
+    const A s1 = cpu::vec::reduce<A>(D, A(0), [&](A a, int64_t i) { return a + g[i] * w[i]; }, plus) / n;
+    const A s2 = cpu::vec::reduce<A>(D, A(0), [&](A a, int64_t i) { return a + g[i] * w[i] * (((x[i] - hi) - lo) * rs); }, plus) / n;
+    for (int64_t i = 0; i < D; ++i) {
+      const A h = ((x[i] - hi) - lo) * rs;
+      dx[i] = rs * (g[i] * w[i] - s1 - h * s2);
+      gw[i] += g[i] * h;
+      gb[i] += g[i];
+    }
+  });
+}
+
+// Batch norm's gradients for both modes (training: the batch statistics' terms; eval: the
+// statistics are constants), from float64 [C] mean and 1/std.
+inline std::array<Tensor, 3> batch_norm_grads(const Tensor& x, const Tensor& grad, const Tensor& weight, const Tensor& save_mean,
+                                              const Tensor& save_invstd, bool training) {
+  const int64_t N = x.size(0), C = x.size(1), S = N * C == 0 ? 0 : x.numel() / (N * C), M = N * S;
+  const Tensor xc = mixprec::detail::contiguous_raw(x);
+  const Tensor gc = mixprec::detail::contiguous_raw(grad);
+  const std::vector<double> w = mixprec::detail::norm_to_vec(weight);
+  const double* mean = save_mean.data<double>();
+  const double* rstd = save_invstd.data<double>();
+  Tensor gx = empty(x.sizes(), x.dtype());
+  Tensor gw_t = empty({C}, DType::Float64), gb_t = empty({C}, DType::Float64);
+  double* gw = gw_t.data<double>();
+  double* gb = gb_t.data<double>();
+  dispatch_floating(x.dtype(), "batch_norm_backward", [&]<class T>() {
+    const T* xp = xc.data<T>();
+    const T* gp = gc.data<T>();
+    T* o = gx.data<T>();
+    cpu::parallel_for(0, C, std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(M, 1)), [&](int64_t cb, int64_t ce) {
+      for (int64_t c = cb; c < ce; ++c) {
+        double sg = 0, sgx = 0;
+        const NormCenter<float> center(mean[c]);
+        for (int64_t n = 0; n < N; ++n) {
+          const int64_t off = (n * C + c) * S;
+          std::pair<double, double> s;
+          if constexpr (bn_float32_path<T>) s = bn_grad_sums_run(gp + off, xp + off, S, center);
+          else s = mixprec::detail::norm_grad_sums(gp + off, xp + off, S, mean[c]);
+          sg += s.first;
+          sgx += s.second;
+        }
+        gb[c] = sg;
+        gw[c] = sgx * rstd[c];
+        const double wc = w.empty() ? 1.0 : w[c];
+        // norm_input_grad_run's coefficients, in float32.
+        const double k = wc * rstd[c], Md = static_cast<double>(M);
+        const float kk = static_cast<float>(k), a1 = training ? static_cast<float>(-k * rstd[c] * rstd[c] * sgx / Md) : 0.0f,
+                    a0 = training ? static_cast<float>(-k * sg / Md) : 0.0f;
+        for (int64_t n = 0; n < N; ++n) {
+          const int64_t off = (n * C + c) * S;
+          if constexpr (bn_float32_path<T>)
+            bn_input_grad_run(gp + off, xp + off, o + off, S, center, kk, a1, a0);
+          else
+            mixprec::detail::norm_input_grad_run(gp + off, xp + off, o + off, S, mean[c], rstd[c], wc, sg, sgx, Md, training);
+        }
+      }
+    });
+  });
+  return {gx, gw_t, gb_t};
+}
+}  // namespace norm_detail
+
+// DeviceKernels::batch_norm. x [N, C, *] contiguous; weight, bias [C] (either may be undefined)
+// and the running statistics (any floating dtype and stride) read as doubles. The running
+// statistics are written in place without a version bump (the op bumps them, as for every
+// device). Returns {y, mean, 1/std} as float64 [C] in both modes: eval mode's are the running
+// statistics', which batch_norm_backward_eval takes.
+inline std::array<Tensor, 3> batch_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& running_mean,
+                                        const Tensor& running_var, bool training, double momentum, double eps) {
+  using namespace norm_detail;
+  const int64_t N = x.size(0), C = x.size(1), S = N * C == 0 ? 0 : x.numel() / (N * C), M = N * S;
+  const Tensor xc = mixprec::detail::contiguous_raw(x);
+  Tensor mean_t = empty({C}, DType::Float64), rstd_t = empty({C}, DType::Float64);
+  double* mean = mean_t.data<double>();
+  double* rstd = rstd_t.data<double>();
+  const std::vector<double> w = mixprec::detail::norm_to_vec(weight), b = mixprec::detail::norm_to_vec(bias);
+  Tensor y = empty(x.sizes(), x.dtype());
+  dispatch_floating(x.dtype(), "batch_norm", [&]<class T>() {
+    const T* xp = xc.data<T>();
+    T* yp = y.data<T>();
+    std::vector<double> var(training ? static_cast<std::size_t>(C) : 0);
+    if (training) {
+      cpu::parallel_for(0, C, std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(M, 1)), [&](int64_t cb, int64_t ce) {
+        for (int64_t c = cb; c < ce; ++c) {
+          if constexpr (bn_float32_path<T>) {
+            BnMoments mom;
+            for (int64_t n = 0; n < N; ++n) bn_moments_run(xp + (n * C + c) * S, S, mom);
+            mean[c] = mom.mean;
+            var[c] = mom.m2 / static_cast<double>(M);
+          } else {
+            double s = 0;
+            for (int64_t n = 0; n < N; ++n) s += mixprec::detail::norm_sum(xp + (n * C + c) * S, S);
+            const double mu = s / static_cast<double>(M);
+            double ss = 0;
+            for (int64_t n = 0; n < N; ++n) ss += mixprec::detail::norm_sqdev(xp + (n * C + c) * S, S, mu);
+            mean[c] = mu;
+            var[c] = ss / static_cast<double>(M);
+          }
+          rstd[c] = 1.0 / std::sqrt(var[c] + eps);
+        }
+      });
+    } else {
+      const std::vector<double> rm = mixprec::detail::norm_to_vec(running_mean), rv = mixprec::detail::norm_to_vec(running_var);
+      for (int64_t c = 0; c < C; ++c) {
+        mean[c] = rm[c];
+        rstd[c] = 1.0 / std::sqrt(rv[c] + eps);
+      }
+    }
+    cpu::parallel_for(0, N * C, std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(S, 1)), [&](int64_t rb, int64_t re) {
+      for (int64_t r = rb; r < re; ++r) {
+        const int64_t c = r % C;
+        const double scale = rstd[c] * (w.empty() ? 1.0 : w[c]), shift = b.empty() ? 0.0 : b[c];
+        if constexpr (bn_float32_path<T>) {
+          const NormCenter<float> center(mean[c]);
+          const float sc = static_cast<float>(scale), sh = static_cast<float>(shift);
+          bn_map_run(xp + r * S, yp + r * S, S, [&](float v) { return center(v) * sc + sh; });
+        } else {
+          mixprec::detail::norm_affine_run(xp + r * S, yp + r * S, S, mean[c], scale, shift);
+        }
+      }
+    });
+    if (training && running_mean.defined()) {
+      // A buffer update, not a differentiable op: the storage is written directly.
+      const double unbias = static_cast<double>(M) / static_cast<double>(M - 1);
+      auto update = [&](const Tensor& buf, auto stat) {
+        dispatch_floating(buf.dtype(), "batch_norm", [&]<class R>() {
+          R* p = buf.data<R>();
+          const int64_t st = buf.stride(0);
+          for (int64_t c = 0; c < C; ++c) {
+            const double old = static_cast<double>(static_cast<acc_t<R>>(p[c * st]));
+            p[c * st] = static_cast<R>(static_cast<acc_t<R>>((1.0 - momentum) * old + momentum * stat(c)));
+          }
+        });
+      };
+      update(running_mean, [&](int64_t c) { return mean[c]; });
+      update(running_var, [&](int64_t c) { return var[c] * unbias; });
+    }
+  });
+  return {y, mean_t, rstd_t};
+}
+
+// DeviceKernels::batch_norm_backward (training) and batch_norm_backward_eval: {dx in x's dtype,
+// dweight, dbias float64 [C]} from batch_norm's float64 statistics.
+inline std::array<Tensor, 3> batch_norm_backward(const Tensor& x, const Tensor& grad, const Tensor& weight, const Tensor& save_mean,
+                                                 const Tensor& save_invstd, double /*eps: 1/std is saved*/) {
+  return norm_detail::batch_norm_grads(x, grad, weight, save_mean, save_invstd, true);
+}
+inline std::array<Tensor, 3> batch_norm_backward_eval(const Tensor& x, const Tensor& grad, const Tensor& weight, const Tensor& mean,
+                                                      const Tensor& invstd) {
+  return norm_detail::batch_norm_grads(x, grad, weight, mean, invstd, false);
+}
+
+// DeviceKernels::layer_norm_to: x [M, D] contiguous, rows in acc_t of x's dtype, y written in
+// `out`; weight, bias [D] (either may be undefined) of any floating dtype. Returns {y, mean, 1/std}
+// with the statistics float64 [M] (the mean keeps its low digits for backward's centring).
+inline std::array<Tensor, 3> layer_norm_to(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps, DType out) {
+  using namespace norm_detail;
+  const int64_t M = x.size(0), D = x.size(1);
+  const Tensor xc = mixprec::detail::contiguous_raw(x);
+  Tensor y = empty(x.sizes(), out);
+  Tensor mean_t = empty({M}, DType::Float64), rstd_t = empty({M}, DType::Float64);
+  dispatch_floating(x.dtype(), "layer_norm", [&]<class T>() {
+    dispatch_floating(out, "layer_norm", [&]<class Y>() {
+      using A = acc_t<T>;
+      const std::vector<A> w = ln_params<A>(weight, D, 1), b = ln_params<A>(bias, D, 0);
+      const T* xp = xc.data<T>();
+      Y* yp = y.data<Y>();
+      double* mp = mean_t.data<double>();
+      double* rp = rstd_t.data<double>();
+      cpu::parallel_for(0, M, std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(D, 1)), [&](int64_t rb, int64_t re) {
+        std::vector<A> xbuf(std::is_same_v<T, A> ? 0 : static_cast<std::size_t>(D)),
+            ybuf(std::is_same_v<Y, A> ? 0 : static_cast<std::size_t>(D));
+        for (int64_t r = rb; r < re; ++r) {
+          const A* xr = cpu::vec::load_row(xp + r * D, D, xbuf);
+          A* yr;
+          if constexpr (std::is_same_v<Y, A>) yr = yp + r * D;
+          else yr = ybuf.data();
+          std::tie(mp[r], rp[r]) = ln_forward_row(xr, yr, w.data(), b.data(), D, static_cast<A>(eps));
+          cpu::vec::store_row(yr, yp + r * D, D);
+        }
+      });
+    });
+  });
+  return {y, mean_t, rstd_t};
+}
+// DeviceKernels::layer_norm: y in x's dtype.
+inline std::array<Tensor, 3> layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps) {
+  return layer_norm_to(x, weight, bias, eps, x.dtype());
+}
+
+// DeviceKernels::layer_norm_backward: grad in y's dtype (x's, or layer_norm_to's `out`), dx in
+// x's; dweight and dbias float64 [D], from fixed row chunks' acc_t partial sums added in double.
+inline std::array<Tensor, 3> layer_norm_backward(const Tensor& x, const Tensor& grad, const Tensor& weight, const Tensor& mean,
+                                                 const Tensor& rstd) {
+  using namespace norm_detail;
+  const int64_t M = x.size(0), D = x.size(1);
+  const Tensor xc = mixprec::detail::contiguous_raw(x);
+  const Tensor gc = mixprec::detail::contiguous_raw(grad);
+  Tensor gx = empty(x.sizes(), x.dtype());
+  Tensor gw_t = zeros({D}, DType::Float64), gb_t = zeros({D}, DType::Float64);
+  double* gw = gw_t.data<double>();
+  double* gb = gb_t.data<double>();
+  dispatch_floating(x.dtype(), "layer_norm_backward", [&]<class T>() {
+    dispatch_floating(gc.dtype(), "layer_norm_backward", [&]<class G>() {
+      using A = acc_t<T>;
+      const std::vector<A> w = ln_params<A>(weight, D, 1);
+      const double* mp = mean.data<double>();
+      const double* rp = rstd.data<double>();
+      const T* xp = xc.data<T>();
+      const G* gp = gc.data<G>();
+      T* o = gx.data<T>();
+      // Row ranges in fixed chunks, each with private weight/bias partial sums.
+      const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(cpu::num_threads(), M));
+      std::vector<std::vector<A>> pw(static_cast<std::size_t>(chunks)), pb(static_cast<std::size_t>(chunks));
+      cpu::parallel_for(0, chunks, 1, [&](int64_t kb, int64_t ke) {
+        std::vector<A> xbuf(std::is_same_v<T, A> ? 0 : static_cast<std::size_t>(D)),
+            gbuf(std::is_same_v<G, A> ? 0 : static_cast<std::size_t>(D)), obuf(std::is_same_v<T, A> ? 0 : static_cast<std::size_t>(D));
+        for (int64_t kc = kb; kc < ke; ++kc) {
+          auto& aw = pw[kc];
+          auto& ab = pb[kc];
+          aw.assign(static_cast<std::size_t>(D), A(0));
+          ab.assign(static_cast<std::size_t>(D), A(0));
+          for (int64_t r = M * kc / chunks, re = M * (kc + 1) / chunks; r < re; ++r) {
+            const A* xr = cpu::vec::load_row(xp + r * D, D, xbuf);
+            const A* gr = cpu::vec::load_row(gp + r * D, D, gbuf);
+            A* orow;
+            if constexpr (std::is_same_v<T, A>) orow = o + r * D;
+            else orow = obuf.data();
+            ln_backward_row(xr, gr, orow, w.data(), aw.data(), ab.data(), D, mp[r], rp[r]);
+            cpu::vec::store_row(orow, o + r * D, D);
+          }
+        }
+      });
+      for (int64_t kc = 0; kc < chunks; ++kc)
+        for (int64_t i = 0; i < D; ++i) {
+          gw[i] += pw[kc][i];
+          gb[i] += pb[kc][i];
+        }
+    });
+  });
+  return {gx, gw_t, gb_t};
+}
+
+inline void fill_norm_kernels(DeviceKernels& t) {
+  t.batch_norm = &batch_norm;
+  t.batch_norm_backward = &batch_norm_backward;
+  t.batch_norm_backward_eval = &batch_norm_backward_eval;
+  t.layer_norm = &layer_norm;
+  t.layer_norm_backward = &layer_norm_backward;
+  t.layer_norm_to = &layer_norm_to;
+}
+
+}  // namespace mixprec::cpu
