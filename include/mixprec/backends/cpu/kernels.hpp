@@ -12,6 +12,9 @@
 //
 // Each area fills its entries from its own header (one place per kernel family):
 #include "mixprec/backends/device.hpp"
+#include "mixprec/backends/cpu/linalg.hpp"
+#include "mixprec/backends/cpu/attention.hpp"
+#include "mixprec/backends/cpu/loss.hpp"
 
 namespace mixprec::cpu::detail {
 
@@ -19,6 +22,9 @@ inline const DeviceKernels& cpu_kernel_table() {
   static const DeviceKernels k = [] {
     DeviceKernels t;
     // Host <-> device transfers (to_device, to_host) and graphs (make_graph) have no CPU meaning.
+    fill_linalg_kernels(t);
+    fill_attention_kernels(t);
+    fill_loss_kernels(t);
 
     return t;
   }();
