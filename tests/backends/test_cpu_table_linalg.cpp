@@ -139,7 +139,7 @@ TEST(CpuTableLinalg, MatmulWithoutItsEntryThrowsNamingTheOp) {
            {"matmul", [&] { matmul(a, b); }}, {"mm", [&] { mm(a, b); }}, {"linear", [&] { linear(a, b.t()); }}}) {
     const std::string msg = error_of(f);
     EXPECT_EQ(msg.rfind(op + ":", 0), 0u) << msg;
-    EXPECT_NE(msg.find("has no CPU kernel"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("has no cpu kernel"), std::string::npos) << msg;
   }
   // Argument errors stay the op's own, ahead of the kernel.
   const std::string msg = error_of([&] { bmm(randn({2, 2, 3}), randn({3, 3, 2})); });
@@ -229,7 +229,7 @@ TEST(CpuTableLinalg, AttentionFallbacksWithoutItsEntries) {
     const Tensor q = randn({2, 4, 8}, DType::Float32, g);
     const std::string msg = error_of([&] { scaled_dot_product_attention(q, q, q); });
     EXPECT_EQ(msg.rfind("scaled_dot_product_attention:", 0), 0u) << msg;
-    EXPECT_NE(msg.find("has no CPU kernel"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("has no cpu kernel"), std::string::npos) << msg;
   }
 }
 
@@ -283,7 +283,7 @@ TEST(CpuTableLinalg, CrossEntropyWithoutFusedEntriesUsesClassWeights) {
   s.t.class_weights = nullptr;
   const std::string none = error_of([&] { cross_entropy(x, t); });
   EXPECT_EQ(none.rfind("cross_entropy:", 0), 0u) << none;
-  EXPECT_NE(none.find("has no CPU kernel"), std::string::npos) << none;
+  EXPECT_NE(none.find("has no cpu kernel"), std::string::npos) << none;
 }
 
 // class_weights and clamp_indices on the CPU keep the device contract: bad values are counted,
