@@ -166,7 +166,7 @@ const DeviceKernels& host_kernels() {
     };
     t.matmul = [](const Tensor& a, const Tensor& b, const Tensor& bias) {
       const Kernel k("matmul");
-      return dev(detail::matmul_kernel("matmul", host(a), host(b), host(bias)));
+      return dev(device_kernels(Device::CPU)->matmul(host(a), host(b), host(bias)));
     };
     t.softmax = [](const Tensor& x, int64_t dim, bool log) {
       const Kernel k("softmax");
@@ -257,7 +257,7 @@ const DeviceKernels& host_kernels() {
       no_grad ng;
       return dev(mul(mul(host(x).to(DType::Float32), host(keep).to(DType::Float32)), scale).to(x.dtype()));
     };
-    // Fused attention through the CPU op's own kernels, with the entries' contract checked.
+    // Fused attention through the CPU's own entries, with the entries' contract checked.
     t.sdpa_forward = [](const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale, double p,
                         uint64_t seed) -> std::array<Tensor, 2> {
       const Kernel kn("sdpa_forward");
@@ -265,7 +265,7 @@ const DeviceKernels& host_kernels() {
       EXPECT_EQ(Shape(k.sizes().begin(), k.sizes().end() - 2), batch);
       EXPECT_EQ(Shape(v.sizes().begin(), v.sizes().end() - 2), batch);
       EXPECT_TRUE(q.size(-1) % 8 == 0 && q.size(-1) <= 128 && v.size(-1) == q.size(-1)) << "E " << q.size(-1) << ", Ev " << v.size(-1);
-      const auto [out, lse] = detail::sdpa_cpu_forward(host(q), host(k), host(v), Tensor(), batch, causal, scale, p, seed);
+      const auto [out, lse] = device_kernels(Device::CPU)->sdpa_forward(host(q), host(k), host(v), causal, scale, p, seed);
       EXPECT_EQ(lse.dtype(), DType::Float32);
       return {dev(out), dev(lse)};
     };
@@ -274,9 +274,8 @@ const DeviceKernels& host_kernels() {
       const Kernel kn("sdpa_backward");
       EXPECT_EQ(g.dtype(), q.dtype());
       EXPECT_EQ(g.sizes(), o.sizes());
-      const Shape batch(q.sizes().begin(), q.sizes().end() - 2);
-      const auto [dq, dk, dv, dm] = detail::sdpa_cpu_backward(host(g), host(q), host(k), host(v), Tensor(), host(o), host(lse), batch,
-                                                              causal, scale, p, seed, false);
+      const auto [dq, dk, dv] =
+          device_kernels(Device::CPU)->sdpa_backward(host(g), host(q), host(k), host(v), host(o), host(lse), causal, scale, p, seed);
       return {dev(dq.to(q.dtype())), dev(dk.to(q.dtype())), dev(dv.to(q.dtype()))};
     };
     // The optimizers' and GradScaler's entries, element by element with the CPU's own scalars

@@ -73,7 +73,8 @@ struct DeviceKernels {
   // Sum over `dims` (none: all), which are removed; accumulated in float32, returned in x's dtype.
   Tensor (*sum)(const Tensor& x, const Shape& dims) = nullptr;
   // a[..., M, K] @ b[..., K, N] with broadcast batch dims, accumulated in float32, written in a's
-  // dtype; bias [N] (optional) added in the epilogue.
+  // dtype; bias [N] (optional) added in the epilogue. The op has checked the shapes, that the
+  // batch dims broadcast, and one floating dtype. CPU: also float64 (accumulated in float64).
   Tensor (*matmul)(const Tensor& a, const Tensor& b, const Tensor& bias) = nullptr;
   Tensor (*softmax)(const Tensor& x, int64_t dim, bool log) = nullptr;
   Tensor (*softmax_backward)(const Tensor& y, const Tensor& grad, int64_t dim, bool log) = nullptr;
@@ -119,7 +120,8 @@ struct DeviceKernels {
   // A training MLP's two GEMMs with the tanh GELU in their epilogues (mlp_gelu_tanh, ops/linalg.hpp):
   // linear_gelu: x [M, K], w1 [H, K], b1 [H] -> {gelu(x w1^T + b1), its input pre}; linear_dgelu:
   // g [M, D], w2 [D, H], pre -> {(g w2) * gelu'(pre), that summed over rows (b1's gradient)}. One dtype;
-  // both results undefined where the backend has no fused kernel for the operands.
+  // both results undefined where the backend has no fused kernel for the operands. CPU: none (its
+  // GEMMs have no epilogue to fuse into), so mlp_gelu_tanh composes linear, gelu and linear there.
   std::array<Tensor, 2> (*linear_gelu)(const Tensor& x, const Tensor& w1, const Tensor& b1) = nullptr;
   std::array<Tensor, 2> (*linear_dgelu)(const Tensor& g, const Tensor& w2, const Tensor& pre) = nullptr;
   // Rows of contiguous weight [V, D] at int64 indices [N] (on the device, already range-checked):
@@ -137,13 +139,32 @@ struct DeviceKernels {
   // to 128 (detail::sdpa_fused_supported). causal keeps key j for query i when j <= i; dropout_p
   // > 0 drops where !detail::sdpa_dropout_keep(seed, (b L + i) S + j, p), b the flattened batch
   // index, and scales the rest by 1 / (1 - p). Returns {out [batch..., L, E] in q's dtype,
-  // logsumexp float32 [batch..., L]}, +inf where a row has no key.
+  // logsumexp float32 [batch..., L]}, +inf where a row has no key. CPU: also any E and Ev (v's own
+  // head dim), float64 (logsumexp float64 then), and every row stride (heads of a packed
+  // projection read in place).
   std::array<Tensor, 2> (*sdpa_forward)(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale,
                                         double dropout_p, uint64_t seed) = nullptr;
   // Its gradients from grad (out's shape and dtype), out and logsumexp, with the forward's own
-  // arguments: {dq, dk, dv} in q's dtype and the expanded shapes (broadcasts not yet summed).
+  // arguments: {dq, dk, dv} in q's dtype and the expanded shapes (broadcasts not yet summed). CPU:
+  // also grad in any floating dtype (read as q is: float16 widened, not rounded to float16 first),
+  // and the gradients in logsumexp's dtype where a batch dim of q, k or v is broadcast (stride 0,
+  // size > 1), so the op's sum over it rounds once.
   std::array<Tensor, 3> (*sdpa_backward)(const Tensor& grad, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
                                          const Tensor& lse, bool causal, double scale, double dropout_p, uint64_t seed) = nullptr;
+  // A backend's general attention (the CPU's; CUDA has none, and takes sdpa_forward or the
+  // composed path): as sdpa_forward with any head dims and dtypes, plus attn_mask (undefined,
+  // bool = keep, or floating and added to the scaled scores; broadcastable to [batch..., L, S],
+  // not expanded; a row with no key left gives 0), the result written into `out` ([batch..., L,
+  // Ev] in q's dtype, unit stride along Ev, any other strides: heads merged in place) and the
+  // logsumexp returned (float32; float64 for float64).
+  Tensor (*sdpa_forward_into)(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask, bool causal, double scale,
+                              double dropout_p, uint64_t seed, const Tensor& out) = nullptr;
+  // Its gradients written into dq, dk, dv (the expanded shapes, unit stride along the last dim,
+  // one dtype: q's, or logsumexp's where the op still sums broadcast dims) and, when defined, the
+  // float mask's into dmask (zeros of [batch..., L, S] in logsumexp's dtype, contiguous).
+  void (*sdpa_backward_into)(const Tensor& grad, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& mask,
+                             const Tensor& out, const Tensor& lse, bool causal, double scale, double dropout_p, uint64_t seed,
+                             const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& dmask) = nullptr;
   // One optimizer group's updates, all parameters in one launch, with the CPU's arithmetic; the
   // whole update (counters included) is skipped on the device when found_inf (float32 [], may be
   // undefined) is non-zero.
@@ -168,15 +189,28 @@ struct DeviceKernels {
   // seed, i, p) over x's elements in order (x contiguous); when replay_counter (int64 []) is
   // defined, the seed is first mixed with its value (detail::dropout_seed), read on the device.
   Tensor (*dropout)(const Tensor& x, uint64_t seed, double p, double scale, const Tensor& replay_counter) = nullptr;
+  // cross_entropy's fused kernel (the CPU's; CUDA has none, and composes log_softmax with
+  // class_weights): logits x [N, C, S] contiguous, int64 targets [R] (rows r = n * S + s)
+  // contiguous with every value in [0, C) or ignore_index (the op checks them on the host first,
+  // an Error at once) -> {per-row losses (0 where ignored), row logsumexp}, both [R] in float32
+  // (float64 for float64 logits); ls is the label smoothing.
+  std::array<Tensor, 2> (*cross_entropy)(const Tensor& x, const Tensor& target, int64_t N, int64_t C, int64_t S, int64_t ignore_index,
+                                         double ls) = nullptr;
+  // Its gradient (x's shape and dtype) from that logsumexp: row r gets (softmax - smoothed
+  // one-hot) times grad_rows[r] (the upstream gradient per row, [R] in lse's dtype) or, where
+  // grad_rows is undefined, times grad_scale; ignored rows get zeros.
+  Tensor (*cross_entropy_backward)(const Tensor& x, const Tensor& target, const Tensor& lse, const Tensor& grad_rows, double grad_scale,
+                                   int64_t N, int64_t C, int64_t S, int64_t ignore_index, double ls) = nullptr;
   // cross_entropy's row weights from int64 targets [R] (rows r = n * S + s): w [N, C, S] in
   // `dtype` with ls / C per class plus 1 - ls at the target, zero rows where the target is
   // ignore_index; count (float32 []) = rows not ignored. A target outside [0, C) makes its row NaN
-  // and adds 1 to bad (float32 []), which the next host read reports (detail::DeviceChecks).
+  // and adds 1 to bad (float32 []), which the next host read reports (detail::DeviceChecks). CPU:
+  // dtype float32 or float64; cross_entropy takes this path there only without the fused kernel.
   std::array<Tensor, 2> (*class_weights)(const Tensor& target, int64_t N, int64_t C, int64_t S, int64_t ignore_index, double ls,
                                          DType dtype, const Tensor& bad) = nullptr;
   // Embedding indices (int64 [N], contiguous) checked on the device: each outside [0, V) adds 1 to
   // bad (float32 []) and is replaced by 0, so the gathers stay in bounds until the next host read
-  // reports the error.
+  // reports the error. CPU: the same, for a caller that did not check the indices on the host.
   void (*clamp_indices)(const Tensor& indices, int64_t V, const Tensor& bad) = nullptr;
   // A new, empty graph of this device (CapturedStep).
   std::unique_ptr<DeviceGraph> (*make_graph)() = nullptr;

@@ -1,7 +1,8 @@
 #pragma once
-// matmul and friends. One batched kernel (matmul_kernel) serves every entry point and every
+// matmul and friends. One batched kernel (the device's DeviceKernels::matmul, reached through
+// detail::matmul_kernel; the CPU's in backends/cpu/linalg.hpp) serves every entry point and every
 // backward; 16-bit inputs accumulate in float32 and round once on store.
-#include "mixprec/backends/cpu/gemm.hpp"
+#include "mixprec/backends/cpu/gemm.hpp"  // for the ops that include this header for it (conv)
 #include "mixprec/ops/reduce.hpp"
 
 namespace mixprec {
@@ -9,96 +10,19 @@ namespace mixprec {
 namespace detail {
 // a[..., M, K] @ b[..., K, N] with broadcast batch dims; no autograd. If `bias` is given it is
 // broadcast into the output first and the product accumulated onto it (linear's fused bias).
-inline Tensor matmul_kernel(const char* op, Tensor a, Tensor b, const Tensor& bias = Tensor()) {
-  const Device dev = common_device(op, {&a, &b, &bias});
+// The checks, by the caller's name, then the device's matmul kernel (the CPU's in
+// backends/cpu/linalg.hpp).
+inline Tensor matmul_kernel(const char* op, const Tensor& a, const Tensor& b, const Tensor& bias = Tensor()) {
+  (void)common_device(op, {&a, &b, &bias});
   MIXPREC_CHECK(a.dim() >= 2 && b.dim() >= 2, op, ": expected tensors with >= 2 dimensions, got ", a.sizes(), " and ", b.sizes());
   MIXPREC_CHECK(a.size(-1) == b.size(-2), op, ": shapes ", a.sizes(), " and ", b.sizes(), " cannot be multiplied (",
                 a.size(-1), " != ", b.size(-2), ")");
   MIXPREC_CHECK(a.dtype() == b.dtype(), op, ": expected both operands to have the same dtype, got ", a.dtype(), " and ",
                 b.dtype(), " (cast one, or use autocast)");
   MIXPREC_CHECK(a.is_floating_point(), op, ": expected floating-point operands, got ", a.dtype());
-  if (dev != Device::CPU) return device_kernel(op, a, &DeviceKernels::matmul)(a, b, bias);
-  const DType out_dtype = a.dtype();
-  const bool low = is_low_precision(out_dtype);
-  // The AVX-512 kernel reads 16-bit operands itself; elsewhere they are widened to float32 here.
-  const bool direct16 = low && cpu::gemm_16bit_available();
-  if (low && !direct16) {
-    a = as_dtype_raw(a, DType::Float32);
-    b = as_dtype_raw(b, DType::Float32);
-  }
-  const int64_t M = a.size(-2), K = a.size(-1), N = b.size(-1);
-  const Shape ba(a.sizes().begin(), a.sizes().end() - 2), bb(b.sizes().begin(), b.sizes().end() - 2);
-  const Shape batch = broadcast_shapes(ba, bb, op);
-  Shape out_shape = batch;
-  out_shape.push_back(M);
-  out_shape.push_back(N);
-  auto prep = [&](Tensor t, int64_t r, int64_t c) {
-    if (!cpu::gemm_compatible(t.stride(-2), t.stride(-1), r, c)) t = t.contiguous();
-    Shape s = batch;
-    s.push_back(r);
-    s.push_back(c);
-    return expand_raw(t, s);
-  };
-  const int64_t nb = numel_of(batch);
-  const bool acc = bias.defined();
-  // One 16-bit product (linear): float32 accumulators for a block of rows at a time, in a scratch
-  // that stays in cache, each tile rounded into the result as it finishes -- no float32 copy of
-  // the whole result (its memory, and one more pass over it).
-  if (direct16 && nb == 1 && M * N > 0 && (!acc || bias.dim() <= 1)) {
-    Tensor out = empty(out_shape, out_dtype);
-    const Tensor A = prep(a, M, K), B = prep(b, K, N);
-    // <= 2 MiB of float32 (in L3, each thread's half near L2); B is packed again per block, so not smaller.
-    const int64_t rows = std::min(M, std::max<int64_t>(48, (int64_t{1} << 19) / N));
-    const Tensor scratch = empty({rows, N}, DType::Float32);
-    const Tensor bias32 = acc ? as_dtype_raw(bias, DType::Float32) : Tensor();
-    dispatch_floating(a.dtype(), op, [&]<class T>() {
-      if constexpr (!std::is_same_v<T, acc_t<T>>) {
-        for (int64_t r0 = 0; r0 < M; r0 += rows) {
-          const Tensor c = scratch.narrow(0, 0, std::min(rows, M - r0));
-          if (acc) copy_kernel(c, bias32);
-          cpu::gemm_16bit<T>(A.data<T>() + r0 * A.stride(-2), A.stride(-2), A.stride(-1), B.data<T>(), B.stride(-2), B.stride(-1),
-                             c.data<float>(), c.size(0), N, K, acc, out.data<T>() + r0 * N);
-        }
-      }
-    });
-    return out;
-  }
-  Tensor out = empty(out_shape, low ? DType::Float32 : a.dtype());
-  if (acc) copy_kernel(out, as_dtype_raw(bias, out.dtype()));
-  if (out.numel() == 0) return low ? as_dtype_raw(out, out_dtype) : out;
-  const Tensor A = prep(a, M, K), B = prep(b, K, N);
-  dispatch_floating(a.dtype(), op, [&]<class T>() {
-    const T* pa = A.data<T>();
-    const T* pb = B.data<T>();
-    acc_t<T>* pc = out.data<acc_t<T>>();
-    const int64_t nd = static_cast<int64_t>(batch.size());
-    auto batch_offsets = [&](int64_t i, int64_t& oa, int64_t& ob) {
-      oa = ob = 0;
-      for (int64_t d = nd - 1; d >= 0; --d) {
-        const int64_t ix = i % batch[d];
-        i /= batch[d];
-        oa += ix * A.stride(d);
-        ob += ix * B.stride(d);
-      }
-    };
-    auto one = [&](int64_t i) {
-      int64_t oa, ob;
-      batch_offsets(i, oa, ob);
-      if constexpr (std::is_same_v<T, acc_t<T>>)
-        cpu::gemm<T>(pa + oa, A.stride(-2), A.stride(-1), pb + ob, B.stride(-2), B.stride(-1), pc + i * M * N, M, N, K, acc);
-      else
-        cpu::gemm_16bit<T>(pa + oa, A.stride(-2), A.stride(-1), pb + ob, B.stride(-2), B.stride(-1), pc + i * M * N, M, N, K, acc);
-    };
-    // Small matrices (attention heads): one matrix per thread. Large: the GEMM threads inside.
-    if (nb > 1 && M * N * K < (int64_t{1} << 21)) {
-      cpu::parallel_for(0, nb, 1, [&](int64_t b0, int64_t e0) {
-        for (int64_t i = b0; i < e0; ++i) one(i);
-      });
-    } else {
-      for (int64_t i = 0; i < nb; ++i) one(i);
-    }
-  });
-  return low ? as_dtype_raw(out, out_dtype) : out;
+  // The batch dims must broadcast: refused here by the caller's name on every device.
+  (void)broadcast_shapes(Shape(a.sizes().begin(), a.sizes().end() - 2), Shape(b.sizes().begin(), b.sizes().end() - 2), op);
+  return device_kernel(op, a, &DeviceKernels::matmul)(a, b, bias);
 }
 
 inline Tensor mT(const Tensor& t) { return t.transpose(-2, -1); }
@@ -199,10 +123,11 @@ inline Tensor linear(const Tensor& x, const Tensor& w, const Tensor& b = Tensor(
 }
 
 namespace detail {
-// The fused MLP runs where the device has both GEMM entries, b1 is given and the hidden width is a
-// multiple of 8 (cuBLASLt's rule for the aux matrix that keeps the GELU's input).
+// The fused MLP runs where the device has both GEMM entries (the CPU has none: its GEMMs have no
+// epilogue to fuse into), b1 is given and the hidden width is a multiple of 8 (cuBLASLt's rule
+// for the aux matrix that keeps the GELU's input).
 inline bool mlp_gelu_fusable(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2) {
-  if (!x.defined() || x.device() == Device::CPU || !b1.defined() || x.dim() < 1) return false;
+  if (!x.defined() || !b1.defined() || x.dim() < 1) return false;
   const DeviceKernels* k = device_kernels(x.device());
   if (!k || !k->linear_gelu || !k->linear_dgelu || w1.dim() != 2 || w2.dim() != 2) return false;
   if (x.size(-1) != w1.size(1) || w2.size(1) != w1.size(0) || w1.size(0) % 8 != 0 || b1.dim() != 1 || b1.size(0) != w1.size(0)) return false;
@@ -213,11 +138,11 @@ inline bool mlp_gelu_fusable(const Tensor& x, const Tensor& w1, const Tensor& b1
 }  // namespace detail
 
 // linear(gelu(linear(x, w1, b1), "tanh"), w2, b2): a transformer's MLP, x [..., K], w1 [H, K], b1
-// [H], w2 [D, H], b2 [D] (optional). On the CPU exactly those three ops. On a device with the fused
-// GEMM entries (CUDA, H % 8 == 0, b1 given) one autograd node: the first GEMM's epilogue adds b1,
-// applies the GELU and keeps its input for the backward (no GELU kernel, no bias pass); in the
-// backward the GEMM that makes the hidden gradient also applies the GELU's derivative and sums the
-// bias gradient (no GELU-backward kernel, no sum).
+// [H], w2 [D, H], b2 [D] (optional). Without the fused entries (the CPU) exactly those three ops.
+// On a device with the fused GEMM entries (CUDA, H % 8 == 0, b1 given) one autograd node: the
+// first GEMM's epilogue adds b1, applies the GELU and keeps its input for the backward (no GELU
+// kernel, no bias pass); in the backward the GEMM that makes the hidden gradient also applies the
+// GELU's derivative and sums the bias gradient (no GELU-backward kernel, no sum).
 inline Tensor mlp_gelu_tanh(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2 = Tensor()) {
   if (!detail::mlp_gelu_fusable(x, w1, b1, w2, b2)) return linear(gelu(linear(x, w1, b1), "tanh"), w2, b2);
   // As linear under autocast (its policy): every operand in the autocast dtype.

@@ -2,7 +2,9 @@
 // Loss functions with PyTorch's semantics. Per-element losses are computed in float (double for
 // double inputs) and reduced in double; the result has the (promoted) input dtype.
 // cross_entropy fuses log_softmax and nll: forward keeps only the per-row log-sum-exp, backward
-// rebuilds softmax from it (softmax - smoothed one-hot).
+// rebuilds softmax from it (softmax - smoothed one-hot); the kernels are the device's
+// (DeviceKernels::cross_entropy; the CPU's in backends/cpu/loss.hpp), or, on a device without
+// them, cross_entropy_device's composition of routed ops.
 #include <atomic>
 #include <cmath>
 #include <limits>
@@ -125,7 +127,7 @@ A loss_sigmoid(A x) {
   const A e = std::exp(x);
   return e / (A(1) + e);
 }
-// cross_entropy on a device, composed from routed ops: -sum_c(w_c log_softmax(x)_c) per row,
+// cross_entropy on a device without the fused kernels, composed from routed ops: -sum_c(w_c log_softmax(x)_c) per row,
 // with the row weights w (one-hot mixed with label smoothing, zero for ignored rows) and the count
 // of rows built on the device from the class indices (DeviceKernels::class_weights), so nothing
 // waits for the device. Targets given on the CPU are checked there first (an Error at once);
@@ -148,7 +150,10 @@ inline Tensor cross_entropy_device(const Tensor& x, const Tensor& target, const 
   const DType ad = loss_acc_dtype(x.dtype());
   const Tensor bad = zeros({}, DType::Float32, dev);
   const auto [w, count] = weights(td, N, C, S, ignore_index, ls, ad, bad);
-  add_device_check(bad, std::string(op) + ": a target value is out of range [0, " + std::to_string(C) + "); its row's loss is NaN");
+  // A CPU input's targets were checked on the host above (and the CPU has no to_host to read a
+  // count back with): only a device's leave a count to report.
+  if (dev != Device::CPU)
+    add_device_check(bad, std::string(op) + ": a target value is out of range [0, " + std::to_string(C) + "); its row's loss is NaN");
   const int64_t cdim = x.dim() == 1 ? 0 : 1;
   const Tensor logp = log_softmax(cast(x, ad), cdim);
   const Tensor per_row = mul(sum(mul(logp, reshape_raw(w, x.sizes())), {cdim}), -1.0);
@@ -170,57 +175,23 @@ inline Tensor cross_entropy(const Tensor& logits, const Tensor& target, Reductio
     MIXPREC_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, "cross_entropy: label_smoothing must be in [0, 1], got ",
                   label_smoothing);
     const detail::LossClassLayout lay = detail::loss_class_layout("cross_entropy", x, target);
-    if (x.device() != Device::CPU) return detail::cross_entropy_device(x, target, lay, reduction, ignore_index, label_smoothing);
+    const DeviceKernels* kt = device_kernels(x.device());
+    if (!kt || !kt->cross_entropy || !kt->cross_entropy_backward)
+      return detail::cross_entropy_device(x, target, lay, reduction, ignore_index, label_smoothing);
+    // The fused kernel (the CPU's) takes targets checked on the host: an Error at once.
     detail::require_cpu("cross_entropy", target);
     const int64_t N = lay.N, C = lay.C, S = lay.S, R = N * S;
     const Tensor xc = detail::contiguous_raw(x), tc = detail::contiguous_raw(target);
     const int64_t count = detail::loss_check_targets("cross_entropy", tc.data<int64_t>(), R, C, ignore_index);
-    const DType ad = detail::loss_acc_dtype(x.dtype());
-    Tensor L = empty(lay.out_shape, ad), lse = empty({R}, ad);
     const double ls = label_smoothing;
-    if (R > 0)
-      dispatch_floating(x.dtype(), "cross_entropy", [&]<class T>() {
-        using A = acc_t<T>;
-        const T* xp = xc.data<T>();
-        const int64_t* tp = tc.data<int64_t>();
-        A* lp = L.data<A>();
-        A* ep = lse.data<A>();
-        const A a_nll = static_cast<A>(1.0 - ls), a_smooth = static_cast<A>(ls / static_cast<double>(C));
-        cpu::parallel_for(0, R, std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(C, 1)), [&](int64_t b, int64_t e) {
-          std::vector<A> in(static_cast<std::size_t>(C)), sh(static_cast<std::size_t>(C)), ex(static_cast<std::size_t>(C));
-          for (int64_t r = b; r < e; ++r) {
-            // The row of C logits, contiguous in A (classes are strided by S for spatial inputs).
-            const T* row = xp + (r / S) * C * S + r % S;
-            const A* v = S == 1 ? cpu::vec::load_row(row, C, in) : in.data();
-            if (S != 1)
-              for (int64_t c = 0; c < C; ++c) in[c] = static_cast<A>(row[c * S]);
-            A m = -std::numeric_limits<A>::infinity();
-            for (int64_t c = 0; c < C; ++c) m = std::max(m, v[c]);
-            for (int64_t c = 0; c < C; ++c) sh[c] = v[c] - m;
-            detail::act_exp(sh.data(), ex.data(), C);
-            const A se = cpu::vec::sum(ex.data(), C);
-            const A sx = ls > 0 ? cpu::vec::sum(v, C) : A(0);
-            const A l = m + std::log(se);
-            ep[r] = l;
-            const int64_t t = tp[r];
-            if (t == ignore_index) {
-              lp[r] = 0;
-              continue;
-            }
-            A loss = a_nll * (l - static_cast<A>(row[t * S]));
-            if (ls > 0) loss += a_smooth * (static_cast<A>(C) * l - sx);
-            lp[r] = loss;
-          }
-        });
-      });
-    Tensor out = detail::loss_reduce(L, reduction, x.dtype(), static_cast<double>(count));
+    const auto [L, lse] = detail::device_kernel("cross_entropy", x, &DeviceKernels::cross_entropy)(xc, tc, N, C, S, ignore_index, ls);
+    Tensor out = detail::loss_reduce(detail::reshape_raw(L, lay.out_shape), reduction, x.dtype(), static_cast<double>(count));
     if (autograd::should_record({x}))
       autograd::record("cross_entropy", {x, target}, {out},
                        [sx = autograd::SavedTensor(x), st = autograd::SavedTensor(target), lse, N, C, S, count, reduction, ignore_index,
                         ls, out_shape = lay.out_shape](const std::vector<Tensor>& g) -> std::vector<Tensor> {
                          const Tensor xc = detail::contiguous_raw(sx.get("cross_entropy"));
                          const Tensor tc = detail::contiguous_raw(st.get("cross_entropy"));
-                         const int64_t R = N * S;
                          const DType ad = lse.dtype();
                          // Per-row factor of the upstream gradient.
                          const Tensor gr = reduction == Reduction::None
@@ -229,34 +200,9 @@ inline Tensor cross_entropy(const Tensor& logits, const Tensor& target, Reductio
                          const double gs = reduction == Reduction::None
                                                ? 0.0
                                                : g[0].item<double>() / (reduction == Reduction::Mean ? static_cast<double>(count) : 1.0);
-                         Tensor gx = empty(xc.sizes(), xc.dtype());
-                         if (R > 0)
-                           dispatch_floating(xc.dtype(), "cross_entropy_backward", [&]<class T>() {
-                             using A = acc_t<T>;
-                             const T* xp = xc.data<T>();
-                             T* o = gx.data<T>();
-                             const int64_t* tp = tc.data<int64_t>();
-                             const A* ep = lse.data<A>();
-                             const A* gp = gr.defined() ? gr.data<A>() : nullptr;
-                             const A a_nll = static_cast<A>(1.0 - ls), a_smooth = static_cast<A>(ls / static_cast<double>(C));
-                             cpu::parallel_for(0, R, std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(C, 1)), [&](int64_t b, int64_t e) {
-                               std::vector<A> sh(static_cast<std::size_t>(C)), p(static_cast<std::size_t>(C));
-                               for (int64_t r = b; r < e; ++r) {
-                                 const int64_t base = (r / S) * C * S + r % S;
-                                 const int64_t t = tp[r];
-                                 if (t == ignore_index) {
-                                   for (int64_t c = 0; c < C; ++c) o[base + c * S] = static_cast<T>(0.0f);
-                                   continue;
-                                 }
-                                 const A sc = gp ? gp[r] : static_cast<A>(gs);
-                                 for (int64_t c = 0; c < C; ++c) sh[c] = static_cast<A>(xp[base + c * S]) - ep[r];
-                                 detail::act_exp(sh.data(), p.data(), C);  // softmax
-                                 p[t] -= a_nll;
-                                 for (int64_t c = 0; c < C; ++c) o[base + c * S] = static_cast<T>(sc * (p[c] - a_smooth));
-                               }
-                             });
-                           });
-                         return {gx, Tensor()};
+                         return {detail::device_kernel("cross_entropy", xc, &DeviceKernels::cross_entropy_backward)(
+                                     xc, tc, lse, gr, gs, N, C, S, ignore_index, ls),
+                                 Tensor()};
                        });
     return out;
   }, logits, target);

@@ -9,6 +9,7 @@
 // shared with the CPU's float64 batch norm.
 #include <cmath>
 
+#include "mixprec/ops/conv.hpp"  // kernel_layout, layout_raw
 #include "mixprec/ops/linalg.hpp"
 
 namespace mixprec {
@@ -191,14 +192,16 @@ inline Tensor batch_norm(const Tensor& x, const Tensor& running_mean, const Tens
     // Statistics are still computed without running buffers, into scratch ones.
     const Tensor rm = running_mean.defined() ? running_mean : zeros({C}, DType::Float32, d);
     const Tensor rv = running_var.defined() ? running_var : ones({C}, DType::Float32, d);
-    const auto [y, save_mean, save_invstd] = kernel(detail::contiguous_raw(x), w, b, rm, rv, training, momentum, eps);
+    // A backend with channels_last takes a channels-last x as it is (no reorder), and returns y so.
+    const MemoryFormat f = x.dim() == 4 ? detail::kernel_layout(x) : MemoryFormat::Contiguous;
+    const auto [y, save_mean, save_invstd] = kernel(detail::layout_raw(x, f), w, b, rm, rv, training, momentum, eps);
     if (training) {  // buffer updates, not differentiable ops; the version bump flags any graph that saved the old values
       if (running_mean.defined()) running_mean.bump_version();
       if (running_var.defined()) running_var.bump_version();
     }
     if (autograd::should_record({x, weight, bias}))
       autograd::record("batch_norm", {x, running_mean, running_var, weight, bias}, {y},
-                       [sx = autograd::SavedTensor(x), sw = autograd::SavedTensor(w), save_mean, save_invstd, training, eps,
+                       [sx = autograd::SavedTensor(x), sw = autograd::SavedTensor(w), save_mean, save_invstd, training, eps, f,
                         wd = weight.defined() ? weight.dtype() : DType::Float32, bd = bias.defined() ? bias.dtype() : DType::Float32,
                         has_w = weight.defined(), has_b = bias.defined()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
                          const Tensor& x = sx.get("batch_norm");
@@ -206,11 +209,11 @@ inline Tensor batch_norm(const Tensor& x, const Tensor& running_mean, const Tens
                          const DeviceKernels* k = device_kernels(x.device());
                          MIXPREC_CHECK(training || (k != nullptr && k->batch_norm_backward_eval != nullptr), "batch_norm: backward in eval mode has no ",
                                        x.device(), " kernel yet; run the frozen layers under no_grad or on the CPU");
-                         const Tensor gy = detail::contiguous_raw(detail::expand_raw(detail::as_dtype_raw(g[0], x.dtype()), x.sizes()));
-                         const Tensor w = sw.get("batch_norm");
+                         const Tensor gy = detail::layout_raw(detail::expand_raw(detail::as_dtype_raw(g[0], x.dtype()), x.sizes()), f);
+                         const Tensor w = sw.get("batch_norm"), xl = detail::layout_raw(x, f);
                          const auto r = training ? detail::device_kernel("batch_norm_backward", x, &DeviceKernels::batch_norm_backward)(
-                                                       detail::contiguous_raw(x), gy, w, save_mean, save_invstd, eps)
-                                                 : k->batch_norm_backward_eval(detail::contiguous_raw(x), gy, w, save_mean, save_invstd);
+                                                       xl, gy, w, save_mean, save_invstd, eps)
+                                                 : k->batch_norm_backward_eval(xl, gy, w, save_mean, save_invstd);
                          return {r[0], Tensor(), Tensor(), has_w ? detail::as_dtype_raw(r[1], wd) : Tensor(),
                                  has_b ? detail::as_dtype_raw(r[2], bd) : Tensor()};
                        });

@@ -11,7 +11,10 @@
 // includes mixprec.hpp -- before any global of the program's own translation unit that uses ops.
 //
 // Each area fills its entries from its own header (one place per kernel family):
+#include "mixprec/backends/cpu/attention.hpp"
 #include "mixprec/backends/cpu/conv.hpp"
+#include "mixprec/backends/cpu/linalg.hpp"
+#include "mixprec/backends/cpu/loss.hpp"
 #include "mixprec/backends/cpu/norm.hpp"
 #include "mixprec/backends/cpu/training.hpp"
 #include "mixprec/backends/device.hpp"
@@ -23,6 +26,9 @@ inline const DeviceKernels& cpu_kernel_table() {
   static const DeviceKernels k = [] {
     DeviceKernels t;
     // Host <-> device transfers (to_device, to_host) and graphs (make_graph) have no CPU meaning.
+    fill_linalg_kernels(t);
+    fill_attention_kernels(t);
+    fill_loss_kernels(t);
     fill_conv_kernels(t);
     fill_norm_kernels(t);
     fill_training_kernels(t);

@@ -16,8 +16,10 @@
 #include <tuple>
 #include <vector>
 
+#include "mixprec/backends/cpu/batch_norm_nhwc.hpp"
 #include "mixprec/backends/cpu/vec_math.hpp"
 #include "mixprec/backends/device.hpp"
+#include "mixprec/ops/conv.hpp"
 #include "mixprec/ops/normalization.hpp"
 
 namespace mixprec::cpu {
@@ -432,10 +434,52 @@ inline std::array<Tensor, 3> layer_norm_backward(const Tensor& x, const Tensor& 
   return {gx, gw_t, gb_t};
 }
 
+// Channels-last activations (the layout the convolutions return, DeviceKernels::channels_last):
+// float32 and 16-bit inputs with float32 running statistics take the NHWC kernels
+// (backends/cpu/batch_norm_nhwc.hpp); other cases run the NCHW kernels above on a reordered copy,
+// their results put back in the caller's layout.
+inline bool bn_takes_nhwc(const Tensor& x, const Tensor& rm, const Tensor& rv) {
+  auto f32 = [](const Tensor& t) { return t.dtype() == DType::Float32 && t.is_contiguous(); };
+  return x.dim() == 4 && x.is_contiguous(MemoryFormat::ChannelsLast) && x.dtype() != DType::Float64 && f32(rm) && f32(rv);
+}
+inline Tensor to_channels_last(const Tensor& t) { return mixprec::detail::layout_raw(t, MemoryFormat::ChannelsLast); }
+
+inline std::array<Tensor, 3> batch_norm_any_layout(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& running_mean,
+                                                   const Tensor& running_var, bool training, double momentum, double eps) {
+  if (x.dim() != 4 || !x.is_contiguous(MemoryFormat::ChannelsLast))
+    return cpu::batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps);
+  if (bn_takes_nhwc(x, running_mean, running_var) && weight.dtype() == DType::Float32 && bias.dtype() == DType::Float32)
+    return bn_nhwc::forward(x, mixprec::detail::contiguous_raw(weight), mixprec::detail::contiguous_raw(bias), running_mean, running_var,
+                            training, momentum, eps);
+  auto r = cpu::batch_norm(mixprec::detail::contiguous_raw(x), weight, bias, running_mean, running_var, training, momentum, eps);
+  r[0] = to_channels_last(r[0]);
+  return r;
+}
+// Saved statistics tell the kernels apart: the NHWC forward saves float32, the NCHW one float64.
+inline std::array<Tensor, 3> batch_norm_backward_any_layout(const Tensor& x, const Tensor& grad, const Tensor& weight, const Tensor& save_mean,
+                                                            const Tensor& save_invstd, double eps) {
+  if (x.dim() != 4 || !x.is_contiguous(MemoryFormat::ChannelsLast)) return cpu::batch_norm_backward(x, grad, weight, save_mean, save_invstd, eps);
+  if (save_mean.dtype() == DType::Float32 && weight.dtype() == DType::Float32)
+    return bn_nhwc::backward(x, to_channels_last(grad), mixprec::detail::contiguous_raw(weight), save_mean, save_invstd);
+  auto r = cpu::batch_norm_backward(mixprec::detail::contiguous_raw(x), mixprec::detail::contiguous_raw(grad), weight, save_mean, save_invstd, eps);
+  r[0] = to_channels_last(r[0]);
+  return r;
+}
+inline std::array<Tensor, 3> batch_norm_backward_eval_any_layout(const Tensor& x, const Tensor& grad, const Tensor& weight,
+                                                                 const Tensor& mean, const Tensor& invstd) {
+  const bool cl = x.dim() == 4 && x.is_contiguous(MemoryFormat::ChannelsLast);
+  if (!cl) return cpu::batch_norm_backward_eval(x, grad, weight, mean, invstd);
+  auto r = cpu::batch_norm_backward_eval(mixprec::detail::contiguous_raw(x), mixprec::detail::contiguous_raw(grad), weight,
+                                    mean.dtype() == DType::Float64 ? mean : mixprec::detail::as_dtype_raw(mean, DType::Float64),
+                                    invstd.dtype() == DType::Float64 ? invstd : mixprec::detail::as_dtype_raw(invstd, DType::Float64));
+  r[0] = to_channels_last(r[0]);
+  return r;
+}
+
 inline void fill_norm_kernels(DeviceKernels& t) {
-  t.batch_norm = &batch_norm;
-  t.batch_norm_backward = &batch_norm_backward;
-  t.batch_norm_backward_eval = &batch_norm_backward_eval;
+  t.batch_norm = &batch_norm_any_layout;
+  t.batch_norm_backward = &batch_norm_backward_any_layout;
+  t.batch_norm_backward_eval = &batch_norm_backward_eval_any_layout;
   t.layer_norm = &layer_norm;
   t.layer_norm_backward = &layer_norm_backward;
   t.layer_norm_to = &layer_norm_to;

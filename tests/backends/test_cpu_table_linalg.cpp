@@ -1,0 +1,311 @@
+// The linalg area's CPU kernels behind the CPU's kernel table (backends/cpu/linalg.hpp,
+// attention.hpp, loss.hpp): the table has them, the ops reach them through the table on the CPU
+// (counted by wrapping entries of a copy of the table), and an op whose entry is missing throws
+// naming itself -- or takes its documented fallback.
+#include <gtest/gtest.h>
+
+#include <map>
+#include <string>
+
+#include <mixprec/mixprec.hpp>
+
+#include "ops/op_test_util.hpp"
+
+using namespace mixprec;
+using mixprec::testing::error_of;
+
+namespace cpu_table_linalg_test {  // the test executables are unity builds: keep these names apart
+
+std::map<std::string, int>& calls() {
+  static std::map<std::string, int> c;
+  return c;
+}
+// The CPU's own table: what the counting wrappers forward to.
+const DeviceKernels& real() { return cpu::detail::cpu_kernel_table(); }
+
+// A copy of the CPU table, registered for the scope and replaced by the previous one at its end,
+// whatever an assertion does in between. Entries of `t` may be changed while it is registered.
+struct SwappedCpuTable {
+  DeviceKernels t = *device_kernels(Device::CPU);
+  const DeviceKernels* prev = set_device_kernels(Device::CPU, &t);
+  SwappedCpuTable() { calls().clear(); }
+  ~SwappedCpuTable() { set_device_kernels(Device::CPU, prev); }
+  SwappedCpuTable(const SwappedCpuTable&) = delete;
+  SwappedCpuTable& operator=(const SwappedCpuTable&) = delete;
+
+  // Every entry of this area counted under its own name.
+  void count_all() {
+    t.matmul = [](const Tensor& a, const Tensor& b, const Tensor& bias) {
+      ++calls()["matmul"];
+      return real().matmul(a, b, bias);
+    };
+    t.sdpa_forward = [](const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale, double p, uint64_t seed) {
+      ++calls()["sdpa_forward"];
+      return real().sdpa_forward(q, k, v, causal, scale, p, seed);
+    };
+    t.sdpa_backward = [](const Tensor& g, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o, const Tensor& lse,
+                         bool causal, double scale, double p, uint64_t seed) {
+      ++calls()["sdpa_backward"];
+      return real().sdpa_backward(g, q, k, v, o, lse, causal, scale, p, seed);
+    };
+    t.sdpa_forward_into = [](const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& m, bool causal, double scale, double p,
+                             uint64_t seed, const Tensor& out) {
+      ++calls()["sdpa_forward_into"];
+      return real().sdpa_forward_into(q, k, v, m, causal, scale, p, seed, out);
+    };
+    t.sdpa_backward_into = [](const Tensor& g, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& m, const Tensor& o,
+                              const Tensor& lse, bool causal, double scale, double p, uint64_t seed, const Tensor& dq, const Tensor& dk,
+                              const Tensor& dv, const Tensor& dm) {
+      ++calls()["sdpa_backward_into"];
+      real().sdpa_backward_into(g, q, k, v, m, o, lse, causal, scale, p, seed, dq, dk, dv, dm);
+    };
+    t.cross_entropy = [](const Tensor& x, const Tensor& tg, int64_t N, int64_t C, int64_t S, int64_t ig, double ls) {
+      ++calls()["cross_entropy"];
+      return real().cross_entropy(x, tg, N, C, S, ig, ls);
+    };
+    t.cross_entropy_backward = [](const Tensor& x, const Tensor& tg, const Tensor& lse, const Tensor& gr, double gs, int64_t N, int64_t C,
+                                  int64_t S, int64_t ig, double ls) {
+      ++calls()["cross_entropy_backward"];
+      return real().cross_entropy_backward(x, tg, lse, gr, gs, N, C, S, ig, ls);
+    };
+    t.class_weights = [](const Tensor& tg, int64_t N, int64_t C, int64_t S, int64_t ig, double ls, DType d, const Tensor& bad) {
+      ++calls()["class_weights"];
+      return real().class_weights(tg, N, C, S, ig, ls, d, bad);
+    };
+  }
+};
+
+bool same(const Tensor& a, const Tensor& b) {
+  if (a.sizes() != b.sizes() || a.dtype() != b.dtype()) return false;
+  const Tensor x = a.detach().to(DType::Float64).contiguous(), y = b.detach().to(DType::Float64).contiguous();
+  for (int64_t i = 0; i < x.numel(); ++i)
+    if (x.data<double>()[i] != y.data<double>()[i]) return false;
+  return true;
+}
+
+}  // namespace cpu_table_linalg_test
+
+using namespace cpu_table_linalg_test;
+
+TEST(CpuTableLinalg, TheCpuTableHasTheAreasEntries) {
+  const DeviceKernels* k = device_kernels(Device::CPU);
+  ASSERT_NE(k, nullptr);
+  EXPECT_NE(k->matmul, nullptr);
+  EXPECT_NE(k->sdpa_forward, nullptr);
+  EXPECT_NE(k->sdpa_backward, nullptr);
+  EXPECT_NE(k->sdpa_forward_into, nullptr);
+  EXPECT_NE(k->sdpa_backward_into, nullptr);
+  EXPECT_NE(k->cross_entropy, nullptr);
+  EXPECT_NE(k->cross_entropy_backward, nullptr);
+  EXPECT_NE(k->class_weights, nullptr);
+  EXPECT_NE(k->clamp_indices, nullptr);
+  // No GELU epilogue in the CPU's GEMMs: mlp_gelu_tanh composes there (see its test below).
+  EXPECT_EQ(k->linear_gelu, nullptr);
+  EXPECT_EQ(k->linear_dgelu, nullptr);
+}
+
+TEST(CpuTableLinalg, MatmulAndLinearRouteThroughTheTable) {
+  Generator g(1);
+  for (DType dt : {DType::Float32, DType::BFloat16, DType::Float64}) {
+    SCOPED_TRACE(name(dt));
+    const Tensor a = randn({2, 3, 5}, DType::Float32, g).to(dt).requires_grad_(), b = randn({5, 4}, DType::Float32, g).to(dt).requires_grad_();
+    const Tensor w = randn({6, 5}, DType::Float32, g).to(dt).requires_grad_(), bias = randn({6}, DType::Float32, g).to(dt).requires_grad_();
+    const Tensor ref = matmul(a, b), ref_lin = linear(a, w, bias);
+    SwappedCpuTable s;
+    s.count_all();
+    const Tensor y = matmul(a, b);
+    EXPECT_EQ(calls()["matmul"], 1);
+    EXPECT_TRUE(same(y, ref));
+    sum(y).backward();
+    EXPECT_EQ(calls()["matmul"], 3);  // the gradients of a and b
+    calls().clear();
+    const Tensor z = linear(a, w, bias);
+    EXPECT_EQ(calls()["matmul"], 1);
+    EXPECT_TRUE(same(z, ref_lin));
+    sum(z).backward();
+    EXPECT_EQ(calls()["matmul"], 3);
+    calls().clear();
+    (void)mm(randn({2, 3}, DType::Float32, g).to(dt), randn({3, 2}, DType::Float32, g).to(dt));
+    (void)bmm(randn({2, 2, 3}, DType::Float32, g).to(dt), randn({2, 3, 2}, DType::Float32, g).to(dt));
+    EXPECT_EQ(calls()["matmul"], 2);
+  }
+}
+
+TEST(CpuTableLinalg, MatmulWithoutItsEntryThrowsNamingTheOp) {
+  const Tensor a = randn({2, 3}), b = randn({3, 4});
+  SwappedCpuTable s;
+  s.t.matmul = nullptr;
+  for (const auto& [op, f] : std::vector<std::pair<std::string, std::function<void()>>>{
+           {"matmul", [&] { matmul(a, b); }}, {"mm", [&] { mm(a, b); }}, {"linear", [&] { linear(a, b.t()); }}}) {
+    const std::string msg = error_of(f);
+    EXPECT_EQ(msg.rfind(op + ":", 0), 0u) << msg;
+    EXPECT_NE(msg.find("has no cpu kernel"), std::string::npos) << msg;
+  }
+  // Argument errors stay the op's own, ahead of the kernel.
+  const std::string msg = error_of([&] { bmm(randn({2, 2, 3}), randn({3, 3, 2})); });
+  EXPECT_NE(msg.find("bmm"), std::string::npos) << msg;
+  const std::string bc = error_of([&] { baddbmm(randn({2, 2, 2}), randn({2, 2, 3}), randn({3, 3, 2})); });
+  EXPECT_EQ(bc.rfind("baddbmm", 0), 0u) << bc;
+}
+
+// mlp_gelu_tanh: no fused entries on the CPU, so exactly linear, gelu, linear (two GEMMs forward).
+TEST(CpuTableLinalg, MlpGeluComposesWithoutFusedEntries) {
+  Generator g(2);
+  const Tensor x = randn({4, 8}, DType::Float32, g).requires_grad_(), w1 = randn({16, 8}, DType::Float32, g),
+               b1 = randn({16}, DType::Float32, g), w2 = randn({8, 16}, DType::Float32, g);
+  const Tensor ref = linear(gelu(linear(x, w1, b1), "tanh"), w2);
+  SwappedCpuTable s;
+  s.count_all();
+  const Tensor y = mlp_gelu_tanh(x, w1, b1, w2);
+  EXPECT_EQ(calls()["matmul"], 2);
+  EXPECT_TRUE(same(y, ref));
+}
+
+TEST(CpuTableLinalg, AttentionRoutesThroughTheTable) {
+  Generator g(3);
+  for (DType dt : {DType::Float32, DType::BFloat16, DType::Float64}) {
+    SCOPED_TRACE(name(dt));
+    const Tensor q = randn({2, 3, 5, 8}, DType::Float32, g).to(dt).requires_grad_(),
+                 k = randn({1, 3, 6, 8}, DType::Float32, g).to(dt).requires_grad_(),
+                 v = randn({2, 3, 6, 12}, DType::Float32, g).to(dt).requires_grad_();
+    const Tensor mask = gt(rand({5, 6}, DType::Float32, g), 0.3);
+    const Tensor fmask = randn({5, 6}, DType::Float32, g).to(dt).requires_grad_();
+    SwappedCpuTable s;
+    s.count_all();
+    // No mask (any head dims, a broadcast key): the fused entries.
+    sum(scaled_dot_product_attention(q, k, v, Tensor(), 0.1, true)).backward();
+    EXPECT_EQ(calls()["sdpa_forward"], 1);
+    EXPECT_EQ(calls()["sdpa_backward"], 1);
+    EXPECT_EQ(calls()["sdpa_forward_into"] + calls()["sdpa_backward_into"], 0);
+    EXPECT_EQ(calls()["matmul"], 0);
+    ASSERT_TRUE(k.grad().defined());
+    EXPECT_EQ(k.grad().sizes(), k.sizes());
+    EXPECT_EQ(k.grad().dtype(), dt);
+    // A mask: the general entries; a float mask gets its gradient.
+    calls().clear();
+    sum(scaled_dot_product_attention(q, k, v, mask)).backward();
+    sum(scaled_dot_product_attention(q, k, v, fmask)).backward();
+    EXPECT_EQ(calls()["sdpa_forward_into"], 2);
+    EXPECT_EQ(calls()["sdpa_backward_into"], 2);
+    EXPECT_EQ(calls()["sdpa_forward"] + calls()["sdpa_backward"] + calls()["matmul"], 0);
+    ASSERT_TRUE(fmask.grad().defined());
+    EXPECT_EQ(fmask.grad().dtype(), dt);
+    // Packed heads: the general entries, results written in place.
+    calls().clear();
+    const Tensor qkv = randn({2, 5, 3 * 16}, DType::Float32, g).to(dt).requires_grad_();
+    sum(scaled_dot_product_attention_packed(qkv, 2, Tensor(), 0.0, true)).backward();
+    EXPECT_EQ(calls()["sdpa_forward_into"], 1);
+    EXPECT_EQ(calls()["sdpa_backward_into"], 1);
+    EXPECT_EQ(qkv.grad().sizes(), qkv.sizes());
+  }
+}
+
+// The packed entry without the general kernels takes the head views through the graph into
+// scaled_dot_product_attention (as on CUDA), with the same values; and a call that neither the
+// fused nor the general entries take is refused by the op's name where the device cannot compose it.
+TEST(CpuTableLinalg, AttentionFallbacksWithoutItsEntries) {
+  Generator g(4);
+  const Tensor qkv = randn({2, 7, 3 * 16}, DType::Float32, g);
+  const Tensor ref = scaled_dot_product_attention_packed(qkv, 2, Tensor(), 0.0, true);
+  {
+    SwappedCpuTable s;
+    s.count_all();
+    s.t.sdpa_forward_into = nullptr;
+    s.t.sdpa_backward_into = nullptr;
+    const Tensor y = scaled_dot_product_attention_packed(qkv, 2, Tensor(), 0.0, true);
+    EXPECT_EQ(calls()["sdpa_forward"], 1);
+    EXPECT_LT(mixprec::testing::rel_error(y, ref), 1e-6);
+    // A mask without the general entries: the composed path, which needs the device's softmax.
+    s.t.softmax = nullptr;
+    const Tensor q = randn({2, 4, 8}, DType::Float32, g), k = randn({2, 5, 8}, DType::Float32, g);
+    const std::string msg = error_of([&] { scaled_dot_product_attention(q, k, k, gt(rand({4, 5}), 0.5)); });
+    EXPECT_EQ(msg.rfind("scaled_dot_product_attention:", 0), 0u) << msg;
+  }
+  {
+    SwappedCpuTable s;
+    s.t.sdpa_forward = nullptr;
+    s.t.sdpa_forward_into = nullptr;
+    s.t.softmax = nullptr;
+    const Tensor q = randn({2, 4, 8}, DType::Float32, g);
+    const std::string msg = error_of([&] { scaled_dot_product_attention(q, q, q); });
+    EXPECT_EQ(msg.rfind("scaled_dot_product_attention:", 0), 0u) << msg;
+    EXPECT_NE(msg.find("has no cpu kernel"), std::string::npos) << msg;
+  }
+}
+
+TEST(CpuTableLinalg, CrossEntropyRoutesThroughTheTable) {
+  Generator g(5);
+  const Tensor x = randn({4, 5, 3}, DType::Float32, g).requires_grad_();
+  const Tensor t = tensor(std::vector<int64_t>{0, 4, 2, 1, -100, 3, 2, 2, 0, 1, 4, 4}).reshape({4, 3});
+  const Tensor ref = cross_entropy(x, t, Reduction::Mean, -100, 0.1);
+  SwappedCpuTable s;
+  s.count_all();
+  const Tensor l = cross_entropy(x, t, Reduction::Mean, -100, 0.1);
+  EXPECT_EQ(calls()["cross_entropy"], 1);
+  EXPECT_TRUE(same(l, ref));
+  l.backward();
+  EXPECT_EQ(calls()["cross_entropy_backward"], 1);
+  EXPECT_EQ(calls()["class_weights"], 0);
+  // Targets are still checked on the host, at once, before any kernel.
+  calls().clear();
+  const std::string msg = error_of([&] { cross_entropy(x, full({4, 3}, 7.0, DType::Int64)); });
+  EXPECT_NE(msg.find("cross_entropy: target value 7 is out of range"), std::string::npos) << msg;
+  EXPECT_EQ(calls()["cross_entropy"], 0);
+}
+
+// Without the fused entries cross_entropy composes log_softmax with class_weights, as on CUDA;
+// the host check still comes first, and nothing is left to report lazily on the CPU.
+TEST(CpuTableLinalg, CrossEntropyWithoutFusedEntriesUsesClassWeights) {
+  Generator g(6);
+  const Tensor x = randn({6, 5}, DType::Float32, g).requires_grad_();
+  const Tensor t = tensor(std::vector<int64_t>{0, 4, -100, 1, 3, 2});
+  const Tensor ref = cross_entropy(x, t, Reduction::Mean, -100, 0.2);
+  SwappedCpuTable s;
+  s.count_all();
+  s.t.cross_entropy = nullptr;
+  // The composed path asks for the device's softmax, copy and binary; where the CPU table does
+  // not have them yet (the elementwise ops' own header fills them), they are never called on the
+  // CPU here: the ops run their host code and no count is left to add to.
+  if (!s.t.softmax) s.t.softmax = [](const Tensor& x, int64_t dim, bool log) { return log ? log_softmax(x, dim) : softmax(x, dim); };
+  if (!s.t.copy) s.t.copy = [](const Tensor&, const Tensor&) { FAIL() << "copy"; };
+  if (!s.t.binary) s.t.binary = [](DeviceBinary, const Tensor& a, const Tensor&, double) -> Tensor {
+    ADD_FAILURE() << "binary";
+    return a;
+  };
+  const Tensor l = cross_entropy(x, t, Reduction::Mean, -100, 0.2);
+  EXPECT_EQ(calls()["class_weights"], 1);
+  EXPECT_LT(mixprec::testing::rel_error(l, ref), 1e-6);
+  EXPECT_TRUE(detail::device_checks().empty());
+  l.backward();
+  ASSERT_TRUE(x.grad().defined());
+  const std::string msg = error_of([&] { cross_entropy(x, tensor(std::vector<int64_t>{0, 5, 0, 0, 0, 0})); });
+  EXPECT_NE(msg.find("cross_entropy: target value 5 is out of range"), std::string::npos) << msg;
+  s.t.class_weights = nullptr;
+  const std::string none = error_of([&] { cross_entropy(x, t); });
+  EXPECT_EQ(none.rfind("cross_entropy:", 0), 0u) << none;
+  EXPECT_NE(none.find("has no cpu kernel"), std::string::npos) << none;
+}
+
+// class_weights and clamp_indices on the CPU keep the device contract: bad values are counted,
+// made NaN (weights) or 0 (indices), for callers that did not check on the host.
+TEST(CpuTableLinalg, ClassWeightsAndClampIndicesKeepTheDeviceContract) {
+  const DeviceKernels& k = *device_kernels(Device::CPU);
+  const Tensor bad = zeros({}, DType::Float32);
+  const auto [w, count] = k.class_weights(tensor(std::vector<int64_t>{1, -100, 7, 0}), 2, 3, 2, -100, 0.3, DType::Float64, bad);
+  EXPECT_EQ(w.sizes(), (Shape{2, 3, 2}));
+  EXPECT_EQ(count.item<double>(), 3.0);
+  EXPECT_EQ(bad.item<double>(), 1.0);
+  const double* wp = w.data<double>();
+  // Row 0 (n 0, s 0), target 1: 0.1 everywhere plus 0.7 at class 1. Row 1 ignored: zeros.
+  EXPECT_DOUBLE_EQ(wp[0 * 2 + 0], 0.1);
+  EXPECT_DOUBLE_EQ(wp[1 * 2 + 0], 0.1 + 0.7);
+  EXPECT_EQ(wp[1 * 2 + 1], 0.0);
+  EXPECT_TRUE(std::isnan(wp[6 + 0]));  // row 2 (n 1, s 0): target 7 of 3 classes
+  EXPECT_DOUBLE_EQ(wp[6 + 1], 0.1 + 0.7);  // row 3 (n 1, s 1), target 0
+  const Tensor idx = tensor(std::vector<int64_t>{3, -1, 5, 0});
+  k.clamp_indices(idx, 5, bad);
+  EXPECT_EQ(bad.item<double>(), 3.0);
+  EXPECT_EQ(idx.data<int64_t>()[0], 3);
+  EXPECT_EQ(idx.data<int64_t>()[1], 0);
+  EXPECT_EQ(idx.data<int64_t>()[2], 0);
+}
