@@ -91,3 +91,28 @@ TEST(BatchNormChannelsLast, KernelsMatchFloat64Definition) {
     EXPECT_LT(mixprec::testing::rel_error(ye, yref), tol) << name(d);
   }
 }
+
+// The op: a channels-last input stays channels-last through forward and backward and gives the
+// NCHW run's values (the float64 NCHW kernels as the reference), in training and eval mode.
+TEST(BatchNormChannelsLast, OpKeepsLayoutAndMatchesNchw) {
+  const int64_t N = 4, C = 16, H = 6, W = 6;
+  const Tensor x64 = randn({N, C, H, W}, kFloat64), g64 = randn({N, C, H, W}, kFloat64);
+  const Tensor w0 = randn({C}), b0 = randn({C});
+  for (bool training : {true, false})
+    for (DType d : {kFloat32, kBFloat16, kFloat64}) {
+      auto run = [&](DType dt, MemoryFormat f) {
+        Tensor x = x64.to(dt).contiguous(f).detach().requires_grad_();
+        Tensor w = w0.clone().requires_grad_(), b = b0.clone().requires_grad_();
+        Tensor rm = full({C}, 0.25), rv = full({C}, 1.5);
+        Tensor y = batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5);
+        y.backward(g64.to(dt));
+        return std::vector<Tensor>{y, x.grad(), w.grad(), b.grad(), rm, rv};
+      };
+      const auto ref = run(kFloat64, MemoryFormat::Contiguous);
+      const auto cl = run(d, MemoryFormat::ChannelsLast);
+      const double tol = d == kFloat64 ? 1e-12 : d == kFloat32 ? 1e-5 : 1e-2;
+      EXPECT_TRUE(cl[0].is_contiguous(MemoryFormat::ChannelsLast)) << name(d) << " training=" << training;
+      for (std::size_t i = 0; i < ref.size(); ++i)
+        EXPECT_LT(mixprec::testing::rel_error(cl[i], ref[i]), i >= 4 ? 1e-6 : tol) << name(d) << " training=" << training << " result " << i;
+    }
+}
