@@ -113,6 +113,6 @@ TEST(BatchNormChannelsLast, OpKeepsLayoutAndMatchesNchw) {
       const double tol = d == kFloat64 ? 1e-12 : d == kFloat32 ? 1e-5 : 1e-2;
       EXPECT_TRUE(cl[0].is_contiguous(MemoryFormat::ChannelsLast)) << name(d) << " training=" << training;
       for (std::size_t i = 0; i < ref.size(); ++i)
-        EXPECT_LT(mixprec::testing::rel_error(cl[i], ref[i]), i >= 4 ? 1e-6 : tol) << name(d) << " training=" << training << " result " << i;
+        EXPECT_LT(mixprec::testing::rel_error(cl[i], ref[i]), tol) << name(d) << " training=" << training << " result " << i;
     }
 }
