@@ -11,6 +11,7 @@
 // includes mixprec.hpp -- before any global of the program's own translation unit that uses ops.
 //
 // Each area fills its entries from its own header (one place per kernel family):
+#include "mixprec/backends/cpu/elementwise.hpp"
 #include "mixprec/backends/device.hpp"
 
 namespace mixprec::cpu::detail {
@@ -19,6 +20,7 @@ inline const DeviceKernels& cpu_kernel_table() {
   static const DeviceKernels k = [] {
     DeviceKernels t;
     // Host <-> device transfers (to_device, to_host) and graphs (make_graph) have no CPU meaning.
+    cpu::fill_elementwise_kernels(t);
 
     return t;
   }();
