@@ -58,24 +58,33 @@ struct DeviceKernels {
   Tensor (*to_device)(const Tensor& cpu) = nullptr;
   Tensor (*to_host)(const Tensor& dev) = nullptr;
   // dst = src on this device: src broadcast to dst's shape, converted to dst's dtype; any strides.
+  // Every copy and cast of the library goes through it (detail::copy_kernel: clone, contiguous,
+  // to(dtype), copy_).
   void (*copy)(const Tensor& dst, const Tensor& src) = nullptr;
   void (*fill)(const Tensor& t, double value) = nullptr;
   // a + alpha b, a * b, a / b over the broadcast shape, in promote_types(a, b); a and b floating
-  // (of one dtype or two: a kernel widens as it reads, saving a cast pass).
+  // (of one dtype or two: a kernel widens as it reads, saving a cast pass). CPU: operands of
+  // every dtype (integers and bool too, as binary_kernel: both brought to the promoted dtype,
+  // computed in its acc_t), float64 in double.
   Tensor (*binary)(DeviceBinary op, const Tensor& a, const Tensor& b, double alpha) = nullptr;
   // a + alpha s, a * s, a / s (reversed: s + alpha a, s * a, s / a) with a host scalar s passed
   // to the kernel by value and rounded to a's floating dtype first, as a 0-dim operand would be:
-  // no upload from pageable memory (a sync, and a dangling pointer in a captured graph).
+  // no upload from pageable memory (a sync, and a dangling pointer in a captured graph). CPU:
+  // float64 in double; a strided a is read in place.
   Tensor (*binary_scalar)(DeviceBinary op, const Tensor& a, double s, double alpha, bool reversed) = nullptr;
+  // CPU (unary and unary_backward): float64 in double; any strides (a broadcast grad too).
   Tensor (*unary)(DeviceUnary op, const Tensor& x) = nullptr;
   // grad * f'(x, y); all of x's dtype and shape.
   Tensor (*unary_backward)(DeviceUnary op, const Tensor& grad, const Tensor& x, const Tensor& y) = nullptr;
   // Sum over `dims` (none: all), which are removed; accumulated in float32, returned in x's dtype.
+  // CPU: accumulated in double; integer and bool x also, summed and returned in int64.
   Tensor (*sum)(const Tensor& x, const Shape& dims) = nullptr;
   // a[..., M, K] @ b[..., K, N] with broadcast batch dims, accumulated in float32, written in a's
   // dtype; bias [N] (optional) added in the epilogue. The op has checked the shapes, that the
   // batch dims broadcast, and one floating dtype. CPU: also float64 (accumulated in float64).
   Tensor (*matmul)(const Tensor& a, const Tensor& b, const Tensor& bias) = nullptr;
+  // softmax or log_softmax along dim (wrapped), and its gradient from the output y and grad (y's
+  // dtype and shape). CPU: float64 in double; any strides.
   Tensor (*softmax)(const Tensor& x, int64_t dim, bool log) = nullptr;
   Tensor (*softmax_backward)(const Tensor& y, const Tensor& grad, int64_t dim, bool log) = nullptr;
   // Whether this backend's conv_* and batch_norm* entries also take channels-last activations
@@ -125,13 +134,15 @@ struct DeviceKernels {
   std::array<Tensor, 2> (*linear_gelu)(const Tensor& x, const Tensor& w1, const Tensor& b1) = nullptr;
   std::array<Tensor, 2> (*linear_dgelu)(const Tensor& g, const Tensor& w2, const Tensor& pre) = nullptr;
   // Rows of contiguous weight [V, D] at int64 indices [N] (on the device, already range-checked):
-  // [N, D] in weight's dtype.
+  // [N, D] in weight's dtype. CPU: a weight of any dtype.
   Tensor (*embedding)(const Tensor& weight, const Tensor& indices) = nullptr;
   // The weight's gradient: grad [N, D] (float32, contiguous) added into row indices[i] of a float32
-  // [V, D] of zeros; the row `padding_idx` (-1: none) gets none.
+  // [V, D] of zeros; the row `padding_idx` (-1: none) gets none. CPU: also a float64 grad, summed
+  // into float64 (the embedding op's choice for float64 weights on the CPU).
   Tensor (*embedding_backward)(const Tensor& grad, const Tensor& indices, int64_t num_weights, int64_t padding_idx) = nullptr;
   // x * (keep ? scale : 0), computed in float32 and rounded once; keep is bool of x's shape,
-  // contiguous. Dropout's forward and backward.
+  // contiguous. Dropout's forward and backward. CPU: float64 in double; any strides (the CPU's
+  // dropout kernel applies it to a strided input's mask).
   Tensor (*masked_scale)(const Tensor& x, const Tensor& keep, double scale) = nullptr;
   // Fused attention, softmax(q k^T * scale) v without the [L, S] scores (no attn_mask; the op keeps
   // its composed path for masks): q [batch..., L, E], k and v [batch..., S, E] on one batch shape
@@ -188,6 +199,7 @@ struct DeviceKernels {
   // Dropout's forward and backward: x * (keep(i) ? scale : 0) with keep(i) = detail::dropout_keep(
   // seed, i, p) over x's elements in order (x contiguous); when replay_counter (int64 []) is
   // defined, the seed is first mixed with its value (detail::dropout_seed), read on the device.
+  // CPU: also float64 x, and x of any strides (element i in x's row-major order), read in place.
   Tensor (*dropout)(const Tensor& x, uint64_t seed, double p, double scale, const Tensor& replay_counter) = nullptr;
   // cross_entropy's fused kernel (the CPU's; CUDA has none, and composes log_softmax with
   // class_weights): logits x [N, C, S] contiguous, int64 targets [R] (rows r = n * S + s)

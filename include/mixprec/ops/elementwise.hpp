@@ -71,9 +71,11 @@ Tensor unary_floating_kernel(const char* op, const Tensor& x, F f) {
   return unary_kernel(op, x, f);
 }
 
-// a op b on a device. A 0-dim CPU operand (the scalar of add(t, 2.0)) that does not change the
-// result's dtype goes to the kernel by value where the backend takes it; otherwise it is
-// uploaded, as PyTorch treats CPU scalars. Both operands are brought to the promoted dtype first.
+// a op b through the `binary` kernel of the operands' device (the CPU's takes every dtype; the
+// others floating operands). A 0-dim CPU operand (the scalar of add(t, 2.0)) that does not change
+// the result's dtype goes to the `binary_scalar` kernel by value; otherwise, off the CPU, it is
+// uploaded, as PyTorch treats CPU scalars. Two floating dtypes go to the kernel as they are: it
+// widens while it reads; an integer operand is brought to the promoted dtype first.
 inline Tensor device_binary(const char* op, DeviceBinary kind, Tensor a, Tensor b, double alpha = 1.0) {
   const Device d = a.device() != Device::CPU ? a.device() : b.device();
   auto host_scalar = [](const Tensor& t) { return t.device() == Device::CPU && t.dim() == 0; };
@@ -89,8 +91,8 @@ inline Tensor device_binary(const char* op, DeviceBinary kind, Tensor a, Tensor 
   b = place(b);
   common_device(op, {&a, &b});
   const DType ct = promote_types(a.dtype(), b.dtype());
-  MIXPREC_CHECK(is_floating_point(ct), op, ": ", d, " kernels take floating-point operands, got ", a.dtype(), " and ", b.dtype());
-  // Two floating dtypes go to the kernel as they are: it widens while it reads.
+  MIXPREC_CHECK(d == Device::CPU || is_floating_point(ct), op, ": ", d, " kernels take floating-point operands, got ", a.dtype(),
+                " and ", b.dtype());
   auto raw = [ct](const Tensor& t) { return t.is_floating_point() ? t : as_dtype_raw(t, ct); };
   return device_kernel(op, a, &DeviceKernels::binary)(kind, raw(a), raw(b), alpha);
 }
@@ -107,11 +109,7 @@ inline bool needs_input_grad(const autograd::Edge& e) { return e.valid(); }
 // ---------- binary arithmetic ----------
 inline Tensor add(const Tensor& a, const Tensor& b, double alpha = 1.0) {
   return dispatch(OpId::add, [alpha](const Tensor& a, const Tensor& b) {
-    Tensor out = !detail::on_cpu({&a, &b}) ? detail::device_binary("add", DeviceBinary::Add, a, b, alpha)
-                 : alpha == 1.0          ? detail::binary_kernel("add", a, b, [](auto x, auto y) { return x + y; })
-                              : detail::binary_kernel("add", a, b, [alpha](auto x, auto y) {
-                                  return x + static_cast<decltype(x)>(alpha) * y;
-                                });
+    Tensor out = detail::device_binary("add", DeviceBinary::Add, a, b, alpha);
     if (autograd::should_record({a, b})) {
       autograd::record("add", {a, b}, {out},
                        [sa = a.sizes(), sb = b.sizes(), da = a.dtype(), db = b.dtype(), alpha](const std::vector<Tensor>& g) -> std::vector<Tensor> {
@@ -125,8 +123,7 @@ inline Tensor sub(const Tensor& a, const Tensor& b, double alpha = 1.0) { return
 
 inline Tensor mul(const Tensor& a, const Tensor& b) {
   return dispatch(OpId::mul, [](const Tensor& a, const Tensor& b) {
-    Tensor out = detail::on_cpu({&a, &b}) ? detail::binary_kernel("mul", a, b, [](auto x, auto y) { return x * y; })
-                                          : detail::device_binary("mul", DeviceBinary::Mul, a, b);
+    Tensor out = detail::device_binary("mul", DeviceBinary::Mul, a, b);
     if (autograd::should_record({a, b})) {
       autograd::record("mul", {a, b}, {out},
                        [sa = autograd::SavedTensor(a), sb = autograd::SavedTensor(b)](const std::vector<Tensor>& g) -> std::vector<Tensor> {
@@ -146,8 +143,7 @@ inline Tensor div(const Tensor& a, const Tensor& b) {
     // True division, as Python's `/`: integers divide in float32.
     const Tensor af = integral ? detail::as_dtype_raw(a, DType::Float32) : a;
     const Tensor bf = integral ? detail::as_dtype_raw(b, DType::Float32) : b;
-    Tensor out = detail::on_cpu({&af, &bf}) ? detail::binary_kernel("div", af, bf, [](auto x, auto y) { return x / y; })
-                                            : detail::device_binary("div", DeviceBinary::Div, af, bf);
+    Tensor out = detail::device_binary("div", DeviceBinary::Div, af, bf);
     if (autograd::should_record({a, b})) {
       autograd::record("div", {a, b}, {out},
                        [sa = autograd::SavedTensor(a), sb = autograd::SavedTensor(b)](const std::vector<Tensor>& g) -> std::vector<Tensor> {
@@ -192,28 +188,32 @@ namespace detail {
 // What a unary op's derivative is a function of; autograd keeps only that tensor alive.
 enum class GradFrom : uint8_t { Input, Output };
 
-// A unary op whose backward is grad * df(v) computed element-wise in one fused pass, v being the
-// saved input x or output y as `from` says. `dev` names the same function for device kernels,
-// where one exists.
-template <class Fwd, class Df>
-Tensor unary_op(OpId id, const char* name, const Tensor& x, Fwd fwd, GradFrom from, Df df, std::optional<DeviceUnary> dev = std::nullopt) {
+// One of the table's activations (DeviceUnary), through the `unary` and `unary_backward` kernels
+// of x's device; `from` says which of x and y the derivative reads, and autograd keeps only that.
+inline Tensor table_unary_op(OpId id, const char* name, const Tensor& x, GradFrom from, DeviceUnary u) {
   return dispatch(id, [=](const Tensor& x) {
-    if (x.device() != Device::CPU) {
-      MIXPREC_CHECK(dev.has_value(), name, ": tensor of shape ", x.sizes(), " is on ", x.device(), ", and ", name,
-                    " has only a CPU kernel; move it with .cpu()");
-      MIXPREC_CHECK(x.is_floating_point(), name, ": expected a floating-point tensor, got ", x.dtype(), " of shape ", x.sizes());
-      Tensor y = device_kernel(name, x, &DeviceKernels::unary)(*dev, x);
-      if (autograd::should_record({x}))
-        autograd::record(name, {x}, {y},
-                         [sv = autograd::SavedTensor(from == GradFrom::Input ? x : y), name, dev](const std::vector<Tensor>& g) -> std::vector<Tensor> {
-                           const Tensor& v = sv.get(name);
-                           const Tensor gv = expand_raw(as_dtype_raw(g[0], v.dtype()), v.sizes());
-                           // The kernel takes (x, y) and reads only the one its formula uses,
-                           // which is the saved one (relu's y > 0 is x > 0).
-                           return {device_kernel(name, v, &DeviceKernels::unary_backward)(*dev, gv, v, v)};
-                         });
-      return y;
-    }
+    MIXPREC_CHECK(x.is_floating_point(), name, ": expected a floating-point tensor, got ", x.dtype(), " of shape ", x.sizes());
+    Tensor y = device_kernel(name, x, &DeviceKernels::unary)(u, x);
+    if (autograd::should_record({x}))
+      autograd::record(name, {x}, {y},
+                       [sv = autograd::SavedTensor(from == GradFrom::Input ? x : y), name, u](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+                         const Tensor& v = sv.get(name);
+                         // grad * f'(v): v has x's dtype; grad may differ (promote).
+                         const Tensor gv = expand_raw(as_dtype_raw(g[0], v.dtype()), v.sizes());
+                         // The kernel takes (x, y) and reads only the one its formula uses,
+                         // which is the saved one (relu's y > 0 is x > 0).
+                         return {device_kernel(name, v, &DeviceKernels::unary_backward)(u, gv, v, v)};
+                       });
+    return y;
+  }, x);
+}
+
+// A unary op with only a CPU kernel (no table entry): y = fwd(x) and a backward grad * df(v)
+// computed element-wise in one fused pass, v being the saved input x or output y as `from` says.
+template <class Fwd, class Df>
+Tensor unary_op(OpId id, const char* name, const Tensor& x, Fwd fwd, GradFrom from, Df df) {
+  return dispatch(id, [=](const Tensor& x) {
+    require_cpu(name, x);
     Tensor y = unary_floating_kernel(name, x, fwd);
     if (autograd::should_record({x})) {
       autograd::record(name, {x}, {y},
@@ -299,14 +299,10 @@ inline Tensor neg(const Tensor& x) {
 inline Tensor operator-(const Tensor& x) { return neg(x); }
 inline Tensor operator-(double s, const Tensor& a) { return add(neg(a), s); }
 
-inline Tensor exp(const Tensor& x) {
-  return detail::unary_op(OpId::exp, "exp", x, [](auto v) { return fn::exp(v); }, detail::GradFrom::Output, [](auto y) { return y; },
-                          DeviceUnary::Exp);
-}
-inline Tensor log(const Tensor& x) {
-  return detail::unary_op(OpId::log, "log", x, [](auto v) { return std::log(v); }, detail::GradFrom::Input, [](auto v) { return 1 / v; },
-                          DeviceUnary::Log);
-}
+// The activations of the kernel table (their CPU formulas are the fn:: ones above, assembled in
+// backends/cpu/elementwise.hpp); sqrt, rsqrt and abs have only CPU kernels.
+inline Tensor exp(const Tensor& x) { return detail::table_unary_op(OpId::exp, "exp", x, detail::GradFrom::Output, DeviceUnary::Exp); }
+inline Tensor log(const Tensor& x) { return detail::table_unary_op(OpId::log, "log", x, detail::GradFrom::Input, DeviceUnary::Log); }
 inline Tensor sqrt(const Tensor& x) {
   return detail::unary_op(OpId::sqrt, "sqrt", x, [](auto v) { return std::sqrt(v); }, detail::GradFrom::Output,
                           [](auto y) { return 1 / (2 * y); });
@@ -319,31 +315,17 @@ inline Tensor abs(const Tensor& x) {
   return detail::unary_op(OpId::abs, "abs", x, [](auto v) { return std::abs(v); }, detail::GradFrom::Input,
                           [](auto v) { return static_cast<decltype(v)>((v > 0) - (v < 0)); });
 }
-inline Tensor relu(const Tensor& x) {
-  return detail::unary_op(OpId::relu, "relu", x, [](auto v) { return fn::relu(v); }, detail::GradFrom::Output,
-                          [](auto y) { return fn::relu_grad(y); }, DeviceUnary::Relu);
-}
+inline Tensor relu(const Tensor& x) { return detail::table_unary_op(OpId::relu, "relu", x, detail::GradFrom::Output, DeviceUnary::Relu); }
 inline Tensor sigmoid(const Tensor& x) {
-  return detail::unary_op(OpId::sigmoid, "sigmoid", x, [](auto v) { return fn::sigmoid(v); }, detail::GradFrom::Output,
-                          [](auto y) { return fn::sigmoid_grad_y(y); }, DeviceUnary::Sigmoid);
+  return detail::table_unary_op(OpId::sigmoid, "sigmoid", x, detail::GradFrom::Output, DeviceUnary::Sigmoid);
 }
-inline Tensor tanh(const Tensor& x) {
-  return detail::unary_op(OpId::tanh, "tanh", x, [](auto v) { return fn::tanh(v); }, detail::GradFrom::Output,
-                          [](auto y) { return fn::tanh_grad_y(y); }, DeviceUnary::Tanh);
-}
-inline Tensor silu(const Tensor& x) {
-  return detail::unary_op(OpId::silu, "silu", x, [](auto v) { return fn::silu(v); }, detail::GradFrom::Input,
-                          [](auto v) { return fn::silu_grad(v); }, DeviceUnary::Silu);
-}
+inline Tensor tanh(const Tensor& x) { return detail::table_unary_op(OpId::tanh, "tanh", x, detail::GradFrom::Output, DeviceUnary::Tanh); }
+inline Tensor silu(const Tensor& x) { return detail::table_unary_op(OpId::silu, "silu", x, detail::GradFrom::Input, DeviceUnary::Silu); }
 // approximate: "none" (exact, erf) or "tanh", as torch.nn.functional.gelu.
 inline Tensor gelu(const Tensor& x, std::string_view approximate = "none") {
-  if (approximate == "tanh") {
-    return detail::unary_op(OpId::gelu, "gelu", x, [](auto v) { return fn::gelu_tanh(v); }, detail::GradFrom::Input,
-                            [](auto v) { return fn::gelu_tanh_grad(v); }, DeviceUnary::GeluTanh);
-  }
+  if (approximate == "tanh") return detail::table_unary_op(OpId::gelu, "gelu", x, detail::GradFrom::Input, DeviceUnary::GeluTanh);
   MIXPREC_CHECK(approximate == "none", "gelu: approximate must be \"none\" or \"tanh\", got \"", approximate, "\"");
-  return detail::unary_op(OpId::gelu, "gelu", x, [](auto v) { return fn::gelu(v); }, detail::GradFrom::Input,
-                          [](auto v) { return fn::gelu_grad(v); }, DeviceUnary::Gelu);
+  return detail::table_unary_op(OpId::gelu, "gelu", x, detail::GradFrom::Input, DeviceUnary::Gelu);
 }
 
 inline Tensor pow(const Tensor& x, double e) {

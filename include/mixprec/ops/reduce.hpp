@@ -96,39 +96,6 @@ void reduce_rows(const ReducePlan& p, Acc init, Step step, Finish finish, const 
   });
 }
 
-// Sums of a contiguous x viewed as [R, M] over its leading R rows (a bias gradient: the reduced
-// dims come first): column accumulators in A, rows streamed in order, so no transposing copy.
-template <class T, class A>
-void sum_leading(const T* x, int64_t R, int64_t M, T* out) {
-  constexpr int64_t W = 256;  // columns per block: accumulators and one widened row stay in L1
-  cpu::parallel_for(0, M, std::max<int64_t>(W / 4, kParallelGrain / std::max<int64_t>(R, 1)), [&](int64_t b, int64_t e) {
-    std::array<A, W> acc;
-    std::array<acc_t<T>, W> buf;
-    for (int64_t m0 = b; m0 < e; m0 += W) {
-      const int64_t w = std::min(W, e - m0);
-      std::fill(acc.begin(), acc.end(), A(0));
-      for (int64_t r = 0; r < R; ++r) {
-        const acc_t<T>* v = cpu::detail::load_run(x + r * M + m0, 1, w, buf.data());
-        cpu::simd([&]() MIXPREC_SIMD_BODY {
-          for (int64_t i = 0; i < w; ++i) acc[i] += static_cast<A>(v[i]);
-        });
-      }
-      for (int64_t i = 0; i < w; ++i) out[m0 + i] = static_cast<T>(acc[i]);
-    }
-  });
-}
-// True when x is contiguous and every reduced dim precedes every kept one.
-inline bool reduces_leading_dims(const Tensor& x, const ReducePlan& p) {
-  if (!x.is_contiguous() || p.M <= 1 || p.R <= 1) return false;
-  bool kept_seen = false;
-  for (int64_t d = 0; d < x.dim(); ++d) {
-    if (x.size(d) == 1) continue;
-    if (!p.reduced[static_cast<std::size_t>(d)]) kept_seen = true;
-    else if (kept_seen) return false;
-  }
-  return true;
-}
-
 template <class A>
 struct SumStep {
   A operator()(A a, auto v) const { return a + static_cast<A>(v); }
@@ -151,10 +118,11 @@ using sum_acc_t = std::conditional_t<is_floating_v<T>, double, int64_t>;
 // The output dtype of sum: floating stays, integers and bool widen to int64 (as PyTorch).
 inline DType sum_dtype(DType d) { return is_floating_point(d) ? d : DType::Int64; }
 
-// sum over the plan's reduced dims on x's device, shaped as the plan says.
+// sum over the plan's reduced dims by the `sum` kernel of x's device, shaped as the plan says.
+// The CPU's sums every dtype (integers into int64, sum_dtype); the others take floating x.
 inline Tensor device_sum(const char* op, const Tensor& x, const ReducePlan& p) {
-  MIXPREC_CHECK(x.is_floating_point(), op, ": ", x.device(), " kernels take floating-point tensors, got ", x.dtype(), " of shape ",
-                x.sizes());
+  MIXPREC_CHECK(x.device() == Device::CPU || x.is_floating_point(), op, ": ", x.device(), " kernels take floating-point tensors, got ",
+                x.dtype(), " of shape ", x.sizes());
   Shape rd;
   for (int64_t d = 0; d < x.dim(); ++d)
     if (p.reduced[static_cast<std::size_t>(d)]) rd.push_back(d);
@@ -169,34 +137,8 @@ inline Tensor expand_reduced_grad(const Tensor& g, const ReducePlan& p, const Sh
 
 inline Tensor sum(const Tensor& x, const Shape& dims = {}, bool keepdim = false) {
   return dispatch(OpId::sum, [&dims, keepdim](const Tensor& x) {
-    const bool cpu = x.device() == Device::CPU;
-    detail::ReducePlan p = detail::plan_reduce(x, dims, keepdim, "sum", false);
-    if (cpu && !(x.is_floating_point() && detail::reduces_leading_dims(x, p))) p = detail::plan_reduce(x, dims, keepdim, "sum", true);
-    if (!cpu) {
-      Tensor out = detail::device_sum("sum", x, p);
-      if (autograd::should_record({x}))
-        autograd::record("sum", {x}, {out}, [p, in = x.sizes()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
-          return {detail::expand_reduced_grad(g[0], p, in).contiguous()};
-        });
-      return out;
-    }
-    if (!p.rows.defined()) {  // the leading-dims case above
-      Tensor out = empty(p.out_shape, x.dtype());
-      dispatch_floating(x.dtype(), "sum", [&]<class T>() { detail::sum_leading<T, double>(x.data<T>(), p.R, p.M, out.data<T>()); });
-      if (autograd::should_record({x}))
-        autograd::record("sum", {x}, {out}, [p, in = x.sizes(), dt = x.dtype()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
-          return {detail::as_dtype_raw(detail::expand_reduced_grad(g[0], p, in), dt).contiguous()};
-        });
-      return out;
-    }
-    const Tensor src = x.dtype() == detail::sum_dtype(x.dtype()) ? p.rows : detail::as_dtype_raw(p.rows, DType::Int64);
-    detail::ReducePlan q = p;
-    q.rows = src;
-    Tensor out = empty(p.out_shape, src.dtype());
-    dispatch_all(src.dtype(), "sum", [&]<class T>() {
-      using A = detail::sum_acc_t<T>;
-      detail::reduce_rows<T, A>(q, A(0), detail::SumStep<A>{}, [](A a, int64_t) { return a; }, out);
-    });
+    const detail::ReducePlan p = detail::plan_reduce(x, dims, keepdim, "sum", false);
+    Tensor out = detail::device_sum("sum", x, p);
     if (autograd::should_record({x}))
       autograd::record("sum", {x}, {out}, [p, in = x.sizes(), dt = x.dtype()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
         return {detail::as_dtype_raw(detail::expand_reduced_grad(g[0], p, in), dt).contiguous()};

@@ -2,7 +2,11 @@
 // Joining, splitting and indexing: cat, stack, split, chunk, index_select, gather, embedding,
 // cumsum, tril/triu. Index backward passes (index_add, scatter_add, embedding) accumulate in
 // acc_t (float for 16-bit) so repeated indices round once, and are parallelised only over
-// slices that no two threads can both write.
+// slices that no two threads can both write. embedding runs through the device kernel table on
+// every device (the CPU's kernels: backends/cpu/elementwise.hpp).
+#include <cstring>
+#include <span>
+
 #include "mixprec/ops/linalg.hpp"
 
 namespace mixprec {
@@ -40,8 +44,7 @@ inline std::vector<int64_t> read_indices(const char* op, const Tensor& index, in
 // dst[o, idx[k], :] += src[o, k, :] for k < K, skipping idx == skip. Threads split over `outer`
 // or over columns, so no element is written by two threads.
 template <class A>
-void index_add_rows(A* dst, const A* src, const std::vector<int64_t>& idx, int64_t outer, int64_t n, int64_t inner,
-                    int64_t skip = -1) {
+void index_add_rows(A* dst, const A* src, std::span<const int64_t> idx, int64_t outer, int64_t n, int64_t inner, int64_t skip = -1) {
   const int64_t K = static_cast<int64_t>(idx.size());
   auto rows = [&](int64_t o, int64_t c0, int64_t c1) {
     for (int64_t k = 0; k < K; ++k) {
@@ -355,12 +358,13 @@ inline void embedding_check_indices(const int64_t* ip, int64_t N, const Tensor& 
                   ") is out of range for num_embeddings V = ", V, " (weight shape ", weight.sizes(), ")");
 }
 
-// embedding with the weight on a device. CPU indices are range-checked on the host first (an
-// Error at once). Contiguous int64 indices on the device stay there, checked by a kernel
-// (DeviceKernels::clamp_indices) whose count the next host read reports, as cross_entropy's
-// targets, so a training step never waits for the host; other device indices are copied back.
-// Either way the kernels never see an index out of range.
-inline Tensor embedding_device(const Tensor& weight, const Tensor& indices, int64_t pad) {
+// embedding through the `embedding` and `embedding_backward` kernels of the weight's device.
+// Indices on the host are range-checked there first (an Error at once). Off the CPU, contiguous
+// int64 indices on the device stay there, checked by a kernel (DeviceKernels::clamp_indices)
+// whose count the next host read reports, as cross_entropy's targets, so a training step never
+// waits for the host; other device indices are copied back. Either way the kernels never see an
+// index out of range.
+inline Tensor embedding_impl(const Tensor& weight, const Tensor& indices, int64_t pad) {
   const char* op = "embedding";
   const Device dev = weight.device();
   MIXPREC_CHECK(indices.device() == Device::CPU || indices.device() == dev, op, ": weight on ", dev, " and indices on ",
@@ -368,8 +372,10 @@ inline Tensor embedding_device(const Tensor& weight, const Tensor& indices, int6
   const auto gather = device_kernel(op, weight, &DeviceKernels::embedding);  // refuse by name before any copy
   const int64_t V = weight.size(0), D = weight.size(1), N = indices.numel();
   const DeviceKernels* k = device_kernels(dev);
-  Tensor idx;  // our own copy: the backward needs these very indices
-  if (indices.device() == dev && indices.dtype() == DType::Int64 && indices.is_contiguous() && k->clamp_indices && k->copy) {
+  const bool grad = autograd::should_record({weight});
+  Tensor idx;  // the backward needs these very indices: never the caller's own storage then
+  if (dev != Device::CPU && indices.device() == dev && indices.dtype() == DType::Int64 && indices.is_contiguous() && k->clamp_indices &&
+      k->copy) {
     idx = empty({N}, DType::Int64, dev);
     if (N > 0) k->copy(idx, reshape_raw(indices, {N}));
     const Tensor bad = zeros({}, DType::Float32, dev);
@@ -380,13 +386,20 @@ inline Tensor embedding_device(const Tensor& weight, const Tensor& indices, int6
     const Tensor ih = contiguous_raw(move_raw(indices, Device::CPU, op), DType::Int64);
     embedding_check_indices(ih.data<int64_t>(), N, weight);
     idx = move_raw(reshape_raw(ih, {N}), dev, op);
+    if (grad && N > 0 && idx.storage() == indices.storage()) {  // CPU int64 indices, used as they are
+      Tensor own = empty({N}, DType::Int64);
+      std::memcpy(own.data_ptr(), idx.data_ptr(), static_cast<std::size_t>(N) * sizeof(int64_t));
+      idx = own;
+    }
   }
   Shape shape = indices.sizes();
   shape.push_back(D);
   const Tensor out = reshape_raw(gather(contiguous_raw(weight), idx), shape);
-  if (autograd::should_record({weight}))
-    autograd::record(op, {weight}, {out}, [idx, V, D, N, pad, dt = weight.dtype()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
-      const Tensor gc = reshape_raw(as_dtype_raw(g[0], DType::Float32), {N, D});
+  if (grad)
+    autograd::record(op, {weight}, {out}, [idx, V, D, N, pad, dt = weight.dtype(), dev](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+      // Summed in float32; float64 weights in float64 on the CPU, whose kernel takes those.
+      const DType at = dt == DType::Float64 && dev == Device::CPU ? dt : DType::Float32;
+      const Tensor gc = reshape_raw(contiguous_raw(g[0], at), {N, D});
       return {as_dtype_raw(device_kernel("embedding_backward", gc, &DeviceKernels::embedding_backward)(gc, idx, V, pad), dt)};
     });
   return out;
@@ -399,7 +412,7 @@ inline Tensor embedding(const Tensor& weight, const Tensor& indices, std::option
   return dispatch(OpId::embedding, [padding_idx](const Tensor& weight, const Tensor& indices) {
     MIXPREC_CHECK(weight.defined() && indices.defined(), "embedding: weight and indices must be defined");
     MIXPREC_CHECK(weight.dim() == 2, "embedding: weight must be 2-D [num_embeddings, embedding_dim], got shape ", weight.sizes());
-    const int64_t V = weight.size(0), D = weight.size(1);
+    const int64_t V = weight.size(0);
     MIXPREC_CHECK(indices.dtype() == DType::Int64 || indices.dtype() == DType::Int32,
                   "embedding: indices must be int64 or int32, got ", indices.dtype(), " of shape ", indices.sizes());
     int64_t pad = -1;
@@ -408,35 +421,7 @@ inline Tensor embedding(const Tensor& weight, const Tensor& indices, std::option
                     " is out of range for num_embeddings V = ", V);
       pad = *padding_idx < 0 ? *padding_idx + V : *padding_idx;
     }
-    if (weight.device() != Device::CPU) return detail::embedding_device(weight, indices, pad);
-    detail::require_cpu("embedding", indices);
-    const Tensor ic = detail::contiguous_raw(indices, DType::Int64);
-    const int64_t* ip = ic.data<int64_t>();
-    const int64_t N = ic.numel();
-    detail::embedding_check_indices(ip, N, weight);
-    std::vector<int64_t> idx(ip, ip + N);
-    Shape shape = indices.sizes();
-    shape.push_back(D);
-    Tensor out = empty(shape, weight.dtype());
-    const Tensor wc = detail::contiguous_raw(weight, weight.dtype());
-    dispatch_all(weight.dtype(), "embedding", [&]<class T>() {
-      const T* wp = wc.data<T>();
-      T* op = out.data<T>();
-      cpu::parallel_for(0, N, std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(D, 1)), [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i) std::copy(wp + idx[i] * D, wp + (idx[i] + 1) * D, op + i * D);
-      });
-    });
-    if (autograd::should_record({weight}))
-      autograd::record("embedding", {weight}, {out}, [idx = std::move(idx), V, D, pad, dt = weight.dtype()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
-        const DType at = dt == DType::Float64 ? dt : DType::Float32;
-        Tensor acc = zeros({V, D}, at);
-        const Tensor gc = detail::contiguous_raw(g[0], at);
-        dispatch_floating(at, "embedding_backward", [&]<class A>() {
-          detail::index_add_rows<A>(acc.data<A>(), gc.data<A>(), idx, 1, V, D, pad);
-        });
-        return {detail::as_dtype_raw(acc, dt)};
-      });
-    return out;
+    return detail::embedding_impl(weight, indices, pad);
   }, weight, indices);
 }
 

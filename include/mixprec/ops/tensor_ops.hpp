@@ -74,41 +74,14 @@ inline void check_fill_value(const char* op, DType d, double v) {
   MIXPREC_CHECK(fits_integer(d, v), op, ": value ", v, " does not fit a ", d, " tensor");
 }
 
-// Element-wise copy with dtype conversion; src is broadcast to dst's shape.
+// dst = src, src broadcast to dst's shape and converted to dst's dtype: the library's one copy
+// (casts, clone, contiguous, copy_). Run by dst's device's `copy` kernel (the CPU's is
+// cpu::copy_convert, backends/cpu/elementwise.hpp); a source on another device is moved there
+// first, as torch's copy_ uploads a CPU source.
 inline void copy_kernel(const Tensor& dst, const Tensor& src) {
-  if (dst.device() != Device::CPU) {  // a CPU source is uploaded first, as torch's copy_ does
-    if (dst.numel() > 0) device_kernel("copy_", dst, &DeviceKernels::copy)(dst, move_raw(src, dst.device()));
-    return;
-  }
-  if (src.device() != Device::CPU) {
-    copy_kernel(dst, move_raw(src, Device::CPU));
-    return;
-  }
   if (dst.numel() == 0) return;
-  // src as a view of dst's sizes: stride 0 along broadcast dims.
-  const Tensor s = dst.sizes() == src.sizes() ? src : detail::make_view(src, dst.sizes(), [&] {
-    Shape st(dst.dim(), 0);
-    const int64_t off = dst.dim() - src.dim();
-    for (int64_t i = 0; i < src.dim(); ++i) st[off + i] = src.size(i) == 1 ? 0 : src.stride(i);
-    return st;
-  }(), src.storage_offset());
-  if (dst.dtype() == src.dtype()) return cpu::copy(dst, s);
-  if (dst.is_contiguous() && s.is_contiguous()) {
-    dispatch_all(dst.dtype(), "copy_", [&]<class To>() {
-      dispatch_all(src.dtype(), "copy_", [&]<class From>() {
-        cpu::parallel_for(0, dst.numel(), 1 << 20, [&](int64_t b, int64_t e) { convert(s.data<From>() + b, dst.data<To>() + b, e - b); });
-      });
-    });
-    return;
-  }
-  dispatch_all(dst.dtype(), "copy_", [&]<class To>() {
-    dispatch_all(src.dtype(), "copy_", [&]<class From>() {
-      cpu::map<To, From>(dst, [](auto v) {
-        if constexpr (std::is_same_v<To, bool>) return v != 0;
-        else return v;
-      }, s);
-    });
-  });
+  const auto copy = device_kernel("copy_", dst, &DeviceKernels::copy);
+  copy(dst, src.device() == dst.device() ? src : move_raw(src, dst.device()));
 }
 
 // t's values, contiguous and in dtype d, without a graph edge: what kernels read raw pointers from.
@@ -144,11 +117,7 @@ inline Tensor full(const Shape& shape, double value, DType dtype = DType::Float3
 }
 inline Tensor zeros(const Shape& shape, DType dtype = DType::Float32, Device device = Device::CPU) {
   Tensor t = empty(shape, dtype, device);
-  if (device != Device::CPU) {
-    if (t.numel() > 0) detail::device_kernel("zeros", t, &DeviceKernels::fill)(t, 0.0);
-    return t;
-  }
-  std::memset(t.data_ptr(), 0, static_cast<std::size_t>(t.nbytes()));
+  if (t.numel() > 0) detail::device_kernel("zeros", t, &DeviceKernels::fill)(t, 0.0);
   return t;
 }
 inline Tensor ones(const Shape& shape, DType dtype = DType::Float32, Device device = Device::CPU) {
@@ -219,21 +188,7 @@ inline Tensor scalar_tensor(double v, DType dtype = DType::Float32) { return ful
 inline Tensor& Tensor::fill_(double v) {
   detail::refuse_inplace_on_grad("fill_", *this);
   detail::check_fill_value("fill_", dtype(), v);
-  if (device() != Device::CPU) {
-    if (numel() > 0) detail::device_kernel("fill_", *this, &DeviceKernels::fill)(*this, v);
-    bump_version();
-    return *this;
-  }
-  dispatch_all(dtype(), "fill_", [&]<class T>() {
-    const T value = static_cast<T>(v);
-    if (is_contiguous()) {
-      T* p = data<T>();
-      cpu::parallel_for(0, numel(), kParallelGrain, [&](int64_t b, int64_t e) { std::fill(p + b, p + e, value); });
-    } else {
-      const Tensor src = full({}, v, dtype());
-      detail::copy_kernel(*this, src);
-    }
-  });
+  if (numel() > 0) detail::device_kernel("fill_", *this, &DeviceKernels::fill)(*this, v);
   bump_version();
   return *this;
 }

@@ -13,6 +13,7 @@
 // Each area fills its entries from its own header (one place per kernel family):
 #include "mixprec/backends/cpu/attention.hpp"
 #include "mixprec/backends/cpu/conv.hpp"
+#include "mixprec/backends/cpu/elementwise.hpp"
 #include "mixprec/backends/cpu/linalg.hpp"
 #include "mixprec/backends/cpu/loss.hpp"
 #include "mixprec/backends/cpu/norm.hpp"
@@ -26,6 +27,7 @@ inline const DeviceKernels& cpu_kernel_table() {
   static const DeviceKernels k = [] {
     DeviceKernels t;
     // Host <-> device transfers (to_device, to_host) and graphs (make_graph) have no CPU meaning.
+    fill_elementwise_kernels(t);
     fill_linalg_kernels(t);
     fill_attention_kernels(t);
     fill_loss_kernels(t);
