@@ -27,9 +27,10 @@ inline Tensor expand_raw(const Tensor& t, const Shape& shape) {
   return make_view(t, shape, st, t.storage_offset());
 }
 // Same-dtype values without a graph edge (kernels work on raw data).
+// A channels-last t stays channels-last (empty_like_layout), as PyTorch's casts preserve the format.
 inline Tensor as_dtype_raw(const Tensor& t, DType d) {
   if (t.dtype() == d) return t;
-  Tensor out = empty(t.sizes(), d, t.device());
+  Tensor out = empty_like_layout(t, d);
   copy_kernel(out, t);
   return out;
 }
@@ -45,7 +46,10 @@ Tensor binary_kernel(const char* op, const Tensor& a, const Tensor& b, F f, std:
   const Tensor ac = expand_raw(as_dtype_raw(a, ct), shape);
   const Tensor bc = expand_raw(as_dtype_raw(b, ct), shape);
   const DType od = out_dtype.value_or(ct);
-  Tensor out = empty(shape, od);
+  // The result takes the layout of an operand of its full shape (a channels-last one stays so).
+  const MemoryFormat f = a.sizes() == shape ? a.suggest_memory_format() : b.sizes() == shape ? b.suggest_memory_format()
+                                                                                               : MemoryFormat::Contiguous;
+  Tensor out = empty(shape, od, Device::CPU, f);
   dispatch_all(ct, op, [&]<class T>() {
     if (od == DType::Bool) cpu::map<bool, T, T>(out, f, ac, bc);
     else cpu::map<T, T, T>(out, f, ac, bc);
@@ -57,7 +61,7 @@ template <class F>
 Tensor unary_kernel(const char* op, const Tensor& x, F f, std::optional<DType> out_dtype = {}) {
   require_cpu(op, x);
   const DType od = out_dtype.value_or(x.dtype());
-  Tensor out = empty(x.sizes(), od);
+  Tensor out = empty_like_layout(x, od);
   dispatch_all(x.dtype(), op, [&]<class T>() {
     if (od == DType::Bool) cpu::map<bool, T>(out, f, x);
     else cpu::map<T, T>(out, f, x);

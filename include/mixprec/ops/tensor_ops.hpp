@@ -211,7 +211,7 @@ inline Tensor& Tensor::copy_(const Tensor& src) {
 inline Tensor cast(const Tensor& t, DType d) {
   if (t.dtype() == d) return t;
   detail::check_float_to_integer("cast", t, d);
-  Tensor out = empty(t.sizes(), d, t.device());
+  Tensor out = empty_like_layout(t, d);  // a channels-last tensor stays channels-last
   detail::copy_kernel(out, t);
   if (autograd::should_record({t}) && is_floating_point(d)) {
     const DType from = t.dtype();

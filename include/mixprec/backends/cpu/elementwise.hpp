@@ -98,7 +98,7 @@ inline Tensor binary_op(DeviceBinary kind, const Tensor& a, const Tensor& b, dou
 inline Tensor binary_scalar_op(DeviceBinary kind, const Tensor& a, double s, double alpha, bool reversed) {
   const char* op = kind == DeviceBinary::Add ? "add" : kind == DeviceBinary::Mul ? "mul" : "div";
   mixprec::detail::require_cpu(op, a);
-  Tensor out = empty(a.sizes(), a.dtype());
+  Tensor out = empty_like_layout(a, a.dtype());
   dispatch_floating(a.dtype(), op, [&]<class T>() {
     using A = acc_t<T>;
     const A v = static_cast<A>(static_cast<T>(s));
@@ -159,7 +159,7 @@ inline Tensor unary_backward_op(DeviceUnary u, const Tensor& grad, const Tensor&
   return with_activation(u, [&](const char* name, auto, auto df, bool from_output) {
     const Tensor& v = from_output ? y : x;
     mixprec::detail::require_cpu(name, v);
-    Tensor out = empty(v.sizes(), v.dtype());
+    Tensor out = empty_like_layout(v, v.dtype());
     dispatch_floating(v.dtype(), name, [&]<class T>() {
       cpu::map<T, T, T>(out, [&](auto gg, auto vv) { return gg * df(vv); }, grad, v);
     });
