@@ -261,13 +261,13 @@ TEST(Conv2d, EveryKernelMatchesFloat64Reference) {
       EXPECT_LT(mixprec::testing::rel_error(detail::conv_backward_weight(g, x, gy, kFloat32), gw), tol) << where;
       if (dt == kFloat32) continue;
       dispatch_floating(dt, "test", [&]<class T>() {
-        if constexpr (detail::conv_reads_16bit<T>) {
+        if constexpr (cpu::conv_impl::conv_reads_16bit<T>) {
           // The widened fallback, whatever this CPU picks for the public path.
           const Tensor w32 = w.to(kFloat32), b32 = b.to(kFloat32);
           Tensor y = empty({c.N, c.O, OH, OW}, dt), gxl = empty(x.sizes(), dt), gwl = zeros(w.sizes(), kFloat32);
-          detail::conv_forward_kernel<T, float>(g, x.data<T>(), w32.data<float>(), b32.data<float>(), y.data<T>());
-          detail::conv_backward_input_kernel<T, float>(g, gy.data<T>(), w32.data<float>(), nullptr, gxl.data<T>());
-          detail::conv_backward_weight_kernel<T, float>(g, x.data<T>(), gy.data<T>(), gwl.data<float>());
+          cpu::conv_impl::conv_forward_kernel<T, float>(g, x.data<T>(), w32.data<float>(), b32.data<float>(), y.data<T>());
+          cpu::conv_impl::conv_backward_input_kernel<T, float>(g, gy.data<T>(), w32.data<float>(), nullptr, gxl.data<T>());
+          cpu::conv_impl::conv_backward_weight_kernel<T, float>(g, x.data<T>(), gy.data<T>(), gwl.data<float>());
           EXPECT_LT(mixprec::testing::rel_error(y, yref), tol) << "widened " << where;
           EXPECT_LT(mixprec::testing::rel_error(gxl, gx), tol) << "widened " << where;
           EXPECT_LT(mixprec::testing::rel_error(gwl, gw), tol) << "widened " << where;

@@ -47,9 +47,9 @@ Tensor binary_kernel(const char* op, const Tensor& a, const Tensor& b, F f, std:
   const Tensor bc = expand_raw(as_dtype_raw(b, ct), shape);
   const DType od = out_dtype.value_or(ct);
   // The result takes the layout of an operand of its full shape (a channels-last one stays so).
-  const MemoryFormat f = a.sizes() == shape ? a.suggest_memory_format() : b.sizes() == shape ? b.suggest_memory_format()
+  const MemoryFormat layout = a.sizes() == shape ? a.suggest_memory_format() : b.sizes() == shape ? b.suggest_memory_format()
                                                                                                : MemoryFormat::Contiguous;
-  Tensor out = empty(shape, od, Device::CPU, f);
+  Tensor out = empty(shape, od, Device::CPU, layout);
   dispatch_all(ct, op, [&]<class T>() {
     if (od == DType::Bool) cpu::map<bool, T, T>(out, f, ac, bc);
     else cpu::map<T, T, T>(out, f, ac, bc);

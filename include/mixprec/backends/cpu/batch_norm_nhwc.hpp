@@ -117,7 +117,8 @@ void affine_rows(const T* x, T* y, int64_t M, int64_t C, const Coef& coef) {
 
 // Forward. x channels-last, any floating dtype but float64; weight, bias, running_mean,
 // running_var float32 [C] (contiguous). training: batch statistics, running ones updated in place
-// (unbiased variance), returns {y, mean, 1/std} (float32 [C]); eval: running statistics, {y, {}, {}}.
+// (unbiased variance); eval: running statistics. Returns {y, mean, 1/std} (float32 [C]) in both
+// modes, as the NCHW kernel: eval mode's backward takes the running statistics' values.
 // y is channels-last in x's dtype.
 inline std::array<Tensor, 3> forward(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& running_mean,
                                      const Tensor& running_var, bool training, double momentum, double eps) {
@@ -172,7 +173,6 @@ inline std::array<Tensor, 3> forward(const Tensor& x, const Tensor& weight, cons
       });
     }
   });
-  if (!training) return {y, Tensor(), Tensor()};
   Tensor sm = empty({C}, DType::Float32), si = empty({C}, DType::Float32);
   for (int64_t c = 0; c < C; ++c) {
     sm.data<float>()[c] = static_cast<float>(mean[c]);
