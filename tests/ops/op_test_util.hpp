@@ -42,4 +42,16 @@ inline std::string error_of(const std::function<void()>& f) {
 // Tolerances for 16-bit inputs against a float32 result (relative norm error).
 inline double low_tolerance(DType d) { return d == DType::BFloat16 ? 1e-2 : 2e-3; }
 
+// A copy of device d's kernel table, registered for the scope and replaced by the previous one at
+// its end whatever an assertion does in between; edit `table` to wrap or remove entries.
+struct ScopedKernels {
+  Device device;
+  DeviceKernels table;
+  const DeviceKernels* prev;
+  ScopedKernels(Device d, const DeviceKernels& t) : device(d), table(t), prev(set_device_kernels(d, &table)) {}
+  ScopedKernels(const ScopedKernels&) = delete;
+  ScopedKernels& operator=(const ScopedKernels&) = delete;
+  ~ScopedKernels() { set_device_kernels(device, prev); }
+};
+
 }  // namespace mixprec::testing

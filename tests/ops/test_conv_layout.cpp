@@ -179,13 +179,7 @@ TEST(ConvLayout, AutocastKeepsChannelsLast) {
 
 namespace {
 int g_conv_calls[3] = {0, 0, 0};
-const DeviceKernels* g_cpu_table = nullptr;
-struct CpuTableSwap {
-  DeviceKernels table;
-  const DeviceKernels* prev;
-  explicit CpuTableSwap(const DeviceKernels& t) : table(t), prev(set_device_kernels(Device::CPU, &table)) { g_cpu_table = prev; }
-  ~CpuTableSwap() { set_device_kernels(Device::CPU, prev); }
-};
+const DeviceKernels& real_cpu_kernels() { return cpu::detail::cpu_kernel_table(); }  // what the counters forward to
 }  // namespace
 
 // The conv ops reach their kernels through the CPU's table, as on any device.
@@ -199,18 +193,18 @@ TEST(ConvLayout, CpuTableRoutesConvolutions) {
   DeviceKernels counting = *cpu_table;
   counting.conv_forward = [](const detail::ConvGeom& g, const Tensor& x, const Tensor& w, const Tensor& b) {
     ++g_conv_calls[0];
-    return g_cpu_table->conv_forward(g, x, w, b);
+    return real_cpu_kernels().conv_forward(g, x, w, b);
   };
   counting.conv_backward_input = [](const detail::ConvGeom& g, const Tensor& gy, const Tensor& w) {
     ++g_conv_calls[1];
-    return g_cpu_table->conv_backward_input(g, gy, w);
+    return real_cpu_kernels().conv_backward_input(g, gy, w);
   };
   counting.conv_backward_weight = [](const detail::ConvGeom& g, const Tensor& x, const Tensor& gy) {
     ++g_conv_calls[2];
-    return g_cpu_table->conv_backward_weight(g, x, gy);
+    return real_cpu_kernels().conv_backward_weight(g, x, gy);
   };
   {
-    const CpuTableSwap swap(counting);
+    const mixprec::testing::ScopedKernels swap(Device::CPU, counting);
     Tensor x = randn({2, 3, 5, 5}).requires_grad_(), w = randn({4, 3, 3, 3}).requires_grad_();
     sum(conv2d(x, w)).backward();
   }
@@ -219,7 +213,7 @@ TEST(ConvLayout, CpuTableRoutesConvolutions) {
   EXPECT_EQ(g_conv_calls[2], 1);
   DeviceKernels missing = *cpu_table;
   missing.conv_forward = nullptr;
-  const CpuTableSwap swap(missing);
+  const mixprec::testing::ScopedKernels swap(Device::CPU, missing);
   const std::string err = mixprec::testing::error_of([] { (void)conv2d(randn({1, 2, 4, 4}), randn({2, 2, 3, 3})); });
   EXPECT_NE(err.find("conv2d"), std::string::npos) << err;
 }
