@@ -182,3 +182,27 @@ TEST(GemmAvx512, SixteenBitLinearRoundsEachRowBlockLikeOneWholeProduct) {
     EXPECT_LT(rel_error(got, linear(x.to(DType::Float64), w.to(DType::Float64), bias.to(DType::Float64))), mixprec::testing::low_tolerance(dt)) << dt;
   }
 }
+
+// round_to is written by the microkernels from their registers on the last K block: bit for bit the
+// float32 result rounded once, for one and several K blocks (float32 path: 256 deep, bfloat16 pairs:
+// 512), with and without an addend in C, and tiles cut by M and N tails.
+TEST(GemmAvx512, RoundToIsTheFloat32ResultRoundedOnce) {
+  if (!cpu::gemm_16bit_available()) GTEST_SKIP() << "no 16-bit GEMM kernel on this CPU";
+  for (DType dt : {DType::BFloat16, DType::Float16})
+    dispatch_floating(dt, "test", [&]<class T>() {
+      if constexpr (!std::is_same_v<T, float> && !std::is_same_v<T, double>) {
+        for (int64_t K : {70, 600, 1100})
+          for (bool acc : {false, true}) {
+            const int64_t M = 37, N = 45;
+            const Tensor a = randn({M, K}).to(dt), b = randn({K, N}).to(dt), c0 = randn({M, N});
+            std::vector<float> ref(c0.data<float>(), c0.data<float>() + M * N), scratch = ref;
+            cpu::gemm_16bit<T>(a.data<T>(), K, 1, b.data<T>(), N, 1, ref.data(), M, N, K, acc);
+            std::vector<T> out(static_cast<std::size_t>(M * N));
+            cpu::gemm_16bit<T>(a.data<T>(), K, 1, b.data<T>(), N, 1, scratch.data(), M, N, K, acc, out.data());
+            for (int64_t i = 0; i < M * N; ++i)
+              ASSERT_EQ(out[static_cast<std::size_t>(i)].x, T(ref[static_cast<std::size_t>(i)]).x)
+                  << dt << " K " << K << " accumulate " << acc << " element " << i;
+          }
+      }
+    });
+}

@@ -113,6 +113,15 @@ struct DeviceKernels {
   // backward in eval mode on the device.
   std::array<Tensor, 3> (*batch_norm_backward_eval)(const Tensor& x, const Tensor& grad, const Tensor& weight, const Tensor& mean,
                                                     const Tensor& invstd) = nullptr;
+  // Optional: batch_norm with ReLU applied to y in the same pass (conv-BN-ReLU saves a pass over the
+  // activation forward and one backward); as batch_norm, with y = max(y, 0). Where null, the
+  // batch_norm_relu op composes batch_norm and relu.
+  std::array<Tensor, 3> (*batch_norm_relu)(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& running_mean,
+                                           const Tensor& running_var, bool training, double momentum, double eps) = nullptr;
+  // Its training-mode gradient: batch_norm_backward's, of grad zeroed where y (the forward's output,
+  // x's dtype and layout) is not positive -- the mask applied as the kernel reads grad.
+  std::array<Tensor, 3> (*batch_norm_relu_backward)(const Tensor& x, const Tensor& grad, const Tensor& y, const Tensor& weight,
+                                                    const Tensor& save_mean, const Tensor& save_invstd, double eps) = nullptr;
   // Layer norm of contiguous x [M, D] over D, with float32 [D] weight and bias (either may be
   // undefined) and statistics: returns {y, mean [M], 1/std [M]}, the statistics float32.
   // CPU: also float64 x (with float64 parameters, rows in double); statistics float64.

@@ -150,15 +150,19 @@ MIXPREC_TARGET_AVX512 inline void convert_f16_to_f32_avx512(const half* src, flo
 }
 
 // Same integer RNE as float_to_bfloat16_bits (see the AVX2 version for why not vcvtneps2bf16).
-MIXPREC_TARGET_AVX512 inline void f32_to_bf16_block_avx512(const float* src, bfloat16* dst, __mmask16 m) {
-  const __m512i x = _mm512_maskz_loadu_epi32(m, src);
+// The bits of 16 floats' bfloat16 roundings, one per 32-bit lane (lanes outside m zero); also the
+// GEMM's epilogue, which rounds its accumulators in registers.
+MIXPREC_TARGET_AVX512 inline __m512i bf16_round_avx512(__m512i x, __mmask16 m) {
   const __m512i abs = _mm512_and_si512(x, _mm512_set1_epi32(0x7fffffff));
   const __mmask16 is_nan = _mm512_cmpgt_epu32_mask(abs, _mm512_set1_epi32(0x7f800000));
   const __m512i hi = _mm512_maskz_srli_epi32(m, x, 16);
   const __m512i bias = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(hi, _mm512_set1_epi32(1)));
   __m512i r = _mm512_maskz_srli_epi32(m, _mm512_add_epi32(x, bias), 16);
-  r = _mm512_mask_or_epi32(r, is_nan, hi, _mm512_set1_epi32(0x40));
-  _mm512_mask_cvtepi32_storeu_epi16(dst, m, r);  // vpmovdw truncates; lanes are < 2^16
+  return _mm512_mask_or_epi32(r, is_nan, hi, _mm512_set1_epi32(0x40));
+}
+MIXPREC_TARGET_AVX512 inline void f32_to_bf16_block_avx512(const float* src, bfloat16* dst, __mmask16 m) {
+  // vpmovdw truncates; lanes are < 2^16
+  _mm512_mask_cvtepi32_storeu_epi16(dst, m, bf16_round_avx512(_mm512_maskz_loadu_epi32(m, src), m));
 }
 MIXPREC_TARGET_AVX512 inline void convert_f32_to_bf16_avx512(const float* src, bfloat16* dst, int64_t n) {
   int64_t i = 0;

@@ -37,18 +37,10 @@ class BatchNorm2d : public Module {
     register_buffer("num_batches_tracked", num_batches_tracked);
   }
 
-  Tensor forward(const Tensor& x) override {
-    MIXPREC_CHECK(x.defined() && x.dim() == 4, "BatchNorm2d: expected a 4-D input [N, C, H, W], got shape ",
-                  x.defined() ? x.sizes() : Shape{});
-    MIXPREC_CHECK(x.size(1) == num_features, "BatchNorm2d: expected ", num_features, " channels, got input of shape ", x.sizes());
-    double m = momentum.value_or(0.0);
-    if (is_training() && track_running_stats) {
-      const int64_t n = count_batch();
-      if (!momentum) m = 1.0 / static_cast<double>(n);
-    }
-    const bool use_batch_stats = is_training() || !track_running_stats;
-    return mixprec::batch_norm(x, running_mean, running_var, weight, bias, use_batch_stats, m, eps);
-  }
+  Tensor forward(const Tensor& x) override { return run(x, false); }
+  // relu(forward(x)) in one kernel where the device has it (mixprec::batch_norm_relu): a
+  // conv-BN-ReLU network calls this instead of forward and a separate ReLU.
+  Tensor forward_relu(const Tensor& x) { return run(x, true); }
   std::string extra_repr() const override {
     return std::to_string(num_features) + ", eps=" + detail::py_float(eps) +
            ", momentum=" + (momentum ? detail::py_float(*momentum) : std::string("None")) + ", affine=" + detail::py_bool(affine) +
@@ -63,6 +55,19 @@ class BatchNorm2d : public Module {
   Tensor running_mean, running_var, num_batches_tracked;
 
  private:
+  Tensor run(const Tensor& x, bool relu) {
+    MIXPREC_CHECK(x.defined() && x.dim() == 4, "BatchNorm2d: expected a 4-D input [N, C, H, W], got shape ",
+                  x.defined() ? x.sizes() : Shape{});
+    MIXPREC_CHECK(x.size(1) == num_features, "BatchNorm2d: expected ", num_features, " channels, got input of shape ", x.sizes());
+    double m = momentum.value_or(0.0);
+    if (is_training() && track_running_stats) {
+      const int64_t n = count_batch();
+      if (!momentum) m = 1.0 / static_cast<double>(n);
+    }
+    const bool use_batch_stats = is_training() || !track_running_stats;
+    return relu ? mixprec::batch_norm_relu(x, running_mean, running_var, weight, bias, use_batch_stats, m, eps)
+                : mixprec::batch_norm(x, running_mean, running_var, weight, bias, use_batch_stats, m, eps);
+  }
   // num_batches_tracked + 1, written back. The count is kept on the host too, trusted while the
   // buffer is the tensor last written and nothing else wrote it since (a load or a move to
   // another device makes one read): a device buffer is never read, or waited for, per step.

@@ -153,12 +153,15 @@ inline bool layer_norm_fuses_cast(const Tensor& x) {
 // unbiased variance: r = (1 - momentum) r + momentum stat, as PyTorch. eval: normalise with the
 // running statistics. weight / bias are optional ([C]); the running buffers keep their dtype
 // (float32 even for 16-bit x) and are never part of the graph.
-inline Tensor batch_norm(const Tensor& x, const Tensor& running_mean, const Tensor& running_var, const Tensor& weight = Tensor(),
-                         const Tensor& bias = Tensor(), bool training = false, double momentum = 0.1, double eps = 1e-5) {
+namespace detail {
+// batch_norm, and with relu batch_norm_relu through its own kernels (the caller checked the
+// device has them): one op body, so both take the same checks, policy and saved tensors.
+inline Tensor batch_norm_op(const Tensor& x, const Tensor& running_mean, const Tensor& running_var, const Tensor& weight,
+                            const Tensor& bias, bool training, double momentum, double eps, bool relu) {
   // The running buffers are captured, not dispatched: autocast must not hand the kernel a cast
   // copy of a buffer that is updated in place (a bfloat16 model's buffers would never move).
-  return dispatch(OpId::batch_norm, [training, momentum, eps, running_mean, running_var](const Tensor& x, const Tensor& weight,
-                                                                                      const Tensor& bias) {
+  return dispatch(OpId::batch_norm, [training, momentum, eps, running_mean, running_var, relu](const Tensor& x, const Tensor& weight,
+                                                                                            const Tensor& bias) {
     MIXPREC_CHECK(x.defined() && x.dim() >= 2, "batch_norm: expected an input of shape [N, C, *], got ",
                   x.defined() ? x.sizes() : Shape{});
     MIXPREC_CHECK(x.is_floating_point(), "batch_norm: expected a floating-point input, got ", x.dtype(), " of shape ", x.sizes());
@@ -182,7 +185,8 @@ inline Tensor batch_norm(const Tensor& x, const Tensor& running_mean, const Tens
                       " the running statistics must be contiguous float32 (they are updated in place), got ", r->dtype(), " ",
                       r->sizes());
     }
-    const auto kernel = detail::device_kernel("batch_norm", x, &DeviceKernels::batch_norm);
+    const auto kernel = relu ? detail::device_kernel("batch_norm_relu", x, &DeviceKernels::batch_norm_relu)
+                             : detail::device_kernel("batch_norm", x, &DeviceKernels::batch_norm);
     const Device d = x.device();
     // The kernels take [C] parameters in float32, as cuDNN does (float64 for a float64 input, whose
     // CPU kernel reads them as doubles): 16-bit weights are widened and their gradients rounded back.
@@ -200,25 +204,50 @@ inline Tensor batch_norm(const Tensor& x, const Tensor& running_mean, const Tens
       if (running_var.defined()) running_var.bump_version();
     }
     if (autograd::should_record({x, weight, bias}))
-      autograd::record("batch_norm", {x, running_mean, running_var, weight, bias}, {y},
-                       [sx = autograd::SavedTensor(x), sw = autograd::SavedTensor(w), save_mean, save_invstd, training, eps, f,
+      autograd::record(relu ? "batch_norm_relu" : "batch_norm", {x, running_mean, running_var, weight, bias}, {y},
+                       [sx = autograd::SavedTensor(x), sw = autograd::SavedTensor(w), sy = relu ? autograd::SavedTensor(y) : autograd::SavedTensor(),
+                        save_mean, save_invstd, training, eps, f, relu,
                         wd = weight.defined() ? weight.dtype() : DType::Float32, bd = bias.defined() ? bias.dtype() : DType::Float32,
                         has_w = weight.defined(), has_b = bias.defined()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
-                         const Tensor& x = sx.get("batch_norm");
+                         const char* op = relu ? "batch_norm_relu" : "batch_norm";
+                         const Tensor& x = sx.get(op);
                          // Eval mode's gradient has its own entry (the statistics are constants); CUDA has none yet.
                          const DeviceKernels* k = device_kernels(x.device());
-                         MIXPREC_CHECK(training || (k != nullptr && k->batch_norm_backward_eval != nullptr), "batch_norm: backward in eval mode has no ",
+                         MIXPREC_CHECK(training || (k != nullptr && k->batch_norm_backward_eval != nullptr), op, ": backward in eval mode has no ",
                                        x.device(), " kernel yet; run the frozen layers under no_grad or on the CPU");
-                         const Tensor gy = detail::layout_raw(detail::expand_raw(detail::as_dtype_raw(g[0], x.dtype()), x.sizes()), f);
-                         const Tensor w = sw.get("batch_norm"), xl = detail::layout_raw(x, f);
-                         const auto r = training ? detail::device_kernel("batch_norm_backward", x, &DeviceKernels::batch_norm_backward)(
-                                                       xl, gy, w, save_mean, save_invstd, eps)
+                         Tensor gy = detail::layout_raw(detail::expand_raw(detail::as_dtype_raw(g[0], x.dtype()), x.sizes()), f);
+                         const Tensor w = sw.get(op), xl = detail::layout_raw(x, f);
+                         const Tensor yl = relu ? detail::layout_raw(sy.get(op), f) : Tensor();
+                         // Eval mode with relu: relu's own backward first (eval is not the step that needs the speed).
+                         if (relu && !training) gy = detail::device_kernel("relu", yl, &DeviceKernels::unary_backward)(DeviceUnary::Relu, gy, yl, yl);
+                         const auto r = training ? relu ? detail::device_kernel(op, x, &DeviceKernels::batch_norm_relu_backward)(
+                                                              xl, gy, yl, w, save_mean, save_invstd, eps)
+                                                        : detail::device_kernel("batch_norm_backward", x, &DeviceKernels::batch_norm_backward)(
+                                                              xl, gy, w, save_mean, save_invstd, eps)
                                                  : k->batch_norm_backward_eval(xl, gy, w, save_mean, save_invstd);
                          return {r[0], Tensor(), Tensor(), has_w ? detail::as_dtype_raw(r[1], wd) : Tensor(),
                                  has_b ? detail::as_dtype_raw(r[2], bd) : Tensor()};
                        });
     return y;
   }, x, weight, bias);
+}
+}  // namespace detail
+
+inline Tensor batch_norm(const Tensor& x, const Tensor& running_mean, const Tensor& running_var, const Tensor& weight = Tensor(),
+                         const Tensor& bias = Tensor(), bool training = false, double momentum = 0.1, double eps = 1e-5) {
+  return detail::batch_norm_op(x, running_mean, running_var, weight, bias, training, momentum, eps, false);
+}
+
+// relu(batch_norm(...)) -- conv-BN-ReLU's second half -- with the ReLU applied by the batch-norm
+// kernel as it writes y, and its mask applied as the backward reads the gradient: one pass over
+// the activation fewer each way. Same results, bit for bit, as the two ops; a device without the
+// fused kernels (DeviceKernels::batch_norm_relu) runs the two ops.
+inline Tensor batch_norm_relu(const Tensor& x, const Tensor& running_mean, const Tensor& running_var, const Tensor& weight = Tensor(),
+                              const Tensor& bias = Tensor(), bool training = false, double momentum = 0.1, double eps = 1e-5) {
+  const DeviceKernels* k = x.defined() ? device_kernels(x.device()) : nullptr;
+  if (k == nullptr || k->batch_norm_relu == nullptr || k->batch_norm_relu_backward == nullptr)
+    return relu(batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps));
+  return detail::batch_norm_op(x, running_mean, running_var, weight, bias, training, momentum, eps, true);
 }
 
 // Normalises over the trailing dims given by normalized_shape; weight / bias (optional) have

@@ -36,6 +36,22 @@ const float* rows_f32(const T* x, int64_t C, int64_t r0, int64_t m, std::vector<
   }
 }
 
+// Gradient rows [r0, r0 + m) as float32; with y (batch_norm_relu's output), zeroed where y is not
+// positive -- g * relu'(y), the product relu's backward would have written, read in the same pass.
+template <class T>
+const float* grad_rows(const T* g, const T* y, int64_t C, int64_t r0, int64_t m, std::vector<float>& gbuf, std::vector<float>& ybuf) {
+  const float* gv = rows_f32(g, C, r0, m, gbuf);
+  if (!y) return gv;
+  const float* yv = rows_f32(y, C, r0, m, ybuf);
+  gbuf.resize(static_cast<std::size_t>(m * C));  // float32 g was read in place: the product needs a buffer
+  float* o = gbuf.data();
+  const int64_t n = m * C;
+  cpu::simd([&]() MIXPREC_SIMD_BODY {
+    for (int64_t i = 0; i < n; ++i) o[i] = gv[i] * (yv[i] > 0.f ? 1.f : 0.f);
+  });
+  return o;
+}
+
 // Per-channel (count, mean, m2) merged block by block, in double.
 struct Moments {
   std::vector<double> n, mean, m2;
@@ -119,9 +135,9 @@ void affine_rows(const T* x, T* y, int64_t M, int64_t C, const Coef& coef) {
 // running_var float32 [C] (contiguous). training: batch statistics, running ones updated in place
 // (unbiased variance); eval: running statistics. Returns {y, mean, 1/std} (float32 [C]) in both
 // modes, as the NCHW kernel: eval mode's backward takes the running statistics' values.
-// y is channels-last in x's dtype.
+// y is channels-last in x's dtype; relu: y = max(y, 0) (NaN kept, as relu) in the same pass.
 inline std::array<Tensor, 3> forward(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& running_mean,
-                                     const Tensor& running_var, bool training, double momentum, double eps) {
+                                     const Tensor& running_var, bool training, double momentum, double eps, bool relu = false) {
   const int64_t N = x.size(0), C = x.size(1), M = N * x.size(2) * x.size(3);
   Tensor y = empty(x.sizes(), x.dtype(), Device::CPU, MemoryFormat::ChannelsLast);
   std::vector<double> mean(static_cast<std::size_t>(C)), invstd(static_cast<std::size_t>(C));
@@ -166,10 +182,19 @@ inline std::array<Tensor, 3> forward(const Tensor& x, const Tensor& weight, cons
       }
       detail::affine_rows(xp, y.data<T>(), M, C, [&](const float* v, float* o, int64_t m) {
         const float *h = hi.data(), *l = lo.data(), *s = scale.data(), *sh = shift.data();
-        cpu::simd([&]() MIXPREC_SIMD_BODY {
-          for (int64_t i = 0; i < m; ++i)
-            for (int64_t c = 0; c < C; ++c) o[i * C + c] = ((v[i * C + c] - h[c]) - l[c]) * s[c] + sh[c];
-        });
+        if (relu)
+          cpu::simd([&]() MIXPREC_SIMD_BODY {
+            for (int64_t i = 0; i < m; ++i)
+              for (int64_t c = 0; c < C; ++c) {
+                const float a = ((v[i * C + c] - h[c]) - l[c]) * s[c] + sh[c];
+                o[i * C + c] = a > 0.f || a != a ? a : 0.f;  // fn::relu
+              }
+          });
+        else
+          cpu::simd([&]() MIXPREC_SIMD_BODY {
+            for (int64_t i = 0; i < m; ++i)
+              for (int64_t c = 0; c < C; ++c) o[i * C + c] = ((v[i * C + c] - h[c]) - l[c]) * s[c] + sh[c];
+          });
       });
     }
   });
@@ -182,9 +207,10 @@ inline std::array<Tensor, 3> forward(const Tensor& x, const Tensor& weight, cons
 }
 
 // Training-mode backward: {dx (channels-last, x's dtype), dweight, dbias (float32 [C])} from x
-// and grad (both channels-last, one dtype), weight and the forward's saved mean and 1/std.
+// and grad (both channels-last, one dtype), weight and the forward's saved mean and 1/std. With
+// relu_out (forward(relu = true)'s y), the gradient of batch_norm_relu: grad masked as it is read.
 inline std::array<Tensor, 3> backward(const Tensor& x, const Tensor& grad, const Tensor& weight, const Tensor& save_mean,
-                                      const Tensor& save_invstd) {
+                                      const Tensor& save_invstd, const Tensor& relu_out = Tensor()) {
   const int64_t N = x.size(0), C = x.size(1), M = N * x.size(2) * x.size(3);
   Tensor dx = empty(x.sizes(), x.dtype(), Device::CPU, MemoryFormat::ChannelsLast);
   Tensor dw = empty({C}, DType::Float32), db = empty({C}, DType::Float32);
@@ -202,16 +228,17 @@ inline std::array<Tensor, 3> backward(const Tensor& x, const Tensor& grad, const
     } else {
       const T* xp = x.data<T>();
       const T* gp = grad.data<T>();
+      const T* yp = relu_out.defined() ? relu_out.data<T>() : nullptr;
       // Pass 1: per channel sum(g) and sum(g (x - mean)), float32 per block, double across.
       const int64_t nt = detail::row_threads(M, C);
       std::vector<std::vector<double>> sg(static_cast<std::size_t>(nt), std::vector<double>(C, 0.0)), sgx(sg);
       detail::for_row_ranges(M, C, [&](int64_t r0, int64_t r1, int64_t t) {
         const int64_t R = detail::block_rows(C);
-        std::vector<float> xb, gb, a(static_cast<std::size_t>(C)), b(a);
+        std::vector<float> xb, gb, yb, a(static_cast<std::size_t>(C)), b(a);
         for (int64_t b0 = r0; b0 < r1; b0 += R) {
           const int64_t m = std::min(R, r1 - b0);
           const float* xv = detail::rows_f32(xp, C, b0, m, xb);
-          const float* gv = detail::rows_f32(gp, C, b0, m, gb);
+          const float* gv = detail::grad_rows(gp, yp, C, b0, m, gb, yb);
           float *ap = a.data(), *bp = b.data();
           const float* h = hi.data();
           cpu::simd([&]() MIXPREC_SIMD_BODY {
@@ -246,11 +273,11 @@ inline std::array<Tensor, 3> backward(const Tensor& x, const Tensor& grad, const
       T* dxp = dx.data<T>();
       detail::for_row_ranges(M, C, [&](int64_t r0, int64_t r1, int64_t) {
         const int64_t R = detail::block_rows(C);
-        std::vector<float> xb, gb, out;
+        std::vector<float> xb, gb, yb, out;
         for (int64_t b0 = r0; b0 < r1; b0 += R) {
           const int64_t m = std::min(R, r1 - b0);
           const float* xv = detail::rows_f32(xp, C, b0, m, xb);
-          const float* gv = detail::rows_f32(gp, C, b0, m, gb);
+          const float* gv = detail::grad_rows(gp, yp, C, b0, m, gb, yb);
           float* o;
           if constexpr (std::is_same_v<T, float>) o = dxp + b0 * C;
           else {

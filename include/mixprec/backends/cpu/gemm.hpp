@@ -51,8 +51,10 @@ inline bool gemm_16bit_available() {
 }
 
 // C[M,N] float32 (row-major, contiguous) (+)= A[M,K] * B[K,N] for bfloat16 or half A and B,
-// accumulated in float32; round_to (optional, [M,N]) also receives C rounded to T, each thread's
-// tile as soon as it is final (no second pass over C). Requires gemm_16bit_available().
+// accumulated in float32. With round_to ([M,N], optional) the result goes there rounded to T,
+// straight from the microkernels' registers, and C is only the float32 scratch between K blocks
+// (its contents afterwards unspecified; with accumulate it is still read as the addend).
+// Requires gemm_16bit_available().
 template <class T>
 void gemm_16bit(const T* a, int64_t as0, int64_t as1, const T* b, int64_t bs0, int64_t bs1, float* c, int64_t M, int64_t N,
                 int64_t K, bool accumulate, T* round_to = nullptr) {

@@ -196,9 +196,37 @@ MIXPREC_TARGET_GEMM512 inline void store_tile(__m512 (&acc)[kMR][2], float* c, i
   }
 }
 
-// C[mr x nr] (=|+=) Apanel * Bpanel.
+// 16 accumulators rounded to a 16-bit type and stored (lanes in m).
+MIXPREC_TARGET_GEMM512 inline void store_rounded(bfloat16* p, __m512 v, __mmask16 m) {
+  _mm512_mask_cvtepi32_storeu_epi16(p, m, mixprec::detail::bf16_round_avx512(_mm512_castps_si512(v), m));
+}
+MIXPREC_TARGET_GEMM512 inline void store_rounded(half* p, __m512 v, __mmask16 m) {
+  _mm256_mask_storeu_epi16(p, m, _mm512_maskz_cvtps_ph(m, v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+// The end of a tile's last K block when the caller wants the 16-bit result: (C +) acc rounded
+// straight into out (C's layout, leading dimension ldc) -- C itself is not written, so the float32
+// result never makes the round trip through memory that a separate rounding pass costs.
+template <class T>
+MIXPREC_TARGET_GEMM512 void store_tile_rounded(__m512 (&acc)[kMR][2], const float* c, T* out, int64_t ldc, int64_t mr, int64_t nr,
+                                               bool add) {
+  const __mmask16 m0 = lanes(nr), m1 = lanes(nr - 16);
+#pragma GCC unroll 12
+  for (int i = 0; i < kMR; ++i) {
+    if (i >= mr) break;
+    if (add) {
+      acc[i][0] = _mm512_add_ps(acc[i][0], _mm512_maskz_loadu_ps(m0, c + i * ldc));
+      acc[i][1] = _mm512_add_ps(acc[i][1], _mm512_maskz_loadu_ps(m1, c + i * ldc + 16));
+    }
+    store_rounded(out + i * ldc, acc[i][0], m0);
+    store_rounded(out + i * ldc + 16, acc[i][1], m1);
+  }
+}
+
+// C[mr x nr] (=|+=) Apanel * Bpanel; with out (16-bit T), (C +) the product rounded into out instead.
+template <class T = float>
 MIXPREC_TARGET_GEMM512 inline void micro_f32(int64_t kc, const float* __restrict ap, const float* __restrict bp, float* c, int64_t ldc,
-                                             int64_t mr, int64_t nr, bool add) {
+                                             int64_t mr, int64_t nr, bool add, T* out = nullptr) {
   __m512 acc[kMR][2];
 #pragma GCC unroll 12
   for (int i = 0; i < kMR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
@@ -211,27 +239,31 @@ MIXPREC_TARGET_GEMM512 inline void micro_f32(int64_t kc, const float* __restrict
       acc[i][1] = _mm512_fmadd_ps(av, b1, acc[i][1]);
     }
   }
+  if constexpr (!std::is_same_v<T, float>)
+    if (out) return store_tile_rounded(acc, c, out, ldc, mr, nr, add);
   store_tile(acc, c, ldc, mr, nr, add);
 }
 
-// One thread's share: C[M, N] (ldc) (=|+=) A[M, K] * B[K, N].
+// One thread's share: C[M, N] (ldc) (=|+=) A[M, K] * B[K, N]. With out (16-bit T only), the
+// last K block writes the result rounded into out (C's layout) and leaves that part of C alone.
 template <class T>
-MIXPREC_TARGET_GEMM512 void gemm_serial(View<T> a, View<T> b, float* c, int64_t ldc, int64_t M, int64_t N, int64_t K, bool accumulate) {
+MIXPREC_TARGET_GEMM512 void gemm_serial(View<T> a, View<T> b, float* c, int64_t ldc, int64_t M, int64_t N, int64_t K, bool accumulate,
+                                        T* out = nullptr) {
   float* bpack = static_cast<float*>(pack_b_buffer().get(sizeof(float) * kKC * ((std::min(N, kNC) + kNR - 1) / kNR * kNR)));
   float* apack = static_cast<float*>(pack_a_buffer().get(sizeof(float) * kKC * ((std::min(M, kMC) + kMR - 1) / kMR * kMR)));
   for (int64_t jc = 0; jc < N; jc += kNC) {
     const int64_t nc = std::min(kNC, N - jc);
     for (int64_t pc = 0; pc < K; pc += kKC) {
       const int64_t kc = std::min(kKC, K - pc);
-      const bool add = accumulate || pc > 0;
+      const bool add = accumulate || pc > 0, last = pc + kc >= K;
       pack_b(b, pc, kc, jc, nc, bpack);
       for (int64_t ic = 0; ic < M; ic += kMC) {
         const int64_t mc = std::min(kMC, M - ic);
         pack_a(a, ic, mc, pc, kc, apack);
         for (int64_t jr = 0; jr < nc; jr += kNR)
           for (int64_t ir = 0; ir < mc; ir += kMR)
-            micro_f32(kc, apack + ir * kc, bpack + jr * kc, c + (ic + ir) * ldc + jc + jr, ldc, std::min(kMR, mc - ir),
-                      std::min(kNR, nc - jr), add);
+            micro_f32<T>(kc, apack + ir * kc, bpack + jr * kc, c + (ic + ir) * ldc + jc + jr, ldc, std::min(kMR, mc - ir),
+                         std::min(kNR, nc - jr), add, last && out ? out + (ic + ir) * ldc + jc + jr : nullptr);
       }
     }
   }
@@ -272,7 +304,7 @@ MIXPREC_TARGET_GEMM512BF16 inline void pack_b_bf16(View<bfloat16> b, int64_t k0,
 }
 
 MIXPREC_TARGET_GEMM512BF16 inline void micro_bf16(int64_t kp, const uint32_t* __restrict ap, const uint32_t* __restrict bp, float* c,
-                                                  int64_t ldc, int64_t mr, int64_t nr, bool add) {
+                                                  int64_t ldc, int64_t mr, int64_t nr, bool add, bfloat16* out = nullptr) {
   __m512 acc[kMR][2];
 #pragma GCC unroll 12
   for (int i = 0; i < kMR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
@@ -285,11 +317,12 @@ MIXPREC_TARGET_GEMM512BF16 inline void micro_bf16(int64_t kp, const uint32_t* __
       acc[i][1] = _mm512_dpbf16_ps(acc[i][1], av, b1);
     }
   }
+  if (out) return store_tile_rounded(acc, c, out, ldc, mr, nr, add);
   store_tile(acc, c, ldc, mr, nr, add);
 }
 
 MIXPREC_TARGET_GEMM512BF16 inline void gemm_serial_dpbf16(View<bfloat16> a, View<bfloat16> b, float* c, int64_t ldc, int64_t M, int64_t N,
-                                                          int64_t K, bool accumulate) {
+                                                          int64_t K, bool accumulate, bfloat16* out = nullptr) {
   constexpr int64_t kKP = kKC;  // pairs: a kKP x kNR micro-panel of B is the same 32 KiB as float32's
   uint32_t* bpack = static_cast<uint32_t*>(pack_b_buffer().get(sizeof(uint32_t) * kKP * ((std::min(N, kNC) + kNR - 1) / kNR * kNR)));
   uint32_t* apack = static_cast<uint32_t*>(pack_a_buffer().get(sizeof(uint32_t) * kKP * ((std::min(M, kMC) + kMR - 1) / kMR * kMR)));
@@ -297,7 +330,7 @@ MIXPREC_TARGET_GEMM512BF16 inline void gemm_serial_dpbf16(View<bfloat16> a, View
     const int64_t nc = std::min(kNC, N - jc);
     for (int64_t pc = 0; pc < K; pc += 2 * kKP) {
       const int64_t kc = std::min(2 * kKP, K - pc), kp = (kc + 1) / 2;
-      const bool add = accumulate || pc > 0;
+      const bool add = accumulate || pc > 0, last = pc + kc >= K;
       pack_b_bf16(b, pc, kc, jc, nc, bpack);
       for (int64_t ic = 0; ic < M; ic += kMC) {
         const int64_t mc = std::min(kMC, M - ic);
@@ -305,7 +338,7 @@ MIXPREC_TARGET_GEMM512BF16 inline void gemm_serial_dpbf16(View<bfloat16> a, View
         for (int64_t jr = 0; jr < nc; jr += kNR)
           for (int64_t ir = 0; ir < mc; ir += kMR)
             micro_bf16(kp, apack + ir * kp, bpack + jr * kp, c + (ic + ir) * ldc + jc + jr, ldc, std::min(kMR, mc - ir),
-                       std::min(kNR, nc - jr), add);
+                       std::min(kNR, nc - jr), add, last && out ? out + (ic + ir) * ldc + jc + jr : nullptr);
       }
     }
   }
@@ -349,25 +382,16 @@ void parallel_tiles(int64_t M, int64_t N, int64_t K, F&& tile) {
 }  // namespace detail
 
 #if defined(MIXPREC_X86_SIMD)
-namespace detail {
-// A thread's finished tile of C rounded into the 16-bit result (same layout) while it is in cache.
-template <class T>
-void round_tile(const float* c, T* round_to, int64_t ldc, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  if constexpr (!std::is_same_v<T, float>) {
-    if (round_to)
-      for (int64_t m = m0; m < m1; ++m) convert(c + m * ldc + n0, round_to + m * ldc + n0, n1 - n0);
-  }
-}
-}  // namespace detail
-
 // C[M, N] (row-major, leading dimension ldc, float32) (=|+=) A[M, K] * B[K, N]. Requires available().
-// For 16-bit T, round_to (optional, C's layout) receives C rounded, tile by tile as each finishes.
+// For 16-bit T, round_to (optional, C's layout) receives the result rounded, written by the
+// microkernels from their registers; C is then only scratch between K blocks (its contents
+// afterwards unspecified).
 template <class T>
 void gemm(View<T> a, View<T> b, float* c, int64_t ldc, int64_t M, int64_t N, int64_t K, bool accumulate, T* round_to = nullptr) {
+  if constexpr (std::is_same_v<T, float>) round_to = nullptr;
   detail::parallel_tiles(M, N, K, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
     detail::gemm_serial<T>(View<T>{&a.at(m0, 0), a.s0, a.s1}, View<T>{&b.at(0, n0), b.s0, b.s1}, c + m0 * ldc + n0, ldc, m1 - m0,
-                           n1 - n0, K, accumulate);
-    detail::round_tile(c, round_to, ldc, m0, m1, n0, n1);
+                           n1 - n0, K, accumulate, round_to ? round_to + m0 * ldc + n0 : nullptr);
   });
 }
 
@@ -376,8 +400,7 @@ inline void gemm_dpbf16(View<bfloat16> a, View<bfloat16> b, float* c, int64_t ld
                         bfloat16* round_to = nullptr) {
   detail::parallel_tiles(M, N, K, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
     detail::gemm_serial_dpbf16(View<bfloat16>{&a.at(m0, 0), a.s0, a.s1}, View<bfloat16>{&b.at(0, n0), b.s0, b.s1}, c + m0 * ldc + n0,
-                               ldc, m1 - m0, n1 - n0, K, accumulate);
-    detail::round_tile(c, round_to, ldc, m0, m1, n0, n1);
+                               ldc, m1 - m0, n1 - n0, K, accumulate, round_to ? round_to + m0 * ldc + n0 : nullptr);
   });
 }
 #endif

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "mixprec/backends/cpu/batch_norm_nhwc.hpp"
+#include "mixprec/backends/cpu/elementwise.hpp"
 #include "mixprec/backends/cpu/vec_math.hpp"
 #include "mixprec/backends/device.hpp"
 #include "mixprec/ops/conv.hpp"
@@ -476,7 +477,28 @@ inline std::array<Tensor, 3> batch_norm_backward_eval_any_layout(const Tensor& x
   return r;
 }
 
+// batch_norm_relu: the NHWC kernel applies the ReLU as it writes y and masks the gradient as it
+// reads it; other layouts and dtypes compose (the NCHW kernels, then relu's own kernels).
+inline std::array<Tensor, 3> batch_norm_relu_any_layout(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& running_mean,
+                                                        const Tensor& running_var, bool training, double momentum, double eps) {
+  if (bn_takes_nhwc(x, running_mean, running_var) && weight.dtype() == DType::Float32 && bias.dtype() == DType::Float32)
+    return bn_nhwc::forward(x, mixprec::detail::contiguous_raw(weight), mixprec::detail::contiguous_raw(bias), running_mean, running_var,
+                            training, momentum, eps, true);
+  auto r = batch_norm_any_layout(x, weight, bias, running_mean, running_var, training, momentum, eps);
+  r[0] = unary_op(DeviceUnary::Relu, r[0]);
+  return r;
+}
+inline std::array<Tensor, 3> batch_norm_relu_backward_any_layout(const Tensor& x, const Tensor& grad, const Tensor& y, const Tensor& weight,
+                                                                 const Tensor& save_mean, const Tensor& save_invstd, double eps) {
+  if (x.dim() == 4 && x.is_contiguous(MemoryFormat::ChannelsLast) && save_mean.dtype() == DType::Float32 &&
+      weight.dtype() == DType::Float32 && y.dtype() == x.dtype())
+    return bn_nhwc::backward(x, to_channels_last(grad), mixprec::detail::contiguous_raw(weight), save_mean, save_invstd, to_channels_last(y));
+  return batch_norm_backward_any_layout(x, unary_backward_op(DeviceUnary::Relu, grad, y, y), weight, save_mean, save_invstd, eps);
+}
+
 inline void fill_norm_kernels(DeviceKernels& t) {
+  t.batch_norm_relu = &batch_norm_relu_any_layout;
+  t.batch_norm_relu_backward = &batch_norm_relu_backward_any_layout;
   t.batch_norm = &batch_norm_any_layout;
   t.batch_norm_backward = &batch_norm_backward_any_layout;
   t.batch_norm_backward_eval = &batch_norm_backward_eval_any_layout;

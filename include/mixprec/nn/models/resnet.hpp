@@ -35,7 +35,7 @@ class BasicBlock : public Module {
     register_module("downsample", this->downsample);
   }
   Tensor forward(const Tensor& x) override {
-    Tensor out = relu->forward(bn1->forward(conv1->forward(x)));
+    Tensor out = bn1->forward_relu(conv1->forward(x));
     out = bn2->forward(conv2->forward(out));
     return relu->forward(mixprec::add(out, downsample ? downsample->forward(x) : x));
   }
@@ -71,8 +71,8 @@ class Bottleneck : public Module {
     register_module("downsample", this->downsample);
   }
   Tensor forward(const Tensor& x) override {
-    Tensor out = relu->forward(bn1->forward(conv1->forward(x)));
-    out = relu->forward(bn2->forward(conv2->forward(out)));
+    Tensor out = bn1->forward_relu(conv1->forward(x));
+    out = bn2->forward_relu(conv2->forward(out));
     out = bn3->forward(conv3->forward(out));
     return relu->forward(mixprec::add(out, downsample ? downsample->forward(x) : x));
   }
@@ -143,7 +143,7 @@ class ResNet : public Module {
   }
 
   Tensor forward(const Tensor& x) override {
-    Tensor y = relu->forward(bn1->forward(conv1->forward(x)));
+    Tensor y = bn1->forward_relu(conv1->forward(x));
     if (maxpool) y = maxpool->forward(y);
     for (const auto& s : stages) y = s->forward(y);
     return fc->forward(avgpool->forward(y).flatten(1));
