@@ -10,6 +10,25 @@
 // assembled after the op layer, and registered at static initialisation of every program that
 // includes mixprec.hpp -- before any global of the program's own translation unit that uses ops.
 //
+// Compiled mode (MIXPREC_COMPILED_LIB, the mixprec::compiled target): the table and every kernel it
+// points to are built once, into the library (src/mixprec_compiled.cpp), and a program's units only
+// see the declaration below -- instantiating and optimising the whole table is most of the cost of
+// compiling a unit that includes mixprec.hpp. Header-only use (the default) defines it inline here.
+#include "mixprec/backends/device.hpp"
+
+#if defined(MIXPREC_COMPILED_LIB) && !defined(MIXPREC_BUILDING_COMPILED_LIB)
+namespace mixprec::cpu::detail {
+const DeviceKernels& cpu_kernel_table();
+inline const bool kCpuKernelsRegistered = (set_device_kernels(Device::CPU, &cpu_kernel_table()), true);
+}  // namespace mixprec::cpu::detail
+#else
+
+#if defined(MIXPREC_BUILDING_COMPILED_LIB)
+#define MIXPREC_TABLE_LINKAGE  // one external definition, in the library
+#else
+#define MIXPREC_TABLE_LINKAGE inline
+#endif
+
 // Each area fills its entries from its own header (one place per kernel family):
 #include "mixprec/backends/cpu/attention.hpp"
 #include "mixprec/backends/cpu/conv.hpp"
@@ -23,7 +42,7 @@
 namespace mixprec::cpu {
 namespace detail {
 
-inline const DeviceKernels& cpu_kernel_table() {
+MIXPREC_TABLE_LINKAGE const DeviceKernels& cpu_kernel_table() {
   static const DeviceKernels k = [] {
     DeviceKernels t;
     // Host <-> device transfers (to_device, to_host) and graphs (make_graph) have no CPU meaning.
@@ -44,3 +63,6 @@ inline const bool kCpuKernelsRegistered = (set_device_kernels(Device::CPU, &cpu_
 
 }  // namespace detail
 }  // namespace mixprec::cpu
+
+#undef MIXPREC_TABLE_LINKAGE
+#endif  // compiled mode
