@@ -177,6 +177,27 @@ TEST(PolicyTable, UserOpsRegisterQueryAndDispatch) {
   EXPECT_NE(md.str().find("| `linear` | lower_precision |"), std::string::npos) << md.str();
 }
 
+// Plain text: every row is "op  policy  note" with at least two spaces after the longest op name
+// (binary_cross_entropy_with_logits used to run into its policy).
+TEST(Autocast, PolicyTableColumnsFitTheLongestName) {
+  std::ostringstream os;
+  amp::print_policy_table(os);
+  std::istringstream lines(os.str());
+  std::string line;
+  std::size_t policy_col = std::string::npos, rows = 0;
+  while (std::getline(lines, line)) {
+    const std::size_t end_of_op = line.find(' ');
+    ASSERT_NE(end_of_op, std::string::npos) << line;
+    const std::size_t col = line.find_first_not_of(' ', end_of_op);
+    ASSERT_GE(col, end_of_op + 2) << line;
+    if (policy_col == std::string::npos) policy_col = col;
+    EXPECT_EQ(col, policy_col) << "policy column misaligned: " << line;
+    ++rows;
+  }
+  EXPECT_GT(rows, 20u);
+  EXPECT_NE(os.str().find("binary_cross_entropy_with_logits  "), std::string::npos) << os.str();
+}
+
 TEST(Autocast, DefaultsPerDeviceAndNestingRestores) {
   EXPECT_FALSE(autocast::is_enabled(Device::CPU));
   EXPECT_EQ(autocast::dtype(Device::CPU), kBFloat16);

@@ -140,11 +140,11 @@ Device device_of_args(const Args&... args) {
 // autocast ac{Device::CPU, DType::BFloat16};   autocast off{Device::CPU, false};
 class autocast {
  public:
-  autocast(Device device, DType dtype, bool enabled = true) : device_(device) {
+  MIXPREC_GUARD autocast(Device device, DType dtype, bool enabled = true) : device_(device) {
     MIXPREC_CHECK(is_low_precision(dtype), "autocast: dtype must be float16 or bfloat16, got ", dtype);
     enter(dtype, enabled);
   }
-  explicit autocast(Device device, bool enabled = true) : device_(device) {
+  MIXPREC_GUARD explicit autocast(Device device, bool enabled = true) : device_(device) {
     enter(amp::detail::state().dtype[static_cast<int>(device)], enabled);
   }
   ~autocast() {

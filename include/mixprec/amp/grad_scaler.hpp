@@ -89,9 +89,19 @@ MIXPREC_HOST_DEVICE void update_scale(float& scale, int64_t& growth_tracker, boo
 
 }  // namespace detail
 
+// Named arguments: `GradScaler({.init_scale = 1024, .growth_interval = 100})`; torch.amp.GradScaler's defaults.
+struct GradScalerOptions {
+  double init_scale = 65536.0, growth_factor = 2.0, backoff_factor = 0.5;
+  int64_t growth_interval = 2000;
+  bool enabled = true;
+};
+
 class GradScaler {
  public:
   enum class OptState { READY, UNSCALED, STEPPED };
+
+  explicit GradScaler(const GradScalerOptions& o)
+      : GradScaler(o.init_scale, o.growth_factor, o.backoff_factor, o.growth_interval, o.enabled) {}
 
   explicit GradScaler(double init_scale = 65536.0, double growth_factor = 2.0, double backoff_factor = 0.5,
                       int64_t growth_interval = 2000, bool enabled = true)

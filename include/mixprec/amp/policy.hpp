@@ -123,11 +123,19 @@ inline std::vector<PolicyEntry> policy_table() {
 inline void print_policy_table(std::ostream& os = std::cout, bool markdown = false) {
   const auto entries = policy_table();
   if (markdown) os << "| op | autocast policy | note |\n|---|---|---|\n";
+  // Plain text: each column as wide as its longest entry plus two spaces, so no op name runs into
+  // its policy (binary_cross_entropy_with_logits is 32 characters).
+  std::size_t op_w = 2, policy_w = 6;
+  for (const auto& e : entries) {
+    op_w = std::max(op_w, std::string_view(e.op).size());
+    policy_w = std::max(policy_w, std::string_view(name(e.policy)).size());
+  }
+  if (!markdown) os << std::left << std::setw(static_cast<int>(op_w + 2)) << "op" << std::setw(static_cast<int>(policy_w + 2)) << "policy" << "note\n";
   for (Policy p : {Policy::LowerPrecision, Policy::Float32, Policy::Promote, Policy::BannedFloat16, Policy::Unlisted}) {
     for (const auto& e : entries) {
       if (e.policy != p) continue;
       if (markdown) os << "| `" << e.op << "` | " << name(p) << " | " << e.note << " |\n";
-      else os << std::left << std::setw(32) << e.op << std::setw(18) << name(p) << e.note << '\n';
+      else os << std::left << std::setw(static_cast<int>(op_w + 2)) << e.op << std::setw(static_cast<int>(policy_w + 2)) << name(p) << e.note << '\n';
     }
   }
 }

@@ -44,11 +44,11 @@ inline bool anomaly_mode_enabled() { return anomaly::detail::active() != nullptr
 class detect_anomaly {
  public:
   enum class Action { Throw, Record };
-  explicit detect_anomaly(Action action = Action::Throw, bool enabled = true)
+  MIXPREC_GUARD explicit detect_anomaly(Action action = Action::Throw, bool enabled = true)
       : action_(action), prev_(anomaly::detail::active()) {
     anomaly::detail::active() = enabled ? this : nullptr;
   }
-  explicit detect_anomaly(bool enabled) : detect_anomaly(Action::Throw, enabled) {}
+  MIXPREC_GUARD explicit detect_anomaly(bool enabled) : detect_anomaly(Action::Throw, enabled) {}
   ~detect_anomaly() { anomaly::detail::active() = prev_; }
   detect_anomaly(const detect_anomaly&) = delete;
   detect_anomaly& operator=(const detect_anomaly&) = delete;

@@ -1,4 +1,6 @@
 #pragma once
+#include "mixprec/core/config.hpp"
+
 namespace mixprec {
 
 // Thread-local, as in PyTorch: one thread's no_grad does not affect another's training.
@@ -13,7 +15,7 @@ struct GradMode {
 
 class no_grad {
  public:
-  no_grad() : prev_(GradMode::is_enabled()) { GradMode::set_enabled(false); }
+  MIXPREC_GUARD no_grad() : prev_(GradMode::is_enabled()) { GradMode::set_enabled(false); }
   ~no_grad() { GradMode::set_enabled(prev_); }
   no_grad(const no_grad&) = delete;
   no_grad& operator=(const no_grad&) = delete;
@@ -24,7 +26,7 @@ class no_grad {
 
 class enable_grad {
  public:
-  enable_grad() : prev_(GradMode::is_enabled()) { GradMode::set_enabled(true); }
+  MIXPREC_GUARD enable_grad() : prev_(GradMode::is_enabled()) { GradMode::set_enabled(true); }
   ~enable_grad() { GradMode::set_enabled(prev_); }
   enable_grad(const enable_grad&) = delete;
   enable_grad& operator=(const enable_grad&) = delete;

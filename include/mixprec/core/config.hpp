@@ -9,6 +9,10 @@
 #define MIXPREC_DEVICE inline
 #endif
 
+// On a scope guard's constructors: `autocast(Device::CPU, DType::BFloat16);` (no name) builds a
+// temporary that ends at the semicolon and guards nothing -- the compiler says so.
+#define MIXPREC_GUARD [[nodiscard("a guard acts only while it is alive: give it a name")]]
+
 #if defined(_OPENMP)
 #include <omp.h>
 #endif

@@ -84,12 +84,22 @@ using Dataset = TensorDataset;
 // and then advances it, so consecutive loops see fresh shuffles; set_epoch(e) picks the epoch
 // explicitly (as PyTorch's DistributedSampler.set_epoch). The order depends only on
 // (seed, epoch, shard), never on prefetching or timing.
+// Named arguments: `DataLoader(ds, {.batch_size = 64, .shuffle = true, .seed = 1})`.
+struct DataLoaderOptions {
+  int64_t batch_size = 1;
+  bool shuffle = false;
+  uint64_t seed = 0;
+  bool drop_last = false, prefetch = false;
+};
+
 class DataLoader {
  public:
   // Runs on each gathered batch (on the prefetch thread when prefetching); `gen` is seeded from
   // (seed, epoch, rank, batch index) so random augmentations are reproducible.
   using Transform = std::function<Batch(Batch batch, Generator& gen)>;
 
+  DataLoader(TensorDataset dataset, const DataLoaderOptions& o)
+      : DataLoader(std::move(dataset), o.batch_size, o.shuffle, o.seed, o.drop_last, o.prefetch) {}
   DataLoader(TensorDataset dataset, int64_t batch_size, bool shuffle = false, uint64_t seed = 0,
              bool drop_last = false, bool prefetch = false)
       : dataset_(std::move(dataset)), batch_size_(batch_size), shuffle_(shuffle), seed_(seed), drop_last_(drop_last),

@@ -75,8 +75,27 @@ MIXPREC_HOST_DEVICE AdamScalars adam_scalars(const AdamHyper& h, int64_t step) {
 }
 }  // namespace detail
 
+// Named arguments for the constructors: `AdamW(params, {.lr = 3e-4, .weight_decay = 0.1})` -- the
+// positional forms stay, with PyTorch's order. Defaults as torch.optim.Adam / AdamW.
+struct AdamOptions {
+  double lr = 1e-3;
+  std::pair<double, double> betas = {0.9, 0.999};
+  double eps = 1e-8, weight_decay = 0.0;
+  bool amsgrad = false;
+};
+struct AdamWOptions {
+  double lr = 1e-3;
+  std::pair<double, double> betas = {0.9, 0.999};
+  double eps = 1e-8, weight_decay = 1e-2;
+  bool amsgrad = false;
+};
+
 class Adam : public Optimizer {
  public:
+  Adam(std::vector<Tensor> params, const AdamOptions& o)
+      : Adam(std::move(params), o.lr, o.betas, o.eps, o.weight_decay, o.amsgrad) {}
+  Adam(std::vector<ParamGroup> groups, const AdamOptions& o)
+      : Adam(std::move(groups), o.lr, o.betas, o.eps, o.weight_decay, o.amsgrad) {}
   Adam(std::vector<Tensor> params, double lr = 1e-3, std::pair<double, double> betas = {0.9, 0.999}, double eps = 1e-8,
        double weight_decay = 0.0, bool amsgrad = false)
       : Adam(detail::single_group(std::move(params)), lr, betas, eps, weight_decay, amsgrad) {}
@@ -152,6 +171,10 @@ class Adam : public Optimizer {
 
 class AdamW : public Adam {
  public:
+  AdamW(std::vector<Tensor> params, const AdamWOptions& o)
+      : AdamW(std::move(params), o.lr, o.betas, o.eps, o.weight_decay, o.amsgrad) {}
+  AdamW(std::vector<ParamGroup> groups, const AdamWOptions& o)
+      : AdamW(std::move(groups), o.lr, o.betas, o.eps, o.weight_decay, o.amsgrad) {}
   AdamW(std::vector<Tensor> params, double lr = 1e-3, std::pair<double, double> betas = {0.9, 0.999}, double eps = 1e-8,
         double weight_decay = 1e-2, bool amsgrad = false)
       : AdamW(detail::single_group(std::move(params)), lr, betas, eps, weight_decay, amsgrad) {}

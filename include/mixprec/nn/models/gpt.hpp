@@ -165,4 +165,11 @@ class GPT : public Module {
   }
 };
 
+// Models are owned through std::shared_ptr, as every module is (LibTorch's convention, and what
+// register_module and the optimizers' parameter lists expect): the factories of this namespace
+// (resnet20(), make_resnet(), gpt()) all return one.
+inline std::shared_ptr<GPT> gpt(const GPTConfig& config = {}, Generator& gen = default_generator()) {
+  return std::make_shared<GPT>(config, gen);
+}
+
 }  // namespace mixprec::nn::models
