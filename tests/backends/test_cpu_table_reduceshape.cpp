@@ -78,7 +78,7 @@ std::vector<Case> cases() {
 
 }  // namespace cpu_table_reduceshape_test
 
-using namespace cpu_table_reduceshape_test;
+namespace rs = cpu_table_reduceshape_test;
 
 TEST(CpuTableReduceShape, TheCpuTableHasTheAreasEntries) {
   const DeviceKernels* k = device_kernels(Device::CPU);
@@ -95,50 +95,50 @@ TEST(CpuTableReduceShape, TheCpuTableHasTheAreasEntries) {
 TEST(CpuTableReduceShape, OpsRouteThroughTheTableForwardAndBackward) {
   Generator g(3);
   const Tensor init = randn({2, 3}, DType::Float32, g);
-  for (const Case& c : cases()) {
+  for (const rs::Case& c : rs::cases()) {
     SCOPED_TRACE(c.op + " -> " + c.entry);
     const Tensor ref = c.f(init.clone().requires_grad_());
-    const ScopedKernels s(Device::CPU, counted());
+    const ScopedKernels s(Device::CPU, rs::counted());
     const Tensor x = init.clone().requires_grad_();
     const Tensor y = c.f(x);
-    EXPECT_EQ(calls()[c.entry], c.forward);
-    EXPECT_EQ(values(y), values(ref));
+    EXPECT_EQ(rs::calls()[c.entry], c.forward);
+    EXPECT_EQ(rs::values(y), rs::values(ref));
     if (c.backward < 0) continue;
-    calls().clear();
+    rs::calls().clear();
     sum(y).backward();
-    EXPECT_EQ(calls()[c.entry], c.backward);
+    EXPECT_EQ(rs::calls()[c.entry], c.backward);
   }
 }
 
 TEST(CpuTableReduceShape, RoutedResultsKeepTheirValues) {
-  const ScopedKernels s(Device::CPU, counted());
+  const ScopedKernels s(Device::CPU, rs::counted());
   const Tensor x = tensor(std::vector<float>{1, 2, 3, 4, 5, 6}, {2, 3});
-  EXPECT_EQ(values(mean(x, {1})), (std::vector<double>{2, 5}));
-  EXPECT_EQ(values(var(x, {1})), (std::vector<double>{1, 1}));
+  EXPECT_EQ(rs::values(mean(x, {1})), (std::vector<double>{2, 5}));
+  EXPECT_EQ(rs::values(var(x, {1})), (std::vector<double>{1, 1}));
   const auto [v, i] = min(x, 0);
-  EXPECT_EQ(values(v), (std::vector<double>{1, 2, 3}));
-  EXPECT_EQ(values(i), (std::vector<double>{0, 0, 0}));
-  EXPECT_EQ(values(cumsum(x, 1)), (std::vector<double>{1, 3, 6, 4, 9, 15}));
-  EXPECT_EQ(values(gather(x, 1, tensor(std::vector<int64_t>{2, 0}, {2, 1}))), (std::vector<double>{3, 4}));
-  EXPECT_EQ(values(cat({x, x}, 0)).size(), 12u);
-  EXPECT_EQ(values(ge(x, 3.0)), (std::vector<double>{0, 0, 1, 1, 1, 1}));
-  EXPECT_EQ(values(clamp(x, 2.0, 4.0)), (std::vector<double>{2, 2, 3, 4, 4, 4}));
-  EXPECT_GT(calls()["reduce"], 0);
+  EXPECT_EQ(rs::values(v), (std::vector<double>{1, 2, 3}));
+  EXPECT_EQ(rs::values(i), (std::vector<double>{0, 0, 0}));
+  EXPECT_EQ(rs::values(cumsum(x, 1)), (std::vector<double>{1, 3, 6, 4, 9, 15}));
+  EXPECT_EQ(rs::values(gather(x, 1, tensor(std::vector<int64_t>{2, 0}, {2, 1}))), (std::vector<double>{3, 4}));
+  EXPECT_EQ(rs::values(cat({x, x}, 0)).size(), 12u);
+  EXPECT_EQ(rs::values(ge(x, 3.0)), (std::vector<double>{0, 0, 1, 1, 1, 1}));
+  EXPECT_EQ(rs::values(clamp(x, 2.0, 4.0)), (std::vector<double>{2, 2, 3, 4, 4, 4}));
+  EXPECT_GT(rs::calls()["reduce"], 0);
 }
 
 TEST(CpuTableReduceShape, WithoutItsEntryAnOpThrowsNamingItself) {
   const Tensor x = randn({2, 3});
   const Tensor idx = tensor(std::vector<int64_t>{0});
   for (const auto& [op, entry, f] : std::vector<std::tuple<std::string, DeviceKernels, std::function<void()>>>{
-           {"mean", [] { DeviceKernels t = real(); t.reduce = nullptr; return t; }(), [&] { mean(x); }},
-           {"max", [] { DeviceKernels t = real(); t.reduce = nullptr; return t; }(), [&] { max(x, 0); }},
-           {"eq", [] { DeviceKernels t = real(); t.compare = nullptr; return t; }(), [&] { eq(x, x); }},
-           {"sqrt", [] { DeviceKernels t = real(); t.pointwise = nullptr; return t; }(), [&] { mixprec::sqrt(x); }},
-           {"where", [] { DeviceKernels t = real(); t.pointwise = nullptr; return t; }(), [&] { where(gt(x, 0.0), x, x); }},
-           {"cat", [] { DeviceKernels t = real(); t.cat = nullptr; return t; }(), [&] { cat({x, x}); }},
-           {"index_select", [] { DeviceKernels t = real(); t.index = nullptr; return t; }(), [&] { index_select(x, 0, idx); }},
-           {"cumsum", [] { DeviceKernels t = real(); t.cumsum = nullptr; return t; }(), [&] { cumsum(x, 0); }},
-           {"clip_grad_value_", [] { DeviceKernels t = real(); t.param_op = nullptr; return t; }(), [&] {
+           {"mean", [] { DeviceKernels t = rs::real(); t.reduce = nullptr; return t; }(), [&] { mean(x); }},
+           {"max", [] { DeviceKernels t = rs::real(); t.reduce = nullptr; return t; }(), [&] { max(x, 0); }},
+           {"eq", [] { DeviceKernels t = rs::real(); t.compare = nullptr; return t; }(), [&] { eq(x, x); }},
+           {"sqrt", [] { DeviceKernels t = rs::real(); t.pointwise = nullptr; return t; }(), [&] { mixprec::sqrt(x); }},
+           {"where", [] { DeviceKernels t = rs::real(); t.pointwise = nullptr; return t; }(), [&] { where(gt(x, 0.0), x, x); }},
+           {"cat", [] { DeviceKernels t = rs::real(); t.cat = nullptr; return t; }(), [&] { cat({x, x}); }},
+           {"index_select", [] { DeviceKernels t = rs::real(); t.index = nullptr; return t; }(), [&] { index_select(x, 0, idx); }},
+           {"cumsum", [] { DeviceKernels t = rs::real(); t.cumsum = nullptr; return t; }(), [&] { cumsum(x, 0); }},
+           {"clip_grad_value_", [] { DeviceKernels t = rs::real(); t.param_op = nullptr; return t; }(), [&] {
               Tensor p = randn({2}).requires_grad_();
               p.set_grad(ones({2}));
               optim::clip_grad_value_({p}, 0.5);
@@ -154,17 +154,17 @@ TEST(CpuTableReduceShape, WithoutItsEntryAnOpThrowsNamingItself) {
 // clip_grad_value_, clip_grad_norm_ (norms other than 2), EMA.update and a master adopting a
 // changed 16-bit parameter: one param_op call per tensor.
 TEST(CpuTableReduceShape, OptimPassesRouteThroughParamOp) {
-  const ScopedKernels s(Device::CPU, counted());
+  const ScopedKernels s(Device::CPU, rs::counted());
   Tensor p = tensor(std::vector<float>{3, -4}).requires_grad_();
   p.set_grad(tensor(std::vector<float>{3, -4}));
   EXPECT_DOUBLE_EQ(static_cast<double>(optim::clip_grad_norm_({p}, 100.0, 1.0)), 7.0);
-  EXPECT_EQ(calls()["param_op"], 1);
+  EXPECT_EQ(rs::calls()["param_op"], 1);
   optim::clip_grad_value_({p}, 0.5);
-  EXPECT_EQ(calls()["param_op"], 2);
-  EXPECT_EQ(values(p.grad()), (std::vector<double>{0.5, -0.5}));
+  EXPECT_EQ(rs::calls()["param_op"], 2);
+  EXPECT_EQ(rs::values(p.grad()), (std::vector<double>{0.5, -0.5}));
   optim::EMA ema({p}, 0.5);
   ema.update();
-  EXPECT_EQ(calls()["param_op"], 3);
+  EXPECT_EQ(rs::calls()["param_op"], 3);
 
   Tensor q = full({1}, 1.0, DType::BFloat16).requires_grad_();
   optim::SGD opt({q}, 1e-3);
@@ -175,8 +175,8 @@ TEST(CpuTableReduceShape, OptimPassesRouteThroughParamOp) {
     q.fill_(2.0);  // another writer: the master adopts it at the next step
   }
   q.set_grad(ones({1}, DType::BFloat16));
-  calls().clear();
+  rs::calls().clear();
   opt.step();
-  EXPECT_EQ(calls()["param_op"], 1);
+  EXPECT_EQ(rs::calls()["param_op"], 1);
   EXPECT_NEAR(opt.master_weight(0).data<float>()[0], 2.0f - 1e-3f, 1e-6);
 }
