@@ -53,6 +53,20 @@ class DeviceGraph {
   virtual Tensor replay_counter() const = 0;
 };
 
+// ---- reduceshape ----
+// Kernel families shared by several ops: the reduce, compare, pointwise and index entries.
+enum class DeviceReduce : uint8_t { Mean, Var, Norm, Max, Min };
+enum class DeviceCompare : uint8_t { Eq, Ne, Lt, Le, Gt, Ge };
+// Element-wise ops with no arithmetic entry of their own, and (*Grad) their backward formulas.
+enum class DevicePointwise : uint8_t {
+  Neg, Sign, Sqrt, Rsqrt, Abs, PowScalar, PowScalarGrad, Clamp, ClampGrad,  // unary
+  SqrtGrad, RsqrtGrad, AbsGrad,                                             // grad * f'(saved)
+  Pow, PowGradBase, PowGradExp, Maximum, Minimum, MaximumGrad, MinimumGrad, NormGrad,  // binary
+  Where, MaskedFill
+};
+enum class DeviceIndex : uint8_t { Select, SelectAdd, Gather, ScatterAdd, Scatter };
+enum class DeviceParamOp : uint8_t { NormAccumulate, ClampValue, EmaLerp, AdoptChanged };
+
 struct DeviceKernels {
   // Whole tensors between this device and the CPU (same dtype; results contiguous).
   Tensor (*to_device)(const Tensor& cpu) = nullptr;
@@ -233,6 +247,51 @@ struct DeviceKernels {
   // bad (float32 []) and is replaced by 0, so the gathers stay in bounds until the next host read
   // reports the error. CPU: the same, for a caller that did not check the indices on the host.
   void (*clamp_indices)(const Tensor& indices, int64_t V, const Tensor& bad) = nullptr;
+  // ---- reduceshape ----
+  // Reductions; floating x for Mean, Var, Norm (the op checked), the reduced dims (wrapped; none:
+  // all) removed, results in x's dtype accumulated in double. Mean: {mean, {}}. Var (arg = the
+  // correction): {var, the mean as float64}, NaN where R - correction <= 0. Norm (arg = p > 0, or
+  // inf): {norm, {}}. Max, Min along the one dim in `dims` (x non-empty, every dtype): {values,
+  // int64 indices of the first winner}, a NaN winning. CPU: any strides.
+  std::array<Tensor, 2> (*reduce)(DeviceReduce op, const Tensor& x, const Shape& dims, double arg) = nullptr;
+  // a <op> b over the broadcast shape, compared in promote_types(a, b), as bool; both operands on
+  // this device (the op checked). CPU: every dtype, any strides.
+  Tensor (*compare)(DeviceCompare op, const Tensor& a, const Tensor& b) = nullptr;
+  // Element-wise, in acc_t of the computing dtype (float for 16-bit), rounded once. Unary kinds
+  // read a and return a's dtype and layout: Neg, Sign, Clamp (s0 = lo, s1 = hi; NaN stays),
+  // ClampGrad (1 inside [s0, s1], else 0) take every dtype; Sqrt, Rsqrt, Abs, PowScalar (a^s0),
+  // PowScalarGrad (s0 a^(s0-1)) floating a. SqrtGrad, RsqrtGrad (b = the saved output) and AbsGrad
+  // (b = the saved input): a (the gradient, b's dtype, broadcast to b's shape) * f'(b), contiguous.
+  // Binary kinds broadcast a and b and compute in promote_types(a, b): Pow (a^b), PowGradBase
+  // (b a^(b-1)), PowGradExp (a = the saved x^e, b = x: a log b, 0 where b == 0), Maximum, Minimum
+  // (NaN propagates), MaximumGrad, MinimumGrad (a's share of the gradient: 1 where a wins, 0.5 on
+  // ties), NormGrad (a = x, b = the norm, s0 = p < inf: a |a|^(p-2) / b^(p-1), 0 where b == 0).
+  // Where: bool a broadcast with b and c, b or c in promote_types(b, c). MaskedFill: a where bool b
+  // (broadcast to a's shape) is false, else s0 (checked to fit a's dtype). CPU: every dtype of
+  // the kind's domain above, any strides.
+  Tensor (*pointwise)(DevicePointwise op, const Tensor& a, const Tensor& b, const Tensor& c, double s0, double s1) = nullptr;
+  // ts (non-empty, one rank, their sizes those of `shape` but along dim; any dtypes, converted to
+  // `dtype`) joined along dim into a new contiguous tensor of `shape`; the op checked the shapes
+  // and dropped cat's legacy empty 1-D inputs. CPU: any strides (stack passes stride-0 views).
+  Tensor (*cat)(const std::vector<Tensor>& ts, int64_t dim, DType dtype, const Shape& shape) = nullptr;
+  // Indexing along dim with int64 `index` (contiguous, on this device, values already checked to
+  // be in range). Select: src's slices at index [K] (index_select), src's dtype. Gather: index of
+  // src's rank (a 0-dim src read as [1]), out[..] = src[.., index[..], ..], index's shape.
+  // Backward kinds return zeros of out_sizes in src's dtype with src added (SelectAdd, the
+  // inverse of Select; ScatterAdd, of Gather; float32 or float64 src) or written (Scatter, as
+  // ScatterAdd but each target written once: max/min's backward; any floating src); src is
+  // contiguous of the forward's output shape. CPU: Select and Gather take any src dtype and strides.
+  Tensor (*index)(DeviceIndex op, const Tensor& src, int64_t dim, const Tensor& index, const Shape& out_sizes) = nullptr;
+  // Running sum of x along dim (wrapped, x at least 1-D), from the end when reverse; floating x
+  // accumulates in double and keeps its dtype, integers and bool give int64. CPU: any strides.
+  Tensor (*cumsum)(const Tensor& x, int64_t dim, bool reverse) = nullptr;
+  // In-place passes of optim/ outside Optimizer::step, all on the device. NormAccumulate: |src|'s
+  // elements (a gradient, any floating dtype) into the p-norm accumulator dst (float64 [], the
+  // running optim::detail::NormAcc::acc; s = p, not 2: grad_norm has that). ClampValue: dst (a
+  // contiguous floating gradient) clamped to [-s, s] in acc_t, NaN kept. EmaLerp: dst (float32,
+  // contiguous) = lerp(dst, src, float(s)), src floating of dst's shape, contiguous. AdoptChanged:
+  // dst (a float32 master) takes 16-bit src's value wherever round(dst) != src (nothing for 32/64-bit src).
+  void (*param_op)(DeviceParamOp op, const Tensor& dst, const Tensor& src, double s) = nullptr;
   // A new, empty graph of this device (CapturedStep).
   std::unique_ptr<DeviceGraph> (*make_graph)() = nullptr;
 };

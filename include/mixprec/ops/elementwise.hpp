@@ -4,6 +4,7 @@
 #include <cmath>
 #include <numbers>
 
+#include "mixprec/backends/cpu/functor.hpp"
 #include "mixprec/backends/cpu/vec_math.hpp"
 #include "mixprec/core/config.hpp"
 #include "mixprec/ops/tensor_ops.hpp"
@@ -18,62 +19,10 @@ Tensor where(const Tensor& cond, const Tensor& a, const Tensor& b);
 Tensor masked_fill(const Tensor& x, const Tensor& mask, double value);
 
 namespace detail {
-// A broadcast view of t with `shape` (stride 0 on broadcast dims), no autograd.
-inline Tensor expand_raw(const Tensor& t, const Shape& shape) {
-  if (t.sizes() == shape) return t;
-  const int64_t off = static_cast<int64_t>(shape.size()) - t.dim();
-  Shape st(shape.size(), 0);
-  for (int64_t i = 0; i < t.dim(); ++i) st[off + i] = t.size(i) == 1 && shape[off + i] != 1 ? 0 : t.stride(i);
-  return make_view(t, shape, st, t.storage_offset());
-}
-// Same-dtype values without a graph edge (kernels work on raw data).
-// A channels-last t stays channels-last (empty_like_layout), as PyTorch's casts preserve the format.
-inline Tensor as_dtype_raw(const Tensor& t, DType d) {
-  if (t.dtype() == d) return t;
-  Tensor out = empty_like_layout(t, d);
-  copy_kernel(out, t);
-  return out;
-}
-
-// out = f(a, b) over the broadcast shape, computed in the promoted dtype; `out_dtype` may be
-// bool for comparisons. F receives acc_t values.
-template <class F>
-Tensor binary_kernel(const char* op, const Tensor& a, const Tensor& b, F f, std::optional<DType> out_dtype = {}) {
-  require_cpu(op, a);
-  require_cpu(op, b);
-  const Shape shape = broadcast_shapes(a.sizes(), b.sizes(), op);
-  const DType ct = promote_types(a.dtype(), b.dtype());
-  const Tensor ac = expand_raw(as_dtype_raw(a, ct), shape);
-  const Tensor bc = expand_raw(as_dtype_raw(b, ct), shape);
-  const DType od = out_dtype.value_or(ct);
-  // The result takes the layout of an operand of its full shape (a channels-last one stays so).
-  const MemoryFormat layout = a.sizes() == shape ? a.suggest_memory_format() : b.sizes() == shape ? b.suggest_memory_format()
-                                                                                               : MemoryFormat::Contiguous;
-  Tensor out = empty(shape, od, Device::CPU, layout);
-  dispatch_all(ct, op, [&]<class T>() {
-    if (od == DType::Bool) cpu::map<bool, T, T>(out, f, ac, bc);
-    else cpu::map<T, T, T>(out, f, ac, bc);
-  });
-  return out;
-}
-
-template <class F>
-Tensor unary_kernel(const char* op, const Tensor& x, F f, std::optional<DType> out_dtype = {}) {
-  require_cpu(op, x);
-  const DType od = out_dtype.value_or(x.dtype());
-  Tensor out = empty_like_layout(x, od);
-  dispatch_all(x.dtype(), op, [&]<class T>() {
-    if (od == DType::Bool) cpu::map<bool, T>(out, f, x);
-    else cpu::map<T, T>(out, f, x);
-  });
-  return out;
-}
-
-template <class F>
-Tensor unary_floating_kernel(const char* op, const Tensor& x, F f) {
-  MIXPREC_CHECK(x.is_floating_point(), op, ": expected a floating-point tensor, got ", x.dtype(), " of shape ", x.sizes());
-  return unary_kernel(op, x, f);
-}
+// The CPU backend's functor loops (backends/cpu/functor.hpp), for the CPU kernels that build on them.
+using cpu::binary_kernel;
+using cpu::unary_floating_kernel;
+using cpu::unary_kernel;
 
 // a op b through the `binary` kernel of the operands' device (the CPU's takes every dtype; the
 // others floating operands). A 0-dim CPU operand (the scalar of add(t, 2.0)) that does not change
@@ -212,24 +161,28 @@ inline Tensor table_unary_op(OpId id, const char* name, const Tensor& x, GradFro
   }, x);
 }
 
-// A unary op with only a CPU kernel (no table entry): y = fwd(x) and a backward grad * df(v)
-// computed element-wise in one fused pass, v being the saved input x or output y as `from` says.
-template <class Fwd, class Df>
-Tensor unary_op(OpId id, const char* name, const Tensor& x, Fwd fwd, GradFrom from, Df df) {
+// The `pointwise` kernel of the operands' device (all on one device): kind k of a, b, c.
+inline Tensor device_pointwise(const char* op, DevicePointwise k, const Tensor& a, const Tensor& b = {}, const Tensor& c = {},
+                               double s0 = 0.0, double s1 = 0.0) {
+  const auto f = device_kernel(op, a, &DeviceKernels::pointwise);
+  common_device(op, {&a, &b, &c});
+  return f(k, a, b, c, s0, s1);
+}
+
+// A floating unary op of the `pointwise` kernel (kind fwd) with its backward grad * f'(v) in one
+// pass (kind grad), v being the saved input x or output y as `from` says.
+inline Tensor unary_op(OpId id, const char* name, const Tensor& x, DevicePointwise fwd, GradFrom from, DevicePointwise grad) {
   return dispatch(id, [=](const Tensor& x) {
-    require_cpu(name, x);
-    Tensor y = unary_floating_kernel(name, x, fwd);
+    const auto f = device_kernel(name, x, &DeviceKernels::pointwise);
+    MIXPREC_CHECK(x.is_floating_point(), name, ": expected a floating-point tensor, got ", x.dtype(), " of shape ", x.sizes());
+    Tensor y = f(fwd, x, {}, {}, 0.0, 0.0);
     if (autograd::should_record({x})) {
       autograd::record(name, {x}, {y},
-                       [sv = autograd::SavedTensor(from == GradFrom::Input ? x : y), name, df](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+                       [sv = autograd::SavedTensor(from == GradFrom::Input ? x : y), name, grad](const std::vector<Tensor>& g) -> std::vector<Tensor> {
                          const Tensor& v = sv.get(name);
                          // grad * f'(v): v has x's dtype; grad may differ (promote).
                          const Tensor gv = as_dtype_raw(g[0], v.dtype());
-                         Tensor out = empty(v.sizes(), v.dtype());
-                         dispatch_floating(v.dtype(), name, [&]<class T>() {
-                           cpu::map<T, T, T>(out, [&](auto gg, auto vv) { return gg * df(vv); }, expand_raw(gv, v.sizes()), v);
-                         });
-                         return {out};
+                         return {device_pointwise(name, grad, expand_raw(gv, v.sizes()), v)};
                        });
     }
     return y;
@@ -294,7 +247,7 @@ template <class T> MIXPREC_HOST_DEVICE T gelu_tanh_grad(T v) {
 
 inline Tensor neg(const Tensor& x) {
   return dispatch(OpId::neg, [](const Tensor& x) {
-    Tensor y = detail::unary_kernel("neg", x, [](auto v) { return -v; });
+    Tensor y = detail::device_pointwise("neg", DevicePointwise::Neg, x);
     if (autograd::should_record({x}))
       autograd::record("neg", {x}, {y}, [](const std::vector<Tensor>& g) -> std::vector<Tensor> { return {neg(g[0])}; });
     return y;
@@ -304,20 +257,17 @@ inline Tensor operator-(const Tensor& x) { return neg(x); }
 inline Tensor operator-(double s, const Tensor& a) { return add(neg(a), s); }
 
 // The activations of the kernel table (their CPU formulas are the fn:: ones above, assembled in
-// backends/cpu/elementwise.hpp); sqrt, rsqrt and abs have only CPU kernels.
+// backends/cpu/elementwise.hpp); sqrt, rsqrt and abs are kinds of the `pointwise` entry.
 inline Tensor exp(const Tensor& x) { return detail::table_unary_op(OpId::exp, "exp", x, detail::GradFrom::Output, DeviceUnary::Exp); }
 inline Tensor log(const Tensor& x) { return detail::table_unary_op(OpId::log, "log", x, detail::GradFrom::Input, DeviceUnary::Log); }
 inline Tensor sqrt(const Tensor& x) {
-  return detail::unary_op(OpId::sqrt, "sqrt", x, [](auto v) { return std::sqrt(v); }, detail::GradFrom::Output,
-                          [](auto y) { return 1 / (2 * y); });
+  return detail::unary_op(OpId::sqrt, "sqrt", x, DevicePointwise::Sqrt, detail::GradFrom::Output, DevicePointwise::SqrtGrad);
 }
 inline Tensor rsqrt(const Tensor& x) {
-  return detail::unary_op(OpId::rsqrt, "rsqrt", x, [](auto v) { return 1 / std::sqrt(v); }, detail::GradFrom::Output,
-                          [](auto y) { return decltype(y)(-0.5) * y * y * y; });
+  return detail::unary_op(OpId::rsqrt, "rsqrt", x, DevicePointwise::Rsqrt, detail::GradFrom::Output, DevicePointwise::RsqrtGrad);
 }
 inline Tensor abs(const Tensor& x) {
-  return detail::unary_op(OpId::abs, "abs", x, [](auto v) { return std::abs(v); }, detail::GradFrom::Input,
-                          [](auto v) { return static_cast<decltype(v)>((v > 0) - (v < 0)); });
+  return detail::unary_op(OpId::abs, "abs", x, DevicePointwise::Abs, detail::GradFrom::Input, DevicePointwise::AbsGrad);
 }
 inline Tensor relu(const Tensor& x) { return detail::table_unary_op(OpId::relu, "relu", x, detail::GradFrom::Output, DeviceUnary::Relu); }
 inline Tensor sigmoid(const Tensor& x) {
@@ -334,11 +284,13 @@ inline Tensor gelu(const Tensor& x, std::string_view approximate = "none") {
 
 inline Tensor pow(const Tensor& x, double e) {
   return dispatch(OpId::pow, [e](const Tensor& x) {
-    Tensor y = detail::unary_floating_kernel("pow", x, [e](auto v) { return std::pow(v, static_cast<decltype(v)>(e)); });
+    const auto f = detail::device_kernel("pow", x, &DeviceKernels::pointwise);
+    MIXPREC_CHECK(x.is_floating_point(), "pow: expected a floating-point tensor, got ", x.dtype(), " of shape ", x.sizes());
+    Tensor y = f(DevicePointwise::PowScalar, x, {}, {}, e, 0.0);
     if (autograd::should_record({x}))
       autograd::record("pow", {x}, {y}, [sx = autograd::SavedTensor(x), e](const std::vector<Tensor>& g) -> std::vector<Tensor> {
         const Tensor& x = sx.get("pow");
-        const Tensor d = detail::unary_kernel("pow_backward", x, [e](auto v) { return static_cast<decltype(v)>(e) * std::pow(v, static_cast<decltype(v)>(e - 1)); });
+        const Tensor d = detail::device_pointwise("pow_backward", DevicePointwise::PowScalarGrad, x, {}, {}, e);
         return {mul(g[0], d)};
       });
     return y;
@@ -346,7 +298,7 @@ inline Tensor pow(const Tensor& x, double e) {
 }
 inline Tensor pow(const Tensor& x, const Tensor& e) {
   return dispatch(OpId::pow, [](const Tensor& x, const Tensor& e) {
-    Tensor y = detail::binary_kernel("pow", x, e, [](auto a, auto b) { return std::pow(a, b); });
+    Tensor y = detail::device_pointwise("pow", DevicePointwise::Pow, x, e);
     MIXPREC_CHECK(y.is_floating_point(), "pow: expected floating-point tensors, got ", x.dtype(), " and ", e.dtype());
     if (autograd::should_record({x, e}))
       autograd::record("pow", {x, e}, {y},
@@ -354,9 +306,9 @@ inline Tensor pow(const Tensor& x, const Tensor& e) {
                          const Tensor& x = sx.get("pow");
                          const Tensor& e = se.get("pow");
                          const Tensor& y = sy.get("pow");
-                         Tensor dx = detail::binary_kernel("pow_backward", x, e, [](auto a, auto b) { return b * std::pow(a, b - 1); });
+                         Tensor dx = detail::device_pointwise("pow_backward", DevicePointwise::PowGradBase, x, e);
                          // d/de x^e = x^e log x; define it as 0 where x == 0 (the limit from x>0 of x^e log x for e>0).
-                         Tensor de = detail::binary_kernel("pow_backward", y, x, [](auto p, auto a) { return a == 0 ? decltype(a)(0) : p * std::log(a); });
+                         Tensor de = detail::device_pointwise("pow_backward", DevicePointwise::PowGradExp, y, x);
                          return {detail::grad_for(mul(g[0], dx), x.sizes(), x.dtype()), detail::grad_for(mul(g[0], de), e.sizes(), e.dtype())};
                        });
     return y;
@@ -364,19 +316,22 @@ inline Tensor pow(const Tensor& x, const Tensor& e) {
 }
 
 // ---------- comparisons (no gradient) ----------
-#define MIXPREC_COMPARE(fn, expr)                                                                            \
+// Through the `compare` kernel of the operands' device.
+#define MIXPREC_COMPARE(fn, kind)                                                                            \
   inline Tensor fn(const Tensor& a, const Tensor& b) {                                                        \
     return dispatch(OpId::compare, [](const Tensor& a, const Tensor& b) {                                     \
-      return detail::binary_kernel(#fn, a, b, [](auto x, auto y) { return expr; }, DType::Bool);              \
+      const auto f = detail::device_kernel(#fn, a, &DeviceKernels::compare);                                  \
+      detail::common_device(#fn, {&a, &b});                                                                   \
+      return f(DeviceCompare::kind, a, b);                                                                    \
     }, a, b);                                                                                                 \
   }                                                                                                           \
   inline Tensor fn(const Tensor& a, double s) { return fn(a, scalar_tensor(s, detail::scalar_result_dtype(a, s))); }
-MIXPREC_COMPARE(eq, x == y)
-MIXPREC_COMPARE(ne, x != y)
-MIXPREC_COMPARE(lt, x < y)
-MIXPREC_COMPARE(le, x <= y)
-MIXPREC_COMPARE(gt, x > y)
-MIXPREC_COMPARE(ge, x >= y)
+MIXPREC_COMPARE(eq, Eq)
+MIXPREC_COMPARE(ne, Ne)
+MIXPREC_COMPARE(lt, Lt)
+MIXPREC_COMPARE(le, Le)
+MIXPREC_COMPARE(gt, Gt)
+MIXPREC_COMPARE(ge, Ge)
 #undef MIXPREC_COMPARE
 inline Tensor operator<(const Tensor& a, const Tensor& b) { return lt(a, b); }
 inline Tensor operator>(const Tensor& a, const Tensor& b) { return gt(a, b); }
@@ -388,14 +343,10 @@ inline Tensor operator>=(const Tensor& a, const Tensor& b) { return ge(a, b); }
 inline Tensor where(const Tensor& cond, const Tensor& a, const Tensor& b) {
   return dispatch(OpId::where, [](const Tensor& cond, const Tensor& a, const Tensor& b) {
     MIXPREC_CHECK(cond.dtype() == DType::Bool, "where: condition must be bool, got ", cond.dtype(), " of shape ", cond.sizes());
-    detail::require_cpu("where", a);
-    const Shape shape = broadcast_shapes(cond.sizes(), broadcast_shapes(a.sizes(), b.sizes(), "where"), "where");
-    const DType ct = promote_types(a.dtype(), b.dtype());
-    Tensor out = empty(shape, ct);
-    dispatch_all(ct, "where", [&]<class T>() {
-      cpu::map<T, bool, T, T>(out, [](auto c, auto x, auto y) { return c ? x : y; }, detail::expand_raw(cond, shape),
-                              detail::expand_raw(detail::as_dtype_raw(a, ct), shape), detail::expand_raw(detail::as_dtype_raw(b, ct), shape));
-    });
+    const auto f = detail::device_kernel("where", a, &DeviceKernels::pointwise);
+    broadcast_shapes(cond.sizes(), broadcast_shapes(a.sizes(), b.sizes(), "where"), "where");
+    detail::common_device("where", {&cond, &a, &b});
+    Tensor out = f(DevicePointwise::Where, cond, a, b, 0.0, 0.0);
     if (autograd::should_record({a, b}))
       autograd::record("where", {a, b}, {out},
                        [sc = autograd::SavedTensor(cond), sa = a.sizes(), sb = b.sizes(), da = a.dtype(), db = b.dtype()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
@@ -414,12 +365,7 @@ inline Tensor masked_fill(const Tensor& x, const Tensor& mask, double value) {
     detail::check_fill_value("masked_fill", x.dtype(), value);
     const Shape shape = broadcast_shapes(x.sizes(), mask.sizes(), "masked_fill");
     MIXPREC_CHECK(shape == x.sizes(), "masked_fill: mask of shape ", mask.sizes(), " does not broadcast to input shape ", x.sizes());
-    detail::require_cpu("masked_fill", x);
-    Tensor out = empty(x.sizes(), x.dtype());
-    dispatch_all(x.dtype(), "masked_fill", [&]<class T>() {
-      const auto v = static_cast<acc_t<T>>(static_cast<T>(value));
-      cpu::map<T, T, bool>(out, [v](auto a, auto m) { return m ? v : a; }, x, detail::expand_raw(mask, shape));
-    });
+    Tensor out = detail::device_pointwise("masked_fill", DevicePointwise::MaskedFill, x, mask, {}, value);
     if (autograd::should_record({x}))
       autograd::record("masked_fill", {x}, {out}, [sm = autograd::SavedTensor(mask)](const std::vector<Tensor>& g) -> std::vector<Tensor> {
         return {masked_fill(g[0], sm.get("masked_fill"), 0.0)};
@@ -433,17 +379,11 @@ inline Tensor clamp(const Tensor& x, std::optional<double> lo, std::optional<dou
   return dispatch(OpId::clamp, [lo, hi](const Tensor& x) {
     const double l = lo.value_or(-std::numeric_limits<double>::infinity());
     const double h = hi.value_or(std::numeric_limits<double>::infinity());
-    Tensor y = detail::unary_kernel("clamp", x, [l, h](auto v) {
-      using T = decltype(v);
-      if (v != v) return v;  // NaN stays NaN
-      return static_cast<T>(std::min<double>(std::max<double>(static_cast<double>(v), l), h));
-    });
+    Tensor y = detail::device_pointwise("clamp", DevicePointwise::Clamp, x, {}, {}, l, h);
     if (autograd::should_record({x}))
       autograd::record("clamp", {x}, {y}, [sx = autograd::SavedTensor(x), l, h](const std::vector<Tensor>& g) -> std::vector<Tensor> {
         const Tensor& x = sx.get("clamp");
-        return {mul(g[0], detail::unary_kernel("clamp_backward", x, [l, h](auto v) {
-                      return static_cast<decltype(v)>(static_cast<double>(v) >= l && static_cast<double>(v) <= h);
-                    }))};
+        return {mul(g[0], detail::device_pointwise("clamp_backward", DevicePointwise::ClampGrad, x, {}, {}, l, h))};
       });
     return y;
   }, x);
@@ -454,24 +394,16 @@ template <bool IsMax>
 Tensor extremum(OpId id, const char* name, const Tensor& a, const Tensor& b) {
   return dispatch(id, [name](const Tensor& a, const Tensor& b) {
     // NaN propagates, as torch.maximum.
-    Tensor out = binary_kernel(name, a, b, [](auto x, auto y) {
-      if (x != x || y != y) return x != x ? x : y;
-      return IsMax ? (x > y ? x : y) : (x < y ? x : y);
-    });
+    Tensor out = device_pointwise(name, IsMax ? DevicePointwise::Maximum : DevicePointwise::Minimum, a, b);
     if (autograd::should_record({a, b}))
       autograd::record(name, {a, b}, {out},
                        [sa = autograd::SavedTensor(a), sb = autograd::SavedTensor(b), name](const std::vector<Tensor>& g) -> std::vector<Tensor> {
                          const Tensor& a = sa.get(name);
                          const Tensor& b = sb.get(name);
                          // Ties split the gradient evenly, as PyTorch does.
-                         auto wa = binary_kernel(name, a, b, [](auto x, auto y) {
-                           using T = decltype(x);
-                           return x == y ? T(0.5) : T(IsMax ? (x > y) : (x < y));
-                         });
-                         auto wb = binary_kernel(name, b, a, [](auto x, auto y) {
-                           using T = decltype(x);
-                           return x == y ? T(0.5) : T(IsMax ? (x > y) : (x < y));
-                         });
+                         constexpr DevicePointwise share = IsMax ? DevicePointwise::MaximumGrad : DevicePointwise::MinimumGrad;
+                         auto wa = device_pointwise(name, share, a, b);
+                         auto wb = device_pointwise(name, share, b, a);
                          return {grad_for(mul(g[0], wa), a.sizes(), a.dtype()), grad_for(mul(g[0], wb), b.sizes(), b.dtype())};
                        });
     return out;

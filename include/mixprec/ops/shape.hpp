@@ -1,9 +1,9 @@
 #pragma once
 // Joining, splitting and indexing: cat, stack, split, chunk, index_select, gather, embedding,
 // cumsum, tril/triu. Index backward passes (index_add, scatter_add, embedding) accumulate in
-// acc_t (float for 16-bit) so repeated indices round once, and are parallelised only over
-// slices that no two threads can both write. embedding runs through the device kernel table on
-// every device (the CPU's kernels: backends/cpu/elementwise.hpp).
+// acc_t (float for 16-bit) so repeated indices round once. The kernels are the device kernel
+// table's (cat, index, cumsum, embedding; the CPU's in backends/cpu/shape.hpp and elementwise.hpp),
+// reached on every device; the op bodies check the arguments and the indices first.
 #include <cstring>
 #include <span>
 
@@ -26,70 +26,35 @@ inline DimSplit split_at(const Shape& sizes, int64_t dim) {
   return s;
 }
 
-// Indices as int64, checked against [0, bound) before any kernel runs (kernels run inside
-// parallel regions, where an exception cannot propagate).
-inline std::vector<int64_t> read_indices(const char* op, const Tensor& index, int64_t bound, const char* what) {
+// Indices as a new contiguous int64 tensor (never the caller's storage: a backward reads them
+// later), checked against [0, bound) before any kernel runs (kernels run inside parallel regions,
+// where an exception cannot propagate), on x's device.
+inline Tensor read_indices(const char* op, const Tensor& index, int64_t bound, const char* what, Device d) {
   MIXPREC_CHECK(index.dtype() == DType::Int64 || index.dtype() == DType::Int32, op, ": ", what,
                 " must be int64 or int32, got ", index.dtype(), " of shape ", index.sizes());
   require_cpu(op, index);
-  const Tensor c = contiguous_raw(index, DType::Int64);
+  Tensor c = empty(index.sizes(), DType::Int64);
+  copy_kernel(c, index);
   const int64_t* p = c.data<int64_t>();
-  std::vector<int64_t> out(p, p + c.numel());
-  for (std::size_t i = 0; i < out.size(); ++i)
-    MIXPREC_CHECK(out[i] >= 0 && out[i] < bound, op, ": ", what, " ", out[i], " (at position ", i,
+  for (int64_t i = 0, n = c.numel(); i < n; ++i)
+    MIXPREC_CHECK(p[i] >= 0 && p[i] < bound, op, ": ", what, " ", p[i], " (at position ", i,
                   ") is out of range for a dimension of size ", bound);
-  return out;
+  return move_raw(c, d, op);
 }
 
-// dst[o, idx[k], :] += src[o, k, :] for k < K, skipping idx == skip. Threads split over `outer`
-// or over columns, so no element is written by two threads.
-template <class A>
-void index_add_rows(A* dst, const A* src, std::span<const int64_t> idx, int64_t outer, int64_t n, int64_t inner, int64_t skip = -1) {
-  const int64_t K = static_cast<int64_t>(idx.size());
-  auto rows = [&](int64_t o, int64_t c0, int64_t c1) {
-    for (int64_t k = 0; k < K; ++k) {
-      if (idx[k] == skip) continue;
-      A* d = dst + (o * n + idx[k]) * inner;
-      const A* s = src + (o * K + k) * inner;
-      for (int64_t c = c0; c < c1; ++c) d[c] += s[c];
-    }
-  };
-  if (outer * K * inner < kParallelGrain) {
-    for (int64_t o = 0; o < outer; ++o) rows(o, 0, inner);
-  } else if (outer >= cpu::num_threads()) {
-    cpu::parallel_for(0, outer, 1, [&](int64_t b, int64_t e) {
-      for (int64_t o = b; o < e; ++o) rows(o, 0, inner);
-    });
-  } else {
-    cpu::parallel_for(0, inner, 16, [&](int64_t b, int64_t e) {
-      for (int64_t o = 0; o < outer; ++o) rows(o, b, e);
-    });
-  }
-}
-
-// out = concatenation of `ts` (already validated, `skip[i]` marks legacy empty 1-D inputs)
-// along `dim`, in dtype `dt`.
-inline Tensor cat_raw(const std::vector<Tensor>& ts, const std::vector<bool>& skip, int64_t dim, DType dt,
-                      const Shape& out_shape) {
-  Tensor out = empty(out_shape, dt);
-  if (out.numel() == 0) return out;
-  const DimSplit os = split_at(out_shape, dim);
-  const auto item = static_cast<int64_t>(itemsize(dt));
-  char* dst = static_cast<char*>(out.data_ptr());
-  int64_t off = 0;
+// The concatenation of `ts` along `dim` in dtype `dt` by the `cat` kernel of their device (all on
+// one, checked here), without cat's legacy empty 1-D inputs (`skip`).
+inline Tensor device_cat(const char* op, const std::vector<Tensor>& ts, const std::vector<bool>& skip, int64_t dim, DType dt,
+                         const Shape& out_shape) {
+  const auto f = device_kernel(op, ts[0], &DeviceKernels::cat);
+  std::vector<Tensor> kept;
+  kept.reserve(ts.size());
   for (std::size_t i = 0; i < ts.size(); ++i) {
-    if (skip[i]) continue;
-    const int64_t len = ts[i].size(dim);
-    if (len == 0) continue;
-    const Tensor c = contiguous_raw(ts[i], dt);
-    const char* src = static_cast<const char*>(c.data_ptr());
-    const int64_t chunk = len * os.inner * item, row = os.n * os.inner * item, at = off * os.inner * item;
-    cpu::parallel_for(0, os.outer, std::max<int64_t>(1, kParallelGrain * 4 / std::max<int64_t>(chunk, 1)), [&](int64_t b, int64_t e) {
-      for (int64_t o = b; o < e; ++o) std::memcpy(dst + o * row + at, src + o * chunk, static_cast<std::size_t>(chunk));
-    });
-    off += len;
+    MIXPREC_CHECK(ts[i].device() == ts[0].device(), op, ": expected all tensors on one device, got ", ts[0].device(), " (tensor 0 of shape ",
+                  ts[0].sizes(), ") and ", ts[i].device(), " (tensor ", i, " of shape ", ts[i].sizes(), ")");
+    if (!skip[i]) kept.push_back(ts[i]);
   }
-  return out;
+  return f(kept, dim, dt, out_shape);
 }
 }  // namespace detail
 
@@ -99,7 +64,6 @@ inline Tensor cat(const std::vector<Tensor>& tensors, int64_t dim = 0) {
     MIXPREC_CHECK(!ts.empty(), "cat: expected a non-empty list of tensors");
     for (std::size_t i = 0; i < ts.size(); ++i) {
       MIXPREC_CHECK(ts[i].defined(), "cat: tensor ", i, " is undefined");
-      detail::require_cpu("cat", ts[i]);
     }
     std::vector<bool> skip(ts.size());
     std::optional<std::size_t> ref;
@@ -125,7 +89,7 @@ inline Tensor cat(const std::vector<Tensor>& tensors, int64_t dim = 0) {
                       " has shape ", r.sizes(), " but tensor ", i, " has shape ", t.sizes());
       shape[d] += t.size(d);
     }
-    Tensor out = detail::cat_raw(ts, skip, d, dt, shape);
+    Tensor out = detail::device_cat("cat", ts, skip, d, dt, shape);
     if (autograd::should_record(ts)) {
       std::vector<std::pair<Shape, DType>> meta;
       for (const Tensor& t : ts) meta.emplace_back(t.sizes(), t.dtype());
@@ -156,7 +120,6 @@ inline Tensor stack(const std::vector<Tensor>& tensors, int64_t dim = 0) {
     MIXPREC_CHECK(!ts.empty(), "stack: expected a non-empty list of tensors");
     for (std::size_t i = 0; i < ts.size(); ++i) {
       MIXPREC_CHECK(ts[i].defined(), "stack: tensor ", i, " is undefined");
-      detail::require_cpu("stack", ts[i]);
       MIXPREC_CHECK(ts[i].sizes() == ts[0].sizes(), "stack: expects each tensor to be equal size, but got ", ts[0].sizes(),
                     " at entry 0 and ", ts[i].sizes(), " at entry ", i);
     }
@@ -175,7 +138,7 @@ inline Tensor stack(const std::vector<Tensor>& tensors, int64_t dim = 0) {
     }
     Shape shape = ts[0].sizes();
     shape.insert(shape.begin() + d, static_cast<int64_t>(ts.size()));
-    Tensor out = detail::cat_raw(raw, std::vector<bool>(ts.size(), false), d, dt, shape);
+    Tensor out = detail::device_cat("stack", raw, std::vector<bool>(ts.size(), false), d, dt, shape);
     if (autograd::should_record(ts)) {
       std::vector<DType> dtypes;
       for (const Tensor& t : ts) dtypes.push_back(t.dtype());
@@ -237,37 +200,18 @@ inline std::vector<Tensor> chunk(const Tensor& x, int64_t chunks, int64_t dim = 
 // x's slices at `index` (1-D, int64/int32) along dim; backward adds into zeros (repeats sum).
 inline Tensor index_select(const Tensor& x, int64_t dim, const Tensor& index) {
   return dispatch(OpId::index_select, [dim](const Tensor& x, const Tensor& index) {
-    detail::require_cpu("index_select", x);
+    const auto f = detail::device_kernel("index_select", x, &DeviceKernels::index);
     MIXPREC_CHECK(x.dim() > 0, "index_select: expects a tensor with at least one dimension, got shape ", x.sizes());
     MIXPREC_CHECK(index.dim() <= 1, "index_select: index must be 1-D, got shape ", index.sizes());
     const int64_t d = x.wrap_dim(dim, "index_select");
-    const std::vector<int64_t> idx = detail::read_indices("index_select", index, x.size(d), "index");
-    const auto K = static_cast<int64_t>(idx.size());
-    const detail::DimSplit s = detail::split_at(x.sizes(), d);
-    Shape shape = x.sizes();
-    shape[d] = K;
-    Tensor out = empty(shape, x.dtype());
-    const Tensor xc = detail::contiguous_raw(x, x.dtype());
-    dispatch_all(x.dtype(), "index_select", [&]<class T>() {
-      const T* xp = xc.data<T>();
-      T* op = out.data<T>();
-      cpu::parallel_for(0, s.outer * K, std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(s.inner, 1)), [&](int64_t b, int64_t e) {
-        for (int64_t r = b; r < e; ++r) {
-          const int64_t o = r / K, k = r % K;
-          const T* src = xp + (o * s.n + idx[k]) * s.inner;
-          std::copy(src, src + s.inner, op + r * s.inner);
-        }
-      });
-    });
+    const Tensor idx = detail::read_indices("index_select", index, x.size(d), "index", x.device());
+    Tensor out = f(DeviceIndex::Select, x, d, idx, {});
     if (autograd::should_record({x}))
-      autograd::record("index_select", {x}, {out}, [idx, s, in = x.sizes(), dt = x.dtype()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+      autograd::record("index_select", {x}, {out}, [idx, d, in = x.sizes(), dt = x.dtype()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
         const DType at = dt == DType::Float64 ? dt : DType::Float32;
-        Tensor acc = zeros(in, at);
         const Tensor gc = detail::contiguous_raw(g[0], at);
-        dispatch_floating(at, "index_select_backward", [&]<class A>() {
-          detail::index_add_rows<A>(acc.data<A>(), gc.data<A>(), idx, s.outer, s.n, s.inner);
-        });
-        return {detail::as_dtype_raw(acc, dt)};
+        const auto f = detail::device_kernel("index_select_backward", gc, &DeviceKernels::index);
+        return {detail::as_dtype_raw(f(DeviceIndex::SelectAdd, gc, d, idx, in), dt)};
       });
     return out;
   }, x, index);
@@ -277,7 +221,7 @@ inline Tensor index_select(const Tensor& x, int64_t dim, const Tensor& index) {
 // larger than x outside `dim`. Backward scatter-adds.
 inline Tensor gather(const Tensor& x, int64_t dim, const Tensor& index) {
   return dispatch(OpId::gather, [dim](const Tensor& x, const Tensor& index) {
-    detail::require_cpu("gather", x);
+    const auto f = detail::device_kernel("gather", x, &DeviceKernels::index);
     MIXPREC_CHECK(index.dim() == x.dim(), "gather: index of shape ", index.sizes(), " must have as many dimensions as the input ",
                   x.sizes());
     const int64_t d = x.wrap_dim(dim, "gather");
@@ -286,65 +230,14 @@ inline Tensor gather(const Tensor& x, int64_t dim, const Tensor& index) {
     for (std::size_t k = 0; k < xs.size(); ++k)
       MIXPREC_CHECK(static_cast<int64_t>(k) == d || is[k] <= xs[k], "gather: index of shape ", index.sizes(),
                     " is larger than the input ", x.sizes(), " in dimension ", k);
-    const std::vector<int64_t> idx = detail::read_indices("gather", index, xs[d], "index");
-    Tensor out = empty(index.sizes(), x.dtype());
-    const Tensor xc = detail::contiguous_raw(x, x.dtype());
-    // Row r walks `dim` for one position of the other dims; rows touch disjoint fibres of x.
-    struct Plan {
-      Shape other;        // index sizes outside dim
-      Shape x_st, i_st;   // matching strides of x and of the (contiguous) index/output
-      int64_t K, x_step, i_step, rows;
-    } p;
-    const Shape xst = contiguous_strides(xs), ist = contiguous_strides(is);
-    p.rows = 1;
-    for (int64_t k = 0; k < static_cast<int64_t>(is.size()); ++k) {
-      if (k == d) continue;
-      p.other.push_back(is[k]);
-      p.x_st.push_back(xst[k]);
-      p.i_st.push_back(ist[k]);
-      p.rows *= is[k];
-    }
-    p.K = is[d];
-    p.x_step = xst[d];
-    p.i_step = ist[d];
-    auto for_rows = [p](auto&& body) {
-      cpu::parallel_for(0, p.rows, std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(p.K, 1)), [&](int64_t b, int64_t e) {
-        for (int64_t r = b; r < e; ++r) {
-          int64_t lin = r, ox = 0, oi = 0;
-          for (int64_t k = static_cast<int64_t>(p.other.size()) - 1; k >= 0; --k) {
-            const int64_t c = lin % p.other[k];
-            lin /= p.other[k];
-            ox += c * p.x_st[k];
-            oi += c * p.i_st[k];
-          }
-          body(ox, oi);
-        }
-      });
-    };
-    if (out.numel() > 0) {
-      dispatch_all(x.dtype(), "gather", [&]<class T>() {
-        const T* xp = xc.data<T>();
-        T* op = out.data<T>();
-        for_rows([&](int64_t ox, int64_t oi) {
-          for (int64_t j = 0; j < p.K; ++j) op[oi + j * p.i_step] = xp[ox + idx[oi + j * p.i_step] * p.x_step];
-        });
-      });
-    }
+    const Tensor idx = detail::read_indices("gather", index, xs[d], "index", x.device());
+    Tensor out = f(DeviceIndex::Gather, x, d, idx, {});
     if (autograd::should_record({x}))
-      autograd::record("gather", {x}, {out}, [idx, p, for_rows, in = x.sizes(), dt = x.dtype()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+      autograd::record("gather", {x}, {out}, [idx, d, in = x.sizes(), dt = x.dtype()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
         const DType at = dt == DType::Float64 ? dt : DType::Float32;
-        Tensor acc = zeros(in, at);
         const Tensor gc = detail::contiguous_raw(g[0], at);
-        if (gc.numel() > 0) {
-          dispatch_floating(at, "gather_backward", [&]<class A>() {
-            A* ap = acc.data<A>();
-            const A* gp = gc.data<A>();
-            for_rows([&](int64_t ox, int64_t oi) {
-              for (int64_t j = 0; j < p.K; ++j) ap[ox + idx[oi + j * p.i_step] * p.x_step] += gp[oi + j * p.i_step];
-            });
-          });
-        }
-        return {detail::as_dtype_raw(acc, dt)};
+        const auto f = detail::device_kernel("gather_backward", gc, &DeviceKernels::index);
+        return {detail::as_dtype_raw(f(DeviceIndex::ScatterAdd, gc, d, idx, in), dt)};
       });
     return out;
   }, x, index);
@@ -425,51 +318,16 @@ inline Tensor embedding(const Tensor& weight, const Tensor& indices, std::option
   }, weight, indices);
 }
 
-namespace detail {
-// Running sum along dim (from the end when `reverse`): floating inputs accumulate in double and
-// keep their dtype; integers and bool give int64, as torch.cumsum.
-inline Tensor cumsum_raw(const Tensor& x, int64_t d, bool reverse) {
-  const DType od = x.is_floating_point() ? x.dtype() : DType::Int64;
-  Tensor out = empty(x.sizes(), od);
-  if (x.numel() == 0) return out;
-  const DimSplit s = split_at(x.sizes(), d);
-  const Tensor xc = contiguous_raw(x, x.dtype());
-  dispatch_all(x.dtype(), "cumsum", [&]<class T>() {
-    using O = std::conditional_t<is_floating_v<T>, T, int64_t>;
-    using A = std::conditional_t<is_floating_v<T>, double, int64_t>;
-    constexpr int64_t kBlock = 64;  // columns carried at once: running sums stay in registers/L1
-    const int64_t nb = (s.inner + kBlock - 1) / kBlock;
-    const T* xp = xc.data<T>();
-    O* op = out.data<O>();
-    cpu::parallel_for(0, s.outer * nb, std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(s.n * kBlock, 1)), [&](int64_t b, int64_t e) {
-      A acc[kBlock];
-      for (int64_t t = b; t < e; ++t) {
-        const int64_t o = t / nb, c0 = (t % nb) * kBlock, c1 = std::min(s.inner, c0 + kBlock);
-        std::fill(acc, acc + kBlock, A(0));
-        for (int64_t step = 0; step < s.n; ++step) {
-          const int64_t k = reverse ? s.n - 1 - step : step;
-          const int64_t base = (o * s.n + k) * s.inner;
-          for (int64_t c = c0; c < c1; ++c) {
-            acc[c - c0] += static_cast<A>(static_cast<acc_t<T>>(xp[base + c]));
-            op[base + c] = static_cast<O>(acc[c - c0]);
-          }
-        }
-      }
-    });
-  });
-  return out;
-}
-}  // namespace detail
-
 inline Tensor cumsum(const Tensor& x, int64_t dim) {
   return dispatch(OpId::cumsum, [dim](const Tensor& x) {
-    detail::require_cpu("cumsum", x);
+    const auto f = detail::device_kernel("cumsum", x, &DeviceKernels::cumsum);
     const int64_t d = x.wrap_dim(dim, "cumsum");
     if (x.dim() == 0) return cumsum(x.reshape({1}), 0).reshape({});
-    Tensor out = detail::cumsum_raw(x, d, false);
+    // Floating x accumulates in double and keeps its dtype; integers and bool give int64.
+    Tensor out = f(x, d, false);
     if (autograd::should_record({x}))
       autograd::record("cumsum", {x}, {out}, [d, dt = x.dtype()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
-        return {detail::as_dtype_raw(detail::cumsum_raw(g[0], d, true), dt)};
+        return {detail::as_dtype_raw(detail::device_kernel("cumsum_backward", g[0], &DeviceKernels::cumsum)(g[0], d, true), dt)};
       });
     return out;
   }, x);

@@ -92,6 +92,23 @@ inline Tensor contiguous_raw(const Tensor& t, DType d) {
   return out;
 }
 inline Tensor contiguous_raw(const Tensor& t) { return contiguous_raw(t, t.dtype()); }
+// A broadcast view of t with `shape` (stride 0 on broadcast dims), no autograd.
+inline Tensor expand_raw(const Tensor& t, const Shape& shape) {
+  if (t.sizes() == shape) return t;
+  const int64_t off = static_cast<int64_t>(shape.size()) - t.dim();
+  Shape st(shape.size(), 0);
+  for (int64_t i = 0; i < t.dim(); ++i) st[off + i] = t.size(i) == 1 && shape[off + i] != 1 ? 0 : t.stride(i);
+  return make_view(t, shape, st, t.storage_offset());
+}
+// Same-dtype values without a graph edge (kernels work on raw data).
+// A channels-last t stays channels-last (empty_like_layout), as PyTorch's casts preserve the format.
+inline Tensor as_dtype_raw(const Tensor& t, DType d) {
+  if (t.dtype() == d) return t;
+  Tensor out = empty_like_layout(t, d);
+  copy_kernel(out, t);
+  return out;
+}
+
 // t's values with another shape of the same numel, contiguous, without a graph edge.
 inline Tensor reshape_raw(const Tensor& t, const Shape& shape) {
   const Tensor c = contiguous_raw(t);

@@ -8,8 +8,6 @@
 // With mixed precision use the Optimizer& overloads after GradScaler::unscale_: they work on the
 // float32 gradients step() will use (the master-gradient buffers of 16-bit parameters, which
 // keep values that underflow in float16), then store the rounded result into the 16-bit .grad().
-#include <mutex>
-
 #include "mixprec/optim/optimizer.hpp"
 
 namespace mixprec::optim {
@@ -61,52 +59,11 @@ struct NormAcc {
   }
 };
 
-// Accumulates |v| of every gradient into `total` (norm_type p), in parallel over large tensors.
-inline void accumulate_norm(const Tensor& g, NormAcc& total) {
-  std::mutex mu;
-  const Tensor c = g.is_contiguous() ? g : g.contiguous();
-  const DType dt = c.dtype();
-  const void* data = c.data_ptr();
-  cpu::parallel_for(0, c.numel(), kOptimGrain, [&](int64_t b, int64_t e) {
-    NormAcc local{total.p, NormAcc::init(total.p)};
-    float buf[kOptimBlock];
-    for (int64_t s = b; s < e; s += kOptimBlock) {
-      const int64_t n = std::min(kOptimBlock, e - s);
-      const float* v;
-      if (dt == DType::Float32) {
-        v = static_cast<const float*>(data) + s;
-      } else {
-        load_float(data, dt, s, buf, n);
-        v = buf;
-      }
-      if (total.p == 2) {
-        double a = 0;
-        for (int64_t i = 0; i < n; ++i) a += static_cast<double>(v[i]) * v[i];
-        local.acc += a;
-      } else {
-        for (int64_t i = 0; i < n; ++i) local.add(std::abs(static_cast<double>(v[i])));
-      }
-    }
-    std::lock_guard lock(mu);
-    total.merge(local.acc);
-  });
-}
-
 inline void clamp_grad_(Tensor& g, double clip) {
   MIXPREC_CHECK(g.device() == Device::CPU, "clip_grad_value_: gradient of shape ", g.sizes(), " is on ", g.device(),
                 "; clip_grad_value_ has no device kernel yet (clip_grad_norm_ has)");
-  dispatch_floating(g.dtype(), "clip_grad_value_", [&]<class T>() {
-    using A = acc_t<T>;
-    const A lo = static_cast<A>(-clip), hi = static_cast<A>(clip);
-    T* p = g.data<T>();
-    cpu::parallel_for(0, g.numel(), kOptimGrain, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        const A v = static_cast<A>(p[i]);
-        // NaN stays NaN, as torch.clamp.
-        p[i] = static_cast<T>(v < lo ? lo : (v > hi ? hi : v));
-      }
-    });
-  });
+  // Clamped in place, in acc_t (NaN stays NaN, as torch.clamp), by the table's `param_op`.
+  ::mixprec::detail::device_kernel("clip_grad_value_", g, &DeviceKernels::param_op)(DeviceParamOp::ClampValue, g, Tensor(), clip);
   g.bump_version();
 }
 
@@ -130,9 +87,12 @@ inline std::pair<GradNorm, bool> clip_norm_impl(std::vector<Tensor>& grads, doub
   if (norm_type == 2.0) {
     norm = ::mixprec::detail::device_kernel("clip_grad_norm_", grads.front(), &DeviceKernels::grad_norm)(grads);
   } else {
-    NormAcc total{norm_type, NormAcc::init(norm_type)};
-    for (Tensor& g : grads) accumulate_norm(g, total);
-    norm = scalar_tensor(total.finish(), DType::Float64);
+    // Accumulated on the CPU (checked above) by the table's `param_op`, gradient after gradient.
+    const auto acc_kernel = ::mixprec::detail::device_kernel("clip_grad_norm_", grads.front(), &DeviceKernels::param_op);
+    Tensor acc = empty({}, DType::Float64);
+    *acc.data<double>() = NormAcc::init(norm_type);
+    for (Tensor& g : grads) acc_kernel(DeviceParamOp::NormAccumulate, acc, g, norm_type);
+    norm = scalar_tensor(NormAcc{norm_type, *acc.data<double>()}.finish(), DType::Float64);
   }
   const bool on_host = norm.device() == Device::CPU;
   double v = 0;

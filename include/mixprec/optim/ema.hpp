@@ -27,22 +27,13 @@ class EMA {
   // shadow = shadow + (1 - decay) * (param - shadow), torch.lerp's formula in float32.
   void update() {
     MIXPREC_CHECK(backup_.empty(), "EMA.update: called between apply() and restore(); the parameters hold the average");
-    const float w = static_cast<float>(1.0 - decay_);
     for (std::size_t i = 0; i < params_.size(); ++i) {
       const Tensor p = params_[i].is_contiguous() ? params_[i] : params_[i].detach().contiguous();
       MIXPREC_CHECK(p.sizes() == shadow_[i].sizes(), "EMA.update: parameter ", i, " changed shape from ", shadow_[i].sizes(),
                     " to ", p.sizes());
-      float* s = shadow_[i].data<float>();
-      const void* src = p.data_ptr();
-      const DType dt = p.dtype();
-      cpu::parallel_for(0, p.numel(), detail::kOptimGrain, [&](int64_t b, int64_t e) {
-        float buf[detail::kOptimBlock];
-        for (int64_t o = b; o < e; o += detail::kOptimBlock) {
-          const int64_t n = std::min(detail::kOptimBlock, e - o);
-          detail::load_float(src, dt, o, buf, n);
-          for (int64_t k = 0; k < n; ++k) s[o + k] = detail::lerp(s[o + k], buf[k], w);
-        }
-      });
+      // The table's `param_op` (the CPU's: float32 lerp with weight float(1 - decay)).
+      ::mixprec::detail::device_kernel("EMA.update", shadow_[i], &DeviceKernels::param_op)(DeviceParamOp::EmaLerp, shadow_[i], p,
+                                                                                             1.0 - decay_);
     }
     ++num_updates_;
   }

@@ -561,17 +561,9 @@ class Optimizer {
     s.synced_version = s.param.version();
   }
   // master (float32, CPU) takes p16's value wherever the two no longer agree.
+  // By the table's `param_op` (nothing to adopt for a float32 or float64 p16).
   static void adopt_changed(Tensor& master, const Tensor& p16) {
-    float* w = master.data<float>();
-    dispatch_floating(p16.dtype(), "optimizer", [&]<class P>() {
-      if constexpr (sizeof(P) == 2) {
-        const P* p = p16.data<P>();
-        cpu::parallel_for(0, master.numel(), detail::kOptimGrain, [&](int64_t b, int64_t e) {
-          for (int64_t k = b; k < e; ++k)
-            if (P(w[k]).x != p[k].x) w[k] = static_cast<float>(p[k]);
-        });
-      }
-    });
+    ::mixprec::detail::device_kernel("optimizer", master, &DeviceKernels::param_op)(DeviceParamOp::AdoptChanged, master, p16, 0.0);
   }
 
   static void refresh_step(ParamState& st) {

@@ -5,10 +5,11 @@
 // elementwise.hpp, reduce.hpp, activation.hpp, shape.hpp) keep their checks, autocast policy and
 // autograd and reach these through the table whatever the device, as they reach CUDA's.
 //
-// Why the kernels build on the op layer's helpers (binary_kernel, plan_reduce, the softmax row
-// loops, index_add_rows): those helpers also serve the ops with no table entry (comparisons, pow,
-// mean, var, loss kernels), so they stay in ops/ and this header, included after the op layer by
-// backends/cpu/kernels.hpp, only assembles the entries from them. Where a CPU kernel does more
+// Why the kernels build on shared helpers (binary_kernel in backends/cpu/functor.hpp, the op
+// layer's plan_reduce and softmax row loops, index_add_rows in backends/cpu/shape.hpp): those
+// also serve other entries (compare, pointwise, reduce, index) and CPU code still in the op layer
+// (prelu, loss kernels); this header, included after the op layer by backends/cpu/kernels.hpp,
+// only assembles its entries from them. Where a CPU kernel does more
 // than an entry's device contract (every dtype, any strides) device.hpp says so ("CPU: ...").
 #include <array>
 #include <cmath>
@@ -20,6 +21,7 @@
 #include "mixprec/ops/activation.hpp"
 #include "mixprec/ops/elementwise.hpp"
 #include "mixprec/backends/cpu/reduce.hpp"
+#include "mixprec/backends/cpu/shape.hpp"
 #include "mixprec/ops/shape.hpp"
 
 namespace mixprec::cpu {
@@ -489,7 +491,7 @@ inline Tensor embedding_backward(const Tensor& grad, const Tensor& idx, int64_t 
   const int64_t D = grad.size(1);
   Tensor acc = zeros({num_weights, D}, grad.dtype());
   dispatch_floating(grad.dtype(), "embedding_backward", [&]<class A>() {
-    mixprec::detail::index_add_rows<A>(acc.data<A>(), grad.data<A>(), std::span<const int64_t>(idx.data<int64_t>(), static_cast<std::size_t>(idx.numel())), 1,
+    cpu::index_add_rows<A>(acc.data<A>(), grad.data<A>(), std::span<const int64_t>(idx.data<int64_t>(), static_cast<std::size_t>(idx.numel())), 1,
                                        num_weights, D, pad);
   });
   return acc;

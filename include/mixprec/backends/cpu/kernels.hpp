@@ -36,6 +36,10 @@ inline const bool kCpuKernelsRegistered = (set_device_kernels(Device::CPU, &cpu_
 #include "mixprec/backends/cpu/linalg.hpp"
 #include "mixprec/backends/cpu/loss.hpp"
 #include "mixprec/backends/cpu/norm.hpp"
+#include "mixprec/backends/cpu/optim.hpp"
+#include "mixprec/backends/cpu/pointwise.hpp"
+#include "mixprec/backends/cpu/reduce.hpp"
+#include "mixprec/backends/cpu/shape.hpp"
 #include "mixprec/backends/cpu/training.hpp"
 #include "mixprec/backends/device.hpp"
 
@@ -53,6 +57,10 @@ MIXPREC_TABLE_LINKAGE const DeviceKernels& cpu_kernel_table() {
     fill_conv_kernels(t);
     fill_norm_kernels(t);
     fill_training_kernels(t);
+    fill_reduce_kernels(t);  // reduceshape: reduce, compare, pointwise, cat, index, cumsum, param_op
+    fill_pointwise_kernels(t);
+    fill_shape_kernels(t);
+    fill_optim_kernels(t);
 
     return t;
   }();

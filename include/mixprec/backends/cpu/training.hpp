@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "mixprec/amp/grad_scaler.hpp"
+#include "mixprec/backends/cpu/optim.hpp"
 #include "mixprec/backends/device.hpp"
 #include "mixprec/optim/adam.hpp"
 #include "mixprec/optim/clip_grad.hpp"
@@ -222,7 +223,7 @@ inline void update_scale(const Tensor& scale, const Tensor& growth_tracker, cons
 // DeviceKernels::grad_norm: the 2-norm accumulated in double (float64 [] on the CPU).
 inline Tensor grad_norm(const std::vector<Tensor>& grads) {
   optim::detail::NormAcc total{2.0, optim::detail::NormAcc::init(2.0)};
-  for (const Tensor& g : grads) optim::detail::accumulate_norm(g, total);
+  for (const Tensor& g : grads) accumulate_norm(g, total);  // backends/cpu/optim.hpp
   return scalar_tensor(total.finish(), DType::Float64);
 }
 
