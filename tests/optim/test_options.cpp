@@ -68,3 +68,22 @@ TEST(Options, ModelFactoriesReturnSharedPointers) {
   std::shared_ptr<nn::models::ResNet> r = nn::models::resnet20(10, 1);
   EXPECT_GT(r->parameters().size(), 10u);
 }
+
+TEST(Options, FactoriesTakeNamedOptions) {
+  const Tensor z = zeros({2, 3}, {.dtype = DType::BFloat16});
+  EXPECT_EQ(z.dtype(), DType::BFloat16);
+  EXPECT_EQ(z.device(), Device::CPU);
+  EXPECT_FALSE(z.requires_grad());
+  const Tensor o = ones({4}, {.dtype = DType::Float64, .requires_grad = true});
+  EXPECT_EQ(o.dtype(), DType::Float64);
+  EXPECT_TRUE(o.requires_grad());
+  EXPECT_EQ(o.data<double>()[3], 1.0);
+  EXPECT_EQ(full({2}, 2.5, {.dtype = DType::Float16}).to(DType::Float32).data<float>()[1], 2.5f);
+  EXPECT_EQ(empty({5}, {.dtype = DType::Int32}).dtype(), DType::Int32);
+  Generator g1(7), g2(7);
+  const Tensor a = randn({8}, {.dtype = DType::BFloat16}, g1), b = randn({8}, DType::BFloat16, g2);
+  for (int64_t i = 0; i < 8; ++i) EXPECT_EQ(a.data<bfloat16>()[i].x, b.data<bfloat16>()[i].x);
+  EXPECT_EQ(rand({3}, {.requires_grad = true}).requires_grad(), true);
+  // A device with no kernels registered (CUDA here, without nvcc) is refused by name.
+  if (!cuda_is_available()) EXPECT_THROW(zeros({2}, {.device = Device::CUDA}), Error);
+}

@@ -186,6 +186,28 @@ inline Tensor randint(int64_t low, int64_t high, const Shape& shape, DType dtype
   return t;
 }
 
+// The same factories with TensorOptions (tensor/tensor.hpp). Random values are drawn on the CPU,
+// in the CPU's order, and then moved: the same seed gives the same tensor on every device.
+namespace detail {
+inline Tensor with_options(Tensor t, const TensorOptions& o) {
+  if (t.device() != o.device) t = t.to(o.device);
+  if (o.requires_grad) t.requires_grad_();
+  return t;
+}
+}  // namespace detail
+inline Tensor empty(const Shape& shape, const TensorOptions& o) { return detail::with_options(empty(shape, o.dtype, o.device), o); }
+inline Tensor zeros(const Shape& shape, const TensorOptions& o) { return detail::with_options(zeros(shape, o.dtype, o.device), o); }
+inline Tensor ones(const Shape& shape, const TensorOptions& o) { return detail::with_options(ones(shape, o.dtype, o.device), o); }
+inline Tensor full(const Shape& shape, double value, const TensorOptions& o) {
+  return detail::with_options(full(shape, value, o.dtype, o.device), o);
+}
+inline Tensor rand(const Shape& shape, const TensorOptions& o, Generator& g = default_generator()) {
+  return detail::with_options(rand(shape, o.dtype, g), o);
+}
+inline Tensor randn(const Shape& shape, const TensorOptions& o, Generator& g = default_generator()) {
+  return detail::with_options(randn(shape, o.dtype, g), o);
+}
+
 // Copies `values` into a new tensor; shape defaults to 1-D.
 template <class T>
 Tensor tensor(const std::vector<T>& values, Shape shape = {}, DType dtype = dtype_of<T>) {

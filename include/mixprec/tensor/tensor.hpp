@@ -242,6 +242,14 @@ inline Tensor empty(const Shape& shape, DType dtype = DType::Float32, Device dev
   return Tensor(std::move(impl));
 }
 
+// The factories' options by name, next to their positional (dtype, device) forms:
+// `randn({2, 3}, {.dtype = DType::BFloat16, .device = Device::CUDA, .requires_grad = true})`.
+struct TensorOptions {
+  DType dtype = DType::Float32;
+  Device device = Device::CPU;
+  bool requires_grad = false;
+};
+
 inline Tensor empty(const Shape& shape, DType dtype, Device device, MemoryFormat f) {
   Tensor t = empty(shape, dtype, device);
   if (f == MemoryFormat::ChannelsLast) t.impl()->strides = channels_last_strides(shape);
