@@ -17,6 +17,7 @@
 #include "mixprec/backends/cpu/linalg.hpp"
 #include "mixprec/backends/cpu/loss.hpp"
 #include "mixprec/backends/cpu/norm.hpp"
+#include "mixprec/backends/cpu/pool.hpp"
 #include "mixprec/backends/cpu/training.hpp"
 #include "mixprec/backends/device.hpp"
 
@@ -34,6 +35,7 @@ inline const DeviceKernels& cpu_kernel_table() {
     fill_conv_kernels(t);
     fill_norm_kernels(t);
     fill_training_kernels(t);
+    fill_pool_kernels(t);
 
     return t;
   }();
