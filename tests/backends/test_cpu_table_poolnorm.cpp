@@ -139,12 +139,12 @@ TEST(CpuTablePoolNorm, LossesRouteThroughTheTable) {
   EXPECT_EQ(to_doubles(lp.grad()), (std::vector<double>{0, -0.5, -0.5, 0}));
   EXPECT_EQ(to_doubles(a.grad()), (std::vector<double>{1, 2}));
   EXPECT_NEAR(to_doubles(p.grad())[0], -2.0, 1e-6);
-  (void)cross_entropy(tensor({1.0f, 2.0f}, {1, 2}), tensor(std::vector<int64_t>{1}));  // its reduction too
+  (void)cross_entropy(tensor({1.0f, 2.0f}, {1, 2}), tensor(std::vector<int64_t>{1}, {1}));  // its reduction too
   EXPECT_EQ(calls()["loss_sum"], 4);
 }
 
 TEST(CpuTablePoolNorm, MissingEntriesNameTheOp) {
-  const Tensor x4 = randn({1, 2, 4, 4}), lp = tensor({-1.0f, -2.0f}, {1, 2}), idx = tensor(std::vector<int64_t>{1});
+  const Tensor x4 = randn({1, 2, 4, 4}), lp = tensor({-1.0f, -2.0f}, {1, 2}), idx = tensor(std::vector<int64_t>{1}, {1});
   const Tensor v = tensor({0.25f, 0.5f}), t = tensor({0.0f, 1.0f});
   using Entry = std::function<void(DeviceKernels&)>;
   const std::vector<std::tuple<Entry, std::function<void()>, std::string>> cases{

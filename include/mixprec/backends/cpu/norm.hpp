@@ -26,6 +26,7 @@ namespace mixprec::cpu {
 namespace norm_detail {
 // Double-accumulating helpers of group norm and of batch norm's float64 path: 8 independent
 // partial sums, so the loops pipeline without -ffast-math.
+
 // Values of a (possibly strided, any floating dtype) tensor as doubles; empty when undefined.
 inline std::vector<double> norm_to_vec(const Tensor& t) {
   std::vector<double> v;
