@@ -27,6 +27,15 @@ struct SgdScalars;  // optim/sgd.hpp
 enum class DeviceUnary : uint8_t { Relu, Gelu, GeluTanh, Silu, Sigmoid, Tanh, Exp, Log };
 enum class DeviceBinary : uint8_t { Add, Mul, Div };
 
+// ---- poolnorm: the pooling and loss families' kernels (DeviceKernels::pool2d, loss_terms) ----
+namespace detail {
+struct PoolGeom;  // ops/pool.hpp
+}  // namespace detail
+enum class DevicePool : uint8_t { Max, Avg, AdaptiveAvg };
+// Per-element loss terms (a, b, w): Mse (input, target, -) (a - b)^2; BceWithLogits (logits,
+// target, pos_weight or undefined); Bce (probabilities, target, -) with logs clamped at -100.
+enum class DeviceLoss : uint8_t { Mse, BceWithLogits, Bce };
+
 // One parameter's optimizer update; every tensor on the device, state float32 of its shape.
 struct DeviceParamUpdate {
   Tensor weights;  // float32, updated in place: the master copy, or the parameter itself
@@ -292,6 +301,46 @@ struct DeviceKernels {
   // contiguous) = lerp(dst, src, float(s)), src floating of dst's shape, contiguous. AdoptChanged:
   // dst (a float32 master) takes 16-bit src's value wherever round(dst) != src (nothing for 32/64-bit src).
   void (*param_op)(DeviceParamOp op, const Tensor& dst, const Tensor& src, double s) = nullptr;
+  // ---- poolnorm ----
+  // 2-D pooling of contiguous x [..., H, W] (g.P planes of H x W; the op has checked x floating and
+  // 3-D or 4-D, and built g with make_pool_geom, or P, H, W, OH, OW alone for AdaptiveAvg) ->
+  // {y [..., OH, OW] contiguous in x's dtype, int64 indices of y's shape (Max: the flat h * W + w of
+  // each maximum in its plane, NaN wins; else undefined)}. Avg divides as g.count_include_pad says;
+  // AdaptiveAvg averages PyTorch's adaptive windows. 16-bit values summed / compared in float.
+  std::array<Tensor, 2> (*pool2d)(DevicePool kind, const detail::PoolGeom& g, const Tensor& x) = nullptr;
+  // Its gradient: gy [..., OH, OW] contiguous in the input's dtype (and, for Max, the forward's
+  // indices) -> gx [..., H, W] contiguous in that dtype; overlapping windows accumulate in float.
+  Tensor (*pool2d_backward)(DevicePool kind, const detail::PoolGeom& g, const Tensor& gy, const Tensor& indices) = nullptr;
+  // Group norm of contiguous x [N, C, *] over groups of C / G channels: weight and bias [C] (the op
+  // checked them; either may be undefined) -> {y in x's dtype, mean [N G], 1/std [N G]}. CPU:
+  // weight and bias of any floating dtype and stride; statistics float64, rows summed in double.
+  std::array<Tensor, 3> (*group_norm)(const Tensor& x, const Tensor& weight, const Tensor& bias, int64_t G, double eps) = nullptr;
+  // Its {dx (x's dtype), dweight, dbias} from the forward's statistics; grad contiguous in x's
+  // dtype and shape. CPU: dweight and dbias float64 [C] (summed in double; the op rounds them once).
+  std::array<Tensor, 3> (*group_norm_backward)(const Tensor& x, const Tensor& grad, const Tensor& weight, const Tensor& mean,
+                                               const Tensor& rstd, int64_t G) = nullptr;
+  // Per-element loss terms (DeviceLoss) of a, b (and w) already in the loss's compute dtype
+  // (float32; float64 for float64), any strides: Mse broadcasts a and b (result in the layout of
+  // an operand of the full shape), the others take b of a's shape and w broadcast to it. Bce throws
+  // an Error naming binary_cross_entropy when an input lies outside [0, 1].
+  Tensor (*loss_terms)(DeviceLoss kind, const Tensor& a, const Tensor& b, const Tensor& w) = nullptr;
+  // Their gradients {d/da, d/db (when need_b), d/dw (when need_w)} in the compute dtype and the
+  // terms' shape (undefined where not needed), already multiplied by the upstream gradient: grad
+  // (the terms' shape, contiguous, compute dtype) or, where grad is undefined, the host scalar
+  // grad_scale. Mse's gradient of b is minus that of a; Bce has none for w.
+  std::array<Tensor, 3> (*loss_terms_backward)(DeviceLoss kind, const Tensor& a, const Tensor& b, const Tensor& w, const Tensor& grad,
+                                               double grad_scale, bool need_b, bool need_w) = nullptr;
+  // Sum of dense float32 / float64 terms (in memory order; accumulated in double, in fixed chunks)
+  // divided by divisor: a 0-dim tensor of dtype out (a loss's Sum or Mean reduction).
+  Tensor (*loss_sum)(const Tensor& terms, double divisor, DType out) = nullptr;
+  // nll_loss: x [C] or [N, C, d...] as the op has it (any strides; rows r = n S + s over the d...)
+  // and int64 targets of the rows' shape, contiguous, each in [0, C) or ignore_index (checked by
+  // the op) -> -x[n, target, s] per row in the compute dtype, 0 where ignored, of target's shape.
+  Tensor (*nll_loss)(const Tensor& x, const Tensor& target, int64_t N, int64_t C, int64_t S, int64_t ignore_index) = nullptr;
+  // Its gradient: zeros of `sizes` in `dtype` with -grad_rows[r] (compute dtype, [N S], or, where
+  // undefined, -grad_scale) at each row's target.
+  Tensor (*nll_loss_backward)(const Tensor& target, const Tensor& grad_rows, double grad_scale, const Shape& sizes, DType dtype, int64_t N,
+                              int64_t C, int64_t S, int64_t ignore_index) = nullptr;
   // A new, empty graph of this device (CapturedStep).
   std::unique_ptr<DeviceGraph> (*make_graph)() = nullptr;
 };

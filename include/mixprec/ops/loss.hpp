@@ -1,11 +1,13 @@
 #pragma once
 // Loss functions with PyTorch's semantics. Per-element losses are computed in float (double for
-// double inputs) and reduced in double; the result has the (promoted) input dtype.
+// double inputs) and reduced in double; the result has the (promoted) input dtype. The bodies
+// here hold the checks, the autocast policy and autograd; the kernels are the device's
+// (DeviceKernels::loss_terms, loss_terms_backward, loss_sum, nll_loss, cross_entropy...; the CPU's
+// in backends/cpu/loss.hpp). The element-wise losses and nll_loss have CPU kernels only, so their
+// ops refuse other devices first.
 // cross_entropy fuses log_softmax and nll: forward keeps only the per-row log-sum-exp, backward
-// rebuilds softmax from it (softmax - smoothed one-hot); the kernels are the device's
-// (DeviceKernels::cross_entropy; the CPU's in backends/cpu/loss.hpp), or, on a device without
-// them, cross_entropy_device's composition of routed ops.
-#include <atomic>
+// rebuilds softmax from it (softmax - smoothed one-hot); on a device without the fused kernels,
+// cross_entropy_device composes routed ops.
 #include <cmath>
 #include <limits>
 
@@ -25,45 +27,18 @@ void loss_dispatch_acc(DType ad, F&& f) {
   else f.template operator()<float>();
 }
 
-// Sum of a contiguous float/double tensor in double. Fixed chunks with 8 partial sums each.
-inline double loss_sum(const Tensor& t) {
-  const int64_t n = t.numel();
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(cpu::num_threads(), (n + kParallelGrain - 1) / kParallelGrain));
-  std::vector<double> part(static_cast<std::size_t>(chunks), 0.0);
-  loss_dispatch_acc(t.dtype(), [&]<class T>() {
-    const T* p = t.data<T>();
-    cpu::parallel_for(0, chunks, 1, [&](int64_t kb, int64_t ke) {
-      for (int64_t k = kb; k < ke; ++k) {
-        double a[8] = {};
-        int64_t i = n * k / chunks;
-        const int64_t e = n * (k + 1) / chunks;
-        for (; i + 8 <= e; i += 8)
-          for (int j = 0; j < 8; ++j) a[j] += static_cast<double>(static_cast<acc_t<T>>(p[i + j]));
-        for (; i < e; ++i) a[0] += static_cast<double>(static_cast<acc_t<T>>(p[i]));
-        part[k] = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
-      }
-    });
-  });
-  double s = 0;
-  for (double v : part) s += v;
-  return s;
-}
-
-// Per-element losses L (contiguous, acc dtype) reduced to the op's output in dtype `out`; Mean
+// Per-element losses L (dense, acc dtype) reduced to the op's output in dtype `out`; Mean
 // divides by `count` (0 / 0 is NaN, as PyTorch when every target is ignored).
-inline Tensor loss_reduce(const Tensor& L, Reduction r, DType out, double count) {
+inline Tensor loss_reduce(const char* op, const Tensor& L, Reduction r, DType out, double count) {
   if (r == Reduction::None) return as_dtype_raw(L, out);
-  const double s = loss_sum(L);
-  return scalar_tensor(r == Reduction::Mean ? s / count : s, out);
+  return device_kernel(op, L, &DeviceKernels::loss_sum)(L, r == Reduction::Mean ? count : 1.0, out);
 }
 
-// d (per-element dloss/dinput, acc dtype) times the upstream gradient of the reduction.
-inline Tensor loss_chain(const Tensor& d, const Tensor& g, Reduction r, double count) {
-  if (r == Reduction::None)
-    return binary_kernel("loss_backward", d, contiguous_raw(expand_raw(as_dtype_raw(g, d.dtype()), d.sizes())),
-                         [](auto a, auto b) { return a * b; });
-  const double s = g.item<double>() / (r == Reduction::Mean ? count : 1.0);
-  return unary_kernel("loss_backward", d, [s](auto a) { return a * static_cast<decltype(a)>(s); });
+// The upstream gradient of a loss as its backward kernels take it: per element (Reduction::None;
+// `shape`, contiguous, in the acc dtype ad) or one host scalar, already divided for Mean.
+inline std::pair<Tensor, double> loss_upstream(const Tensor& g, Reduction r, const Shape& shape, DType ad, double count) {
+  if (r == Reduction::None) return {contiguous_raw(expand_raw(as_dtype_raw(g, ad), shape)), 0.0};
+  return {Tensor(), g.item<double>() / (r == Reduction::Mean ? count : 1.0)};
 }
 
 // The class-index layout shared by cross_entropy and nll_loss: input [N, C, d...] (or [C])
@@ -116,17 +91,6 @@ inline void loss_check_pair(const char* op, const Tensor& input, const Tensor& t
   require_cpu(op, target);
 }
 
-// log(1 + exp(-x)) without overflow.
-template <class A>
-A loss_softplus_neg(A x) {
-  return std::max(-x, A(0)) + std::log1p(std::exp(-std::abs(x)));
-}
-template <class A>
-A loss_sigmoid(A x) {
-  if (x >= 0) return A(1) / (A(1) + std::exp(-x));
-  const A e = std::exp(x);
-  return e / (A(1) + e);
-}
 // cross_entropy on a device without the fused kernels, composed from routed ops: -sum_c(w_c log_softmax(x)_c) per row,
 // with the row weights w (one-hot mixed with label smoothing, zero for ignored rows) and the count
 // of rows built on the device from the class indices (DeviceKernels::class_weights), so nothing
@@ -185,7 +149,8 @@ inline Tensor cross_entropy(const Tensor& logits, const Tensor& target, Reductio
     const int64_t count = detail::loss_check_targets("cross_entropy", tc.data<int64_t>(), R, C, ignore_index);
     const double ls = label_smoothing;
     const auto [L, lse] = detail::device_kernel("cross_entropy", x, &DeviceKernels::cross_entropy)(xc, tc, N, C, S, ignore_index, ls);
-    Tensor out = detail::loss_reduce(detail::reshape_raw(L, lay.out_shape), reduction, x.dtype(), static_cast<double>(count));
+    Tensor out =
+        detail::loss_reduce("cross_entropy", detail::reshape_raw(L, lay.out_shape), reduction, x.dtype(), static_cast<double>(count));
     if (autograd::should_record({x}))
       autograd::record("cross_entropy", {x, target}, {out},
                        [sx = autograd::SavedTensor(x), st = autograd::SavedTensor(target), lse, N, C, S, count, reduction, ignore_index,
@@ -217,64 +182,17 @@ inline Tensor nll_loss(const Tensor& log_probs, const Tensor& target, Reduction 
     const int64_t N = lay.N, C = lay.C, S = lay.S, R = N * S;
     const Tensor tc = detail::contiguous_raw(target);
     const int64_t count = detail::loss_check_targets("nll_loss", tc.data<int64_t>(), R, C, ignore_index);
-    const DType ad = detail::loss_acc_dtype(x.dtype());
-    Tensor L = empty(lay.out_shape, ad);
-    // Only one element per row is read: index the (possibly strided) input directly.
-    const Shape& xs = x.strides();
-    const int64_t s0 = x.dim() == 1 ? 0 : xs[0], sc = x.dim() == 1 ? xs[0] : xs[1];
-    Shape inner_sizes, inner_strides;
-    for (int64_t d = 2; d < x.dim(); ++d) {
-      inner_sizes.push_back(x.size(d));
-      inner_strides.push_back(xs[d]);
-    }
-    auto offset_of = [=](int64_t r) {
-      int64_t n = r / std::max<int64_t>(S, 1), s = r % std::max<int64_t>(S, 1), off = n * s0;
-      for (int64_t d = static_cast<int64_t>(inner_sizes.size()) - 1; d >= 0; --d) {
-        off += (s % inner_sizes[d]) * inner_strides[d];
-        s /= inner_sizes[d];
-      }
-      return off;
-    };
-    if (R > 0)
-      dispatch_floating(x.dtype(), "nll_loss", [&]<class T>() {
-        using A = acc_t<T>;
-        const T* xp = x.data<T>();
-        const int64_t* tp = tc.data<int64_t>();
-        A* lp = L.data<A>();
-        cpu::parallel_for(0, R, kParallelGrain, [&](int64_t b, int64_t e) {
-          for (int64_t r = b; r < e; ++r)
-            lp[r] = tp[r] == ignore_index ? A(0) : -static_cast<A>(xp[offset_of(r) + tp[r] * sc]);
-        });
-      });
-    Tensor out = detail::loss_reduce(L, reduction, x.dtype(), static_cast<double>(count));
+    const Tensor L = detail::device_kernel("nll_loss", x, &DeviceKernels::nll_loss)(x, tc, N, C, S, ignore_index);
+    Tensor out = detail::loss_reduce("nll_loss", L, reduction, x.dtype(), static_cast<double>(count));
     if (autograd::should_record({x}))
       autograd::record("nll_loss", {x, target}, {out},
                        [st = autograd::SavedTensor(target), in_sizes = x.sizes(), dt = x.dtype(), N, C, S, count, reduction, ignore_index,
                         out_shape = lay.out_shape](const std::vector<Tensor>& g) -> std::vector<Tensor> {
                          const Tensor tc = detail::contiguous_raw(st.get("nll_loss"));
-                         const int64_t R = N * S;
-                         const DType ad = detail::loss_acc_dtype(dt);
-                         const Tensor gr = reduction == Reduction::None
-                                               ? detail::contiguous_raw(detail::expand_raw(detail::as_dtype_raw(g[0], ad), out_shape))
-                                               : Tensor();
-                         const double gs = reduction == Reduction::None
-                                               ? 0.0
-                                               : g[0].item<double>() / (reduction == Reduction::Mean ? static_cast<double>(count) : 1.0);
-                         Tensor gx = zeros(in_sizes, dt);
-                         if (R > 0)
-                           dispatch_floating(dt, "nll_loss_backward", [&]<class T>() {
-                             using A = acc_t<T>;
-                             T* o = gx.data<T>();
-                             const int64_t* tp = tc.data<int64_t>();
-                             const A* gp = gr.defined() ? gr.data<A>() : nullptr;
-                             cpu::parallel_for(0, R, kParallelGrain, [&](int64_t b, int64_t e) {
-                               for (int64_t r = b; r < e; ++r) {
-                                 if (tp[r] == ignore_index) continue;
-                                 o[(r / S) * C * S + tp[r] * S + r % S] = static_cast<T>(-(gp ? gp[r] : static_cast<A>(gs)));
-                               }
-                             });
-                           });
-                         return {gx, Tensor()};
+                         const auto [gr, gs] = detail::loss_upstream(g[0], reduction, out_shape, detail::loss_acc_dtype(dt), static_cast<double>(count));
+                         return {detail::device_kernel("nll_loss_backward", tc, &DeviceKernels::nll_loss_backward)(tc, gr, gs, in_sizes, dt, N, C, S,
+                                                                                                                   ignore_index),
+                                 Tensor()};
                        });
     return out;
   }, log_probs, target);
@@ -283,23 +201,23 @@ inline Tensor nll_loss(const Tensor& log_probs, const Tensor& target, Reduction 
 // (input - target)^2; the two broadcast (both may require grad).
 inline Tensor mse_loss(const Tensor& input, const Tensor& target, Reduction reduction = Reduction::Mean) {
   return dispatch(OpId::mse_loss, [reduction](const Tensor& a, const Tensor& b) {
-    detail::loss_check_pair("mse_loss", a, b);
+    const char* op = "mse_loss";
+    detail::loss_check_pair(op, a, b);
+    const Shape shape = broadcast_shapes(a.sizes(), b.sizes(), op);
     const DType ct = promote_types(a.dtype(), b.dtype()), ad = detail::loss_acc_dtype(ct);
-    const Tensor L = detail::binary_kernel("mse_loss", detail::as_dtype_raw(a, ad), detail::as_dtype_raw(b, ad), [](auto x, auto y) {
-      const auto d = x - y;
-      return d * d;
-    });
-    Tensor out = detail::loss_reduce(L, reduction, ct, static_cast<double>(L.numel()));
+    const Tensor L =
+        detail::device_kernel(op, a, &DeviceKernels::loss_terms)(DeviceLoss::Mse, detail::as_dtype_raw(a, ad), detail::as_dtype_raw(b, ad), Tensor());
+    Tensor out = detail::loss_reduce(op, L, reduction, ct, static_cast<double>(L.numel()));
     if (autograd::should_record({a, b}))
-      autograd::record("mse_loss", {a, b}, {out},
-                       [sa = autograd::SavedTensor(a), sb = autograd::SavedTensor(b), reduction, ad](const std::vector<Tensor>& g) -> std::vector<Tensor> {
-                         const Tensor& a = sa.get("mse_loss");
-                         const Tensor& b = sb.get("mse_loss");
-                         Tensor d = detail::binary_kernel("mse_loss_backward", detail::as_dtype_raw(a, ad), detail::as_dtype_raw(b, ad),
-                                                          [](auto x, auto y) { return 2 * (x - y); });
-                         d = detail::loss_chain(d, g[0], reduction, static_cast<double>(d.numel()));
-                         const Tensor nd = detail::unary_kernel("mse_loss_backward", d, [](auto v) { return -v; });
-                         return {detail::grad_for(d, a.sizes(), a.dtype()), detail::grad_for(nd, b.sizes(), b.dtype())};
+      autograd::record(op, {a, b}, {out},
+                       [sa = autograd::SavedTensor(a), sb = autograd::SavedTensor(b), reduction, ad, shape, op,
+                        need_b = autograd::tensor_requires_grad(b)](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+                         const Tensor& a = sa.get(op);
+                         const Tensor& b = sb.get(op);
+                         const auto [gr, gs] = detail::loss_upstream(g[0], reduction, shape, ad, static_cast<double>(numel_of(shape)));
+                         const auto d = detail::device_kernel("mse_loss_backward", a, &DeviceKernels::loss_terms_backward)(
+                             DeviceLoss::Mse, detail::as_dtype_raw(a, ad), detail::as_dtype_raw(b, ad), Tensor(), gr, gs, need_b, false);
+                         return {detail::grad_for(d[0], a.sizes(), a.dtype()), d[1].defined() ? detail::grad_for(d[1], b.sizes(), b.dtype()) : Tensor()};
                        });
     return out;
   }, input, target);
@@ -323,98 +241,54 @@ inline Tensor binary_cross_entropy_with_logits(const Tensor& logits, const Tenso
       ct = promote_types(ct, pw.dtype());
     }
     const DType ad = detail::loss_acc_dtype(ct);
-    const Tensor xa = detail::as_dtype_raw(x, ad), ta = detail::as_dtype_raw(t, ad);
-    Tensor L = empty(x.sizes(), ad);
-    detail::loss_dispatch_acc(ad, [&]<class A>() {
-      if (pw.defined())
-        cpu::map<A, A, A, A>(L, [](A v, A tv, A p) { return (1 - tv) * v + ((p - 1) * tv + 1) * detail::loss_softplus_neg(v); }, xa, ta,
-                             detail::expand_raw(detail::as_dtype_raw(pw, ad), x.sizes()));
-      else
-        cpu::map<A, A, A>(L, [](A v, A tv) { return (1 - tv) * v + detail::loss_softplus_neg(v); }, xa, ta);
-    });
-    Tensor out = detail::loss_reduce(L, reduction, ct, static_cast<double>(L.numel()));
+    // The kernels' operands: all in the acc dtype, pos_weight expanded to x's shape.
+    auto operands = [ad](const Tensor& x, const Tensor& t, const Tensor& pw) {
+      return std::array<Tensor, 3>{detail::as_dtype_raw(x, ad), detail::as_dtype_raw(t, ad),
+                                   pw.defined() ? detail::expand_raw(detail::as_dtype_raw(pw, ad), x.sizes()) : Tensor()};
+    };
+    const auto [xa, ta, pa] = operands(x, t, pw);
+    const Tensor L = detail::device_kernel(op, x, &DeviceKernels::loss_terms)(DeviceLoss::BceWithLogits, xa, ta, pa);
+    Tensor out = detail::loss_reduce(op, L, reduction, ct, static_cast<double>(L.numel()));
     if (autograd::should_record({x, t, pw}))
       autograd::record(op, {x, t, pw}, {out},
-                       [sx = autograd::SavedTensor(x), st = autograd::SavedTensor(t), sp = autograd::SavedTensor(pw), reduction, ad, op,
+                       [sx = autograd::SavedTensor(x), st = autograd::SavedTensor(t), sp = autograd::SavedTensor(pw), reduction, ad, op, operands,
                         need_t = autograd::tensor_requires_grad(t),
                         need_pw = autograd::tensor_requires_grad(pw)](const std::vector<Tensor>& g) -> std::vector<Tensor> {
                          const Tensor& x = sx.get(op);
                          const Tensor& t = st.get(op);
                          const Tensor& pw = sp.get(op);
-                         const Tensor xa = detail::as_dtype_raw(x, ad), ta = detail::as_dtype_raw(t, ad);
-                         const Tensor pa = pw.defined() ? detail::expand_raw(detail::as_dtype_raw(pw, ad), x.sizes()) : Tensor();
-                         const double n = static_cast<double>(x.numel());
-                         Tensor dx = empty(x.sizes(), ad), dt, dp;
-                         detail::loss_dispatch_acc(ad, [&]<class A>() {
-                           if (pa.defined()) {
-                             // d/dx = (1 - t) + (1 + (pw - 1) t) (sigmoid(x) - 1)
-                             cpu::map<A, A, A, A>(dx, [](A v, A tv, A p) { return (1 - tv) + ((p - 1) * tv + 1) * (detail::loss_sigmoid(v) - 1); },
-                                                  xa, ta, pa);
-                             if (need_t) {
-                               dt = empty(x.sizes(), ad);
-                               cpu::map<A, A, A>(dt, [](A v, A p) { return -v + (p - 1) * detail::loss_softplus_neg(v); }, xa, pa);
-                             }
-                             if (need_pw) {
-                               dp = empty(x.sizes(), ad);
-                               cpu::map<A, A, A>(dp, [](A v, A tv) { return tv * detail::loss_softplus_neg(v); }, xa, ta);
-                             }
-                           } else {
-                             cpu::map<A, A, A>(dx, [](A v, A tv) { return detail::loss_sigmoid(v) - tv; }, xa, ta);
-                             if (need_t) {
-                               dt = empty(x.sizes(), ad);
-                               cpu::map<A, A>(dt, [](A v) { return -v; }, xa);
-                             }
-                           }
-                         });
-                         Tensor gx = detail::grad_for(detail::loss_chain(dx, g[0], reduction, n), x.sizes(), x.dtype());
-                         Tensor gt = dt.defined() ? detail::grad_for(detail::loss_chain(dt, g[0], reduction, n), t.sizes(), t.dtype()) : Tensor();
-                         Tensor gp = dp.defined() ? detail::grad_for(detail::loss_chain(dp, g[0], reduction, n), pw.sizes(), pw.dtype()) : Tensor();
-                         return {gx, gt, gp};
+                         const auto [xa, ta, pa] = operands(x, t, pw);
+                         const auto [gr, gs] = detail::loss_upstream(g[0], reduction, x.sizes(), ad, static_cast<double>(x.numel()));
+                         const auto d = detail::device_kernel("binary_cross_entropy_with_logits_backward", x, &DeviceKernels::loss_terms_backward)(
+                             DeviceLoss::BceWithLogits, xa, ta, pa, gr, gs, need_t, need_pw && pw.defined());
+                         return {detail::grad_for(d[0], x.sizes(), x.dtype()), d[1].defined() ? detail::grad_for(d[1], t.sizes(), t.dtype()) : Tensor(),
+                                 d[2].defined() ? detail::grad_for(d[2], pw.sizes(), pw.dtype()) : Tensor()};
                        });
     return out;
   }, logits, target, pos_weight);
 }
 
 // Binary cross entropy on probabilities in [0, 1]; each log is clamped at -100 as PyTorch does,
-// so p = 0 or 1 gives a finite loss.
+// so p = 0 or 1 gives a finite loss. The kernel refuses inputs outside [0, 1].
 inline Tensor binary_cross_entropy(const Tensor& probs, const Tensor& target, Reduction reduction = Reduction::Mean) {
   return dispatch(OpId::binary_cross_entropy, [reduction](const Tensor& p, const Tensor& t) {
     const char* op = "binary_cross_entropy";
     detail::loss_check_pair(op, p, t);
     MIXPREC_CHECK(t.sizes() == p.sizes(), op, ": target of shape ", t.sizes(), " must have the same shape as the input ", p.sizes());
     const DType ct = promote_types(p.dtype(), t.dtype()), ad = detail::loss_acc_dtype(ct);
-    Tensor L = empty(p.sizes(), ad);
-    std::atomic<bool> out_of_range{false};
-    detail::loss_dispatch_acc(ad, [&]<class A>() {
-      cpu::map<A, A, A>(L, [&out_of_range](A pv, A tv) {
-        if (!(pv >= 0 && pv <= 1)) out_of_range.store(true, std::memory_order_relaxed);
-        const A lp = std::max(std::log(pv), A(-100)), l1p = std::max(std::log1p(-pv), A(-100));
-        return -(tv * lp + (1 - tv) * l1p);
-      }, detail::as_dtype_raw(p, ad), detail::as_dtype_raw(t, ad));
-    });
-    MIXPREC_CHECK(!out_of_range.load(), op, ": all elements of the input (shape ", p.sizes(),
-                  ") should be probabilities between 0 and 1; use binary_cross_entropy_with_logits for raw scores");
-    Tensor out = detail::loss_reduce(L, reduction, ct, static_cast<double>(L.numel()));
+    const Tensor L =
+        detail::device_kernel(op, p, &DeviceKernels::loss_terms)(DeviceLoss::Bce, detail::as_dtype_raw(p, ad), detail::as_dtype_raw(t, ad), Tensor());
+    Tensor out = detail::loss_reduce(op, L, reduction, ct, static_cast<double>(L.numel()));
     if (autograd::should_record({p, t}))
       autograd::record(op, {p, t}, {out},
                        [sp = autograd::SavedTensor(p), st = autograd::SavedTensor(t), reduction, ad, op,
                         need_t = autograd::tensor_requires_grad(t)](const std::vector<Tensor>& g) -> std::vector<Tensor> {
                          const Tensor& p = sp.get(op);
                          const Tensor& t = st.get(op);
-                         const Tensor pa = detail::as_dtype_raw(p, ad), ta = detail::as_dtype_raw(t, ad);
-                         const double n = static_cast<double>(p.numel());
-                         Tensor dp = empty(p.sizes(), ad), dt;
-                         detail::loss_dispatch_acc(ad, [&]<class A>() {
-                           // PyTorch's form: (p - t) / max(p (1 - p), 1e-12).
-                           cpu::map<A, A, A>(dp, [](A pv, A tv) { return (pv - tv) / std::max(pv * (1 - pv), A(1e-12)); }, pa, ta);
-                           if (need_t) {
-                             dt = empty(p.sizes(), ad);
-                             cpu::map<A, A>(dt, [](A pv) { return std::max(std::log1p(-pv), A(-100)) - std::max(std::log(pv), A(-100)); }, pa);
-                           }
-                         });
-                         Tensor gp = detail::grad_for(detail::loss_chain(dp, g[0], reduction, n), p.sizes(), p.dtype());
-                         Tensor gt = dt.defined() ? detail::grad_for(detail::loss_chain(dt, g[0], reduction, n), t.sizes(), t.dtype()) : Tensor();
-                         return {gp, gt};
+                         const auto [gr, gs] = detail::loss_upstream(g[0], reduction, p.sizes(), ad, static_cast<double>(p.numel()));
+                         const auto d = detail::device_kernel("binary_cross_entropy_backward", p, &DeviceKernels::loss_terms_backward)(
+                             DeviceLoss::Bce, detail::as_dtype_raw(p, ad), detail::as_dtype_raw(t, ad), Tensor(), gr, gs, need_t, false);
+                         return {detail::grad_for(d[0], p.sizes(), p.dtype()), d[1].defined() ? detail::grad_for(d[1], t.sizes(), t.dtype()) : Tensor()};
                        });
     return out;
   }, probs, target);

@@ -1,12 +1,8 @@
 #pragma once
-// batch_norm, layer_norm, group_norm. batch_norm and layer_norm reach their kernels through the
-// device's kernel table on every device (the CPU's in backends/cpu/norm.hpp, CUDA's in
-// backends/cuda/norm.cuh); their bodies here hold the checks, the autocast policy and autograd.
-// group_norm (no table entry) keeps its CPU kernel here: statistics accumulate in double (8
-// independent partial sums, so the loop pipelines without -ffast-math), the normalisation runs in
-// acc_t<T> and rounds once on store. Mean and 1/std are saved for backward, which uses the
-// closed-form gradients (one pass for the sums, one to write dx); the double helpers below are
-// shared with the CPU's float64 batch norm.
+// batch_norm, layer_norm, group_norm. They reach their kernels through the device's kernel table
+// on every device (the CPU's in backends/cpu/norm.hpp, CUDA's in backends/cuda/norm.cuh; group_norm
+// has a CPU kernel only, so the op refuses other devices first); their bodies here hold the
+// checks, the autocast policy and autograd.
 #include <cmath>
 
 #include "mixprec/ops/conv.hpp"  // kernel_layout, layout_raw
@@ -15,116 +11,12 @@
 namespace mixprec {
 
 namespace detail {
-// Values of a (possibly strided, any floating dtype) tensor as doubles; empty when undefined.
-inline std::vector<double> norm_to_vec(const Tensor& t) {
-  std::vector<double> v;
-  if (!t.defined()) return v;
-  const Tensor c = contiguous_raw(t);
-  v.resize(static_cast<std::size_t>(c.numel()));
-  dispatch_floating(c.dtype(), "normalization", [&]<class T>() {
-    const T* p = c.data<T>();
-    for (std::size_t i = 0; i < v.size(); ++i) v[i] = static_cast<double>(static_cast<acc_t<T>>(p[i]));
-  });
-  return v;
-}
-inline Tensor norm_from_vec(const std::vector<double>& v, const Shape& shape, DType dt) {
-  Tensor t = empty(shape, dt);
-  dispatch_floating(dt, "normalization", [&]<class T>() {
-    T* p = t.data<T>();
-    for (std::size_t i = 0; i < v.size(); ++i) p[i] = static_cast<T>(static_cast<acc_t<T>>(v[i]));
-  });
-  return t;
-}
-
-template <class T>
-double norm_sum(const T* p, int64_t n) {
-  double a[8] = {};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int k = 0; k < 8; ++k) a[k] += static_cast<double>(static_cast<acc_t<T>>(p[i + k]));
-  for (; i < n; ++i) a[0] += static_cast<double>(static_cast<acc_t<T>>(p[i]));
-  return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
-}
-// Sum of squared deviations from `mean` (the second pass of a two-pass variance).
-template <class T>
-double norm_sqdev(const T* p, int64_t n, double mean) {
-  double a[8] = {};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int k = 0; k < 8; ++k) {
-      const double d = static_cast<double>(static_cast<acc_t<T>>(p[i + k])) - mean;
-      a[k] += d * d;
-    }
-  for (; i < n; ++i) {
-    const double d = static_cast<double>(static_cast<acc_t<T>>(p[i])) - mean;
-    a[0] += d * d;
-  }
-  return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
-}
-// (sum g, sum g * (x - mean)) over a run.
-template <class T>
-std::pair<double, double> norm_grad_sums(const T* g, const T* x, int64_t n, double mean) {
-  double a[8] = {}, b[8] = {};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int k = 0; k < 8; ++k) {
-      const double gv = static_cast<double>(static_cast<acc_t<T>>(g[i + k]));
-      a[k] += gv;
-      b[k] += gv * (static_cast<double>(static_cast<acc_t<T>>(x[i + k])) - mean);
-    }
-  for (; i < n; ++i) {
-    const double gv = static_cast<double>(static_cast<acc_t<T>>(g[i]));
-    a[0] += gv;
-    b[0] += gv * (static_cast<double>(static_cast<acc_t<T>>(x[i])) - mean);
-  }
-  return {((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])),
-          ((b[0] + b[1]) + (b[2] + b[3])) + ((b[4] + b[5]) + (b[6] + b[7]))};
-}
-
-// x - mean in A with the double mean split into hi + lo: x - hi is exact for x near the mean
-// (Sterbenz), so centring keeps the digits a float-rounded mean would lose when |mean| >> std.
-template <class A>
-struct NormCenter {
-  A hi, lo;
-  explicit NormCenter(double mean) : hi(static_cast<A>(mean)), lo(static_cast<A>(mean - static_cast<double>(hi))) {}
-  A operator()(A x) const { return (x - hi) - lo; }
-};
-
-// out = (x - mean) * scale + shift over a run, in acc_t<T>.
-template <class T>
-void norm_affine_run(const T* x, T* y, int64_t n, double mean, double scale, double shift) {
-  using A = acc_t<T>;
-  const NormCenter<A> center(mean);
-  const A s = static_cast<A>(scale), b = static_cast<A>(shift);
-  for (int64_t i = 0; i < n; ++i) y[i] = static_cast<T>(center(static_cast<A>(x[i])) * s + b);
-}
-
 inline void norm_check_param(const char* op, const Tensor& p, const char* what, int64_t C, const Tensor& x) {
   if (!p.defined()) return;
   MIXPREC_CHECK(p.is_floating_point(), op, ": ", what, " must be floating-point, got ", p.dtype());
   MIXPREC_CHECK(p.dim() == 1 && p.size(0) == C, op, ": ", what, " of shape ", p.sizes(), " does not match the ", C,
                 " channels of input shape ", x.sizes(), " (expected [", C, "])");
   common_device(op, {&x, &p});
-}
-
-// Input gradient of batch/group norm for one run of x sharing (mean, rstd): in training mode
-// dx = w rstd (g - sum_g / M - xhat sum_gxhat / M); in eval mode (stats are constants) w rstd g.
-template <class T>
-void norm_input_grad_run(const T* g, const T* x, T* gx, int64_t n, double mean, double rstd, double w, double sum_g,
-                         double sum_gxc, double M, bool training) {
-  using A = acc_t<T>;
-  const double k = w * rstd;
-  if (!training) {
-    const A kk = static_cast<A>(k);
-    for (int64_t i = 0; i < n; ++i) gx[i] = static_cast<T>(static_cast<A>(g[i]) * kk);
-    return;
-  }
-  // dx = k g - k sum_g / M - k (x - mean) rstd^2 sum_gxc / M  =  k g + c1 (x - mean) + c0
-  const double c1 = -k * rstd * rstd * sum_gxc / M;
-  const double c0 = -k * sum_g / M;
-  const A kk = static_cast<A>(k), a1 = static_cast<A>(c1), a0 = static_cast<A>(c0);
-  const NormCenter<A> center(mean);
-  for (int64_t i = 0; i < n; ++i) gx[i] = static_cast<T>(kk * static_cast<A>(g[i]) + a1 * center(static_cast<A>(x[i])) + a0);
 }
 }  // namespace detail
 
@@ -319,91 +211,26 @@ inline Tensor group_norm(const Tensor& x, int64_t num_groups, const Tensor& weig
     MIXPREC_CHECK(x.defined() && x.dim() >= 2, "group_norm: expected an input of shape [N, C, *], got ",
                   x.defined() ? x.sizes() : Shape{});
     MIXPREC_CHECK(x.is_floating_point(), "group_norm: expected a floating-point input, got ", x.dtype(), " of shape ", x.sizes());
-    const int64_t N = x.size(0), C = x.size(1);
+    const int64_t C = x.size(1);
     MIXPREC_CHECK(num_groups > 0 && C % num_groups == 0, "group_norm: expected the ", C, " channels of input shape ", x.sizes(),
                   " to be divisible by num_groups, got num_groups = ", num_groups);
     MIXPREC_CHECK(eps >= 0, "group_norm: eps must be non-negative, got ", eps);
     detail::norm_check_param("group_norm", weight, "weight", C, x);
     detail::norm_check_param("group_norm", bias, "bias", C, x);
     detail::require_cpu("group_norm", x);
-    const int64_t G = num_groups, Cg = C / G, S = N * C == 0 ? 0 : x.numel() / (N * C), L = Cg * S;
-    const Tensor xc = detail::contiguous_raw(x);
-    Tensor y = empty(x.sizes(), x.dtype());
-    Tensor mean_t = empty({N * G}, DType::Float64), rstd_t = empty({N * G}, DType::Float64);
-    const std::vector<double> w = detail::norm_to_vec(weight), b = detail::norm_to_vec(bias);
-    if (L > 0)
-      dispatch_floating(x.dtype(), "group_norm", [&]<class T>() {
-        const T* xp = xc.data<T>();
-        T* yp = y.data<T>();
-        double* mp = mean_t.data<double>();
-        double* rp = rstd_t.data<double>();
-        cpu::parallel_for(0, N * G, std::max<int64_t>(1, kParallelGrain / L), [&](int64_t rb, int64_t re) {
-          for (int64_t r = rb; r < re; ++r) {
-            const T* xr = xp + r * L;
-            const double mu = detail::norm_sum(xr, L) / static_cast<double>(L);
-            const double rs = 1.0 / std::sqrt(detail::norm_sqdev(xr, L, mu) / static_cast<double>(L) + eps);
-            mp[r] = mu;
-            rp[r] = rs;
-            for (int64_t j = 0; j < Cg; ++j) {
-              const int64_t c = (r % G) * Cg + j;
-              detail::norm_affine_run(xr + j * S, yp + r * L + j * S, S, mu, rs * (w.empty() ? 1.0 : w[c]), b.empty() ? 0.0 : b[c]);
-            }
-          }
-        });
-      });
+    const int64_t G = num_groups;
+    const auto [y, mean_t, rstd_t] =
+        detail::device_kernel("group_norm", x, &DeviceKernels::group_norm)(detail::contiguous_raw(x), weight, bias, G, eps);
     if (autograd::should_record({x, weight, bias}))
       autograd::record("group_norm", {x, weight, bias}, {y},
-                       [sx = autograd::SavedTensor(x), w, mean_t, rstd_t, N, C, G, Cg, S, L, wd = weight.defined() ? weight.dtype() : DType::Float32,
-                        bd = bias.defined() ? bias.dtype() : DType::Float32, has_w = weight.defined(),
-                        has_b = bias.defined()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+                       [sx = autograd::SavedTensor(x), sw = autograd::SavedTensor(weight), mean_t, rstd_t, G,
+                        wd = weight.defined() ? weight.dtype() : DType::Float32, bd = bias.defined() ? bias.dtype() : DType::Float32,
+                        has_w = weight.defined(), has_b = bias.defined()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
                          const Tensor& x = sx.get("group_norm");
-                         const Tensor xc = detail::contiguous_raw(x);
                          const Tensor gc = detail::contiguous_raw(detail::expand_raw(detail::as_dtype_raw(g[0], x.dtype()), x.sizes()));
-                         Tensor gx = empty(x.sizes(), x.dtype());
-                         // Per (n, c): sum g and sum g xhat; reduced over n for the weight / bias.
-                         std::vector<double> sg(static_cast<std::size_t>(N * C)), sgh(static_cast<std::size_t>(N * C));
-                         const double* mp = mean_t.data<double>();
-                         const double* rp = rstd_t.data<double>();
-                         if (L > 0)
-                           dispatch_floating(x.dtype(), "group_norm_backward", [&]<class T>() {
-                             const T* xp = xc.data<T>();
-                             const T* gp = gc.data<T>();
-                             T* o = gx.data<T>();
-                             cpu::parallel_for(0, N * G, std::max<int64_t>(1, kParallelGrain / L), [&](int64_t rb, int64_t re) {
-                               for (int64_t r = rb; r < re; ++r) {
-                                 const int64_t n = r / G, c0 = (r % G) * Cg;
-                                 double s1 = 0, s2 = 0;  // sum(g w), sum(g w xhat)
-                                 for (int64_t j = 0; j < Cg; ++j) {
-                                   const int64_t off = r * L + j * S;
-                                   const auto [a, bb] = detail::norm_grad_sums(gp + off, xp + off, S, mp[r]);
-                                   sg[n * C + c0 + j] = a;
-                                   sgh[n * C + c0 + j] = bb * rp[r];
-                                   const double wc = w.empty() ? 1.0 : w[c0 + j];
-                                   s1 += wc * a;
-                                   s2 += wc * bb * rp[r];
-                                 }
-                                 // dx = rstd (g w - s1 / L - xhat s2 / L) = k g + c1 (x - mean) + c0 per channel.
-                                 using A = acc_t<T>;
-                                 const double c1 = -rp[r] * rp[r] * s2 / static_cast<double>(L);
-                                 const double cc = -rp[r] * s1 / static_cast<double>(L);
-                                 const A a1 = static_cast<A>(c1), a0 = static_cast<A>(cc);
-                                 const detail::NormCenter<A> center(mp[r]);
-                                 for (int64_t j = 0; j < Cg; ++j) {
-                                   const int64_t off = r * L + j * S;
-                                   const A kk = static_cast<A>(rp[r] * (w.empty() ? 1.0 : w[c0 + j]));
-                                   for (int64_t i = 0; i < S; ++i)
-                                     o[off + i] = static_cast<T>(kk * static_cast<A>(gp[off + i]) + a1 * center(static_cast<A>(xp[off + i])) + a0);
-                                 }
-                               }
-                             });
-                           });
-                         std::vector<double> gw(static_cast<std::size_t>(C), 0.0), gb(static_cast<std::size_t>(C), 0.0);
-                         for (int64_t n = 0; n < N; ++n)
-                           for (int64_t c = 0; c < C; ++c) {
-                             gw[c] += sgh[n * C + c];
-                             gb[c] += sg[n * C + c];
-                           }
-                         return {gx, has_w ? detail::norm_from_vec(gw, {C}, wd) : Tensor(), has_b ? detail::norm_from_vec(gb, {C}, bd) : Tensor()};
+                         const auto r = detail::device_kernel("group_norm_backward", x, &DeviceKernels::group_norm_backward)(
+                             detail::contiguous_raw(x), gc, sw.get("group_norm"), mean_t, rstd_t, G);
+                         return {r[0], has_w ? detail::as_dtype_raw(r[1], wd) : Tensor(), has_b ? detail::as_dtype_raw(r[2], bd) : Tensor()};
                        });
     return y;
   }, x, weight, bias);

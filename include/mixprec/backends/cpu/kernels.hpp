@@ -40,6 +40,7 @@ inline const bool kCpuKernelsRegistered = (set_device_kernels(Device::CPU, &cpu_
 #include "mixprec/backends/cpu/pointwise.hpp"
 #include "mixprec/backends/cpu/reduce.hpp"
 #include "mixprec/backends/cpu/shape.hpp"
+#include "mixprec/backends/cpu/pool.hpp"
 #include "mixprec/backends/cpu/training.hpp"
 #include "mixprec/backends/device.hpp"
 
@@ -61,6 +62,7 @@ MIXPREC_TABLE_LINKAGE const DeviceKernels& cpu_kernel_table() {
     fill_pointwise_kernels(t);
     fill_shape_kernels(t);
     fill_optim_kernels(t);
+    fill_pool_kernels(t);
 
     return t;
   }();

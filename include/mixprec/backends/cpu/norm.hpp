@@ -1,9 +1,8 @@
 #pragma once
-// The CPU's batch norm and layer norm kernels, the CPU backend's entries batch_norm,
-// batch_norm_backward, batch_norm_backward_eval, layer_norm, layer_norm_backward and layer_norm_to
-// (backends/device.hpp). ops/normalization.hpp keeps the checks, the autocast policy and autograd
-// for every device; group_norm (no entry) and the double-precision helpers it shares with the
-// float64 paths here (norm_sum, NormCenter, ...) stay there.
+// The CPU's normalisation kernels, the CPU backend's entries batch_norm, batch_norm_backward,
+// batch_norm_backward_eval, layer_norm, layer_norm_backward, layer_norm_to, group_norm and
+// group_norm_backward (backends/device.hpp). ops/normalization.hpp keeps the checks, the autocast
+// policy and autograd for every device.
 //
 // What the CPU does beyond the entries' common contract (written in device.hpp): any floating
 // dtype (float64 rows accumulate in double), batch norm over [N, C, *] with running statistics of
@@ -26,7 +25,103 @@
 namespace mixprec::cpu {
 
 namespace norm_detail {
-using mixprec::detail::NormCenter;
+// Double-accumulating helpers of group norm and of batch norm's float64 path: 8 independent
+// partial sums, so the loops pipeline without -ffast-math.
+
+// Values of a (possibly strided, any floating dtype) tensor as doubles; empty when undefined.
+inline std::vector<double> norm_to_vec(const Tensor& t) {
+  std::vector<double> v;
+  if (!t.defined()) return v;
+  const Tensor c = mixprec::detail::contiguous_raw(t);
+  v.resize(static_cast<std::size_t>(c.numel()));
+  dispatch_floating(c.dtype(), "normalization", [&]<class T>() {
+    const T* p = c.data<T>();
+    for (std::size_t i = 0; i < v.size(); ++i) v[i] = static_cast<double>(static_cast<acc_t<T>>(p[i]));
+  });
+  return v;
+}
+template <class T>
+double norm_sum(const T* p, int64_t n) {
+  double a[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < 8; ++k) a[k] += static_cast<double>(static_cast<acc_t<T>>(p[i + k]));
+  for (; i < n; ++i) a[0] += static_cast<double>(static_cast<acc_t<T>>(p[i]));
+  return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+// Sum of squared deviations from `mean` (the second pass of a two-pass variance).
+template <class T>
+double norm_sqdev(const T* p, int64_t n, double mean) {
+  double a[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < 8; ++k) {
+      const double d = static_cast<double>(static_cast<acc_t<T>>(p[i + k])) - mean;
+      a[k] += d * d;
+    }
+  for (; i < n; ++i) {
+    const double d = static_cast<double>(static_cast<acc_t<T>>(p[i])) - mean;
+    a[0] += d * d;
+  }
+  return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+// (sum g, sum g * (x - mean)) over a run.
+template <class T>
+std::pair<double, double> norm_grad_sums(const T* g, const T* x, int64_t n, double mean) {
+  double a[8] = {}, b[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < 8; ++k) {
+      const double gv = static_cast<double>(static_cast<acc_t<T>>(g[i + k]));
+      a[k] += gv;
+      b[k] += gv * (static_cast<double>(static_cast<acc_t<T>>(x[i + k])) - mean);
+    }
+  for (; i < n; ++i) {
+    const double gv = static_cast<double>(static_cast<acc_t<T>>(g[i]));
+    a[0] += gv;
+    b[0] += gv * (static_cast<double>(static_cast<acc_t<T>>(x[i])) - mean);
+  }
+  return {((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])),
+          ((b[0] + b[1]) + (b[2] + b[3])) + ((b[4] + b[5]) + (b[6] + b[7]))};
+}
+
+// x - mean in A with the double mean split into hi + lo: x - hi is exact for x near the mean
+// (Sterbenz), so centring keeps the digits a float-rounded mean would lose when |mean| >> std.
+template <class A>
+struct NormCenter {
+  A hi, lo;
+  explicit NormCenter(double mean) : hi(static_cast<A>(mean)), lo(static_cast<A>(mean - static_cast<double>(hi))) {}
+  A operator()(A x) const { return (x - hi) - lo; }
+};
+
+// out = (x - mean) * scale + shift over a run, in acc_t<T>.
+template <class T>
+void norm_affine_run(const T* x, T* y, int64_t n, double mean, double scale, double shift) {
+  using A = acc_t<T>;
+  const NormCenter<A> center(mean);
+  const A s = static_cast<A>(scale), b = static_cast<A>(shift);
+  for (int64_t i = 0; i < n; ++i) y[i] = static_cast<T>(center(static_cast<A>(x[i])) * s + b);
+}
+
+// Input gradient of batch/group norm for one run of x sharing (mean, rstd): in training mode
+// dx = w rstd (g - sum_g / M - xhat sum_gxhat / M); in eval mode (stats are constants) w rstd g.
+template <class T>
+void norm_input_grad_run(const T* g, const T* x, T* gx, int64_t n, double mean, double rstd, double w, double sum_g,
+                         double sum_gxc, double M, bool training) {
+  using A = acc_t<T>;
+  const double k = w * rstd;
+  if (!training) {
+    const A kk = static_cast<A>(k);
+    for (int64_t i = 0; i < n; ++i) gx[i] = static_cast<T>(static_cast<A>(g[i]) * kk);
+    return;
+  }
+  // dx = k g - k sum_g / M - k (x - mean) rstd^2 sum_gxc / M  =  k g + c1 (x - mean) + c0
+  const double c1 = -k * rstd * rstd * sum_gxc / M;
+  const double c0 = -k * sum_g / M;
+  const A kk = static_cast<A>(k), a1 = static_cast<A>(c1), a0 = static_cast<A>(c0);
+  const NormCenter<A> center(mean);
+  for (int64_t i = 0; i < n; ++i) gx[i] = static_cast<T>(kk * static_cast<A>(g[i]) + a1 * center(static_cast<A>(x[i])) + a0);
+}
 
 // batch_norm's float32 path (float32 and 16-bit inputs): runs are read in blocks of kBnBlock
 // widened by the vectorised convert, summed in kBnLanes float32 partial sums (a loop the
@@ -159,7 +254,7 @@ void bn_input_grad_run(const T* g, const T* x, T* gx, int64_t n, const NormCente
 template <class A>
 std::vector<A> ln_params(const Tensor& p, int64_t D, double absent) {
   if (!p.defined()) return std::vector<A>(static_cast<std::size_t>(D), static_cast<A>(absent));
-  const std::vector<double> v = mixprec::detail::norm_to_vec(p);
+  const std::vector<double> v = norm_detail::norm_to_vec(p);
   return std::vector<A>(v.begin(), v.end());
 }
 // y = (x - mean) rstd w + b over one row; returns the row's mean and rstd. The mean is a float
@@ -210,7 +305,7 @@ inline std::array<Tensor, 3> batch_norm_grads(const Tensor& x, const Tensor& gra
   const int64_t N = x.size(0), C = x.size(1), S = N * C == 0 ? 0 : x.numel() / (N * C), M = N * S;
   const Tensor xc = mixprec::detail::contiguous_raw(x);
   const Tensor gc = mixprec::detail::contiguous_raw(grad);
-  const std::vector<double> w = mixprec::detail::norm_to_vec(weight);
+  const std::vector<double> w = norm_detail::norm_to_vec(weight);
   const double* mean = save_mean.data<double>();
   const double* rstd = save_invstd.data<double>();
   Tensor gx = empty(x.sizes(), x.dtype());
@@ -229,7 +324,7 @@ inline std::array<Tensor, 3> batch_norm_grads(const Tensor& x, const Tensor& gra
           const int64_t off = (n * C + c) * S;
           std::pair<double, double> s;
           if constexpr (bn_float32_path<T>) s = bn_grad_sums_run(gp + off, xp + off, S, center);
-          else s = mixprec::detail::norm_grad_sums(gp + off, xp + off, S, mean[c]);
+          else s = norm_detail::norm_grad_sums(gp + off, xp + off, S, mean[c]);
           sg += s.first;
           sgx += s.second;
         }
@@ -245,7 +340,7 @@ inline std::array<Tensor, 3> batch_norm_grads(const Tensor& x, const Tensor& gra
           if constexpr (bn_float32_path<T>)
             bn_input_grad_run(gp + off, xp + off, o + off, S, center, kk, a1, a0);
           else
-            mixprec::detail::norm_input_grad_run(gp + off, xp + off, o + off, S, mean[c], rstd[c], wc, sg, sgx, Md, training);
+            norm_detail::norm_input_grad_run(gp + off, xp + off, o + off, S, mean[c], rstd[c], wc, sg, sgx, Md, training);
         }
       }
     });
@@ -267,7 +362,7 @@ inline std::array<Tensor, 3> batch_norm(const Tensor& x, const Tensor& weight, c
   Tensor mean_t = empty({C}, DType::Float64), rstd_t = empty({C}, DType::Float64);
   double* mean = mean_t.data<double>();
   double* rstd = rstd_t.data<double>();
-  const std::vector<double> w = mixprec::detail::norm_to_vec(weight), b = mixprec::detail::norm_to_vec(bias);
+  const std::vector<double> w = norm_detail::norm_to_vec(weight), b = norm_detail::norm_to_vec(bias);
   Tensor y = empty(x.sizes(), x.dtype());
   dispatch_floating(x.dtype(), "batch_norm", [&]<class T>() {
     const T* xp = xc.data<T>();
@@ -283,10 +378,10 @@ inline std::array<Tensor, 3> batch_norm(const Tensor& x, const Tensor& weight, c
             var[c] = mom.m2 / static_cast<double>(M);
           } else {
             double s = 0;
-            for (int64_t n = 0; n < N; ++n) s += mixprec::detail::norm_sum(xp + (n * C + c) * S, S);
+            for (int64_t n = 0; n < N; ++n) s += norm_detail::norm_sum(xp + (n * C + c) * S, S);
             const double mu = s / static_cast<double>(M);
             double ss = 0;
-            for (int64_t n = 0; n < N; ++n) ss += mixprec::detail::norm_sqdev(xp + (n * C + c) * S, S, mu);
+            for (int64_t n = 0; n < N; ++n) ss += norm_detail::norm_sqdev(xp + (n * C + c) * S, S, mu);
             mean[c] = mu;
             var[c] = ss / static_cast<double>(M);
           }
@@ -294,7 +389,7 @@ inline std::array<Tensor, 3> batch_norm(const Tensor& x, const Tensor& weight, c
         }
       });
     } else {
-      const std::vector<double> rm = mixprec::detail::norm_to_vec(running_mean), rv = mixprec::detail::norm_to_vec(running_var);
+      const std::vector<double> rm = norm_detail::norm_to_vec(running_mean), rv = norm_detail::norm_to_vec(running_var);
       for (int64_t c = 0; c < C; ++c) {
         mean[c] = rm[c];
         rstd[c] = 1.0 / std::sqrt(rv[c] + eps);
@@ -309,7 +404,7 @@ inline std::array<Tensor, 3> batch_norm(const Tensor& x, const Tensor& weight, c
           const float sc = static_cast<float>(scale), sh = static_cast<float>(shift);
           bn_map_run(xp + r * S, yp + r * S, S, [&](float v) { return center(v) * sc + sh; });
         } else {
-          mixprec::detail::norm_affine_run(xp + r * S, yp + r * S, S, mean[c], scale, shift);
+          norm_detail::norm_affine_run(xp + r * S, yp + r * S, S, mean[c], scale, shift);
         }
       }
     });
@@ -496,6 +591,92 @@ inline std::array<Tensor, 3> batch_norm_relu_backward_any_layout(const Tensor& x
   return batch_norm_backward_any_layout(x, unary_backward_op(DeviceUnary::Relu, grad, y, y), weight, save_mean, save_invstd, eps);
 }
 
+// DeviceKernels::group_norm. x [N, C, *] contiguous, rows r = n G + group of L = C / G * S values:
+// statistics in double, the normalisation in acc_t<T>, rounded once on store.
+inline std::array<Tensor, 3> group_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, int64_t G, double eps) {
+  using namespace norm_detail;
+  const int64_t N = x.size(0), C = x.size(1), Cg = C / G, S = N * C == 0 ? 0 : x.numel() / (N * C), L = Cg * S;
+  Tensor y = empty(x.sizes(), x.dtype());
+  Tensor mean_t = empty({N * G}, DType::Float64), rstd_t = empty({N * G}, DType::Float64);
+  const std::vector<double> w = norm_to_vec(weight), b = norm_to_vec(bias);
+  if (L > 0)
+    dispatch_floating(x.dtype(), "group_norm", [&]<class T>() {
+      const T* xp = x.data<T>();
+      T* yp = y.data<T>();
+      double* mp = mean_t.data<double>();
+      double* rp = rstd_t.data<double>();
+      parallel_for(0, N * G, std::max<int64_t>(1, kParallelGrain / L), [&](int64_t rb, int64_t re) {
+        for (int64_t r = rb; r < re; ++r) {
+          const T* xr = xp + r * L;
+          const double mu = norm_sum(xr, L) / static_cast<double>(L);
+          const double rs = 1.0 / std::sqrt(norm_sqdev(xr, L, mu) / static_cast<double>(L) + eps);
+          mp[r] = mu;
+          rp[r] = rs;
+          for (int64_t j = 0; j < Cg; ++j) {
+            const int64_t c = (r % G) * Cg + j;
+            norm_affine_run(xr + j * S, yp + r * L + j * S, S, mu, rs * (w.empty() ? 1.0 : w[c]), b.empty() ? 0.0 : b[c]);
+          }
+        }
+      });
+    });
+  return {y, mean_t, rstd_t};
+}
+
+// DeviceKernels::group_norm_backward. x and grad contiguous [N, C, *]; {dx, dweight, dbias} with
+// the parameter gradients float64 [C]: per (n, c) sums of g and g xhat, reduced over n in order.
+inline std::array<Tensor, 3> group_norm_backward(const Tensor& x, const Tensor& grad, const Tensor& weight, const Tensor& mean,
+                                                 const Tensor& rstd, int64_t G) {
+  using namespace norm_detail;
+  const int64_t N = x.size(0), C = x.size(1), Cg = C / G, S = N * C == 0 ? 0 : x.numel() / (N * C), L = Cg * S;
+  const std::vector<double> w = norm_to_vec(weight);
+  Tensor gx = empty(x.sizes(), x.dtype());
+  std::vector<double> sg(static_cast<std::size_t>(N * C)), sgh(static_cast<std::size_t>(N * C));
+  const double* mp = mean.data<double>();
+  const double* rp = rstd.data<double>();
+  if (L > 0)
+    dispatch_floating(x.dtype(), "group_norm_backward", [&]<class T>() {
+      const T* xp = x.data<T>();
+      const T* gp = grad.data<T>();
+      T* o = gx.data<T>();
+      parallel_for(0, N * G, std::max<int64_t>(1, kParallelGrain / L), [&](int64_t rb, int64_t re) {
+        for (int64_t r = rb; r < re; ++r) {
+          const int64_t n = r / G, c0 = (r % G) * Cg;
+          double s1 = 0, s2 = 0;  // sum(g w), sum(g w xhat)
+          for (int64_t j = 0; j < Cg; ++j) {
+            const int64_t off = r * L + j * S;
+            const auto [a, bb] = norm_grad_sums(gp + off, xp + off, S, mp[r]);
+            sg[n * C + c0 + j] = a;
+            sgh[n * C + c0 + j] = bb * rp[r];
+            const double wc = w.empty() ? 1.0 : w[c0 + j];
+            s1 += wc * a;
+            s2 += wc * bb * rp[r];
+          }
+          // dx = rstd (g w - s1 / L - xhat s2 / L) = k g + c1 (x - mean) + c0 per channel.
+          using A = acc_t<T>;
+          const double c1 = -rp[r] * rp[r] * s2 / static_cast<double>(L);
+          const double cc = -rp[r] * s1 / static_cast<double>(L);
+          const A a1 = static_cast<A>(c1), a0 = static_cast<A>(cc);
+          const NormCenter<A> center(mp[r]);
+          for (int64_t j = 0; j < Cg; ++j) {
+            const int64_t off = r * L + j * S;
+            const A kk = static_cast<A>(rp[r] * (w.empty() ? 1.0 : w[c0 + j]));
+            for (int64_t i = 0; i < S; ++i)
+              o[off + i] = static_cast<T>(kk * static_cast<A>(gp[off + i]) + a1 * center(static_cast<A>(xp[off + i])) + a0);
+          }
+        }
+      });
+    });
+  Tensor gw = zeros({C}, DType::Float64), gb = zeros({C}, DType::Float64);
+  double* gwp = gw.data<double>();
+  double* gbp = gb.data<double>();
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c) {
+      gwp[c] += sgh[n * C + c];
+      gbp[c] += sg[n * C + c];
+    }
+  return {gx, gw, gb};
+}
+
 inline void fill_norm_kernels(DeviceKernels& t) {
   t.batch_norm_relu = &batch_norm_relu_any_layout;
   t.batch_norm_relu_backward = &batch_norm_relu_backward_any_layout;
@@ -505,6 +686,8 @@ inline void fill_norm_kernels(DeviceKernels& t) {
   t.layer_norm = &layer_norm;
   t.layer_norm_backward = &layer_norm_backward;
   t.layer_norm_to = &layer_norm_to;
+  t.group_norm = &group_norm;
+  t.group_norm_backward = &group_norm_backward;
 }
 
 }  // namespace mixprec::cpu
