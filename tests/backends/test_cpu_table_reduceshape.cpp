@@ -68,6 +68,7 @@ std::vector<Case> cases() {
       {"clamp", "pointwise", [](const Tensor& x) { return clamp(x, -0.5, 0.5); }, 1, 1},
       {"maximum", "pointwise", [](const Tensor& x) { return maximum(x, neg(x)); }, 2, 3},
       {"pow", "pointwise", [](const Tensor& x) { return pow(x, 2.0); }, 1, 1},
+      {"prelu", "pointwise", [](const Tensor& x) { return prelu(x, full({3}, 0.25)); }, 1, 2},
       {"cat", "cat", [](const Tensor& x) { return cat({x, x}, 1); }, 1, 0},
       {"stack", "cat", [](const Tensor& x) { return stack({x, x}); }, 1, 0},
       {"index_select", "index", [i1](const Tensor& x) { return index_select(x, 1, i1); }, 1, 1},

@@ -71,7 +71,8 @@ enum class DevicePointwise : uint8_t {
   Neg, Sign, Sqrt, Rsqrt, Abs, PowScalar, PowScalarGrad, Clamp, ClampGrad,  // unary
   SqrtGrad, RsqrtGrad, AbsGrad,                                             // grad * f'(saved)
   Pow, PowGradBase, PowGradExp, Maximum, Minimum, MaximumGrad, MinimumGrad, NormGrad,  // binary
-  Where, MaskedFill
+  Where, MaskedFill,
+  Prelu, PreluGradInput, PreluGradWeight  // prelu: x (a) with its broadcast weight view (b)
 };
 enum class DeviceIndex : uint8_t { Select, SelectAdd, Gather, ScatterAdd, Scatter };
 enum class DeviceParamOp : uint8_t { NormAccumulate, ClampValue, EmaLerp, AdoptChanged };
@@ -276,7 +277,10 @@ struct DeviceKernels {
   // (NaN propagates), MaximumGrad, MinimumGrad (a's share of the gradient: 1 where a wins, 0.5 on
   // ties), NormGrad (a = x, b = the norm, s0 = p < inf: a |a|^(p-2) / b^(p-1), 0 where b == 0).
   // Where: bool a broadcast with b and c, b or c in promote_types(b, c). MaskedFill: a where bool b
-  // (broadcast to a's shape) is false, else s0 (checked to fit a's dtype). CPU: every dtype of
+  // (broadcast to a's shape) is false, else s0 (checked to fit a's dtype). Prelu: a > 0 ? a : b a
+  // (b the weight viewed to broadcast). PreluGradInput: a = grad, b = x, c = the weight expanded,
+  // all of one floating dtype and x's shape -> a where b > 0, else a c; PreluGradWeight: a = grad,
+  // b = x -> 0 where b > 0, else a b (summed to the weight's shape by the op). CPU: every dtype of
   // the kind's domain above, any strides.
   Tensor (*pointwise)(DevicePointwise op, const Tensor& a, const Tensor& b, const Tensor& c, double s0, double s1) = nullptr;
   // ts (non-empty, one rank, their sizes those of `shape` but along dim; any dtypes, converted to

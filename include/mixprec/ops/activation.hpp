@@ -10,15 +10,6 @@
 namespace mixprec {
 
 namespace detail {
-// out = exp(in) over a contiguous run (fn::exp: cpu::vec's vectorised exp for float, which gives
-// exact zeros for masked -inf logits; std::exp for double).
-template <class A>
-void act_exp(const A* in, A* out, int64_t n) {
-  cpu::simd([&]() MIXPREC_SIMD_BODY {
-    for (int64_t i = 0; i < n; ++i) out[i] = fn::exp(in[i]);
-  });
-}
-
 // softmax / log_softmax through the `softmax` and `softmax_backward` kernels of x's device (the
 // CPU's are in backends/cpu/elementwise.hpp).
 template <bool Log>
@@ -112,7 +103,8 @@ inline Tensor prelu(const Tensor& x, const Tensor& weight) {
       wst[1] = weight.stride(0);
     }
     const Tensor wb = detail::make_view(weight, ws, wst, weight.storage_offset());
-    Tensor y = detail::binary_kernel("prelu", x, wb, [](auto v, auto w) { return v > 0 ? v : w * v; });
+    const auto kernel = detail::device_kernel("prelu", x, &DeviceKernels::pointwise);
+    Tensor y = kernel(DevicePointwise::Prelu, x, wb, Tensor(), 0.0, 0.0);
     if (autograd::should_record({x, weight}))
       autograd::record("prelu", {x, weight}, {y},
                        [sx = autograd::SavedTensor(x), sw = autograd::SavedTensor(weight), ws](const std::vector<Tensor>& g) -> std::vector<Tensor> {
@@ -126,11 +118,9 @@ inline Tensor prelu(const Tensor& x, const Tensor& weight) {
                            return st;
                          }(), w.storage_offset()), ct), x.sizes());
                          const Tensor gg = detail::expand_raw(detail::as_dtype_raw(g[0], ct), x.sizes());
-                         Tensor gx = empty(x.sizes(), ct), gw_full = empty(x.sizes(), ct);
-                         dispatch_floating(ct, "prelu_backward", [&]<class T>() {
-                           cpu::map<T, T, T, T>(gx, [](auto gv, auto v, auto wv) { return v > 0 ? gv : gv * wv; }, gg, xc, wb);
-                           cpu::map<T, T, T>(gw_full, [](auto gv, auto v) { return v > 0 ? decltype(v)(0) : gv * v; }, gg, xc);
-                         });
+                         const auto kernel = detail::device_kernel("prelu_backward", x, &DeviceKernels::pointwise);
+                         const Tensor gx = kernel(DevicePointwise::PreluGradInput, gg, xc, wb, 0.0, 0.0);
+                         const Tensor gw_full = kernel(DevicePointwise::PreluGradWeight, gg, xc, Tensor(), 0.0, 0.0);
                          Tensor gw = detail::grad_for(gw_full, ws, w.dtype()).reshape(w.sizes());
                          return {detail::as_dtype_raw(gx, x.dtype()), gw};
                        });

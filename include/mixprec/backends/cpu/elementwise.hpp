@@ -306,7 +306,7 @@ void act_softmax_forward(const T* x, T* y, const ActSoftmaxDims& s) {
         for (int64_t j = 0; j < len; ++j) mx[j] = std::max(mx[j], static_cast<A>(xo[d * inner + j]));
       for (int64_t d = 0; d < D; ++d) {
         for (int64_t j = 0; j < len; ++j) sh[j] = static_cast<A>(xo[d * inner + j]) - mx[j];
-        mixprec::detail::act_exp(sh.data(), ex.data(), len);
+        cpu::vec::act_exp(sh.data(), ex.data(), len);
         for (int64_t j = 0; j < len; ++j) sm[j] += ex[j];
       }
       if constexpr (Log) {
@@ -317,7 +317,7 @@ void act_softmax_forward(const T* x, T* y, const ActSoftmaxDims& s) {
         for (int64_t j = 0; j < len; ++j) sm[j] = A(1) / sm[j];
         for (int64_t d = 0; d < D; ++d) {
           for (int64_t j = 0; j < len; ++j) sh[j] = static_cast<A>(xo[d * inner + j]) - mx[j];
-          mixprec::detail::act_exp(sh.data(), ex.data(), len);
+          cpu::vec::act_exp(sh.data(), ex.data(), len);
           for (int64_t j = 0; j < len; ++j) yo[d * inner + j] = static_cast<T>(ex[j] * sm[j]);
         }
       }

@@ -48,7 +48,7 @@ inline std::array<Tensor, 2> cross_entropy_forward(const Tensor& x, const Tensor
           A m = -std::numeric_limits<A>::infinity();
           for (int64_t c = 0; c < C; ++c) m = std::max(m, v[c]);
           for (int64_t c = 0; c < C; ++c) sh[c] = v[c] - m;
-          mixprec::detail::act_exp(sh.data(), ex.data(), C);
+          cpu::vec::act_exp(sh.data(), ex.data(), C);
           const A se = vec::sum(ex.data(), C);
           const A sx = ls > 0 ? vec::sum(v, C) : A(0);
           const A l = m + std::log(se);
@@ -92,7 +92,7 @@ inline Tensor cross_entropy_backward(const Tensor& x, const Tensor& target, cons
           }
           const A sc = gp ? gp[r] : static_cast<A>(grad_scale);
           for (int64_t c = 0; c < C; ++c) sh[c] = static_cast<A>(xp[base + c * S]) - ep[r];
-          mixprec::detail::act_exp(sh.data(), p.data(), C);  // softmax
+          cpu::vec::act_exp(sh.data(), p.data(), C);  // softmax
           p[t] -= a_nll;
           for (int64_t c = 0; c < C; ++c) o[base + c * S] = static_cast<T>(sc * (p[c] - a_smooth));
         }

@@ -82,6 +82,16 @@ inline Tensor pointwise_op(DevicePointwise k, const Tensor& a, const Tensor& b, 
     case P::PowGradBase: return binary_kernel("pow_backward", a, b, [](auto x, auto e) { return e * std::pow(x, e - 1); });
     // d/de x^e = x^e log x, defined as 0 where x == 0 (the limit from x > 0 of x^e log x for e > 0).
     case P::PowGradExp: return binary_kernel("pow_backward", a, b, [](auto p, auto x) { return x == 0 ? decltype(x)(0) : p * std::log(x); });
+    case P::Prelu: return binary_kernel("prelu", a, b, [](auto v, auto w) { return v > 0 ? v : w * v; });
+    case P::PreluGradInput:
+    case P::PreluGradWeight: {
+      Tensor out = empty(b.sizes(), b.dtype());
+      dispatch_floating(b.dtype(), "prelu_backward", [&]<class T>() {
+        if (k == P::PreluGradInput) cpu::map<T, T, T, T>(out, [](auto gv, auto v, auto wv) { return v > 0 ? gv : gv * wv; }, a, b, c);
+        else cpu::map<T, T, T>(out, [](auto gv, auto v) { return v > 0 ? decltype(v)(0) : gv * v; }, a, b);
+      });
+      return out;
+    }
     case P::Maximum: return detail::extremum<true>("maximum", a, b);
     case P::Minimum: return detail::extremum<false>("minimum", a, b);
     case P::MaximumGrad: return detail::extremum_share<true>("maximum", a, b);

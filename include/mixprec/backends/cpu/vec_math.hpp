@@ -19,6 +19,7 @@
 // s = x^2 on |x| <= 0.625 (above it, 1 - 2 / (e^2|x| + 1) loses under a bit to cancellation).
 #include <algorithm>
 #include <bit>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <type_traits>
@@ -133,6 +134,19 @@ void store_row(const A* v, T* p, int64_t n) {
     if (v != p) std::copy(v, v + n, p);
   } else {
     convert(v, p, n);
+  }
+}
+
+// out = exp(in) over a contiguous run, for the softmax-like kernels: float takes exp() above (exact
+// zeros for masked -inf logits, vectorised), double std::exp.
+template <class A>
+void act_exp(const A* in, A* out, int64_t n) {
+  if constexpr (std::is_same_v<A, float>) {
+    simd([&]() MIXPREC_SIMD_BODY {
+      for (int64_t i = 0; i < n; ++i) out[i] = vec::exp(in[i]);
+    });
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = std::exp(in[i]);
   }
 }
 
