@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs what mixprec's build, tests and examples need, only what is missing (Debian 12, root).
+# Installs what mixprec's build, tests, examples and the README's scripts need, only what is
+# missing (Debian 12, root); prints nothing when everything is there.
 set -euo pipefail
 # One package per line, each with why.
 packages=(
@@ -12,6 +13,8 @@ packages=(
   dataset-fashion-mnist   # examples/resnet
   fortunes                # examples/transformer
   python3                 # scripts
+  gnuplot-nox             # scripts/plot_parity.sh: the precisions' loss curves (no X11 needed)
+  libcli11-dev            # examples/: command-line flags with per-flag help (header-only CLI11)
   libopenmpi-dev          # data-parallel training (mixprec::mpi)
   openmpi-bin             # mpirun for the data-parallel tests and --distributed
   clang-14                # scripts/fuzz.sh: libFuzzer targets (fuzz/)
