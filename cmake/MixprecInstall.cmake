@@ -6,7 +6,7 @@ set(MIXPREC_CMAKE_DIR ${CMAKE_INSTALL_LIBDIR}/cmake/mixprec)
 install(TARGETS mixprec EXPORT mixprecTargets)
 install(EXPORT mixprecTargets NAMESPACE mixprec:: DESTINATION ${MIXPREC_CMAKE_DIR})
 set(MIXPREC_BUILT_COMPONENTS "")
-foreach(comp cuda mpi nccl onednn)
+foreach(comp cuda mpi nccl onednn compiled)
   if(TARGET mixprec_${comp})
     install(TARGETS mixprec_${comp} EXPORT mixprec-${comp}-targets)
     install(EXPORT mixprec-${comp}-targets NAMESPACE mixprec:: DESTINATION ${MIXPREC_CMAKE_DIR})
@@ -17,9 +17,15 @@ install(DIRECTORY include/mixprec DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
 install(FILES LICENSE DESTINATION ${CMAKE_INSTALL_DATADIR}/doc/mixprec)
 configure_package_config_file(cmake/mixprecConfig.cmake.in ${CMAKE_CURRENT_BINARY_DIR}/mixprecConfig.cmake
   INSTALL_DESTINATION ${MIXPREC_CMAKE_DIR})
-# ARCH_INDEPENDENT: header-only, so a package built on one machine serves any architecture.
+# ARCH_INDEPENDENT while header-only: a package built on one machine serves any architecture. The
+# compiled component is a static library of this machine's architecture.
+if(TARGET mixprec_compiled)
+  set(_mixprec_arch "")
+else()
+  set(_mixprec_arch ARCH_INDEPENDENT)
+endif()
 write_basic_package_version_file(${CMAKE_CURRENT_BINARY_DIR}/mixprecConfigVersion.cmake
-  COMPATIBILITY SameMajorVersion ARCH_INDEPENDENT)
+  COMPATIBILITY SameMajorVersion ${_mixprec_arch})
 install(FILES ${CMAKE_CURRENT_BINARY_DIR}/mixprecConfig.cmake ${CMAKE_CURRENT_BINARY_DIR}/mixprecConfigVersion.cmake
   cmake/mixprecImportCudnn.cmake cmake/mixprecImportNccl.cmake cmake/mixprecImportOneDNN.cmake
   DESTINATION ${MIXPREC_CMAKE_DIR})

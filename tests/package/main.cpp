@@ -23,6 +23,11 @@ int main() {
 #else
   const char* onednn = "no";
 #endif
-  std::cout << "consumer ok: sum=" << sum << " matmul=" << mf.data<float>()[0] << " onednn=" << onednn << '\n';
+#ifdef MIXPREC_COMPILED_LIB
+  const char* compiled = "yes";
+#else
+  const char* compiled = "no";
+#endif
+  std::cout << "consumer ok: sum=" << sum << " matmul=" << mf.data<float>()[0] << " onednn=" << onednn << " compiled=" << compiled << '\n';
   return 0;
 }

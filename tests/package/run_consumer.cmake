@@ -70,6 +70,9 @@ elseif(STEP STREQUAL "cpu_consumer")
   if(out MATCHES "found: \\[[a-z;]*(cuda|mpi|nccl)")
     message(FATAL_ERROR "a component needing the hidden CUDA toolkit or MPI was reported found")
   endif()
+  if(NOT out MATCHES "found: \\[[a-z;]*compiled")  # the consumer then builds in the compiled mode
+    message(FATAL_ERROR "the compiled component (mixprec::compiled) was not found in the installed package")
+  endif()
   build_and_run(${dir})
 
 elseif(STEP STREQUAL "missing_component")
