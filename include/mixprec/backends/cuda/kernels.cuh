@@ -127,7 +127,9 @@ inline void copy(const Tensor& dst, const Tensor& src) {
   require_cuda_tensor(op, src);
   const int64_t n = dst.numel();
   if (n == 0) return;
-  if (dst.dtype() == src.dtype() && dst.sizes() == src.sizes() && dst.is_contiguous() && src.is_contiguous()) {
+  // One memcpy where both hold the same dense layout (contiguous, or both channels-last).
+  if (dst.dtype() == src.dtype() && dst.sizes() == src.sizes() &&
+      ((dst.is_contiguous() && src.is_contiguous()) || (dst.strides() == src.strides() && is_dense(dst)))) {
     check(cudaMemcpyAsync(dst.data_ptr(), src.data_ptr(), static_cast<std::size_t>(dst.nbytes()), cudaMemcpyDeviceToDevice,
                           current_stream()),
           op);
