@@ -82,7 +82,7 @@ inline Tensor in_layout(const Tensor& t, ConvLayout layout) {
   if (layout == ConvLayout::NCHW) return contiguous(t);
   if (t.is_contiguous(MemoryFormat::ChannelsLast)) return t;
   Tensor out = empty(t.sizes(), t.dtype(), Device::CUDA, MemoryFormat::ChannelsLast);
-  copy(out, t);
+  dispatch_storage(t.dtype(), "cuda conv2d", [&]<class T>() { convert_into<T, T>("cuda conv2d", out, t); });
   return out;
 }
 }  // namespace detail
