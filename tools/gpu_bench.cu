@@ -12,7 +12,8 @@
 //   BENCH mixprec bw_<name> <dtype> gbps=<x> pct_of_copy=<y>
 // Workloads: gpt12 (GPT 12 layers, d_model 768, 12 heads, seq 256, batch 32, byte vocabulary,
 // AdamW lr 3e-4 + clip_grad_norm_ 1.0, dropout 0), gpt2l (the same, 2 layers), resnet20 (batch
-// 128, 3x32x32, 10 classes, SGD lr 0.05 momentum 0.9), gptmini (4 layers, d 256, 4 heads, seq 128,
+// 128, 3x32x32 channels-last, 10 classes, SGD lr 0.05 momentum 0.9; resnet20-nchw, opt-in: the
+// same on an NCHW batch), gptmini (4 layers, d 256, 4 heads, seq 128,
 // batch 32, AdamW lr 3e-4, no clipping, as the selftest's), bandwidth.
 // Precisions: fp32, bf16 (autocast), fp16 (autocast + GradScaler).
 //
@@ -62,7 +63,8 @@ void usage() {
       "                         [--steps N (per timed window; default per workload: gpt12 5, gpt2l 10, resnet20 20, gptmini 20)]\n"
       "                         [--windows W (default 3; the median is printed)] [--warmup K (default 3)]\n"
       "                         [--bw-rows R --bw-cols C (bandwidth tensors, default 8192 x 4096)]\n"
-      "                         [--graph resnet20,gptmini (also timed as a CapturedStep: precision <p>-graph; 'none' for none)]\n");
+      "                         [--graph resnet20,gptmini (also timed as a CapturedStep: precision <p>-graph; 'none' for none)]\n"
+      "  resnet20 runs a channels-last batch (as the PyTorch peer); resnet20-nchw (not in the default list) the same on NCHW\n");
 }
 
 
@@ -173,15 +175,21 @@ void gpt(const Options& o, const std::string& workload) {
   time_training(o, workload, default_steps, opt, clip, [&] { return model.loss(idx, tgt); });
 }
 
-void resnet(const Options& o) {
+// resnet20 feeds a channels-last batch, as the PyTorch peer does (torch_gpu.py): every conv,
+// batch norm and element-wise op then stays NHWC, where cuDNN's 16-bit kernels run without
+// transposes. resnet20-nchw is the same model on an NCHW batch, for the comparison.
+void resnet(const Options& o, const std::string& workload) {
+  const bool channels_last = workload == "resnet20";
   Generator gi(7), gd(8);
   auto model = nn::models::resnet20(10, 3, false, gi);
   model->to(Device::CUDA);
-  const Tensor x = randn({128, 3, 32, 32}, DType::Float32, gd).to(Device::CUDA);
+  Tensor x = randn({128, 3, 32, 32}, DType::Float32, gd).to(Device::CUDA);
+  if (channels_last) x = x.contiguous(MemoryFormat::ChannelsLast);
   const Tensor y = randint(0, 10, {128}, DType::Int64, gd).to(Device::CUDA);
-  std::printf("# resnet20: ResNet-20 (CIFAR), batch 128, 3x32x32, 10 classes, SGD lr 0.05 momentum 0.9\n");
+  std::printf("# %s: ResNet-20 (CIFAR), batch 128, 3x32x32 %s, 10 classes, SGD lr 0.05 momentum 0.9\n", workload.c_str(),
+              channels_last ? "channels-last" : "NCHW");
   optim::SGD opt(model->parameters(), 0.05, 0.9);
-  time_training(o, "resnet20", 20, opt, 0, [&] { return cross_entropy(model->forward(x), y); });
+  time_training(o, workload, 20, opt, 0, [&] { return cross_entropy(model->forward(x), y); });
 }
 
 // GB/s (bytes read + bytes written, 1e9) of f over contiguous tensors.
@@ -277,7 +285,7 @@ int main(int argc, char** argv) {
     }
   }
   for (const std::string& w : o.workloads)
-    if (w != "gpt12" && w != "gpt2l" && w != "resnet20" && w != "gptmini" && w != "bandwidth") {
+    if (w != "gpt12" && w != "gpt2l" && w != "resnet20" && w != "resnet20-nchw" && w != "gptmini" && w != "bandwidth") {
       std::fprintf(stderr, "mixprec_gpu_bench: unknown workload %s\n", w.c_str());
       return 2;
     }
@@ -293,7 +301,7 @@ int main(int argc, char** argv) {
   for (const std::string& w : o.workloads) {
     try {
       if (w == "bandwidth") bandwidth(o);
-      else if (w == "resnet20") resnet(o);
+      else if (w == "resnet20" || w == "resnet20-nchw") resnet(o, w);
       else gpt(o, w);
       mc::synchronize();
     } catch (const std::exception& e) {

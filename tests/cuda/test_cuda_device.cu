@@ -544,3 +544,220 @@ TEST(CudaOps, MixedPrecisionTrainingOnTheGpuStaysCloseToFloat32) {
   EXPECT_NEAR(after_gpu, after_cpu, 2e-2 * after_cpu);
   EXPECT_LT(after_gpu, start);
 }
+
+// ---- Channels-last (NHWC) activations: DeviceKernels::channels_last on CUDA. Each test is a few
+// small shapes, so that all of them run in seconds on the next lent GPU. ----
+
+namespace {
+mixprec::detail::ConvGeom conv_geom(const Shape& x, const Shape& w, int64_t stride, int64_t pad, int64_t dil, int64_t groups) {
+  mixprec::detail::ConvGeom g;
+  g.N = x[0], g.C = x[1], g.H = x[2], g.W = x[3], g.O = w[0], g.KH = w[2], g.KW = w[3];
+  g.SH = g.SW = stride, g.PH = g.PW = pad, g.DH = g.DW = dil, g.G = groups;
+  g.OH = (g.H + 2 * pad - dil * (g.KH - 1) - 1) / stride + 1;
+  g.OW = (g.W + 2 * pad - dil * (g.KW - 1) - 1) / stride + 1;
+  return g;
+}
+// to(cuda) uploads contiguous (copy.hpp); the device tensor is then put in channels-last there.
+Tensor up_cl(const Tensor& t) { return up(t).contiguous(MemoryFormat::ChannelsLast); }
+bool is_cl(const Tensor& t) { return t.is_contiguous(MemoryFormat::ChannelsLast) && t.suggest_memory_format() == MemoryFormat::ChannelsLast; }
+}  // namespace
+
+TEST(CudaChannelsLast, ConvEntriesTakeAndReturnChannelsLastAndMatchCpu) {
+  MIXPREC_REQUIRE_GPU();
+  const DeviceKernels* k = device_kernels(Device::CUDA);
+  ASSERT_TRUE(k->channels_last);
+  struct Case {
+    Shape x, w;
+    int64_t S, P, D, G;
+    bool bias;
+  };
+  // ResNet's 3x3 (stride 1 and 2) and 1x1 projection, a grouped dilated 3x3 and a depthwise one,
+  // and the stem of a 1-channel input (C = 1: channels-last strides on NCHW-identical bytes).
+  for (const Case& c : {Case{{4, 16, 10, 10}, {16, 16, 3, 3}, 1, 1, 1, 1, false}, Case{{4, 16, 10, 10}, {32, 16, 3, 3}, 2, 1, 1, 1, true},
+                        Case{{4, 16, 10, 10}, {32, 16, 1, 1}, 2, 0, 1, 1, false}, Case{{2, 8, 9, 11}, {16, 4, 3, 3}, 1, 2, 2, 2, true},
+                        Case{{2, 8, 9, 9}, {8, 1, 3, 3}, 1, 1, 1, 8, false}, Case{{4, 1, 12, 12}, {8, 1, 3, 3}, 1, 1, 1, 1, true}})
+    for (DType d : {DType::Float32, DType::Float16, DType::BFloat16}) {
+      SCOPED_TRACE(::testing::Message() << "x " << ::testing::PrintToString(c.x) << " w " << ::testing::PrintToString(c.w) << " S" << c.S
+                                        << " P" << c.P << " D" << c.D << " G" << c.G << " " << d);
+      const mixprec::detail::ConvGeom g = conv_geom(c.x, c.w, c.S, c.P, c.D, c.G);
+      const Tensor x = randn(c.x).to(d), w = randn(c.w).to(d), b = c.bias ? randn({c.w[0]}).to(d) : Tensor();
+      Tensor xf = x.to(DType::Float32).detach(), wf = w.to(DType::Float32).detach();
+      xf.requires_grad_();
+      wf.requires_grad_();
+      const Tensor y = conv2d(xf, wf, c.bias ? b.to(DType::Float32) : Tensor(), {c.S, c.S}, {c.P, c.P}, {c.D, c.D}, c.G);
+      const Tensor dy = randn(y.sizes()).to(d);
+      y.backward(dy.to(DType::Float32));
+      const Tensor wd = up(w), bd = c.bias ? up(b) : Tensor();
+      // Channels-last in, channels-last out, cuDNN NHWC on the tensors' own bytes.
+      const Tensor yg = k->conv_forward(g, up_cl(x), wd, bd);
+      EXPECT_TRUE(is_cl(yg)) << ::testing::PrintToString(yg.strides());
+      EXPECT_LT(rel_error(down(yg), y.detach()), tol(d));
+      const Tensor gx = k->conv_backward_input(g, up_cl(dy), wd);
+      EXPECT_TRUE(is_cl(gx)) << ::testing::PrintToString(gx.strides());
+      EXPECT_LT(rel_error(down(gx), xf.grad()), tol(d));
+      const Tensor gw = k->conv_backward_weight(g, up_cl(x), up_cl(dy));
+      EXPECT_EQ(gw.sizes(), c.w);
+      EXPECT_TRUE(gw.is_contiguous());  // the contract: contiguous [O, C/G, KH, KW]
+      EXPECT_LT(rel_error(down(gw), wf.grad()), tol(d));
+      // NCHW activations keep the NCHW path and layout.
+      const Tensor yn = k->conv_forward(g, up(x), wd, bd);
+      EXPECT_TRUE(yn.is_contiguous());
+      EXPECT_LT(rel_error(down(yn), y.detach()), tol(d));
+    }
+}
+
+TEST(CudaChannelsLast, ConvThroughThePublicOpStaysChannelsLast) {
+  MIXPREC_REQUIRE_GPU();
+  for (DType d : {DType::Float32, DType::BFloat16}) {
+    const Tensor x = randn({4, 8, 9, 9}).to(d), w = randn({16, 8, 3, 3}).to(d), b = randn({16}).to(d);
+    Tensor xf = x.to(DType::Float32).detach(), wf = w.to(DType::Float32).detach(), bf = b.to(DType::Float32).detach();
+    for (Tensor* t : {&xf, &wf, &bf}) t->requires_grad_();
+    const Tensor y = conv2d(xf, wf, bf, {2, 2}, {1, 1});
+    const Tensor dy = randn(y.sizes()).to(d);
+    y.backward(dy.to(DType::Float32));
+    Tensor xg = up_cl(x).detach(), wg = up(w).detach(), bg = up(b).detach();
+    for (Tensor* t : {&xg, &wg, &bg}) t->requires_grad_();
+    const Tensor yg = conv2d(xg, wg, bg, {2, 2}, {1, 1});
+    EXPECT_TRUE(is_cl(yg)) << d;
+    EXPECT_LT(rel_error(down(yg), y.detach()), tol(d)) << d;
+    yg.backward(up_cl(dy));
+    EXPECT_LT(rel_error(down(xg.grad()), xf.grad()), tol(d)) << d;
+    EXPECT_LT(rel_error(down(wg.grad()), wf.grad()), tol(d)) << d;
+    EXPECT_LT(rel_error(down(bg.grad()), bf.grad()), tol(d)) << d;  // the bias gradient: a sum over channels-last memory
+  }
+}
+
+TEST(CudaChannelsLast, BatchNormEntriesTakeAndReturnChannelsLastAndMatchCpu) {
+  MIXPREC_REQUIRE_GPU();
+  const DeviceKernels* k = device_kernels(Device::CUDA);
+  // Unit-scale values and values far from zero (mean 500, std 100: SPATIAL_PERSISTENT's reduction
+  // range), ResNet's channel counts and an odd one.
+  for (const auto& [shape, offset, scale] : {std::tuple{Shape{8, 16, 6, 6}, 0.0, 1.0}, std::tuple{Shape{4, 7, 5, 3}, 0.0, 1.0},
+                                             std::tuple{Shape{8, 32, 4, 4}, 500.0, 100.0}})
+    for (DType d : {DType::Float32, DType::Float16, DType::BFloat16}) {
+      SCOPED_TRACE(::testing::Message() << ::testing::PrintToString(shape) << " offset " << offset << " " << d);
+      const int64_t C = shape[1];
+      const Tensor x = add(mul(randn(shape), scale), offset).to(d);
+      const Tensor w = add(randn({C}), 1.0), b = randn({C});
+      Tensor rm = mul(randn({C}), 0.1), rv = add(rand({C}), 0.5);
+      const Tensor rm0 = rm.clone(), rv0 = rv.clone();
+      Tensor xf = x.to(DType::Float32).detach(), wf = w.clone(), bf = b.clone();
+      for (Tensor* t : {&xf, &wf, &bf}) t->requires_grad_();
+      const Tensor y = batch_norm(xf, rm, rv, wf, bf, true, 0.1, 1e-5);
+      const Tensor dy = randn(shape).to(d);
+      y.backward(dy.to(DType::Float32));
+      Tensor grm = up(rm0), grv = up(rv0);
+      const auto [yg, mean, invstd] = k->batch_norm(up_cl(x), up(w), up(b), grm, grv, true, 0.1, 1e-5);
+      EXPECT_TRUE(is_cl(yg));
+      EXPECT_LT(rel_error(down(yg), y.detach()), tol(d));
+      EXPECT_LT(rel_error(down(grm), rm), 1e-5);  // float32 statistics whatever x's dtype
+      EXPECT_LT(rel_error(down(grv), rv), 1e-5);
+      const auto [dx, dw, db] = k->batch_norm_backward(up_cl(x), up_cl(dy), up(w), mean, invstd, 1e-5);
+      EXPECT_TRUE(is_cl(dx));
+      // dx: as the NCHW test's bound for float32 (a difference of two sums per channel).
+      EXPECT_LT(rel_error(down(dx), xf.grad()), d == DType::Float32 ? 1e-4 : 2 * tol(d));
+      EXPECT_LT(rel_error(down(dw), wf.grad()), d == DType::Float32 ? 1e-4 : tol(d));
+      EXPECT_LT(rel_error(down(db), bf.grad()), d == DType::Float32 ? 1e-5 : tol(d));
+      // Eval mode: the running statistics, channels-last out.
+      const Tensor ye = k->batch_norm(up_cl(x), up(w), up(b), up(rm0), up(rv0), false, 0.1, 1e-5)[0];
+      EXPECT_TRUE(is_cl(ye));
+      EXPECT_LT(rel_error(down(ye), batch_norm(x.to(DType::Float32), rm0.clone(), rv0.clone(), w, b, false)), tol(d));
+    }
+}
+
+TEST(CudaChannelsLast, ElementwiseResultsKeepTheLayout) {
+  MIXPREC_REQUIRE_GPU();
+  for (DType d : {DType::Float32, DType::BFloat16}) {
+    const Tensor a = randn({4, 8, 5, 6}).to(d), b = randn({4, 8, 5, 6}).to(d), bias = randn({1, 8, 1, 1}).to(d);
+    const Tensor ag = up_cl(a), bg = up_cl(b);
+    const Tensor r = relu(ag), s = add(ag, bg), m = mul(ag, 2.0), c = ag.to(DType::Float32), bb = add(ag, up(bias));
+    for (const Tensor* t : {&r, &s, &m, &c, &bb}) EXPECT_TRUE(is_cl(*t)) << d << " " << ::testing::PrintToString(t->strides());
+    const Tensor af = a.to(DType::Float32), bf = b.to(DType::Float32);
+    EXPECT_LT(rel_error(down(r), relu(af)), tol(d));
+    EXPECT_LT(rel_error(down(s), add(af, bf)), tol(d));
+    EXPECT_LT(rel_error(down(m), mul(af, 2.0)), tol(d));
+    EXPECT_EQ(rel_error(down(c), af), 0.0);
+    EXPECT_LT(rel_error(down(bb), add(af, bias.to(DType::Float32))), tol(d));
+    // ReLU's gradient in the activation's layout, the incoming gradient NCHW (mean's backward).
+    const Tensor gr = device_kernels(Device::CUDA)->unary_backward(DeviceUnary::Relu, up(b), ag, ag);
+    EXPECT_TRUE(is_cl(gr));
+    Tensor ar = af.detach().clone();
+    ar.requires_grad_();
+    relu(ar).backward(bf);
+    EXPECT_LT(rel_error(down(gr), ar.grad()), tol(d));
+    // ResNet's global pool on a device (a mean over a split view) and sums over channels-last memory.
+    EXPECT_LT(rel_error(down(adaptive_avg_pool2d(ag, {1, 1})), adaptive_avg_pool2d(af, {1, 1})), tol(d));
+    EXPECT_LT(rel_error(down(sum(ag, {0, 2, 3})), sum(af, {0, 2, 3})), tol(d));
+    EXPECT_LT(rel_error(down(sum(ag)), sum(af)), tol(d));
+  }
+}
+
+namespace {
+int g_cuda_copies = 0;
+const DeviceKernels* g_real_cuda = nullptr;
+}  // namespace
+
+// A ResNet basic block's training step (conv-BN-ReLU-conv-BN-add-ReLU, forward and backward) on the
+// GPU with a channels-last input against the same step on an NCHW input: the same loss, output and
+// gradients, the channels-last output still channels-last, and no layout copy in its forward
+// (every copy and cast goes through the table's copy entry, counted here; float32 has no casts).
+TEST(CudaChannelsLast, ResNetBlockStepMatchesNchwWithoutReorders) {
+  MIXPREC_REQUIRE_GPU();
+  Generator gen(11);
+  const int64_t C = 16;
+  const Tensor x = randn({8, C, 10, 10}, DType::Float32, gen), r = randn({8, C, 10, 10}, DType::Float32, gen);
+  const Tensor w1 = mul(randn({C, C, 3, 3}, DType::Float32, gen), 0.1), w2 = mul(randn({C, C, 3, 3}, DType::Float32, gen), 0.1);
+  const Tensor g1 = add(randn({C}, DType::Float32, gen), 1.0), b1 = randn({C}, DType::Float32, gen);
+  struct Out {
+    Tensor loss, y;
+    std::vector<Tensor> grads;  // w1, w2, gamma1, beta1, gamma2, beta2, x, then the running variances
+    int forward_copies = 0;
+    bool y_channels_last = false;
+  };
+  auto step = [&](bool cl, std::optional<DType> amp) {
+    Out o;
+    std::vector<Tensor> ps;
+    for (const Tensor* p : {&w1, &w2, &g1, &b1, &g1, &b1}) ps.push_back(up(*p).detach().requires_grad_());
+    Tensor xd = cl ? up_cl(x) : up(x);
+    xd = xd.detach().requires_grad_();
+    const Tensor rd = cl ? up_cl(r) : up(r);
+    Tensor rm1 = up(zeros({C})), rv1 = up(ones({C})), rm2 = up(zeros({C})), rv2 = up(ones({C}));
+    {
+      std::optional<autocast> ac;
+      if (amp) ac.emplace(Device::CUDA, *amp);
+      mixprec::testing::ScopedKernels counting(Device::CUDA, *device_kernels(Device::CUDA));
+      g_real_cuda = counting.prev;
+      g_cuda_copies = 0;
+      counting.table.copy = [](const Tensor& dst, const Tensor& src) {
+        ++g_cuda_copies;
+        g_real_cuda->copy(dst, src);
+      };
+      Tensor h = relu(batch_norm(conv2d(xd, ps[0], Tensor(), {1, 1}, {1, 1}), rm1, rv1, ps[2], ps[3], true));
+      h = batch_norm(conv2d(h, ps[1], Tensor(), {1, 1}, {1, 1}), rm2, rv2, ps[4], ps[5], true);
+      o.y = relu(add(h, xd));
+      o.forward_copies = g_cuda_copies;
+    }
+    o.y_channels_last = is_cl(o.y);
+    o.loss = div(sum(mul(o.y.to(DType::Float32), rd)), static_cast<double>(x.numel()));
+    o.loss.backward();
+    for (const Tensor& p : ps) o.grads.push_back(down(p.grad()));
+    o.grads.push_back(down(xd.grad()));
+    o.grads.push_back(down(rv1));
+    o.grads.push_back(down(rv2));
+    o.loss = o.loss.cpu();
+    o.y = down(o.y);
+    return o;
+  };
+  for (std::optional<DType> amp : {std::optional<DType>{}, std::optional<DType>{DType::BFloat16}, std::optional<DType>{DType::Float16}}) {
+    SCOPED_TRACE(amp ? name(*amp) : "float32");
+    const double t = amp ? mixprec::testing::low_tolerance(*amp) : 1e-5;
+    const Out n = step(false, amp), c = step(true, amp);
+    EXPECT_TRUE(c.y_channels_last);
+    EXPECT_FALSE(n.y_channels_last);
+    if (!amp) EXPECT_EQ(c.forward_copies, 0) << "a channels-last activation was reordered (or copied) in the forward";
+    EXPECT_LT(rel_error(c.loss, n.loss), t);
+    EXPECT_LT(rel_error(c.y, n.y), t);
+    // Gradients through two batch norms: float32 as the other BN tests' backward bound.
+    for (std::size_t i = 0; i < n.grads.size(); ++i) EXPECT_LT(rel_error(c.grads[i], n.grads[i]), amp ? 2 * t : 1e-4) << "gradient " << i;
+  }
+}

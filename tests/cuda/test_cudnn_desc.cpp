@@ -1,9 +1,10 @@
 // cuDNN descriptors are created here for real (cuDNN needs no GPU for them), and the output
 // shape cuDNN derives must be the CPU conv2d's over a grid of shapes, strides, paddings,
-// dilations, groups, dtypes and layouts.
+// dilations, groups, dtypes and layouts; and what the channels-last (NHWC) entries hand cuDNN.
 #include <gtest/gtest.h>
 
 #include <mixprec/mixprec.hpp>
+#include <mixprec/backends/cuda/channels_last.hpp>
 #include <mixprec/backends/cuda/cudnn_desc.hpp>
 
 using namespace mixprec;
@@ -164,4 +165,164 @@ TEST(CudnnPlans, CandidatesKeepFindsOrderAndMathType) {
     check_cudnn(cudnnGetConvolutionMathType(d.conv.get(), &got), "cudnnGetConvolutionMathType");
     EXPECT_EQ(got, m);
   }
+}
+
+// ---- Channels-last activations (backends/cuda/channels_last.hpp): what the CUDA conv and
+// batch-norm entries hand cuDNN, checked on CPU tensors of the same shapes and strides. ----
+
+namespace {
+// Values of t in logical row-major order.
+std::vector<float> values(const Tensor& t) {
+  const Tensor c = t.to(DType::Float32).contiguous();
+  const float* p = c.data<float>();
+  return std::vector<float>(p, p + c.numel());
+}
+Shape cudnn_strides(const TensorDescriptor& d) {
+  cudnnDataType_t dt;
+  int n, c, h, w, ns, cs, hs, ws;
+  check_cudnn(cudnnGetTensor4dDescriptor(d.get(), &dt, &n, &c, &h, &w, &ns, &cs, &hs, &ws), "cudnnGetTensor4dDescriptor");
+  return {ns, cs, hs, ws};
+}
+}  // namespace
+
+TEST(CudnnChannelsLast, LayoutIsTheOpLayersChoice) {
+  const Tensor x = randn({2, 3, 4, 5});
+  EXPECT_EQ(activation_layout(x), ConvLayout::NCHW);
+  EXPECT_EQ(activation_layout(x.contiguous(MemoryFormat::ChannelsLast)), ConvLayout::NHWC);
+  // C = 1 and H = W = 1: either layout holds the same bytes; the strides say which the producer
+  // chose, and the entries follow them as detail::kernel_layout does (suggest_memory_format).
+  for (const Shape& s : {Shape{2, 1, 4, 5}, Shape{2, 8, 1, 1}}) {
+    EXPECT_EQ(activation_layout(randn(s)), ConvLayout::NCHW) << ::testing::PrintToString(s);
+    EXPECT_EQ(activation_layout(randn(s).contiguous(MemoryFormat::ChannelsLast)), ConvLayout::NHWC) << ::testing::PrintToString(s);
+  }
+  EXPECT_EQ(activation_layout(randn({2, 3, 4})), ConvLayout::NCHW);
+  EXPECT_EQ(activation_layout(x.contiguous(MemoryFormat::ChannelsLast).slice(2, 0, 2)), ConvLayout::NCHW);  // not dense: the op copies
+}
+
+TEST(CudnnChannelsLast, NhwcViewIsTheSameBytesAndRoundTrips) {
+  const Tensor x = randn({3, 6, 4, 5}).contiguous(MemoryFormat::ChannelsLast);
+  const Tensor v = nhwc_view("test", x);
+  EXPECT_EQ(v.sizes(), (Shape{3, 4, 5, 6}));
+  EXPECT_TRUE(v.is_contiguous());
+  EXPECT_EQ(v.data_ptr(), x.data_ptr());
+  EXPECT_EQ(values(v), values(x.permute({0, 2, 3, 1})));
+  const Tensor back = channels_last_view("test", v);
+  EXPECT_EQ(back.sizes(), x.sizes());
+  EXPECT_EQ(back.strides(), x.strides());
+  EXPECT_TRUE(back.is_contiguous(MemoryFormat::ChannelsLast));
+  EXPECT_EQ(back.suggest_memory_format(), MemoryFormat::ChannelsLast);
+  EXPECT_EQ(values(back), values(x));
+  // An NCHW tensor is refused by name: the entries never reinterpret NCHW bytes as NHWC.
+  try {
+    (void)nhwc_view("conv2d (cuda, channels-last)", randn({3, 6, 4, 5}));
+    ADD_FAILURE() << "an NCHW tensor was taken as NHWC";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("conv2d (cuda, channels-last): expected a channels-last"), std::string::npos) << e.what();
+  }
+}
+
+TEST(CudnnChannelsLast, FiltersInNhwcOrderAndBack) {
+  // 3x3: a permuted view (one copy per call in the entry); 1x1 and depthwise: the same bytes.
+  for (const Shape& s : {Shape{8, 4, 3, 3}, Shape{8, 4, 1, 1}, Shape{8, 1, 3, 3}, Shape{6, 2, 1, 3}}) {
+    const Tensor w = randn(s);
+    const Tensor v = filter_nhwc_order(w);
+    EXPECT_EQ(v.sizes(), (Shape{s[0], s[2], s[3], s[1]})) << ::testing::PrintToString(s);
+    const bool same = s[2] * s[3] == 1 || s[1] == 1;
+    EXPECT_EQ(filter_bytes_match_nhwc(w), same) << ::testing::PrintToString(s);
+    EXPECT_EQ(v.is_contiguous(), same) << ::testing::PrintToString(s);
+    EXPECT_EQ(values(v), values(w.permute({0, 2, 3, 1}))) << ::testing::PrintToString(s);
+    // cuDNN's NHWC weight gradient [O, KH, KW, C/G] back to the contract's [O, C/G, KH, KW].
+    const Tensor g = randn({s[0], s[2], s[3], s[1]});
+    const Tensor b = filter_nchw_order(g);
+    EXPECT_EQ(b.sizes(), s);
+    EXPECT_EQ(b.is_contiguous(), same) << ::testing::PrintToString(s);
+    EXPECT_EQ(values(b), values(g.permute({0, 3, 1, 2}))) << ::testing::PrintToString(s);
+  }
+}
+
+TEST(CudnnChannelsLast, NhwcDescriptorsDescribeChannelsLastStrides) {
+  // cuDNN's NHWC descriptors of the logical [n, c, h, w] have exactly PyTorch's channels-last
+  // strides: the entries hand cuDNN a channels-last tensor's bytes, and its NHWC output viewed
+  // channels-last (channels_last_view) is what the op receives.
+  ConvShape s;
+  s.N = 4, s.C = 6, s.H = 9, s.W = 7, s.O = 10, s.KH = 3, s.KW = 3, s.SH = 2, s.SW = 2, s.PH = 1, s.PW = 1, s.G = 2;
+  for (DType dt : {DType::Float32, DType::Float16, DType::BFloat16}) {
+    s.dtype = dt;
+    s.layout = ConvLayout::NHWC;
+    const ConvDescriptors d = make_conv_descriptors(s);
+    EXPECT_EQ(cudnn_strides(d.x), channels_last_strides({s.N, s.C, s.H, s.W})) << dt;
+    const Shape ys(d.y_shape.begin(), d.y_shape.end());
+    EXPECT_EQ(ys, (Shape{4, 10, 5, 4})) << dt;
+    EXPECT_EQ(cudnn_strides(d.y), channels_last_strides(ys)) << dt;
+    cudnnDataType_t wt;
+    cudnnTensorFormat_t fmt;
+    int k, c, h, w;
+    check_cudnn(cudnnGetFilter4dDescriptor(d.w.get(), &wt, &fmt, &k, &c, &h, &w), "cudnnGetFilter4dDescriptor");
+    EXPECT_EQ(fmt, CUDNN_TENSOR_NHWC);
+    EXPECT_EQ((std::array<int, 4>{k, c, h, w}), (std::array<int, 4>{10, 3, 3, 3}));  // logical [O, C/G, KH, KW]
+    // The NCHW descriptors of the same shape stay NCHW (unchanged path).
+    s.layout = ConvLayout::NCHW;
+    EXPECT_EQ(cudnn_strides(make_conv_descriptors(s).x), contiguous_strides({s.N, s.C, s.H, s.W})) << dt;
+  }
+  // The entries' plan cache keys NHWC and NCHW apart.
+  ConvShape a = s, b = s;
+  a.layout = ConvLayout::NCHW;
+  b.layout = ConvLayout::NHWC;
+  EXPECT_FALSE(a == b);
+  EXPECT_NE(ConvShapeHash{}(a), ConvShapeHash{}(b));
+}
+
+TEST(CudnnChannelsLast, BatchNormDescriptorsAndModes) {
+  EXPECT_EQ(batch_norm_mode(ConvLayout::NHWC, true), CUDNN_BATCHNORM_SPATIAL_PERSISTENT);
+  EXPECT_EQ(batch_norm_mode(ConvLayout::NHWC, false), CUDNN_BATCHNORM_SPATIAL);
+  EXPECT_EQ(batch_norm_mode(ConvLayout::NCHW, true), CUDNN_BATCHNORM_SPATIAL);  // NCHW unchanged
+  for (DType dt : {DType::Float32, DType::Float16, DType::BFloat16})
+    for (ConvLayout l : {ConvLayout::NCHW, ConvLayout::NHWC})
+      for (bool training : {true, false}) {
+        const BatchNormDescriptors d = make_batch_norm_descriptors(8, 16, 5, 3, dt, l, batch_norm_mode(l, training));
+        EXPECT_EQ(cudnn_strides(d.x), l == ConvLayout::NHWC ? channels_last_strides({8, 16, 5, 3}) : contiguous_strides({8, 16, 5, 3}));
+        cudnnDataType_t pt;
+        int n, c, h, w, ns, cs, hs, ws;
+        check_cudnn(cudnnGetTensor4dDescriptor(d.param.get(), &pt, &n, &c, &h, &w, &ns, &cs, &hs, &ws), "cudnnGetTensor4dDescriptor");
+        EXPECT_EQ((std::array<int, 4>{n, c, h, w}), (std::array<int, 4>{1, 16, 1, 1})) << dt;
+        EXPECT_EQ(pt, CUDNN_DATA_FLOAT) << dt;  // float32 [C] parameters and statistics for every x dtype
+      }
+}
+
+TEST(CudnnChannelsLast, DenseTensorsAndSumsOverMemory) {
+  const Tensor x = randn({4, 6, 5, 3}).contiguous(MemoryFormat::ChannelsLast);
+  EXPECT_TRUE(is_dense(x));
+  EXPECT_TRUE(is_dense(randn({4, 6})));
+  EXPECT_TRUE(is_dense(randn({4, 6}).t()));
+  EXPECT_FALSE(is_dense(x.slice(1, 0, 3)));
+  EXPECT_FALSE(is_dense(randn({4, 1}).expand({4, 6})));
+  // The sum a plan describes, computed as the GEMM would: ones[1, R] @ x[K1, R, K2].
+  auto by_plan = [](const Tensor& t, const MemorySumPlan& p) {
+    const float* base = t.data<float>();
+    std::vector<float> out(static_cast<std::size_t>(p.K1 * p.K2), 0.0f);
+    for (int64_t i = 0; i < p.K1; ++i)
+      for (int64_t r = 0; r < p.R; ++r)
+        for (int64_t j = 0; j < p.K2; ++j) out[static_cast<std::size_t>(i * p.K2 + j)] += base[(i * p.R + r) * p.K2 + j];
+    return out;
+  };
+  auto expect_sum = [&](const Tensor& t, const Shape& dims, int64_t K1, int64_t R, int64_t K2) {
+    std::vector<bool> red(static_cast<std::size_t>(t.dim()), false);
+    for (int64_t d : dims) red[static_cast<std::size_t>(d)] = true;
+    const MemorySumPlan p = plan_memory_sum(t, red);
+    ASSERT_TRUE(p.ok) << ::testing::PrintToString(t.sizes()) << " over " << ::testing::PrintToString(dims);
+    EXPECT_EQ((std::array<int64_t, 3>{p.K1, p.R, p.K2}), (std::array<int64_t, 3>{K1, R, K2})) << ::testing::PrintToString(t.sizes()) << " over " << ::testing::PrintToString(dims);
+    const std::vector<float> want = values(sum(t, dims)), got = by_plan(t, p);
+    ASSERT_EQ(got.size(), want.size());
+    for (std::size_t i = 0; i < got.size(); ++i) EXPECT_NEAR(got[i], want[i], 1e-4) << i;
+  };
+  expect_sum(x, {0, 2, 3}, 1, 4 * 5 * 3, 6);  // a conv bias gradient
+  expect_sum(x, {1}, 4 * 5 * 3, 6, 1);        // over channels
+  // ResNet's global average pool on a device: mean over the blocks of a split view [N, C, 1, H, 1, W].
+  const Tensor blocks = x.reshape({4, 6, 1, 5, 1, 3});
+  EXPECT_FALSE(blocks.is_contiguous());
+  expect_sum(blocks, {3, 5}, 4, 5 * 3, 6);
+  // Kept dims that memory would permute ([H, W, C] for logical [C, H, W]), and non-dense views: no plan.
+  EXPECT_FALSE(plan_memory_sum(x, {true, false, false, false}).ok);
+  EXPECT_FALSE(plan_memory_sum(x.slice(2, 0, 4), {true, false, true, true}).ok);
+  EXPECT_FALSE(plan_memory_sum(x, {true, false, true}).ok);  // wrong rank
 }

@@ -5,6 +5,7 @@
 #include <cub/device/device_reduce.cuh>
 #include <thrust/iterator/transform_iterator.h>
 
+#include "mixprec/backends/cuda/channels_last.hpp"
 #include "mixprec/backends/cuda/common.cuh"
 #include "mixprec/ops/elementwise.hpp"
 
@@ -57,11 +58,12 @@ struct ActivationGradFn {
 };
 }  // namespace detail
 
-// f(x) into a new contiguous tensor; x may be any view (read through its strides).
+// f(x) into a new tensor in x's layout (channels-last stays so, as on the CPU; anything else
+// contiguous); x may be any view (read through its strides).
 inline Tensor activation(Activation a, const Tensor& x) {
   const char* op = "gpu::activation";
   require_cuda_tensor(op, x);
-  Tensor y = empty(x.sizes(), x.dtype(), Device::CUDA);
+  Tensor y = empty_like_layout(x, x.dtype());
   if (x.numel() == 0) return y;
   dispatch_storage(x.dtype(), op, [&]<class T>() {
     launch_loop(op, x.sizes(), detail::ActivationFn{a}, LoopTensor<T>{y.data<T>(), y.strides()}, LoopTensor<const T>{x.data<T>(), x.strides()});
@@ -69,7 +71,8 @@ inline Tensor activation(Activation a, const Tensor& x) {
   return y;
 }
 
-// grad * f'(x, y), all four of one dtype and shape (any strides).
+// grad * f'(x, y), all four of one dtype and shape (any strides); the result in x's layout (the
+// CPU's: that of the saved tensor the derivative reads, which the op passes as x).
 inline Tensor activation_backward(Activation a, const Tensor& grad, const Tensor& x, const Tensor& y) {
   const char* op = "gpu::activation_backward";
   for (const Tensor* t : {&grad, &x, &y}) {
@@ -77,7 +80,7 @@ inline Tensor activation_backward(Activation a, const Tensor& grad, const Tensor
     MIXPREC_CHECK(t->sizes() == x.sizes() && t->dtype() == x.dtype(), op, ": expected ", x.dtype(), " ", x.sizes(), ", got ",
                   t->dtype(), " ", t->sizes());
   }
-  Tensor gx = empty(x.sizes(), x.dtype(), Device::CUDA);
+  Tensor gx = empty_like_layout(x, x.dtype());
   if (x.numel() == 0) return gx;
   dispatch_storage(x.dtype(), op, [&]<class T>() {
     launch_loop(op, x.sizes(), detail::ActivationGradFn{a}, LoopTensor<T>{gx.data<T>(), gx.strides()},
@@ -126,11 +129,13 @@ struct NanMax {
   __device__ float operator()(float a, float b) const { return (a > b || a != a) ? a : b; }
 };
 
-// One CUB reduction of x (contiguous) through `Load` and `Op` into a 0-dim float32 CUDA tensor.
+// One CUB reduction of x through `Load` and `Op` into a 0-dim float32 CUDA tensor. A dense x
+// (contiguous, channels-last: is_dense) is read as the flat array it is, in memory order; others
+// are made contiguous first.
 template <template <class> class Load, class Op>
 Tensor reduce_all(const char* op, const Tensor& x, Op red, float init) {
   require_cuda_tensor(op, x);
-  const Tensor xc = contiguous(x);
+  const Tensor xc = is_dense(x) ? x : contiguous(x);
   Tensor out = empty({}, DType::Float32, Device::CUDA);
   dispatch_storage(x.dtype(), op, [&]<class T>() {
     const auto in = thrust::make_transform_iterator(xc.data<T>(), Load<T>());

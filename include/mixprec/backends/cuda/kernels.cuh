@@ -62,14 +62,64 @@ inline Activation activation_of(DeviceUnary u) {
   fail("gpu: unknown activation ", static_cast<int>(u));
 }
 
-inline ConvShape conv_shape(const mixprec::detail::ConvGeom& g, DType dtype) {
+inline ConvShape conv_shape(const mixprec::detail::ConvGeom& g, DType dtype, ConvLayout layout = ConvLayout::NCHW) {
   ConvShape s;
   s.N = g.N, s.C = g.C, s.H = g.H, s.W = g.W, s.O = g.O, s.KH = g.KH, s.KW = g.KW;
   s.SH = g.SH, s.SW = g.SW, s.PH = g.PH, s.PW = g.PW, s.DH = g.DH, s.DW = g.DW, s.G = g.G;
   s.dtype = dtype;
+  s.layout = layout;
   return s;
 }
+
+// w [O, C/G, KH, KW] (contiguous, from the op) as cuDNN's NHWC filter [O, KH, KW, C/G]: a view for
+// 1x1 and depthwise filters, else one small permuted copy per call (channels_last.hpp).
+inline Tensor nhwc_filter(const Tensor& w) {
+  const Tensor v = filter_nhwc_order(w);
+  return v.is_contiguous() ? v : contiguous(v);
+}
+// A tensor brought to `layout` (a copy only when it is not in it yet).
+inline Tensor in_layout(const Tensor& t, ConvLayout layout) {
+  if (layout == ConvLayout::NCHW) return contiguous(t);
+  if (t.is_contiguous(MemoryFormat::ChannelsLast)) return t;
+  Tensor out = empty(t.sizes(), t.dtype(), Device::CUDA, MemoryFormat::ChannelsLast);
+  dispatch_storage(t.dtype(), "cuda conv2d", [&]<class T>() { convert_into<T, T>("cuda conv2d", out, t); });
+  return out;
+}
 }  // namespace detail
+
+// The table's convolution entries (DeviceKernels::channels_last). A channels-last activation (x,
+// or gy for the input gradient) runs cuDNN with NHWC descriptors on its own bytes and the result
+// comes back as a channels-last [N, C, H, W] view of cuDNN's NHWC output; an NCHW one runs the NCHW
+// path as before. float32 takes NHWC too: cuDNN has float32 NHWC algorithms (FMA math, no tf32),
+// Find benchmarks them as it does NCHW's, and the alternative -- reordering activation and result
+// around every call -- costs two extra passes over both, which for ResNet-sized convolutions is
+// comparable to the convolution itself.
+inline Tensor conv_forward_entry(const mixprec::detail::ConvGeom& g, const Tensor& x, const Tensor& w, const Tensor& b) {
+  const Tensor bc = b.defined() ? contiguous(b, x.dtype()) : b;
+  if (activation_layout(x) == ConvLayout::NCHW) return conv2d_forward(detail::conv_shape(g, x.dtype()), x, w, bc);
+  const char* op = "conv2d (cuda, channels-last)";
+  const Tensor y = conv2d_forward(detail::conv_shape(g, x.dtype(), ConvLayout::NHWC), nhwc_view(op, x), detail::nhwc_filter(w), bc);
+  return channels_last_view(op, y);
+}
+inline Tensor conv_backward_input_entry(const mixprec::detail::ConvGeom& g, const Tensor& gy, const Tensor& w) {
+  if (activation_layout(gy) == ConvLayout::NCHW) return conv2d_backward_data(detail::conv_shape(g, gy.dtype()), gy, w);
+  const char* op = "conv2d_backward (cuda, channels-last)";
+  const Tensor gx =
+      conv2d_backward_data(detail::conv_shape(g, gy.dtype(), ConvLayout::NHWC), nhwc_view(op, gy), detail::nhwc_filter(w));
+  return channels_last_view(op, gx);
+}
+// x and gy in x's layout (the op passes them so; gy is brought to it otherwise); the weight
+// gradient contiguous [O, C/G, KH, KW] in x's dtype, as the contract says: from NHWC, a view for
+// 1x1 and depthwise filters, else one small permuted copy.
+inline Tensor conv_backward_weight_entry(const mixprec::detail::ConvGeom& g, const Tensor& x, const Tensor& gy) {
+  const ConvLayout layout = activation_layout(x);
+  if (layout == ConvLayout::NCHW) return conv2d_backward_filter(detail::conv_shape(g, x.dtype()), x, gy);
+  const char* op = "conv2d_backward (cuda, channels-last)";
+  const Tensor dw = conv2d_backward_filter(detail::conv_shape(g, x.dtype(), ConvLayout::NHWC), nhwc_view(op, x),
+                                           nhwc_view(op, detail::in_layout(gy, layout)));
+  const Tensor v = filter_nchw_order(dw);
+  return v.is_contiguous() ? v : contiguous(v);
+}
 
 inline void copy(const Tensor& dst, const Tensor& src) {
   const char* op = "gpu::copy_";
@@ -77,7 +127,9 @@ inline void copy(const Tensor& dst, const Tensor& src) {
   require_cuda_tensor(op, src);
   const int64_t n = dst.numel();
   if (n == 0) return;
-  if (dst.dtype() == src.dtype() && dst.sizes() == src.sizes() && dst.is_contiguous() && src.is_contiguous()) {
+  // One memcpy where both hold the same dense layout (contiguous, or both channels-last).
+  if (dst.dtype() == src.dtype() && dst.sizes() == src.sizes() &&
+      ((dst.is_contiguous() && src.is_contiguous()) || (dst.strides() == src.strides() && is_dense(dst)))) {
     check(cudaMemcpyAsync(dst.data_ptr(), src.data_ptr(), static_cast<std::size_t>(dst.nbytes()), cudaMemcpyDeviceToDevice,
                           current_stream()),
           op);
@@ -116,7 +168,11 @@ inline Tensor binary(DeviceBinary kind, const Tensor& a, const Tensor& b, double
   require_cuda_tensor(op, b);
   const DType ct = promote_types(a.dtype(), b.dtype());
   const Shape shape = broadcast_shapes(a.sizes(), b.sizes(), op);
-  Tensor out = empty(shape, ct, Device::CUDA);
+  // The result takes the layout of an operand of its full shape, as the CPU's binary_kernel: a
+  // residual add of channels-last activations stays channels-last (one run in the loop plan).
+  const MemoryFormat layout = a.sizes() == shape ? a.suggest_memory_format() : b.sizes() == shape ? b.suggest_memory_format()
+                                                                                               : MemoryFormat::Contiguous;
+  Tensor out = empty(shape, ct, Device::CUDA, layout);
   if (out.numel() == 0) return out;
   const detail::BinaryFn f{kind, static_cast<float>(alpha)};
   auto run = [&]<class O, class A, class B>() {
@@ -138,7 +194,7 @@ inline Tensor binary(DeviceBinary kind, const Tensor& a, const Tensor& b, double
 inline Tensor binary_scalar(DeviceBinary kind, const Tensor& a, double s, double alpha, bool reversed) {
   const char* op = "gpu::binary_scalar";
   require_cuda_tensor(op, a);
-  Tensor out = empty(a.sizes(), a.dtype(), Device::CUDA);
+  Tensor out = empty_like_layout(a, a.dtype());  // channels-last stays so, as on the CPU
   if (out.numel() == 0) return out;
   dispatch_storage(a.dtype(), op, [&]<class T>() {
     const detail::BinaryScalarFn f{kind, static_cast<float>(alpha), static_cast<float>(T(s)), reversed};
@@ -148,8 +204,10 @@ inline Tensor binary_scalar(DeviceBinary kind, const Tensor& a, double s, double
 }
 
 // Row sums on cuBLASLt, float32-accumulated, with no reduction kernel of its own: reduced dims
-// leading in a contiguous x (bias gradients) as ones[1, R] @ x[R, M] with no copy; otherwise the
-// reduced dims moved last and made contiguous, x'[M, R] @ ones[R, 1].
+// leading in a contiguous x (bias gradients) as ones[1, R] @ x[R, M] with no copy; a dense
+// non-contiguous x (channels-last: a conv bias gradient, the global average pool) whose memory
+// order is [kept][reduced][kept] as ones[1, R] @ x[K1, R, K2] with no copy (plan_memory_sum);
+// otherwise the reduced dims moved last and made contiguous, x'[M, R] @ ones[R, 1].
 inline Tensor sum_dims(const Tensor& x, const Shape& dims) {
   const char* op = "gpu::sum";
   require_cuda_tensor(op, x);
@@ -186,6 +244,16 @@ inline Tensor sum_dims(const Tensor& x, const Shape& dims) {
     const Tensor s = matmul(ones, x.view({R, M}), DType::Float32).view(kept);
     return s.dtype() == x.dtype() ? s : contiguous(s, x.dtype());
   }
+  if (!x.is_contiguous()) {
+    if (const MemorySumPlan mp = plan_memory_sum(x, reduced); mp.ok) {
+      Tensor ones = empty({1, mp.R}, x.dtype(), Device::CUDA);
+      fill(ones, 1.0);
+      const Shape xs{mp.K1, mp.R, mp.K2};
+      const Tensor xv = mixprec::detail::make_view(x, xs, contiguous_strides(xs), x.storage_offset());
+      const Tensor s = matmul(ones, xv, DType::Float32).view(kept);
+      return s.dtype() == x.dtype() ? s : contiguous(s, x.dtype());
+    }
+  }
   Shape ps, pst;
   for (int64_t d : perm) {
     ps.push_back(x.size(d));
@@ -218,15 +286,11 @@ inline const DeviceKernels& cuda_kernel_table() {
     t.matmul = [](const Tensor& a, const Tensor& b, const Tensor& bias) { return gpu::matmul(a, b, std::nullopt, bias); };
     t.softmax = [](const Tensor& x, int64_t dim, bool log) { return gpu::softmax(x, dim, log); };
     t.softmax_backward = [](const Tensor& y, const Tensor& g, int64_t dim, bool log) { return gpu::softmax_backward(y, g, dim, log); };
-    t.conv_forward = [](const mixprec::detail::ConvGeom& g, const Tensor& x, const Tensor& w, const Tensor& b) {
-      return conv2d_forward(conv_shape(g, x.dtype()), x, w, b.defined() ? contiguous(b, x.dtype()) : b);
-    };
-    t.conv_backward_input = [](const mixprec::detail::ConvGeom& g, const Tensor& gy, const Tensor& w) {
-      return conv2d_backward_data(conv_shape(g, gy.dtype()), gy, w);
-    };
-    t.conv_backward_weight = [](const mixprec::detail::ConvGeom& g, const Tensor& x, const Tensor& gy) {
-      return conv2d_backward_filter(conv_shape(g, x.dtype()), x, gy);
-    };
+    // Convolutions and batch norm take channels-last activations as they are (NHWC in cuDNN).
+    t.channels_last = true;
+    t.conv_forward = &conv_forward_entry;
+    t.conv_backward_input = &conv_backward_input_entry;
+    t.conv_backward_weight = &conv_backward_weight_entry;
     t.batch_norm = [](const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& rm, const Tensor& rv, bool training,
                       double momentum, double eps) -> std::array<Tensor, 3> {
       if (!training) return {batch_norm_inference(x, w, b, rm, rv, eps), Tensor(), Tensor()};

@@ -9,6 +9,7 @@
 // into one dimension (no division at all) and a bias broadcast or a head split into two or three;
 // a vector of 16 bytes per load needs the innermost dimension contiguous (or broadcast) in every
 // operand, its length and every outer stride divisible by the vector, and aligned pointers.
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <limits>
@@ -53,9 +54,22 @@ inline LoopPlan plan_loop(const Shape& shape, const LoopOperand* operands, int n
                   " strides for shape ", shape);
   LoopPlan p;
   p.ntensors = ntensors;
+  // The dims in the output's memory order (its strides, largest first; stable, so a row-major
+  // output keeps the logical order), as the CPU's cpu::map: a channels-last output [N, C, H, W] is
+  // walked as [N, H, W, C], so its writes are unit-stride and, with inputs of the same layout, the
+  // dims merge into one run (vector loads, no division). Element-wise results do not depend on
+  // the order in which elements are visited.
+  const std::size_t rank = shape.size();
+  MIXPREC_CHECK(rank <= 64, "gpu loop: at most 64 dimensions, got shape ", shape);
+  std::array<int64_t, 64> order{};
+  for (std::size_t i = 0; i < rank; ++i) order[i] = static_cast<int64_t>(i);
+  const Shape& s0 = operands[0].strides;
+  std::stable_sort(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(rank),
+                   [&](int64_t a, int64_t b) { return s0[static_cast<std::size_t>(a)] > s0[static_cast<std::size_t>(b)]; });
   // Innermost first, size-1 dims dropped, then neighbours merged where every operand steps
   // through them as through one dimension.
-  for (int64_t d = static_cast<int64_t>(shape.size()) - 1; d >= 0; --d) {
+  for (int64_t oi = static_cast<int64_t>(rank) - 1; oi >= 0; --oi) {
+    const int64_t d = order[static_cast<std::size_t>(oi)];
     const int64_t size = shape[static_cast<std::size_t>(d)];
     if (size == 1) continue;
     if (p.nd > 0) {

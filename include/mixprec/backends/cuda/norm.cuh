@@ -8,6 +8,7 @@
 
 #include <cub/block/block_reduce.cuh>
 
+#include "mixprec/backends/cuda/channels_last.hpp"
 #include "mixprec/backends/cuda/conv.cuh"
 
 namespace mixprec::gpu {
@@ -55,8 +56,10 @@ inline Tensor softmax_backward(const Tensor& y, const Tensor& dy, int64_t dim, b
   return dx;
 }
 
-// Batch norm over x [N, C, H, W] (NCHW, contiguous). weight, bias, running stats and the
-// saved statistics are float32 [C] whatever x's dtype, as cuDNN derives them.
+// Batch norm over x [N, C, H, W], NCHW-contiguous or channels-last (DeviceKernels::channels_last):
+// a channels-last x is described to cuDNN as NHWC and read in place, and y / dx come back
+// channels-last (channels_last.hpp says which mode each layout runs and why). weight, bias,
+// running stats and the saved statistics are float32 [C] whatever x's dtype, as cuDNN derives them.
 struct BatchNormResult {
   Tensor y, save_mean, save_invstd;
 };
@@ -68,22 +71,42 @@ inline void check_bn_param(const char* op, const Tensor& t, int64_t C) {
                 ": expected a contiguous float32 [", C, "] tensor, got ", t.dtype(), " ", t.sizes());
 }
 
-// The forward passes' input checks: x a contiguous NCHW CUDA tensor, eps within cuDNN's range.
-inline void check_bn_input(const char* op, const Tensor& x, double eps) {
+// The forward passes' input checks: x a 4-D CUDA tensor, NCHW-contiguous or channels-last, eps
+// within cuDNN's range. Returns the layout cuDNN reads it in.
+inline ConvLayout check_bn_input(const char* op, const Tensor& x, double eps) {
   require_cuda_tensor(op, x);
-  MIXPREC_CHECK(x.dim() == 4 && x.is_contiguous(), op, ": expected a contiguous NCHW tensor, got ", x.sizes());
+  const ConvLayout layout = activation_layout(x);
+  MIXPREC_CHECK(x.dim() == 4 && (layout == ConvLayout::NHWC || x.is_contiguous()), op,
+                ": expected a contiguous NCHW or channels-last [N, C, H, W] tensor, got ", x.dtype(), " ", x.sizes(), " with strides ",
+                x.dim() == 4 ? x.strides() : Shape{});
   MIXPREC_CHECK(eps >= CUDNN_BN_MIN_EPSILON, op, ": eps ", eps, " is below cuDNN's minimum ", CUDNN_BN_MIN_EPSILON);
+  return layout;
 }
 
-// x [N, C, H, W] (NCHW) and the float32 [C] descriptor cuDNN derives from it for the
-// per-channel tensors (weight, bias, running and saved statistics).
-struct BatchNormDescriptors {
-  TensorDescriptor x, param;
-};
-inline BatchNormDescriptors batch_norm_descriptors(const Tensor& x) {
-  BatchNormDescriptors d{make_tensor_descriptor(x.size(0), x.size(1), x.size(2), x.size(3), x.dtype(), ConvLayout::NCHW), {}};
-  check_cudnn(cudnnDeriveBNTensorDescriptor(d.param.get(), d.x.get(), CUDNN_BATCHNORM_SPATIAL), "cudnnDeriveBNTensorDescriptor");
-  return d;
+inline BatchNormDescriptors batch_norm_descriptors(const Tensor& x, ConvLayout layout, cudnnBatchNormMode_t mode) {
+  return make_batch_norm_descriptors(x.size(0), x.size(1), x.size(2), x.size(3), x.dtype(), layout, mode);
+}
+// x's shape in its own layout: y and dx are allocated as x is.
+inline Tensor empty_in_layout(const Tensor& x, ConvLayout layout) {
+  return empty(x.sizes(), x.dtype(), Device::CUDA, layout == ConvLayout::NHWC ? MemoryFormat::ChannelsLast : MemoryFormat::Contiguous);
+}
+
+// call(mode) with the layout's mode; where cuDNN refuses SPATIAL_PERSISTENT for a dtype
+// (NOT_SUPPORTED), SPATIAL runs instead, and this thread remembers it for that dtype.
+template <class Call>
+void run_batch_norm(const char* api, const Tensor& x, ConvLayout layout, bool training, Call call) {
+  thread_local std::array<bool, 3> persistent_refused{};  // float32, float16, bfloat16
+  const std::size_t slot = x.dtype() == DType::Float32 ? 0 : x.dtype() == DType::Float16 ? 1 : 2;
+  cudnnBatchNormMode_t mode = batch_norm_mode(layout, training);
+  if (mode == CUDNN_BATCHNORM_SPATIAL_PERSISTENT && persistent_refused[slot]) mode = CUDNN_BATCHNORM_SPATIAL;
+  cudnnStatus_t st = call(mode);
+  if (st == CUDNN_STATUS_NOT_SUPPORTED && mode == CUDNN_BATCHNORM_SPATIAL_PERSISTENT) {
+    persistent_refused[slot] = true;
+    st = call(CUDNN_BATCHNORM_SPATIAL);
+  }
+  if (st != CUDNN_STATUS_SUCCESS)
+    fail(api, ": cuDNN error ", static_cast<int>(st), " (", cudnnGetErrorString(st), ") for x ", x.dtype(), " ", x.sizes(),
+         layout == ConvLayout::NHWC ? " channels-last" : " NCHW");
 }
 }  // namespace detail
 
@@ -92,34 +115,34 @@ inline BatchNormDescriptors batch_norm_descriptors(const Tensor& x) {
 inline BatchNormResult batch_norm_training(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& running_mean,
                                            const Tensor& running_var, double momentum, double eps) {
   const char* op = "gpu::batch_norm";
-  detail::check_bn_input(op, x, eps);
+  const ConvLayout layout = detail::check_bn_input(op, x, eps);
   const int64_t C = x.size(1);
   for (const Tensor* t : {&weight, &bias, &running_mean, &running_var}) detail::check_bn_param(op, *t, C);
-  const detail::BatchNormDescriptors d = detail::batch_norm_descriptors(x);
-  BatchNormResult r{empty(x.sizes(), x.dtype(), Device::CUDA), empty({C}, DType::Float32, Device::CUDA),
-                    empty({C}, DType::Float32, Device::CUDA)};
+  BatchNormResult r{detail::empty_in_layout(x, layout), empty({C}, DType::Float32, Device::CUDA), empty({C}, DType::Float32, Device::CUDA)};
   const float one = 1.0f, zero = 0.0f;
-  check_cudnn(cudnnBatchNormalizationForwardTraining(cudnn_handle(), CUDNN_BATCHNORM_SPATIAL, &one, &zero, d.x.get(), x.data_ptr(),
-                                                     d.x.get(), r.y.data_ptr(), d.param.get(), weight.data_ptr(), bias.data_ptr(),
-                                                     momentum, running_mean.data_ptr(), running_var.data_ptr(), eps,
-                                                     r.save_mean.data_ptr(), r.save_invstd.data_ptr()),
-              "cudnnBatchNormalizationForwardTraining");
+  detail::run_batch_norm("cudnnBatchNormalizationForwardTraining", x, layout, true, [&](cudnnBatchNormMode_t mode) {
+    const BatchNormDescriptors d = detail::batch_norm_descriptors(x, layout, mode);
+    return cudnnBatchNormalizationForwardTraining(cudnn_handle(), mode, &one, &zero, d.x.get(), x.data_ptr(), d.x.get(), r.y.data_ptr(),
+                                                  d.param.get(), weight.data_ptr(), bias.data_ptr(), momentum, running_mean.data_ptr(),
+                                                  running_var.data_ptr(), eps, r.save_mean.data_ptr(), r.save_invstd.data_ptr());
+  });
   return r;
 }
 
 inline Tensor batch_norm_inference(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& running_mean,
                                    const Tensor& running_var, double eps) {
   const char* op = "gpu::batch_norm (eval)";
-  detail::check_bn_input(op, x, eps);
+  const ConvLayout layout = detail::check_bn_input(op, x, eps);
   const int64_t C = x.size(1);
   for (const Tensor* t : {&weight, &bias, &running_mean, &running_var}) detail::check_bn_param(op, *t, C);
-  const detail::BatchNormDescriptors d = detail::batch_norm_descriptors(x);
-  Tensor y = empty(x.sizes(), x.dtype(), Device::CUDA);
+  Tensor y = detail::empty_in_layout(x, layout);
   const float one = 1.0f, zero = 0.0f;
-  check_cudnn(cudnnBatchNormalizationForwardInference(cudnn_handle(), CUDNN_BATCHNORM_SPATIAL, &one, &zero, d.x.get(), x.data_ptr(),
-                                                      d.x.get(), y.data_ptr(), d.param.get(), weight.data_ptr(), bias.data_ptr(),
-                                                      running_mean.data_ptr(), running_var.data_ptr(), eps),
-              "cudnnBatchNormalizationForwardInference");
+  detail::run_batch_norm("cudnnBatchNormalizationForwardInference", x, layout, false, [&](cudnnBatchNormMode_t mode) {
+    const BatchNormDescriptors d = detail::batch_norm_descriptors(x, layout, mode);
+    return cudnnBatchNormalizationForwardInference(cudnn_handle(), mode, &one, &zero, d.x.get(), x.data_ptr(), d.x.get(), y.data_ptr(),
+                                                   d.param.get(), weight.data_ptr(), bias.data_ptr(), running_mean.data_ptr(),
+                                                   running_var.data_ptr(), eps);
+  });
   return y;
 }
 
@@ -127,23 +150,31 @@ struct BatchNormGrads {
   Tensor dx, dweight, dbias;
 };
 
+// dx in x's layout; dy is brought to it when it differs (the op passes both in one layout).
 inline BatchNormGrads batch_norm_backward(const Tensor& x, const Tensor& dy, const Tensor& weight, const Tensor& save_mean,
                                           const Tensor& save_invstd, double eps) {
   const char* op = "gpu::batch_norm_backward";
   require_cuda_tensor(op, x);
-  MIXPREC_CHECK(x.dim() == 4 && x.is_contiguous() && dy.sizes() == x.sizes() && dy.dtype() == x.dtype() && dy.is_contiguous(), op,
-                ": x ", x.dtype(), " ", x.sizes(), " and dy ", dy.dtype(), " ", dy.sizes(), " must be equal-shaped contiguous NCHW");
+  require_cuda_tensor(op, dy);
+  const ConvLayout layout = activation_layout(x);
+  MIXPREC_CHECK(x.dim() == 4 && (layout == ConvLayout::NHWC || x.is_contiguous()) && dy.sizes() == x.sizes() && dy.dtype() == x.dtype(), op,
+                ": x ", x.dtype(), " ", x.sizes(), " and dy ", dy.dtype(), " ", dy.sizes(),
+                " must be equal-shaped, x contiguous NCHW or channels-last");
+  Tensor dyl = dy;
+  if (layout == ConvLayout::NHWC ? !dy.is_contiguous(MemoryFormat::ChannelsLast) : !dy.is_contiguous()) {
+    dyl = detail::empty_in_layout(x, layout);
+    dispatch_storage(x.dtype(), op, [&]<class T>() { convert_into<T, T>(op, dyl, dy); });
+  }
   const int64_t C = x.size(1);
   for (const Tensor* t : {&weight, &save_mean, &save_invstd}) detail::check_bn_param(op, *t, C);
-  const detail::BatchNormDescriptors d = detail::batch_norm_descriptors(x);
-  BatchNormGrads g{empty(x.sizes(), x.dtype(), Device::CUDA), empty({C}, DType::Float32, Device::CUDA),
-                   empty({C}, DType::Float32, Device::CUDA)};
+  BatchNormGrads g{detail::empty_in_layout(x, layout), empty({C}, DType::Float32, Device::CUDA), empty({C}, DType::Float32, Device::CUDA)};
   const float one = 1.0f, zero = 0.0f;
-  check_cudnn(cudnnBatchNormalizationBackward(cudnn_handle(), CUDNN_BATCHNORM_SPATIAL, &one, &zero, &one, &zero, d.x.get(),
-                                              x.data_ptr(), d.x.get(), dy.data_ptr(), d.x.get(), g.dx.data_ptr(), d.param.get(),
-                                              weight.data_ptr(), g.dweight.data_ptr(), g.dbias.data_ptr(), eps, save_mean.data_ptr(),
-                                              save_invstd.data_ptr()),
-              "cudnnBatchNormalizationBackward");
+  detail::run_batch_norm("cudnnBatchNormalizationBackward", x, layout, true, [&](cudnnBatchNormMode_t mode) {
+    const BatchNormDescriptors d = detail::batch_norm_descriptors(x, layout, mode);
+    return cudnnBatchNormalizationBackward(cudnn_handle(), mode, &one, &zero, &one, &zero, d.x.get(), x.data_ptr(), d.x.get(),
+                                           dyl.data_ptr(), d.x.get(), g.dx.data_ptr(), d.param.get(), weight.data_ptr(),
+                                           g.dweight.data_ptr(), g.dbias.data_ptr(), eps, save_mean.data_ptr(), save_invstd.data_ptr());
+  });
   return g;
 }
 
