@@ -1,10 +1,21 @@
 #pragma once
-// Minimal --flag value / --flag=value parsing for the examples; unknown flags are errors. And
-// their main(): a mixprec::Error ends the program with its message and exit status 1.
+// Command-line flags of the example programs, parsed by CLI11 (Debian: libcli11-dev) so that
+// --help gives every flag with what it does, its allowed values and its default, and a bad
+// value is refused by name. Only the examples use CLI11: the library never includes this file.
+// And their main(): a mixprec::Error ends the program with its message and exit status 1.
+#if defined(__has_include)
+#if !__has_include(<CLI/CLI.hpp>)
+#error "the mixprec examples parse their flags with CLI11: install it (Debian: apt-get install libcli11-dev)"
+#endif
+#endif
+#include <CLI/CLI.hpp>
+
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
 #include <map>
+#include <memory>
+#include <optional>
 #include <set>
 #include <string>
 
@@ -12,37 +23,43 @@
 
 namespace examples {
 
+// Parses argv into `app`'s options. Returns the exit status when the program should stop at
+// once: 0 after --help (printed), CLI11's non-zero status after a bad flag (its message and a
+// pointer to --help on stderr); nullopt when the program should go on.
+inline std::optional<int> parse_flags(CLI::App& app, int argc, char** argv) {
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  return std::nullopt;
+}
+
+// The short form for programs that list their flags as name -> default (the seed patterns,
+// benchmarks/peers): each flag is a CLI11 option showing its default; `switches` take no value.
 class Cli {
  public:
   Cli(int argc, char** argv, std::map<std::string, std::string> defaults, std::set<std::string> switches = {})
-      : values_(std::move(defaults)), switches_(std::move(switches)) {
-    for (int i = 1; i < argc; ++i) {
-      std::string a = argv[i];
-      if (a == "--help" || a == "-h") {
-        help_ = true;
-        continue;
-      }
-      MIXPREC_CHECK(a.rfind("--", 0) == 0, "unexpected argument '", a, "' (flags look like --name value)");
-      a = a.substr(2);
-      std::string v;
-      if (auto eq = a.find('='); eq != std::string::npos) {
-        v = a.substr(eq + 1);
-        a = a.substr(0, eq);
-      } else if (switches_.count(a)) {
-        v = "1";
-      } else {
-        MIXPREC_CHECK(i + 1 < argc, "flag --", a, " needs a value");
-        v = argv[++i];
-      }
-      MIXPREC_CHECK(values_.count(a) || switches_.count(a), "unknown flag --", a, " (see --help)");
-      values_[a] = v;
+      : values_(std::move(defaults)), app_(std::make_unique<CLI::App>()) {
+    for (auto& [k, v] : values_) {
+      CLI::Option* o = app_->add_option("--" + k, v);
+      if (!v.empty()) o->default_str(v);
     }
+    for (const auto& s : switches) app_->add_flag("--" + s, switched_[s], "switch");
+    try {
+      app_->parse(argc, argv);
+    } catch (const CLI::CallForHelp&) {
+      help_ = true;
+    } catch (const CLI::ParseError& e) {
+      mixprec::fail(e.what(), " (see --help)");
+    }
+    for (const auto& [s, set] : switched_)
+      if (set) values_[s] = "1";
   }
   bool help() const { return help_; }
   void usage(std::ostream& os, const std::string& prog) const {
-    os << "usage: " << prog << " [flags]\n";
-    for (const auto& [k, v] : values_) os << "  --" << k << " (default: " << (v.empty() ? "none" : v) << ")\n";
-    for (const auto& s : switches_) os << "  --" << s << " (switch)\n";
+    app_->name(prog);
+    os << app_->help();
   }
   std::string str(const std::string& k) const { return values_.count(k) ? values_.at(k) : ""; }
   bool flag(const std::string& k) const { return values_.count(k) && values_.at(k) == "1"; }
@@ -62,8 +79,9 @@ class Cli {
   }
 
  private:
-  std::map<std::string, std::string> values_;
-  std::set<std::string> switches_;
+  std::map<std::string, std::string> values_;  // the options write here: its nodes never move
+  std::map<std::string, bool> switched_;
+  std::unique_ptr<CLI::App> app_;
   bool help_ = false;
 };
 

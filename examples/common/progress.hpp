@@ -12,9 +12,10 @@ namespace examples {
 
 class Progress {
  public:
-  Progress(std::string label, int64_t total_steps, int64_t items_per_step)
-      : label_(std::move(label)), total_(total_steps), items_(items_per_step), tty_(isatty(fileno(stdout)) != 0),
-        start_(std::chrono::steady_clock::now()) {}
+  // `first_step`: the steps done before (a resumed epoch); rates count the steps after it.
+  Progress(std::string label, int64_t total_steps, int64_t items_per_step, int64_t first_step = 0)
+      : label_(std::move(label)), total_(total_steps), items_(items_per_step), first_(first_step),
+        tty_(isatty(fileno(stdout)) != 0), start_(std::chrono::steady_clock::now()) {}
 
   // Whether update(step, ...) may show anything (the logged steps, and on a terminal the bar's
   // hundred updates an epoch): the caller reads the loss, a device sync on a GPU, only then.
@@ -25,8 +26,9 @@ class Progress {
   // Call after each step; `scale` <= 0 hides the loss-scale column (bf16/fp32 runs).
   void update(int64_t step, double loss, double scale = 0) {
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
-    const double ips = secs > 0 ? static_cast<double>(step * items_) / secs : 0;
-    const double eta = step > 0 ? secs / static_cast<double>(step) * static_cast<double>(total_ - step) : 0;
+    const int64_t done = step - first_;
+    const double ips = secs > 0 ? static_cast<double>(done * items_) / secs : 0;
+    const double eta = done > 0 ? secs / static_cast<double>(done) * static_cast<double>(total_ - step) : 0;
     char extra[64] = "";
     if (scale > 0) std::snprintf(extra, sizeof extra, " scale %.0f", scale);
     if (tty_) {
@@ -48,7 +50,7 @@ class Progress {
  private:
   int64_t log_every() const { return total_ >= 20 ? total_ / 10 : 1; }
   std::string label_;
-  int64_t total_, items_;
+  int64_t total_, items_, first_;
   bool tty_;
   std::chrono::steady_clock::time_point start_;
 };

@@ -2,10 +2,11 @@
 // autocast with the GradScaler; prints test accuracy and peak tensor memory. With --distributed,
 // under `mpirun -np N`, trains data-parallel: each rank a shard of every epoch, rank 0 reports.
 // --device cuda trains on the GPU in the build nvcc compiles (mixprec_resnet_cuda).
+// --checkpoint/--checkpoint-every/--resume continue an interrupted run bit-exactly (common/run.hpp).
 // Batches go in channels-last (MemoryFormat::ChannelsLast): the network then stays in that
 // layout, where the CPU's convolutions run on oneDNN when mixprec::onednn is linked.
 #include <cstdio>
-#include <iostream>
+#include <string>
 
 #include <mixprec/mixprec.hpp>
 
@@ -45,64 +46,72 @@ double evaluate(nn::Module& model, const data::FashionMnist& test, Precision pre
 }
 
 int run(int argc, char** argv) {
-  examples::Cli cli(argc, argv,
-                    {{"precision", "bf16"}, {"model", "resnet20"}, {"epochs", "1"}, {"batch-size", "128"}, {"lr", "0.004"},
-                     {"limit-batches", "0"}, {"seed", "0"}, {"csv", ""}, {"checkpoint", ""}, {"resume", ""},
-                     {"data-dir", data::kFashionMnistDir}, {"weight-decay", "0.05"}, {"device", "cpu"}},
-                    {"synthetic", "distributed"});
-  if (cli.help()) {
-    cli.usage(std::cout, "mixprec_resnet");
-    return 0;
-  }
-  const Precision precision = examples::parse_precision(cli.str("precision"));
-  const Device device = examples::parse_device(cli.str("device"));
-  const int64_t epochs = cli.i64("epochs"), batch_size = cli.i64("batch-size"), limit = cli.i64("limit-batches");
-  const uint64_t seed = static_cast<uint64_t>(cli.i64("seed"));
-  MIXPREC_CHECK(epochs >= 1 && batch_size >= 1 && limit >= 0, "epochs and batch-size must be >= 1, limit-batches >= 0");
+  examples::RunFlags f;
+  f.batch_size = 128;
+  f.lr = 0.004;
+  std::string model_name = "resnet20", data_dir = data::kFashionMnistDir;
+  double weight_decay = 0.05;
+  CLI::App app("Trains a ResNet on Fashion-MNIST in fp32, bf16 autocast or fp16 autocast with the GradScaler (AdamW, "
+               "one-cycle LR schedule from lr/25 up to --lr and down); prints test accuracy and peak tensor memory.",
+               "mixprec_resnet");
+  f.add_to(app);
+  app.add_option("--model", model_name, "network")
+      ->check(CLI::IsMember({"resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet18", "resnet34", "resnet50",
+                             "resnet101", "resnet152"}))
+      ->capture_default_str();
+  app.add_option("--data-dir", data_dir, "Fashion-MNIST's IDX files (Debian: dataset-fashion-mnist)")->capture_default_str();
+  app.add_option("--weight-decay", weight_decay, "AdamW's decoupled weight decay")->check(CLI::NonNegativeNumber)->capture_default_str();
+  if (auto code = examples::parse_flags(app, argc, argv)) return *code;
+
+  const Precision precision = examples::parse_precision(f.precision);
+  const Device device = examples::parse_device(f.device);
+  const int64_t epochs = f.epochs, batch_size = f.batch_size, limit = f.limit_batches;
+  const uint64_t seed = f.seed;
   manual_seed(seed);
-  examples::Distributed dist(cli.flag("distributed"));
+  examples::Distributed dist(f.distributed);
 
   data::FashionMnist train, test;
-  if (cli.flag("synthetic")) {
-    train = data::synthetic_fashion_mnist(limit > 0 ? limit * batch_size : 6000, seed);
+  if (f.synthetic) {
+    train = data::synthetic_fashion_mnist(limit > 0 ? limit * batch_size * dist.world() : 6000, seed);
     test = data::synthetic_fashion_mnist(1000, seed + 1);
   } else {
-    train = data::load_fashion_mnist(cli.str("data-dir"), true);
-    test = data::load_fashion_mnist(cli.str("data-dir"), false);
+    train = data::load_fashion_mnist(data_dir, true);
+    test = data::load_fashion_mnist(data_dir, false);
   }
 
   Generator init_gen(seed);
-  auto model = nn::models::make_resnet(cli.str("model"), 10, 1, false, init_gen);
+  auto model = nn::models::make_resnet(model_name, 10, 1, false, init_gen);
   model->to(device);
-  optim::AdamW opt(model->parameters(), cli.f64("lr"), {0.9, 0.999}, 1e-8, cli.f64("weight-decay"));
-  amp::GradScaler scaler(65536.0, 2.0, 0.5, 2000, /*enabled=*/precision == Precision::FP16);
+  optim::AdamW opt(model->parameters(), f.lr, {0.9, 0.999}, 1e-8, weight_decay);
+  amp::GradScaler scaler(f.init_scale, 2.0, 0.5, 2000, /*enabled=*/precision == Precision::FP16);
   dist.wrap(*model, scaler);
   // --batch-size is per rank: the global batch is world times larger.
   data::DataLoader loader(data::TensorDataset(train.images, train.labels), batch_size, /*shuffle=*/true, seed,
                           /*drop_last=*/true, /*prefetch=*/true);
   loader.set_shard(dist.rank(), dist.world(), /*equal_sizes=*/true);
   const int64_t steps_per_epoch = limit > 0 ? std::min<int64_t>(limit, loader.size()) : loader.size();
-  optim::lr_scheduler::OneCycleLR sched(opt, cli.f64("lr"), epochs * steps_per_epoch);
+  // Built for the whole run; --resume restores its position (and refuses another --epochs).
+  optim::lr_scheduler::OneCycleLR sched(opt, f.lr, epochs * steps_per_epoch);
 
-  examples::TrainingRun training(cli, dist, {model.get(), &opt, &scaler, &sched, {&default_generator()}}, precision, device);
-  if (training.resume() && dist.is_main())
-    std::printf("resumed from %s at epoch %lld, step %lld\n", cli.str("resume").c_str(),
-                static_cast<long long>(training.state().epoch), static_cast<long long>(training.state().step));
+  examples::TrainingRun training(f, dist, {model.get(), &opt, &scaler, &sched, {&default_generator()}}, steps_per_epoch,
+                                 batch_size * dist.world());
+  if (training.resume() && dist.is_main()) examples::print_resumed(training, f.resume);
   training.open_csv();
   if (dist.is_main())
     std::printf("%s on %s, %s on %s, %lld parameters, batch %lld, %lld steps/epoch, threads %d, processes %d\n",
-                cli.str("model").c_str(), cli.flag("synthetic") ? "synthetic data" : "Fashion-MNIST",
-                cli.str("precision").c_str(), cli.str("device").c_str(), static_cast<long long>(model->num_parameters()),
-                static_cast<long long>(batch_size * dist.world()), static_cast<long long>(steps_per_epoch),
-                cpu::num_threads(), dist.world());
+                model_name.c_str(), f.synthetic ? "synthetic data" : "Fashion-MNIST", f.precision.c_str(), f.device.c_str(),
+                static_cast<long long>(model->num_parameters()), static_cast<long long>(batch_size * dist.world()),
+                static_cast<long long>(steps_per_epoch), cpu::num_threads(), dist.world());
   training.start();
 
-  for (int64_t epoch = training.state().epoch; epoch < epochs; ++epoch) {
+  for (int64_t epoch = training.state().epoch; epoch < epochs && !training.stopped(); ++epoch) {
     loader.set_epoch(epoch);
-    training.begin_epoch(epoch, steps_per_epoch, batch_size * dist.world());
+    const int64_t done = training.begin_epoch(epoch);
     int64_t i = 0;
     for (auto& b : loader) {
-      if (i >= steps_per_epoch) break;
+      if (i >= steps_per_epoch || training.stopped()) break;
+      if (i++ < done) continue;  // trained before the resume
+      training.begin_step();
       Tensor loss;
       {
         examples::ForwardScope scope(precision, device);
@@ -114,18 +123,22 @@ int run(int argc, char** argv) {
       scaler.step(opt);
       scaler.update();
       sched.step();
-      training.end_step(epoch, ++i, loss);
+      training.end_step(loss);
     }
-    if (training.end_epoch(epoch)) std::printf("saved checkpoint %s\n", cli.str("checkpoint").c_str());
+    training.end_epoch();
   }
   training.finish();
   const double acc = evaluate(*model, test, precision, device, 500, limit > 0 ? 2 : 0, dist);
   if (!dist.is_main()) return 0;
-  std::printf("global throughput: %.1f images/s (%d processes x batch %lld, %lld steps in %.1f s)\n",
-              training.throughput(batch_size * dist.world()), dist.world(), static_cast<long long>(batch_size),
-              static_cast<long long>(training.steps_run()), training.seconds());
+  if (training.steps_run() > 0)
+    std::printf("global throughput: %.1f images/s (%d processes x batch %lld, %lld steps in %.1f s)\n", training.throughput(),
+                dist.world(), static_cast<long long>(batch_size), static_cast<long long>(training.steps_run()), training.seconds());
+  if (training.stopped() && !training.finished())
+    std::printf("stopped at step %lld (--stop-at-step)\n", static_cast<long long>(training.state().step));
   std::printf("test accuracy: %.2f%%\n", 100.0 * acc);
-  training.print_peak_memory();
+  training.print_steps();
+  if (training.steps_run() > 0) training.print_peak_memory();
+  training.print_state_crc32();
   return 0;
 }
 

@@ -3,9 +3,11 @@
 // and a short generated sample. With --distributed, under `mpirun -np N`, trains data-parallel:
 // every rank draws the same global batch and trains on its slice of it; rank 0 reports.
 // --device cuda trains on the GPU in the build nvcc compiles (mixprec_transformer_cuda).
+// --checkpoint/--checkpoint-every/--resume continue an interrupted run bit-exactly (common/run.hpp).
 #include <cmath>
 #include <cstdio>
-#include <iostream>
+#include <limits>
+#include <string>
 
 #include <mixprec/mixprec.hpp>
 
@@ -41,63 +43,80 @@ double validation_loss(nn::models::GPT& model, const data::TextDataset& text, Pr
 }
 
 int run(int argc, char** argv) {
-  examples::Cli cli(argc, argv,
-                    {{"precision", "bf16"}, {"epochs", "1"}, {"steps-per-epoch", "300"}, {"batch-size", "16"}, {"seq-len", "128"},
-                     {"lr", "0.001"}, {"limit-batches", "0"}, {"seed", "0"}, {"csv", ""}, {"checkpoint", ""}, {"resume", ""},
-                     {"corpus", data::kFortunesDir}, {"layers", "4"}, {"d-model", "256"}, {"heads", "4"}, {"sample-len", "200"},
-                     {"eval-batches", "20"}, {"device", "cpu"}},
-                    {"synthetic", "distributed"});
-  if (cli.help()) {
-    cli.usage(std::cout, "mixprec_transformer");
-    return 0;
-  }
-  const Precision precision = examples::parse_precision(cli.str("precision"));
-  const Device device = examples::parse_device(cli.str("device"));
-  const int64_t epochs = cli.i64("epochs"), batch_size = cli.i64("batch-size"), seq_len = cli.i64("seq-len");
-  const int64_t limit = cli.i64("limit-batches");
-  const int64_t steps_per_epoch = limit > 0 ? std::min(limit, cli.i64("steps-per-epoch")) : cli.i64("steps-per-epoch");
-  const uint64_t seed = static_cast<uint64_t>(cli.i64("seed"));
-  MIXPREC_CHECK(epochs >= 1 && batch_size >= 1 && seq_len >= 2 && steps_per_epoch >= 1, "bad epochs/batch-size/seq-len/steps");
-  manual_seed(seed);
-  examples::Distributed dist(cli.flag("distributed"));
+  examples::RunFlags f;
+  f.batch_size = 16;
+  f.lr = 0.001;
+  int64_t steps = 300, seq_len = 128, layers = 4, d_model = 256, heads = 4, sample_len = 200, eval_batches = 20;
+  int64_t warmup = -1;
+  std::string corpus = data::kFortunesDir;
+  CLI::App app("Trains a GPT-style byte-level decoder on the fortunes corpus in fp32, bf16 autocast or fp16 autocast with "
+               "the GradScaler (AdamW, linear warm-up from 0 then cosine decay to lr/10, gradients clipped to norm 1); "
+               "prints validation loss, bits per byte and a generated sample.",
+               "mixprec_transformer");
+  f.add_to(app);
+  app.add_option("--steps-per-epoch", steps, "steps in an epoch (each draws a random batch of windows)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--warmup-steps", warmup, "steps of linear LR warm-up from 0 to --lr (-1: 5% of the run, at least 1)")
+      ->check(CLI::Range(int64_t{-1}, std::numeric_limits<int64_t>::max()))
+      ->capture_default_str();
+  app.add_option("--seq-len", seq_len, "context length in bytes")->check(CLI::Range(int64_t{2}, int64_t{1} << 20))->capture_default_str();
+  app.add_option("--layers", layers, "transformer blocks")->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("--d-model", d_model, "embedding width (a multiple of --heads)")->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("--heads", heads, "attention heads")->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("--corpus", corpus, "directory of fortune files (Debian: fortunes)")->capture_default_str();
+  app.add_option("--eval-batches", eval_batches, "validation batches (0: the whole split)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  app.add_option("--sample-len", sample_len, "bytes to generate after training")->check(CLI::NonNegativeNumber)->capture_default_str();
+  if (auto code = examples::parse_flags(app, argc, argv)) return *code;
 
-  const data::TextDataset text = cli.flag("synthetic")
-                                     ? data::TextDataset::from_text([] {
-                                         std::string s;
-                                         for (int i = 0; i < 2000; ++i) s += "The quick brown fox jumps over the lazy dog. ";
-                                         return s;
-                                       }())
-                                     : data::TextDataset(cli.str("corpus"));
+  const Precision precision = examples::parse_precision(f.precision);
+  const Device device = examples::parse_device(f.device);
+  const int64_t epochs = f.epochs, batch_size = f.batch_size, limit = f.limit_batches;
+  const int64_t steps_per_epoch = limit > 0 ? std::min(limit, steps) : steps;
+  const int64_t total_steps = epochs * steps_per_epoch;
+  const int64_t warmup_steps = warmup >= 0 ? warmup : std::max<int64_t>(1, total_steps / 20);
+  MIXPREC_CHECK(warmup_steps <= total_steps, "--warmup-steps ", warmup_steps, " exceeds the run's ", total_steps, " steps");
+  const uint64_t seed = f.seed;
+  manual_seed(seed);
+  examples::Distributed dist(f.distributed);
+
+  const data::TextDataset text = f.synthetic ? data::TextDataset::from_text([] {
+    std::string s;
+    for (int i = 0; i < 2000; ++i) s += "The quick brown fox jumps over the lazy dog. ";
+    return s;
+  }())
+                                             : data::TextDataset(corpus);
   nn::models::GPTConfig cfg;
   cfg.block_size = seq_len;
-  cfg.n_layer = cli.i64("layers");
-  cfg.d_model = cli.i64("d-model");
-  cfg.n_head = cli.i64("heads");
+  cfg.n_layer = layers;
+  cfg.d_model = d_model;
+  cfg.n_head = heads;
   cfg.mlp_hidden = 4 * cfg.d_model;
   Generator init_gen(seed), batch_gen(seed + 1), sample_gen(seed + 2);
   nn::models::GPT model(cfg, init_gen);
   model.to(device);
-  optim::AdamW opt(model.parameters(), cli.f64("lr"), {0.9, 0.95}, 1e-8, 0.1);
-  amp::GradScaler scaler(65536.0, 2.0, 0.5, 2000, /*enabled=*/precision == Precision::FP16);
+  optim::AdamW opt(model.parameters(), f.lr, {0.9, 0.95}, 1e-8, 0.1);
+  amp::GradScaler scaler(f.init_scale, 2.0, 0.5, 2000, /*enabled=*/precision == Precision::FP16);
   dist.wrap(model, scaler);
-  optim::lr_scheduler::CosineAnnealingWarmupLR sched(opt, std::max<int64_t>(1, epochs * steps_per_epoch / 20), epochs * steps_per_epoch,
-                                                     cli.f64("lr") * 0.1);
-  examples::TrainingRun training(cli, dist, {&model, &opt, &scaler, &sched, {&default_generator(), &batch_gen}}, precision,
-                                 device);
-  if (training.resume() && dist.is_main())
-    std::printf("resumed from %s at epoch %lld\n", cli.str("resume").c_str(), static_cast<long long>(training.state().epoch));
+  // Built for the whole run; --resume restores its position (and refuses another --epochs).
+  optim::lr_scheduler::CosineAnnealingWarmupLR sched(opt, warmup_steps, total_steps, f.lr * 0.1);
+  const int64_t tokens_per_step = batch_size * seq_len * dist.world();
+  examples::TrainingRun training(f, dist, {&model, &opt, &scaler, &sched, {&default_generator(), &batch_gen}}, steps_per_epoch,
+                                 tokens_per_step);
+  if (training.resume() && dist.is_main()) examples::print_resumed(training, f.resume);
   training.open_csv();
   if (dist.is_main())
     std::printf("GPT %lld layers d_model %lld on %s (%lld train / %lld validation bytes), %s on %s, %lld parameters, %d processes\n",
-                static_cast<long long>(cfg.n_layer), static_cast<long long>(cfg.d_model),
-                cli.flag("synthetic") ? "synthetic text" : cli.str("corpus").c_str(),
+                static_cast<long long>(cfg.n_layer), static_cast<long long>(cfg.d_model), f.synthetic ? "synthetic text" : corpus.c_str(),
                 static_cast<long long>(text.size(data::Split::Train)), static_cast<long long>(text.size(data::Split::Validation)),
-                cli.str("precision").c_str(), cli.str("device").c_str(), static_cast<long long>(model.num_parameters()), dist.world());
-  const int64_t tokens_per_step = batch_size * seq_len * dist.world();
+                f.precision.c_str(), f.device.c_str(), static_cast<long long>(model.num_parameters()), dist.world());
   training.start();
-  for (int64_t epoch = training.state().epoch; epoch < epochs; ++epoch) {
-    training.begin_epoch(epoch, steps_per_epoch, tokens_per_step);
-    for (int64_t i = 1; i <= steps_per_epoch; ++i) {
+  for (int64_t epoch = training.state().epoch; epoch < epochs && !training.stopped(); ++epoch) {
+    // After a resume mid-epoch the batch generator is where that step left it.
+    for (int64_t i = training.begin_epoch(epoch); i < steps_per_epoch && !training.stopped(); ++i) {
+      training.begin_step();
       // One generator state on every rank (so a checkpoint resumes every rank): all draw the
       // global batch, each keeps its rows. --batch-size is per rank.
       auto [gx, gy] = text.get_batch(data::Split::Train, batch_size * dist.world(), seq_len, batch_gen);
@@ -115,21 +134,26 @@ int run(int argc, char** argv) {
       scaler.step(opt);
       scaler.update();
       sched.step();
-      training.end_step(epoch, i, loss);
+      training.end_step(loss);
     }
-    training.end_epoch(epoch);
+    training.end_epoch();
   }
   training.finish();
   // The weights are identical on every rank: rank 0 alone evaluates and samples.
   if (!dist.is_main()) return 0;
-  std::printf("global throughput: %.0f tokens/s (%d processes x batch %lld x %lld tokens, %lld steps in %.1f s)\n",
-              training.throughput(tokens_per_step), dist.world(), static_cast<long long>(batch_size), static_cast<long long>(seq_len),
-              static_cast<long long>(training.steps_run()), training.seconds());
-  const double vl = validation_loss(model, text, precision, device, seq_len, batch_size, cli.i64("eval-batches"));
+  if (training.steps_run() > 0)
+    std::printf("global throughput: %.0f tokens/s (%d processes x batch %lld x %lld tokens, %lld steps in %.1f s)\n",
+                training.throughput(), dist.world(), static_cast<long long>(batch_size), static_cast<long long>(seq_len),
+                static_cast<long long>(training.steps_run()), training.seconds());
+  if (training.stopped() && !training.finished())
+    std::printf("stopped at step %lld (--stop-at-step)\n", static_cast<long long>(training.state().step));
+  const double vl = validation_loss(model, text, precision, device, seq_len, batch_size, eval_batches);
   std::printf("validation loss: %.4f nats/byte, %.4f bits per byte\n", vl, vl / std::log(2.0));
-  training.print_peak_memory();
+  training.print_steps();
+  if (training.steps_run() > 0) training.print_peak_memory();
+  training.print_state_crc32();
   const Tensor prompt = data::TextDataset::encode("The ").reshape({1, -1});
-  const Tensor out = model.generate(prompt, cli.i64("sample-len"), 0.8, 40, sample_gen);
+  const Tensor out = model.generate(prompt, sample_len, 0.8, 40, sample_gen);
   std::printf("sample:\n%s\n", data::TextDataset::decode(out.reshape({-1})).c_str());
   return 0;
 }

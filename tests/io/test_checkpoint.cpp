@@ -5,6 +5,7 @@
 #include <mixprec/mixprec.hpp>
 
 #include <filesystem>
+#include <fstream>
 
 using namespace mixprec;
 
@@ -102,5 +103,26 @@ TEST(Checkpoint, WeightsAreStoredAsFloat32AndRejectedWhenTheyDoNotFit) {
   // Not a checkpoint at all.
   io::save_safetensors(path, {{"x", ones({2})}});
   EXPECT_THROW(io::load_checkpoint(path, {run.model.get(), nullptr, nullptr, nullptr, {}}), Error);
+  std::filesystem::remove(path);
+}
+
+// A file that is no checkpoint at all (here text) is refused in one line that names it, not by
+// the "header length" its first eight bytes spell as a number.
+TEST(Checkpoint, ANonCheckpointFileIsNamedInOneLine) {
+  const std::string path = ck_tmp("mixprec_ck_notes.txt");
+  {
+    std::ofstream out(path);
+    out << "step,epoch,loss\n1,0,2.30\n";
+  }
+  CkRun run(kFloat32);
+  try {
+    io::load_checkpoint(path, run.parts());
+    ADD_FAILURE() << "a text file loaded as a checkpoint";
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find(path + " is not a mixprec checkpoint"), std::string::npos) << msg;
+    EXPECT_EQ(msg.find("header length"), std::string::npos) << msg;
+    EXPECT_EQ(msg.find('\n'), std::string::npos) << msg;
+  }
   std::filesystem::remove(path);
 }

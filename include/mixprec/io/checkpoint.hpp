@@ -10,6 +10,8 @@
 
 #include <cinttypes>
 #include <cstdio>
+#include <filesystem>
+#include <fstream>
 
 #include "mixprec/amp/grad_scaler.hpp"
 #include "mixprec/io/safetensors.hpp"
@@ -108,6 +110,19 @@ inline std::map<std::string, double> get_scalars(const std::string& path, const 
     if (k.rfind(prefix, 0) == 0) out[k.substr(prefix.size())] = parse_double(path, k, v);
   return out;
 }
+// A safetensors file is its header's length (8 bytes) and then the header's JSON object. A file
+// whose ninth byte is not that '{' (a text file, a log, another format) is no checkpoint, and is
+// called that by name, not by the header length its first bytes happen to spell. Anything this
+// does not settle (missing, too short, a damaged checkpoint) load_safetensors reports in detail.
+inline void check_checkpoint_start(const std::string& path) {
+  std::error_code ec;
+  if (!std::filesystem::is_regular_file(path, ec)) return;
+  std::ifstream in(path, std::ios::binary);
+  char head[9];
+  if (!in.read(head, sizeof head)) return;
+  MIXPREC_CHECK(head[8] == '{', "load_checkpoint: ", path,
+                " is not a mixprec checkpoint (nor any safetensors file: its header does not start with '{' at byte 8)");
+}
 }  // namespace detail
 
 inline void save_checkpoint(const std::string& path, const CheckpointParts& parts, const TrainingState& state = {}) {
@@ -144,6 +159,7 @@ inline void save_checkpoint(const std::string& path, const CheckpointParts& part
 // Restores every part given; throws mixprec::Error (and leaves the parts untouched where the
 // file is malformed) when the file is not a checkpoint or does not fit the parts.
 inline TrainingState load_checkpoint(const std::string& path, const CheckpointParts& parts) {
+  detail::check_checkpoint_start(path);
   const SafetensorsFile f = load_safetensors(path);
   auto it = f.metadata.find("format");
   MIXPREC_CHECK(it != f.metadata.end() && (it->second == kCheckpointFormat || it->second == kCheckpointFormatV1),
