@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates the README's autocast policy table from the code (build/release must be built).
+# Regenerates the autocast policy table of docs/numerics.md from the code (build/release must be built).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tool=build/release/examples/mixprec_policy_table
@@ -8,8 +8,8 @@ table=$("$tool")
 python3 - "$table" <<'PY'
 import re, sys
 table = sys.argv[1] + "\n"
-readme = open("README.md").read()
+readme = open("docs/numerics.md").read()
 new = re.sub(r"(<!-- policy-table:begin -->\n).*?(<!-- policy-table:end -->)", lambda m: m.group(1) + table + m.group(2), readme, flags=re.S)
-open("README.md", "w").write(new)
+open("docs/numerics.md", "w").write(new)
 PY
-echo "README.md policy table updated"
+echo "docs/numerics.md policy table updated"
