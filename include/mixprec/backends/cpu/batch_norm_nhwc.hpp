@@ -38,17 +38,26 @@ const float* rows_f32(const T* x, int64_t C, int64_t r0, int64_t m, std::vector<
 
 // Gradient rows [r0, r0 + m) as float32; with y (batch_norm_relu's output), zeroed where y is not
 // positive -- g * relu'(y), the product relu's backward would have written, read in the same pass.
+// 16-bit y is tested on its bits (positive: sign clear, non-zero, not NaN), never widened.
 template <class T>
-const float* grad_rows(const T* g, const T* y, int64_t C, int64_t r0, int64_t m, std::vector<float>& gbuf, std::vector<float>& ybuf) {
+const float* grad_rows(const T* g, const T* y, int64_t C, int64_t r0, int64_t m, std::vector<float>& gbuf) {
   const float* gv = rows_f32(g, C, r0, m, gbuf);
   if (!y) return gv;
-  const float* yv = rows_f32(y, C, r0, m, ybuf);
-  gbuf.resize(static_cast<std::size_t>(m * C));  // float32 g was read in place: the product needs a buffer
-  float* o = gbuf.data();
   const int64_t n = m * C;
-  cpu::simd([&]() MIXPREC_SIMD_BODY {
-    for (int64_t i = 0; i < n; ++i) o[i] = gv[i] * (yv[i] > 0.f ? 1.f : 0.f);
-  });
+  if (static_cast<int64_t>(gbuf.size()) < n) gbuf.resize(static_cast<std::size_t>(n));  // float32 g was read in place
+  float* o = gbuf.data();
+  if constexpr (std::is_same_v<T, float>) {
+    const float* yv = y + r0 * C;
+    cpu::simd([&]() MIXPREC_SIMD_BODY {
+      for (int64_t i = 0; i < n; ++i) o[i] = gv[i] * (yv[i] > 0.f ? 1.f : 0.f);
+    });
+  } else {
+    const auto* yb = reinterpret_cast<const uint16_t*>(y + r0 * C);
+    constexpr uint16_t inf = std::is_same_v<T, bfloat16> ? 0x7f80 : 0x7c00;
+    cpu::simd([&]() MIXPREC_SIMD_BODY {
+      for (int64_t i = 0; i < n; ++i) o[i] = gv[i] * (yb[i] != 0 && yb[i] <= inf ? 1.f : 0.f);
+    });
+  }
   return o;
 }
 
@@ -187,7 +196,7 @@ inline std::array<Tensor, 3> forward(const Tensor& x, const Tensor& weight, cons
             for (int64_t i = 0; i < m; ++i)
               for (int64_t c = 0; c < C; ++c) {
                 const float a = ((v[i * C + c] - h[c]) - l[c]) * s[c] + sh[c];
-                o[i * C + c] = a > 0.f || a != a ? a : 0.f;  // fn::relu
+                o[i * C + c] = a <= 0.f ? 0.f : a;  // fn::relu: NaN kept (the compare is false), -0 -> +0
               }
           });
         else
@@ -234,11 +243,11 @@ inline std::array<Tensor, 3> backward(const Tensor& x, const Tensor& grad, const
       std::vector<std::vector<double>> sg(static_cast<std::size_t>(nt), std::vector<double>(C, 0.0)), sgx(sg);
       detail::for_row_ranges(M, C, [&](int64_t r0, int64_t r1, int64_t t) {
         const int64_t R = detail::block_rows(C);
-        std::vector<float> xb, gb, yb, a(static_cast<std::size_t>(C)), b(a);
+        std::vector<float> xb, gb, a(static_cast<std::size_t>(C)), b(a);
         for (int64_t b0 = r0; b0 < r1; b0 += R) {
           const int64_t m = std::min(R, r1 - b0);
           const float* xv = detail::rows_f32(xp, C, b0, m, xb);
-          const float* gv = detail::grad_rows(gp, yp, C, b0, m, gb, yb);
+          const float* gv = detail::grad_rows(gp, yp, C, b0, m, gb);
           float *ap = a.data(), *bp = b.data();
           const float* h = hi.data();
           cpu::simd([&]() MIXPREC_SIMD_BODY {
@@ -273,11 +282,11 @@ inline std::array<Tensor, 3> backward(const Tensor& x, const Tensor& grad, const
       T* dxp = dx.data<T>();
       detail::for_row_ranges(M, C, [&](int64_t r0, int64_t r1, int64_t) {
         const int64_t R = detail::block_rows(C);
-        std::vector<float> xb, gb, yb, out;
+        std::vector<float> xb, gb, out;
         for (int64_t b0 = r0; b0 < r1; b0 += R) {
           const int64_t m = std::min(R, r1 - b0);
           const float* xv = detail::rows_f32(xp, C, b0, m, xb);
-          const float* gv = detail::grad_rows(gp, yp, C, b0, m, gb, yb);
+          const float* gv = detail::grad_rows(gp, yp, C, b0, m, gb);
           float* o;
           if constexpr (std::is_same_v<T, float>) o = dxp + b0 * C;
           else {
