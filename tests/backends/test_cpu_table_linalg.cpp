@@ -16,12 +16,8 @@ using mixprec::testing::error_of;
 
 namespace cpu_table_linalg_test {  // the test executables are unity builds: keep these names apart
 
-std::map<std::string, int>& calls() {
-  static std::map<std::string, int> c;
-  return c;
-}
-// The CPU's own table: what the counting wrappers forward to.
-const DeviceKernels& real() { return cpu::detail::cpu_kernel_table(); }
+using mixprec::testing::calls;
+using mixprec::testing::real;
 
 // A copy of the CPU table, registered for the scope and replaced by the previous one at its end,
 // whatever an assertion does in between. Entries of `t` may be changed while it is registered.

@@ -22,11 +22,8 @@ using mixprec::testing::to_doubles;
 
 namespace cpu_table_poolnorm_test {  // the test executables are unity builds: keep these names apart
 
-std::map<std::string, int>& calls() {
-  static std::map<std::string, int> c;
-  return c;
-}
-const DeviceKernels& real() { return cpu::detail::cpu_kernel_table(); }
+using mixprec::testing::calls;
+using mixprec::testing::real;
 
 // The CPU table with this group's entries wrapped by counters that call the real kernels.
 DeviceKernels counting() {

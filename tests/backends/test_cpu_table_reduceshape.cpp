@@ -18,11 +18,8 @@ using mixprec::testing::ScopedKernels;
 
 namespace cpu_table_reduceshape_test {  // the test executables are unity builds: keep these names apart
 
-std::map<std::string, int>& calls() {
-  static std::map<std::string, int> c;
-  return c;
-}
-const DeviceKernels& real() { return cpu::detail::cpu_kernel_table(); }
+using mixprec::testing::calls;
+using mixprec::testing::real;
 
 // The CPU table with every entry of this area counted under its own name.
 DeviceKernels counted() {

@@ -18,11 +18,8 @@ using mixprec::testing::error_of;
 
 namespace cpu_table_training_test {  // the test executables are unity builds: keep these names apart
 
-std::map<std::string, int>& calls() {
-  static std::map<std::string, int> c;
-  return c;
-}
-const DeviceKernels& real() { return cpu::detail::cpu_kernel_table(); }
+using mixprec::testing::calls;
+using mixprec::testing::real;
 
 // A copy of the CPU table installed for the guard's lifetime (restored even when an assert fails),
 // with the training entries wrapped by counters that call the real CPU kernels.

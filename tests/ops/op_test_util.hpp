@@ -1,6 +1,7 @@
 #pragma once
 // Shared helpers for op tests: relative norm error against a reference (NaN never passes).
 #include <cmath>
+#include <map>
 #include <functional>
 #include <string>
 #include <limits>
@@ -53,5 +54,13 @@ struct ScopedKernels {
   ScopedKernels& operator=(const ScopedKernels&) = delete;
   ~ScopedKernels() { set_device_kernels(device, prev); }
 };
+
+// The kernel-table routing tests (tests/backends/test_cpu_table_*.cpp): wrappers installed with
+// ScopedKernels count their calls here by entry name and forward to the real CPU table.
+inline std::map<std::string, int>& calls() {
+  static std::map<std::string, int> c;
+  return c;
+}
+inline const DeviceKernels& real() { return cpu::detail::cpu_kernel_table(); }
 
 }  // namespace mixprec::testing
