@@ -47,7 +47,10 @@ if(STEP STREQUAL "install")
     foreach(line IN LISTS lines)
       string(FIND "${line}" "${SOURCE_DIR}" in_source)
       string(FIND "${line}" "${BUILD_DIR}" in_build)
-      if(line MATCHES "/usr/local/cuda|/usr/lib|/usr/include|\\.so[\";. ]|\\.so$|\\.a[\"; ]"
+      # A library under the installed prefix (${_IMPORT_PREFIX}/lib/libmixprec.a, the compiled
+      # component) is the package's own file, not a path of this machine.
+      string(FIND "${line}" "\${_IMPORT_PREFIX}" in_prefix)
+      if((line MATCHES "/usr/local/cuda|/usr/lib|/usr/include|\\.so[\";. ]|\\.so$|\\.a[\"; ]" AND in_prefix EQUAL -1)
          OR NOT in_source EQUAL -1 OR NOT in_build EQUAL -1)
         string(APPEND bad "\n  ${f}: ${line}")
       endif()
@@ -67,10 +70,10 @@ elseif(STEP STREQUAL "cpu_consumer")
   if(NOT out MATCHES "consumer: mixprec optional components found: \\[[a-z;]*\\]")
     message(FATAL_ERROR "the consumer's configure did not report mixprec's components")
   endif()
-  if(out MATCHES "found: \\[[a-z;]*(cuda|mpi|nccl)")
+  if(out MATCHES "found: \\[([a-z]+;)*(cuda|mpi|nccl)[];]")  # whole names: "compiled" contains "mpi"
     message(FATAL_ERROR "a component needing the hidden CUDA toolkit or MPI was reported found")
   endif()
-  if(NOT out MATCHES "found: \\[[a-z;]*compiled")  # the consumer then builds in the compiled mode
+  if(NOT out MATCHES "found: \\[([a-z]+;)*compiled[];]")  # the consumer then builds in the compiled mode
     message(FATAL_ERROR "the compiled component (mixprec::compiled) was not found in the installed package")
   endif()
   build_and_run(${dir})
