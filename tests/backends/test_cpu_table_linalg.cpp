@@ -68,6 +68,14 @@ struct SwappedCpuTable {
       ++calls()["class_weights"];
       return real().class_weights(tg, N, C, S, ig, ls, d, bad);
     };
+    t.linear_gelu = [](const Tensor& x, const Tensor& w1, const Tensor& b1, DeviceUnary act) {
+      ++calls()["linear_gelu"];
+      return real().linear_gelu(x, w1, b1, act);
+    };
+    t.linear_dgelu = [](const Tensor& g, const Tensor& w2, const Tensor& pre, DeviceUnary act) {
+      ++calls()["linear_dgelu"];
+      return real().linear_dgelu(g, w2, pre, act);
+    };
   }
 };
 
@@ -95,9 +103,9 @@ TEST(CpuTableLinalg, TheCpuTableHasTheAreasEntries) {
   EXPECT_NE(k->cross_entropy_backward, nullptr);
   EXPECT_NE(k->class_weights, nullptr);
   EXPECT_NE(k->clamp_indices, nullptr);
-  // No GELU epilogue in the CPU's GEMMs: mlp_gelu_tanh composes there (see its test below).
-  EXPECT_EQ(k->linear_gelu, nullptr);
-  EXPECT_EQ(k->linear_dgelu, nullptr);
+  // The MLP's GELU in the GEMMs' tile hook (undefined results where the CPU lacks AVX-512).
+  EXPECT_NE(k->linear_gelu, nullptr);
+  EXPECT_NE(k->linear_dgelu, nullptr);
 }
 
 TEST(CpuTableLinalg, MatmulAndLinearRouteThroughTheTable) {
@@ -144,17 +152,94 @@ TEST(CpuTableLinalg, MatmulWithoutItsEntryThrowsNamingTheOp) {
   EXPECT_EQ(bc.rfind("baddbmm", 0), 0u) << bc;
 }
 
-// mlp_gelu_tanh: no fused entries on the CPU, so exactly linear, gelu, linear (two GEMMs forward).
+// mlp_gelu: the GELU applied to each GEMM tile as it is stored, forward and backward, gives exactly
+// the bits of linear, gelu, linear -- in float32, bfloat16 and float16, both GELUs, with and without
+// the second bias, over shapes that leave partial 12 x 32 tiles and (K = 520) two bf16 K blocks.
+TEST(CpuTableLinalg, MlpGeluFusedIsBitIdenticalToTheThreeOps) {
+  if (!cpu::linear_gelu_supported(DType::Float32)) GTEST_SKIP() << "no AVX-512: mlp_gelu composes (next test)";
+  Generator g(2);
+  struct Case { Shape x; int64_t H, D; bool b2; };
+  for (const Case& c : {Case{{4, 8}, 16, 8, false}, Case{{3, 37, 520}, 72, 40, true}, Case{{50, 64}, 96, 33, true}})
+    for (DType dt : {DType::Float32, DType::BFloat16, DType::Float16})
+      for (const char* approx : {"none", "tanh"}) {
+        SCOPED_TRACE(std::string(name(dt)) + " " + approx + " K " + std::to_string(c.x.back()));
+        const int64_t K = c.x.back();
+        auto param = [&](Shape s, double scale) { return (randn(s, DType::Float32, g) * scale).to(dt).requires_grad_(); };
+        const Tensor x = param(c.x, 1.0), w1 = param({c.H, K}, 1.0 / std::sqrt(double(K))), b1 = param({c.H}, 0.5),
+                     w2 = param({c.D, c.H}, 1.0 / std::sqrt(double(c.H))), b2 = c.b2 ? param({c.D}, 0.5) : Tensor();
+        const Tensor gy = randn([&] { Shape s = c.x; s.back() = c.D; return s; }(), DType::Float32, g).to(dt);
+        auto run = [&](bool fused) {
+          for (const Tensor& t : {x, w1, b1, w2, b2})
+            if (t.defined()) t.set_grad(Tensor());
+          const Tensor y = fused ? mlp_gelu(x, w1, b1, w2, b2, approx) : linear(gelu(linear(x, w1, b1), approx), w2, b2);
+          y.backward(gy);
+          std::vector<Tensor> r{y.detach()};
+          for (const Tensor& t : {x, w1, b1, w2, b2})
+            if (t.defined()) r.push_back(t.grad().detach().clone());
+          return r;
+        };
+        const std::vector<Tensor> ref = run(false);
+        SwappedCpuTable s;
+        s.count_all();
+        const std::vector<Tensor> got = run(true);
+        EXPECT_EQ(calls()["linear_gelu"], 1);
+        EXPECT_EQ(calls()["linear_dgelu"], 1);
+        EXPECT_EQ(calls()["matmul"], 4);  // the second linear, and gw2, gw1, gx
+        ASSERT_EQ(got.size(), ref.size());
+        for (std::size_t i = 0; i < ref.size(); ++i) EXPECT_TRUE(same(got[i], ref[i])) << "output/gradient " << i;
+      }
+}
+
+// Under bf16 autocast with float32 weights, as a GPT block runs it: the bits of the three ops.
+TEST(CpuTableLinalg, MlpGeluUnderAutocastMatchesTheThreeOps) {
+  if (!cpu::linear_gelu_supported(DType::BFloat16)) GTEST_SKIP() << "no AVX-512";
+  Generator g(4);
+  const Tensor x = randn({2, 24, 64}, DType::Float32, g).requires_grad_(), w1 = (randn({256, 64}, DType::Float32, g) * 0.125).requires_grad_(),
+               b1 = randn({256}, DType::Float32, g).requires_grad_(), w2 = (randn({64, 256}, DType::Float32, g) * 0.0625).requires_grad_(),
+               b2 = randn({64}, DType::Float32, g).requires_grad_();
+  auto run = [&](bool fused) {
+    for (const Tensor& t : {x, w1, b1, w2, b2}) t.set_grad(Tensor());
+    Tensor y;
+    {
+      autocast ac(Device::CPU, DType::BFloat16);
+      y = fused ? mlp_gelu(x, w1, b1, w2, b2) : linear(gelu(linear(x, w1, b1)), w2, b2);
+    }
+    sum(y.to(DType::Float32) * y.to(DType::Float32)).backward();
+    std::vector<Tensor> r{y.detach()};
+    for (const Tensor& t : {x, w1, b1, w2, b2}) r.push_back(t.grad().detach().clone());
+    return r;
+  };
+  const std::vector<Tensor> ref = run(false), got = run(true);
+  EXPECT_EQ(got[0].dtype(), DType::BFloat16);
+  for (std::size_t i = 0; i < ref.size(); ++i) EXPECT_TRUE(same(got[i], ref[i])) << "output/gradient " << i;
+}
+
+// Without the fused entries (or for float64, which they leave undefined) exactly linear, gelu, linear.
 TEST(CpuTableLinalg, MlpGeluComposesWithoutFusedEntries) {
   Generator g(2);
   const Tensor x = randn({4, 8}, DType::Float32, g).requires_grad_(), w1 = randn({16, 8}, DType::Float32, g),
                b1 = randn({16}, DType::Float32, g), w2 = randn({8, 16}, DType::Float32, g);
   const Tensor ref = linear(gelu(linear(x, w1, b1), "tanh"), w2);
+  {
+    SwappedCpuTable s;
+    s.count_all();
+    s.t.linear_gelu = nullptr;
+    const Tensor y = mlp_gelu_tanh(x, w1, b1, w2);
+    EXPECT_EQ(calls()["matmul"], 2);
+    EXPECT_TRUE(same(y, ref));
+  }
+  const Tensor x64 = x.detach().to(DType::Float64).requires_grad_(), w164 = w1.to(DType::Float64).requires_grad_(),
+               b164 = b1.to(DType::Float64).requires_grad_(), w264 = w2.to(DType::Float64).requires_grad_();
   SwappedCpuTable s;
   s.count_all();
-  const Tensor y = mlp_gelu_tanh(x, w1, b1, w2);
+  const Tensor y64 = mlp_gelu(x64, w164, b164, w264);
+  EXPECT_EQ(calls()["linear_gelu"], 1);  // asked, declined
   EXPECT_EQ(calls()["matmul"], 2);
-  EXPECT_TRUE(same(y, ref));
+  EXPECT_TRUE(same(y64, linear(gelu(linear(x64, w164, b164)), w264)));
+  // The composed float64 path is what gradcheck holds to finite differences.
+  const auto r = gradcheck([&](const std::vector<Tensor>& in) { return mlp_gelu(in[0], in[1], in[2], in[3]); }, {x64, w164, b164, w264});
+  EXPECT_TRUE(r.ok) << r.message;
+  EXPECT_NE(error_of([&] { mlp_gelu(x, w1, b1, w2, Tensor(), "fast"); }).find("mlp_gelu: approximate"), std::string::npos);
 }
 
 TEST(CpuTableLinalg, AttentionRoutesThroughTheTable) {

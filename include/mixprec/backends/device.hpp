@@ -159,13 +159,14 @@ struct DeviceKernels {
   // The op uses it under autocast on devices other than the CPU (layer_norm_fuses_cast), where
   // the CPU keeps PyTorch's float32 policy; the CPU's entry is there for direct callers.
   std::array<Tensor, 3> (*layer_norm_to)(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps, DType out) = nullptr;
-  // A training MLP's two GEMMs with the tanh GELU in their epilogues (mlp_gelu_tanh, ops/linalg.hpp):
-  // linear_gelu: x [M, K], w1 [H, K], b1 [H] -> {gelu(x w1^T + b1), its input pre}; linear_dgelu:
-  // g [M, D], w2 [D, H], pre -> {(g w2) * gelu'(pre), that summed over rows (b1's gradient)}. One dtype;
-  // both results undefined where the backend has no fused kernel for the operands. CPU: none (its
-  // GEMMs have no epilogue to fuse into), so mlp_gelu_tanh composes linear, gelu and linear there.
-  std::array<Tensor, 2> (*linear_gelu)(const Tensor& x, const Tensor& w1, const Tensor& b1) = nullptr;
-  std::array<Tensor, 2> (*linear_dgelu)(const Tensor& g, const Tensor& w2, const Tensor& pre) = nullptr;
+  // A training MLP's two GEMMs with the GELU (act: Gelu or GeluTanh) in their epilogues (mlp_gelu,
+  // ops/linalg.hpp): linear_gelu: x [M, K], w1 [H, K], b1 [H] -> {gelu(x w1^T + b1), its input pre};
+  // linear_dgelu: g [M, D], w2 [D, H], pre -> {(g w2) * gelu'(pre), that summed over rows (b1's
+  // gradient)}. One dtype; both results undefined where the backend has no fused kernel for the
+  // operands or the activation. CUDA: cuBLASLt's epilogues, tanh only. CPU: both GELUs, float32
+  // and 16-bit, on AVX-512 (the GEMM's tile hook), bit-identical to linear, gelu, linear.
+  std::array<Tensor, 2> (*linear_gelu)(const Tensor& x, const Tensor& w1, const Tensor& b1, DeviceUnary act) = nullptr;
+  std::array<Tensor, 2> (*linear_dgelu)(const Tensor& g, const Tensor& w2, const Tensor& pre, DeviceUnary act) = nullptr;
   // Rows of contiguous weight [V, D] at int64 indices [N] (on the device, already range-checked):
   // [N, D] in weight's dtype. CPU: a weight of any dtype.
   Tensor (*embedding)(const Tensor& weight, const Tensor& indices) = nullptr;

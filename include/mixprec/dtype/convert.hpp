@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "mixprec/backends/cpu/parallel.hpp"
 #include "mixprec/core/config.hpp"
 #include "mixprec/core/cpu_features.hpp"
 #include "mixprec/dtype/dtype.hpp"
@@ -212,17 +213,10 @@ inline constexpr int64_t kConvertChunk = int64_t{1} << 18;
 
 template <class S, class D>
 void run_convert(ConvertFn<S, D> fn, const S* src, D* dst, int64_t n) {
-#if defined(_OPENMP)
-  if (n > kConvertParallelThreshold && !omp_in_parallel()) {
-    const int64_t chunks = (n + kConvertChunk - 1) / kConvertChunk;
-#pragma omp parallel for schedule(static)
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t begin = c * kConvertChunk;
-      fn(src + begin, dst + begin, std::min(kConvertChunk, n - begin));
-    }
+  if (n > kConvertParallelThreshold) {
+    cpu::parallel_for(0, n, kConvertChunk, [&](int64_t b, int64_t e) { fn(src + b, dst + b, e - b); });
     return;
   }
-#endif
   fn(src, dst, n);
 }
 

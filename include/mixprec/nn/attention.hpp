@@ -123,7 +123,7 @@ class MultiheadAttention : public Module {
 
 // Pre-norm transformer block: x = x + drop(attn(ln1(x))); x = x + mlp(ln2(x)), with
 // mlp = Linear(d, hidden) - GELU(gelu_approximate) - Linear(hidden, d) - Dropout. mlp_hidden 0
-// means 4 * d_model. With the tanh GELU on a device the three run as mlp_gelu_tanh (GEMM epilogues).
+// means 4 * d_model. The three run as mlp_gelu: the GELU inside the GEMMs where the device fuses it.
 class TransformerBlock : public Module {
  public:
   TransformerBlock(int64_t d_model, int64_t n_head, int64_t mlp_hidden = 0, double dropout = 0.0, bool causal = false,
@@ -153,9 +153,7 @@ class TransformerBlock : public Module {
     const Tensor h = ln1->forward(x);
     const Tensor a = mixprec::add(x, drop->forward(attn->forward(h, h, h, attn_mask, causal)));
     const Tensor n = ln2->forward(a);
-    if (act->approximate == "tanh" && n.device() != Device::CPU)
-      return mixprec::add(a, mlp_drop->forward(mixprec::mlp_gelu_tanh(n, fc1->weight, fc1->bias, fc2->weight, fc2->bias)));
-    return mixprec::add(a, mlp->forward(n));
+    return mixprec::add(a, mlp_drop->forward(mixprec::mlp_gelu(n, fc1->weight, fc1->bias, fc2->weight, fc2->bias, act->approximate)));
   }
   std::string extra_repr() const override { return std::string("causal=") + detail::py_bool(causal); }
 

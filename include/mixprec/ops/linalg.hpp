@@ -2,6 +2,8 @@
 // matmul and friends. One batched kernel (the device's DeviceKernels::matmul, reached through
 // detail::matmul_kernel; the CPU's in backends/cpu/linalg.hpp) serves every entry point and every
 // backward; 16-bit inputs accumulate in float32 and round once on store.
+#include <string_view>
+
 #include "mixprec/backends/cpu/gemm.hpp"  // for the ops that include this header for it (conv)
 #include "mixprec/ops/reduce.hpp"
 
@@ -123,9 +125,9 @@ inline Tensor linear(const Tensor& x, const Tensor& w, const Tensor& b = Tensor(
 }
 
 namespace detail {
-// The fused MLP runs where the device has both GEMM entries (the CPU has none: its GEMMs have no
-// epilogue to fuse into), b1 is given and the hidden width is a multiple of 8 (cuBLASLt's rule
-// for the aux matrix that keeps the GELU's input).
+// The fused MLP runs where the device has both GEMM entries, b1 is given and the hidden width is a
+// multiple of 8 (cuBLASLt's rule for the aux matrix that keeps the GELU's input; the CPU's tile
+// hook has none, and GPT's widths meet it).
 inline bool mlp_gelu_fusable(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2) {
   if (!x.defined() || !b1.defined() || x.dim() < 1) return false;
   const DeviceKernels* k = device_kernels(x.device());
@@ -137,52 +139,62 @@ inline bool mlp_gelu_fusable(const Tensor& x, const Tensor& w1, const Tensor& b1
 }
 }  // namespace detail
 
-// linear(gelu(linear(x, w1, b1), "tanh"), w2, b2): a transformer's MLP, x [..., K], w1 [H, K], b1
-// [H], w2 [D, H], b2 [D] (optional). Without the fused entries (the CPU) exactly those three ops.
-// On a device with the fused GEMM entries (CUDA, H % 8 == 0, b1 given) one autograd node: the
-// first GEMM's epilogue adds b1, applies the GELU and keeps its input for the backward (no GELU
-// kernel, no bias pass); in the backward the GEMM that makes the hidden gradient also applies the
-// GELU's derivative and sums the bias gradient (no GELU-backward kernel, no sum).
-inline Tensor mlp_gelu_tanh(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2 = Tensor()) {
-  if (!detail::mlp_gelu_fusable(x, w1, b1, w2, b2)) return linear(gelu(linear(x, w1, b1), "tanh"), w2, b2);
+// linear(gelu(linear(x, w1, b1), approximate), w2, b2): a transformer's MLP, x [..., K], w1 [H, K],
+// b1 [H], w2 [D, H], b2 [D] (optional); approximate "none" (erf) or "tanh", as gelu(). Without
+// the fused entries exactly those three ops. Where the device fuses (CUDA: cuBLASLt, tanh only;
+// the CPU: both GELUs, float32 and 16-bit, on AVX-512; H % 8 == 0, b1 given) one autograd node:
+// the first GEMM adds b1, applies the GELU and keeps its input for the backward as it stores the
+// result (no GELU pass, no bias pass); in the backward the GEMM that makes the hidden gradient
+// also applies the GELU's derivative (no GELU-backward pass). Same values as the three ops.
+inline Tensor mlp_gelu(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2 = Tensor(),
+                       std::string_view approximate = "none") {
+  MIXPREC_CHECK(approximate == "none" || approximate == "tanh", "mlp_gelu: approximate must be \"none\" or \"tanh\", got \"",
+                approximate, "\"");
+  if (!detail::mlp_gelu_fusable(x, w1, b1, w2, b2)) return linear(gelu(linear(x, w1, b1), approximate), w2, b2);
+  const DeviceUnary act = approximate == "tanh" ? DeviceUnary::GeluTanh : DeviceUnary::Gelu;
   // As linear under autocast (its policy): every operand in the autocast dtype.
-  return dispatch(OpId::linear, [](const Tensor& x, const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2) {
+  return dispatch(OpId::linear, [act, approximate](const Tensor& x, const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2) {
     const DType d = x.dtype();
     for (const Tensor* t : {&w1, &b1, &w2, &b2})
-      MIXPREC_CHECK(!t->defined() || t->dtype() == d, "mlp_gelu_tanh: dtypes differ: input ", d, ", weights and biases ", w1.dtype(),
-                    " ", b1.dtype(), " ", w2.dtype(), b2.defined() ? " " : "", b2.defined() ? name(b2.dtype()) : "");
-    MIXPREC_CHECK(!b2.defined() || (b2.dim() == 1 && b2.size(0) == w2.size(0)), "mlp_gelu_tanh: bias of shape ", b2.sizes(),
+      MIXPREC_CHECK(!t->defined() || t->dtype() == d, "mlp_gelu: dtypes differ: input ", d, ", weights and biases ", w1.dtype(), " ",
+                    b1.dtype(), " ", w2.dtype(), b2.defined() ? " " : "", b2.defined() ? name(b2.dtype()) : "");
+    MIXPREC_CHECK(!b2.defined() || (b2.dim() == 1 && b2.size(0) == w2.size(0)), "mlp_gelu: bias of shape ", b2.sizes(),
                   " does not match the second weight's shape ", w2.sizes());
     const int64_t K = x.size(-1), D = w2.size(0);
     const Tensor x2 = detail::reshape_raw(x, {x.numel() / std::max<int64_t>(K, 1), K});
-    const auto [h, pre] = detail::device_kernel("mlp_gelu_tanh", x, &DeviceKernels::linear_gelu)(x2, w1, b1);
-    if (!h.defined()) return linear(gelu(linear(x, w1, b1), "tanh"), w2, b2);  // no fused kernel for these operands
+    const auto [h, pre] = detail::device_kernel("mlp_gelu", x, &DeviceKernels::linear_gelu)(x2, w1, b1, act);
+    if (!h.defined()) return linear(gelu(linear(x, w1, b1), approximate), w2, b2);  // no fused kernel for these operands
     Shape os(x.sizes().begin(), x.sizes().end() - 1);
     os.push_back(D);
-    const Tensor out = detail::reshape_raw(detail::matmul_kernel("mlp_gelu_tanh", h, detail::mT(w2), b2), os);
+    const Tensor out = detail::reshape_raw(detail::matmul_kernel("mlp_gelu", h, detail::mT(w2), b2), os);
     if (autograd::should_record({x, w1, b1, w2, b2}))
-      autograd::record("mlp_gelu_tanh", {x, w1, b1, w2, b2}, {out},
+      autograd::record("mlp_gelu", {x, w1, b1, w2, b2}, {out},
                        [sx = autograd::SavedTensor(x), sw1 = autograd::SavedTensor(w1), sw2 = autograd::SavedTensor(w2), h, pre,
-                        has_b2 = b2.defined()](const std::vector<Tensor>& g) -> std::vector<Tensor> {
-                         const Tensor& x = sx.get("mlp_gelu_tanh");
-                         const Tensor& w1 = sw1.get("mlp_gelu_tanh");
-                         const Tensor& w2 = sw2.get("mlp_gelu_tanh");
+                        has_b2 = b2.defined(), act](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+                         const Tensor& x = sx.get("mlp_gelu");
+                         const Tensor& w1 = sw1.get("mlp_gelu");
+                         const Tensor& w2 = sw2.get("mlp_gelu");
                          const Tensor g2 = detail::reshape_raw(detail::as_dtype_raw(g[0], w2.dtype()), {h.size(0), w2.size(0)});
                          const Tensor x2 = detail::reshape_raw(x, {h.size(0), x.size(-1)});
-                         Tensor gw2 = detail::matmul_kernel("mlp_gelu_tanh", detail::mT(g2), h);
+                         Tensor gw2 = detail::matmul_kernel("mlp_gelu", detail::mT(g2), h);
                          Tensor gb2 = has_b2 ? sum(g2, {0}) : Tensor();
-                         auto [dpre, gb1] = detail::device_kernel("mlp_gelu_tanh", x, &DeviceKernels::linear_dgelu)(g2, w2, pre);
+                         auto [dpre, gb1] = detail::device_kernel("mlp_gelu", x, &DeviceKernels::linear_dgelu)(g2, w2, pre, act);
                          if (!dpre.defined()) {  // no fused kernel: the hidden gradient, then the GELU's backward, unfused
-                           const Tensor gh = detail::matmul_kernel("mlp_gelu_tanh", g2, w2);
-                           dpre = detail::device_kernel("mlp_gelu_tanh", x, &DeviceKernels::unary_backward)(DeviceUnary::GeluTanh, gh, pre, h);
+                           const Tensor gh = detail::matmul_kernel("mlp_gelu", g2, w2);
+                           dpre = detail::device_kernel("mlp_gelu", x, &DeviceKernels::unary_backward)(act, gh, pre, h);
                            gb1 = sum(dpre, {0});
                          }
-                         Tensor gw1 = detail::matmul_kernel("mlp_gelu_tanh", detail::mT(dpre), x2);
-                         Tensor gx = detail::reshape_raw(detail::matmul_kernel("mlp_gelu_tanh", dpre, w1), x.sizes());
+                         Tensor gw1 = detail::matmul_kernel("mlp_gelu", detail::mT(dpre), x2);
+                         Tensor gx = detail::reshape_raw(detail::matmul_kernel("mlp_gelu", dpre, w1), x.sizes());
                          return {gx, gw1, gb1, gw2, gb2};
                        });
     return out;
   }, x, w1, b1, w2, b2);
+}
+
+// mlp_gelu with the tanh GELU (cuBLASLt's epilogue).
+inline Tensor mlp_gelu_tanh(const Tensor& x, const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2 = Tensor()) {
+  return mlp_gelu(x, w1, b1, w2, b2, "tanh");
 }
 
 }  // namespace mixprec

@@ -12,10 +12,22 @@
 
 namespace mixprec::cpu {
 
+// True when gemm_16bit() can run: otherwise widen 16-bit operands to float32 and call gemm().
+inline bool gemm_16bit_available() {
+#if defined(MIXPREC_X86_SIMD)
+  return avx512::available();
+#else
+  return false;
+#endif
+}
+
 // C[M,N] (row-major, contiguous) (+)= A[M,K] * B[K,N]; A and B are strided with one unit stride.
+// epi (float only, and only where gemm_16bit_available(): the AVX-512 kernel's tile hook) runs on
+// each finished tile of C.
 template <class T>
 void gemm(const T* a, int64_t as0, int64_t as1, const T* b, int64_t bs0, int64_t bs1, T* c, int64_t M, int64_t N, int64_t K,
-          bool accumulate) {
+          bool accumulate, const avx512::TileEpilogue* epi = nullptr) {
+  MIXPREC_CHECK(!epi || (std::is_same_v<T, float> && K > 0 && gemm_16bit_available()), "gemm: a tile epilogue needs float32 on the AVX-512 kernel");
   using RM = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   using CM = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::ColMajor>;
   using OS = Eigen::OuterStride<>;
@@ -26,7 +38,7 @@ void gemm(const T* a, int64_t as0, int64_t as1, const T* b, int64_t bs0, int64_t
   }
 #if defined(MIXPREC_X86_SIMD)
   if constexpr (std::is_same_v<T, float>) {
-    if (avx512::available()) return avx512::gemm<float>({a, as0, as1}, {b, bs0, bs1}, c, N, M, N, K, accumulate);
+    if (avx512::available()) return avx512::gemm<float>({a, as0, as1}, {b, bs0, bs1}, c, N, M, N, K, accumulate, nullptr, epi);
   }
 #endif
   auto with = [](const T* p, int64_t s0, int64_t s1, int64_t r, int64_t cdim, auto&& f) {
@@ -41,25 +53,18 @@ void gemm(const T* a, int64_t as0, int64_t as1, const T* b, int64_t bs0, int64_t
   });
 }
 
-// True when gemm_16bit() can run: otherwise widen 16-bit operands to float32 and call gemm().
-inline bool gemm_16bit_available() {
-#if defined(MIXPREC_X86_SIMD)
-  return avx512::available();
-#else
-  return false;
-#endif
-}
-
 // C[M,N] float32 (row-major, contiguous) (+)= A[M,K] * B[K,N] for bfloat16 or half A and B,
 // accumulated in float32. With round_to ([M,N], optional) the result goes there rounded to T,
 // straight from the microkernels' registers, and C is only the float32 scratch between K blocks
 // (its contents afterwards unspecified; with accumulate it is still read as the addend).
+// epi (optional, with round_to and K > 0) runs on each finished tile of round_to.
 // Requires gemm_16bit_available().
 template <class T>
 void gemm_16bit(const T* a, int64_t as0, int64_t as1, const T* b, int64_t bs0, int64_t bs1, float* c, int64_t M, int64_t N,
-                int64_t K, bool accumulate, T* round_to = nullptr) {
+                int64_t K, bool accumulate, T* round_to = nullptr, const avx512::TileEpilogue* epi = nullptr) {
   static_assert(std::is_same_v<T, bfloat16> || std::is_same_v<T, half>);
   MIXPREC_CHECK(gemm_16bit_available(), "gemm_16bit: needs an AVX-512 CPU (widen to float32 and call gemm instead)");
+  MIXPREC_CHECK(!epi || (round_to && K > 0), "gemm_16bit: a tile epilogue needs round_to and K > 0");
   if (K == 0) {
     if (!accumulate) std::fill(c, c + M * N, 0.0f);
     if (round_to) convert(c, round_to, M * N);
@@ -67,9 +72,9 @@ void gemm_16bit(const T* a, int64_t as0, int64_t as1, const T* b, int64_t bs0, i
   }
 #if defined(MIXPREC_X86_SIMD)
   if constexpr (std::is_same_v<T, bfloat16>) {
-    if (avx512::bf16_dot_available()) return avx512::gemm_dpbf16({a, as0, as1}, {b, bs0, bs1}, c, N, M, N, K, accumulate, round_to);
+    if (avx512::bf16_dot_available()) return avx512::gemm_dpbf16({a, as0, as1}, {b, bs0, bs1}, c, N, M, N, K, accumulate, round_to, epi);
   }
-  avx512::gemm<T>({a, as0, as1}, {b, bs0, bs1}, c, N, M, N, K, accumulate, round_to);
+  avx512::gemm<T>({a, as0, as1}, {b, bs0, bs1}, c, N, M, N, K, accumulate, round_to, epi);
 #endif
 }
 

@@ -31,6 +31,16 @@ inline constexpr int64_t kKC = 256;           // B micro-panel kKC x kNR floats 
 inline constexpr int64_t kMC = 144;           // A block kMC x kKC floats = 144 KiB: L2
 inline constexpr int64_t kNC = 2048;          // B block kKC x kNC floats = 2 MiB: L3
 
+// A hook run on each finished tile of the final result -- the 16-bit output, or C for float32 --
+// while the tile is still in L1: `tile` is its first element (the result's leading dimension),
+// mr x nr of it. linear's fused activations (backends/cpu/linalg.hpp) are such hooks, so an
+// activation costs no pass over memory and the GEMM knows nothing of them.
+struct TileEpilogue {
+  void (*fn)(const void* ctx, void* tile, int64_t mr, int64_t nr) = nullptr;
+  const void* ctx = nullptr;
+  void operator()(void* tile, int64_t mr, int64_t nr) const { fn(ctx, tile, mr, nr); }
+};
+
 inline bool available() { return mixprec::detail::simd_path_supported(SimdPath::AVX512) && cpu_features().fma; }
 inline bool bf16_dot_available() { return available() && cpu_features().avx512_bf16; }
 
@@ -263,7 +273,7 @@ MIXPREC_TARGET_GEMM512 void store_tile_rounded(__m512 (&acc)[kMR][2], const floa
 // C[mr x nr] (=|+=) Apanel * Bpanel; with out (16-bit T), (C +) the product rounded into out instead.
 template <class T = float>
 MIXPREC_TARGET_GEMM512 inline void micro_f32(int64_t kc, const float* __restrict ap, const float* __restrict bp, float* c, int64_t ldc,
-                                             int64_t mr, int64_t nr, bool add, T* out = nullptr) {
+                                             int64_t mr, int64_t nr, bool add, T* out = nullptr, const TileEpilogue* epi = nullptr) {
   __m512 acc[kMR][2];
 #pragma GCC unroll 12
   for (int i = 0; i < kMR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
@@ -276,16 +286,23 @@ MIXPREC_TARGET_GEMM512 inline void micro_f32(int64_t kc, const float* __restrict
       acc[i][1] = _mm512_fmadd_ps(av, b1, acc[i][1]);
     }
   }
-  if constexpr (!std::is_same_v<T, float>)
-    if (out) return store_tile_rounded(acc, c, out, ldc, mr, nr, add);
+  if constexpr (!std::is_same_v<T, float>) {
+    if (out) {
+      store_tile_rounded(acc, c, out, ldc, mr, nr, add);
+      if (epi) (*epi)(out, mr, nr);
+      return;
+    }
+  }
   store_tile(acc, c, ldc, mr, nr, add);
+  if (epi) (*epi)(c, mr, nr);
 }
 
 // One thread's share: C[M, N] (ldc) (=|+=) A[M, K] * B[K, N]. With out (16-bit T only), the
 // last K block writes the result rounded into out (C's layout) and leaves that part of C alone.
+// epi runs on each tile of the result after its last K block.
 template <class T>
 MIXPREC_TARGET_GEMM512 void gemm_serial(View<T> a, View<T> b, float* c, int64_t ldc, int64_t M, int64_t N, int64_t K, bool accumulate,
-                                        T* out = nullptr) {
+                                        T* out = nullptr, const TileEpilogue* epi = nullptr) {
   float* bpack = static_cast<float*>(pack_b_buffer().get(sizeof(float) * kKC * ((std::min(N, kNC) + kNR - 1) / kNR * kNR)));
   float* apack = static_cast<float*>(pack_a_buffer().get(sizeof(float) * kKC * ((std::min(M, kMC) + kMR - 1) / kMR * kMR)));
   for (int64_t jc = 0; jc < N; jc += kNC) {
@@ -300,7 +317,7 @@ MIXPREC_TARGET_GEMM512 void gemm_serial(View<T> a, View<T> b, float* c, int64_t 
         for (int64_t jr = 0; jr < nc; jr += kNR)
           for (int64_t ir = 0; ir < mc; ir += kMR)
             micro_f32<T>(kc, apack + ir * kc, bpack + jr * kc, c + (ic + ir) * ldc + jc + jr, ldc, std::min(kMR, mc - ir),
-                         std::min(kNR, nc - jr), add, last && out ? out + (ic + ir) * ldc + jc + jr : nullptr);
+                         std::min(kNR, nc - jr), add, last && out ? out + (ic + ir) * ldc + jc + jr : nullptr, last ? epi : nullptr);
       }
     }
   }
@@ -349,7 +366,8 @@ MIXPREC_TARGET_GEMM512BF16 inline void pack_b_bf16(View<bfloat16> b, int64_t k0,
 }
 
 MIXPREC_TARGET_GEMM512BF16 inline void micro_bf16(int64_t kp, const uint32_t* __restrict ap, const uint32_t* __restrict bp, float* c,
-                                                  int64_t ldc, int64_t mr, int64_t nr, bool add, bfloat16* out = nullptr) {
+                                                  int64_t ldc, int64_t mr, int64_t nr, bool add, bfloat16* out = nullptr,
+                                                  const TileEpilogue* epi = nullptr) {
   __m512 acc[kMR][2];
 #pragma GCC unroll 12
   for (int i = 0; i < kMR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
@@ -362,12 +380,18 @@ MIXPREC_TARGET_GEMM512BF16 inline void micro_bf16(int64_t kp, const uint32_t* __
       acc[i][1] = _mm512_dpbf16_ps(acc[i][1], av, b1);
     }
   }
-  if (out) return store_tile_rounded(acc, c, out, ldc, mr, nr, add);
+  if (out) {
+    store_tile_rounded(acc, c, out, ldc, mr, nr, add);
+    if (epi) (*epi)(out, mr, nr);
+    return;
+  }
   store_tile(acc, c, ldc, mr, nr, add);
+  if (epi) (*epi)(c, mr, nr);
 }
 
 MIXPREC_TARGET_GEMM512BF16 inline void gemm_serial_dpbf16(View<bfloat16> a, View<bfloat16> b, float* c, int64_t ldc, int64_t M, int64_t N,
-                                                          int64_t K, bool accumulate, bfloat16* out = nullptr) {
+                                                          int64_t K, bool accumulate, bfloat16* out = nullptr,
+                                                          const TileEpilogue* epi = nullptr) {
   constexpr int64_t kKP = kKC;  // pairs: a kKP x kNR micro-panel of B is the same 32 KiB as float32's
   uint32_t* bpack = static_cast<uint32_t*>(pack_b_buffer().get(sizeof(uint32_t) * kKP * ((std::min(N, kNC) + kNR - 1) / kNR * kNR)));
   uint32_t* apack = static_cast<uint32_t*>(pack_a_buffer().get(sizeof(uint32_t) * kKP * ((std::min(M, kMC) + kMR - 1) / kMR * kMR)));
@@ -383,7 +407,7 @@ MIXPREC_TARGET_GEMM512BF16 inline void gemm_serial_dpbf16(View<bfloat16> a, View
         for (int64_t jr = 0; jr < nc; jr += kNR)
           for (int64_t ir = 0; ir < mc; ir += kMR)
             micro_bf16(kp, apack + ir * kp, bpack + jr * kp, c + (ic + ir) * ldc + jc + jr, ldc, std::min(kMR, mc - ir),
-                       std::min(kNR, nc - jr), add, last && out ? out + (ic + ir) * ldc + jc + jr : nullptr);
+                       std::min(kNR, nc - jr), add, last && out ? out + (ic + ir) * ldc + jc + jr : nullptr, last ? epi : nullptr);
       }
     }
   }
@@ -430,22 +454,23 @@ void parallel_tiles(int64_t M, int64_t N, int64_t K, F&& tile) {
 // C[M, N] (row-major, leading dimension ldc, float32) (=|+=) A[M, K] * B[K, N]. Requires available().
 // For 16-bit T, round_to (optional, C's layout) receives the result rounded, written by the
 // microkernels from their registers; C is then only scratch between K blocks (its contents
-// afterwards unspecified).
+// afterwards unspecified). epi (optional) runs on each finished tile of the result (round_to, or C).
 template <class T>
-void gemm(View<T> a, View<T> b, float* c, int64_t ldc, int64_t M, int64_t N, int64_t K, bool accumulate, T* round_to = nullptr) {
+void gemm(View<T> a, View<T> b, float* c, int64_t ldc, int64_t M, int64_t N, int64_t K, bool accumulate, T* round_to = nullptr,
+          const TileEpilogue* epi = nullptr) {
   if constexpr (std::is_same_v<T, float>) round_to = nullptr;
   detail::parallel_tiles(M, N, K, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
     detail::gemm_serial<T>(View<T>{&a.at(m0, 0), a.s0, a.s1}, View<T>{&b.at(0, n0), b.s0, b.s1}, c + m0 * ldc + n0, ldc, m1 - m0,
-                           n1 - n0, K, accumulate, round_to ? round_to + m0 * ldc + n0 : nullptr);
+                           n1 - n0, K, accumulate, round_to ? round_to + m0 * ldc + n0 : nullptr, epi);
   });
 }
 
 // The same with vdpbf16ps on bfloat16 pairs. Requires bf16_dot_available().
 inline void gemm_dpbf16(View<bfloat16> a, View<bfloat16> b, float* c, int64_t ldc, int64_t M, int64_t N, int64_t K, bool accumulate,
-                        bfloat16* round_to = nullptr) {
+                        bfloat16* round_to = nullptr, const TileEpilogue* epi = nullptr) {
   detail::parallel_tiles(M, N, K, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
     detail::gemm_serial_dpbf16(View<bfloat16>{&a.at(m0, 0), a.s0, a.s1}, View<bfloat16>{&b.at(0, n0), b.s0, b.s1}, c + m0 * ldc + n0,
-                               ldc, m1 - m0, n1 - n0, K, accumulate, round_to ? round_to + m0 * ldc + n0 : nullptr);
+                               ldc, m1 - m0, n1 - n0, K, accumulate, round_to ? round_to + m0 * ldc + n0 : nullptr, epi);
   });
 }
 #endif

@@ -12,10 +12,60 @@
 
 namespace mixprec::cpu {
 
+// A GELU fused into a linear's GEMM (the MLP's linear_gelu / linear_dgelu entries), applied to
+// each tile of the result as it leaves the microkernel (avx512::TileEpilogue), so the GELU and its
+// backward cost no pass over memory. Forward: pre receives the product (+ bias) as rounded to the
+// output dtype and the tile becomes gelu(pre); backward: the tile (the hidden gradient, rounded)
+// becomes tile * gelu'(pre). The same float math and the same roundings as gelu() and its
+// backward after an unfused GEMM, so the results are bit-identical to the three ops.
+struct GeluEpilogue {
+  bool tanh = false, backward = false;
+  Tensor pre;  // forward: allocated and written by the kernel; backward: read, the result's layout
+};
+
+namespace detail {
+template <class T>
+struct GeluTile {
+  T* base;  // the result
+  T* pre;
+  int64_t ld;
+  bool tanh, backward;
+};
+template <class T, bool Tanh, bool Backward>
+void gelu_tile(const void* ctx, void* tile, int64_t mr, int64_t nr) {
+  const auto& g = *static_cast<const GeluTile<T>*>(ctx);
+  T* t = static_cast<T*>(tile);
+  T* p = g.pre + (t - g.base);
+  float v[avx512::kNR], d[avx512::kNR];
+  for (int64_t i = 0; i < mr; ++i, t += g.ld, p += g.ld) {
+    if constexpr (!Backward) std::copy(t, t + nr, p);
+    const float* tv = load_run(t, 1, nr, v);
+    const float* pv = Backward ? load_run(p, 1, nr, d) : nullptr;
+    float* out = std::is_same_v<T, float> ? reinterpret_cast<float*>(t) : v;
+    simd([&]() MIXPREC_SIMD_BODY {
+      for (int64_t j = 0; j < nr; ++j) {
+        if constexpr (Backward) out[j] = tv[j] * (Tanh ? fn::gelu_tanh_grad(pv[j]) : fn::gelu_grad(pv[j]));
+        else out[j] = Tanh ? fn::gelu_tanh(tv[j]) : fn::gelu(tv[j]);
+      }
+    });
+    if constexpr (!std::is_same_v<T, float>) store_run(t, 1, v, nr);
+  }
+}
+template <class T>
+avx512::TileEpilogue gelu_epilogue(const GeluTile<T>& ctx) {
+  using Fn = void (*)(const void*, void*, int64_t, int64_t);
+  const Fn f = ctx.backward ? (ctx.tanh ? Fn(&gelu_tile<T, true, true>) : Fn(&gelu_tile<T, false, true>))
+                            : (ctx.tanh ? Fn(&gelu_tile<T, true, false>) : Fn(&gelu_tile<T, false, false>));
+  return {f, &ctx};
+}
+}  // namespace detail
+
 // a[..., M, K] @ b[..., K, N] with broadcast batch dims, any strides; a and b of one floating
 // dtype (the op checked it). If `bias` is given it is broadcast into the output first and the
-// product accumulated onto it (linear's fused bias).
-inline Tensor matmul_kernel(Tensor a, Tensor b, const Tensor& bias) {
+// product accumulated onto it (linear's fused bias). With epi (one 2-D product of float32 or
+// 16-bit operands on an AVX-512 CPU: see linear_gelu_supported) the GELU is applied per tile.
+inline bool linear_gelu_supported(DType d) { return gemm_16bit_available() && (d == DType::Float32 || is_low_precision(d)); }
+inline Tensor matmul_kernel(Tensor a, Tensor b, const Tensor& bias, GeluEpilogue* epi = nullptr) {
   namespace md = mixprec::detail;
   constexpr const char* op = "matmul";
   const DType out_dtype = a.dtype();
@@ -41,6 +91,14 @@ inline Tensor matmul_kernel(Tensor a, Tensor b, const Tensor& bias) {
   };
   const int64_t nb = numel_of(batch);
   const bool acc = bias.defined();
+  MIXPREC_CHECK(!epi || (nb == 1 && K > 0 && linear_gelu_supported(out_dtype) && (!acc || bias.dim() <= 1)), op,
+                ": a fused GELU needs one 2-D product with K > 0 of float32 or 16-bit operands on an AVX-512 CPU, got ", a.sizes(), " @ ",
+                b.sizes(), " in ", out_dtype);
+  if (epi && !epi->backward) epi->pre = empty(out_shape, out_dtype);
+  if (epi && epi->backward)
+    MIXPREC_CHECK(epi->pre.sizes() == out_shape && epi->pre.dtype() == out_dtype && epi->pre.is_contiguous(), op,
+                  ": the GELU's input must be contiguous ", out_shape, " in ", out_dtype, ", got ", epi->pre.sizes(), " in ",
+                  epi->pre.dtype());
   // One 16-bit product (linear): float32 accumulators for a block of rows at a time, in a scratch
   // that stays in cache, each tile rounded into the result as it finishes -- no float32 copy of
   // the whole result (its memory, and one more pass over it).
@@ -53,11 +111,13 @@ inline Tensor matmul_kernel(Tensor a, Tensor b, const Tensor& bias) {
     const Tensor bias32 = acc ? md::as_dtype_raw(bias, DType::Float32) : Tensor();
     dispatch_floating(a.dtype(), op, [&]<class T>() {
       if constexpr (!std::is_same_v<T, acc_t<T>>) {
+        const detail::GeluTile<T> ctx{out.data<T>(), epi ? epi->pre.data<T>() : nullptr, N, epi && epi->tanh, epi && epi->backward};
+        const avx512::TileEpilogue hook = epi ? detail::gelu_epilogue(ctx) : avx512::TileEpilogue{};
         for (int64_t r0 = 0; r0 < M; r0 += rows) {
           const Tensor c = scratch.narrow(0, 0, std::min(rows, M - r0));
           if (acc) md::copy_kernel(c, bias32);
           gemm_16bit<T>(A.data<T>() + r0 * A.stride(-2), A.stride(-2), A.stride(-1), B.data<T>(), B.stride(-2), B.stride(-1),
-                        c.data<float>(), c.size(0), N, K, acc, out.data<T>() + r0 * N);
+                        c.data<float>(), c.size(0), N, K, acc, out.data<T>() + r0 * N, epi ? &hook : nullptr);
         }
       }
     });
@@ -84,7 +144,11 @@ inline Tensor matmul_kernel(Tensor a, Tensor b, const Tensor& bias) {
     auto one = [&](int64_t i) {
       int64_t oa, ob;
       batch_offsets(i, oa, ob);
-      if constexpr (std::is_same_v<T, acc_t<T>>)
+      if constexpr (std::is_same_v<T, float>) {
+        const detail::GeluTile<float> ctx{pc, epi ? epi->pre.data<float>() : nullptr, N, epi && epi->tanh, epi && epi->backward};
+        const avx512::TileEpilogue hook = epi ? detail::gelu_epilogue(ctx) : avx512::TileEpilogue{};
+        gemm<T>(pa + oa, A.stride(-2), A.stride(-1), pb + ob, B.stride(-2), B.stride(-1), pc + i * M * N, M, N, K, acc, epi ? &hook : nullptr);
+      } else if constexpr (std::is_same_v<T, acc_t<T>>)
         gemm<T>(pa + oa, A.stride(-2), A.stride(-1), pb + ob, B.stride(-2), B.stride(-1), pc + i * M * N, M, N, K, acc);
       else
         gemm_16bit<T>(pa + oa, A.stride(-2), A.stride(-1), pb + ob, B.stride(-2), B.stride(-1), pc + i * M * N, M, N, K, acc);
@@ -101,10 +165,26 @@ inline Tensor matmul_kernel(Tensor a, Tensor b, const Tensor& bias) {
   return low ? md::as_dtype_raw(out, out_dtype) : out;
 }
 
-// linear_gelu / linear_dgelu stay null on the CPU: its GEMMs have no epilogue to fuse the GELU
-// into, so mlp_gelu_tanh composes linear, gelu and linear there (each op's own autocast policy).
+// The MLP's GEMMs with the GELU applied per tile (GeluEpilogue); undefined results, so that
+// mlp_gelu composes linear, gelu and linear, where the CPU lacks AVX-512 or the dtype is float64.
+inline std::array<Tensor, 2> linear_gelu(const Tensor& x, const Tensor& w1, const Tensor& b1, DeviceUnary act) {
+  if (!linear_gelu_supported(x.dtype()) || x.size(-1) == 0) return {};
+  GeluEpilogue e{act == DeviceUnary::GeluTanh, false, {}};
+  Tensor h = matmul_kernel(x, mixprec::detail::mT(w1), b1, &e);
+  return {h, e.pre};
+}
+inline std::array<Tensor, 2> linear_dgelu(const Tensor& g, const Tensor& w2, const Tensor& pre, DeviceUnary act) {
+  if (!linear_gelu_supported(g.dtype()) || g.size(-1) == 0 || !pre.is_contiguous()) return {};
+  GeluEpilogue e{act == DeviceUnary::GeluTanh, true, pre};
+  Tensor dpre = matmul_kernel(g, w2, Tensor(), &e);
+  Tensor gb1 = sum(dpre, {0});  // as linear's backward sums its output gradient
+  return {dpre, gb1};
+}
+
 inline void fill_linalg_kernels(DeviceKernels& t) {
   t.matmul = [](const Tensor& a, const Tensor& b, const Tensor& bias) { return matmul_kernel(a, b, bias); };
+  t.linear_gelu = linear_gelu;
+  t.linear_dgelu = linear_dgelu;
 }
 
 }  // namespace mixprec::cpu

@@ -30,11 +30,7 @@ void reduce_rows(const mixprec::detail::ReducePlan& p, Acc init, Step step, Fini
     cpu::parallel_for(0, R, kParallelGrain, [&](int64_t b, int64_t e) {
       Acc a = init;
       for (int64_t i = b; i < e; ++i) a = step(a, static_cast<acc_t<T>>(x[i]));
-#if defined(_OPENMP)
-      const std::size_t t = static_cast<std::size_t>(omp_get_thread_num());
-#else
-      const std::size_t t = 0;
-#endif
+      const std::size_t t = static_cast<std::size_t>(cpu::thread_index());
       partial[t] = a;
       filled[t] = 1;
     });

@@ -315,11 +315,14 @@ inline const DeviceKernels& cuda_kernel_table() {
       LayerNormResult r = gpu::layer_norm(x, w, b, eps, out);
       return {r.y, r.mean, r.rstd};
     };
-    t.linear_gelu = [](const Tensor& x, const Tensor& w1, const Tensor& b1) -> std::array<Tensor, 2> {
+    // cuBLASLt's GELU epilogues are the tanh form: the exact GELU composes (undefined results).
+    t.linear_gelu = [](const Tensor& x, const Tensor& w1, const Tensor& b1, DeviceUnary act) -> std::array<Tensor, 2> {
+      if (act != DeviceUnary::GeluTanh) return {};
       LinearGeluResult r = linear_gelu_aux(x, w1, b1);
       return {r.y, r.pre};
     };
-    t.linear_dgelu = [](const Tensor& g, const Tensor& w2, const Tensor& pre) -> std::array<Tensor, 2> {
+    t.linear_dgelu = [](const Tensor& g, const Tensor& w2, const Tensor& pre, DeviceUnary act) -> std::array<Tensor, 2> {
+      if (act != DeviceUnary::GeluTanh) return {};
       LinearDGeluResult r = linear_dgelu_bgrad(g, w2, pre);
       return {r.dpre, r.dbias};
     };

@@ -27,8 +27,8 @@ struct GPTConfig {
   int64_t mlp_hidden = 1024;
   double dropout = 0.0;
   bool tie_weights = true;
-  // The MLP's GELU: "none" (erf, as PyTorch's nn.GELU) or "tanh" (GPT-2's), which on CUDA runs
-  // inside the MLP's GEMM epilogues (mlp_gelu_tanh).
+  // The MLP's GELU: "none" (erf, as PyTorch's nn.GELU) or "tanh" (GPT-2's). Either runs inside the
+  // MLP's GEMMs on the CPU; on CUDA the tanh one does (cuBLASLt's epilogues; mlp_gelu).
   std::string gelu_approximate = "none";
 };
 
