@@ -1,7 +1,15 @@
-// The compile-time probe of issue 19 (README, "Compiled mode"): a 30-line training program.
+// The compile-time probe of issue 19 (README, "Compiled mode"; benchmarks/NOTES.md): a 30-line training program.
 //   header-only: g++ -std=c++20 -O2 -fopenmp -Iinclude -I/usr/include/eigen3 -c tools/compile_probe.cpp
 //   compiled:    the same with -DMIXPREC_COMPILED_LIB, linked with libmixprec.a (mixprec::compiled)
+//   -DPROBE_WHOLE_LIBRARY: include <mixprec/mixprec.hpp> instead of the three area headers it needs
+#if defined(PROBE_WHOLE_LIBRARY)
 #include <mixprec/mixprec.hpp>
+#else
+#include <mixprec/amp.hpp>
+#include <mixprec/nn.hpp>
+#include <mixprec/optim.hpp>
+#endif
+#include <cstdio>
 using namespace mixprec;
 struct Net : nn::Module {
   std::shared_ptr<nn::Linear> fc1, fc2;

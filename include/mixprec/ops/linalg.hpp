@@ -2,7 +2,10 @@
 // matmul and friends. One batched kernel (the device's DeviceKernels::matmul, reached through
 // detail::matmul_kernel; the CPU's in backends/cpu/linalg.hpp) serves every entry point and every
 // backward; 16-bit inputs accumulate in float32 and round once on store.
+#include "mixprec/core/config.hpp"
+#if MIXPREC_HEADER_DEFINITIONS  // compiled mode: the kernels, and Eigen with them, stay in the library
 #include "mixprec/backends/cpu/gemm.hpp"  // for the ops that include this header for it (conv)
+#endif
 #include "mixprec/ops/reduce.hpp"
 
 namespace mixprec {
