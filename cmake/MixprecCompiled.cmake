@@ -1,8 +1,8 @@
-# Compiled mode (issue 19): mixprec::compiled is a static library holding the CPU kernel table
-# and every kernel it points to (src/mixprec_compiled.cpp). A program that links it includes the
-# same headers, but its units see only the table's declaration (MIXPREC_COMPILED_LIB), so they
-# skip instantiating and optimising the whole table -- most of the cost of a unit that includes
-# mixprec.hpp (a 30-line training program: 126 s of CPU header-only, 20.7 s compiled, g++ 12 -O2, idle).
+# Compiled mode (issue 19): mixprec::compiled is a static library holding the CPU kernel table,
+# every kernel it points to and the functions declared MIXPREC_OUTLINE (src/mixprec_compiled.cpp;
+# the mechanism: core/config.hpp). A program that links it includes the same headers, but its units
+# see only declarations (MIXPREC_COMPILED_LIB), so they skip parsing, instantiating and optimising
+# them -- most of the cost of a unit that includes mixprec.hpp (benchmarks/NOTES.md, "Compile time").
 # Header-only use (mixprec::mixprec) stays the default; the library is built with oneDNN's
 # convolutions when mixprec::onednn exists, as a program linking both would be.
 option(MIXPREC_COMPILED "Build mixprec::compiled, the CPU kernels compiled once into a static library" ${PROJECT_IS_TOP_LEVEL})

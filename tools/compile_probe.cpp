@@ -1,7 +1,15 @@
-// The compile-time probe of issue 19 (README, "Compiled mode"): a 30-line training program.
+// The compile-time probe of issue 19 (README, "Compiled mode"; benchmarks/NOTES.md): a 30-line training program.
 //   header-only: g++ -std=c++20 -O2 -fopenmp -Iinclude -I/usr/include/eigen3 -c tools/compile_probe.cpp
 //   compiled:    the same with -DMIXPREC_COMPILED_LIB, linked with libmixprec.a (mixprec::compiled)
+//   -DPROBE_WHOLE_LIBRARY: include <mixprec/mixprec.hpp> instead of the three area headers it needs
+#if defined(PROBE_WHOLE_LIBRARY)
 #include <mixprec/mixprec.hpp>
+#else
+#include <mixprec/amp.hpp>
+#include <mixprec/nn.hpp>
+#include <mixprec/optim.hpp>
+#endif
+#include <cstdio>
 using namespace mixprec;
 struct Net : nn::Module {
   std::shared_ptr<nn::Linear> fc1, fc2;
@@ -17,10 +25,10 @@ int main() {
   auto net = std::make_shared<Net>();
   optim::AdamW opt(net->parameters(), 1e-3);
   amp::GradScaler scaler;
+  Tensor loss;
   for (int step = 0; step < 3; ++step) {
     Tensor x = randn({32, 64});
     Tensor y = randint(0, 10, {32});
-    Tensor loss;
     {
       autocast ac(Device::CPU, DType::Float16);
       loss = cross_entropy(net->forward(x), y);
@@ -32,5 +40,5 @@ int main() {
     scaler.step(opt);
     scaler.update();
   }
-  std::printf("%.4f\n", 0.0);
+  std::printf("loss %.4f after 3 steps, scale %g\n", loss.item<double>(), scaler.get_scale());
 }

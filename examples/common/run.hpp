@@ -6,6 +6,7 @@
 // Rank 0 alone shows progress and writes files.
 #include <zlib.h>
 
+#include <algorithm>
 #include <charconv>
 #include <chrono>
 #include <cstdio>
@@ -61,7 +62,7 @@ struct RunFlags {
     app.add_option("--csv", csv,
                    "log every step to this file: step,epoch,loss,lr,scale,skipped,elapsed_s -- lr is the one the step "
                    "used, scale the fp16 loss scale, skipped the fp16 steps skipped so far, elapsed_s training seconds "
-                   "(continued over resumes); appended to after --resume");
+                   "(continued over resumes); after --resume, cut back to the checkpoint's step and appended to");
     app.add_option("--checkpoint", checkpoint,
                    "save the run here (atomically) at the end of every epoch and every --checkpoint-every steps: model, "
                    "optimizer, loss scaler, LR schedule, random generators, data position and step counters");
@@ -88,6 +89,26 @@ struct RunFlags {
     app.add_flag("--distributed", distributed, "data-parallel over MPI, under mpirun -np N (rank 0 reports)");
   }
 };
+
+// The lines of the CSV log `path` up to the row of step `last_step`: its header, then its rows in
+// step order until one comes after the checkpoint (or is cut short, by a kill mid-write); empty
+// when the file does not exist yet.
+inline std::string csv_rows_up_to(const std::string& path, int64_t last_step) {
+  std::ifstream in(path);
+  std::string kept, line;
+  if (!std::getline(in, line) || line.rfind("step,", 0) != 0) return kept;
+  kept = line + '\n';
+  while (std::getline(in, line)) {
+    int64_t step = 0;
+    const auto r = std::from_chars(line.data(), line.data() + line.size(), step);
+    const bool row = r.ec == std::errc() && r.ptr != line.data() + line.size() && *r.ptr == ',' &&
+                     std::count(line.begin(), line.end(), ',') == 6;
+    if (!row || step > last_step) break;
+    kept += line;
+    kept += '\n';
+  }
+  return kept;
+}
 
 // Shortest text that reads back as the same double (the CSV's numbers compare exactly).
 inline std::string exact(double v) {
@@ -169,12 +190,18 @@ class TrainingRun {
   // --stop-at-step was reached: the loop ends as if the process were killed there.
   bool stopped() const { return flags_.stop_at_step > 0 && state_.step >= flags_.stop_at_step; }
 
-  // --csv on rank 0: appended to after a resume, else a new file with its header.
+  // --csv on rank 0: a new file with its header; after a resume, the file cut back to its rows up to
+  // the checkpoint's step (a run killed after its last checkpoint had logged steps that it now takes
+  // again: each step stays in the file once), then appended to.
   void open_csv() {
     if (flags_.csv.empty() || !dist_.is_main()) return;
-    csv_.open(flags_.csv, state_.step > 0 ? std::ios::app : std::ios::trunc);
+    static const char* const kHeader = "step,epoch,loss,lr,scale,skipped,elapsed_s";
+    std::string kept;
+    if (state_.step > 0) kept = csv_rows_up_to(flags_.csv, state_.step);
+    csv_.open(flags_.csv, std::ios::trunc);
     MIXPREC_CHECK(csv_.good(), "cannot open --csv file ", flags_.csv);
-    if (state_.step == 0) csv_ << "step,epoch,loss,lr,scale,skipped,elapsed_s\n" << std::flush;
+    if (kept.rfind(kHeader, 0) != 0) csv_ << kHeader << '\n';
+    csv_ << kept << std::flush;
   }
 
   // Just before the first step: starts the clock and the peak-memory count.

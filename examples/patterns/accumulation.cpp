@@ -10,24 +10,35 @@ namespace patterns {
 
 int accumulation(int argc, char** argv) {
   using namespace mixprec;
-  examples::Cli cli(argc, argv,
-                    {{"micro-batch", "32"}, {"accumulate", "4"}, {"steps", "20"}, {"max-norm", "1.0"}, {"lr", "0.003"}, {"seed", "0"}});
-  if (cli.help()) {
-    cli.usage(std::cout, "mixprec_patterns accumulation");
-    return 0;
-  }
-  const int64_t micro = cli.i64("micro-batch"), accumulate = cli.i64("accumulate"), steps = cli.i64("steps");
-  MIXPREC_CHECK(micro >= 1 && accumulate >= 1 && steps >= 1, "accumulation: micro-batch, accumulate and steps must be >= 1");
-  const auto seed = static_cast<uint64_t>(cli.i64("seed"));
+  int64_t micro = 32, accumulate = 4, steps = 20;
+  double max_norm = 1.0, lr = 0.003;
+  uint64_t seed = 0;
+  CLI::App app("Gradient accumulation with the GradScaler and clipping: ResNet-20 on synthetic Fashion-MNIST in fp16 "
+               "autocast; the gradients of --accumulate micro-batches add up, are unscaled once and clipped, and the "
+               "step is skipped if any micro-batch overflowed.",
+               "mixprec_patterns accumulation");
+  app.add_option("--micro-batch", micro, "samples per micro-batch (one forward and backward)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--accumulate", accumulate, "micro-batches per optimizer step (effective batch: micro-batch x accumulate)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--steps", steps, "optimizer steps")->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("--max-norm", max_norm, "clip the unscaled gradients to this total L2 norm")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--lr", lr, "AdamW's learning rate")->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("--seed", seed, "seed of the weights, the synthetic data and its order")->capture_default_str();
+  if (auto rc = examples::parse_flags(app, argc, argv)) return *rc;
   Generator gen(seed);
   const data::FashionMnist train = data::synthetic_fashion_mnist(micro * accumulate * steps, seed);
   auto model = nn::models::make_resnet("resnet20", 10, 1, false, gen);
-  optim::AdamW opt(model->parameters(), cli.f64("lr"));
+  optim::AdamW opt(model->parameters(), lr);
   amp::GradScaler scaler;
   data::DataLoader loader(data::TensorDataset(train.images, train.labels), micro, /*shuffle=*/true, seed);
   std::printf("ResNet-20, fp16 autocast + GradScaler, %lld micro-batches of %lld per step (effective batch %lld), clip %.2f\n",
               static_cast<long long>(accumulate), static_cast<long long>(micro), static_cast<long long>(micro * accumulate),
-              cli.f64("max-norm"));
+              max_norm);
   int64_t micro_step = 0, skipped = 0;
   double step_loss = 0;
   for (auto& b : loader) {
@@ -41,7 +52,7 @@ int accumulation(int argc, char** argv) {
     step_loss += loss.item<double>();
     if (++micro_step % accumulate != 0) continue;
     scaler.unscale_(opt);  // true gradients, once, before clipping
-    const double norm = optim::clip_grad_norm_(opt, cli.f64("max-norm"));
+    const double norm = optim::clip_grad_norm_(opt, max_norm);
     if (!scaler.step(opt)) ++skipped;  // skipped when a micro-batch produced inf/NaN
     scaler.update();
     opt.zero_grad();

@@ -20,7 +20,12 @@ int main(int argc, char** argv) {
   for (const Entry& e : entries) {
     if (std::strcmp(name, e.name) == 0) return examples::run_main(e.run, argc - 1, argv + 1);
   }
-  std::fprintf(stderr, "usage: mixprec_patterns <pattern> [--help | flags]\n");
-  for (const Entry& e : entries) std::fprintf(stderr, "  %-13s %s\n", e.name, e.what);
-  return 2;
+  // --help: the list on stdout, exit 0; no pattern or an unknown one: the same on stderr, exit 2.
+  const bool help = std::strcmp(name, "--help") == 0 || std::strcmp(name, "-h") == 0;
+  std::FILE* out = help ? stdout : stderr;
+  if (!help && *name) std::fprintf(out, "mixprec_patterns: unknown pattern '%s'\n", name);
+  std::fprintf(out, "usage: mixprec_patterns <pattern> [flags]\npatterns:\n");
+  for (const Entry& e : entries) std::fprintf(out, "  %-13s %s\n", e.name, e.what);
+  std::fprintf(out, "mixprec_patterns <pattern> --help lists the pattern's flags: what each does, its allowed values, its default.\n");
+  return help ? 0 : 2;
 }

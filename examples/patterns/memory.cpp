@@ -3,6 +3,7 @@
 // claim, measured by the allocator's exact statistics.
 #include <cstdio>
 #include <iostream>
+#include <string>
 
 #include "patterns/patterns.hpp"
 
@@ -40,16 +41,22 @@ Peak forward_backward_peak(nn::Module& model, int64_t batch, int64_t image, std:
 }  // namespace
 
 int memory(int argc, char** argv) {
-  examples::Cli cli(argc, argv, {{"batch-size", "64"}, {"image-size", "64"}, {"dtype", "bf16"}, {"seed", "0"}});
-  if (cli.help()) {
-    cli.usage(std::cout, "mixprec_patterns memory");
-    return 0;
-  }
-  const int64_t batch = cli.i64("batch-size"), image = cli.i64("image-size");
-  MIXPREC_CHECK(batch >= 1 && image >= 32, "memory: need batch-size >= 1 and image-size >= 32");
-  MIXPREC_CHECK(cli.str("dtype") == "bf16" || cli.str("dtype") == "fp16", "memory: --dtype must be bf16 or fp16");
-  const DType low = cli.str("dtype") == "bf16" ? DType::BFloat16 : DType::Float16;
-  const auto seed = static_cast<uint64_t>(cli.i64("seed"));
+  int64_t batch = 64, image = 64;
+  std::string dtype = "bf16";
+  uint64_t seed = 0;
+  CLI::App app("Peak tensor memory of ResNet-50's forward and backward (1000 classes, random images): float32 at "
+               "--batch-size, then autocast at --batch-size and at twice it.",
+               "mixprec_patterns memory");
+  app.add_option("--batch-size", batch, "images of the float32 run (the autocast runs: this and twice this)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--image-size", image, "image height and width, at least 32 (activations grow with its square)")
+      ->check(CLI::Range(int64_t{32}, int64_t{4096}))
+      ->capture_default_str();
+  app.add_option("--dtype", dtype, "autocast's 16-bit type")->check(CLI::IsMember({"bf16", "fp16"}))->capture_default_str();
+  app.add_option("--seed", seed, "seed of the weights and the images")->capture_default_str();
+  if (auto rc = examples::parse_flags(app, argc, argv)) return *rc;
+  const DType low = dtype == "bf16" ? DType::BFloat16 : DType::Float16;
   Generator gen(seed);
   auto model = nn::models::resnet50(1000, 3, false, gen);
   std::printf("ResNet-50 forward+backward, %lldx%lld images, parameters %.1f MiB (float32)\n", static_cast<long long>(image),
@@ -63,8 +70,8 @@ int memory(int argc, char** argv) {
                 100.0 * static_cast<double>(p.total) / static_cast<double>(f32.total));
   };
   row("fp32", batch, f32);
-  row(cli.str("dtype") == "bf16" ? "bf16 autocast" : "fp16 autocast", batch, amp1);
-  row(cli.str("dtype") == "bf16" ? "bf16 autocast" : "fp16 autocast", 2 * batch, amp2);
+  row(dtype == "bf16" ? "bf16 autocast" : "fp16 autocast", batch, amp1);
+  row(dtype == "bf16" ? "bf16 autocast" : "fp16 autocast", 2 * batch, amp2);
   return 0;
 }
 

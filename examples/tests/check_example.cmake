@@ -5,7 +5,9 @@
 # MODE resume          EPOCHS epochs checkpointed every EVERY steps, once straight through and once
 #                      stopped after step STOP (mid-epoch) and resumed: the same final state crc32
 #                      and the same CSV rows but for elapsed_s. Then: resuming the finished run says
-#                      so without training, and resuming with another --epochs is refused.
+#                      so without training, and resuming with another --epochs is refused. With
+#                      CKPT (< STOP), the last checkpoint before the stop is at step CKPT: the steps
+#                      after it, logged before the stop, are in the resumed CSV once.
 # MODE not_checkpoint  --resume of a text file: exit status 1 and one line on stderr naming the file.
 cmake_minimum_required(VERSION 3.25)
 separate_arguments(args UNIX_COMMAND "${ARGS}")
@@ -75,23 +77,26 @@ if(MODE STREQUAL "csv_lr")
   message(STATUS "csv lr ok: ${row1}")
 
 elseif(MODE STREQUAL "resume")
+  if(NOT DEFINED CKPT)
+    set(CKPT ${STOP})
+  endif()
   set(common --epochs ${EPOCHS} --checkpoint-every ${EVERY})
   run_example(full ${common} --checkpoint full.ckpt --csv full.csv)
   expect_ok(full)
   crc_of(full want)
   run_example(part1 ${common} --checkpoint part.ckpt --csv part.csv --stop-at-step ${STOP})
   expect_ok(part1)
-  if(NOT part1_out MATCHES "saved checkpoint part.ckpt \\(step ${STOP}, epoch [0-9]+ at batch [0-9]+\\)")
-    message(FATAL_ERROR "part1: no mid-epoch checkpoint at step ${STOP}\n${part1_out}")
+  if(NOT part1_out MATCHES "saved checkpoint part.ckpt \\(step ${CKPT}, epoch [0-9]+ at batch [0-9]+\\)")
+    message(FATAL_ERROR "part1: no mid-epoch checkpoint at step ${CKPT}\n${part1_out}")
   endif()
   run_example(part2 ${common} --checkpoint part.ckpt --csv part.csv --resume part.ckpt)
   expect_ok(part2)
-  if(NOT part2_out MATCHES "resumed from part.ckpt at step ${STOP} of")
-    message(FATAL_ERROR "part2: did not resume at step ${STOP}\n${part2_out}")
+  if(NOT part2_out MATCHES "resumed from part.ckpt at step ${CKPT} of")
+    message(FATAL_ERROR "part2: did not resume at step ${CKPT}\n${part2_out}")
   endif()
   crc_of(part2 got)
   if(NOT got STREQUAL want)
-    message(FATAL_ERROR "stopped at step ${STOP} and resumed: final state crc32 ${got}, uninterrupted run ${want}\n"
+    message(FATAL_ERROR "stopped at step ${STOP} and resumed from step ${CKPT}: final state crc32 ${got}, uninterrupted run ${want}\n"
                         "--- uninterrupted\n${full_out}\n--- resumed\n${part2_out}")
   endif()
   csv_rows("${WORK}/full.csv" full_rows)

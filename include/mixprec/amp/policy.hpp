@@ -69,10 +69,15 @@ struct PolicyTable {
     return entries.size() - 1;
   }
 };
-inline PolicyTable& table() {
+// Out of line in compiled mode (core/config.hpp): building the table is the biggest function
+// a program would otherwise compile.
+MIXPREC_OUTLINE PolicyTable& table();
+#if MIXPREC_HEADER_DEFINITIONS
+MIXPREC_OUTLINE PolicyTable& table() {
   static PolicyTable t;
   return t;
 }
+#endif
 }  // namespace detail
 
 // Hot path: built-in ops are never re-registered, so their entries can be read without a lock.

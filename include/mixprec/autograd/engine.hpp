@@ -9,8 +9,15 @@
 
 namespace mixprec {
 namespace autograd {
+MIXPREC_OUTLINE void run_backward(const std::vector<Tensor>& roots, const std::vector<Tensor>& grads, bool retain_graph);
+}  // namespace autograd
+// torch.autograd.backward for several roots at once.
+MIXPREC_OUTLINE void backward(const std::vector<Tensor>& tensors, const std::vector<Tensor>& grads = {},
+                              bool retain_graph = false);
 
-inline std::vector<Tensor> AccumulateGrad::apply(std::vector<Tensor>&& grads) {
+namespace autograd {
+#if MIXPREC_HEADER_DEFINITIONS  // compiled mode: in the library (core/config.hpp)
+MIXPREC_OUTLINE std::vector<Tensor> AccumulateGrad::apply(std::vector<Tensor>&& grads) {
   Tensor g = std::move(grads[0]);
   if (!g.defined()) return {};
   AutogradMeta& m = meta(leaf_);
@@ -32,6 +39,7 @@ inline std::vector<Tensor> AccumulateGrad::apply(std::vector<Tensor>&& grads) {
   for (auto& [id, hook] : m.post_accumulate_grad_hooks) hook(leaf_);
   return {};
 }
+#endif
 
 // Callbacks that run once when the current backward has finished (PyTorch's
 // Engine::queue_callback): data-parallel training waits for its last reductions there. A
@@ -53,7 +61,8 @@ inline void queue_callback(std::function<void()> fn) {
   detail::backward_state().callbacks.push_back(std::move(fn));
 }
 
-inline void run_backward(const std::vector<Tensor>& roots, const std::vector<Tensor>& grads, bool retain_graph) {
+#if MIXPREC_HEADER_DEFINITIONS
+MIXPREC_OUTLINE void run_backward(const std::vector<Tensor>& roots, const std::vector<Tensor>& grads, bool retain_graph) {
   no_grad ng;
   amp::detail::Suppress no_autocast;
   detail::BackwardState& bs = detail::backward_state();
@@ -168,11 +177,12 @@ inline void run_backward(const std::vector<Tensor>& roots, const std::vector<Ten
     fn();
   }
 }
+#endif  // MIXPREC_HEADER_DEFINITIONS
 
 }  // namespace autograd
 
-// torch.autograd.backward for several roots at once.
-inline void backward(const std::vector<Tensor>& tensors, const std::vector<Tensor>& grads = {}, bool retain_graph = false) {
+#if MIXPREC_HEADER_DEFINITIONS
+MIXPREC_OUTLINE void backward(const std::vector<Tensor>& tensors, const std::vector<Tensor>& grads, bool retain_graph) {
   std::vector<Tensor> gs;
   for (std::size_t i = 0; i < tensors.size(); ++i) {
     const Tensor& t = tensors[i];
@@ -188,6 +198,7 @@ inline void backward(const std::vector<Tensor>& tensors, const std::vector<Tenso
   }
   autograd::run_backward(tensors, gs, retain_graph);
 }
+#endif  // MIXPREC_HEADER_DEFINITIONS
 
 inline void Tensor::backward(const Tensor& gradient, bool retain_graph) const {
   mixprec::backward({*this}, {gradient}, retain_graph);

@@ -4,7 +4,10 @@
 // backward; 16-bit inputs accumulate in float32 and round once on store.
 #include <string_view>
 
+#include "mixprec/core/config.hpp"
+#if MIXPREC_HEADER_DEFINITIONS  // compiled mode: the kernels, and Eigen with them, stay in the library
 #include "mixprec/backends/cpu/gemm.hpp"  // for the ops that include this header for it (conv)
+#endif
 #include "mixprec/ops/reduce.hpp"
 
 namespace mixprec {

@@ -16,18 +16,12 @@
 // compiling a unit that includes mixprec.hpp. Header-only use (the default) defines it inline here.
 #include "mixprec/backends/device.hpp"
 
-#if defined(MIXPREC_COMPILED_LIB) && !defined(MIXPREC_BUILDING_COMPILED_LIB)
+#if !MIXPREC_HEADER_DEFINITIONS  // compiled mode, in a program's unit (core/config.hpp)
 namespace mixprec::cpu::detail {
 const DeviceKernels& cpu_kernel_table();
 inline const bool kCpuKernelsRegistered = (set_device_kernels(Device::CPU, &cpu_kernel_table()), true);
 }  // namespace mixprec::cpu::detail
 #else
-
-#if defined(MIXPREC_BUILDING_COMPILED_LIB)
-#define MIXPREC_TABLE_LINKAGE  // one external definition, in the library
-#else
-#define MIXPREC_TABLE_LINKAGE inline
-#endif
 
 // Each area fills its entries from its own header (one place per kernel family):
 #include "mixprec/backends/cpu/attention.hpp"
@@ -47,7 +41,7 @@ inline const bool kCpuKernelsRegistered = (set_device_kernels(Device::CPU, &cpu_
 namespace mixprec::cpu {
 namespace detail {
 
-MIXPREC_TABLE_LINKAGE const DeviceKernels& cpu_kernel_table() {
+MIXPREC_OUTLINE const DeviceKernels& cpu_kernel_table() {
   static const DeviceKernels k = [] {
     DeviceKernels t;
     // Host <-> device transfers (to_device, to_host) and graphs (make_graph) have no CPU meaning.
@@ -74,5 +68,4 @@ inline const bool kCpuKernelsRegistered = (set_device_kernels(Device::CPU, &cpu_
 }  // namespace detail
 }  // namespace mixprec::cpu
 
-#undef MIXPREC_TABLE_LINKAGE
 #endif  // compiled mode

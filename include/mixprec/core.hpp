@@ -1,0 +1,40 @@
+#pragma once
+// mixprec's core, for a program that needs no more: dtypes, Tensor, autograd, autocast and every op,
+// with the CPU backend's kernel table. The other area headers (nn.hpp, optim.hpp, amp.hpp, data.hpp,
+// io.hpp) include this one; mixprec.hpp includes them all. Including less is what makes a unit built
+// in compiled mode (MIXPREC_COMPILED_LIB) cheaper: it parses less (issue 19, compile time).
+#include "mixprec/core/config.hpp"
+#include "mixprec/core/capabilities.hpp"
+#include "mixprec/core/cpu_features.hpp"
+#include "mixprec/core/error.hpp"
+#include "mixprec/dtype/bfloat16.hpp"
+#include "mixprec/dtype/convert.hpp"
+#include "mixprec/dtype/dispatch.hpp"
+#include "mixprec/dtype/dtype.hpp"
+#include "mixprec/dtype/half.hpp"
+#include "mixprec/tensor/allocator.hpp"
+#include "mixprec/tensor/device.hpp"
+#include "mixprec/tensor/generator.hpp"
+#include "mixprec/tensor/tensor.hpp"
+#include "mixprec/autograd/grad_mode.hpp"
+#include "mixprec/autograd/anomaly.hpp"
+#include "mixprec/autograd/function.hpp"
+#include "mixprec/amp/policy.hpp"
+#include "mixprec/amp/trace.hpp"
+#include "mixprec/amp/autocast.hpp"
+#include "mixprec/ops/tensor_ops.hpp"
+#include "mixprec/ops/elementwise.hpp"
+#include "mixprec/ops/reduce.hpp"
+#include "mixprec/ops/linalg.hpp"
+#include "mixprec/ops/shape.hpp"
+#include "mixprec/ops/conv.hpp"
+#include "mixprec/ops/pool.hpp"
+#include "mixprec/ops/activation.hpp"
+#include "mixprec/ops/normalization.hpp"
+#include "mixprec/ops/loss.hpp"
+#include "mixprec/ops/attention.hpp"
+#include "mixprec/autograd/engine.hpp"
+#include "mixprec/autograd/gradcheck.hpp"
+// Last: the CPU backend's kernel table, built on the op layer above (backends/cpu/kernels.hpp). Header-only,
+// it brings in the optimizer and GradScaler kernels' headers too; in compiled mode it is one declaration.
+#include "mixprec/backends/cpu/kernels.hpp"
