@@ -214,7 +214,7 @@ TEST(Fp8GemmPlan, RefusesWhatCublasLtWouldReject) {
   {  // an x that starts 8 bytes into its buffer
     Fp8Linear big = make_linear(17, 32, 32, DType::Float8E4M3FN, DType::Float8E4M3FN, DType::BFloat16, false);
     Fp8Linear view = big;
-    view.x = detail::make_view(big.x, {16, 32}, {32, 1}, 8);
+    view.x = mixprec::detail::make_view(big.x, {16, 32}, {32, 1}, 8);
     view.out = empty({16, 32}, DType::BFloat16);
     expect_refused(linear_request(view), "16-byte aligned");
   }
