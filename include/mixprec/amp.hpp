@@ -6,3 +6,4 @@
 #include "mixprec/amp/trace.hpp"
 #include "mixprec/amp/autocast.hpp"
 #include "mixprec/amp/grad_scaler.hpp"
+#include "mixprec/amp/fp8.hpp"

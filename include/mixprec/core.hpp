@@ -12,6 +12,7 @@
 #include "mixprec/dtype/dispatch.hpp"
 #include "mixprec/dtype/dtype.hpp"
 #include "mixprec/dtype/half.hpp"
+#include "mixprec/dtype/float8.hpp"
 #include "mixprec/tensor/allocator.hpp"
 #include "mixprec/tensor/device.hpp"
 #include "mixprec/tensor/generator.hpp"

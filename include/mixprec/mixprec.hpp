@@ -5,7 +5,7 @@
 // core.hpp   config, errors, CPU features; dtypes and conversions; Tensor, allocator, generator;
 //            autograd; autocast's op table; every op; the CPU backend (core/ dtype/ tensor/
 //            autograd/ ops/ backends/cpu/)
-// amp.hpp    autocast, precision trace, GradScaler (amp/)
+// amp.hpp    autocast, precision trace, GradScaler, fp8 autocast (amp/)
 // optim.hpp  optimizers, schedulers, EMA, clipping (optim/)
 // nn.hpp     modules and models (nn/)
 // data.hpp   datasets, DataLoader (data/)

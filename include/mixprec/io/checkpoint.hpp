@@ -13,6 +13,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "mixprec/amp/fp8_state.hpp"
 #include "mixprec/amp/grad_scaler.hpp"
 #include "mixprec/io/safetensors.hpp"
 #include "mixprec/nn/module.hpp"
@@ -37,6 +38,7 @@ struct CheckpointParts {
   amp::GradScaler* scaler = nullptr;
   optim::lr_scheduler::LRScheduler* scheduler = nullptr;
   std::vector<Generator*> generators{&default_generator()};
+  nn::Module* fp8 = nullptr;  // this model's fp8 delayed-scaling state (amp/fp8_state.hpp), keys fp8.*
 };
 
 namespace detail {
@@ -138,6 +140,8 @@ inline void save_checkpoint(const std::string& path, const CheckpointParts& part
     detail::put_scalars(meta, "optim.", sd.scalars);
   }
   if (parts.scaler) detail::put_scalars(meta, "scaler.", parts.scaler->state_dict());
+  if (parts.fp8)
+    for (const auto& [k, t] : amp::fp8_state_dict(*parts.fp8)) tensors.emplace_back("fp8." + k, t);
   if (parts.scheduler) {
     const optim::StateDict sd = parts.scheduler->state_dict();
     for (const auto& [k, t] : sd.tensors) tensors.emplace_back("sched." + k, t);
@@ -207,6 +211,7 @@ inline TrainingState load_checkpoint(const std::string& path, const CheckpointPa
     if (parts.optimizer) parts.optimizer->load_state_dict({section("optim."), optim_scalars});
     if (parts.scaler) parts.scaler->load_state_dict(scaler_scalars);
     if (parts.scheduler) parts.scheduler->load_state_dict({section("sched."), sched_scalars});
+    if (parts.fp8) amp::load_fp8_state_dict(*parts.fp8, section("fp8."));
   } catch (const Error& e) {
     fail("load_checkpoint: ", path, ": ", e.what());  // which file did not fit
   }

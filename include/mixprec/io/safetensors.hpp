@@ -405,6 +405,8 @@ inline const char* safetensors_dtype(DType d) {
     case DType::Int64: return "I64";
     case DType::UInt8: return "U8";
     case DType::Bool: return "BOOL";
+    case DType::Float8E4M3FN: return "F8_E4M3";  // the safetensors spec's names for the OCP formats
+    case DType::Float8E5M2: return "F8_E5M2";
   }
   fail("save_safetensors: unhandled dtype ", d);
 }
@@ -628,7 +630,7 @@ inline SafetensorsFile load_safetensors(const std::string& path) {
     MIXPREC_CHECK(dt->kind == json::Value::Kind::String, t, ": dtype is ", json::kind_name(dt->kind), ", expected a string");
     const auto dtype = detail::dtype_from_safetensors(dt->text);
     MIXPREC_CHECK(dtype.has_value(), t, ": unsupported dtype '", dt->text,
-                  "' (mixprec reads F32, F64, F16, BF16, I32, I64, U8, BOOL)");
+                  "' (mixprec reads F32, F64, F16, BF16, I32, I64, U8, BOOL, F8_E4M3, F8_E5M2)");
     MIXPREC_CHECK(sh->kind == json::Value::Kind::Array, t, ": shape is ", json::kind_name(sh->kind), ", expected an array");
     Entry e{key, *dtype, {}, 0, 0};
     // Counted in bytes, capped at the data section: beyond it the entry is wrong anyway.

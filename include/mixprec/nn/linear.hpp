@@ -3,6 +3,7 @@
 #include <cmath>
 #include <optional>
 
+#include "mixprec/amp/fp8.hpp"
 #include "mixprec/nn/init.hpp"
 #include "mixprec/ops/linalg.hpp"
 #include "mixprec/ops/shape.hpp"
@@ -33,7 +34,14 @@ class Linear : public Module {
     }
     register_parameter("bias", this->bias);
   }
-  Tensor forward(const Tensor& x) override { return mixprec::linear(x, weight, bias); }
+  // Under amp::fp8_autocast: from fp8 operands, with this layer's delayed-scaling state.
+  Tensor forward(const Tensor& x) override {
+    if (amp::fp8_autocast::is_enabled()) {
+      if (!fp8_meta) fp8_meta = std::make_shared<amp::Fp8LinearMeta>();
+      return amp::fp8_linear(x, weight, bias, fp8_meta);
+    }
+    return mixprec::linear(x, weight, bias);
+  }
   std::string extra_repr() const override {
     return "in_features=" + std::to_string(in_features) + ", out_features=" + std::to_string(out_features) +
            ", bias=" + detail::py_bool(bias.defined());
@@ -41,6 +49,7 @@ class Linear : public Module {
 
   int64_t in_features, out_features;
   Tensor weight, bias;
+  std::shared_ptr<amp::Fp8LinearMeta> fp8_meta;  // amax histories and scales; made by the first fp8 forward
 };
 
 class Flatten : public Module {

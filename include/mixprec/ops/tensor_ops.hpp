@@ -524,7 +524,7 @@ template <class T>
 T Tensor::item() const {
   MIXPREC_CHECK(numel() == 1, "item: tensor of shape ", sizes(), " has ", numel(), " elements, expected one");
   const Tensor c = detail::move_raw(*this, Device::CPU, "item");  // waits for the device
-  return dispatch_all(dtype(), "item", [&]<class S>() -> T {
+  return dispatch_all_with_fp8(dtype(), "item", [&]<class S>() -> T {
     const S v = *static_cast<const S*>(c.data_ptr());
     if constexpr (is_floating_v<T> && !std::is_same_v<S, bool>) return static_cast<T>(static_cast<acc_t<S>>(v));
     else return static_cast<T>(static_cast<acc_t<S>>(v));
@@ -540,7 +540,7 @@ inline std::string Tensor::to_string() const {
                                               : Tensor();
   os << "tensor(";
   if (c.defined()) {
-    dispatch_all(dtype(), "print", [&]<class T>() {
+    dispatch_all_with_fp8(dtype(), "print", [&]<class T>() {
       const int64_t n = numel();
       const int64_t limit = 6;  // elements shown at each end of a long dimension
       std::function<void(int64_t, int64_t)> rec = [&](int64_t d, int64_t off) {

@@ -41,15 +41,15 @@ inline void copy_convert(const Tensor& dst, const Tensor& src) {
   }(), src.storage_offset());
   if (dst.dtype() == src.dtype()) return cpu::copy(dst, s);
   if (dst.is_contiguous() && s.is_contiguous()) {
-    dispatch_all(dst.dtype(), "copy_", [&]<class To>() {
-      dispatch_all(src.dtype(), "copy_", [&]<class From>() {
+    dispatch_all_with_fp8(dst.dtype(), "copy_", [&]<class To>() {
+      dispatch_all_with_fp8(src.dtype(), "copy_", [&]<class From>() {
         parallel_for(0, dst.numel(), 1 << 20, [&](int64_t b, int64_t e) { convert(s.data<From>() + b, dst.data<To>() + b, e - b); });
       });
     });
     return;
   }
-  dispatch_all(dst.dtype(), "copy_", [&]<class To>() {
-    dispatch_all(src.dtype(), "copy_", [&]<class From>() {
+  dispatch_all_with_fp8(dst.dtype(), "copy_", [&]<class To>() {
+    dispatch_all_with_fp8(src.dtype(), "copy_", [&]<class From>() {
       cpu::map<To, From>(dst, [](auto v) {
         if constexpr (std::is_same_v<To, bool>) return v != 0;
         else return v;
@@ -72,7 +72,7 @@ inline void fill_tensor(const Tensor& t, double value) {
     });
     return;
   }
-  dispatch_all(t.dtype(), "fill_", [&]<class T>() {
+  dispatch_all_with_fp8(t.dtype(), "fill_", [&]<class T>() {
     const T v = static_cast<T>(value);
     T* p = t.data<T>();
     parallel_for(0, n, kParallelGrain, [&](int64_t b, int64_t e) { std::fill(p + b, p + e, v); });

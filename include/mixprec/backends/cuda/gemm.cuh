@@ -32,7 +32,14 @@ inline cublasLtHandle_t cublaslt_handle() {
 inline constexpr uint64_t kGemmWorkspaceBytes = uint64_t{32} << 20;
 
 inline cudaDataType_t cuda_data_type(GemmType t) {
-  return t == GemmType::F32 ? CUDA_R_32F : t == GemmType::F16 ? CUDA_R_16F : CUDA_R_16BF;
+  switch (t) {
+    case GemmType::F32: return CUDA_R_32F;
+    case GemmType::F16: return CUDA_R_16F;
+    case GemmType::BF16: return CUDA_R_16BF;
+    case GemmType::F8E4M3: return CUDA_R_8F_E4M3;
+    case GemmType::F8E5M2: return CUDA_R_8F_E5M2;
+  }
+  return CUDA_R_32F;
 }
 inline cublasComputeType_t cublas_compute(GemmCompute c) {
   return c == GemmCompute::F32 ? CUBLAS_COMPUTE_32F : CUBLAS_COMPUTE_32F_FAST_TF32;
@@ -82,11 +89,32 @@ inline LtLayout matrix_layout(GemmType t, GemmOp o, int64_t rows, int64_t cols, 
 }  // namespace detail
 
 namespace detail {
+// The float8 GEMM's per-call pointers (scales, amax) and its bias type. The pointers are set
+// again by each run_gemm, as the bias pointer: a cached descriptor serves calls with other scales.
+inline void set_fp8_attributes(cublasLtMatmulDesc_t desc, const GemmPlan& p) {
+  const void* a_scale = reinterpret_cast<const void*>(p.a_scale_address);
+  const void* b_scale = reinterpret_cast<const void*>(p.b_scale_address);
+  set_attr(cublasLtMatmulDescSetAttribute, desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, a_scale, "A scale pointer");
+  set_attr(cublasLtMatmulDescSetAttribute, desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, b_scale, "B scale pointer");
+  if (p.d_scale_address) {
+    const void* d_scale = reinterpret_cast<const void*>(p.d_scale_address);
+    set_attr(cublasLtMatmulDescSetAttribute, desc, CUBLASLT_MATMUL_DESC_D_SCALE_POINTER, d_scale, "D scale pointer");
+  }
+  if (p.amax_d_address) {
+    void* amax = reinterpret_cast<void*>(p.amax_d_address);
+    set_attr(cublasLtMatmulDescSetAttribute, desc, CUBLASLT_MATMUL_DESC_AMAX_D_POINTER, amax, "amax D pointer");
+  }
+  if (p.bias_address) {
+    const int32_t type = static_cast<int32_t>(cuda_data_type(p.bias_type));
+    set_attr(cublasLtMatmulDescSetAttribute, desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, type, "bias data type");
+  }
+}
+
 // A plan's cuBLASLt objects and the heuristic's algorithm: built once per GemmPlanKey, so a
 // repeated GEMM creates no descriptor and queries no heuristic.
 struct LtPlan {
   LtDesc desc;
-  LtLayout a, b, c;
+  LtLayout a, b, c, d;  // d: only when D's type differs from C's (a float8 output)
   cublasLtMatmulAlgo_t algo{};
   std::size_t workspace = 0;
   bool found = false;  // the heuristic had an algorithm (a miss is cached too: no repeated query)
@@ -114,9 +142,11 @@ inline LtPlan build_lt_plan(const GemmPlan& p) {
     set_attr(cublasLtMatmulDescSetAttribute, desc_raw, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, ld, "aux ld");
     set_attr(cublasLtMatmulDescSetAttribute, desc_raw, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_DATA_TYPE, type, "aux data type");
   }
+  if (gemm_type_is_fp8(p.ab_type)) set_fp8_attributes(desc_raw, p);
   lt.a = matrix_layout(p.ab_type, p.transa, p.m, p.k, p.lda, p.batch, p.stride_a);
-  lt.b = matrix_layout(p.ab_type, p.transb, p.k, p.n, p.ldb, p.batch, p.stride_b);
-  lt.c = matrix_layout(p.c_type, GemmOp::N, p.m, p.n, p.ldc, p.batch, p.stride_c);
+  lt.b = matrix_layout(p.b_type, p.transb, p.k, p.n, p.ldb, p.batch, p.stride_b);
+  lt.c = matrix_layout(p.c_input_type, GemmOp::N, p.m, p.n, p.ldc, p.batch, p.stride_c);
+  if (p.c_input_type != p.c_type) lt.d = matrix_layout(p.c_type, GemmOp::N, p.m, p.n, p.ldc, p.batch, p.stride_c);
 
   cublasLtMatmulPreference_t pref_raw = nullptr;
   check_cublas(cublasLtMatmulPreferenceCreate(&pref_raw), "cublasLtMatmulPreferenceCreate");
@@ -130,7 +160,7 @@ inline LtPlan build_lt_plan(const GemmPlan& p) {
 
   cublasLtMatmulHeuristicResult_t result{};
   int found = 0;
-  check_cublas(cublasLtMatmulAlgoGetHeuristic(cublaslt_handle(), desc_raw, lt.a.get(), lt.b.get(), lt.c.get(), lt.c.get(), pref_raw, 1,
+  check_cublas(cublasLtMatmulAlgoGetHeuristic(cublaslt_handle(), desc_raw, lt.a.get(), lt.b.get(), lt.c.get(), lt.d ? lt.d.get() : lt.c.get(), pref_raw, 1,
                                               &result, &found),
                "cublasLtMatmulAlgoGetHeuristic");
   lt.found = found > 0;
@@ -179,12 +209,13 @@ inline void run_gemm(const GemmPlan& p) {
   const void* aux = reinterpret_cast<const void*>(p.aux_address);
   if (p.aux_address)
     detail::set_attr(cublasLtMatmulDescSetAttribute, lt.desc.get(), CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, aux, "aux pointer");
+  if (gemm_type_is_fp8(p.ab_type)) detail::set_fp8_attributes(lt.desc.get(), p);
   Tensor workspace;
   if (lt.workspace > 0) workspace = empty({static_cast<int64_t>(lt.workspace)}, DType::UInt8, Device::CUDA);
   const float alpha = 1.0f, beta = 0.0f;
   void* c = reinterpret_cast<void*>(p.c_address);
   check_cublas(cublasLtMatmul(cublaslt_handle(), lt.desc.get(), &alpha, reinterpret_cast<const void*>(p.a_address), lt.a.get(),
-                              reinterpret_cast<const void*>(p.b_address), lt.b.get(), &beta, c, lt.c.get(), c, lt.c.get(), &lt.algo,
+                              reinterpret_cast<const void*>(p.b_address), lt.b.get(), &beta, c, lt.c.get(), c, lt.d ? lt.d.get() : lt.c.get(), &lt.algo,
                               workspace.defined() ? workspace.data_ptr() : nullptr, lt.workspace, current_stream()),
                "cublasLtMatmul");
 }

@@ -9,6 +9,15 @@
 // A, m = N, n = M, and no data moves. A transposed view (strides (1, s)) becomes op T instead of a
 // copy. The bias epilogue adds a length-m vector to each column of C^T, i.e. bias[j] to column j
 // of the row-major C: exactly linear's bias.
+//
+// fp8 (amp/fp8.hpp's GEMMs on tensor cores): E4M3 x E4M3 or E4M3 x E5M2 inputs, float32
+// accumulation, D = scale_a scale_b (A B) [+ bias] (times scale_d when D is itself fp8, whose
+// amax cuBLASLt can write as it stores). cuBLASLt's rules, checked here so a GPU never sees a call
+// it would reject: compute capability 8.9+ (Ada, Hopper), the "TN" layout (cuBLAS A transposed,
+// B not: our b stored as the transpose of a row-major [N, K], i.e. linear's W^T, and our a
+// row-major [M, K]), 16-byte aligned matrices with K and N multiples of 16, a bias in a 16-bit
+// type, and no E5M2 x E5M2. Scales are device pointers to float32 (per-tensor dequantization
+// factors: the amp's scale_inv) and, like A and B, swap sides in the row-major mapping.
 #include <algorithm>
 #include <cstdint>
 #include <functional>
@@ -21,7 +30,7 @@
 
 namespace mixprec::gpu {
 
-enum class GemmType : uint8_t { F32, F16, BF16 };
+enum class GemmType : uint8_t { F32, F16, BF16, F8E4M3, F8E5M2 };
 // F32: CUBLAS_COMPUTE_32F (16-bit inputs run on tensor cores, accumulate in float32).
 // F32FastTF32: CUBLAS_COMPUTE_32F_FAST_TF32, float32 inputs rounded to tf32 on tensor cores.
 enum class GemmCompute : uint8_t { F32, F32FastTF32 };
@@ -39,15 +48,27 @@ inline bool gemm_epilogue_has_bias(GemmEpilogue e) {
 }
 inline bool gemm_epilogue_has_aux(GemmEpilogue e) { return e == GemmEpilogue::BiasGeluTanhAux || e == GemmEpilogue::DGeluTanhBgrad; }
 
-inline int64_t gemm_type_size(GemmType t) { return t == GemmType::F32 ? 4 : 2; }
-inline const char* gemm_type_name(GemmType t) { return t == GemmType::F32 ? "float32" : t == GemmType::F16 ? "float16" : "bfloat16"; }
+inline bool gemm_type_is_fp8(GemmType t) { return t == GemmType::F8E4M3 || t == GemmType::F8E5M2; }
+inline int64_t gemm_type_size(GemmType t) { return t == GemmType::F32 ? 4 : gemm_type_is_fp8(t) ? 1 : 2; }
+inline const char* gemm_type_name(GemmType t) {
+  switch (t) {
+    case GemmType::F32: return "float32";
+    case GemmType::F16: return "float16";
+    case GemmType::BF16: return "bfloat16";
+    case GemmType::F8E4M3: return "float8_e4m3fn";
+    case GemmType::F8E5M2: return "float8_e5m2";
+  }
+  return "?";
+}
 
 inline GemmType gemm_type_of(DType d, const char* op) {
   switch (d) {
     case DType::Float32: return GemmType::F32;
     case DType::Float16: return GemmType::F16;
     case DType::BFloat16: return GemmType::BF16;
-    default: fail(op, ": cuBLASLt GEMM takes float32, float16 or bfloat16, got ", d);
+    case DType::Float8E4M3FN: return GemmType::F8E4M3;
+    case DType::Float8E5M2: return GemmType::F8E5M2;
+    default: fail(op, ": cuBLASLt GEMM takes float32, float16, bfloat16 or float8, got ", d);
   }
 }
 
@@ -72,6 +93,11 @@ struct GemmRequest {
   uintptr_t aux_address = 0;   // [M, N] in c_type, row stride aux_ld, when the epilogue has an aux matrix
   int64_t aux_ld = 0;
   bool allow_tf32 = false;     // float32 inputs only, as torch.backends.cuda.matmul.allow_tf32
+  // fp8 only: device float32 pointers. a_scale / b_scale multiply our a / b (dequantization);
+  // d_scale (fp8 D only) multiplies the result before it is rounded to fp8; amax_d (fp8 D only,
+  // optional) receives max |D| before d_scale.
+  uintptr_t a_scale_address = 0, b_scale_address = 0, d_scale_address = 0, amax_d_address = 0;
+  int compute_capability = 0;  // the device's, major * 10 + minor: fp8 needs 89 or more
 };
 
 struct GemmPlan {
@@ -86,6 +112,11 @@ struct GemmPlan {
   int64_t bias_length = 0;  // = m
   uintptr_t aux_address = 0;  // column-major like C: aux_ld >= m, a multiple of 8 (cuBLASLt's rule)
   int64_t aux_ld = 0;
+  // fp8: cuBLAS B's type (our a's; ab_type is cuBLAS A's, our b's) -- they differ in E4M3 x E5M2 --,
+  // the type of the C matrix cuBLASLt declares (16-bit when D is fp8; C is not read, beta = 0), the
+  // bias's type, and the scale pointers in cuBLAS's naming (a_scale scales cuBLAS A = our b).
+  GemmType b_type = GemmType::F32, c_input_type = GemmType::F32, bias_type = GemmType::F32;
+  uintptr_t a_scale_address = 0, b_scale_address = 0, d_scale_address = 0, amax_d_address = 0;
   // Byte alignment of each matrix (largest power of two <= 16 dividing its address, leading
   // dimension and batch stride in bytes): handed to cuBLASLt as the minimum alignment, so the
   // algorithm it picks is valid for these pointers even when they are not 16-byte aligned.
@@ -147,11 +178,55 @@ inline bool gemm_operand_ok(const Tensor& t, const Shape& out) {
          detail::collapsed_batch_stride(t, out).has_value();
 }
 
+namespace detail {
+// The fp8 rules of the comment at the top; p is the plan as for any GEMM (ops, alignments).
+inline void plan_fp8(const GemmRequest& r, GemmPlan& p) {
+  const char* op = "gemm plan (float8)";
+  const int cc = r.compute_capability;
+  MIXPREC_CHECK(cc >= 89, op, ": float8 tensor-core GEMMs need compute capability 8.9 or newer (Ada, Hopper), ",
+                cc > 0 ? "the device has " + std::to_string(cc / 10) + "." + std::to_string(cc % 10) : std::string("none was given"),
+                "; run the emulated path (amp::fp8_linear on the CPU) or bfloat16 there");
+  MIXPREC_CHECK(!(r.a.type == GemmType::F8E5M2 && r.b.type == GemmType::F8E5M2), op,
+                ": float8_e5m2 x float8_e5m2 has no cuBLASLt kernel; quantize one operand to float8_e4m3fn (HYBRID: E4M3 activations "
+                "and weights, E5M2 gradients)");
+  MIXPREC_CHECK(p.transa == GemmOp::T && p.transb == GemmOp::N, op, ": cuBLASLt's float8 kernels take only the TN layout: b [K, N] "
+                "must be the transpose of a row-major [N, K] matrix (strides (1, >= K), as linear's W^T) and a [M, K] row-major; got b "
+                "strides (", r.b.s0, ", ", r.b.s1, ") and a strides (", r.a.s0, ", ", r.a.s1, "). Make a transposed float8 copy "
+                "(TransformerEngine keeps one per weight for the backward)");
+  MIXPREC_CHECK(r.K % 16 == 0 && r.N % 16 == 0, op, ": K = ", r.K, " and N = ", r.N, " must be multiples of 16");
+  MIXPREC_CHECK(p.align_a == 16 && p.align_b == 16 && p.align_c == 16, op, ": every matrix must be 16-byte aligned (address, row "
+                "stride and batch stride), got alignments ", p.align_b, " (a), ", p.align_a, " (b) and ", p.align_c, " (out) bytes");
+  MIXPREC_CHECK(r.a_scale_address != 0 && r.b_scale_address != 0, op,
+                ": the operands' scale pointers (float32 dequantization factors, scale_inv) are required");
+  const bool fp8_out = gemm_type_is_fp8(r.c_type);
+  MIXPREC_CHECK(fp8_out == (r.d_scale_address != 0), op, ": a float8 output needs d_scale (and only it takes one), output ",
+                gemm_type_name(r.c_type));
+  MIXPREC_CHECK(fp8_out || r.amax_d_address == 0, op, ": amax_d is computed for float8 outputs only, output ", gemm_type_name(r.c_type));
+  MIXPREC_CHECK(r.epilogue == GemmEpilogue::None || r.epilogue == GemmEpilogue::Bias, op,
+                ": only the bias epilogue is planned for float8 GEMMs, got epilogue ", static_cast<int>(r.epilogue));
+  MIXPREC_CHECK(r.epilogue != GemmEpilogue::Bias || r.c_type != GemmType::F32, op,
+                ": cuBLASLt's float8 bias is 16-bit: use a bfloat16 or float16 output, got float32");
+  p.c_input_type = fp8_out ? GemmType::BF16 : r.c_type;
+  p.bias_type = r.c_type == GemmType::F16 ? GemmType::F16 : GemmType::BF16;
+  p.a_scale_address = r.b_scale_address;  // cuBLAS A is our b
+  p.b_scale_address = r.a_scale_address;
+  p.d_scale_address = r.d_scale_address;
+  p.amax_d_address = r.amax_d_address;
+  p.tensor_core_aligned = p.m % 16 == 0 && p.k % 16 == 0;
+}
+}  // namespace detail
+
 inline GemmPlan plan_gemm(const GemmRequest& r) {
   MIXPREC_CHECK(r.M >= 0 && r.N >= 0 && r.K >= 0 && r.batch >= 1, "gemm plan: bad sizes M=", r.M, " N=", r.N, " K=", r.K,
                 " batch=", r.batch);
-  MIXPREC_CHECK(r.a.type == r.b.type, "gemm plan: operands must share a dtype, got ", gemm_type_name(r.a.type), " and ",
+  const bool fp8 = gemm_type_is_fp8(r.a.type) || gemm_type_is_fp8(r.b.type);
+  MIXPREC_CHECK(r.a.type == r.b.type || (gemm_type_is_fp8(r.a.type) && gemm_type_is_fp8(r.b.type)),
+                "gemm plan: operands must share a dtype (or both be float8), got ", gemm_type_name(r.a.type), " and ",
                 gemm_type_name(r.b.type));
+  MIXPREC_CHECK(fp8 || (!r.a_scale_address && !r.b_scale_address && !r.d_scale_address && !r.amax_d_address &&
+                        !gemm_type_is_fp8(r.c_type)),
+                "gemm plan: scale and amax pointers and float8 outputs belong to float8 GEMMs, the operands are ",
+                gemm_type_name(r.a.type));
   MIXPREC_CHECK(r.ldc >= std::max<int64_t>(r.N, 1), "gemm plan: ldc ", r.ldc, " < N ", r.N);
   MIXPREC_CHECK(!r.allow_tf32 || r.a.type == GemmType::F32, "gemm plan: tf32 applies to float32 inputs only, got ",
                 gemm_type_name(r.a.type));
@@ -184,7 +259,7 @@ inline GemmPlan plan_gemm(const GemmRequest& r) {
   p.c_address = r.c_address;
   p.stride_c = r.c_batch_stride;
   p.batch = r.batch;
-  p.ab_type = r.a.type;
+  p.ab_type = r.b.type;  // cuBLAS A is our b (the same type unless mixed float8)
   p.c_type = r.c_type;
   p.compute = r.allow_tf32 ? GemmCompute::F32FastTF32 : GemmCompute::F32;
   p.epilogue = r.epilogue;
@@ -200,6 +275,10 @@ inline GemmPlan plan_gemm(const GemmRequest& r) {
   const int64_t mult = sixteen ? 8 : 4;
   p.tensor_core_aligned = (sixteen || p.compute == GemmCompute::F32FastTF32) && p.m % mult == 0 && p.n % mult == 0 &&
                           p.k % mult == 0 && p.align_a == 16 && p.align_b == 16 && p.align_c == 16;
+  p.b_type = r.a.type;
+  p.c_input_type = p.c_type;
+  p.bias_type = p.c_type;
+  if (fp8) detail::plan_fp8(r, p);
   return p;
 }
 
@@ -215,12 +294,15 @@ struct GemmPlanKey {
   GemmEpilogue epilogue = GemmEpilogue::None;
   int align_a = 16, align_b = 16, align_c = 16;
   int64_t aux_ld = 0;
+  GemmType b_type = GemmType::F32, c_input_type = GemmType::F32, bias_type = GemmType::F32;
+  bool amax_d = false;  // the descriptor gets an amax pointer (the scale pointers are per call, as the bias)
   bool operator==(const GemmPlanKey&) const = default;
 };
 
 inline GemmPlanKey plan_key(const GemmPlan& p) {
   return {p.transa, p.transb, p.m,       p.n,       p.k,       p.lda,     p.ldb,      p.ldc,     p.batch,   p.stride_a,
-          p.stride_b, p.stride_c, p.ab_type, p.c_type, p.compute, p.epilogue, p.align_a, p.align_b, p.align_c, p.aux_ld};
+          p.stride_b, p.stride_c, p.ab_type, p.c_type, p.compute, p.epilogue, p.align_a, p.align_b, p.align_c, p.aux_ld,
+          p.b_type, p.c_input_type, p.bias_type, p.amax_d_address != 0};
 }
 
 struct GemmPlanKeyHash {
@@ -232,6 +314,8 @@ struct GemmPlanKeyHash {
     mix(static_cast<uint64_t>(k.transa) | static_cast<uint64_t>(k.transb) << 2 | static_cast<uint64_t>(k.ab_type) << 4 |
         static_cast<uint64_t>(k.c_type) << 6 | static_cast<uint64_t>(k.compute) << 8 | static_cast<uint64_t>(k.epilogue) << 10 |
         static_cast<uint64_t>(k.align_a) << 16 | static_cast<uint64_t>(k.align_b) << 24 | static_cast<uint64_t>(k.align_c) << 32);
+    mix(static_cast<uint64_t>(k.b_type) | static_cast<uint64_t>(k.c_input_type) << 4 | static_cast<uint64_t>(k.bias_type) << 8 |
+        static_cast<uint64_t>(k.amax_d) << 12);
     return h;
   }
 };
