@@ -178,7 +178,7 @@ class DistributedDataParallel {
   }
 
   void broadcast_from_rank0(const std::vector<Tensor>& tensors) {
-    if (pg_->size() == 1) return;
+    if (pg_->size() == 1 || tensors.empty()) return;
     if (device_ != Device::CPU) {  // on the communication stream, between the compute stream's events
       buffers_ready_->record(nullptr);
       buffers_ready_->block(stream_.get());
