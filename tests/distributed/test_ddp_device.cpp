@@ -68,9 +68,6 @@ class DdpOnDevice : public ::testing::Test {
   std::shared_ptr<emu::EmulatedGroup> group_ = std::make_shared<emu::EmulatedGroup>();
 };
 
-}  // namespace ddp_device_test
-
-using namespace ddp_device_test;
 
 TEST_F(DdpOnDevice, MatchesOneProcessOnTheGlobalBatchWithStreamOrderedBucketsAndNoExtraTransfers) {
   const int p = world().size();
@@ -244,3 +241,5 @@ TEST_F(DdpOnDevice, RefusesParametersOnTwoDevices) {
     EXPECT_NE(std::string(e.what()).find("must be a contiguous tensor on cuda"), std::string::npos) << e.what();
   }
 }
+
+}  // namespace ddp_device_test

@@ -225,7 +225,7 @@ class DistributedDataParallel {
   }
 
   void on_grad_ready(std::size_t i) {
-    if (!require_sync_ || pg_->size() == 1) return;
+    if (!require_sync_) return;  // one process reduces too (as PyTorch): its steps run the same path
     const uint64_t id = autograd::backward_id();
     if (armed_id_ != id) begin_reduction(id);
     if (ready_[i]) return;
