@@ -4,8 +4,9 @@
 # precision, compute-sanitizer's memcheck over the kernel and public-op tests, then the timing
 # table: mixprec_gpu_bench and PyTorch's peer (benchmarks/peers/torch_gpu.py) alternately.
 #   scripts/gpu_check.sh [BIN_DIR] [DATA_DIR] [OUT_DIR] [CORPUS_DIR]
-# BIN_DIR holds test_cuda_host, test_cuda_types, test_cuda_device, test_cuda_plans, mixprec_gpu_selftest,
-# mixprec_gpu_bench, mixprec_resnet_cuda and mixprec_transformer_cuda (build/release/tests by
+# BIN_DIR holds test_cuda_host, test_cuda_types, test_cuda_device, test_cuda_plans, test_nccl_single,
+# mixprec_gpu_selftest, mixprec_gpu_bench, mixprec_resnet_cuda and mixprec_transformer_cuda, and
+# optionally test_nccl (MPI: run on every GPU when mpirun and 2+ GPUs exist) (build/release/tests by
 # default); DATA_DIR the Fashion-MNIST .gz files; OUT_DIR receives the log (gpu_check.log, or
 # gpu_check_bench.log with GPU_CHECK_ONLY=bench), the examples' CSVs,
 # bench.log (the BENCH lines) and table.md (the side-by-side table); CORPUS_DIR the
@@ -34,7 +35,7 @@ tee_pid=$!
 failed=0
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || failed=1
 torch_env=(env "LD_LIBRARY_PATH=${LD_LIBRARY_PATH-}")  # PyTorch loads the libraries its wheels carry, as it always does
-for lib in libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcudnn.so.9; do
+for lib in libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcudnn.so.9 libnccl.so.2; do
   ldconfig -p | grep -q "$lib" && continue
   p=$(find /usr/local /opt /usr/lib -name "$lib" 2>/dev/null | head -1)
   [ -n "$p" ] && export LD_LIBRARY_PATH="$(dirname "$p")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
@@ -63,6 +64,15 @@ if [ "$only" != bench ]; then
   run 60 "$bin/test_cuda_host"
   run 180 "$bin/test_cuda_device"
   run 120 "$bin/test_cuda_plans"
+  # Data parallelism over NCCL: one rank without MPI (every collective, DDP steps of GPT-mini and
+  # ResNet-20 against the plain step); with mpirun and several GPUs, one rank per GPU.
+  run 300 "$bin/test_nccl_single"
+  ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+  if [ "$ngpu" -ge 2 ] && [ -x "$bin/test_nccl" ] && command -v mpirun >/dev/null; then
+    run 300 mpirun --oversubscribe --allow-run-as-root -np "$ngpu" "$bin/test_nccl"
+  else
+    echo "=== test_nccl on several ranks not run: $ngpu GPU(s), mpirun $(command -v mpirun >/dev/null && echo found || echo missing)"
+  fi
   run 180 "$bin/mixprec_gpu_selftest"
   [ "${GPU_CHECK_EXAMPLES:-1}" = 0 ] || for p in fp32 bf16 fp16; do
     run 300 "$bin/mixprec_resnet_cuda" --device cuda --precision "$p" --epochs 1 --data-dir "$data" --csv "$out/resnet20_cuda_$p.csv"

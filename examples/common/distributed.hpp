@@ -1,6 +1,10 @@
 #pragma once
 // --distributed: data-parallel training over MPI (`mpirun -np N program --distributed`). Without
 // the flag the program is one process, rank 0 of 1. Builds without MPI refuse the flag.
+// With --device cuda (the nvcc-built examples, with NCCL): one process per GPU, rank -> GPU by
+// the launcher's local rank; gradients, buffers and the found-inf flag go over NCCL on the
+// device, and MPI carries only the NCCL id and the host-side numbers (loss, throughput).
+#include <cstdio>
 #include <memory>
 
 #include <mixprec/mixprec.hpp>
@@ -9,17 +13,31 @@
 #if defined(MIXPREC_EXAMPLES_MPI)
 #include <mixprec/distributed/mpi.hpp>
 #endif
+#if defined(MIXPREC_EXAMPLES_NCCL) && defined(__CUDACC__)
+#include <mixprec/distributed/nccl.cuh>
+#endif
 
 namespace examples {
 
 class Distributed {
  public:
-  explicit Distributed(bool enabled) {
+  explicit Distributed(bool enabled, mixprec::Device device = mixprec::Device::CPU) {
     if (!enabled) return;
 #if defined(MIXPREC_EXAMPLES_MPI)
     group() = std::make_shared<mixprec::distributed::MpiProcessGroup>();
     rank_ = group()->rank();
     world_ = group()->size();
+    if (device != mixprec::Device::CPU) {
+#if defined(MIXPREC_EXAMPLES_NCCL) && defined(__CUDACC__)
+      // The launcher's local rank picks the GPU (the global rank on one node when it says nothing);
+      // the group refuses two ranks on one GPU and a rank without one, on every rank.
+      const int local = mixprec::distributed::local_rank();
+      device_group_ = std::make_shared<mixprec::distributed::NcclProcessGroup>(*group(), local >= 0 ? local : rank_);
+#else
+      mixprec::fail("--distributed --device ", device, ": this build has no NCCL data-parallel backend (build the CUDA "
+                    "examples with MIXPREC_NCCL=ON and MPI)");
+#endif
+    }
 #else
     mixprec::fail("--distributed: this build has no MPI (install libopenmpi-dev openmpi-bin and reconfigure)");
 #endif
@@ -48,8 +66,13 @@ class Distributed {
   void wrap(mixprec::nn::Module& model, mixprec::amp::GradScaler& scaler) {
 #if defined(MIXPREC_EXAMPLES_MPI)
     if (world_ == 1) return;
-    ddp_ = std::make_unique<mixprec::distributed::DistributedDataParallel>(model, group());
-    mixprec::distributed::all_reduce_found_inf(scaler, group());
+    std::shared_ptr<mixprec::distributed::ProcessGroup> pg = device_group_;
+    if (!pg) pg = group();
+    ddp_ = std::make_unique<mixprec::distributed::DistributedDataParallel>(model, pg);
+    mixprec::distributed::all_reduce_found_inf(scaler, pg);
+    if (is_main())  // the ring all-reduce's volume: each rank sends and receives ~2 (p - 1) / p of it per step
+      std::printf("data parallel over %s: %d processes, %zu gradient buckets, %.2f MB all-reduced per step\n",
+                  pg->backend().c_str(), world_, ddp_->num_buckets(), static_cast<double>(ddp_->bytes_per_step()) / 1e6);
 #else
     (void)model, (void)scaler;
 #endif
@@ -79,6 +102,7 @@ class Distributed {
 
  private:
   int rank_ = 0, world_ = 1;
+  std::shared_ptr<mixprec::distributed::ProcessGroup> device_group_;  // NCCL, with --device cuda
   std::unique_ptr<mixprec::distributed::DistributedDataParallel> ddp_;
 };
 

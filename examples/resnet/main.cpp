@@ -68,7 +68,7 @@ int run(int argc, char** argv) {
   const int64_t epochs = f.epochs, batch_size = f.batch_size, limit = f.limit_batches;
   const uint64_t seed = f.seed;
   manual_seed(seed);
-  examples::Distributed dist(f.distributed);
+  examples::Distributed dist(f.distributed, device);
 
   data::FashionMnist train, test;
   if (f.synthetic) {

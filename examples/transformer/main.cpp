@@ -80,7 +80,7 @@ int run(int argc, char** argv) {
   MIXPREC_CHECK(warmup_steps <= total_steps, "--warmup-steps ", warmup_steps, " exceeds the run's ", total_steps, " steps");
   const uint64_t seed = f.seed;
   manual_seed(seed);
-  examples::Distributed dist(f.distributed);
+  examples::Distributed dist(f.distributed, device);
 
   const data::TextDataset text = f.synthetic ? data::TextDataset::from_text([] {
     std::string s;

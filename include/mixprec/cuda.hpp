@@ -7,6 +7,7 @@
 //   runtime.hpp      error checks, current stream                       (host code)
 //   allocator.hpp    caching allocator behind memory_stats(Device::CUDA) (host code)
 //   copy.hpp         to_device / to_host                                 (host code)
+//   streams.hpp      DeviceStream / DeviceEvent: overlap of communication (host code)
 //   gemm_plan.hpp    row-major request -> column-major cuBLASLt call     (plain C++, CPU-tested)
 //   cudnn_desc.hpp   cuDNN descriptors, conv output shape                (host code, CPU-tested)
 //   common.cuh       dtype dispatch, launch shapes, strided gather/cast

@@ -148,6 +148,11 @@ class GradScaler {
     if (slots.empty()) {
       // Nothing to unscale, but a reducer is a collective (data parallel): this rank still joins it.
       if (found_inf_reducer_) st.found_inf = found_inf_reducer_(false);
+      if (found_inf_flag_reducer_) {
+        const Tensor none = zeros({}, DType::Float32, device_);
+        found_inf_flag_reducer_(none);
+        if (device_ == Device::CPU) st.found_inf = *none.data<float>() != 0.0f;
+      }
     } else {  // one fused call over all gradients; on a device the flag stays there
       std::vector<Tensor> grads, masters;
       for (const auto& s : slots) {
@@ -159,6 +164,7 @@ class GradScaler {
       const Tensor scale = scale_on(dev);
       st.flag = zeros({}, DType::Float32, dev);
       kernel(grads, masters, scale, st.flag);
+      if (found_inf_flag_reducer_) found_inf_flag_reducer_(st.flag);  // stays on the device
       if (found_inf_reducer_) {  // a host function: the one read-back this makes on a device
         const bool found = found_inf_reducer_(st.flag.item<float>() != 0.0f);
         st.flag.fill_(found ? 1.0 : 0.0);
@@ -261,6 +267,9 @@ class GradScaler {
   // Data-parallel training installs an all-reduce (max) here (distributed::all_reduce_found_inf)
   // so that every rank skips the same steps and keeps the same scale.
   void set_found_inf_reducer(std::function<bool(bool)> reducer) { found_inf_reducer_ = std::move(reducer); }
+  // The same on the flag itself (float32 [] on the gradients' device, or the scale's device when
+  // this optimizer has no gradients), reduced in place where it lives: no host read on a device.
+  void set_found_inf_flag_reducer(std::function<void(const Tensor&)> reducer) { found_inf_flag_reducer_ = std::move(reducer); }
 
   // Where this iteration stands for `optimizer`, and whether its gradients had inf/NaN.
   OptState stage(const optim::Optimizer& optimizer) const {
@@ -368,6 +377,7 @@ class GradScaler {
   Tensor scale_dev_, tracker_dev_, skipped_dev_;  // on device_ when that is not the CPU
   std::unordered_map<const optim::Optimizer*, PerOptimizer> states_;
   std::function<bool(bool)> found_inf_reducer_;
+  std::function<void(const Tensor&)> found_inf_flag_reducer_;
 };
 
 }  // namespace mixprec::amp

@@ -62,6 +62,28 @@ class DeviceGraph {
   virtual Tensor replay_counter() const = 0;
 };
 
+// ---- streams: device work beside the compute stream (data-parallel communication) ----
+// Every entry of the table runs on the device's compute stream (CUDA: gpu::current_stream()). A
+// DeviceStream is a second queue (DistributedDataParallel all-reduces gradient buckets there
+// while backward keeps computing), and DeviceEvents order the two without the host waiting.
+class DeviceStream {
+ public:
+  virtual ~DeviceStream() = default;
+  // The backend's handle (cudaStream_t on CUDA), for libraries that enqueue on it (NCCL).
+  virtual void* native_handle() const = 0;
+};
+class DeviceEvent {
+ public:
+  virtual ~DeviceEvent() = default;
+  // Marks the work enqueued so far on `stream` (nullptr: the compute stream).
+  virtual void record(DeviceStream* stream) = 0;
+  // Work enqueued on `stream` (nullptr: the compute stream) from now on starts after the marked
+  // work; the host does not wait.
+  virtual void block(DeviceStream* stream) = 0;
+  // The host waits for the marked work.
+  virtual void synchronize() = 0;
+};
+
 // ---- reduceshape ----
 // Kernel families shared by several ops: the reduce, compare, pointwise and index entries.
 enum class DeviceReduce : uint8_t { Mean, Var, Norm, Max, Min };
@@ -348,6 +370,9 @@ struct DeviceKernels {
                               int64_t C, int64_t S, int64_t ignore_index) = nullptr;
   // A new, empty graph of this device (CapturedStep).
   std::unique_ptr<DeviceGraph> (*make_graph)() = nullptr;
+  // A new stream and event of this device (DeviceStream, DeviceEvent above).
+  std::unique_ptr<DeviceStream> (*make_stream)() = nullptr;
+  std::unique_ptr<DeviceEvent> (*make_event)() = nullptr;
 };
 
 namespace detail {

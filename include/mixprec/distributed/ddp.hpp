@@ -1,5 +1,5 @@
 #pragma once
-// DistributedDataParallel: torch.nn.parallel.DistributedDataParallel for CPU modules.
+// DistributedDataParallel: torch.nn.parallel.DistributedDataParallel for CPU and device (CUDA) modules.
 //
 //   auto pg = std::make_shared<distributed::MpiProcessGroup>();
 //   distributed::DistributedDataParallel ddp(*model, pg);      // rank 0's weights everywhere
@@ -20,6 +20,16 @@
 // Buckets are float32 whatever the gradient dtype: 16-bit gradients are widened, summed and
 // averaged in float32, and rounded once into the 16-bit .grad().
 //
+// Device modules (CUDA, with NcclProcessGroup): the buckets are device memory, filled by device
+// copies; a full bucket's all-reduce is enqueued on a communication stream of the device
+// (DeviceStream) after an event recorded on the compute stream, so it overlaps the rest of
+// backward, and at the end of backward the compute stream waits for the communication stream's
+// event before averaging (one division and one rounding per gradient, on the device). Neither
+// the hooks nor the end of backward wait on the host; nor does forward's buffer broadcast, nor
+// the found-inf all-reduce that all_reduce_found_inf installs (on the device flag the fused
+// optimizer reads). The one exception: find_unused_parameters reads which parameters got a
+// gradient on some rank back to the host.
+//
 // Gradient accumulation: backward under `auto guard = ddp.no_sync();` only accumulates locally;
 // the next backward outside it reduces the accumulated gradients.
 #include <algorithm>
@@ -30,6 +40,7 @@
 
 #include "mixprec/amp/grad_scaler.hpp"
 #include "mixprec/autograd/engine.hpp"
+#include "mixprec/backends/device.hpp"
 #include "mixprec/distributed/process_group.hpp"
 #include "mixprec/nn/module.hpp"
 
@@ -50,10 +61,21 @@ class DistributedDataParallel {
                   options_.bucket_cap_mb);
     for (auto& [name, p] : module_.named_parameters()) {
       if (!p.requires_grad()) continue;
-      MIXPREC_CHECK(p.device() == Device::CPU && p.is_contiguous(), "DistributedDataParallel: parameter '", name, "' of shape ",
-                    p.sizes(), " on ", p.device(), " must be a contiguous CPU tensor");
+      if (params_.empty()) device_ = p.device();
+      MIXPREC_CHECK(p.device() == device_ && p.is_contiguous(), "DistributedDataParallel: parameter '", name, "' of shape ",
+                    p.sizes(), " on ", p.device(), " must be a contiguous tensor on ", device_,
+                    " (the device of the first trainable parameter)");
       names_.push_back(name);
       params_.push_back(p);
+    }
+    if (device_ != Device::CPU) {
+      const DeviceKernels* k = device_kernels(device_);
+      MIXPREC_CHECK(k && k->make_stream && k->make_event, "DistributedDataParallel: parameters on ", device_, ", whose backend ",
+                    k ? "has no streams and events" : "is not compiled into this program");
+      stream_ = k->make_stream();
+      comm_done_ = k->make_event();
+      buffers_ready_ = k->make_event();
+      buffers_done_ = k->make_event();
     }
     check_same_model();
     broadcast_from_rank0(module_.parameters());
@@ -66,6 +88,12 @@ class DistributedDataParallel {
   ~DistributedDataParallel() {
     for (std::size_t i = 0; i < hooks_.size(); ++i) autograd::remove_post_accumulate_grad_hook(params_[i], hooks_[i]);
     wait_all_quietly();
+    for (auto& w : buffer_works_) {
+      try {
+        w->wait();
+      } catch (const Error&) {  // reported nowhere else, but a destructor must not throw
+      }
+    }
   }
   DistributedDataParallel(const DistributedDataParallel&) = delete;
   DistributedDataParallel& operator=(const DistributedDataParallel&) = delete;
@@ -86,6 +114,16 @@ class DistributedDataParallel {
   const std::vector<std::size_t>& bucket_params(std::size_t b) const { return buckets_.at(b).params; }
   // Buckets whose all-reduce started while backward was still running, in the last reduction.
   std::size_t buckets_started_during_backward() const { return started_in_backward_; }
+  // Where parameters, gradients and buckets live; the communication stream on a device (null on the CPU).
+  Device device() const { return device_; }
+  DeviceStream* comm_stream() const { return stream_.get(); }
+  // Float32 bytes all-reduced per synchronised step (the buckets' sizes): each rank sends and
+  // receives about 2 (p - 1) / p times this in a ring all-reduce.
+  int64_t bytes_per_step() const {
+    int64_t n = 0;
+    for (const Bucket& b : buckets_) n += b.buffer.numel() * static_cast<int64_t>(sizeof(float));
+    return n;
+  }
 
   // While alive, backward accumulates gradients without reducing them (non-final micro-steps).
   class NoSync {
@@ -111,6 +149,7 @@ class DistributedDataParallel {
     Tensor buffer;                 // float32
     std::size_t pending = 0;       // gradients not yet copied in this backward
     std::shared_ptr<Work> work;
+    std::unique_ptr<DeviceEvent> filled;  // device: recorded on the compute stream when full
   };
 
   // Ranks holding different models would exchange meaningless bytes: compare them first.
@@ -124,10 +163,12 @@ class DistributedDataParallel {
       for (int64_t d : p.sizes()) mix(static_cast<uint64_t>(d));
     }
     const int64_t mine[3] = {static_cast<int64_t>(params_.size()), numel, static_cast<int64_t>(h >> 1)};
-    Tensor all = empty({pg_->size(), 3}, DType::Int64);
     Tensor in = empty({3}, DType::Int64);
     std::memcpy(in.data_ptr(), mine, sizeof mine);
-    pg_->all_gather(all, in)->wait();
+    // A device group gathers device tensors (once, at construction: the host may wait here).
+    Tensor all_dev = empty({pg_->size(), 3}, DType::Int64, device_);
+    pg_->all_gather(all_dev, in.to(device_))->wait();
+    const Tensor all = all_dev.cpu();
     const int64_t* a = all.data<int64_t>();
     for (int r = 0; r < pg_->size(); ++r)
       MIXPREC_CHECK(a[3 * r] == mine[0] && a[3 * r + 1] == mine[1] && a[3 * r + 2] == mine[2],
@@ -137,7 +178,16 @@ class DistributedDataParallel {
   }
 
   void broadcast_from_rank0(const std::vector<Tensor>& tensors) {
-    if (pg_->size() == 1) return;
+    if (pg_->size() == 1 || tensors.empty()) return;
+    if (device_ != Device::CPU) {  // on the communication stream, between the compute stream's events
+      buffers_ready_->record(nullptr);
+      buffers_ready_->block(stream_.get());
+      buffer_works_.clear();
+      for (const Tensor& t : tensors) buffer_works_.push_back(pg_->broadcast_on(t, 0, stream_.get()));
+      buffers_done_->record(stream_.get());
+      buffers_done_->block(nullptr);
+      return;
+    }
     std::vector<std::shared_ptr<Work>> works;
     for (const Tensor& t : tensors) works.push_back(pg_->broadcast(t, 0));
     for (auto& w : works) w->wait();
@@ -151,7 +201,8 @@ class DistributedDataParallel {
     int64_t n = 0;
     auto close = [&] {
       if (cur.params.empty()) return;
-      cur.buffer = empty({n}, DType::Float32);
+      cur.buffer = empty({n}, DType::Float32, device_);
+      if (device_ != Device::CPU) cur.filled = device_kernels(device_)->make_event();
       buckets_.push_back(std::move(cur));
       cur = Bucket();
       n = 0;
@@ -174,7 +225,7 @@ class DistributedDataParallel {
   }
 
   void on_grad_ready(std::size_t i) {
-    if (!require_sync_ || pg_->size() == 1) return;
+    if (!require_sync_) return;  // one process reduces too (as PyTorch): its steps run the same path
     const uint64_t id = autograd::backward_id();
     if (armed_id_ != id) begin_reduction(id);
     if (ready_[i]) return;
@@ -206,7 +257,14 @@ class DistributedDataParallel {
   // same order even if their backwards finish parameters in different orders.
   void launch_ready_buckets(bool in_backward) {
     while (next_launch_ < buckets_.size() && buckets_[next_launch_].pending == 0) {
-      buckets_[next_launch_].work = pg_->all_reduce(buckets_[next_launch_].buffer, ReduceOp::Sum);
+      Bucket& b = buckets_[next_launch_];
+      if (device_ != Device::CPU) {  // the copies into it are on the compute stream: order after them
+        b.filled->record(nullptr);
+        b.filled->block(stream_.get());
+        b.work = pg_->all_reduce_on(b.buffer, ReduceOp::Sum, stream_.get());
+      } else {
+        b.work = pg_->all_reduce(b.buffer, ReduceOp::Sum);
+      }
       if (in_backward) ++started_in_backward_;
       ++next_launch_;
     }
@@ -236,7 +294,17 @@ class DistributedDataParallel {
     if (options_.find_unused_parameters) {
       used = empty({static_cast<int64_t>(params_.size())}, DType::UInt8);
       for (std::size_t i = 0; i < params_.size(); ++i) used.data<uint8_t>()[i] = params_[i].grad().defined() ? 1 : 0;
-      used_work = pg_->all_reduce(used, ReduceOp::Max);
+      if (device_ != Device::CPU) {  // reduced on the device; read back below (this option's host sync)
+        const Tensor used_dev = used.to(device_);
+        pg_->all_reduce_on(used_dev, ReduceOp::Max, stream_.get());
+        used = used_dev;
+      } else {
+        used_work = pg_->all_reduce(used, ReduceOp::Max);
+      }
+    }
+    if (device_ != Device::CPU) {
+      finish_on_device(used);
+      return;
     }
     const float world = static_cast<float>(pg_->size());
     for (Bucket& b : buckets_) {
@@ -262,6 +330,31 @@ class DistributedDataParallel {
     armed_id_ = 0;
   }
 
+  // The device's end of backward: the compute stream waits for the communication stream (not the
+  // host), then each bucket is divided by the world size and each gradient rounded from it once.
+  void finish_on_device(Tensor used) {
+    comm_done_->record(stream_.get());
+    comm_done_->block(nullptr);
+    if (used.defined()) used = used.cpu();
+    const double world = static_cast<double>(pg_->size());
+    for (Bucket& b : buckets_) {
+      const Tensor avg = mixprec::detail::device_kernel("DistributedDataParallel", b.buffer, &DeviceKernels::binary_scalar)(
+          DeviceBinary::Div, b.buffer, world, 1.0, false);
+      for (std::size_t i : b.params) {
+        if (used.defined() && used.data<uint8_t>()[i] == 0) continue;
+        const Tensor& p = params_[i];
+        Tensor g = p.grad();
+        if (!g.defined()) {
+          g = empty(p.sizes(), p.dtype(), device_);
+          p.set_grad(g);
+        }
+        mixprec::detail::copy_kernel(g, mixprec::detail::make_view(avg, p.sizes(), contiguous_strides(p.sizes()), offset_of_[i]));
+        g.bump_version();
+      }
+    }
+    armed_id_ = 0;  // the buckets' Works are dropped at the next backward: their order is on the device
+  }
+
   void wait_all_quietly() {
     for (Bucket& b : buckets_) {
       if (!b.work) continue;
@@ -276,6 +369,10 @@ class DistributedDataParallel {
   nn::Module& module_;
   std::shared_ptr<ProcessGroup> pg_;
   DDPOptions options_;
+  Device device_ = Device::CPU;
+  std::unique_ptr<DeviceStream> stream_;                       // device: the communication stream
+  std::unique_ptr<DeviceEvent> comm_done_, buffers_ready_, buffers_done_;
+  std::vector<std::shared_ptr<Work>> buffer_works_;
   std::vector<std::string> names_;
   std::vector<Tensor> params_;
   std::vector<uint64_t> hooks_;
@@ -290,15 +387,12 @@ class DistributedDataParallel {
 };
 
 // Makes `scaler` all-reduce (max) its found-inf flag in unscale_, so that every rank skips the
-// same steps and keeps the same loss scale even when only one rank saw an inf/NaN.
+// same steps and keeps the same loss scale even when only one rank saw an inf/NaN. The flag is
+// reduced where it lives: on a device, on the compute stream between the unscale kernel and the
+// fused optimizer that reads it (no host read); on the CPU in host memory.
 inline void all_reduce_found_inf(amp::GradScaler& scaler, std::shared_ptr<ProcessGroup> pg) {
   MIXPREC_CHECK(pg != nullptr, "all_reduce_found_inf: null process group");
-  scaler.set_found_inf_reducer([pg](bool found) {
-    Tensor flag = empty({1}, DType::UInt8);
-    flag.data<uint8_t>()[0] = found ? 1 : 0;
-    pg->all_reduce(flag, ReduceOp::Max)->wait();
-    return flag.data<uint8_t>()[0] != 0;
-  });
+  scaler.set_found_inf_flag_reducer([pg](const Tensor& flag) { pg->all_reduce_on(flag, ReduceOp::Max, nullptr); });
 }
 
 }  // namespace mixprec::distributed

@@ -9,10 +9,15 @@
 //
 // all_reduce of float16/bfloat16 tensors widens them to float32, reduces in float32 and rounds
 // once into the tensor: summing many 16-bit contributions in 16 bits would round at every hop.
+#include <cstdlib>
 #include <memory>
 #include <string>
 
 #include "mixprec/tensor/tensor.hpp"
+
+namespace mixprec {
+class DeviceStream;  // backends/device.hpp
+}  // namespace mixprec
 
 namespace mixprec::distributed {
 
@@ -41,7 +46,39 @@ class ProcessGroup {
   // output (numel = size() * input.numel(), input's dtype) = the inputs of ranks 0, 1, ... in order.
   virtual std::shared_ptr<Work> all_gather(const Tensor& output, const Tensor& input) = 0;
   virtual std::shared_ptr<Work> barrier() = 0;
+
+  // all_reduce and broadcast of device tensors enqueued on a device stream (backends/device.hpp;
+  // nullptr: the compute stream, where the kernels run): they start after the work enqueued there
+  // before them and the stream's later work sees their result, so the host need not wait().
+  // The CPU has no streams: its host thread is the compute stream, so this default waits for the
+  // collective and refuses any other stream; device backends (NCCL) override both.
+  virtual std::shared_ptr<Work> all_reduce_on(const Tensor& tensor, ReduceOp op, DeviceStream* stream) {
+    refuse_stream("all_reduce_on", tensor, stream);
+    auto w = all_reduce(tensor, op);
+    w->wait();
+    return w;
+  }
+  virtual std::shared_ptr<Work> broadcast_on(const Tensor& tensor, int root, DeviceStream* stream) {
+    refuse_stream("broadcast_on", tensor, stream);
+    auto w = broadcast(tensor, root);
+    w->wait();
+    return w;
+  }
+
+ private:
+  void refuse_stream(const char* op, const Tensor& t, DeviceStream* stream) const {
+    MIXPREC_CHECK(stream == nullptr, backend(), " ", op, ": tensor of shape ", t.sizes(), " on ", t.device(),
+                  ": this backend has no device streams (pass nullptr, the compute stream)");
+  }
 };
+
+// The process's rank among those on its node, from the launcher's environment (Open MPI, MPICH,
+// Slurm, torchrun), or -1 when none says: data parallelism on GPUs takes device local_rank().
+inline int local_rank() {
+  for (const char* v : {"OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "LOCAL_RANK"})
+    if (const char* s = std::getenv(v); s != nullptr && *s != '\0') return std::atoi(s);
+  return -1;
+}
 
 namespace detail {
 // What every backend requires of a collective's tensor.

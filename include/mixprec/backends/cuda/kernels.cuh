@@ -14,6 +14,7 @@
 #include "mixprec/backends/cuda/norm.cuh"
 #include "mixprec/backends/cuda/training.cuh"
 #include "mixprec/backends/cuda/graph.cuh"
+#include "mixprec/backends/cuda/streams.hpp"
 
 namespace mixprec::gpu {
 
@@ -351,6 +352,8 @@ inline const DeviceKernels& cuda_kernel_table() {
     };
     t.clamp_indices = [](const Tensor& idx, int64_t V, const Tensor& bad) { gpu::clamp_indices(idx, V, bad); };
     t.make_graph = []() -> std::unique_ptr<DeviceGraph> { return std::make_unique<CudaGraph>(); };
+    t.make_stream = []() -> std::unique_ptr<DeviceStream> { return std::make_unique<CudaStream>(); };
+    t.make_event = []() -> std::unique_ptr<DeviceEvent> { return std::make_unique<CudaEvent>(); };
     return t;
   }();
   return k;
