@@ -104,6 +104,32 @@ TEST(Checkpoint, Float64GradcheckThroughInputsAndCapturedParameters) {
       {a, b, w}));
 }
 
+TEST(Checkpoint, CapturedNonLeafGetsItsGradientThroughTheOuterGraph) {
+  // h is read inside fn and used outside it too: its history must run once, after both uses
+  // delivered their gradients (a nested backward running it would free it for the outer one).
+  const Tensor a = leaf64({3, 4}, 9), b = leaf64({3, 4}, 10);
+  const auto f = [](const std::vector<Tensor>& in) {
+    const Tensor h = exp(in[1]);
+    return add(autograd::checkpoint([&](const Tensor& p) { return mul(tanh(p), h); }, in[0]), mul(h, h));
+  };
+  EXPECT_TRUE(gradcheck(f, {a, b}));
+  // And the leaf parameters' gradients arrive through the outer graph: their post-accumulate hooks
+  // run once per backward, in the outer backward.
+  int hooks = 0;
+  uint64_t seen_backward = 0;
+  const uint64_t handle = autograd::register_post_accumulate_grad_hook(b, [&](const Tensor&) {
+    ++hooks;
+    seen_backward = autograd::backward_id();
+  });
+  uint64_t outer = 0;
+  const Tensor y = sum(f({a, b}));
+  autograd::register_post_accumulate_grad_hook(a, [&](const Tensor&) { outer = autograd::backward_id(); });
+  y.backward();
+  EXPECT_EQ(hooks, 1);
+  EXPECT_EQ(seen_backward, outer);
+  autograd::remove_post_accumulate_grad_hook(b, handle);
+}
+
 TEST(Checkpoint, NestedAndMultipleOutputsMatchThePlainRun) {
   const Tensor w = leaf64({4, 4}, 5);
   auto inner = [&](const Tensor& h) { return gelu(matmul(h, w)); };

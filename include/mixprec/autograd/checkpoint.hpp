@@ -174,13 +174,17 @@ auto checkpoint(const CheckpointOptions& options, F&& fn, const Ts&... inputs) {
     }
   if (recorded.empty()) return result;
 
-  std::vector<SavedTensor> saved(edges_of.begin(), edges_of.end());
+  std::vector<SavedTensor> saved(edges_of.begin(), edges_of.end());  // for the in-place checks
+  // Where the gradients of what fn read go (as the node's own edges): the recomputation stops
+  // there and hands them to the outer graph, which runs those nodes once, in its own order.
+  std::vector<Edge> read_edges;
+  for (const Tensor& t : read.tensors) read_edges.push_back(gradient_edge(t));
   std::array<bool, N> needs_grad{};
   for (std::size_t i = 0; i < N; ++i) needs_grad[i] = tensor_requires_grad(originals[i]);
   std::vector<OutputMeta> metas;
   for (const Tensor& o : recorded) metas.push_back({o.sizes(), o.dtype(), o.device()});
   record("checkpoint", edges_of, recorded,
-         [f = std::decay_t<F>(fn), saved = std::move(saved), needs_grad, diff, metas, rng, autocast_state,
+         [f = std::decay_t<F>(fn), saved = std::move(saved), read_edges = std::move(read_edges), needs_grad, diff, metas, rng, autocast_state,
           ninputs = edges_of.size()](const std::vector<Tensor>& grads) -> std::vector<Tensor> {
            std::array<Tensor, N> xs;
            std::vector<Edge> stops;
@@ -191,7 +195,10 @@ auto checkpoint(const CheckpointOptions& options, F&& fn, const Ts&... inputs) {
              if (needs_grad[i]) xs[i].requires_grad_(true);
              stops.push_back(gradient_edge(xs[i]));
            }
-           for (std::size_t k = N; k < saved.size(); ++k) stops.push_back(gradient_edge(saved[k].get("checkpoint")));
+           for (std::size_t k = N; k < saved.size(); ++k) {
+             (void)saved[k].get("checkpoint");  // modified in place since the forward: an error
+             stops.push_back(read_edges[k - N]);
+           }
            std::vector<Tensor> again;
            {
              checkpoint_detail::RngReplay replay_rng(*rng);
