@@ -98,8 +98,8 @@ TEST(Checkpoint, Float64GradcheckThroughInputsAndCapturedParameters) {
   const Tensor a = leaf64({3, 4}, 1), b = leaf64({3, 4}, 2), w = leaf64({4, 5}, 3);
   EXPECT_TRUE(gradcheck(
       [](const std::vector<Tensor>& in) {
-        const Tensor& weight = in[2];  // captured, not an input of checkpoint: a module's parameter
-        return autograd::checkpoint([&](const Tensor& p, const Tensor& q) { return matmul(tanh(mul(p, q)), weight); }, in[0], in[1]);
+        const Tensor weight = in[2];  // captured (by value), not an input of checkpoint: a module's parameter
+        return autograd::checkpoint([weight](const Tensor& p, const Tensor& q) { return matmul(tanh(mul(p, q)), weight); }, in[0], in[1]);
       },
       {a, b, w}));
 }
@@ -110,7 +110,7 @@ TEST(Checkpoint, CapturedNonLeafGetsItsGradientThroughTheOuterGraph) {
   const Tensor a = leaf64({3, 4}, 9), b = leaf64({3, 4}, 10);
   const auto f = [](const std::vector<Tensor>& in) {
     const Tensor h = exp(in[1]);
-    return add(autograd::checkpoint([&](const Tensor& p) { return mul(tanh(p), h); }, in[0]), mul(h, h));
+    return add(autograd::checkpoint([h](const Tensor& p) { return mul(tanh(p), h); }, in[0]), mul(h, h));  // h by value: it must outlive backward
   };
   EXPECT_TRUE(gradcheck(f, {a, b}));
   // And the leaf parameters' gradients arrive through the outer graph: their post-accumulate hooks
