@@ -36,6 +36,7 @@
 #include "mixprec/ops/attention.hpp"
 #include "mixprec/autograd/engine.hpp"
 #include "mixprec/autograd/gradcheck.hpp"
+#include "mixprec/autograd/checkpoint.hpp"
 // Last: the CPU backend's kernel table, built on the op layer above (backends/cpu/kernels.hpp). Header-only,
 // it brings in the optimizer and GradScaler kernels' headers too; in compiled mode it is one declaration.
 #include "mixprec/backends/cpu/kernels.hpp"

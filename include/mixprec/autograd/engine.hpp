@@ -9,7 +9,11 @@
 
 namespace mixprec {
 namespace autograd {
-MIXPREC_OUTLINE void run_backward(const std::vector<Tensor>& roots, const std::vector<Tensor>& grads, bool retain_graph);
+// With `stops` (checkpoint's recomputation, autograd/checkpoint.hpp), the nodes those edges point
+// at are neither run nor looked past: the gradient arriving at each stop edge is returned instead
+// (undefined where none arrived), in the order of `stops`, for the caller to pass on.
+MIXPREC_OUTLINE std::vector<Tensor> run_backward(const std::vector<Tensor>& roots, const std::vector<Tensor>& grads, bool retain_graph,
+                                                 const std::vector<Edge>& stops = {});
 }  // namespace autograd
 // torch.autograd.backward for several roots at once.
 MIXPREC_OUTLINE void backward(const std::vector<Tensor>& tensors, const std::vector<Tensor>& grads = {},
@@ -62,7 +66,8 @@ inline void queue_callback(std::function<void()> fn) {
 }
 
 #if MIXPREC_HEADER_DEFINITIONS
-MIXPREC_OUTLINE void run_backward(const std::vector<Tensor>& roots, const std::vector<Tensor>& grads, bool retain_graph) {
+MIXPREC_OUTLINE std::vector<Tensor> run_backward(const std::vector<Tensor>& roots, const std::vector<Tensor>& grads, bool retain_graph,
+                                                 const std::vector<Edge>& stops) {
   no_grad ng;
   amp::detail::Suppress no_autocast;
   detail::BackwardState& bs = detail::backward_state();
@@ -84,6 +89,9 @@ MIXPREC_OUTLINE void run_backward(const std::vector<Tensor>& roots, const std::v
   std::unordered_map<Node*, int> deps;
   std::unordered_map<Node*, std::vector<Tensor>> buffers;
   std::vector<std::shared_ptr<Node>> keep_alive;
+  std::unordered_map<Node*, std::vector<Tensor>> stopped;  // a stop node's gradients, by its input_nr
+  for (const Edge& e : stops)
+    if (e.valid()) stopped.emplace(e.fn.get(), std::vector<Tensor>());
 
   // Dependency count: how many edges point at each node from the reachable graph.
   std::vector<Node*> stack;
@@ -106,6 +114,7 @@ MIXPREC_OUTLINE void run_backward(const std::vector<Tensor>& roots, const std::v
   while (!stack.empty()) {
     Node* n = stack.back();
     stack.pop_back();
+    if (stopped.count(n)) continue;
     for (const Edge& e : n->next_edges) {
       if (!e.valid()) continue;
       ++deps[e.fn.get()];
@@ -143,6 +152,10 @@ MIXPREC_OUTLINE void run_backward(const std::vector<Tensor>& roots, const std::v
     ready.pop();
     std::vector<Tensor> in = std::move(buffers[n]);
     buffers.erase(n);
+    if (auto it = stopped.find(n); it != stopped.end()) {
+      it->second = std::move(in);
+      continue;
+    }
     in.resize(std::max<std::size_t>(n->outputs.size(), 1));
     for (std::size_t i = 0; i < n->outputs.size(); ++i) {
       if (!in[i].defined()) in[i] = zeros(n->outputs[i].sizes, n->outputs[i].dtype, n->outputs[i].device);
@@ -176,6 +189,13 @@ MIXPREC_OUTLINE void run_backward(const std::vector<Tensor>& roots, const std::v
     auto fn = std::move(bs.callbacks[i]);
     fn();
   }
+  std::vector<Tensor> out;
+  out.reserve(stops.size());
+  for (const Edge& e : stops) {
+    const std::vector<Tensor>* got = e.valid() ? &stopped[e.fn.get()] : nullptr;
+    out.push_back(got && e.input_nr < got->size() ? (*got)[e.input_nr] : Tensor());
+  }
+  return out;
 }
 #endif  // MIXPREC_HEADER_DEFINITIONS
 

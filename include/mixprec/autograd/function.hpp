@@ -1,6 +1,7 @@
 #pragma once
 // How an op joins the graph: `if (autograd::should_record({a, b})) autograd::record(...)`.
 #include <initializer_list>
+#include <unordered_set>
 
 #include "mixprec/autograd/grad_mode.hpp"
 #include "mixprec/autograd/node.hpp"
@@ -20,14 +21,40 @@ inline bool tensor_requires_grad(const Tensor& t) {
   return m && m->requires_grad;
 }
 
+namespace checkpoint_detail {  // not `detail`: that would hide mixprec::detail in this namespace
+// While checkpoint() runs its function under no_grad (autograd/checkpoint.hpp), the tensors that
+// require grad and reach an op are collected here, once each: the parameters (and any other
+// captured tensors) the function reads, to which the recomputation will send gradients. Off that
+// path it costs nothing: it is looked at only when grad mode is off.
+struct GradInputCollector {
+  std::vector<Tensor> tensors;
+  std::unordered_set<const TensorImpl*> seen;
+  void add(const Tensor& t) {
+    if (tensor_requires_grad(t) && seen.insert(t.impl()).second) tensors.push_back(t);
+  }
+};
+inline GradInputCollector*& grad_input_collector() {
+  thread_local GradInputCollector* c = nullptr;
+  return c;
+}
+}  // namespace checkpoint_detail
+
 inline bool should_record(std::initializer_list<Tensor> inputs) {
-  if (!GradMode::is_enabled()) return false;
+  if (!GradMode::is_enabled()) {
+    if (auto* c = checkpoint_detail::grad_input_collector()) [[unlikely]]
+      for (const Tensor& t : inputs) c->add(t);
+    return false;
+  }
   for (const Tensor& t : inputs)
     if (tensor_requires_grad(t)) return true;
   return false;
 }
 inline bool should_record(const std::vector<Tensor>& inputs) {
-  if (!GradMode::is_enabled()) return false;
+  if (!GradMode::is_enabled()) {
+    if (auto* c = checkpoint_detail::grad_input_collector()) [[unlikely]]
+      for (const Tensor& t : inputs) c->add(t);
+    return false;
+  }
   for (const Tensor& t : inputs)
     if (tensor_requires_grad(t)) return true;
   return false;

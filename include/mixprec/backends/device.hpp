@@ -46,6 +46,11 @@ struct DeviceParamUpdate {
   // and updates applied to the current state buffers (SGD's first step when 0). The kernel adds 1
   // to both after the update, unless found_inf skipped it: the count lives where the skip is known.
   Tensor counters;
+  // Stochastic rounding (optim/stochastic_rounding.hpp): `weights` is then the bfloat16 parameter
+  // itself (no master, `model` undefined), updated in float32 and stored back with random bits
+  // keyed by (rounding_key, counters[0], element index). A kernel without it refuses such an update.
+  bool stochastic_rounding = false;
+  uint64_t rounding_key = 0;
 };
 
 // A recorded sequence of device work replayed without the host (CUDA graphs; CapturedStep in

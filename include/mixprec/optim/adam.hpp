@@ -77,25 +77,30 @@ MIXPREC_HOST_DEVICE AdamScalars adam_scalars(const AdamHyper& h, int64_t step) {
 
 // Named arguments for the constructors: `AdamW(params, {.lr = 3e-4, .weight_decay = 0.1})` -- the
 // positional forms stay, with PyTorch's order. Defaults as torch.optim.Adam / AdamW.
+// stochastic_rounding (no PyTorch equivalent, so named only): bfloat16 parameters keep no float32
+// master and are rounded stochastically from rounding_seed's stream (optim/optimizer.hpp).
 struct AdamOptions {
   double lr = 1e-3;
   std::pair<double, double> betas = {0.9, 0.999};
   double eps = 1e-8, weight_decay = 0.0;
   bool amsgrad = false;
+  bool stochastic_rounding = false;
+  uint64_t rounding_seed = 0;
 };
 struct AdamWOptions {
   double lr = 1e-3;
   std::pair<double, double> betas = {0.9, 0.999};
   double eps = 1e-8, weight_decay = 1e-2;
   bool amsgrad = false;
+  bool stochastic_rounding = false;
+  uint64_t rounding_seed = 0;
 };
 
 class Adam : public Optimizer {
  public:
-  Adam(std::vector<Tensor> params, const AdamOptions& o)
-      : Adam(std::move(params), o.lr, o.betas, o.eps, o.weight_decay, o.amsgrad) {}
+  Adam(std::vector<Tensor> params, const AdamOptions& o) : Adam(detail::single_group(std::move(params)), o) {}
   Adam(std::vector<ParamGroup> groups, const AdamOptions& o)
-      : Adam(std::move(groups), o.lr, o.betas, o.eps, o.weight_decay, o.amsgrad) {}
+      : Adam(std::move(groups), o.lr, o.betas, o.eps, o.weight_decay, o.amsgrad, false, o.stochastic_rounding, o.rounding_seed) {}
   Adam(std::vector<Tensor> params, double lr = 1e-3, std::pair<double, double> betas = {0.9, 0.999}, double eps = 1e-8,
        double weight_decay = 0.0, bool amsgrad = false)
       : Adam(detail::single_group(std::move(params)), lr, betas, eps, weight_decay, amsgrad) {}
@@ -108,8 +113,9 @@ class Adam : public Optimizer {
 
  protected:
   Adam(std::vector<ParamGroup> groups, double lr, std::pair<double, double> betas, double eps, double weight_decay, bool amsgrad,
-       bool decoupled)
+       bool decoupled, bool stochastic_rounding = false, uint64_t rounding_seed = 0)
       : Optimizer(defaults(lr, betas, eps, weight_decay, amsgrad)), decoupled_(decoupled) {
+    set_stochastic_rounding(stochastic_rounding, rounding_seed);
     init(std::move(groups));
   }
 
@@ -171,10 +177,9 @@ class Adam : public Optimizer {
 
 class AdamW : public Adam {
  public:
-  AdamW(std::vector<Tensor> params, const AdamWOptions& o)
-      : AdamW(std::move(params), o.lr, o.betas, o.eps, o.weight_decay, o.amsgrad) {}
+  AdamW(std::vector<Tensor> params, const AdamWOptions& o) : AdamW(detail::single_group(std::move(params)), o) {}
   AdamW(std::vector<ParamGroup> groups, const AdamWOptions& o)
-      : AdamW(std::move(groups), o.lr, o.betas, o.eps, o.weight_decay, o.amsgrad) {}
+      : Adam(std::move(groups), o.lr, o.betas, o.eps, o.weight_decay, o.amsgrad, true, o.stochastic_rounding, o.rounding_seed) {}
   AdamW(std::vector<Tensor> params, double lr = 1e-3, std::pair<double, double> betas = {0.9, 0.999}, double eps = 1e-8,
         double weight_decay = 1e-2, bool amsgrad = false)
       : AdamW(detail::single_group(std::move(params)), lr, betas, eps, weight_decay, amsgrad) {}

@@ -13,6 +13,14 @@
 // gradient of a 16-bit parameter into a per-parameter float32 buffer; step() reads that buffer
 // for as long as the parameter's .grad() is the tensor it came from, unmodified. Without it,
 // step() reads the 16-bit gradient directly, converting block by block.
+//
+// Stochastic rounding (`stochastic_rounding = true` in the options; optim/stochastic_rounding.hpp):
+// a bfloat16 parameter gets no master. step() computes its update in float32 from the bfloat16
+// value and stores it back rounded stochastically, saving 4 bytes per parameter. The random bits
+// are keyed by (rounding_seed, parameter number, its step count): state_dict() holds both, so a
+// resumed run rounds exactly as an uninterrupted one. float16 parameters are refused (their
+// exponent range leaves small updates to underflow; keep float32 masters for them). CPU only:
+// CUDA's fused kernels refuse such an update.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -25,6 +33,7 @@
 #include <vector>
 
 #include "mixprec/autograd/engine.hpp"
+#include "mixprec/optim/stochastic_rounding.hpp"
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -93,6 +102,7 @@ namespace detail {
 
 inline constexpr int64_t kOptimBlock = 2048;       // fp32 scratch per thread, on the stack
 inline constexpr int64_t kOptimGrain = 1 << 16;    // updates are memory-bound: split big tensors only
+inline constexpr double kMaxRoundingSeed = 9007199254740992.0;  // 2^53: a state-dict scalar holds it exactly
 
 using ::mixprec::detail::copy_kernel;
 
@@ -213,6 +223,10 @@ class Optimizer {
       DeviceParamUpdate d;
       d.weights = st.master.defined() ? st.master : s.param;
       if (st.master.defined()) d.model = s.param;
+      if (stochastic_rounding_ && s.param.dtype() == DType::BFloat16) {
+        d.stochastic_rounding = true;
+        d.rounding_key = detail::rounding_key(rounding_seed_, i);
+      }
       d.grad = master_grad_current(i) ? s.master_grad : g.is_contiguous() ? g : g.contiguous();
       ensure_counters(st, s.param);
       d.counters = st.counters;
@@ -264,6 +278,9 @@ class Optimizer {
       MIXPREC_CHECK(p.is_contiguous(), name(), ": parameter of shape ", p.sizes(), " with strides ", p.strides(),
                     " is not contiguous");
       MIXPREC_CHECK(p.is_leaf(), name(), ": can't optimize a non-leaf Tensor (shape ", p.sizes(), ")");
+      MIXPREC_CHECK(!stochastic_rounding_ || p.dtype() != DType::Float16, name(), ": stochastic_rounding applies to bfloat16 "
+                    "parameters; parameter ", k, " of group ", groups_.size(), " (shape ", p.sizes(), ") is float16: give it "
+                    "an optimizer without stochastic_rounding (float32 masters)");
       for (const Slot& s : slots_)
         MIXPREC_CHECK(!s.param.is_same(p), name(), ": some parameters appear in more than one parameter group");
       for (std::size_t j = 0; j < k; ++j)
@@ -276,7 +293,7 @@ class Optimizer {
       s.synced_version = p.version();
       slots_.push_back(std::move(s));
       ParamState st;
-      if (detail::is_16bit(p.dtype())) {
+      if (detail::is_16bit(p.dtype()) && !stochastic_rounding_) {
         st.master = empty(p.sizes(), DType::Float32, p.device());
         detail::copy_kernel(st.master, p);
       }
@@ -294,8 +311,12 @@ class Optimizer {
     refresh_step(const_cast<ParamState&>(state_.at(index)));
     return state_.at(index);
   }
-  // The float32 master weights of a 16-bit parameter; undefined for a float32 parameter.
+  // The float32 master weights of a 16-bit parameter; undefined for a float32 parameter, and for
+  // a bfloat16 one under stochastic rounding.
   const Tensor& master_weight(std::size_t index) const { return state_.at(index).master; }
+
+  bool stochastic_rounding() const { return stochastic_rounding_; }
+  uint64_t rounding_seed() const { return rounding_seed_; }
 
   // Live references to the state tensors (as PyTorch's state_dict); clone to snapshot.
   StateDict state_dict() const {
@@ -307,6 +328,7 @@ class Optimizer {
           [&](const char* k, const std::optional<bool>& v) { if (v) sd.scalars[pre + k] = *v ? 1.0 : 0.0; });
       sd.scalars[pre + "num_params"] = static_cast<double>(groups_[g].params.size());
     }
+    if (stochastic_rounding_) sd.scalars["rounding_seed"] = static_cast<double>(rounding_seed_);
     for (std::size_t i = 0; i < state_.size(); ++i) {
       const std::string pre = "state." + std::to_string(i) + ".";
       const ParamState& st = state(i);
@@ -340,6 +362,11 @@ class Optimizer {
       } else if (auto q = detail::split_key(k, "state.")) {
         MIXPREC_CHECK(q->first < slots_.size() && q->second == "step" && v >= 0 && v < 9.0e18, name(),
                       ".load_state_dict: unexpected scalar '", k, "' = ", v);
+      } else if (k == "rounding_seed") {
+        MIXPREC_CHECK(stochastic_rounding_, name(), ".load_state_dict: the state dict is from an optimizer with "
+                      "stochastic_rounding (it has 'rounding_seed'), this one keeps float32 masters");
+        MIXPREC_CHECK(v >= 0 && v < detail::kMaxRoundingSeed && v == std::floor(v), name(),
+                      ".load_state_dict: 'rounding_seed' = ", v, " is not an integer in [0, 2^53)");
       } else {
         fail(name(), ".load_state_dict: unknown key '", k, "'");
       }
@@ -369,6 +396,7 @@ class Optimizer {
     }
     for (const auto& [k, v] : sd.scalars)
       if (auto q = detail::split_key(k, "state.")) state_[q->first].step = static_cast<int64_t>(v);
+    if (auto seed = sd.scalar("rounding_seed")) rounding_seed_ = static_cast<uint64_t>(*seed);
     for (const auto& [k, t] : sd.tensors) {
       auto q = detail::split_key(k, "state.");
       ParamState& st = state_[q->first];
@@ -475,6 +503,14 @@ class Optimizer {
  protected:
   explicit Optimizer(ParamGroup defaults) : defaults_(std::move(defaults)) {}
   Optimizer(Optimizer&&) = default;
+
+  // Derived constructors call this (before init) when their options ask for stochastic rounding.
+  void set_stochastic_rounding(bool on, uint64_t seed) {
+    MIXPREC_CHECK(static_cast<double>(seed) < detail::kMaxRoundingSeed, name(), ": rounding_seed ", seed,
+                  " must be below 2^53 (state_dict() stores it as a double)");
+    stochastic_rounding_ = on;
+    rounding_seed_ = seed;
+  }
 
   // Derived constructors call this once their defaults are set.
   void init(std::vector<ParamGroup> groups) {
@@ -605,6 +641,8 @@ class Optimizer {
   std::vector<std::size_t> group_sizes_;
   std::vector<Slot> slots_;
   std::vector<ParamState> state_;
+  bool stochastic_rounding_ = false;
+  uint64_t rounding_seed_ = 0;
 };
 
 }  // namespace mixprec::optim

@@ -49,18 +49,22 @@ inline SgdScalars sgd_scalars(const ParamGroup& grp) {
 }  // namespace detail
 
 // Named arguments: `SGD(params, {.lr = 0.1, .momentum = 0.9, .nesterov = true})`; defaults as torch.optim.SGD
-// (but lr, which PyTorch requires: 1e-3 as the positional form).
+// (but lr, which PyTorch requires: 1e-3 as the positional form). stochastic_rounding as AdamOptions'.
 struct SGDOptions {
   double lr = 1e-3, momentum = 0.0, dampening = 0.0, weight_decay = 0.0;
   bool nesterov = false;
+  bool stochastic_rounding = false;
+  uint64_t rounding_seed = 0;
 };
 
 class SGD : public Optimizer {
  public:
-  SGD(std::vector<Tensor> params, const SGDOptions& o)
-      : SGD(std::move(params), o.lr, o.momentum, o.dampening, o.weight_decay, o.nesterov) {}
+  SGD(std::vector<Tensor> params, const SGDOptions& o) : SGD(detail::single_group(std::move(params)), o) {}
   SGD(std::vector<ParamGroup> groups, const SGDOptions& o)
-      : SGD(std::move(groups), o.lr, o.momentum, o.dampening, o.weight_decay, o.nesterov) {}
+      : Optimizer(defaults(o.lr, o.momentum, o.dampening, o.weight_decay, o.nesterov)) {
+    set_stochastic_rounding(o.stochastic_rounding, o.rounding_seed);
+    init(std::move(groups));
+  }
   SGD(std::vector<Tensor> params, double lr = 1e-3, double momentum = 0.0, double dampening = 0.0, double weight_decay = 0.0,
       bool nesterov = false)
       : SGD(detail::single_group(std::move(params)), lr, momentum, dampening, weight_decay, nesterov) {}

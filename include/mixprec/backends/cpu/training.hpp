@@ -22,6 +22,7 @@
 #include "mixprec/optim/adam.hpp"
 #include "mixprec/optim/clip_grad.hpp"
 #include "mixprec/optim/sgd.hpp"
+#include "mixprec/optim/stochastic_rounding.hpp"
 
 namespace mixprec::cpu {
 
@@ -31,19 +32,34 @@ using optim::detail::kOptimGrain;
 
 inline bool skipped(const Tensor& found_inf) { return found_inf.defined() && *found_inf.data<float>() != 0.0f; }
 
+// Element i of one update in [off, off + n) rounded stochastically into bfloat16 (each element's
+// random bits depend only on (step_key, i): the same for any split of the work).
+inline void store_bfloat16_stochastic(const float* src, bfloat16* dst, int64_t off, int64_t n, uint64_t step_key) {
+  uint16_t* d = &dst[off].x;
+  MIXPREC_OPTIM_SIMD
+  for (int64_t i = 0; i < n; ++i)
+    d[i] = optim::detail::bfloat16_bits_stochastic(src[i], optim::detail::rounding_bits(step_key, static_cast<uint64_t>(off + i)));
+}
+
 // f(float* w, const float* g, int64_t offset, int64_t n) over consecutive blocks of one
 // parameter's update (parallel over large tensors); offset indexes the float32 state buffers.
 // A 16-bit gradient is widened block by block, and the 16-bit model parameter is written after
-// each block while it is still in cache.
+// each block while it is still in cache. With stochastic rounding the bfloat16 weights are
+// widened into a block buffer too, and stored back rounded stochastically.
 template <class F>
 void for_blocks(const DeviceParamUpdate& u, F&& f) {
-  float* w = u.weights.data<float>();
+  const bool sr = u.stochastic_rounding;
+  MIXPREC_CHECK(!sr || u.weights.dtype() == DType::BFloat16, "optimizer: stochastic rounding updates bfloat16 weights, got ",
+                u.weights.dtype(), " of shape ", u.weights.sizes());
+  float* w = sr ? nullptr : u.weights.data<float>();
+  bfloat16* w16 = sr ? u.weights.data<bfloat16>() : nullptr;
+  const uint64_t step_key = sr ? optim::detail::rounding_step_key(u.rounding_key, u.counters.data<int64_t>()[0]) : 0;
   const void* grad = u.grad.data_ptr();
   const DType gd = u.grad.dtype();
   void* model = u.model.defined() ? u.model.data_ptr() : nullptr;
   const DType md = u.model.defined() ? u.model.dtype() : DType::Float32;
   cpu::parallel_for(0, u.weights.numel(), kOptimGrain, [&](int64_t b, int64_t e) {
-    float gbuf[kOptimBlock];
+    float gbuf[kOptimBlock], wbuf[kOptimBlock];
     for (int64_t s = b; s < e; s += kOptimBlock) {
       const int64_t m = std::min(kOptimBlock, e - s);
       const float* g;
@@ -52,6 +68,12 @@ void for_blocks(const DeviceParamUpdate& u, F&& f) {
       } else {
         optim::detail::load_float(grad, gd, s, gbuf, m);
         g = gbuf;
+      }
+      if (sr) {
+        convert(w16 + s, wbuf, m);
+        f(wbuf, g, s, m);
+        store_bfloat16_stochastic(wbuf, w16, s, m, step_key);
+        continue;
       }
       f(w + s, g, s, m);
       if (model) optim::detail::store_float(w + s, model, md, s, m);

@@ -411,10 +411,18 @@ inline int64_t* counter(const DeviceParamUpdate& p, int k, const char* op) {
                 op, ": each update needs its int64 [2] step counters on cuda");
   return p.counters.data<int64_t>() + k;
 }
+// Stochastic rounding (no float32 master) is the CPU kernel's only: refused before any launch.
+inline void refuse_stochastic_rounding(const std::vector<DeviceParamUpdate>& ps, const char* op) {
+  for (const DeviceParamUpdate& p : ps)
+    MIXPREC_CHECK(!p.stochastic_rounding, op, ": stochastic_rounding (bfloat16 weights of shape ", p.weights.sizes(),
+                  " without a float32 master) is not implemented by CUDA's fused optimizers; build the optimizer without "
+                  "stochastic_rounding (float32 masters), or step it on the CPU");
+}
 }  // namespace detail
 
 inline void adam_updates(const std::vector<DeviceParamUpdate>& ps, const optim::detail::AdamHyper& h, const Tensor& found_inf) {
   const char* op = "gpu::adam_updates";
+  detail::refuse_stochastic_rounding(ps, op);
   std::vector<AdamSlot> slots;
   for (const DeviceParamUpdate& p : ps)
     slots.push_back({detail::f32(p.weights), p.model.defined() ? p.model.data_ptr() : nullptr, p.grad.data_ptr(), detail::f32(p.state[0]),
@@ -425,6 +433,7 @@ inline void adam_updates(const std::vector<DeviceParamUpdate>& ps, const optim::
 
 inline void sgd_updates(const std::vector<DeviceParamUpdate>& ps, const optim::detail::SgdScalars& sc, const Tensor& found_inf) {
   const char* op = "gpu::sgd_updates";
+  detail::refuse_stochastic_rounding(ps, op);
   std::vector<SgdSlot> slots;
   for (const DeviceParamUpdate& p : ps)
     slots.push_back({detail::f32(p.weights), p.model.defined() ? p.model.data_ptr() : nullptr, p.grad.data_ptr(), detail::f32(p.state[0]),

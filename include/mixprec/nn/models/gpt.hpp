@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "mixprec/autograd/checkpoint.hpp"
 #include "mixprec/nn/attention.hpp"
 #include "mixprec/ops/loss.hpp"
 
@@ -30,11 +31,14 @@ struct GPTConfig {
   // The MLP's GELU: "none" (erf, as PyTorch's nn.GELU) or "tanh" (GPT-2's). Either runs inside the
   // MLP's GEMMs on the CPU; on CUDA the tanh one does (cuBLASLt's epilogues; mlp_gelu).
   std::string gelu_approximate = "none";
+  // Activation checkpointing (autograd/checkpoint.hpp): each block keeps only its input, and its
+  // forward runs again during backward. Less memory, one more forward's compute; same gradients.
+  bool checkpoint_blocks = false;
 };
 
 class GPT : public Module {
  public:
-  explicit GPT(const GPTConfig& config = {}, Generator& gen = default_generator()) : Module("GPT"), config(config) {
+  explicit GPT(const GPTConfig& config = {}, Generator& gen = default_generator()) : Module("GPT"), config(config), gen_(&gen) {
     MIXPREC_CHECK(config.vocab > 0 && config.block_size > 0 && config.n_layer >= 0 && config.d_model > 0 && config.mlp_hidden > 0,
                   "GPT: vocab, block_size, d_model and mlp_hidden must be positive and n_layer non-negative");
     tok_emb = std::make_shared<Embedding>(config.vocab, config.d_model, std::nullopt, gen);
@@ -75,7 +79,13 @@ class GPT : public Module {
     MIXPREC_CHECK(T >= 1 && T <= config.block_size, "GPT: sequence length ", T, " must be in [1, block_size = ", config.block_size,
                   "]");
     Tensor x = mixprec::add(tok_emb->forward(idx), pos_emb->forward(positions(T, pos_emb->weight.device())));
-    x = blocks->forward(drop->forward(x));
+    x = drop->forward(x);
+    if (config.checkpoint_blocks && GradMode::is_enabled()) {
+      for (const auto& b : *blocks)  // attention dropout draws from gen_, the blocks' Dropouts from the default generator
+        x = autograd::checkpoint({.generators = {gen_}}, [b](const Tensor& h) { return b->forward(h); }, x);
+    } else {
+      x = blocks->forward(x);
+    }
     return head->forward(ln_f->forward(x));
   }
 
@@ -138,6 +148,7 @@ class GPT : public Module {
   }
 
   Tensor positions_;
+  Generator* gen_;  // the one the blocks' attention dropout draws from: checkpoint_blocks replays it
   int64_t sample(const double* logits, double temperature, int64_t top_k, Generator& gen, std::vector<double>& probs) const {
     const int64_t V = config.vocab;
     if (temperature == 0.0) return std::max_element(logits, logits + V) - logits;
