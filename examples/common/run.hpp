@@ -152,6 +152,7 @@ class TrainingRun {
         device_(parse_device(flags.device)) {
     MIXPREC_CHECK(parts_.scaler && parts_.scheduler, "TrainingRun: the checkpoint parts need a scaler and a scheduler");
     MIXPREC_CHECK(steps_per_epoch_ >= 1, "an epoch needs at least one step");
+    if (parts_.model) parts_.scaler->set_parameter_names(parts_.model->named_parameters());  // for the summary
   }
 
   // --resume: loads the checkpoint on every rank (they stay identical). False without the flag.
@@ -178,7 +179,8 @@ class TrainingRun {
     MIXPREC_CHECK(state_.epoch >= 0 && in_epoch >= 0 && in_epoch < steps_per_epoch_,
                   "--resume ", path, ": step ", state_.step, " is not in epoch ", state_.epoch, " of ", steps_per_epoch_,
                   " steps: resume with the flags it was saved with");
-    skipped_before_ = static_cast<int64_t>(state_.extra["skipped_steps"]);
+    // A checkpoint with the scaler's counters (counters_state_dict) restored its skip count already.
+    skipped_before_ = static_cast<int64_t>(state_.extra["skipped_steps"]) - parts_.scaler->skipped_steps();
     elapsed_before_ = state_.extra["elapsed_s"];
     return true;
   }
@@ -267,6 +269,14 @@ class TrainingRun {
                 static_cast<long long>(skipped_steps()));
     if (flags_.precision == "fp16") std::printf(" (inf/NaN gradients), loss scale %g", parts_.scaler->get_scale());
     std::printf("\n");
+    // Where the GradScaler located them (on the CPU: always; on a GPU: with host_overflow_check).
+    const auto& bad = parts_.scaler->last_overflowing();
+    if (!bad.empty()) {
+      std::printf("last skipped step's inf/NaN gradients: %s", bad[0].c_str());
+      for (std::size_t i = 1; i < std::min<std::size_t>(bad.size(), 4); ++i) std::printf(", %s", bad[i].c_str());
+      if (bad.size() > 4) std::printf(", ... (%zu parameters)", bad.size());
+      std::printf("\n");
+    }
   }
   void print_peak_memory() const {
     std::printf("peak tensor memory (training%s): %.1f MiB\n", device_ == mixprec::Device::CPU ? "" : ", cuda",

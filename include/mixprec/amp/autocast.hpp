@@ -201,19 +201,19 @@ decltype(auto) dispatch(OpId id, Impl&& impl, const Args&... args) {
   amp::detail::Suppress inner;
   if (!to) {
     auto out = impl(args...);
-    amp::detail::trace_record(id, out);
+    amp::detail::trace_record(id, out, args...);
     anomaly::detail::check_forward(id, to, out, args...);
     return out;
   }
   if (anomaly_mode_enabled()) {  // keep the cast arguments: the report names the dtypes the kernel ran on
     std::tuple<decltype(amp::detail::cast_arg(args, dev, *to))...> cast_args(amp::detail::cast_arg(args, dev, *to)...);
     auto out = std::apply(impl, cast_args);
-    amp::detail::trace_record(id, out);
+    amp::detail::trace_record(id, out, args...);
     std::apply([&](const auto&... a) { anomaly::detail::check_forward(id, to, out, a...); }, cast_args);
     return out;
   }
   auto out = impl(amp::detail::cast_arg(args, dev, *to)...);
-  amp::detail::trace_record(id, out);
+  amp::detail::trace_record(id, out, args...);
   return out;
 }
 

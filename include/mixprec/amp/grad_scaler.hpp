@@ -35,13 +35,30 @@
 // reading them costs nothing, so there step() decides on the host and does not call the
 // optimizer for a skipped step (its state is left untouched, none created), and the scale,
 // growth tracker and skip count are plain members that update()'s kernel writes in place.
+//
+// Telemetry and limits (beyond torch.amp; docs/numerics.md "What the GradScaler did"):
+// steps_taken(), skipped_steps() and history() -- a bounded ring of {iteration, skipped, scale
+// after update(), the parameters whose gradients held inf/NaN} -- tell what happened; name them
+// with set_parameter_names(model.named_parameters()). Which parameters overflowed is looked up
+// only on a step whose found-inf flag is set, so clean steps cost nothing more. Opt-in limits,
+// with DeepSpeed's / Megatron's DynamicLossScaler semantics: min_scale (the scale is clamped to
+// it, and an overflow when it is already there is an Error naming the parameters -- DeepSpeed's
+// "Current loss scale already at minimum"), max_scale (growth capped) and hysteresis N (a step
+// that overflows is always skipped, but the scale backs off only at the N-th overflow since the
+// scale last grew -- or since the last clean step with consecutive_hysteresis). The defaults are
+// PyTorch's rule, bit for bit. On a device the history is read from the device flags when asked
+// for; the limits and the parameter report need the flag on the host, so with a limit set (or
+// host_overflow_check) unscale_ reads it: one wait per step.
 #include <bit>
+#include <deque>
 #include <functional>
 #include <limits>
 #include <map>
+#include <sstream>
 #include <string>
 #include <unordered_map>
 
+#include "mixprec/amp/trace.hpp"
 #include "mixprec/optim/optimizer.hpp"
 
 namespace mixprec::amp {
@@ -87,13 +104,77 @@ MIXPREC_HOST_DEVICE void update_scale(float& scale, int64_t& growth_tracker, boo
   }
 }
 
+// The opt-in limits (GradScalerOptions); these defaults make update_scale_limited update_scale.
+struct ScaleLimits {
+  double min_scale = 0.0;  // 0: none
+  double max_scale = std::numeric_limits<double>::infinity();
+  int64_t hysteresis = 1;  // overflows that back the scale off: 1 is every one (PyTorch)
+  bool consecutive_hysteresis = false;
+  bool active() const { return min_scale > 0.0 || max_scale < std::numeric_limits<double>::infinity() || hysteresis > 1; }
+};
+enum class ScaleChange : uint8_t { None, Grew, BackedOff, HeldByHysteresis, AtMinimum };
+
+// update_scale with limits, as DeepSpeed's DynamicLossScaler.update_scale (Megatron's
+// DynamicGradScaler.update agrees): an overflow resets the growth count and uses up one unit of
+// hysteresis; with none left (hysteresis_left == 1) the scale backs off, clamped to min_scale --
+// unless it is already there (AtMinimum: nothing changes, the caller raises). A clean step
+// refills the hysteresis when consecutive_hysteresis, else only when the scale grows.
+MIXPREC_HOST_DEVICE ScaleChange update_scale_limited(float& scale, int64_t& growth_tracker, int64_t& hysteresis_left, bool found_inf,
+                                                     double growth_factor, double backoff_factor, int64_t growth_interval,
+                                                     const ScaleLimits& lim) {
+  if (found_inf) {
+    growth_tracker = 0;
+    if (hysteresis_left > 1) {
+      --hysteresis_left;
+      return ScaleChange::HeldByHysteresis;
+    }
+    const float lo = static_cast<float>(lim.min_scale);
+    if (lim.min_scale > 0.0 && scale <= lo) return ScaleChange::AtMinimum;
+    const float next = static_cast<float>(static_cast<double>(scale) * backoff_factor);
+    scale = lim.min_scale > 0.0 && next < lo ? lo : next;
+    return ScaleChange::BackedOff;
+  }
+  if (lim.consecutive_hysteresis) hysteresis_left = lim.hysteresis;
+  const int64_t successful = growth_tracker + 1;
+  if (successful != growth_interval) {
+    growth_tracker = successful;
+    return ScaleChange::None;
+  }
+  growth_tracker = 0;
+  hysteresis_left = lim.hysteresis;
+  float grown = static_cast<float>(static_cast<double>(scale) * growth_factor);
+  if (static_cast<double>(grown) > lim.max_scale) grown = static_cast<float>(lim.max_scale);
+  if (nonfinite(grown) || grown == scale) return ScaleChange::None;
+  scale = grown;
+  return ScaleChange::Grew;
+}
+
 }  // namespace detail
 
+// One update() in GradScaler::history().
+struct ScalerRecord {
+  int64_t iteration = 0;  // update() calls before this one (restored with the state dict)
+  bool skipped = false;   // a gradient held inf/NaN: no optimizer stepped
+  double scale = 0.0;     // the scale update() left
+  // Skipped steps: the parameters whose gradients held inf/NaN, by name where set_parameter_names
+  // gave one, else "parameter <index> <shape>" (the optimizer's numbering). Empty when the flag was
+  // never read on the host (a device without limits or host_overflow_check), or when only another
+  // rank's gradients overflowed (data parallel).
+  std::vector<std::string> overflowing;
+};
+
 // Named arguments: `GradScaler({.init_scale = 1024, .growth_interval = 100})`; torch.amp.GradScaler's defaults.
+// The fields after `enabled` are mixprec's telemetry and opt-in limits (off by default).
 struct GradScalerOptions {
   double init_scale = 65536.0, growth_factor = 2.0, backoff_factor = 0.5;
   int64_t growth_interval = 2000;
   bool enabled = true;
+  double min_scale = 0.0;                                          // 0: none. Else the floor; an overflow there is an Error
+  double max_scale = std::numeric_limits<double>::infinity();     // growth never passes it
+  int64_t hysteresis = 1;                                          // back off at the N-th overflow (DeepSpeed/Megatron)
+  bool consecutive_hysteresis = false;                             // a clean step refills the hysteresis (DeepSpeed's flag)
+  int64_t history_length = 1000;                                   // records kept by history(); 0: none
+  bool host_overflow_check = false;                                // device: read the flag each step, to name overflows
 };
 
 class GradScaler {
@@ -101,7 +182,18 @@ class GradScaler {
   enum class OptState { READY, UNSCALED, STEPPED };
 
   explicit GradScaler(const GradScalerOptions& o)
-      : GradScaler(o.init_scale, o.growth_factor, o.backoff_factor, o.growth_interval, o.enabled) {}
+      : GradScaler(o.init_scale, o.growth_factor, o.backoff_factor, o.growth_interval, o.enabled) {
+    limits_ = {o.min_scale, o.max_scale, o.hysteresis, o.consecutive_hysteresis};
+    hysteresis_left_ = o.hysteresis;
+    history_length_ = o.history_length;
+    host_overflow_check_ = o.host_overflow_check;
+    MIXPREC_CHECK(o.hysteresis >= 1 && o.history_length >= 0, "GradScaler: need hysteresis >= 1 and history_length >= 0, got ",
+                  o.hysteresis, " and ", o.history_length);
+    MIXPREC_CHECK(std::isfinite(o.min_scale) && o.min_scale >= 0.0 && o.max_scale > 0.0 && o.min_scale <= o.max_scale &&
+                      (o.min_scale == 0.0 || o.min_scale <= o.init_scale),
+                  "GradScaler: need 0 <= min_scale <= init_scale and min_scale <= max_scale, got min_scale ", o.min_scale,
+                  ", max_scale ", o.max_scale, ", init_scale ", o.init_scale);
+  }
 
   explicit GradScaler(double init_scale = 65536.0, double growth_factor = 2.0, double backoff_factor = 0.5,
                       int64_t growth_interval = 2000, bool enabled = true)
@@ -145,6 +237,7 @@ class GradScaler {
                     "; unscale them with one GradScaler call per device's optimizer");
     st.flag = Tensor();
     st.found_inf = false;
+    st.overflowing.clear();
     if (slots.empty()) {
       // Nothing to unscale, but a reducer is a collective (data parallel): this rank still joins it.
       if (found_inf_reducer_) st.found_inf = found_inf_reducer_(false);
@@ -153,6 +246,7 @@ class GradScaler {
         found_inf_flag_reducer_(none);
         if (device_ == Device::CPU) st.found_inf = *none.data<float>() != 0.0f;
       }
+      st.known = true;
     } else {  // one fused call over all gradients; on a device the flag stays there
       std::vector<Tensor> grads, masters;
       for (const auto& s : slots) {
@@ -164,12 +258,18 @@ class GradScaler {
       const Tensor scale = scale_on(dev);
       st.flag = zeros({}, DType::Float32, dev);
       kernel(grads, masters, scale, st.flag);
-      if (found_inf_flag_reducer_) found_inf_flag_reducer_(st.flag);  // stays on the device
+      if (found_inf_flag_reducer_) found_inf_flag_reducer_(st.flag);  // all ranks' flags, on the device
+      // The flag is read here on the CPU (host memory), and on a device only where the host must
+      // decide: a reducer, a limit or host_overflow_check. Its value alone is waited for.
+      const bool read = dev == Device::CPU || found_inf_reducer_ || host_check();
+      const bool local = read && (dev == Device::CPU ? *st.flag.data<float>() != 0.0f : st.flag.item<float>() != 0.0f);
+      st.found_inf = local;
       if (found_inf_reducer_) {  // a host function: the one read-back this makes on a device
-        const bool found = found_inf_reducer_(st.flag.item<float>() != 0.0f);
-        st.flag.fill_(found ? 1.0 : 0.0);
+        st.found_inf = found_inf_reducer_(local);
+        st.flag.fill_(st.found_inf ? 1.0 : 0.0);
       }
-      if (dev == Device::CPU) st.found_inf = *st.flag.data<float>() != 0.0f;  // host memory: known at once
+      st.known = read;
+      if (local) st.overflowing = overflowing_parameters(slots);  // only on a skipped step
     }
     for (const auto& s : slots) {
       s.grad.bump_version();
@@ -204,39 +304,131 @@ class GradScaler {
   }
 
   // Backs the scale off if any optimizer saw inf/NaN since the last update, else counts a
-  // clean step and grows the scale after growth_interval of them (never to inf).
+  // clean step and grows the scale after growth_interval of them (never to inf). With limits,
+  // GradScalerOptions' rule instead; an overflow with the scale already at min_scale throws
+  // (after recording the step and ending the iteration). Either way the iteration is recorded in
+  // history(), and a PrecisionTrace with auto-pin on this thread is advanced one step.
   void update() {
+    advance_trace();
     if (!enabled_) return;
     check_scale_growth_tracker("update");
     bool any_recorded = false;
     for (const auto& [opt, st] : states_) any_recorded |= st.recorded;
     MIXPREC_CHECK(any_recorded, "No inf checks were recorded prior to update.");
+    // What the host knows of this iteration: every flag it read, the parameters found with them.
+    bool known = true, found = false;
+    std::vector<std::string> overflowing;
+    std::vector<Tensor> unread;
+    for (const auto& [opt, st] : states_) {
+      if (!st.recorded) continue;
+      known &= st.known;
+      found |= st.known && st.found_inf;
+      if (!st.known) unread.push_back(st.flag);
+      overflowing.insert(overflowing.end(), st.overflowing.begin(), st.overflowing.end());
+    }
+    if (!overflowing.empty()) last_overflowing_ = overflowing;
+    const char* op = "GradScaler.update";
+    if (limits_.active()) {  // the host's rule: the flags were read in unscale_ (host_check)
+      for (const Tensor& f : unread) found |= f.item<float>() != 0.0f;
+      float scale = device_ == Device::CPU ? scale_ : scale_dev_.item<float>();
+      int64_t tracker = device_ == Device::CPU ? growth_tracker_ : tracker_dev_.item<int64_t>();
+      const detail::ScaleChange change = detail::update_scale_limited(scale, tracker, hysteresis_left_, found, growth_factor_,
+                                                                      backoff_factor_, growth_interval_, limits_);
+      if (device_ == Device::CPU) {
+        scale_ = scale;
+        growth_tracker_ = tracker;
+      } else {
+        fill_device(scale_dev_, scale);
+        fill_device(tracker_dev_, static_cast<double>(tracker));
+      }
+      skipped_ += found;
+      record(found, std::move(overflowing), {}, scale, Tensor());
+      states_.clear();
+      MIXPREC_CHECK(change != detail::ScaleChange::AtMinimum, "GradScaler.update: Current loss scale already at minimum (min_scale ",
+                    limits_.min_scale, ") - cannot decrease scale anymore: the gradients overflowed again at iteration ",
+                    updates_ - 1, ". Gradients holding inf/NaN: ", describe(last_overflowing_),
+                    ". Look for the op that overflows (amp::PrecisionTrace), or run that part in float32");
+      return;
+    }
     // Every optimizer's flag on the scale's device (a flag on the CPU is copied as a fill).
     std::vector<Tensor> flags;
     for (const auto& [opt, st] : states_) {
       if (!st.recorded) continue;
       flags.push_back(st.flag.device() == device_ ? st.flag : full({}, st.found_inf ? 1.0 : 0.0, DType::Float32, device_));
     }
-    const char* op = "GradScaler.update";
     if (device_ == Device::CPU) {  // the members themselves, viewed as tensors for the CPU's kernel
       const Tensor scale = from_blob(&scale_, {}, DType::Float32), tracker = from_blob(&growth_tracker_, {}, DType::Int64),
                    skipped = from_blob(&skipped_, {}, DType::Int64);
       ::mixprec::detail::device_kernel(op, scale, &DeviceKernels::update_scale)(scale, tracker, flags, growth_factor_, backoff_factor_,
                                                                                growth_interval_, skipped);
+      record(found, std::move(overflowing), {}, scale_, Tensor());
     } else {
       ::mixprec::detail::device_kernel(op, scale_dev_, &DeviceKernels::update_scale)(
           scale_dev_, tracker_dev_, flags, growth_factor_, backoff_factor_, growth_interval_, skipped_dev_);
+      // The history's scale and (unread) flags stay on the device until history() is asked for.
+      if (history_length_ > 0) record(found, std::move(overflowing), std::move(unread), 0.0, scale_dev_.clone());
+      else ++updates_;
     }
     states_.clear();
   }
-  // Sets the scale (stored as float32) and starts a new iteration.
+  // Sets the scale (stored as float32) and starts a new iteration. A manual override: not counted
+  // in steps_taken()/skipped_steps() nor recorded in history().
   void update(double new_scale) {
+    advance_trace();
     if (!enabled_) return;
     check_scale_growth_tracker("update");
     scale_ = static_cast<float>(new_scale);
     if (device_ != Device::CPU) fill_device(scale_dev_, scale_);
     states_.clear();
   }
+
+  // ---- Telemetry ----
+  // Names for the report of overflowing parameters, e.g. set_parameter_names(model.named_parameters()).
+  // Keyed by the tensor itself: any optimizer holding it, any param group. Later calls add to them.
+  void set_parameter_names(const std::vector<std::pair<std::string, Tensor>>& named) {
+    for (const auto& [n, t] : named)
+      if (t.defined()) names_[t.impl()] = {t.impl_ptr(), n};
+  }
+  // update() calls whose optimizers stepped (skipped_steps() counts the others). Reads a device's
+  // skip count (waits for it).
+  int64_t steps_taken() const { return enabled_ ? updates_ - skipped_steps() : 0; }
+  // The last history_length update() calls, oldest first (a device's flags and scales are read now).
+  std::vector<ScalerRecord> history() const {
+    std::vector<ScalerRecord> out;
+    out.reserve(history_.size());
+    for (Pending& p : history_) {
+      if (p.scale.defined()) {
+        p.rec.scale = static_cast<double>(p.scale.item<float>());
+        p.scale = Tensor();
+      }
+      for (const Tensor& f : p.flags) p.rec.skipped |= f.item<float>() != 0.0f;
+      p.flags.clear();
+      out.push_back(p.rec);
+    }
+    return out;
+  }
+  // The parameters whose gradients held inf/NaN at the last skipped step that named any.
+  const std::vector<std::string>& last_overflowing() const { return last_overflowing_; }
+  // The counters for a checkpoint (io/checkpoint.hpp saves them beside state_dict(), which keeps
+  // PyTorch's keys): update() calls and skipped steps.
+  std::map<std::string, double> counters_state_dict() const {
+    if (!enabled_) return {};
+    return {{"updates", static_cast<double>(updates_)}, {"skipped_steps", static_cast<double>(skipped_steps())}};
+  }
+  void load_counters_state_dict(const std::map<std::string, double>& sd) {
+    if (!enabled_ || sd.empty()) return;
+    MIXPREC_CHECK(sd.count("updates") && sd.count("skipped_steps"), "GradScaler.load_counters_state_dict: need keys 'updates' and 'skipped_steps'");
+    const double u = sd.at("updates"), k = sd.at("skipped_steps");
+    MIXPREC_CHECK(u >= 0 && u <= 1e15 && u == std::floor(u) && k >= 0 && k <= u && k == std::floor(k),
+                  "GradScaler.load_counters_state_dict: need integers 0 <= skipped_steps <= updates, got ", k, " and ", u);
+    updates_ = static_cast<int64_t>(u);
+    skipped_ = static_cast<int64_t>(k);
+    if (device_ != Device::CPU) fill_device(skipped_dev_, 0.0);
+    history_.clear();
+  }
+  const detail::ScaleLimits& limits() const { return limits_; }
+  // Overflows still allowed before the scale backs off (hysteresis, counting down to 1).
+  int64_t hysteresis_left() const { return hysteresis_left_; }
 
   // The current scale; 1.0 when disabled. A scale on a device is read from there (waits for it).
   double get_scale() const {
@@ -249,7 +441,8 @@ class GradScaler {
     if (!initialized_) return init_growth_tracker_;
     return device_ == Device::CPU ? growth_tracker_ : tracker_dev_.item<int64_t>();
   }
-  // Iterations whose update() backed off because a gradient was inf/NaN (their steps were skipped).
+  // update() calls whose step was skipped because a gradient was inf/NaN (with hysteresis, not
+  // every one backed the scale off).
   int64_t skipped_steps() const { return device_ == Device::CPU ? skipped_ : skipped_ + skipped_dev_.item<int64_t>(); }
   // Where the scale lives: the CPU, or the device of the first scaled or unscaled device tensor.
   Device device() const { return device_; }
@@ -284,15 +477,27 @@ class GradScaler {
     return st.flag.defined() && st.flag.device() != Device::CPU ? st.flag.item<float>() != 0.0f : st.found_inf;
   }
 
-  // Keys: scale, growth_factor, backoff_factor, growth_interval, _growth_tracker; empty when disabled.
+  // Keys: scale, growth_factor, backoff_factor, growth_interval, _growth_tracker (PyTorch's);
+  // with a limit set also min_scale, max_scale, hysteresis, consecutive_hysteresis and
+  // _hysteresis_tracker. Empty when disabled. The counters have counters_state_dict().
   std::map<std::string, double> state_dict() const {
     if (!enabled_) return {};
-    return {{"scale", get_scale()},
-            {"growth_factor", growth_factor_},
-            {"backoff_factor", backoff_factor_},
-            {"growth_interval", static_cast<double>(growth_interval_)},
-            {"_growth_tracker", static_cast<double>(get_growth_tracker())}};
+    std::map<std::string, double> sd{{"scale", get_scale()},
+                                     {"growth_factor", growth_factor_},
+                                     {"backoff_factor", backoff_factor_},
+                                     {"growth_interval", static_cast<double>(growth_interval_)},
+                                     {"_growth_tracker", static_cast<double>(get_growth_tracker())}};
+    if (limits_.active()) {
+      sd["min_scale"] = limits_.min_scale;
+      sd["max_scale"] = limits_.max_scale;
+      sd["hysteresis"] = static_cast<double>(limits_.hysteresis);
+      sd["consecutive_hysteresis"] = limits_.consecutive_hysteresis ? 1.0 : 0.0;
+      sd["_hysteresis_tracker"] = static_cast<double>(hysteresis_left_);
+    }
+    return sd;
   }
+  // A state dict without the limit keys (PyTorch's, or saved without limits) keeps this scaler's
+  // limits and starts its hysteresis afresh.
   void load_state_dict(const std::map<std::string, double>& sd) {
     if (!enabled_) return;
     MIXPREC_CHECK(!sd.empty(),
@@ -309,6 +514,21 @@ class GradScaler {
                       tracker < interval && tracker == std::floor(tracker),
                   "GradScaler.load_state_dict: need an integer growth_interval >= 1 and 0 <= _growth_tracker < "
                   "growth_interval, got ", interval, " and ", tracker);
+    detail::ScaleLimits lim = limits_;
+    int64_t left = limits_.hysteresis;
+    if (sd.count("hysteresis")) {
+      for (const char* k : {"min_scale", "max_scale", "consecutive_hysteresis", "_hysteresis_tracker"})
+        MIXPREC_CHECK(sd.count(k), "GradScaler.load_state_dict: missing key '", k, "' (saved with 'hysteresis')");
+      const double h = sd.at("hysteresis"), lo = sd.at("min_scale"), hi = sd.at("max_scale"), hl = sd.at("_hysteresis_tracker");
+      MIXPREC_CHECK(h >= 1 && h <= 1e15 && h == std::floor(h) && hl >= 1 && hl <= h && hl == std::floor(hl),
+                    "GradScaler.load_state_dict: need integers 1 <= _hysteresis_tracker <= hysteresis, got ", hl, " and ", h);
+      MIXPREC_CHECK(std::isfinite(lo) && lo >= 0 && hi > 0 && lo <= hi, "GradScaler.load_state_dict: need 0 <= min_scale <= max_scale, got ",
+                    lo, " and ", hi);
+      lim = {lo, hi, static_cast<int64_t>(h), sd.at("consecutive_hysteresis") != 0.0};
+      left = static_cast<int64_t>(hl);
+    }
+    limits_ = lim;
+    hysteresis_left_ = left;
     init_scale_ = sd.at("scale");
     growth_factor_ = sd.at("growth_factor");
     backoff_factor_ = sd.at("backoff_factor");
@@ -327,10 +547,61 @@ class GradScaler {
  private:
   struct PerOptimizer {
     OptState stage = OptState::READY;
-    bool found_inf = false;  // the flag's value, where it is on the CPU (read at once: host memory)
+    bool found_inf = false;  // the flag's value where the host read it (known), else false
+    bool known = false;      // the host read the flag: always on the CPU
     Tensor flag;             // float32 [] on the gradients' device, set by their unscale kernel
     bool recorded = false;   // unscale_ saw at least one gradient
+    std::vector<std::string> overflowing;  // this optimizer's parameters with inf/NaN gradients
   };
+  // A history record; on a device its flags (unread) and scale are read when history() is asked for.
+  struct Pending {
+    ScalerRecord rec;
+    std::vector<Tensor> flags;
+    Tensor scale;
+  };
+
+  bool host_check() const { return limits_.active() || host_overflow_check_; }
+  void record(bool found, std::vector<std::string> overflowing, std::vector<Tensor> unread, double scale, Tensor scale_dev) {
+    const int64_t iteration = updates_++;
+    if (history_length_ == 0) return;
+    history_.push_back({{iteration, found, scale, std::move(overflowing)}, std::move(unread), std::move(scale_dev)});
+    while (static_cast<int64_t>(history_.size()) > history_length_) history_.pop_front();
+  }
+  static void advance_trace() {
+    if (PrecisionTrace* t = detail::active_trace(); t && t->auto_pin_enabled()) t->step();
+  }
+  static std::string describe(const std::vector<std::string>& names) {
+    if (names.empty()) return "none on this rank";
+    std::string out;
+    for (const std::string& n : names) out += (out.empty() ? "" : ", ") + n;
+    return out;
+  }
+  // The parameters whose gradients (their float32 master where there is one: what the unscale
+  // kernel checked) hold inf/NaN. Runs only on a step with the flag set; a device's gradients are
+  // copied to the host for it.
+  std::vector<std::string> overflowing_parameters(const std::vector<optim::Optimizer::GradSlot>& slots) const {
+    std::vector<std::string> out;
+    for (const auto& s : slots) {
+      Tensor g = s.master_grad.defined() ? s.master_grad : s.grad;
+      if (g.device() != Device::CPU) g = g.cpu();
+      bool bad = false;
+      dispatch_floating(g.dtype(), "GradScaler.unscale_", [&]<class T>() {
+        const Tensor c = g.contiguous();
+        const T* p = c.data<T>();
+        for (int64_t i = 0, n = c.numel(); i < n && !bad; ++i) bad = !std::isfinite(static_cast<double>(static_cast<acc_t<T>>(p[i])));
+      });
+      if (!bad) continue;
+      auto it = names_.find(s.param.impl());
+      if (it != names_.end() && !it->second.first.expired()) {
+        out.push_back(it->second.second);
+      } else {
+        std::ostringstream os;
+        ::mixprec::detail::stream_all(os, "parameter ", s.index, ' ', s.param.sizes());
+        out.push_back(os.str());
+      }
+    }
+    return out;
+  }
 
   static void fill_device(const Tensor& t, double v) {
     ::mixprec::detail::device_kernel("GradScaler", t, &DeviceKernels::fill)(t, v);
@@ -378,6 +649,15 @@ class GradScaler {
   std::unordered_map<const optim::Optimizer*, PerOptimizer> states_;
   std::function<bool(bool)> found_inf_reducer_;
   std::function<void(const Tensor&)> found_inf_flag_reducer_;
+  // Limits and telemetry (GradScalerOptions).
+  detail::ScaleLimits limits_;
+  int64_t hysteresis_left_ = 1;
+  int64_t history_length_ = 1000;
+  bool host_overflow_check_ = false;
+  int64_t updates_ = 0;  // update() calls (not update(new_scale))
+  mutable std::deque<Pending> history_;
+  std::vector<std::string> last_overflowing_;
+  std::unordered_map<const TensorImpl*, std::pair<std::weak_ptr<TensorImpl>, std::string>> names_;
 };
 
 }  // namespace mixprec::amp

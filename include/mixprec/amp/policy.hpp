@@ -80,8 +80,22 @@ MIXPREC_OUTLINE PolicyTable& table() {
 #endif
 }  // namespace detail
 
+namespace detail {
+// This thread's float32 pins, indexed by OpId (non-zero: pinned), or null: the table's policy is
+// overridden here, in the one lookup autocast's dispatch makes, not by a second table.
+// amp::PrecisionTrace's auto-pin installs its set while it is attached (amp/trace.hpp).
+inline const std::vector<uint8_t>*& float32_pins() {
+  thread_local const std::vector<uint8_t>* pins = nullptr;
+  return pins;
+}
+}  // namespace detail
+
 // Hot path: built-in ops are never re-registered, so their entries can be read without a lock.
+// An op pinned to float32 on this thread (auto-pin) reads Float32.
 inline Policy policy_of(OpId id) {
+  if (const auto* pins = detail::float32_pins();
+      pins && static_cast<std::size_t>(id) < pins->size() && (*pins)[static_cast<std::size_t>(id)]) [[unlikely]]
+    return Policy::Float32;
   auto& t = detail::table();
   if (static_cast<std::size_t>(id) < static_cast<std::size_t>(OpId::kCount)) return t.entries[static_cast<int>(id)].policy;
   std::shared_lock lock(t.mu);

@@ -140,6 +140,7 @@ inline void save_checkpoint(const std::string& path, const CheckpointParts& part
     detail::put_scalars(meta, "optim.", sd.scalars);
   }
   if (parts.scaler) detail::put_scalars(meta, "scaler.", parts.scaler->state_dict());
+  if (parts.scaler) detail::put_scalars(meta, "scaler_counters.", parts.scaler->counters_state_dict());  // steps taken/skipped
   if (parts.fp8)
     for (const auto& [k, t] : amp::fp8_state_dict(*parts.fp8)) tensors.emplace_back("fp8." + k, t);
   if (parts.scheduler) {
@@ -200,16 +201,19 @@ inline TrainingState load_checkpoint(const std::string& path, const CheckpointPa
   st.extra = detail::get_scalars(path, f.metadata, "extra.");
   const auto optim_scalars = detail::get_scalars(path, f.metadata, "optim.");
   const auto scaler_scalars = detail::get_scalars(path, f.metadata, "scaler.");
+  const auto scaler_counters = detail::get_scalars(path, f.metadata, "scaler_counters.");  // absent before they were saved
   const auto sched_scalars = detail::get_scalars(path, f.metadata, "sched.");
   no_grad ng;
   try {
     if (parts.scaler) {
       amp::GradScaler probe = *parts.scaler;  // refuse bad scaler values before anything changes
       probe.load_state_dict(scaler_scalars);
+      probe.load_counters_state_dict(scaler_counters);
     }
     if (parts.model) parts.model->load_state_dict(section("model."), /*strict=*/true);
     if (parts.optimizer) parts.optimizer->load_state_dict({section("optim."), optim_scalars});
     if (parts.scaler) parts.scaler->load_state_dict(scaler_scalars);
+    if (parts.scaler) parts.scaler->load_counters_state_dict(scaler_counters);
     if (parts.scheduler) parts.scheduler->load_state_dict({section("sched."), sched_scalars});
     if (parts.fp8) amp::load_fp8_state_dict(*parts.fp8, section("fp8."));
   } catch (const Error& e) {
