@@ -31,25 +31,60 @@ struct GeluTile {
   int64_t ld;
   bool tanh, backward;
 };
+// The whole tile (<= 12 x 32) is gathered into float32 buffers, computed in one vectorised loop and
+// written back: per-row calls (a conversion and a loop of two vectors each) cost more than the
+// GELU. bfloat16 widens and rounds inline (the scalar conversions' formulas, which the SIMD
+// conversions match bit for bit); float16 goes through the bulk conversions.
 template <class T, bool Tanh, bool Backward>
 void gelu_tile(const void* ctx, void* tile, int64_t mr, int64_t nr) {
   const auto& g = *static_cast<const GeluTile<T>*>(ctx);
-  T* t = static_cast<T*>(tile);
-  T* p = g.pre + (t - g.base);
-  float v[avx512::kNR], d[avx512::kNR];
-  for (int64_t i = 0; i < mr; ++i, t += g.ld, p += g.ld) {
-    if constexpr (!Backward) std::copy(t, t + nr, p);
-    const float* tv = load_run(t, 1, nr, v);
-    const float* pv = Backward ? load_run(p, 1, nr, d) : nullptr;
-    float* out = std::is_same_v<T, float> ? reinterpret_cast<float*>(t) : v;
-    simd([&]() MIXPREC_SIMD_BODY {
-      for (int64_t j = 0; j < nr; ++j) {
-        if constexpr (Backward) out[j] = tv[j] * (Tanh ? fn::gelu_tanh_grad(pv[j]) : fn::gelu_grad(pv[j]));
-        else out[j] = Tanh ? fn::gelu_tanh(tv[j]) : fn::gelu(tv[j]);
+  T* const t = static_cast<T*>(tile);
+  T* const p = g.pre + (t - g.base);
+  const int64_t ld = g.ld;
+  alignas(64) float v[avx512::kMR * avx512::kNR], d[avx512::kMR * avx512::kNR];
+  const int64_t n = mr * nr;
+  simd([&]() MIXPREC_SIMD_BODY {
+    for (int64_t i = 0; i < mr; ++i) {
+      const T* row = t + i * ld;
+      const T* prow = p + i * ld;
+      float* vr = v + i * nr;
+      float* dr = d + i * nr;
+      if constexpr (std::is_same_v<T, float>) {
+        for (int64_t j = 0; j < nr; ++j) vr[j] = row[j];
+        if constexpr (Backward)
+          for (int64_t j = 0; j < nr; ++j) dr[j] = prow[j];
+      } else if constexpr (std::is_same_v<T, bfloat16>) {
+        for (int64_t j = 0; j < nr; ++j) vr[j] = mixprec::detail::bfloat16_bits_to_float(row[j].x);
+        if constexpr (Backward)
+          for (int64_t j = 0; j < nr; ++j) dr[j] = mixprec::detail::bfloat16_bits_to_float(prow[j].x);
       }
-    });
-    if constexpr (!std::is_same_v<T, float>) store_run(t, 1, v, nr);
+    }
+  });
+  if constexpr (!std::is_same_v<T, float> && !std::is_same_v<T, bfloat16>) {
+    for (int64_t i = 0; i < mr; ++i) {
+      convert(t + i * ld, v + i * nr, nr);
+      if constexpr (Backward) convert(p + i * ld, d + i * nr, nr);
+    }
   }
+  if constexpr (!Backward)  // keep the rounded input for the backward
+    for (int64_t i = 0; i < mr; ++i) std::copy(t + i * ld, t + i * ld + nr, p + i * ld);
+  simd([&]() MIXPREC_SIMD_BODY {
+    for (int64_t k = 0; k < n; ++k) {
+      if constexpr (Backward) v[k] = v[k] * (Tanh ? fn::gelu_tanh_grad(d[k]) : fn::gelu_grad(d[k]));
+      else v[k] = Tanh ? fn::gelu_tanh(v[k]) : fn::gelu(v[k]);
+    }
+    for (int64_t i = 0; i < mr; ++i) {
+      T* row = t + i * ld;
+      const float* vr = v + i * nr;
+      if constexpr (std::is_same_v<T, float>) {
+        for (int64_t j = 0; j < nr; ++j) row[j] = vr[j];
+      } else if constexpr (std::is_same_v<T, bfloat16>) {
+        for (int64_t j = 0; j < nr; ++j) row[j] = bfloat16::from_bits(mixprec::detail::float_to_bfloat16_bits(vr[j]));
+      }
+    }
+  });
+  if constexpr (!std::is_same_v<T, float> && !std::is_same_v<T, bfloat16>)
+    for (int64_t i = 0; i < mr; ++i) convert(v + i * nr, t + i * ld, nr);
 }
 template <class T>
 avx512::TileEpilogue gelu_epilogue(const GeluTile<T>& ctx) {
