@@ -4,7 +4,7 @@
 # precision, compute-sanitizer's memcheck over the kernel and public-op tests, then the timing
 # table: mixprec_gpu_bench and PyTorch's peer (benchmarks/peers/torch_gpu.py) alternately.
 #   scripts/gpu_check.sh [BIN_DIR] [DATA_DIR] [OUT_DIR] [CORPUS_DIR]
-# BIN_DIR holds test_cuda_host, test_cuda_types, test_cuda_device, test_cuda_plans, test_nccl_single,
+# BIN_DIR holds test_cuda_host, test_cuda_types, test_cuda_device (with the plan tests), test_nccl_single,
 # mixprec_gpu_selftest, mixprec_gpu_bench, mixprec_resnet_cuda and mixprec_transformer_cuda, and
 # optionally test_nccl (MPI: run on every GPU when mpirun and 2+ GPUs exist) (build/release/tests by
 # default); DATA_DIR the Fashion-MNIST .gz files; OUT_DIR receives the log (gpu_check.log, or
@@ -62,8 +62,7 @@ bench() {
 if [ "$only" != bench ]; then
   run 60 "$bin/test_cuda_types"
   run 60 "$bin/test_cuda_host"
-  run 180 "$bin/test_cuda_device"
-  run 120 "$bin/test_cuda_plans"
+  run 300 "$bin/test_cuda_device"
   # Data parallelism over NCCL: one rank without MPI (every collective, DDP steps of GPT-mini and
   # ResNet-20 against the plain step); with mpirun and several GPUs, one rank per GPU.
   run 300 "$bin/test_nccl_single"
@@ -81,7 +80,7 @@ if [ "$only" != bench ]; then
     run 300 "$bin/mixprec_transformer_cuda" --device cuda --precision "$p" "${corpus[@]}" --csv "$out/gpt_mini_cuda_$p.csv"
   done
   if [ "${GPU_CHECK_MEMCHECK:-1}" != 0 ] && command -v compute-sanitizer >/dev/null; then
-    run 300 compute-sanitizer --tool memcheck --error-exitcode 9 "$bin/test_cuda_device" --gtest_filter='CudaConv.*:CudaNorm.*:CudaElementwise.*:CudaAmp.*:CudaOps.*'
+    run 300 compute-sanitizer --tool memcheck --error-exitcode 9 "$bin/test_cuda_device" --gtest_filter='CudaConv.*:CudaNorm.*:CudaElementwise.*:CudaAmp.*:CudaOps.*:CudaPlans.*'
   fi
 fi
 if [ "$only" != checks ]; then

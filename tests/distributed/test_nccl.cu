@@ -3,8 +3,8 @@
 // are checked against values computed from the rank numbers on the host, and a
 // DistributedDataParallel training step of GPT-mini and ResNet-20 over NCCL (communication
 // stream, events, found-inf on the device) against the plain single-GPU step on the same data.
-// test_nccl_single is this file without MPI (MIXPREC_TEST_NCCL_NO_MPI): one rank, for machines
-// without Open MPI; it also builds its group without a bootstrap.
+// test_nccl_single is this file without MPI (its bootstrap is nccl_bootstrap_self.cpp): one rank,
+// for machines without Open MPI.
 #include <gtest/gtest.h>
 
 #include <cstring>
@@ -20,36 +20,9 @@ using namespace mixprec;
 using distributed::ReduceOp;
 
 namespace mixprec::testing {
-#if defined(MIXPREC_TEST_NCCL_NO_MPI)
-// This process alone: what a bootstrap of one rank does.
-class SelfGroup final : public distributed::ProcessGroup {
-  struct Done final : distributed::Work {
-    void wait() override {}
-  };
-
- public:
-  int rank() const override { return 0; }
-  int size() const override { return 1; }
-  std::string backend() const override { return "self"; }
-  std::shared_ptr<distributed::Work> broadcast(const Tensor&, int root) override {
-    distributed::detail::check_root(*this, root);
-    return std::make_shared<Done>();
-  }
-  std::shared_ptr<distributed::Work> all_reduce(const Tensor&, ReduceOp) override { return std::make_shared<Done>(); }
-  std::shared_ptr<distributed::Work> all_gather(const Tensor& out, const Tensor& in) override {
-    distributed::detail::check_all_gather(*this, out, in, Device::CPU);
-    std::memcpy(out.data_ptr(), in.data_ptr(), static_cast<std::size_t>(in.nbytes()));
-    return std::make_shared<Done>();
-  }
-  std::shared_ptr<distributed::Work> barrier() override { return std::make_shared<Done>(); }
-};
-distributed::ProcessGroup& nccl_bootstrap() {
-  static SelfGroup g;
-  return g;
-}
-#else
-distributed::ProcessGroup& nccl_bootstrap();  // nccl_bootstrap.cpp
-#endif
+// The group NCCL bootstraps over: MPI (nccl_bootstrap.cpp) or this process alone
+// (nccl_bootstrap_self.cpp), linked in by the executable; this file is compiled once for both.
+distributed::ProcessGroup& nccl_bootstrap();
 }  // namespace mixprec::testing
 
 namespace {

@@ -28,6 +28,7 @@
 #include "mixprec/backends/cuda/streams.hpp"
 #include "mixprec/core/capabilities.hpp"
 #include "mixprec/distributed/process_group.hpp"
+#include "mixprec/ops/tensor_ops.hpp"  // zeros (the GPU UUID exchange)
 #include "mixprec/dtype/bfloat16.hpp"
 #include "mixprec/dtype/half.hpp"
 
