@@ -9,6 +9,8 @@
 
 #include <Eigen/Core>
 #include <mixprec/mixprec.hpp>
+#include <mixprec/backends/cpu/gemm.hpp>  // the kernels it times directly (also in the compiled mode)
+#include <mixprec/backends/cpu/gemm_avx512.hpp>
 
 #if defined(MIXPREC_BENCH_HAVE_DNNL)
 #include <oneapi/dnnl/dnnl.h>

@@ -33,7 +33,7 @@
 using namespace mixprec;
 namespace mc = mixprec::gpu;
 
-namespace {
+namespace gpu_bench {  // named: tools/gpu_tools.cu compiles both tools in one unit
 
 struct Options {
   std::vector<std::string> workloads{"gpt12", "gpt2l", "resnet20", "gptmini", "bandwidth"};
@@ -244,9 +244,10 @@ void bandwidth(const Options& o) {
   }
 }
 
-}  // namespace
+}  // namespace gpu_bench
 
-int main(int argc, char** argv) {
+int mixprec_gpu_bench_main(int argc, char** argv) {
+  using namespace gpu_bench;
   std::setvbuf(stdout, nullptr, _IOLBF, 0);  // piped output: keep every finished line if a later step dies
   Options o;
   for (int i = 1; i < argc; ++i) {

@@ -15,7 +15,7 @@
 using namespace mixprec;
 namespace mc = mixprec::gpu;
 
-namespace {
+namespace gpu_selftest {  // named: tools/gpu_tools.cu compiles both tools in one unit
 int failures = 0;
 
 Tensor up(const Tensor& t) { return mc::to_device(t); }
@@ -276,9 +276,10 @@ void gpt_mini_step() {
   optim::AdamW og(timed.parameters(), 3e-4);
   time_steps(og, [&] { return timed.loss(idd, tgd); });
 }
-}  // namespace
+}  // namespace gpu_selftest
 
-int main() {
+int mixprec_gpu_selftest_main(int, char**) {
+  using namespace gpu_selftest;
   std::setvbuf(stdout, nullptr, _IOLBF, 0);  // piped output: keep every finished line if a later step dies
   if (!cuda_is_available()) {
     std::printf("mixprec_gpu_selftest: no usable CUDA device (%s); nothing was run\n", cuda_unavailable_reason().c_str());

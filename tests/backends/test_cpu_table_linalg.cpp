@@ -8,6 +8,7 @@
 #include <string>
 
 #include <mixprec/mixprec.hpp>
+#include <mixprec/backends/cpu/linalg.hpp>  // the kernels it tests directly (also in the compiled mode)
 
 #include "ops/op_test_util.hpp"
 

@@ -7,6 +7,8 @@
 #include <vector>
 
 #include <mixprec/mixprec.hpp>
+#include <mixprec/backends/cpu/gemm.hpp>  // the kernels it tests directly (also in the compiled mode)
+#include <mixprec/backends/cpu/gemm_avx512.hpp>
 
 #include "ops/op_test_util.hpp"
 

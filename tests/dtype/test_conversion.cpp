@@ -27,6 +27,7 @@
 
 #include "mixprec/core/cpu_features.hpp"
 #include "mixprec/dtype/convert.hpp"
+#include "dtype/float_sweep.hpp"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define TEST_X86_HW 1
@@ -213,26 +214,15 @@ class Mismatches {
   int kept_ = 0;
 };
 
-constexpr int64_t kChunk = int64_t{1} << 20;
-constexpr int64_t kNumChunks = (int64_t{1} << 32) / kChunk;
-
-// MIXPREC_TEST_FLOAT_STRIDE=N (the asan test preset sets it: sanitized code is ~10x slower) keeps
-// every N-th chunk plus every chunk of exponent 0 or 255 (zeros, subnormals, inf, NaN), where the
-// special cases live. Unset or 1: all 2^32 patterns.
-int64_t float_chunk_stride() {
-  const char* s = std::getenv("MIXPREC_TEST_FLOAT_STRIDE");
-  return s && std::atoll(s) > 1 ? std::atoll(s) : 1;
-}
-bool chunk_selected(int64_t c, int64_t stride) {
-  const uint32_t exponent = static_cast<uint32_t>(c * kChunk) & 0x7f800000u;
-  return c % stride == 0 || exponent == 0 || exponent == 0x7f800000u;
-}
+using float_sweep::chunk_selected;
+using float_sweep::kChunk;
+using float_sweep::kNumChunks;
 
 // Runs body(first_pattern, thread_slot) for every 2^20-pattern chunk of the 2^32 floats, on all
 // cores; returns how many chunks ran.
 int64_t sweep_all_floats(const std::function<void(uint32_t, int)>& body) {
   const int threads = static_cast<int>(std::clamp(std::thread::hardware_concurrency(), 1u, 64u));
-  const int64_t stride = float_chunk_stride();
+  const int64_t stride = float_sweep::chunk_stride();
   std::atomic<int64_t> next{0}, ran{0};
   std::vector<std::thread> pool;
   for (int t = 0; t < threads; ++t) {

@@ -1,6 +1,7 @@
 #include <gtest/gtest.h>
 
 #include <mixprec/mixprec.hpp>
+#include <mixprec/backends/cpu/gemm.hpp>  // the kernels it tests directly (also in the compiled mode)
 
 #include <array>
 #include <cmath>

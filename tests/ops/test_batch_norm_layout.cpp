@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <mixprec/mixprec.hpp>
+#include <mixprec/backends/cpu/batch_norm_nhwc.hpp>  // the kernels it tests directly (also in the compiled mode)
 
 #include "ops/op_test_util.hpp"
 

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <mixprec/mixprec.hpp>
+#include <mixprec/backends/cpu/onednn.hpp>  // the kernels it tests directly (also in the compiled mode)
 
 #include "ops/op_test_util.hpp"
 

@@ -75,7 +75,10 @@ struct NonFinite {
   bool any() const { return inf + nan > 0; }
 };
 
-inline NonFinite scan(const Tensor& t) {
+// Out of line in the compiled mode (core/config.hpp): a debugging pass every op's dispatch names.
+MIXPREC_OUTLINE NonFinite scan(const Tensor& t);
+#if MIXPREC_HEADER_DEFINITIONS
+MIXPREC_OUTLINE NonFinite scan(const Tensor& t) {
   NonFinite r;
   if (!t.defined() || !t.is_floating_point() || t.device() != Device::CPU || t.numel() == 0) return r;
   dispatch_floating(t.dtype(), "detect_anomaly", [&]<class T>() {
@@ -104,6 +107,7 @@ inline NonFinite scan(const Tensor& t) {
   });
   return r;
 }
+#endif  // MIXPREC_HEADER_DEFINITIONS
 
 inline void describe(std::ostringstream& os, const Tensor& t) {
   if (!t.defined()) {

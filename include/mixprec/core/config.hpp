@@ -13,7 +13,7 @@
 // temporary that ends at the semicolon and guards nothing -- the compiler says so.
 #define MIXPREC_GUARD [[nodiscard("a guard acts only while it is alive: give it a name")]]
 
-// Compiled mode (issue 19; cmake/MixprecCompiled.cmake, src/mixprec_compiled.cpp): a definition under
+// Compiled mode (issue 19; cmake/MixprecCompiled.cmake, src/mixprec_compiled*.cpp): a definition under
 // `#if MIXPREC_HEADER_DEFINITIONS`, declared MIXPREC_OUTLINE, is compiled once into mixprec::compiled,
 // and a program's units built with MIXPREC_COMPILED_LIB see only its declaration: they neither
 // parse its body, nor instantiate the templates it uses, nor optimise it again -- at -O2 that is
