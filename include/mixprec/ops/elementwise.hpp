@@ -229,9 +229,19 @@ template <class T> MIXPREC_HOST_DEVICE T silu_grad(T v) {
   const T s = 1 / (1 + fn::exp(-v));
   return s * (1 + v * (1 - s));
 }
-template <class T> MIXPREC_HOST_DEVICE T gelu(T v) { return T(0.5) * v * (1 + fn::erf(v * T(0.70710678118654752440))); }
+template <class T> MIXPREC_HOST_DEVICE T gelu(T v) {
+#if !defined(__CUDA_ARCH__)
+  if constexpr (std::is_same_v<T, float>) return cpu::vec::gelu(v);  // one exp, no cancellation for v < 0
+  else
+#endif
+    return T(0.5) * v * (1 + fn::erf(v * T(0.70710678118654752440)));
+}
 template <class T> MIXPREC_HOST_DEVICE T gelu_grad(T v) {
-  return T(0.5) * (1 + fn::erf(v * T(0.70710678118654752440))) + v * T(0.39894228040143267794) * fn::exp(T(-0.5) * v * v);
+#if !defined(__CUDA_ARCH__)
+  if constexpr (std::is_same_v<T, float>) return cpu::vec::gelu_grad(v);
+  else
+#endif
+    return T(0.5) * (1 + fn::erf(v * T(0.70710678118654752440))) + v * T(0.39894228040143267794) * fn::exp(T(-0.5) * v * v);
 }
 // gelu(x, "tanh"), also cuBLASLt's GELU epilogue.
 template <class T> MIXPREC_HOST_DEVICE T gelu_tanh(T v) {
