@@ -217,7 +217,10 @@ inline Fp8Operand fp8_operand(const Tensor& x32, Fp8TensorMeta& m, int64_t step,
 // gradient is summed from the unquantized gradient. Quantization is straight-through: W and x
 // get the gradient of the GEMM they took part in. Must run inside amp::fp8_autocast, which marks
 // the steps of delayed scaling.
-inline Tensor fp8_linear(const Tensor& x, const Tensor& w, const Tensor& b, const std::shared_ptr<Fp8LinearMeta>& meta) {
+// Out of line in the compiled mode (core/config.hpp): every nn::Linear names it.
+MIXPREC_OUTLINE Tensor fp8_linear(const Tensor& x, const Tensor& w, const Tensor& b, const std::shared_ptr<Fp8LinearMeta>& meta);
+#if MIXPREC_HEADER_DEFINITIONS
+MIXPREC_OUTLINE Tensor fp8_linear(const Tensor& x, const Tensor& w, const Tensor& b, const std::shared_ptr<Fp8LinearMeta>& meta) {
   const char* op = "fp8_linear";
   MIXPREC_CHECK(meta != nullptr, op, ": no Fp8LinearMeta given");
   MIXPREC_CHECK(detail::fp8_state().nesting > 0, op, ": call it inside amp::fp8_autocast (the scope marks the steps of delayed scaling)");
@@ -263,5 +266,6 @@ inline Tensor fp8_linear(const Tensor& x, const Tensor& w, const Tensor& b, cons
                      });
   return out;
 }
+#endif  // MIXPREC_HEADER_DEFINITIONS
 
 }  // namespace mixprec::amp

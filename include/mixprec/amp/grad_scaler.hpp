@@ -308,69 +308,7 @@ class GradScaler {
   // GradScalerOptions' rule instead; an overflow with the scale already at min_scale throws
   // (after recording the step and ending the iteration). Either way the iteration is recorded in
   // history(), and a PrecisionTrace with auto-pin on this thread is advanced one step.
-  void update() {
-    advance_trace();
-    if (!enabled_) return;
-    check_scale_growth_tracker("update");
-    bool any_recorded = false;
-    for (const auto& [opt, st] : states_) any_recorded |= st.recorded;
-    MIXPREC_CHECK(any_recorded, "No inf checks were recorded prior to update.");
-    // What the host knows of this iteration: every flag it read, the parameters found with them.
-    bool known = true, found = false;
-    std::vector<std::string> overflowing;
-    std::vector<Tensor> unread;
-    for (const auto& [opt, st] : states_) {
-      if (!st.recorded) continue;
-      known &= st.known;
-      found |= st.known && st.found_inf;
-      if (!st.known) unread.push_back(st.flag);
-      overflowing.insert(overflowing.end(), st.overflowing.begin(), st.overflowing.end());
-    }
-    if (!overflowing.empty()) last_overflowing_ = overflowing;
-    const char* op = "GradScaler.update";
-    if (limits_.active()) {  // the host's rule: the flags were read in unscale_ (host_check)
-      for (const Tensor& f : unread) found |= f.item<float>() != 0.0f;
-      float scale = device_ == Device::CPU ? scale_ : scale_dev_.item<float>();
-      int64_t tracker = device_ == Device::CPU ? growth_tracker_ : tracker_dev_.item<int64_t>();
-      const detail::ScaleChange change = detail::update_scale_limited(scale, tracker, hysteresis_left_, found, growth_factor_,
-                                                                      backoff_factor_, growth_interval_, limits_);
-      if (device_ == Device::CPU) {
-        scale_ = scale;
-        growth_tracker_ = tracker;
-      } else {
-        fill_device(scale_dev_, scale);
-        fill_device(tracker_dev_, static_cast<double>(tracker));
-      }
-      skipped_ += found;
-      record(found, std::move(overflowing), {}, scale, Tensor());
-      states_.clear();
-      MIXPREC_CHECK(change != detail::ScaleChange::AtMinimum, "GradScaler.update: Current loss scale already at minimum (min_scale ",
-                    limits_.min_scale, ") - cannot decrease scale anymore: the gradients overflowed again at iteration ",
-                    updates_ - 1, ". Gradients holding inf/NaN: ", describe(last_overflowing_),
-                    ". Look for the op that overflows (amp::PrecisionTrace), or run that part in float32");
-      return;
-    }
-    // Every optimizer's flag on the scale's device (a flag on the CPU is copied as a fill).
-    std::vector<Tensor> flags;
-    for (const auto& [opt, st] : states_) {
-      if (!st.recorded) continue;
-      flags.push_back(st.flag.device() == device_ ? st.flag : full({}, st.found_inf ? 1.0 : 0.0, DType::Float32, device_));
-    }
-    if (device_ == Device::CPU) {  // the members themselves, viewed as tensors for the CPU's kernel
-      const Tensor scale = from_blob(&scale_, {}, DType::Float32), tracker = from_blob(&growth_tracker_, {}, DType::Int64),
-                   skipped = from_blob(&skipped_, {}, DType::Int64);
-      ::mixprec::detail::device_kernel(op, scale, &DeviceKernels::update_scale)(scale, tracker, flags, growth_factor_, backoff_factor_,
-                                                                               growth_interval_, skipped);
-      record(found, std::move(overflowing), {}, scale_, Tensor());
-    } else {
-      ::mixprec::detail::device_kernel(op, scale_dev_, &DeviceKernels::update_scale)(
-          scale_dev_, tracker_dev_, flags, growth_factor_, backoff_factor_, growth_interval_, skipped_dev_);
-      // The history's scale and (unread) flags stay on the device until history() is asked for.
-      if (history_length_ > 0) record(found, std::move(overflowing), std::move(unread), 0.0, scale_dev_.clone());
-      else ++updates_;
-    }
-    states_.clear();
-  }
+  MIXPREC_OUTLINE void update();
   // Sets the scale (stored as float32) and starts a new iteration. A manual override: not counted
   // in steps_taken()/skipped_steps() nor recorded in history().
   void update(double new_scale) {
@@ -579,29 +517,7 @@ class GradScaler {
   // The parameters whose gradients (their float32 master where there is one: what the unscale
   // kernel checked) hold inf/NaN. Runs only on a step with the flag set; a device's gradients are
   // copied to the host for it.
-  std::vector<std::string> overflowing_parameters(const std::vector<optim::Optimizer::GradSlot>& slots) const {
-    std::vector<std::string> out;
-    for (const auto& s : slots) {
-      Tensor g = s.master_grad.defined() ? s.master_grad : s.grad;
-      if (g.device() != Device::CPU) g = g.cpu();
-      bool bad = false;
-      dispatch_floating(g.dtype(), "GradScaler.unscale_", [&]<class T>() {
-        const Tensor c = g.contiguous();
-        const T* p = c.data<T>();
-        for (int64_t i = 0, n = c.numel(); i < n && !bad; ++i) bad = !std::isfinite(static_cast<double>(static_cast<acc_t<T>>(p[i])));
-      });
-      if (!bad) continue;
-      auto it = names_.find(s.param.impl());
-      if (it != names_.end() && !it->second.first.expired()) {
-        out.push_back(it->second.second);
-      } else {
-        std::ostringstream os;
-        ::mixprec::detail::stream_all(os, "parameter ", s.index, ' ', s.param.sizes());
-        out.push_back(os.str());
-      }
-    }
-    return out;
-  }
+  MIXPREC_OUTLINE std::vector<std::string> overflowing_parameters(const std::vector<optim::Optimizer::GradSlot>& slots) const;
 
   static void fill_device(const Tensor& t, double v) {
     ::mixprec::detail::device_kernel("GradScaler", t, &DeviceKernels::fill)(t, v);
@@ -659,5 +575,95 @@ class GradScaler {
   std::vector<std::string> last_overflowing_;
   std::unordered_map<const TensorImpl*, std::pair<std::weak_ptr<TensorImpl>, std::string>> names_;
 };
+
+#if MIXPREC_HEADER_DEFINITIONS  // out of line in the compiled mode (core/config.hpp)
+MIXPREC_OUTLINE void GradScaler::update() {
+  advance_trace();
+  if (!enabled_) return;
+  check_scale_growth_tracker("update");
+  bool any_recorded = false;
+  for (const auto& [opt, st] : states_) any_recorded |= st.recorded;
+  MIXPREC_CHECK(any_recorded, "No inf checks were recorded prior to update.");
+  // What the host knows of this iteration: every flag it read, the parameters found with them.
+  bool known = true, found = false;
+  std::vector<std::string> overflowing;
+  std::vector<Tensor> unread;
+  for (const auto& [opt, st] : states_) {
+    if (!st.recorded) continue;
+    known &= st.known;
+    found |= st.known && st.found_inf;
+    if (!st.known) unread.push_back(st.flag);
+    overflowing.insert(overflowing.end(), st.overflowing.begin(), st.overflowing.end());
+  }
+  if (!overflowing.empty()) last_overflowing_ = overflowing;
+  const char* op = "GradScaler.update";
+  if (limits_.active()) {  // the host's rule: the flags were read in unscale_ (host_check)
+    for (const Tensor& f : unread) found |= f.item<float>() != 0.0f;
+    float scale = device_ == Device::CPU ? scale_ : scale_dev_.item<float>();
+    int64_t tracker = device_ == Device::CPU ? growth_tracker_ : tracker_dev_.item<int64_t>();
+    const detail::ScaleChange change = detail::update_scale_limited(scale, tracker, hysteresis_left_, found, growth_factor_,
+                                                                    backoff_factor_, growth_interval_, limits_);
+    if (device_ == Device::CPU) {
+      scale_ = scale;
+      growth_tracker_ = tracker;
+    } else {
+      fill_device(scale_dev_, scale);
+      fill_device(tracker_dev_, static_cast<double>(tracker));
+    }
+    skipped_ += found;
+    record(found, std::move(overflowing), {}, scale, Tensor());
+    states_.clear();
+    MIXPREC_CHECK(change != detail::ScaleChange::AtMinimum, "GradScaler.update: Current loss scale already at minimum (min_scale ",
+                  limits_.min_scale, ") - cannot decrease scale anymore: the gradients overflowed again at iteration ",
+                  updates_ - 1, ". Gradients holding inf/NaN: ", describe(last_overflowing_),
+                  ". Look for the op that overflows (amp::PrecisionTrace), or run that part in float32");
+    return;
+  }
+  // Every optimizer's flag on the scale's device (a flag on the CPU is copied as a fill).
+  std::vector<Tensor> flags;
+  for (const auto& [opt, st] : states_) {
+    if (!st.recorded) continue;
+    flags.push_back(st.flag.device() == device_ ? st.flag : full({}, st.found_inf ? 1.0 : 0.0, DType::Float32, device_));
+  }
+  if (device_ == Device::CPU) {  // the members themselves, viewed as tensors for the CPU's kernel
+    const Tensor scale = from_blob(&scale_, {}, DType::Float32), tracker = from_blob(&growth_tracker_, {}, DType::Int64),
+                 skipped = from_blob(&skipped_, {}, DType::Int64);
+    ::mixprec::detail::device_kernel(op, scale, &DeviceKernels::update_scale)(scale, tracker, flags, growth_factor_, backoff_factor_,
+                                                                             growth_interval_, skipped);
+    record(found, std::move(overflowing), {}, scale_, Tensor());
+  } else {
+    ::mixprec::detail::device_kernel(op, scale_dev_, &DeviceKernels::update_scale)(
+        scale_dev_, tracker_dev_, flags, growth_factor_, backoff_factor_, growth_interval_, skipped_dev_);
+    // The history's scale and (unread) flags stay on the device until history() is asked for.
+    if (history_length_ > 0) record(found, std::move(overflowing), std::move(unread), 0.0, scale_dev_.clone());
+    else ++updates_;
+  }
+  states_.clear();
+}
+
+MIXPREC_OUTLINE std::vector<std::string> GradScaler::overflowing_parameters(const std::vector<optim::Optimizer::GradSlot>& slots) const {
+  std::vector<std::string> out;
+  for (const auto& s : slots) {
+    Tensor g = s.master_grad.defined() ? s.master_grad : s.grad;
+    if (g.device() != Device::CPU) g = g.cpu();
+    bool bad = false;
+    dispatch_floating(g.dtype(), "GradScaler.unscale_", [&]<class T>() {
+      const Tensor c = g.contiguous();
+      const T* p = c.data<T>();
+      for (int64_t i = 0, n = c.numel(); i < n && !bad; ++i) bad = !std::isfinite(static_cast<double>(static_cast<acc_t<T>>(p[i])));
+    });
+    if (!bad) continue;
+    auto it = names_.find(s.param.impl());
+    if (it != names_.end() && !it->second.first.expired()) {
+      out.push_back(it->second.second);
+    } else {
+      std::ostringstream os;
+      ::mixprec::detail::stream_all(os, "parameter ", s.index, ' ', s.param.sizes());
+      out.push_back(os.str());
+    }
+  }
+  return out;
+}
+#endif  // MIXPREC_HEADER_DEFINITIONS
 
 }  // namespace mixprec::amp

@@ -182,74 +182,7 @@ class Optimizer {
   // found_inf (GradScaler::step on a device): a float32 [] on the parameters' device; where it is
   // non-zero the kernels skip the whole update, state and step counts included, decided on the
   // device without a read-back. Every parameter with a gradient must then be on that device.
-  void step(const Tensor& found_inf = Tensor()) {
-    no_grad guard;
-    if (found_inf.defined())
-      for (std::size_t i = 0; i < slots_.size(); ++i)
-        MIXPREC_CHECK(!slots_[i].param.grad().defined() || slots_[i].param.device() == found_inf.device(), name(),
-                      ".step: a found_inf flag on ", found_inf.device(), " skips updates there, but parameter ", i, " (shape ",
-                      slots_[i].param.sizes(), ") is on ", slots_[i].param.device());
-    MIXPREC_CHECK(!found_inf.defined() || (found_inf.dtype() == DType::Float32 && found_inf.numel() == 1), name(),
-                  ".step: found_inf must be one float32 value, got ", found_inf.dtype(), " of shape ", found_inf.sizes());
-    check_groups_unchanged();
-    for (const ParamGroup& g : groups_) validate(g);  // the user may have edited the groups since
-    for (std::size_t i = 0; i < slots_.size(); ++i) {
-      const Tensor grad = slots_[i].param.grad();
-      if (!grad.defined()) continue;
-      const Tensor& p = slots_[i].param;
-      MIXPREC_CHECK(grad.is_floating_point() && grad.sizes() == p.sizes() && grad.device() == p.device(), name(),
-                    ".step: gradient of parameter ", i, " has dtype ", grad.dtype(), ", shape ", grad.sizes(), " and is on ",
-                    grad.device(), "; expected a floating-point gradient of shape ", p.sizes(), " on ", p.device());
-    }
-    // Whatever was written is marked, also when a later update throws. After all writes:
-    // parameters may share one storage, whose version each write bumps.
-    struct MarkWritten {
-      Optimizer& o;
-      std::vector<std::size_t> stepped;
-      ~MarkWritten() {
-        for (std::size_t i : stepped) o.slots_[i].param.bump_version();
-        for (std::size_t i : stepped) o.slots_[i].synced_version = o.slots_[i].param.version();
-      }
-    } written{*this, {}};
-    // Per group, the parameters of each device (a group normally lives on one).
-    std::vector<std::vector<PendingUpdate>> pending(groups_.size());
-    for (std::size_t i = 0; i < slots_.size(); ++i) {
-      Slot& s = slots_[i];
-      const Tensor g = s.param.grad();
-      if (!g.defined()) continue;
-      ParamState& st = state_[i];
-      place_state(i);
-      sync_master(i);
-      DeviceParamUpdate d;
-      d.weights = st.master.defined() ? st.master : s.param;
-      if (st.master.defined()) d.model = s.param;
-      if (stochastic_rounding_ && s.param.dtype() == DType::BFloat16) {
-        d.stochastic_rounding = true;
-        d.rounding_key = detail::rounding_key(rounding_seed_, i);
-      }
-      d.grad = master_grad_current(i) ? s.master_grad : g.is_contiguous() ? g : g.contiguous();
-      ensure_counters(st, s.param);
-      d.counters = st.counters;
-      pending[s.group].push_back({&st, i, std::move(d)});
-    }
-    for (std::size_t g = 0; g < groups_.size(); ++g) {
-      std::vector<PendingUpdate>& ups = pending[g];
-      while (!ups.empty()) {
-        // One kernel call per device: the first parameter's device, then any others.
-        const Device dev = ups.front().u.weights.device();
-        std::vector<PendingUpdate> here, rest;
-        for (PendingUpdate& d : ups) (d.u.weights.device() == dev ? here : rest).push_back(std::move(d));
-        update(groups_[g], here, found_inf);  // commits its new state only once the kernel ran
-        for (const PendingUpdate& d : here) {
-          written.stepped.push_back(d.index);
-          // The counters are the count: the kernel advances them unless found_inf skipped the
-          // step, and a captured step's replays advance them with no host code running.
-          d.state->step_known = false;
-        }
-        ups = std::move(rest);
-      }
-    }
-  }
+  MIXPREC_OUTLINE void step(const Tensor& found_inf = Tensor());
 
   // set_to_none=true drops the gradients (the default, as PyTorch 2.x); false zeroes them in place.
   void zero_grad(bool set_to_none = true) {
@@ -266,42 +199,7 @@ class Optimizer {
   std::vector<ParamGroup>& param_groups() { return groups_; }
   const std::vector<ParamGroup>& param_groups() const { return groups_; }
 
-  void add_param_group(ParamGroup group) {
-    MIXPREC_CHECK(!group.params.empty(), name(), ": optimizer got an empty parameter list");
-    fill_defaults(group);
-    validate(group);
-    for (std::size_t k = 0; k < group.params.size(); ++k) {
-      const Tensor& p = group.params[k];
-      MIXPREC_CHECK(p.defined(), name(), ": parameter ", k, " of group ", groups_.size(), " is an undefined tensor");
-      MIXPREC_CHECK(p.dtype() == DType::Float32 || detail::is_16bit(p.dtype()), name(), ": parameter ", k, " of group ",
-                    groups_.size(), " has dtype ", p.dtype(), "; optimizers update float32, float16 and bfloat16 parameters");
-      MIXPREC_CHECK(p.is_contiguous(), name(), ": parameter of shape ", p.sizes(), " with strides ", p.strides(),
-                    " is not contiguous");
-      MIXPREC_CHECK(p.is_leaf(), name(), ": can't optimize a non-leaf Tensor (shape ", p.sizes(), ")");
-      MIXPREC_CHECK(!stochastic_rounding_ || p.dtype() != DType::Float16, name(), ": stochastic_rounding applies to bfloat16 "
-                    "parameters; parameter ", k, " of group ", groups_.size(), " (shape ", p.sizes(), ") is float16: give it "
-                    "an optimizer without stochastic_rounding (float32 masters)");
-      for (const Slot& s : slots_)
-        MIXPREC_CHECK(!s.param.is_same(p), name(), ": some parameters appear in more than one parameter group");
-      for (std::size_t j = 0; j < k; ++j)
-        MIXPREC_CHECK(!group.params[j].is_same(p), name(), ": a parameter appears twice in one parameter group");
-    }
-    for (const Tensor& p : group.params) {
-      Slot s;
-      s.param = p;
-      s.group = groups_.size();
-      s.synced_version = p.version();
-      slots_.push_back(std::move(s));
-      ParamState st;
-      if (detail::is_16bit(p.dtype()) && !stochastic_rounding_) {
-        st.master = empty(p.sizes(), DType::Float32, p.device());
-        detail::copy_kernel(st.master, p);
-      }
-      state_.push_back(std::move(st));
-    }
-    group_sizes_.push_back(group.params.size());
-    groups_.push_back(std::move(group));
-  }
+  MIXPREC_OUTLINE void add_param_group(ParamGroup group);
 
   std::size_t num_params() const { return slots_.size(); }
   // Parameter `index` in the state-dict numbering (groups in order, then position).
@@ -644,5 +542,113 @@ class Optimizer {
   bool stochastic_rounding_ = false;
   uint64_t rounding_seed_ = 0;
 };
+
+#if MIXPREC_HEADER_DEFINITIONS  // out of line in the compiled mode (core/config.hpp)
+MIXPREC_OUTLINE void Optimizer::step(const Tensor& found_inf) {
+  no_grad guard;
+  if (found_inf.defined())
+    for (std::size_t i = 0; i < slots_.size(); ++i)
+      MIXPREC_CHECK(!slots_[i].param.grad().defined() || slots_[i].param.device() == found_inf.device(), name(),
+                    ".step: a found_inf flag on ", found_inf.device(), " skips updates there, but parameter ", i, " (shape ",
+                    slots_[i].param.sizes(), ") is on ", slots_[i].param.device());
+  MIXPREC_CHECK(!found_inf.defined() || (found_inf.dtype() == DType::Float32 && found_inf.numel() == 1), name(),
+                ".step: found_inf must be one float32 value, got ", found_inf.dtype(), " of shape ", found_inf.sizes());
+  check_groups_unchanged();
+  for (const ParamGroup& g : groups_) validate(g);  // the user may have edited the groups since
+  for (std::size_t i = 0; i < slots_.size(); ++i) {
+    const Tensor grad = slots_[i].param.grad();
+    if (!grad.defined()) continue;
+    const Tensor& p = slots_[i].param;
+    MIXPREC_CHECK(grad.is_floating_point() && grad.sizes() == p.sizes() && grad.device() == p.device(), name(),
+                  ".step: gradient of parameter ", i, " has dtype ", grad.dtype(), ", shape ", grad.sizes(), " and is on ",
+                  grad.device(), "; expected a floating-point gradient of shape ", p.sizes(), " on ", p.device());
+  }
+  // Whatever was written is marked, also when a later update throws. After all writes:
+  // parameters may share one storage, whose version each write bumps.
+  struct MarkWritten {
+    Optimizer& o;
+    std::vector<std::size_t> stepped;
+    ~MarkWritten() {
+      for (std::size_t i : stepped) o.slots_[i].param.bump_version();
+      for (std::size_t i : stepped) o.slots_[i].synced_version = o.slots_[i].param.version();
+    }
+  } written{*this, {}};
+  // Per group, the parameters of each device (a group normally lives on one).
+  std::vector<std::vector<PendingUpdate>> pending(groups_.size());
+  for (std::size_t i = 0; i < slots_.size(); ++i) {
+    Slot& s = slots_[i];
+    const Tensor g = s.param.grad();
+    if (!g.defined()) continue;
+    ParamState& st = state_[i];
+    place_state(i);
+    sync_master(i);
+    DeviceParamUpdate d;
+    d.weights = st.master.defined() ? st.master : s.param;
+    if (st.master.defined()) d.model = s.param;
+    if (stochastic_rounding_ && s.param.dtype() == DType::BFloat16) {
+      d.stochastic_rounding = true;
+      d.rounding_key = detail::rounding_key(rounding_seed_, i);
+    }
+    d.grad = master_grad_current(i) ? s.master_grad : g.is_contiguous() ? g : g.contiguous();
+    ensure_counters(st, s.param);
+    d.counters = st.counters;
+    pending[s.group].push_back({&st, i, std::move(d)});
+  }
+  for (std::size_t g = 0; g < groups_.size(); ++g) {
+    std::vector<PendingUpdate>& ups = pending[g];
+    while (!ups.empty()) {
+      // One kernel call per device: the first parameter's device, then any others.
+      const Device dev = ups.front().u.weights.device();
+      std::vector<PendingUpdate> here, rest;
+      for (PendingUpdate& d : ups) (d.u.weights.device() == dev ? here : rest).push_back(std::move(d));
+      update(groups_[g], here, found_inf);  // commits its new state only once the kernel ran
+      for (const PendingUpdate& d : here) {
+        written.stepped.push_back(d.index);
+        // The counters are the count: the kernel advances them unless found_inf skipped the
+        // step, and a captured step's replays advance them with no host code running.
+        d.state->step_known = false;
+      }
+      ups = std::move(rest);
+    }
+  }
+}
+
+MIXPREC_OUTLINE void Optimizer::add_param_group(ParamGroup group) {
+  MIXPREC_CHECK(!group.params.empty(), name(), ": optimizer got an empty parameter list");
+  fill_defaults(group);
+  validate(group);
+  for (std::size_t k = 0; k < group.params.size(); ++k) {
+    const Tensor& p = group.params[k];
+    MIXPREC_CHECK(p.defined(), name(), ": parameter ", k, " of group ", groups_.size(), " is an undefined tensor");
+    MIXPREC_CHECK(p.dtype() == DType::Float32 || detail::is_16bit(p.dtype()), name(), ": parameter ", k, " of group ",
+                  groups_.size(), " has dtype ", p.dtype(), "; optimizers update float32, float16 and bfloat16 parameters");
+    MIXPREC_CHECK(p.is_contiguous(), name(), ": parameter of shape ", p.sizes(), " with strides ", p.strides(),
+                  " is not contiguous");
+    MIXPREC_CHECK(p.is_leaf(), name(), ": can't optimize a non-leaf Tensor (shape ", p.sizes(), ")");
+    MIXPREC_CHECK(!stochastic_rounding_ || p.dtype() != DType::Float16, name(), ": stochastic_rounding applies to bfloat16 "
+                  "parameters; parameter ", k, " of group ", groups_.size(), " (shape ", p.sizes(), ") is float16: give it "
+                  "an optimizer without stochastic_rounding (float32 masters)");
+    for (const Slot& s : slots_)
+      MIXPREC_CHECK(!s.param.is_same(p), name(), ": some parameters appear in more than one parameter group");
+    for (std::size_t j = 0; j < k; ++j)
+      MIXPREC_CHECK(!group.params[j].is_same(p), name(), ": a parameter appears twice in one parameter group");
+  }
+  for (const Tensor& p : group.params) {
+    Slot s;
+    s.param = p;
+    s.group = groups_.size();
+    s.synced_version = p.version();
+    slots_.push_back(std::move(s));
+    ParamState st;
+    if (detail::is_16bit(p.dtype()) && !stochastic_rounding_) {
+      st.master = empty(p.sizes(), DType::Float32, p.device());
+      detail::copy_kernel(st.master, p);
+    }
+    state_.push_back(std::move(st));
+  }
+  group_sizes_.push_back(group.params.size());
+  groups_.push_back(std::move(group));
+}
+#endif  // MIXPREC_HEADER_DEFINITIONS
 
 }  // namespace mixprec::optim
