@@ -208,3 +208,64 @@ TEST(GemmAvx512, RoundToIsTheFloat32ResultRoundedOnce) {
       }
     });
 }
+
+// A bias handed to the GEMM is added to the finished sums, bit for bit as filling C with it and
+// accumulating: float32 and both 16-bit paths, with and without round_to, one and several K
+// blocks, tiles cut by M and N tails, and K = 0 (the result is the bias).
+TEST(GemmAvx512, BiasAsAddendEqualsFillingCFirst) {
+  if (!cpu::gemm_16bit_available()) GTEST_SKIP() << "no AVX-512 GEMM kernel on this CPU";
+  for (int64_t K : {0, 70, 600, 1100}) {
+    const int64_t M = 37, N = 45;
+    const Tensor bias = randn({N});
+    std::vector<float> filled(static_cast<std::size_t>(M * N));
+    for (int64_t i = 0; i < M; ++i) std::copy(bias.data<float>(), bias.data<float>() + N, filled.begin() + i * N);
+    {
+      const Tensor a = randn({M, K}), b = randn({K, N});
+      std::vector<float> ref = filled, got(static_cast<std::size_t>(M * N), NAN);
+      cpu::gemm<float>(a.data<float>(), K, 1, b.data<float>(), N, 1, ref.data(), M, N, K, true);
+      cpu::gemm<float>(a.data<float>(), K, 1, b.data<float>(), N, 1, got.data(), M, N, K, false, nullptr, bias.data<float>());
+      for (int64_t i = 0; i < M * N; ++i) ASSERT_EQ(got[i], ref[i]) << "float32 K " << K << " element " << i;
+    }
+    for (DType dt : {DType::BFloat16, DType::Float16})
+      dispatch_floating(dt, "test", [&]<class T>() {
+        if constexpr (!std::is_same_v<T, float> && !std::is_same_v<T, double>) {
+          const Tensor a = randn({M, K}).to(dt), b = randn({N, K}).to(dt);  // B a transposed weight, as linear's
+          std::vector<float> ref = filled, scratch(static_cast<std::size_t>(M * N), NAN), c(static_cast<std::size_t>(M * N), NAN);
+          cpu::gemm_16bit<T>(a.data<T>(), K, 1, b.data<T>(), 1, K, ref.data(), M, N, K, true);
+          cpu::gemm_16bit<T>(a.data<T>(), K, 1, b.data<T>(), 1, K, c.data(), M, N, K, false, nullptr, nullptr, bias.data<float>());
+          std::vector<T> out(static_cast<std::size_t>(M * N));
+          cpu::gemm_16bit<T>(a.data<T>(), K, 1, b.data<T>(), 1, K, scratch.data(), M, N, K, false, out.data(), nullptr, bias.data<float>());
+          for (int64_t i = 0; i < M * N; ++i) {
+            ASSERT_EQ(c[i], ref[i]) << dt << " K " << K << " element " << i;
+            ASSERT_EQ(out[i].x, T(ref[i]).x) << dt << " round_to, K " << K << " element " << i;
+          }
+        }
+      });
+  }
+  std::vector<float> c(4, 0.0f), b(2, 1.0f);
+  EXPECT_THROW(cpu::gemm<float>(b.data(), 1, 1, b.data(), 2, 1, c.data(), 1, 2, 1, true, nullptr, b.data()), Error);
+}
+
+// round_to on non-finite sums: NaN stays NaN (quieted), infinities keep their sign -- the bits of
+// rounding the float32 result, on both 16-bit paths.
+TEST(GemmAvx512, RoundToKeepsNonFiniteResults) {
+  if (!cpu::gemm_16bit_available()) GTEST_SKIP() << "no 16-bit GEMM kernel on this CPU";
+  for (DType dt : {DType::BFloat16, DType::Float16})
+    dispatch_floating(dt, "test", [&]<class T>() {
+      if constexpr (!std::is_same_v<T, float> && !std::is_same_v<T, double>) {
+        const int64_t M = 13, N = 33, K = 8;
+        std::vector<T> a(static_cast<std::size_t>(M * K), T(1.0f)), b(static_cast<std::size_t>(K * N), T(0.5f));
+        a[1 * K + 3] = T(INFINITY);   // row 1: +inf
+        a[2 * K + 3] = T(-INFINITY);  // row 2: -inf, and NaN where it meets column 5's NaN
+        b[3 * N + 5] = T(NAN);
+        std::vector<float> ref(static_cast<std::size_t>(M * N)), scratch(ref.size());
+        std::vector<T> out(ref.size());
+        cpu::gemm_16bit<T>(a.data(), K, 1, b.data(), N, 1, ref.data(), M, N, K, false);
+        cpu::gemm_16bit<T>(a.data(), K, 1, b.data(), N, 1, scratch.data(), M, N, K, false, out.data());
+        for (int64_t i = 0; i < M * N; ++i) ASSERT_EQ(out[i].x, T(ref[i]).x) << dt << " element " << i;
+        EXPECT_TRUE(std::isinf(static_cast<float>(out[1 * N])) && static_cast<float>(out[1 * N]) > 0) << dt;
+        EXPECT_TRUE(std::isinf(static_cast<float>(out[2 * N])) && static_cast<float>(out[2 * N]) < 0) << dt;
+        EXPECT_TRUE(std::isnan(static_cast<float>(out[2 * N + 5]))) << dt;
+      }
+    });
+}

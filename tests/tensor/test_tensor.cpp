@@ -268,3 +268,25 @@ TEST(MemoryStats, LargeBlocksAreCachedAndReusedWithoutChangingAllocatedBytes) {
   empty_cache();
   EXPECT_EQ(memory_stats().reserved_bytes, s0.reserved_bytes);
 }
+
+// Among cached blocks of one size the most recently freed is reused first: it is the one still
+// in the CPU's caches.
+TEST(MemoryStats, TheMostRecentlyFreedBlockIsReusedFirst) {
+  empty_cache();
+  void* pa = nullptr;
+  void* pb = nullptr;
+  void* pc = nullptr;
+  {
+    Tensor a = empty({1 << 18}, kFloat32), b = empty({1 << 18}, kFloat32), c = empty({1 << 18}, kFloat32);
+    pa = a.data_ptr(), pb = b.data_ptr(), pc = c.data_ptr();
+    a = Tensor();  // freed first
+    c = Tensor();
+    b = Tensor();  // freed last
+  }
+  Tensor x = empty({1 << 18}, kFloat32), y = empty({1 << 18}, kFloat32), z = empty({1 << 18}, kFloat32);
+  EXPECT_EQ(x.data_ptr(), pb);
+  EXPECT_EQ(y.data_ptr(), pc);
+  EXPECT_EQ(z.data_ptr(), pa);
+  x = y = z = Tensor();
+  empty_cache();
+}

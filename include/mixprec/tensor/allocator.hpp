@@ -73,8 +73,8 @@ class CpuAllocator final : public Allocator {
     void* p = nullptr;
     if (size >= kCacheMin) {
       std::lock_guard<std::mutex> lock(mu_);
-      auto it = free_.find(size);
-      if (it != free_.end()) {
+      auto it = free_.lower_bound(size);  // the most recently freed block of this size (below)
+      if (it != free_.end() && it->first == size) {
         p = it->second;
         free_.erase(it);
         cached_bytes_ -= static_cast<int64_t>(size);
@@ -97,7 +97,10 @@ class CpuAllocator final : public Allocator {
     const std::size_t size = rounded(static_cast<std::size_t>(nbytes));
     if (size >= kCacheMin) {
       std::lock_guard<std::mutex> lock(mu_);
-      free_.emplace(size, p);
+      // First among its size, so the next request reuses it (last in, first out): a block freed
+      // a moment ago is still in the L2/L3 cache, and writing the next result into it costs no
+      // misses to memory; the oldest block of a size has long been evicted.
+      free_.emplace_hint(free_.lower_bound(size), size, p);
       cached_bytes_ += static_cast<int64_t>(size);
       counters_.on_free(nbytes, 0);
       return;

@@ -98,21 +98,25 @@ MIXPREC_TARGET_GEMM512 inline __mmask16 lanes(int64_t n) {
 }
 
 // B[k0:k0+kc, j0:j0+nc] -> panels of kNR columns, each kc x kNR, zero-padded past nc.
+// Rows contiguous: each row is read from start to end, panel after panel (as pack_b_bf16).
 template <class T>
 MIXPREC_TARGET_GEMM512 void pack_b(View<T> b, int64_t k0, int64_t kc, int64_t j0, int64_t nc, float* out) {
+  if (b.s1 == 1) {
+    for (int64_t k = 0; k < kc; ++k) {
+      const T* row = &b.at(k0 + k, j0);
+      float* o = out + k * kNR;
+      for (int64_t jp = 0; jp < nc; jp += kNR, o += kc * kNR) {
+        const int64_t w = std::min(kNR, nc - jp);
+        _mm512_store_ps(o, load16(row + jp, lanes(w)));
+        _mm512_store_ps(o + 16, load16(row + jp + 16, lanes(w - 16)));
+      }
+    }
+    return;
+  }
   for (int64_t jp = 0; jp < nc; jp += kNR, out += kc * kNR) {
     const int64_t w = std::min(kNR, nc - jp);
-    if (b.s1 == 1) {
-      const __mmask16 m0 = lanes(w), m1 = lanes(w - 16);
-      for (int64_t k = 0; k < kc; ++k) {
-        const T* src = &b.at(k0 + k, j0 + jp);
-        _mm512_store_ps(out + k * kNR, load16(src, m0));
-        _mm512_store_ps(out + k * kNR + 16, load16(src + 16, m1));
-      }
-    } else {
-      for (int64_t j = 0; j < kNR; ++j)
-        for (int64_t k = 0; k < kc; ++k) out[k * kNR + j] = j < w ? to_f32(b.at(k0 + k, j0 + jp + j)) : 0.0f;
-    }
+    for (int64_t j = 0; j < kNR; ++j)
+      for (int64_t k = 0; k < kc; ++k) out[k * kNR + j] = j < w ? to_f32(b.at(k0 + k, j0 + jp + j)) : 0.0f;
   }
 }
 
@@ -227,6 +231,19 @@ MIXPREC_TARGET_GEMM512 void pack_a(View<T> a, int64_t i0, int64_t mc, int64_t k0
   }
 }
 
+// The tile's addend: C's rows (add, from the second K block on or when accumulating) or the bias
+// row (bias: the tile's nr columns of it, on the first K block), added to the finished sums so the
+// order is that of C = bias, C += A B -- without writing the bias into C first.
+MIXPREC_TARGET_GEMM512 inline void add_bias(__m512 (&acc)[kMR][2], const float* bias, int64_t mr, int64_t nr) {
+  const __m512 b0 = _mm512_maskz_loadu_ps(lanes(nr), bias), b1 = _mm512_maskz_loadu_ps(lanes(nr - 16), bias + 16);
+#pragma GCC unroll 12
+  for (int i = 0; i < kMR; ++i) {
+    if (i >= mr) break;
+    acc[i][0] = _mm512_add_ps(acc[i][0], b0);
+    acc[i][1] = _mm512_add_ps(acc[i][1], b1);
+  }
+}
+
 // The end of both microkernels: C[mr x nr] (=|+=) the 12 x 32 accumulator tile.
 MIXPREC_TARGET_GEMM512 inline void store_tile(__m512 (&acc)[kMR][2], float* c, int64_t ldc, int64_t mr, int64_t nr, bool add) {
   const __mmask16 m0 = lanes(nr), m1 = lanes(nr - 16);
@@ -270,10 +287,11 @@ MIXPREC_TARGET_GEMM512 void store_tile_rounded(__m512 (&acc)[kMR][2], const floa
   }
 }
 
-// C[mr x nr] (=|+=) Apanel * Bpanel; with out (16-bit T), (C +) the product rounded into out instead.
+// C[mr x nr] (=|+=) Apanel * Bpanel (+ bias); with out (16-bit T), (C +) the product rounded into out instead.
 template <class T = float>
 MIXPREC_TARGET_GEMM512 inline void micro_f32(int64_t kc, const float* __restrict ap, const float* __restrict bp, float* c, int64_t ldc,
-                                             int64_t mr, int64_t nr, bool add, T* out = nullptr, const TileEpilogue* epi = nullptr) {
+                                             int64_t mr, int64_t nr, bool add, T* out = nullptr, const TileEpilogue* epi = nullptr,
+                                             const float* bias = nullptr) {
   __m512 acc[kMR][2];
 #pragma GCC unroll 12
   for (int i = 0; i < kMR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
@@ -286,6 +304,7 @@ MIXPREC_TARGET_GEMM512 inline void micro_f32(int64_t kc, const float* __restrict
       acc[i][1] = _mm512_fmadd_ps(av, b1, acc[i][1]);
     }
   }
+  if (bias) add_bias(acc, bias, mr, nr);
   if constexpr (!std::is_same_v<T, float>) {
     if (out) {
       store_tile_rounded(acc, c, out, ldc, mr, nr, add);
@@ -297,12 +316,12 @@ MIXPREC_TARGET_GEMM512 inline void micro_f32(int64_t kc, const float* __restrict
   if (epi) (*epi)(c, mr, nr);
 }
 
-// One thread's share: C[M, N] (ldc) (=|+=) A[M, K] * B[K, N]. With out (16-bit T only), the
-// last K block writes the result rounded into out (C's layout) and leaves that part of C alone.
-// epi runs on each tile of the result after its last K block.
+// One thread's share: C[M, N] (ldc) (=|+=) A[M, K] * B[K, N] (+ bias[N], with !accumulate). With
+// out (16-bit T only), the last K block writes the result rounded into out (C's layout) and leaves
+// that part of C alone. epi runs on each tile of the result after its last K block.
 template <class T>
 MIXPREC_TARGET_GEMM512 void gemm_serial(View<T> a, View<T> b, float* c, int64_t ldc, int64_t M, int64_t N, int64_t K, bool accumulate,
-                                        T* out = nullptr, const TileEpilogue* epi = nullptr) {
+                                        T* out = nullptr, const TileEpilogue* epi = nullptr, const float* bias = nullptr) {
   float* bpack = static_cast<float*>(pack_b_buffer().get(sizeof(float) * kKC * ((std::min(N, kNC) + kNR - 1) / kNR * kNR)));
   float* apack = static_cast<float*>(pack_a_buffer().get(sizeof(float) * kKC * ((std::min(M, kMC) + kMR - 1) / kMR * kMR)));
   for (int64_t jc = 0; jc < N; jc += kNC) {
@@ -317,7 +336,8 @@ MIXPREC_TARGET_GEMM512 void gemm_serial(View<T> a, View<T> b, float* c, int64_t 
         for (int64_t jr = 0; jr < nc; jr += kNR)
           for (int64_t ir = 0; ir < mc; ir += kMR)
             micro_f32<T>(kc, apack + ir * kc, bpack + jr * kc, c + (ic + ir) * ldc + jc + jr, ldc, std::min(kMR, mc - ir),
-                         std::min(kNR, nc - jr), add, last && out ? out + (ic + ir) * ldc + jc + jr : nullptr, last ? epi : nullptr);
+                         std::min(kNR, nc - jr), add, last && out ? out + (ic + ir) * ldc + jc + jr : nullptr, last ? epi : nullptr,
+                         bias && pc == 0 ? bias + jc + jr : nullptr);
       }
     }
   }
@@ -328,46 +348,72 @@ MIXPREC_TARGET_GEMM512 void gemm_serial(View<T> a, View<T> b, float* c, int64_t 
 // B[k0:k0+kc, j0:j0+nc] -> panels, each ceil(kc/2) x kNR pairs (b[k][j], b[k+1][j]).
 MIXPREC_TARGET_GEMM512BF16 inline void pack_b_bf16(View<bfloat16> b, int64_t k0, int64_t kc, int64_t j0, int64_t nc, uint32_t* out) {
   const int64_t kp = (kc + 1) / 2;
-  for (int64_t jp = 0; jp < nc; jp += kNR, out += kp * kNR) {
-    const int64_t w = std::min(kNR, nc - jp);
-    if (b.s1 == 1) {  // rows contiguous: interleave two rows, 16 columns at a time
-      for (int64_t p = 0; p < kp; ++p) {
-        const bfloat16* r0 = &b.at(k0 + 2 * p, j0 + jp);
-        const bfloat16* r1 = 2 * p + 1 < kc ? &b.at(k0 + 2 * p + 1, j0 + jp) : nullptr;
+  if (b.s1 == 1) {  // rows contiguous: interleave two rows, 16 columns at a time
+    // Each pair of rows is read from start to end, one panel's 32 columns after the other: the
+    // two rows stream through memory (panel by panel, every load was another row, and a cache
+    // miss the prefetcher did not see coming: most of this function's time).
+    for (int64_t p = 0; p < kp; ++p) {
+      const bfloat16* r0 = &b.at(k0 + 2 * p, j0);
+      const bfloat16* r1 = 2 * p + 1 < kc ? &b.at(k0 + 2 * p + 1, j0) : nullptr;
+      uint32_t* o = out + p * kNR;
+      for (int64_t jp = 0; jp < nc; jp += kNR, o += kp * kNR) {
+        const int64_t w = std::min(kNR, nc - jp);
         for (int64_t h = 0; h < kNR; h += 16) {
           const __mmask16 m = lanes(w - h);
-          const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r0 + h));
-          const __m512i hi = r1 ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r1 + h)) : _mm512_setzero_si512();
-          _mm512_store_si512(out + p * kNR + h, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+          const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r0 + jp + h));
+          const __m512i hi = r1 ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r1 + jp + h)) : _mm512_setzero_si512();
+          _mm512_store_si512(o + h, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
         }
-      }
-    } else {
-      int64_t done = 0;  // pairs already packed for every column of the panel
-      if (b.s0 == 1) {   // columns contiguous (a transposed weight): 16 pairs of 16 columns at a time
-        const bfloat16* cols[kNR];
-        for (int64_t j = 0; j < kNR; ++j) cols[j] = &b.at(k0, j0 + jp + std::min(j, w - 1));
-        for (; 2 * (done + 16) <= kc; done += 16)
-          for (int64_t h = 0; h < w; h += 16)
-            transpose_pairs16(cols + h, static_cast<int>(std::min<int64_t>(16, w - h)), done, out + done * kNR + h, kNR);
-      }
-      for (int64_t j = 0; j < kNR; ++j) {
-        if (j >= w) {
-          for (int64_t p = 0; p < kp; ++p) out[p * kNR + j] = 0;
-          continue;
-        }
-        const bfloat16* col = &b.at(k0, j0 + jp + j);
-        int64_t p = done;
-        if (b.s0 == 1)  // columns contiguous: a pair is one 32-bit load
-          for (; 2 * p + 1 < kc; ++p) out[p * kNR + j] = load_pair(col + 2 * p);
-        for (; p < kp; ++p) out[p * kNR + j] = bf16_pair(col + 2 * p * b.s0, 2 * p + 1 < kc ? col + (2 * p + 1) * b.s0 : nullptr);
       }
     }
+    return;
+  }
+  for (int64_t jp = 0; jp < nc; jp += kNR, out += kp * kNR) {
+    const int64_t w = std::min(kNR, nc - jp);
+    int64_t done = 0;  // pairs already packed for every column of the panel
+    if (b.s0 == 1) {   // columns contiguous (a transposed weight): 16 pairs of 16 columns at a time
+      const bfloat16* cols[kNR];
+      for (int64_t j = 0; j < kNR; ++j) cols[j] = &b.at(k0, j0 + jp + std::min(j, w - 1));
+      for (; 2 * (done + 16) <= kc; done += 16)
+        for (int64_t h = 0; h < w; h += 16)
+          transpose_pairs16(cols + h, static_cast<int>(std::min<int64_t>(16, w - h)), done, out + done * kNR + h, kNR);
+    }
+    for (int64_t j = 0; j < kNR; ++j) {
+      if (j >= w) {
+        for (int64_t p = 0; p < kp; ++p) out[p * kNR + j] = 0;
+        continue;
+      }
+      const bfloat16* col = &b.at(k0, j0 + jp + j);
+      int64_t p = done;
+      if (b.s0 == 1)  // columns contiguous: a pair is one 32-bit load
+        for (; 2 * p + 1 < kc; ++p) out[p * kNR + j] = load_pair(col + 2 * p);
+      for (; p < kp; ++p) out[p * kNR + j] = bf16_pair(col + 2 * p * b.s0, 2 * p + 1 < kc ? col + (2 * p + 1) * b.s0 : nullptr);
+    }
+  }
+}
+
+// store_tile_rounded for bfloat16 on an avx512_bf16 CPU: vcvtne2ps2bf16 rounds a row's 32 sums
+// (round to nearest even, NaN quieted: the software rounding's bits) into one 64-byte store, where
+// the portable form takes ~6 integer operations and a narrowing store per 16. The one difference:
+// float32 subnormals (|x| < 2^-126) become zero, as vdpbf16ps already treats its inputs.
+MIXPREC_TARGET_GEMM512BF16 inline void store_tile_bf16(__m512 (&acc)[kMR][2], const float* c, bfloat16* out, int64_t ldc, int64_t mr,
+                                                       int64_t nr, bool add) {
+  const __mmask16 m0 = lanes(nr), m1 = lanes(nr - 16);
+  const __mmask32 m = nr >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((uint32_t{1} << nr) - 1u);
+#pragma GCC unroll 12
+  for (int i = 0; i < kMR; ++i) {
+    if (i >= mr) break;
+    if (add) {
+      acc[i][0] = _mm512_add_ps(acc[i][0], _mm512_maskz_loadu_ps(m0, c + i * ldc));
+      acc[i][1] = _mm512_add_ps(acc[i][1], _mm512_maskz_loadu_ps(m1, c + i * ldc + 16));
+    }
+    _mm512_mask_storeu_epi16(out + i * ldc, m, (__m512i)_mm512_cvtne2ps_pbh(acc[i][1], acc[i][0]));
   }
 }
 
 MIXPREC_TARGET_GEMM512BF16 inline void micro_bf16(int64_t kp, const uint32_t* __restrict ap, const uint32_t* __restrict bp, float* c,
                                                   int64_t ldc, int64_t mr, int64_t nr, bool add, bfloat16* out = nullptr,
-                                                  const TileEpilogue* epi = nullptr) {
+                                                  const TileEpilogue* epi = nullptr, const float* bias = nullptr) {
   __m512 acc[kMR][2];
 #pragma GCC unroll 12
   for (int i = 0; i < kMR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
@@ -380,8 +426,9 @@ MIXPREC_TARGET_GEMM512BF16 inline void micro_bf16(int64_t kp, const uint32_t* __
       acc[i][1] = _mm512_dpbf16_ps(acc[i][1], av, b1);
     }
   }
+  if (bias) add_bias(acc, bias, mr, nr);
   if (out) {
-    store_tile_rounded(acc, c, out, ldc, mr, nr, add);
+    store_tile_bf16(acc, c, out, ldc, mr, nr, add);
     if (epi) (*epi)(out, mr, nr);
     return;
   }
@@ -391,7 +438,7 @@ MIXPREC_TARGET_GEMM512BF16 inline void micro_bf16(int64_t kp, const uint32_t* __
 
 MIXPREC_TARGET_GEMM512BF16 inline void gemm_serial_dpbf16(View<bfloat16> a, View<bfloat16> b, float* c, int64_t ldc, int64_t M, int64_t N,
                                                           int64_t K, bool accumulate, bfloat16* out = nullptr,
-                                                          const TileEpilogue* epi = nullptr) {
+                                                          const TileEpilogue* epi = nullptr, const float* bias = nullptr) {
   constexpr int64_t kKP = kKC;  // pairs: a kKP x kNR micro-panel of B is the same 32 KiB as float32's
   uint32_t* bpack = static_cast<uint32_t*>(pack_b_buffer().get(sizeof(uint32_t) * kKP * ((std::min(N, kNC) + kNR - 1) / kNR * kNR)));
   uint32_t* apack = static_cast<uint32_t*>(pack_a_buffer().get(sizeof(uint32_t) * kKP * ((std::min(M, kMC) + kMR - 1) / kMR * kMR)));
@@ -407,7 +454,8 @@ MIXPREC_TARGET_GEMM512BF16 inline void gemm_serial_dpbf16(View<bfloat16> a, View
         for (int64_t jr = 0; jr < nc; jr += kNR)
           for (int64_t ir = 0; ir < mc; ir += kMR)
             micro_bf16(kp, apack + ir * kp, bpack + jr * kp, c + (ic + ir) * ldc + jc + jr, ldc, std::min(kMR, mc - ir),
-                       std::min(kNR, nc - jr), add, last && out ? out + (ic + ir) * ldc + jc + jr : nullptr, last ? epi : nullptr);
+                       std::min(kNR, nc - jr), add, last && out ? out + (ic + ir) * ldc + jc + jr : nullptr, last ? epi : nullptr,
+                       bias && pc == 0 ? bias + jc + jr : nullptr);
       }
     }
   }
@@ -455,22 +503,25 @@ void parallel_tiles(int64_t M, int64_t N, int64_t K, F&& tile) {
 // For 16-bit T, round_to (optional, C's layout) receives the result rounded, written by the
 // microkernels from their registers; C is then only scratch between K blocks (its contents
 // afterwards unspecified). epi (optional) runs on each finished tile of the result (round_to, or C).
+// bias (optional, N floats, only with !accumulate) is added as if C had been filled with it and
+// accumulated onto: the same bits, without the pass that writes it.
 template <class T>
 void gemm(View<T> a, View<T> b, float* c, int64_t ldc, int64_t M, int64_t N, int64_t K, bool accumulate, T* round_to = nullptr,
-          const TileEpilogue* epi = nullptr) {
+          const TileEpilogue* epi = nullptr, const float* bias = nullptr) {
   if constexpr (std::is_same_v<T, float>) round_to = nullptr;
   detail::parallel_tiles(M, N, K, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
     detail::gemm_serial<T>(View<T>{&a.at(m0, 0), a.s0, a.s1}, View<T>{&b.at(0, n0), b.s0, b.s1}, c + m0 * ldc + n0, ldc, m1 - m0,
-                           n1 - n0, K, accumulate, round_to ? round_to + m0 * ldc + n0 : nullptr, epi);
+                           n1 - n0, K, accumulate, round_to ? round_to + m0 * ldc + n0 : nullptr, epi, bias ? bias + n0 : nullptr);
   });
 }
 
 // The same with vdpbf16ps on bfloat16 pairs. Requires bf16_dot_available().
 inline void gemm_dpbf16(View<bfloat16> a, View<bfloat16> b, float* c, int64_t ldc, int64_t M, int64_t N, int64_t K, bool accumulate,
-                        bfloat16* round_to = nullptr, const TileEpilogue* epi = nullptr) {
+                        bfloat16* round_to = nullptr, const TileEpilogue* epi = nullptr, const float* bias = nullptr) {
   detail::parallel_tiles(M, N, K, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
     detail::gemm_serial_dpbf16(View<bfloat16>{&a.at(m0, 0), a.s0, a.s1}, View<bfloat16>{&b.at(0, n0), b.s0, b.s1}, c + m0 * ldc + n0,
-                               ldc, m1 - m0, n1 - n0, K, accumulate, round_to ? round_to + m0 * ldc + n0 : nullptr, epi);
+                               ldc, m1 - m0, n1 - n0, K, accumulate, round_to ? round_to + m0 * ldc + n0 : nullptr, epi,
+                               bias ? bias + n0 : nullptr);
   });
 }
 #endif

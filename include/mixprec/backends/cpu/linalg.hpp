@@ -26,55 +26,56 @@ struct GeluEpilogue {
 namespace detail {
 template <class T>
 struct GeluTile {
-  T* base;  // the result
-  T* pre;
+  T* base;   // where the GEMM writes: the pre-activation (forward) or the hidden gradient (backward)
+  T* other;  // forward: the result gelu(pre); backward: the saved pre-activation
   int64_t ld;
   bool tanh, backward;
 };
 // The whole tile (<= 12 x 32) is gathered into float32 buffers, computed in one vectorised loop and
 // written back: per-row calls (a conversion and a loop of two vectors each) cost more than the
 // GELU. bfloat16 widens and rounds inline (the scalar conversions' formulas, which the SIMD
-// conversions match bit for bit); float16 goes through the bulk conversions.
+// conversions match bit for bit); float16 goes through the bulk conversions. Forward, the GEMM
+// has written the rounded pre-activation where the backward will read it, and the GELU goes to
+// the result: no copy of the tile.
 template <class T, bool Tanh, bool Backward>
 void gelu_tile(const void* ctx, void* tile, int64_t mr, int64_t nr) {
   const auto& g = *static_cast<const GeluTile<T>*>(ctx);
   T* const t = static_cast<T*>(tile);
-  T* const p = g.pre + (t - g.base);
+  T* const o = g.other + (t - g.base);
+  T* const dst = Backward ? t : o;
   const int64_t ld = g.ld;
   alignas(64) float v[avx512::kMR * avx512::kNR], d[avx512::kMR * avx512::kNR];
   const int64_t n = mr * nr;
   simd([&]() MIXPREC_SIMD_BODY {
     for (int64_t i = 0; i < mr; ++i) {
       const T* row = t + i * ld;
-      const T* prow = p + i * ld;
+      const T* orow = o + i * ld;
       float* vr = v + i * nr;
       float* dr = d + i * nr;
       if constexpr (std::is_same_v<T, float>) {
         for (int64_t j = 0; j < nr; ++j) vr[j] = row[j];
         if constexpr (Backward)
-          for (int64_t j = 0; j < nr; ++j) dr[j] = prow[j];
+          for (int64_t j = 0; j < nr; ++j) dr[j] = orow[j];
       } else if constexpr (std::is_same_v<T, bfloat16>) {
         for (int64_t j = 0; j < nr; ++j) vr[j] = mixprec::detail::bfloat16_bits_to_float(row[j].x);
         if constexpr (Backward)
-          for (int64_t j = 0; j < nr; ++j) dr[j] = mixprec::detail::bfloat16_bits_to_float(prow[j].x);
+          for (int64_t j = 0; j < nr; ++j) dr[j] = mixprec::detail::bfloat16_bits_to_float(orow[j].x);
       }
     }
   });
   if constexpr (!std::is_same_v<T, float> && !std::is_same_v<T, bfloat16>) {
     for (int64_t i = 0; i < mr; ++i) {
       convert(t + i * ld, v + i * nr, nr);
-      if constexpr (Backward) convert(p + i * ld, d + i * nr, nr);
+      if constexpr (Backward) convert(o + i * ld, d + i * nr, nr);
     }
   }
-  if constexpr (!Backward)  // keep the rounded input for the backward
-    for (int64_t i = 0; i < mr; ++i) std::copy(t + i * ld, t + i * ld + nr, p + i * ld);
   simd([&]() MIXPREC_SIMD_BODY {
     for (int64_t k = 0; k < n; ++k) {
       if constexpr (Backward) v[k] = v[k] * (Tanh ? fn::gelu_tanh_grad(d[k]) : fn::gelu_grad(d[k]));
       else v[k] = Tanh ? fn::gelu_tanh(v[k]) : fn::gelu(v[k]);
     }
     for (int64_t i = 0; i < mr; ++i) {
-      T* row = t + i * ld;
+      T* row = dst + i * ld;
       const float* vr = v + i * nr;
       if constexpr (std::is_same_v<T, float>) {
         for (int64_t j = 0; j < nr; ++j) row[j] = vr[j];
@@ -84,7 +85,7 @@ void gelu_tile(const void* ctx, void* tile, int64_t mr, int64_t nr) {
     }
   });
   if constexpr (!std::is_same_v<T, float> && !std::is_same_v<T, bfloat16>)
-    for (int64_t i = 0; i < mr; ++i) convert(v + i * nr, t + i * ld, nr);
+    for (int64_t i = 0; i < mr; ++i) convert(v + i * nr, dst + i * ld, nr);
 }
 template <class T>
 avx512::TileEpilogue gelu_epilogue(const GeluTile<T>& ctx) {
@@ -134,6 +135,13 @@ inline Tensor matmul_kernel(Tensor a, Tensor b, const Tensor& bias, GeluEpilogue
     MIXPREC_CHECK(epi->pre.sizes() == out_shape && epi->pre.dtype() == out_dtype && epi->pre.is_contiguous(), op,
                   ": the GELU's input must be contiguous ", out_shape, " in ", out_dtype, ", got ", epi->pre.sizes(), " in ",
                   epi->pre.dtype());
+  // A row-vector bias goes to the GEMM as its addend (a [N] vector in the accumulator's dtype),
+  // not written into the result first: that pass wrote and re-read the whole float32 result.
+  const bool row_bias = acc && bias.dim() <= 1 && (direct16 || (out_dtype == DType::Float32 && gemm_16bit_available()));
+  const Tensor bias_row = row_bias ? md::as_dtype_raw(md::expand_raw(bias, {N}), DType::Float32).contiguous() : Tensor();
+  // Forward with a GELU, the GEMM writes the pre-activation (kept for the backward) and the tile
+  // hook the result; otherwise the GEMM writes the result.
+  auto gemm_target = [&](Tensor& result) { return epi && !epi->backward ? epi->pre : result; };
   // One 16-bit product (linear): float32 accumulators for a block of rows at a time, in a scratch
   // that stays in cache, each tile rounded into the result as it finishes -- no float32 copy of
   // the whole result (its memory, and one more pass over it).
@@ -143,23 +151,22 @@ inline Tensor matmul_kernel(Tensor a, Tensor b, const Tensor& bias, GeluEpilogue
     // <= 2 MiB of float32 (in L3, each thread's half near L2); B is packed again per block, so not smaller.
     const int64_t rows = std::min(M, std::max<int64_t>(48, (int64_t{1} << 19) / N));
     const Tensor scratch = empty({rows, N}, DType::Float32);
-    const Tensor bias32 = acc ? md::as_dtype_raw(bias, DType::Float32) : Tensor();
+    const Tensor target = gemm_target(out);
     dispatch_floating(a.dtype(), op, [&]<class T>() {
       if constexpr (!std::is_same_v<T, acc_t<T>>) {
-        const detail::GeluTile<T> ctx{out.data<T>(), epi ? epi->pre.data<T>() : nullptr, N, epi && epi->tanh, epi && epi->backward};
+        const detail::GeluTile<T> ctx{target.data<T>(), epi ? (epi->backward ? epi->pre.data<T>() : out.data<T>()) : nullptr, N,
+                                      epi && epi->tanh, epi && epi->backward};
         const avx512::TileEpilogue hook = epi ? detail::gelu_epilogue(ctx) : avx512::TileEpilogue{};
-        for (int64_t r0 = 0; r0 < M; r0 += rows) {
-          const Tensor c = scratch.narrow(0, 0, std::min(rows, M - r0));
-          if (acc) md::copy_kernel(c, bias32);
+        for (int64_t r0 = 0; r0 < M; r0 += rows)
           gemm_16bit<T>(A.data<T>() + r0 * A.stride(-2), A.stride(-2), A.stride(-1), B.data<T>(), B.stride(-2), B.stride(-1),
-                        c.data<float>(), c.size(0), N, K, acc, out.data<T>() + r0 * N, epi ? &hook : nullptr);
-        }
+                        scratch.data<float>(), std::min(rows, M - r0), N, K, false, target.data<T>() + r0 * N, epi ? &hook : nullptr,
+                        row_bias ? bias_row.data<float>() : nullptr);
       }
     });
     return out;
   }
   Tensor out = empty(out_shape, low ? DType::Float32 : a.dtype());
-  if (acc) md::copy_kernel(out, md::as_dtype_raw(bias, out.dtype()));
+  if (acc && !row_bias) md::copy_kernel(out, md::as_dtype_raw(bias, out.dtype()));
   if (out.numel() == 0) return low ? md::as_dtype_raw(out, out_dtype) : out;
   const Tensor A = prep(a, M, K), B = prep(b, K, N);
   dispatch_floating(a.dtype(), op, [&]<class T>() {
@@ -180,13 +187,17 @@ inline Tensor matmul_kernel(Tensor a, Tensor b, const Tensor& bias, GeluEpilogue
       int64_t oa, ob;
       batch_offsets(i, oa, ob);
       if constexpr (std::is_same_v<T, float>) {
-        const detail::GeluTile<float> ctx{pc, epi ? epi->pre.data<float>() : nullptr, N, epi && epi->tanh, epi && epi->backward};
+        float* const target = gemm_target(out).data<float>();
+        const detail::GeluTile<float> ctx{target, epi ? (epi->backward ? epi->pre.data<float>() : pc) : nullptr, N, epi && epi->tanh,
+                                          epi && epi->backward};
         const avx512::TileEpilogue hook = epi ? detail::gelu_epilogue(ctx) : avx512::TileEpilogue{};
-        gemm<T>(pa + oa, A.stride(-2), A.stride(-1), pb + ob, B.stride(-2), B.stride(-1), pc + i * M * N, M, N, K, acc, epi ? &hook : nullptr);
+        gemm<T>(pa + oa, A.stride(-2), A.stride(-1), pb + ob, B.stride(-2), B.stride(-1), target + i * M * N, M, N, K, acc && !row_bias,
+                epi ? &hook : nullptr, row_bias ? bias_row.data<float>() : nullptr);
       } else if constexpr (std::is_same_v<T, acc_t<T>>)
         gemm<T>(pa + oa, A.stride(-2), A.stride(-1), pb + ob, B.stride(-2), B.stride(-1), pc + i * M * N, M, N, K, acc);
       else
-        gemm_16bit<T>(pa + oa, A.stride(-2), A.stride(-1), pb + ob, B.stride(-2), B.stride(-1), pc + i * M * N, M, N, K, acc);
+        gemm_16bit<T>(pa + oa, A.stride(-2), A.stride(-1), pb + ob, B.stride(-2), B.stride(-1), pc + i * M * N, M, N, K, acc && !row_bias,
+                      nullptr, nullptr, row_bias ? bias_row.data<float>() : nullptr);
     };
     // Small matrices (attention heads): one matrix per thread. Large: the GEMM threads inside.
     if (nb > 1 && M * N * K < (int64_t{1} << 21)) {

@@ -289,6 +289,9 @@ void ln_backward_row(const A* x, const A* g, A* dx, const A* w, A* gw, A* gb, in
     const A n = static_cast<A>(D);
     const A s1 = cpu::vec::reduce<A>(D, A(0), [&](A a, int64_t i) { return a + g[i] * w[i]; }, plus) / n;
     const A s2 = cpu::vec::reduce<A>(D, A(0), [&](A a, int64_t i) { return a + g[i] * w[i] * (((x[i] - hi) - lo) * rs); }, plus) / n;
+    // The outputs are distinct buffers; without ivdep every store might alias an input or a
+    // captured scalar and the loop ran scalar (5% of a GPT-mini bf16 step).
+#pragma GCC ivdep
     for (int64_t i = 0; i < D; ++i) {
       const A h = ((x[i] - hi) - lo) * rs;
       dx[i] = rs * (g[i] * w[i] - s1 - h * s2);
