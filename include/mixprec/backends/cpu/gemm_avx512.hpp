@@ -231,30 +231,27 @@ MIXPREC_TARGET_GEMM512 void pack_a(View<T> a, int64_t i0, int64_t mc, int64_t k0
   }
 }
 
-// The tile's addend: C's rows (add, from the second K block on or when accumulating) or the bias
-// row (bias: the tile's nr columns of it, on the first K block), added to the finished sums so the
-// order is that of C = bias, C += A B -- without writing the bias into C first.
-MIXPREC_TARGET_GEMM512 inline void add_bias(__m512 (&acc)[kMR][2], const float* bias, int64_t mr, int64_t nr) {
-  const __m512 b0 = _mm512_maskz_loadu_ps(lanes(nr), bias), b1 = _mm512_maskz_loadu_ps(lanes(nr - 16), bias + 16);
+// The tile's addend, added to the finished sums: C's rows (from the second K block on, or when
+// accumulating) or the bias row (the tile's nr columns of it, as rows with ldc 0, on the first K
+// block) -- the order of C = bias, C += A B, without writing the bias into C first.
+MIXPREC_TARGET_GEMM512 inline void add_rows(__m512 (&acc)[kMR][2], const float* c, int64_t ldc, int64_t mr, int64_t nr) {
+  const __mmask16 m0 = lanes(nr), m1 = lanes(nr - 16);
 #pragma GCC unroll 12
   for (int i = 0; i < kMR; ++i) {
     if (i >= mr) break;
-    acc[i][0] = _mm512_add_ps(acc[i][0], b0);
-    acc[i][1] = _mm512_add_ps(acc[i][1], b1);
+    acc[i][0] = _mm512_add_ps(acc[i][0], _mm512_maskz_loadu_ps(m0, c + i * ldc));
+    acc[i][1] = _mm512_add_ps(acc[i][1], _mm512_maskz_loadu_ps(m1, c + i * ldc + 16));
   }
 }
 
 // The end of both microkernels: C[mr x nr] (=|+=) the 12 x 32 accumulator tile.
 MIXPREC_TARGET_GEMM512 inline void store_tile(__m512 (&acc)[kMR][2], float* c, int64_t ldc, int64_t mr, int64_t nr, bool add) {
+  if (add) add_rows(acc, c, ldc, mr, nr);
   const __mmask16 m0 = lanes(nr), m1 = lanes(nr - 16);
 #pragma GCC unroll 12
   for (int i = 0; i < kMR; ++i) {
     if (i >= mr) break;
     float* row = c + i * ldc;
-    if (add) {
-      acc[i][0] = _mm512_add_ps(acc[i][0], _mm512_maskz_loadu_ps(m0, row));
-      acc[i][1] = _mm512_add_ps(acc[i][1], _mm512_maskz_loadu_ps(m1, row + 16));
-    }
     _mm512_mask_storeu_ps(row, m0, acc[i][0]);
     _mm512_mask_storeu_ps(row + 16, m1, acc[i][1]);
   }
@@ -274,14 +271,11 @@ MIXPREC_TARGET_GEMM512 inline void store_rounded(half* p, __m512 v, __mmask16 m)
 template <class T>
 MIXPREC_TARGET_GEMM512 void store_tile_rounded(__m512 (&acc)[kMR][2], const float* c, T* out, int64_t ldc, int64_t mr, int64_t nr,
                                                bool add) {
+  if (add) add_rows(acc, c, ldc, mr, nr);
   const __mmask16 m0 = lanes(nr), m1 = lanes(nr - 16);
 #pragma GCC unroll 12
   for (int i = 0; i < kMR; ++i) {
     if (i >= mr) break;
-    if (add) {
-      acc[i][0] = _mm512_add_ps(acc[i][0], _mm512_maskz_loadu_ps(m0, c + i * ldc));
-      acc[i][1] = _mm512_add_ps(acc[i][1], _mm512_maskz_loadu_ps(m1, c + i * ldc + 16));
-    }
     store_rounded(out + i * ldc, acc[i][0], m0);
     store_rounded(out + i * ldc + 16, acc[i][1], m1);
   }
@@ -304,7 +298,7 @@ MIXPREC_TARGET_GEMM512 inline void micro_f32(int64_t kc, const float* __restrict
       acc[i][1] = _mm512_fmadd_ps(av, b1, acc[i][1]);
     }
   }
-  if (bias) add_bias(acc, bias, mr, nr);
+  if (bias) add_rows(acc, bias, 0, mr, nr);
   if constexpr (!std::is_same_v<T, float>) {
     if (out) {
       store_tile_rounded(acc, c, out, ldc, mr, nr, add);
@@ -398,15 +392,11 @@ MIXPREC_TARGET_GEMM512BF16 inline void pack_b_bf16(View<bfloat16> b, int64_t k0,
 // float32 subnormals (|x| < 2^-126) become zero, as vdpbf16ps already treats its inputs.
 MIXPREC_TARGET_GEMM512BF16 inline void store_tile_bf16(__m512 (&acc)[kMR][2], const float* c, bfloat16* out, int64_t ldc, int64_t mr,
                                                        int64_t nr, bool add) {
-  const __mmask16 m0 = lanes(nr), m1 = lanes(nr - 16);
+  if (add) add_rows(acc, c, ldc, mr, nr);
   const __mmask32 m = nr >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((uint32_t{1} << nr) - 1u);
 #pragma GCC unroll 12
   for (int i = 0; i < kMR; ++i) {
     if (i >= mr) break;
-    if (add) {
-      acc[i][0] = _mm512_add_ps(acc[i][0], _mm512_maskz_loadu_ps(m0, c + i * ldc));
-      acc[i][1] = _mm512_add_ps(acc[i][1], _mm512_maskz_loadu_ps(m1, c + i * ldc + 16));
-    }
     _mm512_mask_storeu_epi16(out + i * ldc, m, (__m512i)_mm512_cvtne2ps_pbh(acc[i][1], acc[i][0]));
   }
 }
@@ -426,7 +416,7 @@ MIXPREC_TARGET_GEMM512BF16 inline void micro_bf16(int64_t kp, const uint32_t* __
       acc[i][1] = _mm512_dpbf16_ps(acc[i][1], av, b1);
     }
   }
-  if (bias) add_bias(acc, bias, mr, nr);
+  if (bias) add_rows(acc, bias, 0, mr, nr);
   if (out) {
     store_tile_bf16(acc, c, out, ldc, mr, nr, add);
     if (epi) (*epi)(out, mr, nr);
