@@ -21,6 +21,14 @@ inline bool gemm_16bit_available() {
 #endif
 }
 
+namespace detail {
+// C[M, N] = the row vector bias in every row: the addend, where a kernel cannot add it itself.
+template <class T>
+void fill_rows(T* c, const T* bias, int64_t M, int64_t N) {
+  for (int64_t i = 0; i < M; ++i) std::copy(bias, bias + N, c + i * N);
+}
+}  // namespace detail
+
 // C[M,N] (row-major, contiguous) (+)= A[M,K] * B[K,N]; A and B are strided with one unit stride.
 // epi (float only, and only where gemm_16bit_available(): the AVX-512 kernel's tile hook) runs on
 // each finished tile of C. bias (optional, N values, not with accumulate): C = bias + A B, with the
@@ -40,7 +48,7 @@ void gemm(const T* a, int64_t as0, int64_t as1, const T* b, int64_t bs0, int64_t
   }
 #endif
   if (bias) {  // elsewhere the addend is written first
-    for (int64_t i = 0; i < M; ++i) std::copy(bias, bias + N, c + i * N);
+    detail::fill_rows(c, bias, M, N);
     accumulate = true;
   }
   if (K == 0) {
@@ -74,7 +82,7 @@ void gemm_16bit(const T* a, int64_t as0, int64_t as1, const T* b, int64_t bs0, i
   MIXPREC_CHECK(!epi || (round_to && K > 0), "gemm_16bit: a tile epilogue needs round_to and K > 0");
   MIXPREC_CHECK(!bias || !accumulate, "gemm_16bit: a bias is the addend; it cannot be combined with accumulate");
   if (K == 0) {
-    if (bias) for (int64_t i = 0; i < M; ++i) std::copy(bias, bias + N, c + i * N);
+    if (bias) detail::fill_rows(c, bias, M, N);
     else if (!accumulate) std::fill(c, c + M * N, 0.0f);
     if (round_to) convert(c, round_to, M * N);
     return;

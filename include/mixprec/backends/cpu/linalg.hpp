@@ -87,6 +87,16 @@ void gelu_tile(const void* ctx, void* tile, int64_t mr, int64_t nr) {
   if constexpr (!std::is_same_v<T, float> && !std::is_same_v<T, bfloat16>)
     for (int64_t i = 0; i < mr; ++i) convert(v + i * nr, dst + i * ld, nr);
 }
+// Where the GEMM writes and what the hook reads or writes beside it: forward, the GEMM writes the
+// pre-activation (kept for the backward) and the hook the result; backward, the GEMM writes the
+// result and the hook reads pre. Without a GELU, base is the result.
+template <class T>
+GeluTile<T> gelu_context(const GeluEpilogue* epi, const Tensor& out, int64_t N) {
+  T* const res = out.data<T>();
+  if (!epi) return {res, nullptr, N, false, false};
+  T* const pre = epi->pre.data<T>();
+  return epi->backward ? GeluTile<T>{res, pre, N, epi->tanh, true} : GeluTile<T>{pre, res, N, epi->tanh, false};
+}
 template <class T>
 avx512::TileEpilogue gelu_epilogue(const GeluTile<T>& ctx) {
   using Fn = void (*)(const void*, void*, int64_t, int64_t);
@@ -135,13 +145,12 @@ inline Tensor matmul_kernel(Tensor a, Tensor b, const Tensor& bias, GeluEpilogue
     MIXPREC_CHECK(epi->pre.sizes() == out_shape && epi->pre.dtype() == out_dtype && epi->pre.is_contiguous(), op,
                   ": the GELU's input must be contiguous ", out_shape, " in ", out_dtype, ", got ", epi->pre.sizes(), " in ",
                   epi->pre.dtype());
-  // A row-vector bias goes to the GEMM as its addend (a [N] vector in the accumulator's dtype),
-  // not written into the result first: that pass wrote and re-read the whole float32 result.
-  const bool row_bias = acc && bias.dim() <= 1 && (direct16 || (out_dtype == DType::Float32 && gemm_16bit_available()));
+  // A row-vector bias goes to the GEMM as its addend (float32 [N]), not written into the result
+  // first: that pass wrote and re-read the whole float32 result. float64 keeps the pass.
+  const bool row_bias = acc && bias.dim() <= 1 && (direct16 || out_dtype == DType::Float32);
   const Tensor bias_row = row_bias ? md::as_dtype_raw(md::expand_raw(bias, {N}), DType::Float32).contiguous() : Tensor();
-  // Forward with a GELU, the GEMM writes the pre-activation (kept for the backward) and the tile
-  // hook the result; otherwise the GEMM writes the result.
-  auto gemm_target = [&](Tensor& result) { return epi && !epi->backward ? epi->pre : result; };
+  const float* const bias_ptr = row_bias ? bias_row.data<float>() : nullptr;
+  const bool accumulate = acc && !row_bias;
   // One 16-bit product (linear): float32 accumulators for a block of rows at a time, in a scratch
   // that stays in cache, each tile rounded into the result as it finishes -- no float32 copy of
   // the whole result (its memory, and one more pass over it).
@@ -151,22 +160,19 @@ inline Tensor matmul_kernel(Tensor a, Tensor b, const Tensor& bias, GeluEpilogue
     // <= 2 MiB of float32 (in L3, each thread's half near L2); B is packed again per block, so not smaller.
     const int64_t rows = std::min(M, std::max<int64_t>(48, (int64_t{1} << 19) / N));
     const Tensor scratch = empty({rows, N}, DType::Float32);
-    const Tensor target = gemm_target(out);
     dispatch_floating(a.dtype(), op, [&]<class T>() {
       if constexpr (!std::is_same_v<T, acc_t<T>>) {
-        const detail::GeluTile<T> ctx{target.data<T>(), epi ? (epi->backward ? epi->pre.data<T>() : out.data<T>()) : nullptr, N,
-                                      epi && epi->tanh, epi && epi->backward};
+        const detail::GeluTile<T> ctx = detail::gelu_context<T>(epi, out, N);
         const avx512::TileEpilogue hook = epi ? detail::gelu_epilogue(ctx) : avx512::TileEpilogue{};
         for (int64_t r0 = 0; r0 < M; r0 += rows)
           gemm_16bit<T>(A.data<T>() + r0 * A.stride(-2), A.stride(-2), A.stride(-1), B.data<T>(), B.stride(-2), B.stride(-1),
-                        scratch.data<float>(), std::min(rows, M - r0), N, K, false, target.data<T>() + r0 * N, epi ? &hook : nullptr,
-                        row_bias ? bias_row.data<float>() : nullptr);
+                        scratch.data<float>(), std::min(rows, M - r0), N, K, false, ctx.base + r0 * N, epi ? &hook : nullptr, bias_ptr);
       }
     });
     return out;
   }
   Tensor out = empty(out_shape, low ? DType::Float32 : a.dtype());
-  if (acc && !row_bias) md::copy_kernel(out, md::as_dtype_raw(bias, out.dtype()));
+  if (accumulate) md::copy_kernel(out, md::as_dtype_raw(bias, out.dtype()));
   if (out.numel() == 0) return low ? md::as_dtype_raw(out, out_dtype) : out;
   const Tensor A = prep(a, M, K), B = prep(b, K, N);
   dispatch_floating(a.dtype(), op, [&]<class T>() {
@@ -187,17 +193,15 @@ inline Tensor matmul_kernel(Tensor a, Tensor b, const Tensor& bias, GeluEpilogue
       int64_t oa, ob;
       batch_offsets(i, oa, ob);
       if constexpr (std::is_same_v<T, float>) {
-        float* const target = gemm_target(out).data<float>();
-        const detail::GeluTile<float> ctx{target, epi ? (epi->backward ? epi->pre.data<float>() : pc) : nullptr, N, epi && epi->tanh,
-                                          epi && epi->backward};
+        const detail::GeluTile<float> ctx = detail::gelu_context<float>(epi, out, N);  // epi: one product (nb == 1)
         const avx512::TileEpilogue hook = epi ? detail::gelu_epilogue(ctx) : avx512::TileEpilogue{};
-        gemm<T>(pa + oa, A.stride(-2), A.stride(-1), pb + ob, B.stride(-2), B.stride(-1), target + i * M * N, M, N, K, acc && !row_bias,
-                epi ? &hook : nullptr, row_bias ? bias_row.data<float>() : nullptr);
+        gemm<T>(pa + oa, A.stride(-2), A.stride(-1), pb + ob, B.stride(-2), B.stride(-1), ctx.base + i * M * N, M, N, K, accumulate,
+                epi ? &hook : nullptr, bias_ptr);
       } else if constexpr (std::is_same_v<T, acc_t<T>>)
-        gemm<T>(pa + oa, A.stride(-2), A.stride(-1), pb + ob, B.stride(-2), B.stride(-1), pc + i * M * N, M, N, K, acc);
+        gemm<T>(pa + oa, A.stride(-2), A.stride(-1), pb + ob, B.stride(-2), B.stride(-1), pc + i * M * N, M, N, K, accumulate);
       else
-        gemm_16bit<T>(pa + oa, A.stride(-2), A.stride(-1), pb + ob, B.stride(-2), B.stride(-1), pc + i * M * N, M, N, K, acc && !row_bias,
-                      nullptr, nullptr, row_bias ? bias_row.data<float>() : nullptr);
+        gemm_16bit<T>(pa + oa, A.stride(-2), A.stride(-1), pb + ob, B.stride(-2), B.stride(-1), pc + i * M * N, M, N, K, accumulate,
+                      nullptr, nullptr, bias_ptr);
     };
     // Small matrices (attention heads): one matrix per thread. Large: the GEMM threads inside.
     if (nb > 1 && M * N * K < (int64_t{1} << 21)) {
