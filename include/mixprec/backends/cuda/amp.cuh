@@ -5,8 +5,9 @@
 // through a table uploaded from host memory, so a launch is one driver call and can be captured
 // in a CUDA graph. The loss scale, found-inf flag, step counters and gradient norm are read and
 // written in device memory: GradScaler, the optimizers and clip_grad_norm_ keep a whole
-// iteration off the host -- the kernels take the flag and skip on the device. The arithmetic is
-// the CPU's own (amp::detail::update_scale, optim::detail::AdamScalars / SgdScalars,
+// iteration off the host -- the kernels take the flag and skip on the device. What a block does
+// with its chunk is multi_tensor.hpp's host/device code (host-tested); the arithmetic is the
+// CPU's own (amp::detail::update_scale, optim::detail::AdamScalars / SgdScalars,
 // amp::detail::nonfinite), so the CPU tests cover the formulas.
 //   defines: unscale_and_check, update_scale, fused_adam, fused_sgd, grad_norm, clip_grads, and
 //            the kernel-table entries adam_updates, sgd_updates, unscale_grads, update_scale_on
@@ -14,93 +15,13 @@
 
 #include "mixprec/amp/grad_scaler.hpp"
 #include "mixprec/backends/cuda/common.cuh"
+#include "mixprec/backends/cuda/multi_tensor.hpp"
 #include "mixprec/optim/adam.hpp"
 #include "mixprec/optim/sgd.hpp"
 
 namespace mixprec::gpu {
 
 namespace detail {
-inline constexpr int64_t kChunk = 64 * 1024;  // elements per block: big enough to amortise, small enough to balance
-
-// Up to N tensors' slots in one launch's arguments. Block b works on chunk b - first_chunk[k] of
-// slot k, where first_chunk[k] <= b < first_chunk[k + 1].
-template <class Slot, int N>
-struct SlotBatch {
-  Slot slot[N];
-  int64_t first_chunk[N + 1];
-  int count;
-};
-// As many slots as fit the 4 KB of kernel arguments every CUDA version takes.
-template <class Slot>
-inline constexpr int kSlotsPerLaunch = static_cast<int>((4000 - 64) / (sizeof(Slot) + sizeof(int64_t)));
-template <class Slot>
-using BatchOf = SlotBatch<Slot, kSlotsPerLaunch<Slot>>;
-
-// This block's slot and the first element of its chunk (the chunk ends kChunk later or at n).
-struct ChunkRange {
-  int slot;
-  int64_t begin;
-};
-template <class Slot, int N>
-__device__ __forceinline__ ChunkRange chunk_of(const SlotBatch<Slot, N>& b) {
-  const int64_t block = blockIdx.x;
-  int k = 0;
-  while (k + 1 < b.count && b.first_chunk[k + 1] <= block) ++k;
-  return {k, (block - b.first_chunk[k]) * kChunk};
-}
-
-// f(batch, blocks, first_block) per batch of the non-empty slots, in order.
-template <class Slot, class F>
-void for_batches(const std::vector<Slot>& slots, F&& launch) {
-  constexpr int N = kSlotsPerLaunch<Slot>;
-  static_assert(sizeof(SlotBatch<Slot, N>) <= 4000, "kernel arguments over 4 KB");
-  SlotBatch<Slot, N> b{};
-  int64_t blocks = 0, first = 0;
-  auto flush = [&] {
-    if (b.count == 0) return;
-    b.first_chunk[b.count] = blocks;
-    MIXPREC_CHECK(blocks < 0x7fffffff, "gpu: too many blocks for one launch");
-    launch(b, static_cast<unsigned>(blocks), first);
-    first += blocks;
-    b = SlotBatch<Slot, N>{};
-    blocks = 0;
-  };
-  for (const Slot& s : slots) {
-    if (s.n == 0) continue;
-    if (b.count == N) flush();
-    b.slot[b.count] = s;
-    b.first_chunk[b.count] = blocks;
-    blocks += (s.n + kChunk - 1) / kChunk;
-    ++b.count;
-  }
-  flush();
-}
-template <class Slot>
-int64_t total_chunks(const std::vector<Slot>& slots) {
-  int64_t c = 0;
-  for (const Slot& s : slots) c += (s.n + kChunk - 1) / kChunk;
-  return c;
-}
-
-template <class T>
-__device__ __forceinline__ float load_as_float(const void* p, int64_t i) {
-  return static_cast<float>(static_cast<const T*>(p)[i]);
-}
-__device__ __forceinline__ float load_any(const void* p, uint8_t dtype, int64_t i) {
-  switch (static_cast<DType>(dtype)) {
-    case DType::Float16: return load_as_float<half>(p, i);
-    case DType::BFloat16: return load_as_float<bfloat16>(p, i);
-    default: return load_as_float<float>(p, i);
-  }
-}
-__device__ __forceinline__ void store_any(void* p, uint8_t dtype, int64_t i, float v) {
-  switch (static_cast<DType>(dtype)) {
-    case DType::Float16: static_cast<half*>(p)[i] = half(v); break;
-    case DType::BFloat16: static_cast<bfloat16*>(p)[i] = bfloat16(v); break;
-    default: static_cast<float*>(p)[i] = v; break;
-  }
-}
-
 inline uint8_t storage_code(DType d, const char* op) {
   MIXPREC_CHECK(d == DType::Float32 || d == DType::Float16 || d == DType::BFloat16, op, ": expected float32/float16/bfloat16, got ", d);
   return static_cast<uint8_t>(d);
@@ -110,29 +31,12 @@ __device__ __forceinline__ bool skipped(const float* found_inf) { return found_i
 
 // ---------- unscale + non-finite check ----------
 
-// A gradient to unscale: read from grad (any floating dtype), written back unscaled in its dtype
-// and, when given, to master (a float32 buffer of the same length), as the CPU's unscale_.
-struct UnscaleSlot {
-  void* grad = nullptr;
-  float* master = nullptr;
-  int64_t n = 0;
-  uint8_t dtype = static_cast<uint8_t>(DType::Float32);
-};
-
 template <int = 0>  // a template, so that several units including this header link
 __global__ void unscale_kernel(const __grid_constant__ detail::BatchOf<UnscaleSlot> b, const float* scale, float* found_inf) {
-  const detail::ChunkRange c = detail::chunk_of(b);
-  const UnscaleSlot& s = b.slot[c.slot];
-  const int64_t end = c.begin + detail::kChunk < s.n ? c.begin + detail::kChunk : s.n;
+  const detail::ChunkRange c = detail::chunk_of(b, blockIdx.x);
   // As the CPU: the inverse in double, rounded once to float32.
   const float inv = static_cast<float>(1.0 / static_cast<double>(*scale));
-  int bad = 0;
-  for (int64_t i = c.begin + threadIdx.x; i < end; i += blockDim.x) {
-    const float v = detail::load_any(s.grad, s.dtype, i);
-    bad |= amp::detail::nonfinite(v);
-    if (s.master) s.master[i] = v * inv;
-    detail::store_any(s.grad, s.dtype, i, v * inv);
-  }
+  const bool bad = detail::unscale_chunk(b.slot[c.slot], inv, c.begin, static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x));
   if (__syncthreads_or(bad) && threadIdx.x == 0) *found_inf = 1.0f;
 }
 
@@ -183,66 +87,22 @@ inline void update_scale(float* scale, int64_t* growth_tracker, const float* fou
 
 // ---------- fused optimizers ----------
 
-// One parameter: float32 master weights (updated in place), an optional 16-bit (or float32)
-// model copy written in the same pass, the gradient in any floating dtype, float32 state, and a
-// device step counter (updates applied so far; incremented unless the step is skipped).
-struct AdamSlot {
-  float* master = nullptr;
-  void* model = nullptr;
-  const void* grad = nullptr;
-  float* exp_avg = nullptr;
-  float* exp_avg_sq = nullptr;
-  float* max_exp_avg_sq = nullptr;  // amsgrad only
-  int64_t* step = nullptr;
-  int64_t n = 0;
-  uint8_t model_dtype = static_cast<uint8_t>(DType::Float32);
-  uint8_t grad_dtype = static_cast<uint8_t>(DType::Float32);
-  int64_t* buffer_steps = nullptr;  // optional: updates applied to these moments, advanced with step
-};
-
-struct SgdSlot {
-  float* master = nullptr;
-  void* model = nullptr;
-  const void* grad = nullptr;
-  float* momentum_buffer = nullptr;  // when momentum != 0
-  int64_t* step = nullptr;
-  int64_t n = 0;
-  uint8_t model_dtype = static_cast<uint8_t>(DType::Float32);
-  uint8_t grad_dtype = static_cast<uint8_t>(DType::Float32);
-  // Updates applied to momentum_buffer (0: the next one writes it whole, as torch's first step);
-  // null: *step is used.
-  int64_t* buffer_steps = nullptr;
-};
-
 template <int = 0>  // a template, so that several units including this header link
 __global__ void adam_kernel(const __grid_constant__ detail::BatchOf<AdamSlot> b, optim::detail::AdamHyper h, const float* found_inf) {
   if (detail::skipped(found_inf)) return;  // GradScaler skips the step, decided on device
-  const detail::ChunkRange c = detail::chunk_of(b);
+  const detail::ChunkRange c = detail::chunk_of(b, blockIdx.x);
   const AdamSlot& s = b.slot[c.slot];
-  const int64_t end = c.begin + detail::kChunk < s.n ? c.begin + detail::kChunk : s.n;
-  // Bias corrections from the device step counter (two pow per thread: noise next to 64K elements).
-  const optim::detail::AdamScalars sc = optim::detail::adam_scalars(h, *s.step + 1);
-  for (int64_t i = c.begin + threadIdx.x; i < end; i += blockDim.x) {
-    float w = s.master[i];
-    sc.step(w, detail::load_any(s.grad, s.grad_dtype, i), s.exp_avg[i], s.exp_avg_sq[i], s.max_exp_avg_sq ? s.max_exp_avg_sq + i : nullptr);
-    s.master[i] = w;
-    if (s.model) detail::store_any(s.model, s.model_dtype, i, w);
-  }
+  // Bias corrections from the device step counter (two pow per thread: noise next to 32K elements).
+  detail::adam_chunk(s, optim::detail::adam_scalars(h, *s.step + 1), c.begin, static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x));
 }
 
 template <int = 0>  // a template, so that several units including this header link
 __global__ void sgd_kernel(const __grid_constant__ detail::BatchOf<SgdSlot> b, optim::detail::SgdScalars sc, const float* found_inf) {
   if (detail::skipped(found_inf)) return;
-  const detail::ChunkRange c = detail::chunk_of(b);
+  const detail::ChunkRange c = detail::chunk_of(b, blockIdx.x);
   const SgdSlot& s = b.slot[c.slot];
-  const int64_t end = c.begin + detail::kChunk < s.n ? c.begin + detail::kChunk : s.n;
   const bool first = *(s.buffer_steps ? s.buffer_steps : s.step) == 0;
-  for (int64_t i = c.begin + threadIdx.x; i < end; i += blockDim.x) {
-    float w = s.master[i];
-    sc.step(w, detail::load_any(s.grad, s.grad_dtype, i), s.momentum_buffer ? s.momentum_buffer + i : nullptr, first);
-    s.master[i] = w;
-    if (s.model) detail::store_any(s.model, s.model_dtype, i, w);
-  }
+  detail::sgd_chunk(s, sc, first, c.begin, static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x));
 }
 
 // After the update (stream order): every counter + 1, unless the step was skipped.
@@ -293,30 +153,12 @@ inline void fused_sgd(const std::vector<SgdSlot>& slots, const optim::detail::Sg
 
 // ---------- gradient norm and clipping ----------
 
-struct NormSlot {
-  const void* data = nullptr;
-  int64_t n = 0;
-  uint8_t dtype = static_cast<uint8_t>(DType::Float32);
-};
-struct ScaleSlot {
-  void* data = nullptr;
-  int64_t n = 0;
-  uint8_t dtype = static_cast<uint8_t>(DType::Float32);
-};
-
 // partial[first + block] = the block's sum of squares (float accumulation, tree-reduced in double).
 template <int = 0>  // a template, so that several units including this header link
 __global__ void sum_squares_kernel(const __grid_constant__ detail::BatchOf<NormSlot> b, double* partial, int64_t first) {
   __shared__ double red[kThreads];
-  const detail::ChunkRange c = detail::chunk_of(b);
-  const NormSlot& s = b.slot[c.slot];
-  const int64_t end = c.begin + detail::kChunk < s.n ? c.begin + detail::kChunk : s.n;
-  double acc = 0;
-  for (int64_t i = c.begin + threadIdx.x; i < end; i += blockDim.x) {
-    const float v = detail::load_any(s.data, s.dtype, i);
-    acc += static_cast<double>(v) * v;
-  }
-  red[threadIdx.x] = acc;
+  const detail::ChunkRange c = detail::chunk_of(b, blockIdx.x);
+  red[threadIdx.x] = detail::sum_squares_chunk(b.slot[c.slot], c.begin, static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x));
   __syncthreads();
   for (int w = kThreads / 2; w > 0; w /= 2) {
     if (static_cast<int>(threadIdx.x) < w) red[threadIdx.x] += red[threadIdx.x + w];
@@ -346,12 +188,8 @@ template <int = 0>  // a template, so that several units including this header l
 __global__ void clip_kernel(const __grid_constant__ detail::BatchOf<ScaleSlot> b, const float* norm, double max_norm) {
   const double coef = max_norm / (static_cast<double>(*norm) + 1e-6);
   if (coef >= 1.0) return;
-  const float f = static_cast<float>(coef);
-  const detail::ChunkRange c = detail::chunk_of(b);
-  const ScaleSlot& s = b.slot[c.slot];
-  const int64_t end = c.begin + detail::kChunk < s.n ? c.begin + detail::kChunk : s.n;
-  for (int64_t i = c.begin + threadIdx.x; i < end; i += blockDim.x)
-    detail::store_any(s.data, s.dtype, i, detail::load_any(s.data, s.dtype, i) * f);
+  const detail::ChunkRange c = detail::chunk_of(b, blockIdx.x);
+  detail::scale_chunk(b.slot[c.slot], static_cast<float>(coef), c.begin, static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x));
 }
 
 // The 2-norm of all `grads` as one vector: a float32 [] CUDA tensor, nothing read back.

@@ -43,6 +43,13 @@ struct LoopPlan {
 
 namespace detail {
 inline bool divisible_by(int64_t v, int64_t d) { return v % d == 0; }
+
+// V elements that one thread loads or stores as one access (16 bytes at most). Plain C++, so the
+// host tests run the multi-tensor bodies (multi_tensor.hpp) that use it.
+template <class T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
 }  // namespace detail
 
 // `shape` is the output's; operands[0] is the output (never broadcast). `max_vec` is the vector

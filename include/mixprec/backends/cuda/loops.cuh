@@ -36,11 +36,6 @@ struct LoopArgs64 {
   int64_t stride[kLoopMaxDims][NT];
 };
 
-template <class T, int V>
-struct alignas(sizeof(T) * V) Pack {
-  T v[V];
-};
-
 template <int V, class T>
 __device__ __forceinline__ Pack<T, V> load_pack(const T* p, bool broadcast) {
   Pack<T, V> r;
