@@ -242,6 +242,32 @@ void bandwidth(const Options& o) {
     line("relu", d, 2 * s, [&] { (void)relu(a); });
     line("sum", d, s, [&] { (void)sum(a); });
   }
+  // The fused multi-tensor passes over the same number of float32 elements, as 48 tensors (a
+  // parameter list): AdamW writing a bfloat16 model copy (reads master, gradient, both moments;
+  // writes master, moments and the copy: 30 bytes per element), the gradient norm (reads 4) and
+  // clip_grad_norm_'s scaling (reads and writes 8; the norm is set so that it clips).
+  const int64_t parts = 48, per = n / parts;
+  std::vector<Tensor> master, grad, exp_avg, exp_avg_sq, model, steps;
+  std::vector<mc::AdamSlot> slots;
+  for (int64_t p = 0; p < parts; ++p) {
+    master.push_back(randn({per}, DType::Float32, g).to(Device::CUDA));
+    grad.push_back(randn({per}, DType::Float32, g).to(Device::CUDA));
+    exp_avg.push_back(zeros({per}, DType::Float32, Device::CUDA));
+    exp_avg_sq.push_back(zeros({per}, DType::Float32, Device::CUDA));
+    model.push_back(empty({per}, DType::BFloat16, Device::CUDA));
+    steps.push_back(zeros({1}, DType::Int64, Device::CUDA));
+    slots.push_back({master.back().data<float>(), model.back().data_ptr(), grad.back().data_ptr(), exp_avg.back().data<float>(),
+                     exp_avg_sq.back().data<float>(), nullptr, steps.back().data<int64_t>(), per, static_cast<uint8_t>(DType::BFloat16),
+                     static_cast<uint8_t>(DType::Float32)});
+  }
+  optim::detail::AdamHyper h;
+  h.weight_decay = 0.01;
+  h.decoupled = true;
+  const double elems = double(parts) * double(per);
+  line("adamw_multi", DType::Float32, 30.0 * elems, [&] { mc::fused_adam(slots, h); });
+  line("grad_norm_multi", DType::Float32, 4.0 * elems, [&] { (void)mc::grad_norm(grad); });
+  const Tensor norm = full({}, 1.0001, DType::Float32, Device::CUDA);  // max_norm 1: every call scales by 0.9999
+  line("clip_multi", DType::Float32, 8.0 * elems, [&] { mc::clip_grads(grad, norm, 1.0); });
 }
 
 }  // namespace gpu_bench

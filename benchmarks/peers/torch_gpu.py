@@ -392,6 +392,20 @@ def run_bandwidth(args):
             line("gelu", dt, 2 * s, lambda: F.gelu(a))
             line("relu", dt, 2 * s, lambda: torch.relu(a))
             line("sum", dt, s, lambda: torch.sum(a))
+        # The multi-tensor passes (mixprec_gpu_bench's *_multi lines) over 48 float32 tensors:
+        # fused AdamW (28 bytes per element: PyTorch writes no 16-bit copy), the total norm as
+        # clip_grad_norm_ computes it (reads 4) and its foreach scaling (reads and writes 8).
+        parts = 48
+        per = n // parts
+        params = [torch.randn(per, generator=g).to(dev).requires_grad_() for _ in range(parts)]
+        grads = [torch.randn(per, generator=g).to(dev) for _ in range(parts)]
+        for p, gr in zip(params, grads):
+            p.grad = gr
+        elems = float(parts * per)
+        opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, fused=(dev == "cuda"))
+        line("adamw_multi", torch.float32, 28.0 * elems, opt.step)
+        line("grad_norm_multi", torch.float32, 4.0 * elems, lambda: torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
+        line("clip_multi", torch.float32, 8.0 * elems, lambda: torch._foreach_mul_(grads, 0.9999))
     free(dev)
     return failed
 
