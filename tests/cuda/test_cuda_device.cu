@@ -213,6 +213,25 @@ TEST(CudaElementwise, ActivationsAndReductionsMatchCpu) {
     }
     EXPECT_LT(rel_error(down(mc::sum(up(x))), mixprec::sum(x.to(DType::Float32))), 1e-5) << d;
     EXPECT_LT(rel_error(down(mc::max_abs(up(x))), mixprec::max(mixprec::abs(x.to(DType::Float32)))), 1e-7) << d;
+    // The reductions read 16-byte packs: views that start 1 or 3 elements past a boundary (a
+    // lead), lengths with a cut last pack, one element, none; and a NaN in the lead or a pack.
+    const Tensor flat = randn({4099}).to(d);
+    const Tensor flat_gpu = up(flat);
+    for (int64_t off : {0, 1, 3})
+      for (int64_t len : {int64_t{0}, int64_t{1}, int64_t{7}, 4096 - off}) {
+        const Tensor want = flat.narrow(0, off, len).to(DType::Float32);
+        const Tensor got_sum = down(mc::sum(flat_gpu.narrow(0, off, len)));
+        if (len == 0) EXPECT_EQ(got_sum.item<float>(), 0.0f);
+        else EXPECT_LT(rel_error(got_sum, mixprec::sum(want)), 1e-5) << d << " off " << off << " len " << len;
+        if (len > 0)
+          EXPECT_EQ(down(mc::max_abs(flat_gpu.narrow(0, off, len))).item<float>(), mixprec::max(mixprec::abs(want)).item<float>())
+              << d << " off " << off << " len " << len;
+      }
+    for (int64_t at : {0, 2, 100}) {  // in the view starting at element 1: in the lead (0, 2) or a pack
+      Tensor poisoned = flat.to(DType::Float32).clone();
+      poisoned.data<float>()[1 + at] = std::nanf("");
+      EXPECT_TRUE(std::isnan(down(mc::max_abs(up(poisoned.to(d)).narrow(0, 1, 500))).item<float>())) << d << " NaN at " << at;
+    }
   }
 }
 

@@ -100,6 +100,16 @@ void fill_param(HostParam& p, std::mt19937& rng) {
   p.v.fill_random(rng, 0, 0.01f);
   p.vmax.fill_random(rng, 0, 0.012f);
 }
+// The reference's starting values: `from`'s, element by element.
+void copy_values(const HostParam& from, HostParam& to, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    to.master.set(i, from.master.get(i));
+    to.grad.set(i, from.grad.get(i));
+    to.m.set(i, from.m.get(i));
+    to.v.set(i, from.v.get(i));
+    to.vmax.set(i, from.vmax.get(i));
+  }
+}
 }  // namespace
 
 class MultiTensorAdam : public ::testing::TestWithParam<std::tuple<DType, int, bool, int>> {};
@@ -120,14 +130,7 @@ TEST_P(MultiTensorAdam, EveryThreadOfEveryBlockGivesThePerElementUpdate) {
     want.emplace_back(n, grad_dt, model_dt, mis);
     fill_param(got.back(), rng);
     HostParam& g = got.back();
-    HostParam& w = want.back();
-    for (int64_t i = 0; i < n; ++i) {
-      w.master.set(i, g.master.get(i));
-      w.grad.set(i, g.grad.get(i));
-      w.m.set(i, g.m.get(i));
-      w.v.set(i, g.v.get(i));
-      w.vmax.set(i, g.vmax.get(i));
-    }
+    copy_values(g, want.back(), n);
     slots.push_back({g.master.f32(), model_kind ? g.model.data() : nullptr, g.grad.data(), g.m.f32(), g.v.f32(),
                      amsgrad ? g.vmax.f32() : nullptr, nullptr, n, g.model.code(), g.grad.code(), nullptr});
     EXPECT_EQ(mt::vector_ok(slots.back()), mis == 0) << n;
@@ -177,12 +180,7 @@ TEST(MultiTensor, ManySmallSlotsSpanSeveralLaunchesAndAnyBlockSizeCoversEveryEle
     got.emplace_back(n, kBFloat16, kBFloat16, 0);
     want.emplace_back(n, kBFloat16, kBFloat16, 0);
     fill_param(got.back(), rng);
-    for (int64_t i = 0; i < n; ++i) {
-      want.back().master.set(i, got.back().master.get(i));
-      want.back().grad.set(i, got.back().grad.get(i));
-      want.back().m.set(i, got.back().m.get(i));
-      want.back().v.set(i, got.back().v.get(i));
-    }
+    copy_values(got.back(), want.back(), n);
     HostParam& g = got.back();
     slots.push_back({g.master.f32(), g.model.data(), g.grad.data(), g.m.f32(), g.v.f32(), nullptr, nullptr, n, g.model.code(), g.grad.code()});
   }
@@ -219,11 +217,7 @@ TEST(MultiTensor, SgdWithMomentumAndNesterovGivesThePerElementUpdate) {
           got.emplace_back(n, kFloat16, kFloat16, mis);
           want.emplace_back(n, kFloat16, kFloat16, mis);
           fill_param(got.back(), rng);
-          for (int64_t i = 0; i < n; ++i) {
-            want.back().master.set(i, got.back().master.get(i));
-            want.back().grad.set(i, got.back().grad.get(i));
-            want.back().m.set(i, got.back().m.get(i));
-          }
+          copy_values(got.back(), want.back(), n);
           HostParam& g = got.back();
           slots.push_back({g.master.f32(), g.model.data(), g.grad.data(), g.m.f32(), nullptr, n, g.model.code(), g.grad.code(), nullptr});
           EXPECT_EQ(mt::vector_ok(slots.back()), mis == 0);

@@ -166,6 +166,12 @@ MIXPREC_HOST_DEVICE void with_storage(uint8_t code, F&& f) {
   else f(Tag<float>{});
 }
 
+// f(Tag<G>{}, Tag<M>{}) for a parameter slot's gradient and model-copy types.
+template <class Slot, class F>
+MIXPREC_HOST_DEVICE void with_param_types(const Slot& s, F&& f) {
+  with_storage(s.grad_dtype, [&](auto g) { with_storage(s.model_dtype, [&](auto m) { f(g, m); }); });
+}
+
 // V consecutive elements as float, and back in T (one access each: p + i is V-aligned).
 template <int V, class T>
 MIXPREC_HOST_DEVICE void load(const T* p, float (&out)[V]) {
@@ -219,72 +225,61 @@ MIXPREC_HOST_DEVICE bool vector_ok(const AdamSlot& s) {
   return vec_aligned(s.master) && vec_aligned(static_cast<const G*>(s.grad)) && vec_aligned(s.exp_avg) &&
          vec_aligned(s.exp_avg_sq) && vec_aligned(s.max_exp_avg_sq) && vec_aligned(static_cast<const M*>(s.model));
 }
-MIXPREC_HOST_DEVICE bool vector_ok(const AdamSlot& s) {
-  bool ok = false;
-  with_storage(s.grad_dtype, [&](auto g) {
-    with_storage(s.model_dtype, [&](auto m) { ok = vector_ok<typename decltype(g)::type, typename decltype(m)::type>(s); });
-  });
-  return ok;
-}
-
-MIXPREC_HOST_DEVICE void adam_chunk(const AdamSlot& s, const optim::detail::AdamScalars& sc, int64_t begin, int tid, int nthreads) {
-  with_storage(s.grad_dtype, [&](auto gt) {
-    with_storage(s.model_dtype, [&](auto mt) {
-      using G = typename decltype(gt)::type;
-      using M = typename decltype(mt)::type;
-      const G* grad = static_cast<const G*>(s.grad);
-      M* model = static_cast<M*>(s.model);
-      for_thread(begin, chunk_end(begin, s.n), vector_ok<G, M>(s), tid, nthreads, [&](int64_t i, auto width) {
-        constexpr int V = decltype(width)::value;
-        float w[V], g[V], m[V], v[V], vmax[V] = {};
-        load<V>(s.master + i, w);
-        load<V>(grad + i, g);
-        load<V>(s.exp_avg + i, m);
-        load<V>(s.exp_avg_sq + i, v);
-        if (s.max_exp_avg_sq) load<V>(s.max_exp_avg_sq + i, vmax);
-        for (int j = 0; j < V; ++j) sc.step(w[j], g[j], m[j], v[j], s.max_exp_avg_sq ? &vmax[j] : nullptr);
-        store<V>(s.master + i, w);
-        store<V>(s.exp_avg + i, m);
-        store<V>(s.exp_avg_sq + i, v);
-        if (s.max_exp_avg_sq) store<V>(s.max_exp_avg_sq + i, vmax);
-        if (model) store<V>(model + i, w);
-      });
-    });
-  });
-}
-
 template <class G, class M>
 MIXPREC_HOST_DEVICE bool vector_ok(const SgdSlot& s) {
   return vec_aligned(s.master) && vec_aligned(static_cast<const G*>(s.grad)) && vec_aligned(s.momentum_buffer) &&
          vec_aligned(static_cast<const M*>(s.model));
 }
-MIXPREC_HOST_DEVICE bool vector_ok(const SgdSlot& s) {
+// Whether every array of a parameter slot may be accessed kVec elements at a time.
+template <class Slot>
+  requires(std::is_same_v<Slot, AdamSlot> || std::is_same_v<Slot, SgdSlot>)
+MIXPREC_HOST_DEVICE bool vector_ok(const Slot& s) {
   bool ok = false;
-  with_storage(s.grad_dtype, [&](auto g) {
-    with_storage(s.model_dtype, [&](auto m) { ok = vector_ok<typename decltype(g)::type, typename decltype(m)::type>(s); });
-  });
+  with_param_types(s, [&](auto g, auto m) { ok = vector_ok<typename decltype(g)::type, typename decltype(m)::type>(s); });
   return ok;
+}
+
+MIXPREC_HOST_DEVICE void adam_chunk(const AdamSlot& s, const optim::detail::AdamScalars& sc, int64_t begin, int tid, int nthreads) {
+  with_param_types(s, [&](auto gt, auto mt) {
+    using G = typename decltype(gt)::type;
+    using M = typename decltype(mt)::type;
+    const G* grad = static_cast<const G*>(s.grad);
+    M* model = static_cast<M*>(s.model);
+    for_thread(begin, chunk_end(begin, s.n), vector_ok<G, M>(s), tid, nthreads, [&](int64_t i, auto width) {
+      constexpr int V = decltype(width)::value;
+      float w[V], g[V], m[V], v[V], vmax[V] = {};
+      load<V>(s.master + i, w);
+      load<V>(grad + i, g);
+      load<V>(s.exp_avg + i, m);
+      load<V>(s.exp_avg_sq + i, v);
+      if (s.max_exp_avg_sq) load<V>(s.max_exp_avg_sq + i, vmax);
+      for (int j = 0; j < V; ++j) sc.step(w[j], g[j], m[j], v[j], s.max_exp_avg_sq ? &vmax[j] : nullptr);
+      store<V>(s.master + i, w);
+      store<V>(s.exp_avg + i, m);
+      store<V>(s.exp_avg_sq + i, v);
+      if (s.max_exp_avg_sq) store<V>(s.max_exp_avg_sq + i, vmax);
+      if (model) store<V>(model + i, w);
+    });
+  });
 }
 
 // `first`: the momentum buffer's first update (it is written whole, as torch's first step).
 MIXPREC_HOST_DEVICE void sgd_chunk(const SgdSlot& s, const optim::detail::SgdScalars& sc, bool first, int64_t begin, int tid, int nthreads) {
-  with_storage(s.grad_dtype, [&](auto gt) {
-    with_storage(s.model_dtype, [&](auto mt) {
-      using G = typename decltype(gt)::type;
-      using M = typename decltype(mt)::type;
-      const G* grad = static_cast<const G*>(s.grad);
-      M* model = static_cast<M*>(s.model);
-      for_thread(begin, chunk_end(begin, s.n), vector_ok<G, M>(s), tid, nthreads, [&](int64_t i, auto width) {
-        constexpr int V = decltype(width)::value;
-        float w[V], g[V], buf[V] = {};
-        load<V>(s.master + i, w);
-        load<V>(grad + i, g);
-        if (s.momentum_buffer) load<V>(s.momentum_buffer + i, buf);
-        for (int j = 0; j < V; ++j) sc.step(w[j], g[j], s.momentum_buffer ? &buf[j] : nullptr, first);
-        store<V>(s.master + i, w);
-        if (s.momentum_buffer) store<V>(s.momentum_buffer + i, buf);
-        if (model) store<V>(model + i, w);
-      });
+  with_param_types(s, [&](auto gt, auto mt) {
+    using G = typename decltype(gt)::type;
+    using M = typename decltype(mt)::type;
+    const G* grad = static_cast<const G*>(s.grad);
+    M* model = static_cast<M*>(s.model);
+    for_thread(begin, chunk_end(begin, s.n), vector_ok<G, M>(s), tid, nthreads, [&](int64_t i, auto width) {
+      constexpr int V = decltype(width)::value;
+      float w[V], g[V], buf[V] = {};
+      load<V>(s.master + i, w);
+      load<V>(grad + i, g);
+      if (s.momentum_buffer) load<V>(s.momentum_buffer + i, buf);
+      for (int j = 0; j < V; ++j) sc.step(w[j], g[j], s.momentum_buffer ? &buf[j] : nullptr, first);
+      store<V>(s.master + i, w);
+      if (s.momentum_buffer) store<V>(s.momentum_buffer + i, buf);
+      if (model) store<V>(model + i, w);
     });
   });
 }
