@@ -110,6 +110,21 @@ void copy_values(const HostParam& from, HostParam& to, int64_t n) {
     to.vmax.set(i, from.vmax.get(i));
   }
 }
+// One parameter per size of kSlotSizes, filled at random (`got`, which the bodies update), and
+// its twin with the same values (`want`, which the per-element reference updates).
+struct ParamPairs {
+  std::vector<HostParam> got, want;
+  ParamPairs(DType grad_dt, DType model_dt, int mis, std::mt19937& rng) {
+    got.reserve(kSlotSizes.size());
+    want.reserve(kSlotSizes.size());
+    for (int64_t n : kSlotSizes) {
+      got.emplace_back(n, grad_dt, model_dt, mis);
+      want.emplace_back(n, grad_dt, model_dt, mis);
+      fill_param(got.back(), rng);
+      copy_values(got.back(), want.back(), n);
+    }
+  }
+};
 }  // namespace
 
 class MultiTensorAdam : public ::testing::TestWithParam<std::tuple<DType, int, bool, int>> {};
@@ -121,16 +136,13 @@ TEST_P(MultiTensorAdam, EveryThreadOfEveryBlockGivesThePerElementUpdate) {
   optim::detail::AdamHyper h{1e-3, 0.9, 0.999, 1e-8, 0.01, true, amsgrad};
   const optim::detail::AdamScalars sc = optim::detail::adam_scalars(h, 3);
   std::mt19937 rng(7);
-  std::vector<HostParam> got, want;
-  got.reserve(kSlotSizes.size());
-  want.reserve(kSlotSizes.size());
+  ParamPairs pairs(grad_dt, model_dt, mis, rng);
+  std::vector<HostParam>& got = pairs.got;
+  std::vector<HostParam>& want = pairs.want;
   std::vector<AdamSlot> slots;
-  for (int64_t n : kSlotSizes) {
-    got.emplace_back(n, grad_dt, model_dt, mis);
-    want.emplace_back(n, grad_dt, model_dt, mis);
-    fill_param(got.back(), rng);
-    HostParam& g = got.back();
-    copy_values(g, want.back(), n);
+  for (std::size_t k = 0; k < kSlotSizes.size(); ++k) {
+    const int64_t n = kSlotSizes[k];
+    HostParam& g = got[k];
     slots.push_back({g.master.f32(), model_kind ? g.model.data() : nullptr, g.grad.data(), g.m.f32(), g.v.f32(),
                      amsgrad ? g.vmax.f32() : nullptr, nullptr, n, g.model.code(), g.grad.code(), nullptr});
     EXPECT_EQ(mt::vector_ok(slots.back()), mis == 0) << n;
@@ -209,16 +221,13 @@ TEST(MultiTensor, SgdWithMomentumAndNesterovGivesThePerElementUpdate) {
         optim::detail::SgdScalars sc;
         sc.wd = 1e-4f, sc.mom = 0.9f, sc.damp1 = 1.0f, sc.neg_lr = -0.1f, sc.use_wd = true, sc.use_mom = true, sc.nesterov = nesterov;
         std::mt19937 rng(3);
-        std::vector<HostParam> got, want;
-        got.reserve(kSlotSizes.size());
-        want.reserve(kSlotSizes.size());
+        ParamPairs pairs(kFloat16, kFloat16, mis, rng);
+        std::vector<HostParam>& got = pairs.got;
+        std::vector<HostParam>& want = pairs.want;
         std::vector<SgdSlot> slots;
-        for (int64_t n : kSlotSizes) {
-          got.emplace_back(n, kFloat16, kFloat16, mis);
-          want.emplace_back(n, kFloat16, kFloat16, mis);
-          fill_param(got.back(), rng);
-          copy_values(got.back(), want.back(), n);
-          HostParam& g = got.back();
+        for (std::size_t k = 0; k < kSlotSizes.size(); ++k) {
+          const int64_t n = kSlotSizes[k];
+          HostParam& g = got[k];
           slots.push_back({g.master.f32(), g.model.data(), g.grad.data(), g.m.f32(), nullptr, n, g.model.code(), g.grad.code(), nullptr});
           EXPECT_EQ(mt::vector_ok(slots.back()), mis == 0);
         }

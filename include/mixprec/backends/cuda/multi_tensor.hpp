@@ -239,48 +239,49 @@ MIXPREC_HOST_DEVICE bool vector_ok(const Slot& s) {
   return ok;
 }
 
-MIXPREC_HOST_DEVICE void adam_chunk(const AdamSlot& s, const optim::detail::AdamScalars& sc, int64_t begin, int tid, int nthreads) {
+// f(i, Width<V>{}, grad, model) over this thread's share of a parameter slot's chunk, with the
+// gradient and the model copy as pointers of their storage types (model null without a copy).
+template <class Slot, class F>
+MIXPREC_HOST_DEVICE void for_param_chunk(const Slot& s, int64_t begin, int tid, int nthreads, F&& f) {
   with_param_types(s, [&](auto gt, auto mt) {
     using G = typename decltype(gt)::type;
     using M = typename decltype(mt)::type;
     const G* grad = static_cast<const G*>(s.grad);
     M* model = static_cast<M*>(s.model);
-    for_thread(begin, chunk_end(begin, s.n), vector_ok<G, M>(s), tid, nthreads, [&](int64_t i, auto width) {
-      constexpr int V = decltype(width)::value;
-      float w[V], g[V], m[V], v[V], vmax[V] = {};
-      load<V>(s.master + i, w);
-      load<V>(grad + i, g);
-      load<V>(s.exp_avg + i, m);
-      load<V>(s.exp_avg_sq + i, v);
-      if (s.max_exp_avg_sq) load<V>(s.max_exp_avg_sq + i, vmax);
-      for (int j = 0; j < V; ++j) sc.step(w[j], g[j], m[j], v[j], s.max_exp_avg_sq ? &vmax[j] : nullptr);
-      store<V>(s.master + i, w);
-      store<V>(s.exp_avg + i, m);
-      store<V>(s.exp_avg_sq + i, v);
-      if (s.max_exp_avg_sq) store<V>(s.max_exp_avg_sq + i, vmax);
-      if (model) store<V>(model + i, w);
-    });
+    for_thread(begin, chunk_end(begin, s.n), vector_ok<G, M>(s), tid, nthreads, [&](int64_t i, auto width) { f(i, width, grad, model); });
+  });
+}
+
+MIXPREC_HOST_DEVICE void adam_chunk(const AdamSlot& s, const optim::detail::AdamScalars& sc, int64_t begin, int tid, int nthreads) {
+  for_param_chunk(s, begin, tid, nthreads, [&](int64_t i, auto width, auto grad, auto model) {
+    constexpr int V = decltype(width)::value;
+    float w[V], g[V], m[V], v[V], vmax[V] = {};
+    load<V>(s.master + i, w);
+    load<V>(grad + i, g);
+    load<V>(s.exp_avg + i, m);
+    load<V>(s.exp_avg_sq + i, v);
+    if (s.max_exp_avg_sq) load<V>(s.max_exp_avg_sq + i, vmax);
+    for (int j = 0; j < V; ++j) sc.step(w[j], g[j], m[j], v[j], s.max_exp_avg_sq ? &vmax[j] : nullptr);
+    store<V>(s.master + i, w);
+    store<V>(s.exp_avg + i, m);
+    store<V>(s.exp_avg_sq + i, v);
+    if (s.max_exp_avg_sq) store<V>(s.max_exp_avg_sq + i, vmax);
+    if (model) store<V>(model + i, w);
   });
 }
 
 // `first`: the momentum buffer's first update (it is written whole, as torch's first step).
 MIXPREC_HOST_DEVICE void sgd_chunk(const SgdSlot& s, const optim::detail::SgdScalars& sc, bool first, int64_t begin, int tid, int nthreads) {
-  with_param_types(s, [&](auto gt, auto mt) {
-    using G = typename decltype(gt)::type;
-    using M = typename decltype(mt)::type;
-    const G* grad = static_cast<const G*>(s.grad);
-    M* model = static_cast<M*>(s.model);
-    for_thread(begin, chunk_end(begin, s.n), vector_ok<G, M>(s), tid, nthreads, [&](int64_t i, auto width) {
-      constexpr int V = decltype(width)::value;
-      float w[V], g[V], buf[V] = {};
-      load<V>(s.master + i, w);
-      load<V>(grad + i, g);
-      if (s.momentum_buffer) load<V>(s.momentum_buffer + i, buf);
-      for (int j = 0; j < V; ++j) sc.step(w[j], g[j], s.momentum_buffer ? &buf[j] : nullptr, first);
-      store<V>(s.master + i, w);
-      if (s.momentum_buffer) store<V>(s.momentum_buffer + i, buf);
-      if (model) store<V>(model + i, w);
-    });
+  for_param_chunk(s, begin, tid, nthreads, [&](int64_t i, auto width, auto grad, auto model) {
+    constexpr int V = decltype(width)::value;
+    float w[V], g[V], buf[V] = {};
+    load<V>(s.master + i, w);
+    load<V>(grad + i, g);
+    if (s.momentum_buffer) load<V>(s.momentum_buffer + i, buf);
+    for (int j = 0; j < V; ++j) sc.step(w[j], g[j], s.momentum_buffer ? &buf[j] : nullptr, first);
+    store<V>(s.master + i, w);
+    if (s.momentum_buffer) store<V>(s.momentum_buffer + i, buf);
+    if (model) store<V>(model + i, w);
   });
 }
 
