@@ -153,7 +153,7 @@ inline void fused_sgd(const std::vector<SgdSlot>& slots, const optim::detail::Sg
 
 // ---------- gradient norm and clipping ----------
 
-// partial[first + block] = the block's sum of squares (float accumulation, tree-reduced in double).
+// partial[first + block] = the block's sum of squares (float32 values squared and summed in double).
 template <int = 0>  // a template, so that several units including this header link
 __global__ void sum_squares_kernel(const __grid_constant__ detail::BatchOf<NormSlot> b, double* partial, int64_t first) {
   __shared__ double red[kThreads];
